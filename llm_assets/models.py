@@ -1,0 +1,89 @@
+"""Resolving ``model_source`` before any stage starts: clear errors, and GGUF files converted once.
+
+vLLM's CPU build does not load GGUF, so a ``.gguf`` file is converted (dequantized, tokenizer
+included) into a safetensors folder in the model cache the first time it is used; later runs
+reuse the folder. The conversion is guarded by a file lock: concurrent runs convert once.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import time
+from pathlib import Path
+from typing import Callable
+
+DONE_MARKER = ".llm_assets_converted"
+
+
+class ModelSourceError(ValueError):
+    pass
+
+
+def model_cache_dir() -> Path:
+    return Path(os.environ.get("LLM_ASSETS_MODEL_CACHE", "~/.cache/llm_assets/models")).expanduser()
+
+
+def _looks_like_path(source: str) -> bool:
+    return source.startswith(("/", "./", "../", "~")) or source.endswith(".gguf") or os.sep == "\\"
+
+
+def resolve_model_source(source: str, log: Callable[[str], None] = print) -> str:
+    """A local folder vLLM and transformers can load, or a hub repo id passed through."""
+    expanded = os.path.expanduser(source)
+    if os.path.isdir(expanded):
+        if not os.path.exists(os.path.join(expanded, "config.json")):
+            raise ModelSourceError(f"model_source {source!r} is a folder without config.json: expected a Hugging Face model folder")
+        return os.path.abspath(expanded)
+    if os.path.isfile(expanded):
+        if expanded.endswith(".gguf"):
+            return str(convert_gguf(Path(expanded), log))
+        raise ModelSourceError(f"model_source {source!r} is a file: expected a model folder or a .gguf file")
+    if _looks_like_path(source):
+        raise ModelSourceError(
+            f"model_source {source!r} does not exist: expected a local model folder (config.json + "
+            "tokenizer), a .gguf file, or a Hugging Face repo id"
+        )
+    return source  # a hub repo id: vLLM and transformers resolve it (or say they cannot)
+
+
+def convert_gguf(gguf: Path, log: Callable[[str], None] = print) -> Path:
+    from filelock import FileLock
+
+    stat = gguf.stat()
+    digest = hashlib.sha256(f"{gguf.resolve()}|{stat.st_size}|{stat.st_mtime_ns}".encode()).hexdigest()[:10]
+    target = model_cache_dir() / f"{gguf.stem}-{digest}"
+    if (target / DONE_MARKER).exists():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(target) + ".lock"):
+        if (target / DONE_MARKER).exists():
+            return target
+        _convert(gguf, target, log)
+    return target
+
+
+def _convert(gguf: Path, target: Path, log: Callable[[str], None]) -> None:
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    started = time.monotonic()
+    tmp = target.with_name(target.name + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    log(f"Converting {gguf.name} to a safetensors folder in {target} (once; later runs reuse it) [1/3 tokenizer]")
+    tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    tokenizer.save_pretrained(str(tmp))
+    log(f"Converting {gguf.name} [2/3 dequantizing weights, {time.monotonic() - started:.0f} s so far]")
+    model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.bfloat16)
+    # The weights are already dequantized to torch tensors; only the GGUF marker remains, and it
+    # would make transformers refuse to save (and vLLM look for a GGUF file).
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    log(f"Converting {gguf.name} [3/3 writing safetensors, {time.monotonic() - started:.0f} s so far]")
+    model.save_pretrained(str(tmp), safe_serialization=True)
+    (tmp / DONE_MARKER).write_text(str(gguf))
+    shutil.rmtree(target, ignore_errors=True)
+    os.replace(tmp, target)
+    log(f"Converted {gguf.name} in {time.monotonic() - started:.0f} s")

@@ -1,0 +1,72 @@
+"""What every stage shares: column names, row helpers, and the error a bad row raises.
+
+Stages take and return ``pyarrow.Table`` batches (Ray Data's ``batch_format="pyarrow"``): columns
+a stage does not touch pass through zero-copy, and nested columns (``messages``) keep their types.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any, Iterable
+
+import pyarrow as pa
+
+# Stable id of a row from the input file to the last stage's output.
+ROW_ID = "row_id"
+# Set on a row whose request failed when should_continue_on_error=True ("Type: message").
+ERROR_COLUMN = "__inference_error__"
+
+
+class RowError(ValueError):
+    """A row that a stage cannot process; the message names the row id and what was expected."""
+
+    def __init__(self, row_id: Any, stage: str, problem: str):
+        self.row_id = row_id
+        super().__init__(f"{stage}: row {row_id!r}: {problem}")
+
+
+def rows_of(batch: pa.Table) -> list[dict[str, Any]]:
+    return batch.to_pylist()
+
+
+def table_of(rows: list[dict[str, Any]]) -> pa.Table:
+    return pa.Table.from_pylist(rows)
+
+
+def with_column(batch: pa.Table, name: str, values: Iterable[Any], type_: pa.DataType | None = None) -> pa.Table:
+    """Add or replace one column, leaving the others untouched."""
+    column = pa.array(list(values), type=type_)
+    index = batch.schema.get_field_index(name)
+    if index >= 0:
+        return batch.set_column(index, name, column)
+    return batch.append_column(name, column)
+
+
+def column_or_none(batch: pa.Table, name: str) -> list[Any]:
+    if name in batch.column_names:
+        return batch.column(name).to_pylist()
+    return [None] * batch.num_rows
+
+
+def ok_rows(batch: pa.Table) -> list[bool]:
+    """Rows that an earlier stage did not mark as failed; failed rows pass through untouched."""
+    return [error is None for error in column_or_none(batch, ERROR_COLUMN)]
+
+
+def dumps_params(params: Any) -> str | None:
+    """Sampling params are stored as a JSON string: rows may carry different keys, and one Parquet
+    schema per partition cannot hold structs that differ from batch to batch."""
+    if params is None:
+        return None
+    if isinstance(params, str):
+        json.loads(params)  # already JSON: validate, keep as is
+        return params
+    if not isinstance(params, dict):
+        raise TypeError(f"expected a dict, got {type(params).__name__}")
+    return json.dumps(params, sort_keys=True)
+
+
+def loads_params(params: str | None) -> dict[str, Any]:
+    if params is None:
+        return {}
+    return {key: value for key, value in json.loads(params).items() if value is not None}

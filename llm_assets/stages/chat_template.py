@@ -1,0 +1,58 @@
+"""ChatTemplate: ``messages`` -> ``prompt`` text with the tokenizer's chat template."""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import pyarrow as pa
+
+from llm_assets.stages.base import ROW_ID, RowError, column_or_none, ok_rows, with_column
+from llm_assets.stages.tokenizer import load_tokenizer
+
+STAGE = "chat_template"
+
+
+class ChatTemplateStage:
+    def __init__(
+        self,
+        model_source: str,
+        chat_template: Optional[str] = None,
+        chat_template_kwargs: Optional[dict[str, Any]] = None,
+    ):
+        self.tokenizer = load_tokenizer(model_source)
+        self.chat_template = chat_template
+        self.chat_template_kwargs = chat_template_kwargs or {}
+        if chat_template is None and not getattr(self.tokenizer, "chat_template", None):
+            raise ValueError(
+                f"{STAGE}: the tokenizer of {model_source!r} has no chat template; pass "
+                "chat_template_stage={'chat_template': '...'} or give rows a plain 'prompt' and "
+                "disable the stage (chat_template_stage=False)"
+            )
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        prompts = column_or_none(batch, "prompt")
+        if "messages" not in batch.column_names:
+            return batch  # rows carry a ready prompt
+        row_ids = batch.column(ROW_ID).to_pylist()
+        for i, (messages, ok) in enumerate(zip(batch.column("messages").to_pylist(), ok_rows(batch))):
+            if ok and messages is not None:
+                prompts[i] = self._render(row_ids[i], messages)
+        return with_column(batch, "prompt", prompts, pa.string())
+
+    def _render(self, row_id: Any, messages: list[dict[str, Any]]) -> str:
+        # Arrow gives every message every key seen in the batch; drop the ones this message lacks.
+        messages = [{k: v for k, v in message.items() if v is not None} for message in messages]
+        last_role = messages[-1]["role"]
+        try:
+            return self.tokenizer.apply_chat_template(
+                messages,
+                tokenize=False,
+                chat_template=self.chat_template,
+                # A generation prompt only when the model is to answer the user; a trailing
+                # assistant message is continued instead (prefill).
+                add_generation_prompt=last_role == "user",
+                continue_final_message=last_role == "assistant",
+                **self.chat_template_kwargs,
+            )
+        except Exception as exc:
+            raise RowError(row_id, STAGE, f"the chat template failed: {type(exc).__name__}: {exc}") from exc

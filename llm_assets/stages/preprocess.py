@@ -1,0 +1,92 @@
+"""Preprocess: the user's row -> row function, then the checks every later stage relies on.
+
+Runs first, on CPU, so a bad row fails here, before any engine starts.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Optional
+
+import pyarrow as pa
+
+from llm_assets.stages.base import ROW_ID, RowError, dumps_params, rows_of, table_of
+
+STAGE = "preprocess"
+ROLES = {"system", "user", "assistant", "tool", "developer"}
+
+
+def _check_messages(row_id: Any, messages: Any) -> list[dict[str, Any]]:
+    expected = "expected a non-empty list of {'role': ..., 'content': '...'} dicts"
+    if not isinstance(messages, (list, tuple)) or not messages:
+        raise RowError(row_id, STAGE, f"'messages' is {type(messages).__name__}: {expected}")
+    for index, message in enumerate(messages):
+        if not isinstance(message, dict) or "role" not in message or "content" not in message:
+            raise RowError(row_id, STAGE, f"messages[{index}] is {message!r}: {expected}")
+        if message["role"] not in ROLES:
+            raise RowError(row_id, STAGE, f"messages[{index}].role is {message['role']!r}: expected one of {sorted(ROLES)}")
+        if not isinstance(message["content"], str):
+            raise RowError(
+                row_id,
+                STAGE,
+                f"messages[{index}].content is {type(message['content']).__name__}: expected text "
+                "(multimodal content parts are not supported yet)",
+            )
+    return [dict(message) for message in messages]
+
+
+def _check_sampling_params(row_id: Any, params: Any) -> Optional[str]:
+    try:
+        encoded = dumps_params(params)
+    except (TypeError, ValueError) as exc:
+        raise RowError(row_id, STAGE, f"'sampling_params' {exc}") from exc
+    if encoded is None:
+        return None
+    import json
+
+    decoded = json.loads(encoded)
+    max_tokens = decoded.get("max_tokens")
+    if max_tokens is not None and (not isinstance(max_tokens, int) or max_tokens < 1):
+        raise RowError(row_id, STAGE, f"sampling_params.max_tokens is {max_tokens!r}: expected an integer >= 1")
+    temperature = decoded.get("temperature")
+    if temperature is not None and (not isinstance(temperature, (int, float)) or temperature < 0):
+        raise RowError(row_id, STAGE, f"sampling_params.temperature is {temperature!r}: expected a number >= 0")
+    if decoded.get("n", 1) != 1:
+        raise RowError(row_id, STAGE, "sampling_params.n must be 1 (one generation per row)")
+    return encoded
+
+
+class PreprocessStage:
+    """Apply ``fn(row) -> row`` and check that each row has ``messages`` or ``prompt``."""
+
+    def __init__(self, fn: Optional[Callable[[dict[str, Any]], dict[str, Any]]] = None):
+        self.fn = fn
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        return table_of([self._one(row) for row in rows_of(batch)])
+
+    def _one(self, row: dict[str, Any]) -> dict[str, Any]:
+        row_id = row[ROW_ID]
+        if self.fn is not None:
+            try:
+                out = self.fn(dict(row))
+            except Exception as exc:
+                raise RowError(row_id, STAGE, f"the preprocess function raised {type(exc).__name__}: {exc}") from exc
+            if not isinstance(out, dict):
+                raise RowError(row_id, STAGE, f"the preprocess function returned {type(out).__name__}, expected a dict")
+            row = out
+        row[ROW_ID] = row_id  # the id survives whatever the user function returned
+        has_messages = row.get("messages") is not None
+        has_prompt = isinstance(row.get("prompt"), str)
+        if not has_messages and not has_prompt:
+            raise RowError(
+                row_id,
+                STAGE,
+                f"has neither 'messages' nor 'prompt' (columns: {sorted(row)}); expected "
+                "messages=[{'role': 'user', 'content': '...'}] or prompt='...' (return it from preprocess)",
+            )
+        if has_messages:
+            row["messages"] = _check_messages(row_id, row["messages"])
+        elif not row["prompt"]:
+            raise RowError(row_id, STAGE, "'prompt' is empty")
+        row["sampling_params"] = _check_sampling_params(row_id, row.get("sampling_params"))
+        return row

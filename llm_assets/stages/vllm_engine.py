@@ -1,0 +1,144 @@
+"""vLLM engine: token ids in, generated token ids out, one async engine per actor.
+
+Every row of a batch becomes its own request, submitted at once, so the engine's scheduler sees
+many requests in flight (across batches too: the actor runs several batches concurrently) and the
+GPU never waits on one blocking ``generate`` per batch.
+
+Usable as a Ray Data UDF on its own (``ds.map_batches(vLLMEngineStage, fn_constructor_kwargs=...,
+compute=ActorPoolStrategy(size=N), batch_format="pyarrow")``); inside llm_assets the engine-pool
+resource hosts it as a long-lived actor and calls :meth:`process`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import os
+import socket
+import time
+from typing import Any, AsyncIterator, Optional
+
+import pyarrow as pa
+
+from llm_assets import vllm_compat
+from llm_assets.stages.base import ERROR_COLUMN, ROW_ID, RowError, column_or_none, loads_params, ok_rows, with_column
+
+STAGE = "engine"
+PROMPT_SNIPPET_CHARS = 200
+
+
+class vLLMEngineStage:
+    def __init__(
+        self,
+        model_source: str,
+        engine_kwargs: Optional[dict[str, Any]] = None,
+        task_type: str = "generate",
+        max_pending_requests: Optional[int] = None,
+        should_continue_on_error: bool = False,
+        engine_detokenizes: bool = True,
+    ):
+        started = time.perf_counter()
+        self.task_type = task_type
+        self.should_continue_on_error = should_continue_on_error
+        # When a Detokenize stage follows, the engine skips detokenizing (less CPU in the engine
+        # process); rows with stop strings still need it, vLLM matches stops on text.
+        self.engine_detokenizes = engine_detokenizes
+        self.engine = vllm_compat.async_engine_class().from_engine_args(
+            vllm_compat.engine_args(model=model_source, **(engine_kwargs or {}))
+        )
+        self.max_num_seqs = vllm_compat.max_num_seqs(self.engine)
+        self.semaphore = asyncio.Semaphore(max_pending_requests) if max_pending_requests else contextlib.nullcontext()
+        self.request_ids = itertools.count()
+        self.fatal_errors = vllm_compat.fatal_engine_errors()
+        self.start_seconds = time.perf_counter() - started
+
+    def info(self) -> dict[str, Any]:
+        return {
+            "pid": os.getpid(),
+            "host": socket.gethostname(),
+            "start_seconds": round(self.start_seconds, 2),
+            "max_num_seqs": self.max_num_seqs,
+        }
+
+    async def __call__(self, batch: pa.Table) -> AsyncIterator[pa.Table]:
+        yield await self.process(batch)
+
+    async def process(self, batch: pa.Table) -> pa.Table:
+        row_ids = batch.column(ROW_ID).to_pylist()
+        token_ids = column_or_none(batch, "tokenized_prompt")
+        prompts = column_or_none(batch, "prompt")
+        params = column_or_none(batch, "sampling_params")
+        upstream_ok = ok_rows(batch)
+        results = await asyncio.gather(
+            *(
+                self._generate(row_ids[i], token_ids[i], prompts[i], params[i])
+                if upstream_ok[i]
+                else _failed_upstream()
+                for i in range(batch.num_rows)
+            )
+        )
+        if "tokenized_prompt" in batch.column_names:
+            # The ids are persisted by the Tokenize stage; not copying them keeps this output small.
+            batch = batch.drop_columns(["tokenized_prompt"])
+        columns: dict[str, tuple[str, pa.DataType]] = {
+            "generated_tokens": ("generated_tokens", pa.list_(pa.int32())),
+            "num_input_tokens": ("num_input_tokens", pa.int32()),
+            "num_generated_tokens": ("num_generated_tokens", pa.int32()),
+            "time_taken_llm": ("time_taken_llm", pa.float64()),
+            "finish_reason": ("finish_reason", pa.string()),
+        }
+        if self.engine_detokenizes:
+            columns["generated_text"] = ("generated_text", pa.string())
+        for name, (key, type_) in columns.items():
+            batch = with_column(batch, name, [r.get(key) for r in results], type_)
+        if self.should_continue_on_error or ERROR_COLUMN in batch.column_names:
+            upstream_errors = column_or_none(batch, ERROR_COLUMN)
+            errors = [upstream_errors[i] if not upstream_ok[i] else r.get("error") for i, r in enumerate(results)]
+            batch = with_column(batch, ERROR_COLUMN, errors, pa.string())
+        return batch
+
+    async def _generate(self, row_id: Any, token_ids: Any, prompt: Optional[str], params_json: Optional[str]) -> dict:
+        started = time.perf_counter()
+        try:
+            params = loads_params(params_json)
+            if not self.engine_detokenizes and not params.get("stop"):
+                params.setdefault("detokenize", False)
+            sampling = vllm_compat.sampling_params(**params)
+            if token_ids is not None:
+                request = vllm_compat.tokens_prompt(list(token_ids))
+            elif prompt:
+                request = vllm_compat.text_prompt(prompt)
+            else:
+                raise ValueError("the row has neither 'tokenized_prompt' nor a non-empty 'prompt'")
+            final = None
+            async with self.semaphore:
+                async for output in self.engine.generate(request, sampling, request_id=f"{row_id}#{next(self.request_ids)}"):
+                    final = output
+        except self.fatal_errors:
+            raise  # a dead engine is never one row's problem
+        except Exception as exc:
+            if self.engine.errored:
+                raise
+            if not self.should_continue_on_error:
+                raise RowError(row_id, STAGE, f"{type(exc).__name__}: {exc}") from exc
+            snippet = (prompt or "")[:PROMPT_SNIPPET_CHARS]
+            return {"error": f"{type(exc).__name__}: {exc} (prompt: {snippet!r})"}
+        completion = final.outputs[0]
+        return {
+            "generated_tokens": list(completion.token_ids),
+            "num_input_tokens": len(final.prompt_token_ids or []),
+            "num_generated_tokens": len(completion.token_ids),
+            "time_taken_llm": time.perf_counter() - started,
+            "finish_reason": completion.finish_reason,
+            "generated_text": completion.text if self.engine_detokenizes else None,
+        }
+
+    def shutdown(self) -> None:
+        shutdown = getattr(self.engine, "shutdown", None)
+        if shutdown is not None:
+            shutdown()
+
+
+async def _failed_upstream() -> dict:
+    return {}

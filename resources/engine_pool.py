@@ -1,0 +1,190 @@
+"""A fixed pool of vLLM engine actors, started once per run and shared by every partition.
+
+vLLM takes minutes to start on a GPU (~140 s for a 1B model on an H100: compile + CUDA graphs).
+The pool is owned by this resource, not by one Ray Data execution, so a run that materializes many
+partitions (a single-run backfill) loads the model once and streams all partitions through it.
+"""
+
+from __future__ import annotations
+
+import itertools
+import time
+from typing import Any, Callable, Iterator, Optional, TypeVar
+
+import dagster as dg
+from pydantic import Field, PrivateAttr
+
+from llm_assets import vllm_compat
+from llm_assets.config import vLLMEngineProcessorConfig
+from llm_assets.stages.base import RowError
+from llm_assets.stages.vllm_engine import vLLMEngineStage
+
+Tag = TypeVar("Tag")
+START_LOG_EVERY_S = 15.0
+
+
+class EngineStartError(RuntimeError):
+    pass
+
+
+def _unwrap(exc: BaseException) -> BaseException:
+    """The user-facing error inside a Ray error (a RowError raised in the actor, say)."""
+    cause = getattr(exc, "cause", None)
+    return cause if isinstance(cause, BaseException) else exc
+
+
+class EnginePool:
+    """``concurrency`` engine actors and a bounded window of batches in flight on each."""
+
+    def __init__(self, actors: list, infos: list[dict[str, Any]], batches_in_flight: int, log: Callable[[str], None]):
+        self.actors = actors
+        self.infos = infos
+        self.batches_in_flight = batches_in_flight
+        self.log = log
+
+    def map(self, tagged_batches: Iterator[tuple[Tag, Any]]) -> Iterator[tuple[Tag, Any]]:
+        """Send (tag, batch) pairs to the least-loaded engine; yield (tag, output) as they finish.
+
+        Completion order, not input order: rows carry their ids. Input is pulled lazily, only
+        when an engine has room, so memory stays bounded by the in-flight window.
+        """
+        import ray
+
+        pending: dict[Any, tuple[Tag, int]] = {}
+        load = [0] * len(self.actors)
+        source = iter(tagged_batches)
+        exhausted = False
+        while True:
+            while not exhausted and min(load) < self.batches_in_flight:
+                try:
+                    tag, batch = next(source)
+                except StopIteration:
+                    exhausted = True
+                    break
+                index = load.index(min(load))
+                pending[self.actors[index].process.remote(batch)] = (tag, index)
+                load[index] += 1
+            if not pending:
+                return
+            ready, _ = ray.wait(list(pending), num_returns=1)
+            tag, index = pending.pop(ready[0])
+            load[index] -= 1
+            try:
+                output = ray.get(ready[0])
+            except ray.exceptions.RayTaskError as exc:
+                inner = _unwrap(exc)
+                if isinstance(inner, RowError):
+                    raise inner from None
+                raise
+            yield tag, output
+
+    def shutdown(self) -> None:
+        import ray
+
+        for actor in self.actors:
+            try:
+                ray.get(actor.shutdown.remote(), timeout=60)
+            except Exception:  # already dead: nothing to shut down
+                pass
+            ray.kill(actor)
+        self.actors = []
+
+
+class VLLMEnginePoolResource(dg.ConfigurableResource):
+    """Starts the engine actors of a pipeline on first use in a run, and stops them at its end."""
+
+    num_cpus_per_engine: float = Field(default=1.0, description="Logical CPUs each engine actor reserves.")
+    start_timeout_s: float = Field(default=1800.0, description="How long an engine may take to start.")
+    _pools: dict[str, EnginePool] = PrivateAttr(default_factory=dict)
+
+    def teardown_after_execution(self, context: dg.InitResourceContext) -> None:
+        for pool in self._pools.values():
+            pool.shutdown()
+        self._pools.clear()
+
+    def get_pool(
+        self,
+        config: vLLMEngineProcessorConfig,
+        model_source: str,
+        engine_detokenizes: bool,
+        log: Callable[[str], None],
+    ) -> EnginePool:
+        key = f"{model_source}|{engine_detokenizes}|{config.model_dump_json()}"
+        if key in self._pools:
+            log(f"Reusing the {len(self._pools[key].actors)} running vLLM engine(s) for {model_source}")
+            return self._pools[key]
+        self._pools[key] = self._start(config, model_source, engine_detokenizes, log)
+        return self._pools[key]
+
+    def _start(self, config: vLLMEngineProcessorConfig, model_source: str, engine_detokenizes: bool, log) -> EnginePool:
+        import ray
+
+        on_gpu = float(ray.cluster_resources().get("GPU", 0)) > 0
+        gpus_per_engine = config.tensor_parallel_size * config.pipeline_parallel_size if on_gpu else 0
+        runtime_env = dict(config.runtime_env or {})
+        runtime_env["env_vars"] = {**vllm_compat.platform_env(on_gpu), **runtime_env.get("env_vars", {})}
+        options: dict[str, Any] = {
+            "num_cpus": self.num_cpus_per_engine,
+            "num_gpus": gpus_per_engine,
+            "runtime_env": runtime_env,
+            "max_concurrency": 10_000,  # async actor: many batches in flight
+        }
+        if config.accelerator_type:
+            options["accelerator_type"] = config.accelerator_type
+        size = config.engine_pool_size
+        log(
+            f"Starting {size} vLLM engine actor(s) for {model_source} "
+            f"({gpus_per_engine} GPU(s) each, {'GPU' if on_gpu else 'CPU'} build)"
+        )
+        actor_class = _engine_actor_class(options)
+        actors = [
+            actor_class.remote(
+                model_source=model_source,
+                engine_kwargs=vllm_compat.platform_engine_kwargs(config.engine_kwargs, on_gpu),
+                task_type=config.task_type,
+                max_pending_requests=config.max_pending_requests,
+                should_continue_on_error=config.should_continue_on_error,
+                engine_detokenizes=engine_detokenizes,
+            )
+            for _ in range(size)
+        ]
+        infos = self._wait_ready(actors, model_source, log)
+        # Enough batches in flight that the engine's scheduler always has work queued: at least
+        # max_concurrent_batches, and 1.5x the sequences the scheduler runs at once.
+        per_batch = max(1, config.batch_size)
+        window = max(config.max_concurrent_batches, -(-int(1.5 * infos[0]["max_num_seqs"]) // per_batch))
+        log(f"{size} vLLM engine(s) ready; up to {window} batches of {per_batch} rows in flight per engine")
+        return EnginePool(actors, infos, window, log)
+
+    def _wait_ready(self, actors: list, model_source: str, log) -> list[dict[str, Any]]:
+        import ray
+
+        started = time.monotonic()
+        refs = {actor.info.remote(): i for i, actor in enumerate(actors)}
+        infos: list[Optional[dict]] = [None] * len(actors)
+        for tick in itertools.count(1):
+            ready, _ = ray.wait(list(refs), num_returns=len(refs), timeout=START_LOG_EVERY_S)
+            for ref in ready:
+                index = refs.pop(ref)
+                try:
+                    infos[index] = ray.get(ref)
+                except Exception as exc:
+                    for actor in actors:
+                        ray.kill(actor)
+                    raise EngineStartError(f"vLLM engine {index} for {model_source} failed to start: {_unwrap(exc)}") from None
+                log(f"vLLM engine {index} started in {infos[index]['start_seconds']} s (pid {infos[index]['pid']} on {infos[index]['host']})")
+            if not refs:
+                return infos  # type: ignore[return-value]
+            waited = time.monotonic() - started
+            if waited > self.start_timeout_s:
+                for actor in actors:
+                    ray.kill(actor)
+                raise EngineStartError(f"vLLM engines for {model_source} did not start within {self.start_timeout_s:.0f} s")
+            log(f"Waiting for {len(refs)} vLLM engine(s) to start ({waited:.0f} s so far)")
+        raise AssertionError("unreachable")
+
+
+def _engine_actor_class(options: dict[str, Any]):
+    import ray
+
+    return ray.remote(vLLMEngineStage).options(**options)

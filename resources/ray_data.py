@@ -1,0 +1,68 @@
+"""Ray Data execution: a local Ray by default, or an existing cluster given by ``address``."""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Optional
+
+import dagster as dg
+from pydantic import Field, PrivateAttr
+
+# Logical CPUs for a local Ray. Actor pools hold their CPUs for their whole life; on a 2-core
+# laptop, reserving only the real cores left read/write tasks waiting forever. Logical CPUs are
+# bookkeeping, not threads: four of them on two cores is safe.
+MIN_LOCAL_CPUS = 4
+
+
+class RayDataResource(dg.ConfigurableResource):
+    address: Optional[str] = Field(default=None, description="Ray cluster address ('auto', 'ray://host:10001'); None starts a local Ray for the run.")
+    num_cpus: Optional[int] = Field(default=None, description="Logical CPUs of a local Ray (default: max(4, cores)).")
+    num_gpus: Optional[int] = Field(default=None, description="GPUs of a local Ray (default: detected).")
+    namespace: str = "llm_assets"
+    runtime_env: Optional[dict[str, Any]] = None
+    data_context: dict[str, Any] = Field(
+        default_factory=lambda: {"enable_progress_bars": False},
+        description="Attributes set on ray.data.DataContext (progress bars off: runs log their own progress).",
+    )
+    _started_here: bool = PrivateAttr(default=False)
+
+    def setup_for_execution(self, context: dg.InitResourceContext) -> None:
+        self.ensure_started()
+
+    def teardown_after_execution(self, context: dg.InitResourceContext) -> None:
+        import ray
+
+        if self._started_here and ray.is_initialized():
+            ray.shutdown()
+            self._started_here = False
+
+    def ensure_started(self) -> None:
+        import ray
+
+        if not ray.is_initialized():
+            kwargs: dict[str, Any] = {
+                "namespace": self.namespace,
+                "runtime_env": self.runtime_env,
+                "ignore_reinit_error": True,
+                "include_dashboard": False,
+            }
+            if self.address:
+                kwargs["address"] = self.address
+            else:
+                kwargs["num_cpus"] = self.num_cpus or max(MIN_LOCAL_CPUS, os.cpu_count() or 1)
+                if self.num_gpus is not None:
+                    kwargs["num_gpus"] = self.num_gpus
+            ray.init(**kwargs)
+            self._started_here = True
+        import ray.data
+
+        context = ray.data.DataContext.get_current()
+        for key, value in self.data_context.items():
+            if not hasattr(context, key):
+                raise ValueError(f"ray_data.data_context: DataContext has no attribute {key!r}")
+            setattr(context, key, value)
+
+    def cluster_gpus(self) -> float:
+        import ray
+
+        return float(ray.cluster_resources().get("GPU", 0))

@@ -1,0 +1,159 @@
+"""Where stage outputs live: one folder per (pipeline, stage, partition), committed atomically.
+
+Layout::
+
+    {root}/{pipeline}/{stage}/{partition}/_manifest.json      <- written last: the commit
+    {root}/{pipeline}/{stage}/{partition}/{attempt}/part-00000.parquet
+
+Writers write Parquet into a fresh attempt folder; the manifest (listing those files, row count and
+stats) is written last, through a temporary file that is renamed into place. Readers read only the
+files a manifest lists, so a half-written attempt is never seen, and a failed attempt leaves the
+last committed output untouched.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Any, Optional
+from urllib.parse import quote
+
+import dagster as dg
+import pyarrow as pa
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+from pydantic import Field
+
+MANIFEST = "_manifest.json"
+
+
+class NotMaterializedError(RuntimeError):
+    pass
+
+
+@dataclass
+class Manifest:
+    files: list[str]
+    rows: int
+    attempt: str
+    committed_at: float
+    stats: dict[str, Any] = field(default_factory=dict)
+
+
+class PartitionWriter:
+    """Streams Arrow batches to Parquet files of one attempt; ``commit`` makes them visible."""
+
+    def __init__(self, fs: pafs.FileSystem, partition_dir: str, max_rows_per_file: int):
+        self.fs = fs
+        self.partition_dir = partition_dir
+        self.attempt = f"attempt-{time.strftime('%Y%m%dT%H%M%S')}-{uuid.uuid4().hex[:8]}"
+        self.max_rows_per_file = max_rows_per_file
+        self.files: list[str] = []
+        self.rows = 0
+        self._writer: Optional[pq.ParquetWriter] = None
+        self._rows_in_file = 0
+        fs.create_dir(f"{partition_dir}/{self.attempt}", recursive=True)
+
+    def write(self, table: pa.Table) -> None:
+        if table.num_rows == 0:
+            return
+        if self._writer is not None and not table.schema.equals(self._writer.schema):
+            table = self._conform(table)
+        if self._writer is None or self._rows_in_file >= self.max_rows_per_file:
+            self._roll(table.schema)
+        self._writer.write_table(table)
+        self._rows_in_file += table.num_rows
+        self.rows += table.num_rows
+
+    def _conform(self, table: pa.Table) -> pa.Table:
+        """Cast to the open file's schema when only types differ (a column that was all-null in
+        one batch); otherwise start a new file with the new schema."""
+        schema = self._writer.schema
+        if set(table.column_names) == set(schema.names):
+            try:
+                return table.select(schema.names).cast(schema)
+            except (pa.ArrowInvalid, pa.ArrowNotImplementedError, pa.ArrowTypeError):
+                pass
+        self._close_file()
+        return table
+
+    def _roll(self, schema: pa.Schema) -> None:
+        self._close_file()
+        name = f"{self.attempt}/part-{len(self.files):05d}.parquet"
+        self._writer = pq.ParquetWriter(self.fs.open_output_stream(f"{self.partition_dir}/{name}"), schema)
+        self.files.append(name)
+        self._rows_in_file = 0
+
+    def _close_file(self) -> None:
+        if self._writer is not None:
+            self._writer.close()
+            self._writer = None
+
+    def commit(self, stats: dict[str, Any]) -> Manifest:
+        self._close_file()
+        previous = read_manifest(self.fs, self.partition_dir)
+        manifest = Manifest(files=self.files, rows=self.rows, attempt=self.attempt, committed_at=time.time(), stats=stats)
+        tmp = f"{self.partition_dir}/.{MANIFEST}.{uuid.uuid4().hex[:8]}.tmp"
+        with self.fs.open_output_stream(tmp) as out:
+            out.write(json.dumps(manifest.__dict__, indent=1).encode())
+        self.fs.move(tmp, f"{self.partition_dir}/{MANIFEST}")  # rename: atomic on a local disk
+        if previous is not None and previous.attempt != self.attempt:
+            self._delete_dir(f"{self.partition_dir}/{previous.attempt}")
+        return manifest
+
+    def abort(self) -> None:
+        self._close_file()
+        self._delete_dir(f"{self.partition_dir}/{self.attempt}")
+
+    def _delete_dir(self, path: str) -> None:
+        try:
+            self.fs.delete_dir(path)
+        except (FileNotFoundError, OSError):
+            pass
+
+
+def read_manifest(fs: pafs.FileSystem, partition_dir: str) -> Optional[Manifest]:
+    try:
+        with fs.open_input_stream(f"{partition_dir}/{MANIFEST}") as f:
+            return Manifest(**json.loads(f.read()))
+    except FileNotFoundError:
+        return None
+
+
+class PartitionStorage(dg.ConfigurableResource):
+    """Stage outputs as Parquet, per pipeline, stage and partition, under ``root``."""
+
+    root: str = Field(description="A local folder for stage outputs.")
+    max_rows_per_file: int = Field(default=500_000, description="Rows per Parquet file before a new one starts.")
+
+    def _fs(self) -> tuple[pafs.FileSystem, str]:
+        root = os.path.abspath(os.path.expanduser(self.root))
+        return pafs.LocalFileSystem(), root
+
+    def partition_dir(self, pipeline: str, stage: str, partition: str) -> str:
+        _, root = self._fs()
+        # Partition keys come from file names; quote anything a path cannot hold.
+        return f"{root}/{pipeline}/{stage}/{quote(partition, safe='')}"
+
+    def filesystem(self) -> pafs.FileSystem:
+        return self._fs()[0]
+
+    def manifest(self, pipeline: str, stage: str, partition: str) -> Optional[Manifest]:
+        return read_manifest(self.filesystem(), self.partition_dir(pipeline, stage, partition))
+
+    def committed_files(self, pipeline: str, stage: str, partition: str) -> list[str]:
+        """Paths of the committed Parquet files; raises if the partition was never committed."""
+        manifest = self.manifest(pipeline, stage, partition)
+        if manifest is None:
+            raise NotMaterializedError(
+                f"{pipeline}/{stage} has no committed output for partition {partition!r}: "
+                f"materialize {pipeline}/{stage} for it first"
+            )
+        base = self.partition_dir(pipeline, stage, partition)
+        return [f"{base}/{name}" for name in manifest.files]
+
+    def writer(self, pipeline: str, stage: str, partition: str) -> PartitionWriter:
+        return PartitionWriter(self.filesystem(), self.partition_dir(pipeline, stage, partition), self.max_rows_per_file)
