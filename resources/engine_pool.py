@@ -18,6 +18,7 @@ from llm_assets import vllm_compat
 from llm_assets.config import vLLMEngineProcessorConfig
 from llm_assets.stages.base import RowError
 from llm_assets.stages.vllm_engine import vLLMEngineStage
+from resources.ray_data import RayDataResource
 
 Tag = TypeVar("Tag")
 START_LOG_EVERY_S = 15.0
@@ -93,6 +94,8 @@ class EnginePool:
 class VLLMEnginePoolResource(dg.ConfigurableResource):
     """Starts the engine actors of a pipeline on first use in a run, and stops them at its end."""
 
+    # A dependency, so that Dagster tears the pool down (engines shut down cleanly) before Ray.
+    ray_data: dg.ResourceDependency[RayDataResource]
     num_cpus_per_engine: float = Field(default=1.0, description="Logical CPUs each engine actor reserves.")
     start_timeout_s: float = Field(default=1800.0, description="How long an engine may take to start.")
     _pools: dict[str, EnginePool] = PrivateAttr(default_factory=dict)
@@ -117,9 +120,8 @@ class VLLMEnginePoolResource(dg.ConfigurableResource):
         return self._pools[key]
 
     def _start(self, config: vLLMEngineProcessorConfig, model_source: str, engine_detokenizes: bool, log) -> EnginePool:
-        import ray
-
-        on_gpu = float(ray.cluster_resources().get("GPU", 0)) > 0
+        self.ray_data.ensure_started()
+        on_gpu = self.ray_data.cluster_gpus() > 0
         gpus_per_engine = config.tensor_parallel_size * config.pipeline_parallel_size if on_gpu else 0
         runtime_env = dict(config.runtime_env or {})
         runtime_env["env_vars"] = {**vllm_compat.platform_env(on_gpu), **runtime_env.get("env_vars", {})}

@@ -1,0 +1,41 @@
+"""`python -m llm_assets.cli add-partitions`: register one dynamic partition per new input file.
+
+Dagster runs only partitions it knows; this adds the files that landed in each pipeline's source
+folder (files already registered are skipped), so `dagster job execute ... --tags
+'{"dagster/partition": "FILE"}'` can run them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import runpy
+import sys
+
+import dagster as dg
+
+from llm_assets.factory import add_partitions_for_new_files
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m llm_assets.cli")
+    sub = parser.add_subparsers(dest="command", required=True)
+    add = sub.add_parser("add-partitions", help="register a partition for each new input file")
+    add.add_argument("-f", "--file", default="definitions.py", help="the code location file that defines PIPELINES")
+    add.add_argument("--pipeline", action="append", help="only these pipelines (default: all)")
+    args = parser.parse_args(argv)
+
+    pipelines = runpy.run_path(args.file)["PIPELINES"]
+    chosen = [p for p in pipelines if not args.pipeline or p.name in args.pipeline]
+    unknown = set(args.pipeline or []) - {p.name for p in pipelines}
+    if unknown:
+        parser.error(f"no pipeline named {sorted(unknown)} in {args.file}; known: {[p.name for p in pipelines]}")
+    instance = dg.DagsterInstance.get()
+    for pipeline in chosen:
+        new = add_partitions_for_new_files(instance, pipeline)
+        known = instance.get_dynamic_partitions(pipeline.name)
+        print(f"{pipeline.name}: {len(new)} new partition(s) {new}; {len(known)} in all")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

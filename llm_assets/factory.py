@@ -1,0 +1,127 @@
+"""Dagster glue: a pipeline becomes one partitioned asset per stage, chained, plus a job.
+
+All stage assets share the pipeline's dynamic partitions (one per input file). Each asset runs its
+stage through :func:`llm_assets.runner.run_stage` for every partition its run targets; with the
+single-run backfill policy, a backfill is one run, so the engine starts once for all partitions.
+"""
+
+import warnings
+from typing import Any, Sequence
+
+import dagster as dg
+
+from llm_assets.pipeline import ENGINE, LLMPipeline
+from llm_assets.runner import PartitionStats, run_stage
+
+# The single-run backfill policy is what loads the engine once per backfill; Dagster flags it beta.
+warnings.filterwarnings("ignore", message=".*backfill_policy.*", category=dg.BetaWarning)
+
+STAGE_DESCRIPTIONS = {
+    "preprocess": "Rows of the input file after the pipeline's preprocess function; each gets a stable row_id.",
+    "chat_template": "`messages` rendered to a `prompt` with the model's chat template.",
+    "tokenize": "`prompt` tokenized to `tokenized_prompt`.",
+    ENGINE: "Generated tokens from the vLLM engine pool (`generated_tokens`, `num_input_tokens`, `num_generated_tokens`, `time_taken_llm`).",
+    "detokenize": "`generated_tokens` decoded to `generated_text`.",
+    "postprocess": "Rows after the pipeline's postprocess function: the pipeline's output.",
+}
+
+
+def landing_key(pipeline: LLMPipeline) -> dg.AssetKey:
+    return dg.AssetKey([pipeline.name, "landing_files"])
+
+
+def stage_key(pipeline: LLMPipeline, stage: str) -> dg.AssetKey:
+    return dg.AssetKey([pipeline.name, stage])
+
+
+def _metadata(results: list[PartitionStats]) -> dict[str, Any]:
+    seconds = max(sum(r.seconds for r in results), 1e-9)
+    rows_out = sum(r.rows_out for r in results)
+    generated = sum(r.generated_tokens for r in results)
+    metadata: dict[str, Any] = {
+        "rows_in": sum(r.rows_in for r in results),
+        "rows_out": rows_out,
+        "input_tokens": sum(r.input_tokens for r in results),
+        "generated_tokens": generated,
+        "errors": sum(r.errors for r in results),
+        "seconds": round(seconds, 3),
+        "rows_per_s": round(rows_out / seconds, 2),
+        "generated_tokens_per_s": round(generated / seconds, 2),
+        "partitions": len(results),
+    }
+    if len(results) == 1:
+        metadata["path"] = dg.MetadataValue.path(results[0].path)
+    return metadata
+
+
+def _stage_asset(pipeline: LLMPipeline, stage: str, partitions_def: dg.PartitionsDefinition) -> dg.AssetsDefinition:
+    plan = pipeline.plan(stage)
+    upstream = stage_key(pipeline, plan.upstream) if plan.upstream else landing_key(pipeline)
+    resource_keys = {"storage", "ray_data"} | ({"engine_pool"} if stage == ENGINE else set())
+
+    @dg.asset(
+        key=stage_key(pipeline, stage),
+        deps=[upstream],
+        partitions_def=partitions_def,
+        group_name=pipeline.name,
+        backfill_policy=dg.BackfillPolicy.single_run(),
+        required_resource_keys=resource_keys,
+        description=STAGE_DESCRIPTIONS[stage],
+        kinds={"ray", "vllm"} if stage == ENGINE else {"ray"},
+    )
+    def _asset(context: dg.AssetExecutionContext) -> dg.MaterializeResult:
+        partitions = list(context.partition_keys)
+        context.log.info(f"{pipeline.name}/{stage}: {len(partitions)} partition(s): {', '.join(partitions[:10])}")
+        context.resources.ray_data.ensure_started()
+        results = run_stage(
+            pipeline,
+            stage,
+            partitions,
+            storage=context.resources.storage,
+            engine_pool=context.resources.engine_pool if stage == ENGINE else None,
+            log=context.log.info,
+        )
+        return dg.MaterializeResult(metadata=_metadata(results))
+
+    return _asset
+
+
+def build_pipeline(pipeline: LLMPipeline) -> tuple[list, Any]:
+    """The pipeline's assets (its landing-files source and one asset per stage) and its job."""
+    partitions_def = dg.DynamicPartitionsDefinition(name=pipeline.name)
+    source = dg.AssetSpec(
+        landing_key(pipeline),
+        group_name=pipeline.name,
+        description=f"Input files matching {pipeline.source.pattern!r} in {pipeline.source.folder}; one partition per file.",
+    )
+    stages = [_stage_asset(pipeline, stage, partitions_def) for stage in pipeline.stage_names()]
+    job = dg.define_asset_job(
+        name=f"{pipeline.name}_job",
+        selection=dg.AssetSelection.assets(*[stage_key(pipeline, s) for s in pipeline.stage_names()]),
+        partitions_def=partitions_def,
+        # One process per run: Ray starts once and the engine pool lives across all stages.
+        # Ray, not Dagster, spreads the work.
+        executor_def=dg.in_process_executor,
+        description=pipeline.description or f"Every stage of the {pipeline.name} pipeline.",
+        tags=pipeline.extra_tags,
+    )
+    return [source, *stages], job
+
+
+def build_definitions(pipelines: Sequence[LLMPipeline], resources: dict[str, Any]) -> dg.Definitions:
+    assets: list = []
+    jobs: list = []
+    for pipeline in pipelines:
+        pipeline_assets, job = build_pipeline(pipeline)
+        assets.extend(pipeline_assets)
+        jobs.append(job)
+    return dg.Definitions(assets=assets, jobs=jobs, resources=resources)
+
+
+def add_partitions_for_new_files(instance: dg.DagsterInstance, pipeline: LLMPipeline) -> list[str]:
+    """Register a dynamic partition for each source file not yet known; returns the new keys."""
+    known = set(instance.get_dynamic_partitions(pipeline.name))
+    new = [key for key in pipeline.source.partition_keys() if key not in known]
+    if new:
+        instance.add_dynamic_partitions(pipeline.name, new)
+    return new

@@ -1,0 +1,208 @@
+"""Running one stage of a pipeline over one or more partitions, without Dagster.
+
+CPU stages: read the upstream partition (committed Parquet, or the source file for Preprocess) with
+Ray Data, ``map_batches`` the stage UDF on an actor pool, stream the output batches into the
+partition's writer, commit. The engine stage streams every partition of the run through one engine
+pool back to back (no drain between partitions) and commits each partition when its last batch is
+back. Either way the driver holds a few batches at a time, never a whole partition.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterator, Optional
+
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from llm_assets.models import resolve_model_source
+from llm_assets.pipeline import ENGINE, LLMPipeline, StagePlan
+from llm_assets.stages.base import ERROR_COLUMN
+
+PROGRESS_EVERY_S = 10.0
+Log = Callable[[str], None]
+
+
+@dataclass
+class PartitionStats:
+    partition: str
+    rows_in: int = 0
+    rows_out: int = 0
+    input_tokens: int = 0
+    generated_tokens: int = 0
+    errors: int = 0
+    seconds: float = 0.0
+    path: str = ""
+    started: float = field(default_factory=time.monotonic)
+
+    def add(self, batch: pa.Table) -> None:
+        self.rows_out += batch.num_rows
+        names = batch.column_names
+        if "num_input_tokens" in names:
+            self.input_tokens += _sum(batch.column("num_input_tokens"))
+        elif "tokenized_prompt" in names:
+            self.input_tokens += _sum(pc.list_value_length(batch.column("tokenized_prompt")))
+        if "num_generated_tokens" in names:
+            self.generated_tokens += _sum(batch.column("num_generated_tokens"))
+        if ERROR_COLUMN in names:
+            self.errors += batch.num_rows - batch.column(ERROR_COLUMN).null_count
+
+    def as_dict(self) -> dict[str, Any]:
+        return {k: v for k, v in self.__dict__.items() if k != "started"}
+
+
+def _sum(column) -> int:
+    return int(pc.sum(column).as_py() or 0)
+
+
+class Progress:
+    """Logs rows done every PROGRESS_EVERY_S seconds, so long stages show they are alive."""
+
+    def __init__(self, stage: str, total_rows: int, log: Log):
+        self.stage, self.total, self.log = stage, total_rows, log
+        self.done = 0
+        self.started = self.last = time.monotonic()
+
+    def advance(self, rows: int) -> None:
+        self.done += rows
+        now = time.monotonic()
+        if now - self.last >= PROGRESS_EVERY_S:
+            self.last = now
+            rate = self.done / max(now - self.started, 1e-9)
+            total = f"/{self.total}" if self.total else ""
+            self.log(f"{self.stage}: {self.done}{total} rows done, {rate:.1f} rows/s")
+
+
+def run_stage(
+    pipeline: LLMPipeline,
+    stage: str,
+    partitions: list[str],
+    storage,
+    engine_pool=None,
+    log: Log = print,
+) -> list[PartitionStats]:
+    plan = pipeline.plan(stage)
+    model_source = resolve_model_source(plan.model_source, log) if plan.model_source else None
+    if stage == ENGINE:
+        return _run_engine(pipeline, plan, partitions, storage, engine_pool, model_source, log)
+    return [_run_cpu_stage(pipeline, plan, partition, storage, model_source, log) for partition in partitions]
+
+
+def _input_dataset(pipeline: LLMPipeline, plan: StagePlan, partition: str, storage, stats: PartitionStats):
+    import ray
+    import ray.data
+
+    if plan.upstream is None:
+        # Read in the driver (row ids need the file order), one object per chunk.
+        refs = []
+        for chunk in pipeline.source.read(partition, chunk_rows=plan.settings.batch_size or 1024):
+            stats.rows_in += chunk.num_rows
+            refs.append(ray.put(chunk))
+        return ray.data.from_arrow_refs(refs)
+    manifest = storage.manifest(pipeline.name, plan.upstream, partition)
+    files = storage.committed_files(pipeline.name, plan.upstream, partition)
+    stats.rows_in = manifest.rows
+    return ray.data.read_parquet(files, filesystem=storage.filesystem())
+
+
+def _actor_pool(settings):
+    import ray.data
+
+    concurrency = settings.concurrency or 1
+    low, high = (concurrency, concurrency) if isinstance(concurrency, int) else concurrency
+    return ray.data.ActorPoolStrategy(min_size=low, max_size=high)
+
+
+def _run_cpu_stage(pipeline, plan: StagePlan, partition: str, storage, model_source: Optional[str], log: Log) -> PartitionStats:
+    stats = PartitionStats(partition)
+    dataset = _input_dataset(pipeline, plan, partition, storage, stats)
+    kwargs = dict(plan.udf_kwargs)
+    if model_source is not None:
+        kwargs["model_source"] = model_source
+    settings = plan.settings
+    remote_args: dict[str, Any] = {"num_cpus": settings.num_cpus}
+    if settings.memory:
+        remote_args["memory"] = settings.memory
+    if settings.runtime_env:
+        remote_args["runtime_env"] = settings.runtime_env
+    mapped = dataset.map_batches(
+        plan.udf,
+        fn_constructor_kwargs=kwargs,
+        # Preprocess sees the source chunks as they are (their schemas may differ row to row).
+        batch_size=None if plan.upstream is None else settings.batch_size,
+        batch_format="pyarrow",
+        zero_copy_batch=True,
+        compute=_actor_pool(settings),
+        **remote_args,
+    )
+    writer = storage.writer(pipeline.name, plan.name, partition)
+    progress = Progress(f"{plan.name} [{partition}]", stats.rows_in, log)
+    try:
+        for batch in mapped.iter_batches(batch_format="pyarrow", batch_size=None):
+            writer.write(batch)
+            stats.add(batch)
+            progress.advance(batch.num_rows)
+    except BaseException:
+        writer.abort()
+        raise
+    return _commit(writer, stats, log, plan.name)
+
+
+def _commit(writer, stats: PartitionStats, log: Log, stage: str) -> PartitionStats:
+    stats.seconds = round(time.monotonic() - stats.started, 3)
+    stats.path = writer.partition_dir
+    writer.commit(stats.as_dict())
+    log(f"{stage} [{stats.partition}]: committed {stats.rows_out} rows in {stats.seconds:.1f} s -> {writer.partition_dir}")
+    return stats
+
+
+def _run_engine(pipeline, plan: StagePlan, partitions: list[str], storage, engine_pool, model_source: str, log: Log):
+    import ray.data
+
+    config = pipeline.config
+    engine_detokenizes = not config.stage("detokenize_stage").enabled
+    pool = engine_pool.get_pool(config, model_source, engine_detokenizes, log)
+
+    stats = {p: PartitionStats(p) for p in partitions}
+    outstanding = {p: 0 for p in partitions}
+    fully_read: set[str] = set()
+    writers: dict[str, Any] = {}
+    results: list[PartitionStats] = []
+    total = 0
+    for partition in partitions:
+        manifest = storage.manifest(pipeline.name, plan.upstream, partition)
+        storage.committed_files(pipeline.name, plan.upstream, partition)  # raises if missing
+        stats[partition].rows_in = manifest.rows
+        total += manifest.rows
+    progress = Progress(f"engine [{len(partitions)} partition(s)]", total, log)
+
+    def batches() -> Iterator[tuple[str, pa.Table]]:
+        for partition in partitions:
+            files = storage.committed_files(pipeline.name, plan.upstream, partition)
+            dataset = ray.data.read_parquet(files, filesystem=storage.filesystem())
+            stats[partition].started = time.monotonic()
+            for batch in dataset.iter_batches(batch_size=config.batch_size, batch_format="pyarrow"):
+                outstanding[partition] += 1
+                yield partition, batch
+            fully_read.add(partition)
+
+    try:
+        for partition, output in pool.map(batches()):
+            if partition not in writers:
+                writers[partition] = storage.writer(pipeline.name, plan.name, partition)
+            writers[partition].write(output)
+            stats[partition].add(output)
+            progress.advance(output.num_rows)
+            outstanding[partition] -= 1
+            # Commit each partition as soon as all of it is back (the input generator marks a
+            # partition fully read only when it moves past it, hence the sweep).
+            for done in [p for p in writers if p in fully_read and outstanding[p] == 0]:
+                results.append(_commit(writers.pop(done), stats[done], log, plan.name))
+        for done in list(writers):
+            results.append(_commit(writers.pop(done), stats[done], log, plan.name))
+    except BaseException:
+        for writer in writers.values():
+            writer.abort()
+        raise
+    return results
