@@ -57,7 +57,9 @@ def _metadata(results: list[PartitionStats]) -> dict[str, Any]:
 def _stage_asset(pipeline: LLMPipeline, stage: str, partitions_def: dg.PartitionsDefinition) -> dg.AssetsDefinition:
     plan = pipeline.plan(stage)
     upstream = stage_key(pipeline, plan.upstream) if plan.upstream else landing_key(pipeline)
-    resource_keys = {"storage", "ray_data"} | ({"engine_pool"} if stage == ENGINE else set())
+    names = pipeline.stage_names()
+    before_engine = names.index(stage) <= names.index(ENGINE)
+    resource_keys = {"storage", "ray_data"} | ({"engine_pool"} if before_engine else set())
 
     @dg.asset(
         key=stage_key(pipeline, stage),
@@ -73,12 +75,15 @@ def _stage_asset(pipeline: LLMPipeline, stage: str, partitions_def: dg.Partition
         partitions = list(context.partition_keys)
         context.log.info(f"{pipeline.name}/{stage}: {len(partitions)} partition(s): {', '.join(partitions[:10])}")
         context.resources.ray_data.ensure_started()
+        # Stages before the engine start it loading in the background, but only in a run that
+        # will use it: rerunning CPU stages alone never touches the GPU.
+        runs_engine = before_engine and stage_key(pipeline, ENGINE) in context.job_def.asset_layer.executable_asset_keys
         results = run_stage(
             pipeline,
             stage,
             partitions,
             storage=context.resources.storage,
-            engine_pool=context.resources.engine_pool if stage == ENGINE else None,
+            engine_pool=context.resources.engine_pool if runs_engine else None,
             log=context.log.info,
         )
         return dg.MaterializeResult(metadata=_metadata(results))

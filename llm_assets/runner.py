@@ -82,11 +82,22 @@ def run_stage(
     engine_pool=None,
     log: Log = print,
 ) -> list[PartitionStats]:
+    """Run ``stage`` for ``partitions``. Given an ``engine_pool`` for a stage before the engine,
+    the engines start loading now, in the background, while this CPU stage runs."""
     plan = pipeline.plan(stage)
     model_source = resolve_model_source(plan.model_source, log) if plan.model_source else None
     if stage == ENGINE:
-        return _run_engine(pipeline, plan, partitions, storage, engine_pool, model_source, log)
+        return _run_engine(pipeline, plan, partitions, storage, engine_pool, log)
+    if engine_pool is not None:
+        engine_pool.prestart(*_engine_pool_args(pipeline, log), log)
     return [_run_cpu_stage(pipeline, plan, partition, storage, model_source, log) for partition in partitions]
+
+
+def _engine_pool_args(pipeline: LLMPipeline, log: Log) -> tuple:
+    config = pipeline.config
+    # Without a Detokenize stage the engine writes generated_text itself.
+    engine_detokenizes = not config.stage("detokenize_stage").enabled
+    return config, resolve_model_source(config.model_source, log), engine_detokenizes
 
 
 def _input_dataset(pipeline: LLMPipeline, plan: StagePlan, partition: str, storage, stats: PartitionStats):
@@ -106,12 +117,18 @@ def _input_dataset(pipeline: LLMPipeline, plan: StagePlan, partition: str, stora
     return ray.data.read_parquet(files, filesystem=storage.filesystem())
 
 
-def _actor_pool(settings):
+def _apply_stage(batch: pa.Table, udf: type, udf_kwargs: dict[str, Any]) -> pa.Table:
+    # CPU stages run as Ray tasks, not actors: task workers are reused across stages and runs,
+    # so transformers is imported and the tokenizer loaded (cached) once per worker process,
+    # where a fresh actor pool per stage paid ~10 s of imports on every stage.
+    return udf(**udf_kwargs)(batch)
+
+
+def _task_pool(settings):
     import ray.data
 
     concurrency = settings.concurrency or 1
-    low, high = (concurrency, concurrency) if isinstance(concurrency, int) else concurrency
-    return ray.data.ActorPoolStrategy(min_size=low, max_size=high)
+    return ray.data.TaskPoolStrategy(size=concurrency if isinstance(concurrency, int) else concurrency[1])
 
 
 def _run_cpu_stage(pipeline, plan: StagePlan, partition: str, storage, model_source: Optional[str], log: Log) -> PartitionStats:
@@ -127,13 +144,13 @@ def _run_cpu_stage(pipeline, plan: StagePlan, partition: str, storage, model_sou
     if settings.runtime_env:
         remote_args["runtime_env"] = settings.runtime_env
     mapped = dataset.map_batches(
-        plan.udf,
-        fn_constructor_kwargs=kwargs,
+        _apply_stage,
+        fn_kwargs={"udf": plan.udf, "udf_kwargs": kwargs},
         # Preprocess sees the source chunks as they are (their schemas may differ row to row).
         batch_size=None if plan.upstream is None else settings.batch_size,
         batch_format="pyarrow",
         zero_copy_batch=True,
-        compute=_actor_pool(settings),
+        compute=_task_pool(settings),
         **remote_args,
     )
     writer = storage.writer(pipeline.name, plan.name, partition)
@@ -157,12 +174,11 @@ def _commit(writer, stats: PartitionStats, log: Log, stage: str) -> PartitionSta
     return stats
 
 
-def _run_engine(pipeline, plan: StagePlan, partitions: list[str], storage, engine_pool, model_source: str, log: Log):
+def _run_engine(pipeline, plan: StagePlan, partitions: list[str], storage, engine_pool, log: Log):
     import ray.data
 
     config = pipeline.config
-    engine_detokenizes = not config.stage("detokenize_stage").enabled
-    pool = engine_pool.get_pool(config, model_source, engine_detokenizes, log)
+    pool = engine_pool.get_pool(*_engine_pool_args(pipeline, log), log)
 
     stats = {p: PartitionStats(p) for p in partitions}
     outstanding = {p: 0 for p in partitions}

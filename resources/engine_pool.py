@@ -95,15 +95,25 @@ class VLLMEnginePoolResource(dg.ConfigurableResource):
     """Starts the engine actors of a pipeline on first use in a run, and stops them at its end."""
 
     # A dependency, so that Dagster tears the pool down (engines shut down cleanly) before Ray.
-    ray_data: dg.ResourceDependency[RayDataResource]
+    ray_data: RayDataResource
     num_cpus_per_engine: float = Field(default=1.0, description="Logical CPUs each engine actor reserves.")
     start_timeout_s: float = Field(default=1800.0, description="How long an engine may take to start.")
     _pools: dict[str, EnginePool] = PrivateAttr(default_factory=dict)
+    _starting: dict[str, list] = PrivateAttr(default_factory=dict)
 
     def teardown_after_execution(self, context: dg.InitResourceContext) -> None:
         for pool in self._pools.values():
             pool.shutdown()
+        for actors in self._starting.values():  # prestarted, never used (the run failed first)
+            EnginePool(actors, [], 0, print).shutdown()
         self._pools.clear()
+        self._starting.clear()
+
+    def prestart(self, config: vLLMEngineProcessorConfig, model_source: str, engine_detokenizes: bool, log) -> None:
+        """Begin starting the engines without waiting, so they load while CPU stages run."""
+        key = self._key(config, model_source, engine_detokenizes)
+        if key not in self._pools and key not in self._starting:
+            self._starting[key] = self._launch(config, model_source, engine_detokenizes, log)
 
     def get_pool(
         self,
@@ -112,14 +122,26 @@ class VLLMEnginePoolResource(dg.ConfigurableResource):
         engine_detokenizes: bool,
         log: Callable[[str], None],
     ) -> EnginePool:
-        key = f"{model_source}|{engine_detokenizes}|{config.model_dump_json()}"
+        """The running pool for this config, started (or awaited) on first use in the run."""
+        key = self._key(config, model_source, engine_detokenizes)
         if key in self._pools:
             log(f"Reusing the {len(self._pools[key].actors)} running vLLM engine(s) for {model_source}")
             return self._pools[key]
-        self._pools[key] = self._start(config, model_source, engine_detokenizes, log)
+        actors = self._starting.pop(key, None) or self._launch(config, model_source, engine_detokenizes, log)
+        infos = self._wait_ready(actors, model_source, log)
+        # Enough batches in flight that the engine's scheduler always has work queued: at least
+        # max_concurrent_batches, and 1.5x the sequences the scheduler runs at once.
+        per_batch = max(1, config.batch_size)
+        window = max(config.max_concurrent_batches, -(-int(1.5 * infos[0]["max_num_seqs"]) // per_batch))
+        log(f"{len(actors)} vLLM engine(s) ready; up to {window} batches of {per_batch} rows in flight per engine")
+        self._pools[key] = EnginePool(actors, infos, window, log)
         return self._pools[key]
 
-    def _start(self, config: vLLMEngineProcessorConfig, model_source: str, engine_detokenizes: bool, log) -> EnginePool:
+    @staticmethod
+    def _key(config: vLLMEngineProcessorConfig, model_source: str, engine_detokenizes: bool) -> str:
+        return f"{model_source}|{engine_detokenizes}|{config.model_dump_json()}"
+
+    def _launch(self, config: vLLMEngineProcessorConfig, model_source: str, engine_detokenizes: bool, log) -> list:
         self.ray_data.ensure_started()
         on_gpu = self.ray_data.cluster_gpus() > 0
         gpus_per_engine = config.tensor_parallel_size * config.pipeline_parallel_size if on_gpu else 0
@@ -139,7 +161,7 @@ class VLLMEnginePoolResource(dg.ConfigurableResource):
             f"({gpus_per_engine} GPU(s) each, {'GPU' if on_gpu else 'CPU'} build)"
         )
         actor_class = _engine_actor_class(options)
-        actors = [
+        return [
             actor_class.remote(
                 model_source=model_source,
                 engine_kwargs=vllm_compat.platform_engine_kwargs(config.engine_kwargs, on_gpu),
@@ -150,13 +172,6 @@ class VLLMEnginePoolResource(dg.ConfigurableResource):
             )
             for _ in range(size)
         ]
-        infos = self._wait_ready(actors, model_source, log)
-        # Enough batches in flight that the engine's scheduler always has work queued: at least
-        # max_concurrent_batches, and 1.5x the sequences the scheduler runs at once.
-        per_batch = max(1, config.batch_size)
-        window = max(config.max_concurrent_batches, -(-int(1.5 * infos[0]["max_num_seqs"]) // per_batch))
-        log(f"{size} vLLM engine(s) ready; up to {window} batches of {per_batch} rows in flight per engine")
-        return EnginePool(actors, infos, window, log)
 
     def _wait_ready(self, actors: list, model_source: str, log) -> list[dict[str, Any]]:
         import ray
