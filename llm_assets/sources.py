@@ -16,7 +16,7 @@ import pyarrow as pa
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
-from llm_assets.stages.base import ROW_ID
+from llm_assets.stages.base import ROW_ID, table_of
 
 FORMATS = {".jsonl": "jsonl", ".json": "jsonl", ".parquet": "parquet", ".csv": "csv"}
 
@@ -108,7 +108,7 @@ def _read_jsonl(path: Path, chunk_rows: int) -> Iterator[pa.Table]:
                 raise SourceError(f"{path}: line {line_number}: expected a JSON object, got {type(row).__name__}")
             rows.append(row)
             if len(rows) >= chunk_rows:
-                yield pa.Table.from_pylist(rows)
+                yield table_of(rows)
                 rows = []
     if rows:
-        yield pa.Table.from_pylist(rows)
+        yield table_of(rows)

@@ -35,7 +35,7 @@ def _training_text() -> list[str]:
 
 def build_tokenizer(path: Path, vocab_size: int = 1024) -> int:
     """Train and save a byte-level BPE tokenizer with a chat template; returns its vocab size."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
 
     tokenizer = Tokenizer(models.BPE())
@@ -48,6 +48,10 @@ def build_tokenizer(path: Path, vocab_size: int = 1024) -> int:
         show_progress=False,
     )
     tokenizer.train_from_iterator(_training_text(), trainer=trainer)
+    # Like Llama's, the tokenizer puts a BOS before raw text (chat-templated text carries its own).
+    tokenizer.post_processor = processors.TemplateProcessing(
+        single="<|endoftext|> $A", special_tokens=[("<|endoftext|>", tokenizer.token_to_id("<|endoftext|>"))]
+    )
     fast = PreTrainedTokenizerFast(
         tokenizer_object=tokenizer,
         bos_token="<|endoftext|>",

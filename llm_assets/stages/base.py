@@ -30,7 +30,10 @@ def rows_of(batch: pa.Table) -> list[dict[str, Any]]:
 
 
 def table_of(rows: list[dict[str, Any]]) -> pa.Table:
-    return pa.Table.from_pylist(rows)
+    """Rows to a table with the union of their keys (``Table.from_pylist`` keeps only the first
+    row's keys, silently dropping fields that later rows add)."""
+    names = list(dict.fromkeys(key for row in rows for key in row))
+    return pa.table({name: [row.get(name) for row in rows] for name in names})
 
 
 def with_column(batch: pa.Table, name: str, values: Iterable[Any], type_: pa.DataType | None = None) -> pa.Table:

@@ -1,0 +1,70 @@
+"""Processor configs: ray.data.llm's field names and defaults, and errors that name the field."""
+
+import pytest
+from pydantic import ValidationError
+
+from llm_assets.config import ChatTemplateStageConfig, vLLMEngineProcessorConfig
+from llm_assets.pipeline import LLMPipeline
+from llm_assets.sources import LocalFolderSource
+
+
+def test_defaults_match_ray_data_llm():
+    config = vLLMEngineProcessorConfig(model_source="/m")
+    assert config.batch_size == 32
+    assert config.concurrency == 1
+    assert config.max_concurrent_batches == 8
+    assert config.max_pending_requests is None
+    assert config.should_continue_on_error is False
+    assert config.task_type == "generate"
+    assert config.engine_kwargs == {}
+    assert config.stage("chat_template_stage").enabled
+    assert config.stage("tokenize_stage").enabled
+    assert config.stage("detokenize_stage").enabled
+    assert not config.stage("prepare_multimodal_stage").enabled
+
+
+def test_stage_config_inherits_unset_fields_from_the_processor():
+    config = vLLMEngineProcessorConfig(
+        model_source="/m",
+        batch_size=64,
+        concurrency=(1, 3),
+        runtime_env={"env_vars": {"A": "1"}},
+        tokenize_stage={"batch_size": 8},
+        chat_template_stage=ChatTemplateStageConfig(chat_template="{{ messages }}", num_cpus=2),
+        detokenize_stage=False,
+    )
+    tokenize = config.stage("tokenize_stage")
+    assert (tokenize.batch_size, tokenize.concurrency, tokenize.model_source) == (8, (1, 3), "/m")
+    assert tokenize.runtime_env == {"env_vars": {"A": "1"}}
+    chat = config.stage("chat_template_stage")
+    assert (chat.batch_size, chat.num_cpus, chat.chat_template) == (64, 2, "{{ messages }}")
+    assert not config.stage("detokenize_stage").enabled
+    assert config.engine_pool_size == 3
+
+
+@pytest.mark.parametrize(
+    "fields, named",
+    [
+        ({"batch_sise": 3}, "batch_sise"),
+        ({"concurrency": 0}, "concurrency"),
+        ({"concurrency": (3, 1)}, "concurrency"),
+        ({"batch_size": "many"}, "batch_size"),
+        ({"task_type": "translate"}, "task_type"),
+        ({"tokenize_stage": {"enabled": True, "batchsize": 3}}, "batchsize"),
+        ({"chat_template_stage": {"num_cpus": -1}}, "num_cpus"),
+        ({"prepare_multimodal_stage": True}, "multimodal"),
+    ],
+)
+def test_bad_config_fails_naming_the_field(fields, named):
+    with pytest.raises(ValidationError) as info:
+        vLLMEngineProcessorConfig(model_source="/m", **fields)
+    assert named in str(info.value)
+
+
+def test_pipeline_takes_a_dict_config_and_rejects_bad_names(tmp_path):
+    pipeline = LLMPipeline("p", {"model_source": "/m", "detokenize_stage": False}, LocalFolderSource(str(tmp_path)))
+    assert pipeline.stage_names() == ["preprocess", "chat_template", "tokenize", "engine", "postprocess"]
+    with pytest.raises(ValueError, match="letters, digits and underscores"):
+        LLMPipeline("my pipeline", {"model_source": "/m"}, LocalFolderSource(str(tmp_path)))
+    with pytest.raises(ValidationError, match="engine_kwarg"):
+        LLMPipeline("p", {"model_source": "/m", "engine_kwarg": {}}, LocalFolderSource(str(tmp_path)))

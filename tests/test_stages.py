@@ -1,0 +1,101 @@
+"""Each stage UDF on its own: no Dagster, no Ray, the tiny model's real tokenizer."""
+
+import json
+
+import pyarrow as pa
+import pytest
+
+from llm_assets.stages.base import ERROR_COLUMN, RowError, table_of
+from llm_assets.stages.chat_template import ChatTemplateStage
+from llm_assets.stages.detokenize import DetokenizeStage
+from llm_assets.stages.postprocess import PostprocessStage
+from llm_assets.stages.preprocess import PreprocessStage
+from llm_assets.stages.tokenize import TokenizeStage
+
+
+def to_chat(row):
+    return {"messages": [{"role": "user", "content": row["q"]}], "sampling_params": {"max_tokens": 4}}
+
+
+def test_preprocess_applies_the_function_and_keeps_row_ids():
+    out = PreprocessStage(to_chat)(pa.table({"row_id": ["a", "b"], "q": ["hi", "there"]}))
+    rows = out.to_pylist()
+    assert [r["row_id"] for r in rows] == ["a", "b"]
+    assert rows[1]["messages"] == [{"role": "user", "content": "there"}]
+    assert json.loads(rows[0]["sampling_params"]) == {"max_tokens": 4}
+
+
+@pytest.mark.parametrize(
+    "row, message",
+    [
+        ({"q": "hi"}, "row 'r1': has neither 'messages' nor 'prompt'"),
+        ({"messages": "hello"}, "'messages' is str"),
+        ({"messages": [{"role": "robot", "content": "x"}]}, "messages[0].role is 'robot'"),
+        ({"prompt": "x", "sampling_params": {"max_tokens": 0}}, "max_tokens is 0: expected an integer >= 1"),
+        ({"prompt": ""}, "'prompt' is empty"),
+    ],
+)
+def test_preprocess_rejects_bad_rows_naming_the_row(row, message):
+    batch = table_of([{"row_id": "r0", "prompt": "fine"}, {"row_id": "r1", **row}])
+    with pytest.raises(RowError, match="preprocess: row 'r1'") as info:
+        PreprocessStage()(batch)
+    assert message in str(info.value)
+
+
+def test_preprocess_function_errors_name_the_row():
+    with pytest.raises(RowError, match="row 'b': the preprocess function raised KeyError"):
+        PreprocessStage(lambda row: {"prompt": row["missing"]})(pa.table({"row_id": ["b"], "q": ["x"]}))
+
+
+def test_chat_template_adds_a_generation_prompt_only_after_a_user_message(tiny_model):
+    batch = table_of(
+        [
+            {"row_id": "u", "messages": [{"role": "user", "content": "Hi"}]},
+            {"row_id": "a", "messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hel"}]},
+        ]
+    )
+    prompts = ChatTemplateStage(tiny_model)(batch).column("prompt").to_pylist()
+    assert prompts[0] == "<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n"
+    # A trailing assistant message is continued (prefill), not closed and followed by a new turn.
+    assert prompts[1].endswith("<|im_start|>assistant\nHel")
+
+
+def test_chat_template_missing_is_a_clear_error(tmp_path, tiny_model):
+    import shutil
+
+    folder = tmp_path / "no-template"
+    shutil.copytree(tiny_model, folder)
+    (folder / "chat_template.jinja").unlink()
+    config = json.loads((folder / "tokenizer_config.json").read_text())
+    config.pop("chat_template", None)
+    (folder / "tokenizer_config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match="has no chat template"):
+        ChatTemplateStage(str(folder))
+
+
+def test_tokenize_then_detokenize_round_trips(tiny_model):
+    batch = table_of(
+        [
+            {"row_id": "t", "messages": [{"role": "user", "content": "x"}], "prompt": "<|im_start|>user\nhello world"},
+            {"row_id": "p", "messages": None, "prompt": "hello world"},
+        ]
+    )
+    tokenized = TokenizeStage(tiny_model)(batch)
+    ids = tokenized.column("tokenized_prompt").to_pylist()
+    assert ids[0][0] == 1  # <|im_start|> from the template text, no BOS added to templated text
+    assert ids[1][0] == 0  # a raw prompt gets the tokenizer's BOS, as vLLM would add it
+    engine_like = tokenized.append_column("generated_tokens", pa.array([ids[0], ids[1]]))
+    texts = DetokenizeStage(tiny_model)(engine_like).column("generated_text").to_pylist()
+    assert texts == ["user\nhello world", "hello world"]
+
+
+def test_postprocess_passes_failed_rows_through_untouched():
+    batch = table_of(
+        [
+            {"row_id": "ok", "generated_text": " hi ", ERROR_COLUMN: None},
+            {"row_id": "bad", "generated_text": None, ERROR_COLUMN: "ValueError: too long"},
+        ]
+    )
+    rows = PostprocessStage(lambda row: {"answer": row["generated_text"].strip()})(batch).to_pylist()
+    assert rows[0] == {"answer": "hi", "row_id": "ok", "generated_text": None, ERROR_COLUMN: None}
+    assert rows[1]["row_id"] == "bad" and rows[1][ERROR_COLUMN] == "ValueError: too long"
