@@ -82,15 +82,22 @@ def run_stage(
     engine_pool=None,
     log: Log = print,
 ) -> list[PartitionStats]:
-    """Run ``stage`` for ``partitions``. Given an ``engine_pool`` for a stage before the engine,
-    the engines start loading now, in the background, while this CPU stage runs."""
+    """Run ``stage`` for ``partitions``.
+
+    Given an ``engine_pool`` for a stage before the engine, the engines start loading in the
+    background while CPU stages run, but only once the rows have passed Preprocess's checks:
+    bad input fails before any engine (or GPU) is touched.
+    """
     plan = pipeline.plan(stage)
     model_source = resolve_model_source(plan.model_source, log) if plan.model_source else None
     if stage == ENGINE:
         return _run_engine(pipeline, plan, partitions, storage, engine_pool, log)
-    if engine_pool is not None:
+    if engine_pool is not None and plan.upstream is not None:
         engine_pool.prestart(*_engine_pool_args(pipeline, log), log)
-    return [_run_cpu_stage(pipeline, plan, partition, storage, model_source, log) for partition in partitions]
+    results = [_run_cpu_stage(pipeline, plan, partition, storage, model_source, log) for partition in partitions]
+    if engine_pool is not None and plan.upstream is None:
+        engine_pool.prestart(*_engine_pool_args(pipeline, log), log)
+    return results
 
 
 def _engine_pool_args(pipeline: LLMPipeline, log: Log) -> tuple:

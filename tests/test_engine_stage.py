@@ -1,0 +1,61 @@
+"""The vLLM engine stage as a plain Ray Data UDF (no Dagster), on the real CPU engine."""
+
+import json
+
+import pytest
+
+from llm_assets import vllm_compat
+from llm_assets.stages.base import ERROR_COLUMN
+from llm_assets.stages.vllm_engine import vLLMEngineStage
+
+MAX_MODEL_LEN = 256
+
+
+@pytest.fixture(scope="module")
+def engine_outputs(tiny_model, ray_session):
+    import ray.data
+
+    rows = [
+        {
+            "row_id": f"r{i}",
+            "tokenized_prompt": [5 + (i + j) % 200 for j in range(3 + i % 7)],
+            "sampling_params": json.dumps({"max_tokens": 6, "ignore_eos": True, "temperature": 0}),
+        }
+        for i in range(40)
+    ]
+    rows.append({"row_id": "too-long", "tokenized_prompt": [7] * (MAX_MODEL_LEN + 10), "sampling_params": None})
+    dataset = ray.data.from_items(rows).map_batches(
+        vLLMEngineStage,
+        fn_constructor_kwargs={
+            "model_source": tiny_model,
+            "engine_kwargs": vllm_compat.platform_engine_kwargs({"max_model_len": MAX_MODEL_LEN}, on_gpu=False),
+            "should_continue_on_error": True,
+            "engine_detokenizes": True,
+        },
+        batch_size=16,
+        batch_format="pyarrow",
+        compute=ray.data.ActorPoolStrategy(size=1),
+        num_cpus=1,
+        runtime_env={"env_vars": vllm_compat.platform_env(on_gpu=False)},
+    )
+    return {row["row_id"]: row for row in dataset.take_all()}
+
+
+def test_every_row_comes_back_once_with_ray_data_llm_columns(engine_outputs):
+    assert sorted(engine_outputs) == sorted([f"r{i}" for i in range(40)] + ["too-long"])
+    row = engine_outputs["r3"]
+    assert row["num_generated_tokens"] == 6 and len(row["generated_tokens"]) == 6
+    assert row["num_input_tokens"] == 3 + 3 % 7
+    assert row["time_taken_llm"] > 0
+    assert isinstance(row["generated_text"], str)
+    assert row["finish_reason"] == "length"
+    assert row[ERROR_COLUMN] is None
+    assert "tokenized_prompt" not in row  # persisted by Tokenize; not copied again
+
+
+def test_a_failing_row_is_kept_with_its_error_when_continuing_on_error(engine_outputs):
+    failed = engine_outputs["too-long"]
+    assert failed[ERROR_COLUMN] and failed[ERROR_COLUMN].split(":")[0].endswith("Error")
+    assert str(MAX_MODEL_LEN) in failed[ERROR_COLUMN]
+    assert failed["generated_tokens"] is None
+    assert sum(1 for row in engine_outputs.values() if row[ERROR_COLUMN]) == 1

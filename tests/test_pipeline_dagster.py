@@ -1,0 +1,166 @@
+"""Whole pipelines through real Dagster runs: local Ray, the real CPU vLLM engine, Parquet outputs."""
+
+import json
+
+import dagster as dg
+import pyarrow.parquet as pq
+import pytest
+
+from llm_assets.factory import add_partitions_for_new_files, build_definitions, stage_key
+from llm_assets.pipeline import LLMPipeline
+from llm_assets.sources import LocalFolderSource
+from resources import PartitionStorage, RayDataResource, VLLMEnginePoolResource
+from tests.conftest import questions, write_jsonl
+
+RANGE_START = "dagster/asset_partition_range_start"
+RANGE_END = "dagster/asset_partition_range_end"
+MAX_TOKENS = 8
+
+
+def to_chat(row):
+    return {
+        "question": row["question"],
+        "messages": [{"role": "user", "content": row["question"]}],
+        "sampling_params": {"max_tokens": MAX_TOKENS, "ignore_eos": True, "temperature": 0},
+    }
+
+
+def to_answer(row):
+    return {"question": row["question"], "answer": row["generated_text"], "tokens": row["num_generated_tokens"]}
+
+
+def make_pipeline(folder, model, postprocess=to_answer, preprocess=to_chat, **config) -> LLMPipeline:
+    settings = {"model_source": model, "engine_kwargs": {"max_model_len": 512}, "batch_size": 4}
+    settings.update(config)
+    return LLMPipeline("tiny", settings, LocalFolderSource(str(folder)), preprocess=preprocess, postprocess=postprocess)
+
+
+def make_resources(storage_root) -> dict:
+    ray_data = RayDataResource()
+    return {
+        "ray_data": ray_data,
+        "storage": PartitionStorage(root=str(storage_root)),
+        "engine_pool": VLLMEnginePoolResource(ray_data=ray_data),
+    }
+
+
+def run_job(pipeline, resources, instance, tags, raise_on_error=True):
+    add_partitions_for_new_files(instance, pipeline)
+    job = build_definitions([pipeline], resources).resolve_job_def(f"{pipeline.name}_job")
+    return job.execute_in_process(instance=instance, tags=tags, raise_on_error=raise_on_error)
+
+
+def log_messages(instance, run_id) -> list[str]:
+    return [event.user_message for event in instance.all_logs(run_id)]
+
+
+def read_output(storage, stage, partition) -> list[dict]:
+    return pq.read_table(storage.committed_files("tiny", stage, partition)).to_pylist()
+
+
+@pytest.fixture(scope="module")
+def two_partition_run(tmp_path_factory, tiny_model, ray_session):
+    """One run over two partitions (a single-run backfill): every stage, one engine start."""
+    root = tmp_path_factory.mktemp("pipeline")
+    write_jsonl(root / "landing" / "a.jsonl", questions(5, "a"))
+    write_jsonl(root / "landing" / "b.jsonl", questions(7, "b"))
+    pipeline = make_pipeline(root / "landing", tiny_model)
+    resources = make_resources(root / "storage")
+    with dg.instance_for_test() as instance:
+        result = run_job(pipeline, resources, instance, {RANGE_START: "a.jsonl", RANGE_END: "b.jsonl"})
+        yield {"root": root, "instance": instance, "result": result, "resources": resources, "model": tiny_model}
+
+
+def test_one_run_over_two_partitions_starts_the_engine_once(two_partition_run):
+    result, instance = two_partition_run["result"], two_partition_run["instance"]
+    assert result.success
+    messages = log_messages(instance, result.run_id)
+    assert sum("Starting 1 vLLM engine actor(s)" in m for m in messages) == 1
+    assert sum("vLLM engine 0 started in" in m for m in messages) == 1
+    assert any("engine [a.jsonl]: committed 5 rows" in m for m in messages)
+    assert any("engine [b.jsonl]: committed 7 rows" in m for m in messages)
+
+
+def test_every_row_id_reaches_the_output_exactly_once(two_partition_run):
+    storage = two_partition_run["resources"]["storage"]
+    for partition, n in (("a.jsonl", 5), ("b.jsonl", 7)):
+        rows = read_output(storage, "postprocess", partition)
+        assert sorted(r["row_id"] for r in rows) == sorted(f"{partition}:{i}" for i in range(n))
+        assert all(r["tokens"] == MAX_TOKENS and isinstance(r["answer"], str) for r in rows)
+        prompts = read_output(storage, "chat_template", partition)
+        assert all(r["prompt"].endswith("<|im_start|>assistant\n") for r in prompts)
+
+
+def test_each_stage_records_metadata_per_partition(two_partition_run):
+    instance = two_partition_run["instance"]
+    for stage in ("preprocess", "chat_template", "tokenize", "engine", "detokenize", "postprocess"):
+        for partition in ("a.jsonl", "b.jsonl"):
+            event = instance.get_latest_materialization_event(stage_key(make_pipeline(".", "/m"), stage))
+            assert event is not None, stage
+            assert partition in instance.get_materialized_partitions(stage_key(make_pipeline(".", "/m"), stage))
+    engine = instance.get_latest_materialization_event(dg.AssetKey(["tiny", "engine"])).asset_materialization
+    metadata = {k: v.value for k, v in engine.metadata.items()}
+    assert metadata["rows_in"] == metadata["rows_out"] == 12
+    assert metadata["generated_tokens"] == 12 * MAX_TOKENS
+    assert metadata["input_tokens"] > 0 and metadata["generated_tokens_per_s"] > 0
+
+
+def test_rerunning_postprocess_reads_persisted_output_and_never_starts_an_engine(two_partition_run):
+    root, instance, resources = two_partition_run["root"], two_partition_run["instance"], two_partition_run["resources"]
+    storage = resources["storage"]
+    engine_before = storage.manifest("tiny", "engine", "a.jsonl")
+
+    def shout(row):
+        return {"question": row["question"], "answer": row["generated_text"].upper()}
+
+    pipeline = make_pipeline(root / "landing", two_partition_run["model"], postprocess=shout)
+    job = build_definitions([pipeline], resources).resolve_job_def("tiny_job")
+    result = job.execute_in_process(
+        instance=instance, partition_key="a.jsonl", asset_selection=[stage_key(pipeline, "postprocess")]
+    )
+    assert result.success
+    messages = log_messages(instance, result.run_id)
+    assert not any("vLLM engine" in m for m in messages)
+    rows = read_output(storage, "postprocess", "a.jsonl")
+    detokenized = {r["row_id"]: r["generated_text"] for r in read_output(storage, "detokenize", "a.jsonl")}
+    assert {r["row_id"]: r["answer"] for r in rows} == {k: v.upper() for k, v in detokenized.items()}
+    assert storage.manifest("tiny", "engine", "a.jsonl") == engine_before
+
+
+@pytest.mark.parametrize(
+    "landing, pipeline_kwargs, expected",
+    [
+        ({"x.jsonl": [{"question": "hi"}]}, {"preprocess": None}, "row 'x.jsonl:0': has neither 'messages' nor 'prompt'"),
+        ({"x.jsonl": []}, {}, "x.jsonl has no rows"),
+        ({"x.jsonl": [{"question": "hi"}]}, {"model_source": "/no/such/model"}, "model_source '/no/such/model' does not exist"),
+        (
+            {"x.jsonl": [{"question": "hi"}]},
+            {"preprocess": lambda row: {"prompt": row["question"], "sampling_params": {"max_tokens": 0}}},
+            "max_tokens is 0: expected an integer >= 1",
+        ),
+    ],
+)
+def test_bad_input_fails_the_run_with_a_clear_message_before_any_engine_starts(
+    tmp_path, tiny_model, ray_session, instance, landing, pipeline_kwargs, expected
+):
+    for name, rows in landing.items():
+        write_jsonl(tmp_path / "landing" / name, rows)
+    model = pipeline_kwargs.pop("model_source", tiny_model)
+    pipeline = make_pipeline(tmp_path / "landing", model, **pipeline_kwargs)
+    result = run_job(pipeline, make_resources(tmp_path / "storage"), instance, {"dagster/partition": "x.jsonl"}, raise_on_error=False)
+    assert not result.success
+    failure = next(e for e in result.all_events if e.event_type_value == "STEP_FAILURE")
+    assert expected in failure.step_failure_data.error.to_string()
+    assert not any("vLLM engine" in m for m in log_messages(instance, result.run_id))
+    assert not (tmp_path / "storage" / "tiny" / "engine").exists()
+
+
+def test_the_run_fails_naming_the_row_when_a_request_fails(tmp_path, tiny_model, ray_session, instance):
+    write_jsonl(tmp_path / "landing" / "x.jsonl", [{"question": "fine"}, {"question": "word " * 600}])
+    pipeline = make_pipeline(tmp_path / "landing", tiny_model)
+    result = run_job(pipeline, make_resources(tmp_path / "storage"), instance, {"dagster/partition": "x.jsonl"}, raise_on_error=False)
+    assert not result.success
+    failure = next(e for e in result.all_events if e.event_type_value == "STEP_FAILURE")
+    assert failure.step_key == "tiny__engine"
+    assert "engine: row 'x.jsonl:1'" in failure.step_failure_data.error.to_string()
+    assert json.loads((tmp_path / "storage" / "tiny" / "tokenize" / "x.jsonl" / "_manifest.json").read_text())["rows"] == 2
