@@ -1,0 +1,25 @@
+#!/usr/bin/env bash
+# Set up, then run the demo pipeline (SmolLM2-135M-Instruct on the bundled prompts) as one
+# Dagster run over every stage, and print an excerpt of its output.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/setup.sh
+. .venv/bin/activate
+
+export DAGSTER_HOME=${DAGSTER_HOME:-$PWD/.dagster_home}
+mkdir -p "$DAGSTER_HOME"
+touch "$DAGSTER_HOME/dagster.yaml"
+export HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
+
+python -m llm_assets.cli add-partitions -f definitions.py --pipeline demo
+dagster job execute -f definitions.py -j demo_job --tags '{"dagster/partition": "prompts.jsonl"}'
+python - <<'PY'
+import json, os, pyarrow.parquet as pq
+root = os.environ.get("LLM_ASSETS_STORAGE", ".llm_assets/storage")
+folder = f"{root}/demo/postprocess/prompts.jsonl"
+manifest = json.load(open(f"{folder}/_manifest.json"))
+rows = pq.read_table([f"{folder}/{name}" for name in manifest["files"]]).to_pylist()
+print(f"\n{manifest['rows']} rows in {folder}:")
+for row in sorted(rows, key=lambda r: int(r["row_id"].split(":")[1]))[:6]:
+    print(f"  {row['question']}\n    -> {row['answer'][:120]}")
+PY
