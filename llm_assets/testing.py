@@ -33,8 +33,11 @@ def _training_text() -> list[str]:
     return [line for line in lines if line.strip()]
 
 
-def build_tokenizer(path: Path, vocab_size: int = 1024) -> int:
-    """Train and save a byte-level BPE tokenizer with a chat template; returns its vocab size."""
+def build_tokenizer(path: Path, vocab_size: int = 1024, pad_to: int = 0) -> int:
+    """Train and save a byte-level BPE tokenizer with a chat template; returns its vocab size.
+
+    ``pad_to`` adds reserved special tokens up to that size, so that every id a model with that
+    vocab can generate (dummy weights generate any) decodes."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -60,6 +63,8 @@ def build_tokenizer(path: Path, vocab_size: int = 1024) -> int:
         unk_token="<|endoftext|>",
     )
     fast.chat_template = CHAT_TEMPLATE
+    if pad_to > len(fast):
+        fast.add_special_tokens({"additional_special_tokens": [f"<|reserved_{i}|>" for i in range(len(fast), pad_to)]})
     fast.save_pretrained(str(path))
     return len(fast)
 
@@ -82,8 +87,7 @@ def build_llama_model(
     """Write a Llama model folder (config, tokenizer, optionally random weights) to ``path``."""
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
-    n_tokens = build_tokenizer(path, tokenizer_vocab)
-    # The embedding may be larger than the tokenizer (as real models pad theirs); round up to 64.
+    n_tokens = build_tokenizer(path, tokenizer_vocab, pad_to=vocab_size or 0)
     vocab = max(vocab_size or 0, (n_tokens + 63) // 64 * 64)
     config = {
         "architectures": ["LlamaForCausalLM"],
