@@ -103,7 +103,6 @@ def build_pipeline(pipeline: LLMPipeline) -> tuple[list, Any]:
     job = dg.define_asset_job(
         name=f"{pipeline.name}_job",
         selection=dg.AssetSelection.assets(*[stage_key(pipeline, s) for s in pipeline.stage_names()]),
-        partitions_def=partitions_def,
         # One process per run: Ray starts once and the engine pool lives across all stages.
         # Ray, not Dagster, spreads the work.
         executor_def=dg.in_process_executor,
