@@ -28,6 +28,19 @@ def async_engine_class():
     return AsyncLLM
 
 
+def start_async_engine(**kwargs: Any):
+    """An async engine with the defaults of vLLM's offline ``LLM`` class, not the server's.
+
+    vLLM sizes its scheduler by "usage context": the offline LLM class gets up to 1024 running
+    sequences and 16384 batched tokens on an H100, while an async engine built with the default
+    context gets the bare scheduler defaults (128 sequences, 2048 tokens), which leaves a batch
+    workload's GPU mostly idle. Batch inference is the offline case.
+    """
+    from vllm.usage.usage_lib import UsageContext
+
+    return async_engine_class().from_engine_args(engine_args(**kwargs), usage_context=UsageContext.LLM_CLASS)
+
+
 def engine_args(**kwargs: Any):
     from vllm import AsyncEngineArgs
 

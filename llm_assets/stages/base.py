@@ -7,7 +7,7 @@ a stage does not touch pass through zero-copy, and nested columns (``messages``)
 from __future__ import annotations
 
 import json
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 import pyarrow as pa
 
@@ -23,6 +23,20 @@ class RowError(ValueError):
     def __init__(self, row_id: Any, stage: str, problem: str):
         self.row_id = row_id
         super().__init__(f"{stage}: row {row_id!r}: {problem}")
+
+
+def apply_row_fn(fn: Callable[[dict[str, Any]], Any], row: dict[str, Any], stage: str) -> dict[str, Any]:
+    """Call a user's row -> row function; errors name the row. The row id survives whatever the
+    function returns."""
+    row_id = row[ROW_ID]
+    try:
+        out = fn(dict(row))
+    except Exception as exc:
+        raise RowError(row_id, stage, f"the {stage} function raised {type(exc).__name__}: {exc}") from exc
+    if not isinstance(out, dict):
+        raise RowError(row_id, stage, f"the {stage} function returned {type(out).__name__}, expected a dict")
+    out[ROW_ID] = row_id
+    return out
 
 
 def rows_of(batch: pa.Table) -> list[dict[str, Any]]:

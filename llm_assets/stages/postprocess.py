@@ -6,7 +6,7 @@ from typing import Any, Callable, Optional
 
 import pyarrow as pa
 
-from llm_assets.stages.base import ERROR_COLUMN, ROW_ID, RowError, rows_of, table_of
+from llm_assets.stages.base import ERROR_COLUMN, apply_row_fn, rows_of, table_of
 
 STAGE = "postprocess"
 
@@ -23,14 +23,6 @@ class PostprocessStage:
         return table_of([self._one(row) for row in rows_of(batch)])
 
     def _one(self, row: dict[str, Any]) -> dict[str, Any]:
-        row_id = row[ROW_ID]
         if row.get(ERROR_COLUMN) is not None:
             return row
-        try:
-            out = self.fn(dict(row))
-        except Exception as exc:
-            raise RowError(row_id, STAGE, f"the postprocess function raised {type(exc).__name__}: {exc}") from exc
-        if not isinstance(out, dict):
-            raise RowError(row_id, STAGE, f"the postprocess function returned {type(out).__name__}, expected a dict")
-        out[ROW_ID] = row_id
-        return out
+        return apply_row_fn(self.fn, row, STAGE)

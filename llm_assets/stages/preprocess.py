@@ -9,7 +9,7 @@ from typing import Any, Callable, Optional
 
 import pyarrow as pa
 
-from llm_assets.stages.base import ROW_ID, RowError, dumps_params, rows_of, table_of
+from llm_assets.stages.base import ROW_ID, RowError, apply_row_fn, dumps_params, rows_of, table_of
 
 STAGE = "preprocess"
 ROLES = {"system", "user", "assistant", "tool", "developer"}
@@ -67,14 +67,7 @@ class PreprocessStage:
     def _one(self, row: dict[str, Any]) -> dict[str, Any]:
         row_id = row[ROW_ID]
         if self.fn is not None:
-            try:
-                out = self.fn(dict(row))
-            except Exception as exc:
-                raise RowError(row_id, STAGE, f"the preprocess function raised {type(exc).__name__}: {exc}") from exc
-            if not isinstance(out, dict):
-                raise RowError(row_id, STAGE, f"the preprocess function returned {type(out).__name__}, expected a dict")
-            row = out
-        row[ROW_ID] = row_id  # the id survives whatever the user function returned
+            row = apply_row_fn(self.fn, row, STAGE)
         has_messages = row.get("messages") is not None
         has_prompt = isinstance(row.get("prompt"), str)
         if not has_messages and not has_prompt:

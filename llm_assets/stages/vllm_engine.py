@@ -44,9 +44,7 @@ class vLLMEngineStage:
         # When a Detokenize stage follows, the engine skips detokenizing (less CPU in the engine
         # process); rows with stop strings still need it, vLLM matches stops on text.
         self.engine_detokenizes = engine_detokenizes
-        self.engine = vllm_compat.async_engine_class().from_engine_args(
-            vllm_compat.engine_args(model=model_source, **(engine_kwargs or {}))
-        )
+        self.engine = vllm_compat.start_async_engine(model=model_source, **(engine_kwargs or {}))
         self.max_num_seqs = vllm_compat.max_num_seqs(self.engine)
         self.semaphore = asyncio.Semaphore(max_pending_requests) if max_pending_requests else contextlib.nullcontext()
         self.request_ids = itertools.count()

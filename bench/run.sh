@@ -1,0 +1,24 @@
+#!/usr/bin/env bash
+# The GPU benchmark, one command: build the workload, run each system in its own process, print
+# the table. Logs and per-system JSON go to OUT as they are written, so a run cut short still
+# shows how far it got.
+#   bash bench/run.sh [OUT] [SIZE]            SIZE: 1b (default) or 8b
+#   SYSTEMS="llm_assets" bash bench/run.sh    run a subset (results already in OUT are kept)
+#   PARTITIONS=10 ROWS=1000                   the workload's shape
+set -euo pipefail
+cd "$(dirname "$0")/.."
+out=${1:-/tmp/llm_assets_bench}
+size=${2:-1b}
+mkdir -p "$out"
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
+# Every system compiles from scratch: a compile cache left by the one before would flatter the next.
+export VLLM_DISABLE_COMPILE_CACHE=1
+[ -f "$out/workload.json" ] || python3 bench/workload.py --out "$out" --size "$size" \
+  --partitions "${PARTITIONS:-10}" --rows "${ROWS:-1000}" | tee "$out/workload.log"
+for system in ${SYSTEMS:-raw_vllm ray_data_llm llm_assets}; do
+  echo "== $system"
+  python3 bench/run_one.py "$system" --workload "$out/workload.json" --out "$out/$system.json" > "$out/$system.log" 2>&1 \
+    || { echo "$system failed; see $out/$system.log"; tail -20 "$out/$system.log"; }
+  tail -1 "$out/$system.log"
+done
+python3 bench/table.py "$out"/*.json | tee "$out/table.md"

@@ -1,0 +1,157 @@
+"""Run one system over the benchmark workload and write its measurements as JSON.
+
+    python bench/run_one.py {raw_vllm,ray_data_llm,llm_assets} --workload DIR/workload.json --out result.json
+
+Each system runs in its own process (fresh GPU) on the same prompts, model config and card:
+- raw_vllm:     vLLM's offline ``LLM.generate`` on the chat-templated token ids (the ceiling);
+- ray_data_llm: ``ray.data.llm`` with ``vLLMEngineProcessorConfig`` defaults, read JSONL -> Parquet;
+- llm_assets:   one Dagster run over every partition, every stage asset materialized to Parquet.
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from monitor import Monitor  # noqa: E402
+from workload import messages, sampling_params  # noqa: E402
+
+ENGINE_KWARGS = {"load_format": "dummy", "max_model_len": 2048}
+
+
+def read_rows(spec: dict) -> list[dict]:
+    rows = []
+    for path in sorted(glob.glob(f"{spec['landing']}/*.jsonl")):
+        rows.extend(json.loads(line) for line in open(path))
+    return rows
+
+
+def raw_vllm(spec: dict, monitor: Monitor) -> dict:
+    from transformers import AutoTokenizer
+    from vllm import LLM, SamplingParams
+
+    tokenizer = AutoTokenizer.from_pretrained(spec["model"])
+    prompts = [
+        {"prompt_token_ids": tokenizer.apply_chat_template(messages(row), add_generation_prompt=True, tokenize=True, return_dict=False)}
+        for row in read_rows(spec)
+    ]
+    started = time.time()
+    llm = LLM(model=spec["model"], **ENGINE_KWARGS)
+    ready = time.time()
+    outputs = llm.generate(prompts, SamplingParams(**sampling_params()), use_tqdm=False)
+    done = time.time()
+    tokens = sum(len(o.outputs[0].token_ids) for o in outputs)
+    return {
+        "rows": len(outputs), "output_tokens": tokens, "engine_start_s": ready - started,
+        "generate_s": done - ready, "wall_s": done - started,
+        "gpu_busy": monitor.gpu_busy_fraction(ready, done), "gpu_util_mean": monitor.mean_gpu_util(ready, done),
+    }
+
+
+def ray_data_llm(spec: dict, monitor: Monitor) -> dict:
+    import ray
+    import ray.data
+    from ray.data import llm as ray_llm
+
+    ray.init(include_dashboard=False)
+    config = ray_llm.vLLMEngineProcessorConfig(model_source=spec["model"], engine_kwargs=dict(ENGINE_KWARGS))
+    params = sampling_params()
+    build = getattr(ray_llm, "build_processor", None) or ray_llm.build_llm_processor
+    processor = build(
+        config,
+        preprocess=lambda row: {"id": row["id"], "messages": messages(row), "sampling_params": params},
+        postprocess=lambda row: {"id": row["id"], "n": row["num_generated_tokens"], "t": time.time()},
+    )
+    out = tempfile.mkdtemp(prefix="ray-data-llm-out-")
+    started = time.time()
+    processor(ray.data.read_json(sorted(glob.glob(f"{spec['landing']}/*.jsonl")))).write_parquet(out)
+    done = time.time()
+    import pyarrow.parquet as pq
+
+    table = pq.read_table(out)
+    times = sorted(table.column("t").to_pylist())
+    tokens = sum(table.column("n").to_pylist())
+    return {
+        "rows": table.num_rows, "output_tokens": tokens, "first_output_s": times[0] - started,
+        # From the first row out to the last: slightly flatters the peer (the first batch's
+        # generation time is outside the window).
+        "generate_s": times[-1] - times[0], "wall_s": done - started,
+        "gpu_busy": monitor.gpu_busy_fraction(times[0], times[-1]), "gpu_util_mean": monitor.mean_gpu_util(times[0], times[-1]),
+    }
+
+
+def llm_assets(spec: dict, monitor: Monitor) -> dict:
+    import dagster as dg
+
+    from llm_assets.factory import add_partitions_for_new_files, build_definitions
+    from llm_assets.pipeline import LLMPipeline
+    from llm_assets.sources import LocalFolderSource
+    from resources import PartitionStorage, RayDataResource, VLLMEnginePoolResource
+
+    params = sampling_params()
+    pipeline = LLMPipeline(
+        "bench",
+        {"model_source": spec["model"], "engine_kwargs": dict(ENGINE_KWARGS)},
+        LocalFolderSource(spec["landing"]),
+        preprocess=lambda row: {"id": row["id"], "messages": messages(row), "sampling_params": params},
+        postprocess=lambda row: {"id": row["id"], "generated_text": row["generated_text"], "n": row["num_generated_tokens"]},
+    )
+    ray_data = RayDataResource()
+    resources = {
+        "ray_data": ray_data,
+        "storage": PartitionStorage(root=tempfile.mkdtemp(prefix="llm-assets-out-")),
+        "engine_pool": VLLMEnginePoolResource(ray_data=ray_data),
+    }
+    with dg.instance_for_test() as instance:
+        add_partitions_for_new_files(instance, pipeline)
+        keys = instance.get_dynamic_partitions("bench")
+        job = build_definitions([pipeline], resources).resolve_job_def("bench_job")
+        result = job.execute_in_process(
+            instance=instance,
+            tags={"dagster/asset_partition_range_start": keys[0], "dagster/asset_partition_range_end": keys[-1]},
+        )
+        assert result.success
+        logs = [(e.timestamp, e.user_message) for e in instance.all_logs(result.run_id)]
+        engine = instance.get_latest_materialization_event(dg.AssetKey(["bench", "engine"])).asset_materialization
+    stamp = lambda text, last=False: [t for t, m in logs if text in m][-1 if last else 0]  # noqa: E731
+    run_start = stamp("Started execution of run")
+    run_end = stamp("Finished execution of run")
+    launched = stamp("Starting 1 vLLM engine")
+    ready = stamp("vLLM engine(s) ready")
+    generated = stamp("engine [", last=True)
+    tokens = engine.metadata["generated_tokens"].value
+    return {
+        "rows": engine.metadata["rows_out"].value, "output_tokens": tokens, "engine_start_s": ready - launched,
+        "generate_s": generated - ready, "wall_s": run_end - run_start,
+        "engine_starts": sum("Starting 1 vLLM engine" in m for _, m in logs),
+        "gpu_busy": monitor.gpu_busy_fraction(ready, generated), "gpu_util_mean": monitor.mean_gpu_util(ready, generated),
+        "stage_log": [m for _, m in logs if "committed" in m or "ready" in m or "started in" in m],
+    }
+
+
+SYSTEMS = {"raw_vllm": raw_vllm, "ray_data_llm": ray_data_llm, "llm_assets": llm_assets}
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser()
+    parser.add_argument("system", choices=sorted(SYSTEMS))
+    parser.add_argument("--workload", type=Path, required=True)
+    parser.add_argument("--out", type=Path, required=True)
+    args = parser.parse_args()
+    spec = json.loads(args.workload.read_text())
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    with Monitor() as monitor:
+        result = SYSTEMS[args.system](spec, monitor)
+    result.update(system=args.system, host_peak_gib=monitor.host_peak_gib(), model=spec["size"])
+    result["output_tok_s"] = round(result["output_tokens"] / result["generate_s"], 1)
+    result["whole_job_tok_s"] = round(result["output_tokens"] / result["wall_s"], 1)
+    args.out.write_text(json.dumps(result, indent=1))
+    print(json.dumps({k: v for k, v in result.items() if k != "stage_log"}))

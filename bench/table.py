@@ -1,0 +1,31 @@
+"""Print the benchmark results as a Markdown table, with ratios to raw vLLM measured in the same sitting."""
+
+import json
+import sys
+
+ORDER = ["raw_vllm", "ray_data_llm", "llm_assets"]
+
+
+def main(paths: list[str]) -> None:
+    results = {r["system"]: r for r in (json.load(open(p)) for p in paths)}
+    raw = results.get("raw_vllm")
+    peer = results.get("ray_data_llm")
+    print("| system | model | rows | engine start (s) | generate (s) | output tok/s (generate) | vs raw | whole job (s) | vs raw start+generate | whole-job tok/s | vs ray.data.llm | GPU busy | GPU util % | host peak GiB |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    for name in ORDER:
+        r = results.get(name)
+        if r is None:
+            continue
+        start = r.get("engine_start_s", r.get("first_output_s"))
+        vs_raw = f"{r['output_tok_s'] / raw['output_tok_s']:.3f}" if raw else "-"
+        wall_vs_raw = f"{r['wall_s'] / raw['wall_s']:.3f}" if raw else "-"
+        vs_peer = f"{r['whole_job_tok_s'] / peer['whole_job_tok_s']:.2f}" if peer else "-"
+        start_note = "" if "engine_start_s" in r else " (first row out)"
+        print(
+            f"| {name} | {r['model']} | {r['rows']} | {start:.1f}{start_note} | {r['generate_s']:.1f} | {r['output_tok_s']:.0f} | {vs_raw} "
+            f"| {r['wall_s']:.1f} | {wall_vs_raw} | {r['whole_job_tok_s']:.0f} | {vs_peer} | {r['gpu_busy']} | {r['gpu_util_mean']} | {r['host_peak_gib']} |"
+        )
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
