@@ -5,6 +5,7 @@
 #   bash bench/run.sh [OUT] [SIZE]            SIZE: 1b (default) or 8b
 #   SYSTEMS="llm_assets" bash bench/run.sh    run a subset (results already in OUT are kept)
 #   PARTITIONS=10 ROWS=1000                   the workload's shape
+#   COLD=1                                    start every system with empty kernel caches
 set -euo pipefail
 cd "$(dirname "$0")/.."
 out=${1:-/tmp/llm_assets_bench}
@@ -17,6 +18,14 @@ export VLLM_DISABLE_COMPILE_CACHE=1
   --partitions "${PARTITIONS:-10}" --rows "${ROWS:-1000}" | tee "$out/workload.log"
 for system in ${SYSTEMS:-raw_vllm ray_data_llm llm_assets}; do
   echo "== $system"
+  # Fresh compile caches per system (vLLM's, inductor's, Triton's): a cache warmed by the system
+  # before would shorten the next one's engine start.
+  cache=$(mktemp -d)
+  export VLLM_CACHE_ROOT=$cache/vllm TORCHINDUCTOR_CACHE_DIR=$cache/inductor TRITON_CACHE_DIR=$cache/triton
+  # COLD=1 also wipes the per-user kernel caches (FlashInfer, torch, Triton) that the variables
+  # above do not cover: every system then starts as on a fresh machine. Off by default: it
+  # deletes folders under ~/.cache.
+  [ "${COLD:-0}" = 1 ] && rm -rf ~/.cache/vllm ~/.cache/flashinfer ~/.cache/torch ~/.triton
   python3 bench/run_one.py "$system" --workload "$out/workload.json" --out "$out/$system.json" > "$out/$system.log" 2>&1 \
     || { echo "$system failed; see $out/$system.log"; tail -20 "$out/$system.log"; }
   tail -1 "$out/$system.log"

@@ -25,7 +25,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from monitor import Monitor  # noqa: E402
 from workload import messages, sampling_params  # noqa: E402
 
-ENGINE_KWARGS = {"load_format": "dummy", "max_model_len": 2048}
+def engine_kwargs() -> dict:
+    import torch
+
+    from llm_assets import vllm_compat
+
+    # On a machine without a GPU (a smoke run of the bench), vLLM's CPU build needs its settings.
+    return vllm_compat.platform_engine_kwargs({"load_format": "dummy", "max_model_len": 2048}, torch.cuda.is_available())
 
 
 def read_rows(spec: dict) -> list[dict]:
@@ -45,7 +51,7 @@ def raw_vllm(spec: dict, monitor: Monitor) -> dict:
         for row in read_rows(spec)
     ]
     started = time.time()
-    llm = LLM(model=spec["model"], **ENGINE_KWARGS)
+    llm = LLM(model=spec["model"], **engine_kwargs())
     ready = time.time()
     outputs = llm.generate(prompts, SamplingParams(**sampling_params()), use_tqdm=False)
     done = time.time()
@@ -63,7 +69,7 @@ def ray_data_llm(spec: dict, monitor: Monitor) -> dict:
     from ray.data import llm as ray_llm
 
     ray.init(include_dashboard=False)
-    config = ray_llm.vLLMEngineProcessorConfig(model_source=spec["model"], engine_kwargs=dict(ENGINE_KWARGS))
+    config = ray_llm.vLLMEngineProcessorConfig(model_source=spec["model"], engine_kwargs=engine_kwargs())
     params = sampling_params()
     build = getattr(ray_llm, "build_processor", None) or ray_llm.build_llm_processor
     processor = build(
@@ -100,7 +106,7 @@ def llm_assets(spec: dict, monitor: Monitor) -> dict:
     params = sampling_params()
     pipeline = LLMPipeline(
         "bench",
-        {"model_source": spec["model"], "engine_kwargs": dict(ENGINE_KWARGS)},
+        {"model_source": spec["model"], "engine_kwargs": {"load_format": "dummy", "max_model_len": 2048}},
         LocalFolderSource(spec["landing"]),
         preprocess=lambda row: {"id": row["id"], "messages": messages(row), "sampling_params": params},
         postprocess=lambda row: {"id": row["id"], "generated_text": row["generated_text"], "n": row["num_generated_tokens"]},

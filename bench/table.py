@@ -7,7 +7,8 @@ ORDER = ["raw_vllm", "ray_data_llm", "llm_assets"]
 
 
 def main(paths: list[str]) -> None:
-    results = {r["system"]: r for r in (json.load(open(p)) for p in paths)}
+    loaded = (json.load(open(p)) for p in paths)
+    results = {r["system"]: r for r in loaded if "system" in r}  # skips workload.json
     raw = results.get("raw_vllm")
     peer = results.get("ray_data_llm")
     print("| system | model | rows | engine start (s) | generate (s) | output tok/s (generate) | vs raw | whole job (s) | vs raw start+generate | whole-job tok/s | vs ray.data.llm | GPU busy | GPU util % | host peak GiB |")

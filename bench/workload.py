@@ -14,6 +14,7 @@ from pathlib import Path
 from llm_assets.testing import build_llama_model
 
 MODELS = {
+    "tiny": dict(hidden_size=128, intermediate_size=256, num_layers=2, num_heads=2, num_kv_heads=2),  # CPU smoke run
     # hidden, intermediate, layers, heads, kv heads
     "1b": dict(hidden_size=2048, intermediate_size=8192, num_layers=16, num_heads=32, num_kv_heads=8),
     "8b": dict(hidden_size=4096, intermediate_size=14336, num_layers=32, num_heads=32, num_kv_heads=8),
@@ -42,7 +43,12 @@ def build(out: Path, size: str, partitions: int, rows: int, seed: int = 0) -> di
     # Calibrate words per prompt once so that prompts land near INPUT_TOKENS tokens.
     probe = " ".join(rng.choice(words) for _ in range(400))
     tokens_per_word = len(tokenizer(probe, add_special_tokens=False)["input_ids"]) / 400
-    n_words = int(INPUT_TOKENS / tokens_per_word) - 12  # the chat template adds a few
+    n_words = int(INPUT_TOKENS / tokens_per_word)
+    # Rescale once on real templated prompts (the chat template adds tokens, words vary).
+    sample = [" ".join(rng.choice(words) for _ in range(n_words)) for _ in range(32)]
+    lengths = [len(tokenizer.apply_chat_template(messages({"text": t}), add_generation_prompt=True, tokenize=True,
+                                                 return_dict=False)) for t in sample]
+    n_words = int(n_words * INPUT_TOKENS / (sum(lengths) / len(lengths)))
     for p in range(partitions):
         with open(landing / f"part-{p:03d}.jsonl", "w") as f:
             for r in range(rows):
