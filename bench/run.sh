@@ -25,7 +25,12 @@ for system in ${SYSTEMS:-raw_vllm ray_data_llm llm_assets}; do
   # COLD=1 also wipes the per-user kernel caches (FlashInfer, torch, Triton) that the variables
   # above do not cover: every system then starts as on a fresh machine. Off by default: it
   # deletes folders under ~/.cache.
-  [ "${COLD:-0}" = 1 ] && rm -rf ~/.cache/vllm ~/.cache/flashinfer ~/.cache/torch ~/.triton
+  # It also drops the page cache (root only), so no system reads its imports from memory that the
+  # one before warmed.
+  if [ "${COLD:-0}" = 1 ]; then
+    rm -rf ~/.cache/vllm ~/.cache/flashinfer ~/.cache/torch ~/.triton
+    sync; echo 3 > /proc/sys/vm/drop_caches 2>/dev/null || echo "(could not drop the page cache)"
+  fi
   python3 bench/run_one.py "$system" --workload "$out/workload.json" --out "$out/$system.json" > "$out/$system.log" 2>&1 \
     || { echo "$system failed; see $out/$system.log"; tail -20 "$out/$system.log"; }
   tail -1 "$out/$system.log"
