@@ -37,11 +37,9 @@ def _unwrap(exc: BaseException) -> BaseException:
 class EnginePool:
     """``concurrency`` engine actors and a bounded window of batches in flight on each."""
 
-    def __init__(self, actors: list, infos: list[dict[str, Any]], batches_in_flight: int, log: Callable[[str], None]):
+    def __init__(self, actors: list, batches_in_flight: int):
         self.actors = actors
-        self.infos = infos
         self.batches_in_flight = batches_in_flight
-        self.log = log
 
     def map(self, tagged_batches: Iterator[tuple[Tag, Any]]) -> Iterator[tuple[Tag, Any]]:
         """Send (tag, batch) pairs to the least-loaded engine; yield (tag, output) as they finish.
@@ -105,7 +103,7 @@ class VLLMEnginePoolResource(dg.ConfigurableResource):
         for pool in self._pools.values():
             pool.shutdown()
         for actors in self._starting.values():  # prestarted, never used (the run failed first)
-            EnginePool(actors, [], 0, print).shutdown()
+            EnginePool(actors, 0).shutdown()
         self._pools.clear()
         self._starting.clear()
 
@@ -134,7 +132,7 @@ class VLLMEnginePoolResource(dg.ConfigurableResource):
         per_batch = max(1, config.batch_size)
         window = max(config.max_concurrent_batches, -(-int(1.5 * infos[0]["max_num_seqs"]) // per_batch))
         log(f"{len(actors)} vLLM engine(s) ready; up to {window} batches of {per_batch} rows in flight per engine")
-        self._pools[key] = EnginePool(actors, infos, window, log)
+        self._pools[key] = EnginePool(actors, window)
         return self._pools[key]
 
     @staticmethod

@@ -5,6 +5,7 @@ Runs first, on CPU, so a bad row fails here, before any engine starts.
 
 from __future__ import annotations
 
+import json
 from typing import Any, Callable, Optional
 
 import pyarrow as pa
@@ -41,8 +42,6 @@ def _check_sampling_params(row_id: Any, params: Any) -> Optional[str]:
         raise RowError(row_id, STAGE, f"'sampling_params' {exc}") from exc
     if encoded is None:
         return None
-    import json
-
     decoded = json.loads(encoded)
     max_tokens = decoded.get("max_tokens")
     if max_tokens is not None and (not isinstance(max_tokens, int) or max_tokens < 1):
