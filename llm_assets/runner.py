@@ -89,9 +89,9 @@ def run_stage(
     bad input fails before any engine (or GPU) is touched.
     """
     plan = pipeline.plan(stage)
-    model_source = resolve_model_source(plan.model_source, log) if plan.model_source else None
     if stage == ENGINE:
         return _run_engine(pipeline, plan, partitions, storage, engine_pool, log)
+    model_source = resolve_model_source(plan.model_source, log) if plan.model_source else None
     if engine_pool is not None and plan.upstream is not None:
         engine_pool.prestart(*_engine_pool_args(pipeline, log), log)
     results = [_run_cpu_stage(pipeline, plan, partition, storage, model_source, log) for partition in partitions]
