@@ -26,9 +26,6 @@ class RayDataResource(dg.ConfigurableResource):
     )
     _started_here: bool = PrivateAttr(default=False)
 
-    def setup_for_execution(self, context: dg.InitResourceContext) -> None:
-        self.ensure_started()
-
     def teardown_after_execution(self, context: dg.InitResourceContext) -> None:
         import ray
 
@@ -37,6 +34,8 @@ class RayDataResource(dg.ConfigurableResource):
             self._started_here = False
 
     def ensure_started(self) -> None:
+        """Start (or connect to) Ray on first use, not when Dagster builds the resource: Dagster
+        also builds resources for bookkeeping after a run ends, and a Ray start costs seconds."""
         import ray
 
         if not ray.is_initialized():
