@@ -21,5 +21,6 @@ manifest = json.load(open(f"{folder}/_manifest.json"))
 rows = pq.read_table([f"{folder}/{name}" for name in manifest["files"]]).to_pylist()
 print(f"\n{manifest['rows']} rows in {folder}:")
 for row in sorted(rows, key=lambda r: int(r["row_id"].split(":")[1]))[:6]:
-    print(f"  {row['question']}\n    -> {row['answer'][:120]}")
+    answer = " ".join(row["answer"].split())
+    print(f"  {row['question']}\n    -> {answer[:120]}")
 PY
