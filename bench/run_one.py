@@ -154,6 +154,12 @@ if __name__ == "__main__":
     args = parser.parse_args()
     spec = json.loads(args.workload.read_text())
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    import torch
+
+    from llm_assets import vllm_compat
+
+    # A smoke run without a GPU: vLLM's CPU build needs its environment (nothing on a GPU).
+    os.environ.update(vllm_compat.platform_env(torch.cuda.is_available()))
     with Monitor() as monitor:
         result = SYSTEMS[args.system](spec, monitor)
     result.update(system=args.system, host_peak_gib=monitor.host_peak_gib(), model=spec["size"])
