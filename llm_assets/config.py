@@ -71,12 +71,12 @@ class PrepareMultimodalStageConfig(StageConfig):
 
 StageValue = Union[bool, dict, StageConfig]
 
-# Stage name -> (config class, default when the processor does not mention it).
-STAGE_CONFIG_CLASSES: dict[str, tuple[type[StageConfig], bool]] = {
-    "prepare_multimodal_stage": (PrepareMultimodalStageConfig, False),
-    "chat_template_stage": (ChatTemplateStageConfig, True),
-    "tokenize_stage": (TokenizerStageConfig, True),
-    "detokenize_stage": (DetokenizeStageConfig, True),
+# Processor field -> the config class its value is parsed into.
+STAGE_CONFIG_CLASSES: dict[str, type[StageConfig]] = {
+    "prepare_multimodal_stage": PrepareMultimodalStageConfig,
+    "chat_template_stage": ChatTemplateStageConfig,
+    "tokenize_stage": TokenizerStageConfig,
+    "detokenize_stage": DetokenizeStageConfig,
 }
 
 # CPU stages are light; a fraction of a logical CPU each keeps actor pools from reserving
@@ -134,7 +134,7 @@ class vLLMEngineProcessorConfig(_StrictModel):
 
     def stage(self, name: str) -> StageConfig:
         """The stage's config with unset fields inherited from the processor."""
-        cls, _default = STAGE_CONFIG_CLASSES[name]
+        cls = STAGE_CONFIG_CLASSES[name]
         value = getattr(self, name)
         if isinstance(value, bool):
             resolved = cls(enabled=value)
@@ -147,6 +147,10 @@ class vLLMEngineProcessorConfig(_StrictModel):
             resolved = cls.model_validate(value.model_dump(exclude_unset=True))
         else:
             raise ValueError(f"{name}: expected bool, dict or {cls.__name__}, got {type(value).__name__}")
+        return self.inherit(resolved)
+
+    def inherit(self, settings: StageConfig) -> StageConfig:
+        """Fill the stage settings left unset from the processor's (and the stage default num_cpus)."""
         inherited = {
             "batch_size": self.batch_size,
             "concurrency": self.concurrency,
@@ -155,6 +159,6 @@ class vLLMEngineProcessorConfig(_StrictModel):
             "num_cpus": DEFAULT_STAGE_NUM_CPUS,
         }
         for field, default in inherited.items():
-            if field in cls.model_fields and getattr(resolved, field) is None:
-                setattr(resolved, field, default)
-        return resolved
+            if field in type(settings).model_fields and getattr(settings, field) is None:
+                setattr(settings, field, default)
+        return settings

@@ -10,7 +10,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional, Union
 
-from llm_assets.config import DEFAULT_STAGE_NUM_CPUS, StageConfig, vLLMEngineProcessorConfig
+from llm_assets.config import StageConfig, vLLMEngineProcessorConfig
 from llm_assets.sources import LocalFolderSource
 from llm_assets.stages.chat_template import ChatTemplateStage
 from llm_assets.stages.detokenize import DetokenizeStage
@@ -74,12 +74,7 @@ class LLMPipeline:
                 kwargs = {"chat_template": settings.chat_template, "chat_template_kwargs": settings.chat_template_kwargs}
             udf = {"chat_template": ChatTemplateStage, "tokenize": TokenizeStage, "detokenize": DetokenizeStage}[stage]
             return StagePlan(stage, upstream, udf, kwargs, settings, settings.model_source)
-        settings = StageConfig(
-            batch_size=config.batch_size,
-            concurrency=config.concurrency,
-            runtime_env=config.runtime_env,
-            num_cpus=DEFAULT_STAGE_NUM_CPUS,
-        )
+        settings = config.inherit(StageConfig())
         if stage == "preprocess":
             return StagePlan(stage, upstream, PreprocessStage, {"fn": self.preprocess}, settings)
         if stage == "postprocess":

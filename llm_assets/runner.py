@@ -118,8 +118,9 @@ def _input_dataset(pipeline: LLMPipeline, plan: StagePlan, partition: str, stora
             stats.rows_in += chunk.num_rows
             refs.append(ray.put(chunk))
         return ray.data.from_arrow_refs(refs)
-    stats.rows_in = storage.manifest(pipeline.name, plan.upstream, partition).rows
-    return _read_committed(storage.committed_files(pipeline.name, plan.upstream, partition), storage)
+    manifest, files = storage.committed(pipeline.name, plan.upstream, partition)
+    stats.rows_in = manifest.rows
+    return _read_committed(files, storage)
 
 
 def _read_parquet_file(path: str, filesystem) -> pa.Table:
@@ -201,27 +202,24 @@ def _commit(writer, stats: PartitionStats, log: Log, stage: str) -> PartitionSta
 
 
 def _run_engine(pipeline, plan: StagePlan, partitions: list[str], storage, engine_pool, log: Log):
-    import ray.data
-
     config = pipeline.config
+    stats = {p: PartitionStats(p) for p in partitions}
+    # Every upstream partition must be committed: checked before waiting on any engine.
+    inputs = {}
+    for partition in partitions:
+        manifest, inputs[partition] = storage.committed(pipeline.name, plan.upstream, partition)
+        stats[partition].rows_in = manifest.rows
     pool = engine_pool.get_pool(*_engine_pool_args(pipeline, log), log)
 
-    stats = {p: PartitionStats(p) for p in partitions}
     outstanding = {p: 0 for p in partitions}
     fully_read: set[str] = set()
     writers: dict[str, Any] = {}
     results: list[PartitionStats] = []
-    total = 0
-    for partition in partitions:
-        manifest = storage.manifest(pipeline.name, plan.upstream, partition)
-        storage.committed_files(pipeline.name, plan.upstream, partition)  # raises if missing
-        stats[partition].rows_in = manifest.rows
-        total += manifest.rows
-    progress = Progress(f"engine [{len(partitions)} partition(s)]", total, log)
+    progress = Progress(f"engine [{len(partitions)} partition(s)]", sum(s.rows_in for s in stats.values()), log)
 
     def batches() -> Iterator[tuple[str, pa.Table]]:
         for partition in partitions:
-            dataset = _read_committed(storage.committed_files(pipeline.name, plan.upstream, partition), storage)
+            dataset = _read_committed(inputs[partition], storage)
             stats[partition].started = time.monotonic()
             for batch in dataset.iter_batches(batch_size=config.batch_size, batch_format="pyarrow"):
                 outstanding[partition] += 1

@@ -144,8 +144,9 @@ class PartitionStorage(dg.ConfigurableResource):
     def manifest(self, pipeline: str, stage: str, partition: str) -> Optional[Manifest]:
         return read_manifest(self.filesystem(), self.partition_dir(pipeline, stage, partition))
 
-    def committed_files(self, pipeline: str, stage: str, partition: str) -> list[str]:
-        """Paths of the committed Parquet files; raises if the partition was never committed."""
+    def committed(self, pipeline: str, stage: str, partition: str) -> tuple[Manifest, list[str]]:
+        """The partition's manifest and the paths of its committed Parquet files (one manifest
+        read); raises if the partition was never committed."""
         manifest = self.manifest(pipeline, stage, partition)
         if manifest is None:
             raise NotMaterializedError(
@@ -153,7 +154,10 @@ class PartitionStorage(dg.ConfigurableResource):
                 f"materialize {pipeline}/{stage} for it first"
             )
         base = self.partition_dir(pipeline, stage, partition)
-        return [f"{base}/{name}" for name in manifest.files]
+        return manifest, [f"{base}/{name}" for name in manifest.files]
+
+    def committed_files(self, pipeline: str, stage: str, partition: str) -> list[str]:
+        return self.committed(pipeline, stage, partition)[1]
 
     def writer(self, pipeline: str, stage: str, partition: str) -> PartitionWriter:
         return PartitionWriter(self.filesystem(), self.partition_dir(pipeline, stage, partition), self.max_rows_per_file)

@@ -79,17 +79,17 @@ class vLLMEngineStage:
         if "tokenized_prompt" in batch.column_names:
             # The ids are persisted by the Tokenize stage; not copying them keeps this output small.
             batch = batch.drop_columns(["tokenized_prompt"])
-        columns: dict[str, tuple[str, pa.DataType]] = {
-            "generated_tokens": ("generated_tokens", pa.list_(pa.int32())),
-            "num_input_tokens": ("num_input_tokens", pa.int32()),
-            "num_generated_tokens": ("num_generated_tokens", pa.int32()),
-            "time_taken_llm": ("time_taken_llm", pa.float64()),
-            "finish_reason": ("finish_reason", pa.string()),
+        columns: dict[str, pa.DataType] = {
+            "generated_tokens": pa.list_(pa.int32()),
+            "num_input_tokens": pa.int32(),
+            "num_generated_tokens": pa.int32(),
+            "time_taken_llm": pa.float64(),
+            "finish_reason": pa.string(),
         }
         if self.engine_detokenizes:
-            columns["generated_text"] = ("generated_text", pa.string())
-        for name, (key, type_) in columns.items():
-            batch = with_column(batch, name, [r.get(key) for r in results], type_)
+            columns["generated_text"] = pa.string()
+        for name, type_ in columns.items():
+            batch = with_column(batch, name, [r.get(name) for r in results], type_)
         if self.should_continue_on_error or ERROR_COLUMN in batch.column_names:
             upstream_errors = column_or_none(batch, ERROR_COLUMN)
             errors = [upstream_errors[i] if not upstream_ok[i] else r.get("error") for i, r in enumerate(results)]
