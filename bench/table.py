@@ -11,7 +11,7 @@ def main(paths: list[str]) -> None:
     results = {r["system"]: r for r in loaded if "system" in r}  # skips workload.json
     raw = results.get("raw_vllm")
     peer = results.get("ray_data_llm")
-    print("| system | model | rows | engine start (s) | generate (s) | output tok/s (generate) | vs raw | whole job (s) | vs raw start+generate | whole-job tok/s | vs ray.data.llm | GPU busy | GPU util % | host peak GiB |")
+    print("| system | model | rows | engine start (s) | generate (s) | output tok/s (generate) | vs raw | whole job (s) | vs raw whole job | whole-job tok/s | vs ray.data.llm | GPU busy | GPU util % | host peak GiB |")
     print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for name in ORDER:
         r = results.get(name)

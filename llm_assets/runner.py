@@ -84,16 +84,18 @@ def run_stage(
 ) -> list[PartitionStats]:
     """Run ``stage`` for ``partitions``.
 
-    Given an ``engine_pool`` for a stage before the engine, the engines start loading in the
-    background while CPU stages run, but only once the rows have passed Preprocess's checks:
-    bad input fails before any engine (or GPU) is touched.
+    Given an ``engine_pool`` for a stage before the engine, the engine actors are created at once
+    and import vLLM while CPU stages run; the engines themselves are built (GPU memory, compile)
+    only once the rows have passed Preprocess's checks: bad input never reaches a GPU.
     """
     plan = pipeline.plan(stage)
     if stage == ENGINE:
         return _run_engine(pipeline, plan, partitions, storage, engine_pool, log)
     model_source = resolve_model_source(plan.model_source, log) if plan.model_source else None
-    if engine_pool is not None and plan.upstream is not None:
-        engine_pool.prestart(*_engine_pool_args(pipeline, log), log)
+    if engine_pool is not None:
+        # Before Preprocess has checked the rows, the engine actors only import vLLM (no GPU work).
+        start = engine_pool.prepare if plan.upstream is None else engine_pool.prestart
+        start(*_engine_pool_args(pipeline, log), log)
     results = [_run_cpu_stage(pipeline, plan, partition, storage, model_source, log) for partition in partitions]
     if engine_pool is not None and plan.upstream is None:
         engine_pool.prestart(*_engine_pool_args(pipeline, log), log)

@@ -74,9 +74,42 @@ def text_prompt(text: str) -> dict:
 
 
 def sampling_params(**kwargs: Any):
-    from vllm import SamplingParams
+    """SamplingParams for one batch row: only its final output is returned.
 
+    The async engine's default is a cumulative output of every request after every step, built in
+    the engine actor's event loop: with ~1000 requests in flight that Python work competes with
+    feeding the engine. vLLM's offline ``LLM.generate`` asks for final outputs only, too.
+    """
+    from vllm import SamplingParams
+    from vllm.sampling_params import RequestOutputKind
+
+    kwargs.setdefault("output_kind", RequestOutputKind.FINAL_ONLY)
     return SamplingParams(**kwargs)
+
+
+# Modules an engine start imports, in the engine actor or in the engine-core process it spawns.
+# Importing them while the CPU stages still run (before the engine is built) reads them from disk
+# once, off the critical path: the spawned engine-core process then finds them in the page cache.
+ENGINE_MODULES = (
+    "vllm",
+    "vllm.v1.engine.async_llm",
+    "vllm.v1.engine.core",
+    "vllm.model_executor.models.llama",
+)
+GPU_ENGINE_MODULES = ("vllm.v1.worker.gpu_model_runner", "torch._inductor.compile_fx", "triton")
+
+
+def preimport_engine_modules(on_gpu: bool) -> list[str]:
+    """Import what an engine start needs; returns the modules that failed (best effort)."""
+    import importlib
+
+    failed = []
+    for name in ENGINE_MODULES + (GPU_ENGINE_MODULES if on_gpu else ()):
+        try:
+            importlib.import_module(name)
+        except Exception:  # an optional module of another build: the engine start imports its own
+            failed.append(name)
+    return failed
 
 
 def is_cpu_build() -> bool:

@@ -7,7 +7,6 @@ partitions (a single-run backfill) loads the model once and streams all partitio
 
 from __future__ import annotations
 
-import itertools
 import time
 from typing import Any, Callable, Iterator, Optional, TypeVar
 
@@ -89,6 +88,33 @@ class EnginePool:
         self.actors = []
 
 
+class EngineHost:
+    """One engine actor, started in two steps.
+
+    Created when the run's first stage begins, it imports vLLM and the modules the engine-core
+    process will import (from a cold disk the slow part of a start: ~50 s on the H100 test machine)
+    while the CPU stages run. :meth:`start` builds the engine (GPU memory, compile, CUDA graphs)
+    only once the rows have passed Preprocess's checks, so bad input never reaches a GPU.
+    """
+
+    def __init__(self, on_gpu: bool):
+        started = time.perf_counter()
+        vllm_compat.preimport_engine_modules(on_gpu)
+        self.import_seconds = time.perf_counter() - started
+        self.stage: Optional[vLLMEngineStage] = None
+
+    async def start(self, **stage_kwargs: Any) -> dict[str, Any]:
+        self.stage = vLLMEngineStage(**stage_kwargs)
+        return {**self.stage.info(), "import_seconds": round(self.import_seconds, 2)}
+
+    async def process(self, batch):
+        return await self.stage.process(batch)
+
+    def shutdown(self) -> None:
+        if self.stage is not None:
+            self.stage.shutdown()
+
+
 class VLLMEnginePoolResource(dg.ConfigurableResource):
     """Starts the engine actors of a pipeline on first use in a run, and stops them at its end."""
 
@@ -97,21 +123,33 @@ class VLLMEnginePoolResource(dg.ConfigurableResource):
     num_cpus_per_engine: float = Field(default=1.0, description="Logical CPUs each engine actor reserves.")
     start_timeout_s: float = Field(default=1800.0, description="How long an engine may take to start.")
     _pools: dict[str, EnginePool] = PrivateAttr(default_factory=dict)
-    _starting: dict[str, list] = PrivateAttr(default_factory=dict)
+    _hosts: dict[str, list] = PrivateAttr(default_factory=dict)  # actors created, engine maybe not built
+    _starts: dict[str, list] = PrivateAttr(default_factory=dict)  # refs of the engines' start calls
 
     def teardown_after_execution(self, context: dg.InitResourceContext) -> None:
         for pool in self._pools.values():
             pool.shutdown()
-        for actors in self._starting.values():  # prestarted, never used (the run failed first)
-            EnginePool(actors, 0).shutdown()
+        import ray
+
+        for key, hosts in self._hosts.items():  # never used: the run failed before the engine stage
+            if key in self._pools:
+                continue
+            if key in self._starts:
+                EnginePool(hosts, 0).shutdown()  # an engine may be built: shut it down cleanly
+            else:
+                for host in hosts:  # only imported vLLM so far
+                    ray.kill(host)
         self._pools.clear()
-        self._starting.clear()
+        self._hosts.clear()
+        self._starts.clear()
+
+    def prepare(self, config: vLLMEngineProcessorConfig, model_source: str, engine_detokenizes: bool, log) -> None:
+        """Create the engine actors now (they import vLLM) without building the engines."""
+        self._hosts_for(config, model_source, engine_detokenizes, log)
 
     def prestart(self, config: vLLMEngineProcessorConfig, model_source: str, engine_detokenizes: bool, log) -> None:
-        """Begin starting the engines without waiting, so they load while CPU stages run."""
-        key = self._key(config, model_source, engine_detokenizes)
-        if key not in self._pools and key not in self._starting:
-            self._starting[key] = self._launch(config, model_source, engine_detokenizes, log)
+        """Begin building the engines without waiting, so they load while CPU stages run."""
+        self._start(config, model_source, engine_detokenizes, log)
 
     def get_pool(
         self,
@@ -125,42 +163,54 @@ class VLLMEnginePoolResource(dg.ConfigurableResource):
         if key in self._pools:
             log(f"Reusing the {len(self._pools[key].actors)} running vLLM engine(s) for {model_source}")
             return self._pools[key]
-        actors = self._starting.pop(key, None) or self._launch(config, model_source, engine_detokenizes, log)
-        infos = self._wait_ready(actors, model_source, log)
+        hosts, starts = self._start(config, model_source, engine_detokenizes, log)
+        infos = self._wait_ready(hosts, starts, model_source, log)
         # Enough batches in flight that the engine's scheduler always has work queued: at least
         # max_concurrent_batches, and 1.5x the sequences the scheduler runs at once.
         per_batch = max(1, config.batch_size)
         window = max(config.max_concurrent_batches, -(-int(1.5 * infos[0]["max_num_seqs"]) // per_batch))
-        log(f"{len(actors)} vLLM engine(s) ready; up to {window} batches of {per_batch} rows in flight per engine")
-        self._pools[key] = EnginePool(actors, window)
+        log(f"{len(hosts)} vLLM engine(s) ready; up to {window} batches of {per_batch} rows in flight per engine")
+        self._pools[key] = EnginePool(hosts, window)
         return self._pools[key]
 
     @staticmethod
     def _key(config: vLLMEngineProcessorConfig, model_source: str, engine_detokenizes: bool) -> str:
         return f"{model_source}|{engine_detokenizes}|{config.model_dump_json()}"
 
-    def _launch(self, config: vLLMEngineProcessorConfig, model_source: str, engine_detokenizes: bool, log) -> list:
+    def _on_gpu(self) -> bool:
         self.ray_data.ensure_started()
-        on_gpu = self.ray_data.cluster_gpus() > 0
-        gpus_per_engine = config.tensor_parallel_size * config.pipeline_parallel_size if on_gpu else 0
-        runtime_env = dict(config.runtime_env or {})
-        runtime_env["env_vars"] = {**vllm_compat.platform_env(on_gpu), **runtime_env.get("env_vars", {})}
-        options: dict[str, Any] = {
-            "num_cpus": self.num_cpus_per_engine,
-            "num_gpus": gpus_per_engine,
-            "runtime_env": runtime_env,
-            "max_concurrency": 10_000,  # async actor: many batches in flight
-        }
-        if config.accelerator_type:
-            options["accelerator_type"] = config.accelerator_type
-        size = config.engine_pool_size
-        log(
-            f"Starting {size} vLLM engine actor(s) for {model_source} "
-            f"({gpus_per_engine} GPU(s) each, {'GPU' if on_gpu else 'CPU'} build)"
-        )
-        actor_class = _engine_actor_class(options)
-        return [
-            actor_class.remote(
+        return self.ray_data.cluster_gpus() > 0
+
+    def _hosts_for(self, config: vLLMEngineProcessorConfig, model_source: str, engine_detokenizes: bool, log) -> list:
+        key = self._key(config, model_source, engine_detokenizes)
+        if key not in self._hosts:
+            on_gpu = self._on_gpu()
+            gpus_per_engine = config.tensor_parallel_size * config.pipeline_parallel_size if on_gpu else 0
+            runtime_env = dict(config.runtime_env or {})
+            runtime_env["env_vars"] = {**vllm_compat.platform_env(on_gpu), **runtime_env.get("env_vars", {})}
+            options: dict[str, Any] = {
+                "num_cpus": self.num_cpus_per_engine,
+                "num_gpus": gpus_per_engine,
+                "runtime_env": runtime_env,
+                "max_concurrency": 10_000,  # async actor: many batches in flight
+            }
+            if config.accelerator_type:
+                options["accelerator_type"] = config.accelerator_type
+            log(
+                f"Loading vLLM into {config.engine_pool_size} engine actor(s) for {model_source} "
+                f"({gpus_per_engine} GPU(s) each, {'GPU' if on_gpu else 'CPU'} build)"
+            )
+            host_class = _engine_host_class(options)
+            self._hosts[key] = [host_class.remote(on_gpu) for _ in range(config.engine_pool_size)]
+        return self._hosts[key]
+
+    def _start(self, config: vLLMEngineProcessorConfig, model_source: str, engine_detokenizes: bool, log) -> tuple[list, list]:
+        key = self._key(config, model_source, engine_detokenizes)
+        hosts = self._hosts_for(config, model_source, engine_detokenizes, log)
+        if key not in self._starts:
+            on_gpu = self._on_gpu()
+            log(f"Starting {len(hosts)} vLLM engine actor(s) for {model_source}")
+            stage_kwargs = dict(
                 model_source=model_source,
                 engine_kwargs=vllm_compat.platform_engine_kwargs(config.engine_kwargs, on_gpu),
                 task_type=config.task_type,
@@ -168,16 +218,16 @@ class VLLMEnginePoolResource(dg.ConfigurableResource):
                 should_continue_on_error=config.should_continue_on_error,
                 engine_detokenizes=engine_detokenizes,
             )
-            for _ in range(size)
-        ]
+            self._starts[key] = [host.start.remote(**stage_kwargs) for host in hosts]
+        return hosts, self._starts[key]
 
-    def _wait_ready(self, actors: list, model_source: str, log) -> list[dict[str, Any]]:
+    def _wait_ready(self, actors: list, starts: list, model_source: str, log) -> list[dict[str, Any]]:
         import ray
 
         started = time.monotonic()
-        refs = {actor.info.remote(): i for i, actor in enumerate(actors)}
+        refs = {ref: i for i, ref in enumerate(starts)}
         infos: list[Optional[dict]] = [None] * len(actors)
-        for tick in itertools.count(1):
+        while True:
             ready, _ = ray.wait(list(refs), num_returns=len(refs), timeout=START_LOG_EVERY_S)
             for ref in ready:
                 index = refs.pop(ref)
@@ -187,7 +237,11 @@ class VLLMEnginePoolResource(dg.ConfigurableResource):
                     for actor in actors:
                         ray.kill(actor)
                     raise EngineStartError(f"vLLM engine {index} for {model_source} failed to start: {_unwrap(exc)}") from None
-                log(f"vLLM engine {index} started in {infos[index]['start_seconds']} s (pid {infos[index]['pid']} on {infos[index]['host']})")
+                info = infos[index]
+                log(
+                    f"vLLM engine {index} started in {info['start_seconds']} s after importing vLLM in "
+                    f"{info['import_seconds']} s (pid {info['pid']} on {info['host']})"
+                )
             if not refs:
                 return infos  # type: ignore[return-value]
             waited = time.monotonic() - started
@@ -196,10 +250,9 @@ class VLLMEnginePoolResource(dg.ConfigurableResource):
                     ray.kill(actor)
                 raise EngineStartError(f"vLLM engines for {model_source} did not start within {self.start_timeout_s:.0f} s")
             log(f"Waiting for {len(refs)} vLLM engine(s) to start ({waited:.0f} s so far)")
-        raise AssertionError("unreachable")
 
 
-def _engine_actor_class(options: dict[str, Any]):
+def _engine_host_class(options: dict[str, Any]):
     import ray
 
-    return ray.remote(vLLMEngineStage).options(**options)
+    return ray.remote(EngineHost).options(**options)

@@ -148,7 +148,8 @@ def test_bad_input_fails_the_run_with_a_clear_message_before_any_engine_starts(
     assert not result.success
     failure = next(e for e in result.all_events if e.event_type_value == "STEP_FAILURE")
     assert expected in failure.step_failure_data.error.to_string()
-    assert not any("vLLM engine" in m for m in log_messages(instance, result.run_id))
+    messages = log_messages(instance, result.run_id)
+    assert not any("Starting 1 vLLM engine" in m or "vLLM engine 0 started" in m for m in messages)
     assert not (tmp_path / "storage" / "tiny" / "engine").exists()
 
 
