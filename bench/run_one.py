@@ -20,6 +20,7 @@ import argparse  # noqa: E402
 import glob  # noqa: E402
 import json  # noqa: E402
 import os  # noqa: E402
+import shutil  # noqa: E402
 import sys  # noqa: E402
 import tempfile  # noqa: E402
 from pathlib import Path  # noqa: E402
@@ -30,13 +31,17 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from monitor import Monitor  # noqa: E402
 from workload import messages, sampling_params  # noqa: E402
 
-def engine_kwargs() -> dict:
-    import torch
+def has_gpu() -> bool:
+    # Not torch.cuda.is_available(): touching CUDA in this process before vLLM forks its engine
+    # core makes the fork fail ("Cannot re-initialize CUDA in forked subprocess").
+    return shutil.which("nvidia-smi") is not None
 
+
+def engine_kwargs() -> dict:
     from llm_assets import vllm_compat
 
     # On a machine without a GPU (a smoke run of the bench), vLLM's CPU build needs its settings.
-    return vllm_compat.platform_engine_kwargs({"load_format": "dummy", "max_model_len": 2048}, torch.cuda.is_available())
+    return vllm_compat.platform_engine_kwargs({"load_format": "dummy", "max_model_len": 2048}, has_gpu())
 
 
 def read_rows(spec: dict) -> list[dict]:
@@ -162,12 +167,10 @@ if __name__ == "__main__":
     args = parser.parse_args()
     spec = json.loads(args.workload.read_text())
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    import torch
-
     from llm_assets import vllm_compat
 
     # A smoke run without a GPU: vLLM's CPU build needs its environment (nothing on a GPU).
-    os.environ.update(vllm_compat.platform_env(torch.cuda.is_available()))
+    os.environ.update(vllm_compat.platform_env(has_gpu()))
     with Monitor() as monitor:
         result = SYSTEMS[args.system](spec, monitor)
     result.update(system=args.system, host_peak_gib=monitor.host_peak_gib(), model=spec["size"])

@@ -17,10 +17,11 @@ from llm_assets import vllm_compat
 from llm_assets.config import vLLMEngineProcessorConfig
 from llm_assets.stages.base import RowError
 from llm_assets.stages.vllm_engine import vLLMEngineStage
-from resources.ray_data import RayDataResource
+from resources.ray_data import RayDataResource, before_ray_shutdown
 
 Tag = TypeVar("Tag")
 START_LOG_EVERY_S = 15.0
+IN_FLIGHT_PER_SEQUENCE_SLOT = 3
 
 
 class EngineStartError(RuntimeError):
@@ -127,18 +128,23 @@ class VLLMEnginePoolResource(dg.ConfigurableResource):
     _starts: dict[str, list] = PrivateAttr(default_factory=dict)  # refs of the engines' start calls
 
     def teardown_after_execution(self, context: dg.InitResourceContext) -> None:
-        for pool in self._pools.values():
-            pool.shutdown()
+        self.shutdown_engines()
+
+    def shutdown_engines(self) -> None:
+        """Stop every engine this resource started (idempotent; a no-op once Ray is gone)."""
         import ray
 
-        for key, hosts in self._hosts.items():  # never used: the run failed before the engine stage
-            if key in self._pools:
-                continue
-            if key in self._starts:
-                EnginePool(hosts, 0).shutdown()  # an engine may be built: shut it down cleanly
-            else:
-                for host in hosts:  # only imported vLLM so far
-                    ray.kill(host)
+        if ray.is_initialized():
+            for pool in self._pools.values():
+                pool.shutdown()
+            for key, hosts in self._hosts.items():  # never used: the run failed before the engine stage
+                if key in self._pools:
+                    continue
+                if key in self._starts:
+                    EnginePool(hosts, 0).shutdown()  # an engine may be built: shut it down cleanly
+                else:
+                    for host in hosts:  # only imported vLLM so far
+                        ray.kill(host)
         self._pools.clear()
         self._hosts.clear()
         self._starts.clear()
@@ -166,9 +172,11 @@ class VLLMEnginePoolResource(dg.ConfigurableResource):
         hosts, starts = self._start(config, model_source, engine_detokenizes, log)
         infos = self._wait_ready(hosts, starts, model_source, log)
         # Enough batches in flight that the engine's scheduler always has work queued: at least
-        # max_concurrent_batches, and 1.5x the sequences the scheduler runs at once.
+        # max_concurrent_batches, and 3x the sequences the scheduler runs at once. Rows of equal
+        # length finish in waves; with only 1.5x queued, a wave of finished sequences left the
+        # scheduler short of waiting requests until the driver's next batches arrived.
         per_batch = max(1, config.batch_size)
-        window = max(config.max_concurrent_batches, -(-int(1.5 * infos[0]["max_num_seqs"]) // per_batch))
+        window = max(config.max_concurrent_batches, -(-int(IN_FLIGHT_PER_SEQUENCE_SLOT * infos[0]["max_num_seqs"]) // per_batch))
         log(f"{len(hosts)} vLLM engine(s) ready; up to {window} batches of {per_batch} rows in flight per engine")
         self._pools[key] = EnginePool(hosts, window)
         return self._pools[key]
@@ -201,6 +209,7 @@ class VLLMEnginePoolResource(dg.ConfigurableResource):
                 f"({gpus_per_engine} GPU(s) each, {'GPU' if on_gpu else 'CPU'} build)"
             )
             host_class = _engine_host_class(options)
+            before_ray_shutdown(self.shutdown_engines)
             self._hosts[key] = [host_class.remote(on_gpu) for _ in range(config.engine_pool_size)]
         return self._hosts[key]
 

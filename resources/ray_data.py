@@ -13,6 +13,15 @@ from pydantic import Field, PrivateAttr
 # bookkeeping, not threads: four of them on two cores is safe.
 MIN_LOCAL_CPUS = 4
 
+# Called before a Ray this process started is shut down (engine pools stop their engines cleanly
+# first). Dagster's teardown order between resources is not the dependency order we would need.
+_before_shutdown: list = []
+
+
+def before_ray_shutdown(callback) -> None:
+    if callback not in _before_shutdown:
+        _before_shutdown.append(callback)
+
 
 class RayDataResource(dg.ConfigurableResource):
     address: Optional[str] = Field(default=None, description="Ray cluster address ('auto', 'ray://host:10001'); None starts a local Ray for the run.")
@@ -30,6 +39,8 @@ class RayDataResource(dg.ConfigurableResource):
         import ray
 
         if self._started_here and ray.is_initialized():
+            while _before_shutdown:
+                _before_shutdown.pop(0)()
             ray.shutdown()
             self._started_here = False
 
