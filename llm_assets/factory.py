@@ -10,8 +10,13 @@ from typing import Any, Sequence
 
 import dagster as dg
 
+from llm_assets import checks, export
 from llm_assets.pipeline import ENGINE, LLMPipeline
 from llm_assets.runner import PartitionStats, run_stage
+from llm_assets.sensors import new_files_sensor
+
+# Run tag: recompute partitions even when their committed output is current.
+RECOMPUTE_TAG = "llm_assets/recompute"
 
 # The single-run backfill policy is what loads the engine once per backfill; Dagster flags it beta.
 warnings.filterwarnings("ignore", message=".*backfill_policy.*", category=dg.BetaWarning)
@@ -35,6 +40,9 @@ def stage_key(pipeline: LLMPipeline, stage: str) -> dg.AssetKey:
 
 
 def _metadata(results: list[PartitionStats]) -> dict[str, Any]:
+    """Numeric metadata, so the asset page plots it across materializations. A multi-partition
+    run (a backfill) records the run's totals on each of its partitions (Dagster attaches one
+    result to all partitions of a run); each partition's own numbers are in its manifest."""
     seconds = max(sum(r.seconds for r in results), 1e-9)
     rows_out = sum(r.rows_out for r in results)
     generated = sum(r.generated_tokens for r in results)
@@ -47,7 +55,9 @@ def _metadata(results: list[PartitionStats]) -> dict[str, Any]:
         "seconds": round(seconds, 3),
         "rows_per_s": round(rows_out / seconds, 2),
         "generated_tokens_per_s": round(generated / seconds, 2),
+        "error_rate": round(sum(r.errors for r in results) / max(rows_out, 1), 6),
         "partitions": len(results),
+        "partitions_recomputed": sum(not r.skipped for r in results),
     }
     if len(results) == 1:
         metadata["path"] = dg.MetadataValue.path(results[0].path)
@@ -70,6 +80,8 @@ def _stage_asset(pipeline: LLMPipeline, stage: str, partitions_def: dg.Partition
         required_resource_keys=resource_keys,
         description=STAGE_DESCRIPTIONS[stage],
         kinds={"ray", "vllm"} if stage == ENGINE else {"ray"},
+        code_version=pipeline.code_version(stage),
+        check_specs=checks.check_specs(pipeline, stage, stage_key(pipeline, stage)),
     )
     def _asset(context: dg.AssetExecutionContext) -> dg.MaterializeResult:
         partitions = list(context.partition_keys)
@@ -85,41 +97,78 @@ def _stage_asset(pipeline: LLMPipeline, stage: str, partitions_def: dg.Partition
             storage=context.resources.storage,
             engine_pool=context.resources.engine_pool if runs_engine else None,
             log=context.log.info,
+            recompute=context.run.tags.get(RECOMPUTE_TAG, "").lower() in ("1", "true", "yes"),
         )
-        return dg.MaterializeResult(metadata=_metadata(results))
+        return dg.MaterializeResult(metadata=_metadata(results), check_results=_check_results(pipeline, stage, results, context.resources.storage))
 
     return _asset
 
 
-def build_pipeline(pipeline: LLMPipeline) -> tuple[list, Any]:
-    """The pipeline's assets (its landing-files source and one asset per stage) and its job."""
+def _check_results(pipeline: LLMPipeline, stage: str, results: list[PartitionStats], storage) -> list[dg.AssetCheckResult]:
+    partitions = [r.partition for r in results]
+    found = [checks.row_ids_conserved(pipeline, stage, partitions, storage, {r.partition: r.rows_in for r in results})]
+    if stage == ENGINE:
+        found.append(checks.error_rate(pipeline, sum(r.rows_out for r in results), sum(r.errors for r in results)))
+    if stage == checks.text_stage(pipeline):
+        found.append(checks.generations_not_empty(pipeline, stage, partitions, storage))
+    return found
+
+
+def _export_asset(pipeline: LLMPipeline, partitions_def: dg.PartitionsDefinition) -> dg.AssetsDefinition:
+    @dg.asset(
+        key=stage_key(pipeline, export.EXPORT),
+        deps=[stage_key(pipeline, checks.text_stage(pipeline))],
+        partitions_def=partitions_def,
+        group_name=pipeline.name,
+        backfill_policy=dg.BackfillPolicy.single_run(),
+        required_resource_keys={"storage"},
+        description=f"OpenAI Batch API output and error files per partition, under {pipeline.openai_batch_output}.",
+        kinds={"openai"},
+    )
+    def _asset(context: dg.AssetExecutionContext) -> dg.MaterializeResult:
+        results = export.export_partitions(pipeline, list(context.partition_keys), context.resources.storage, context.log.info)
+        metadata: dict[str, Any] = {key: sum(r[key] for r in results) for key in ("total", "completed", "failed")}
+        if len(results) == 1:
+            metadata["path"] = dg.MetadataValue.path(results[0]["path"])
+        return dg.MaterializeResult(metadata=metadata)
+
+    return _asset
+
+
+def build_pipeline(pipeline: LLMPipeline) -> tuple[list, Any, Any]:
+    """The pipeline's assets (its landing-files source and one asset per stage), its job, and the
+    sensor that turns new files into partitions and runs."""
     partitions_def = dg.DynamicPartitionsDefinition(name=pipeline.name)
     source = dg.AssetSpec(
         landing_key(pipeline),
         group_name=pipeline.name,
-        description=f"Input files matching {pipeline.source.pattern!r} in {pipeline.source.folder}; one partition per file.",
+        description=f"Input files matching {pipeline.source.pattern!r} in {pipeline.source.location}; one partition per file.",
     )
     stages = [_stage_asset(pipeline, stage, partitions_def) for stage in pipeline.stage_names()]
+    if pipeline.openai_batch_output:
+        stages.append(_export_asset(pipeline, partitions_def))
     job = dg.define_asset_job(
         name=f"{pipeline.name}_job",
-        selection=dg.AssetSelection.assets(*[stage_key(pipeline, s) for s in pipeline.stage_names()]),
+        selection=dg.AssetSelection.assets(*stages),
         # One process per run: Ray starts once and the engine pool lives across all stages.
         # Ray, not Dagster, spreads the work.
         executor_def=dg.in_process_executor,
         description=pipeline.description or f"Every stage of the {pipeline.name} pipeline.",
         tags=pipeline.extra_tags,
     )
-    return [source, *stages], job
+    return [source, *stages], job, new_files_sensor(pipeline, job, partitions_def)
 
 
 def build_definitions(pipelines: Sequence[LLMPipeline], resources: dict[str, Any]) -> dg.Definitions:
     assets: list = []
     jobs: list = []
+    sensors: list = []
     for pipeline in pipelines:
-        pipeline_assets, job = build_pipeline(pipeline)
+        pipeline_assets, job, sensor = build_pipeline(pipeline)
         assets.extend(pipeline_assets)
         jobs.append(job)
-    return dg.Definitions(assets=assets, jobs=jobs, resources=resources)
+        sensors.append(sensor)
+    return dg.Definitions(assets=assets, jobs=jobs, sensors=sensors, resources=resources)
 
 
 def add_partitions_for_new_files(instance: dg.DagsterInstance, pipeline: LLMPipeline) -> list[str]:

@@ -34,6 +34,9 @@ class PartitionStats:
     errors: int = 0
     seconds: float = 0.0
     path: str = ""
+    code_version: str = ""
+    input: str = ""  # what it was computed from: the upstream commit's attempt, or the source file's fingerprint
+    skipped: bool = False  # already committed with the same code version and input: not recomputed
     started: float = field(default_factory=time.monotonic)
 
     def add(self, batch: pa.Table) -> None:
@@ -49,7 +52,12 @@ class PartitionStats:
             self.errors += batch.num_rows - batch.column(ERROR_COLUMN).null_count
 
     def as_dict(self) -> dict[str, Any]:
-        return {k: v for k, v in self.__dict__.items() if k != "started"}
+        return {k: v for k, v in self.__dict__.items() if k not in ("started", "skipped")}
+
+    @classmethod
+    def from_manifest(cls, stats: dict[str, Any]) -> "PartitionStats":
+        known = {k: v for k, v in stats.items() if k in cls.__dataclass_fields__}
+        return cls(**known, skipped=True)
 
 
 def _sum(column) -> int:
@@ -81,25 +89,83 @@ def run_stage(
     storage,
     engine_pool=None,
     log: Log = print,
+    recompute: bool = False,
 ) -> list[PartitionStats]:
     """Run ``stage`` for ``partitions``.
+
+    A partition already committed with the stage's current code version from the same input (the
+    upstream's current commit, or the same source file) is not recomputed, unless ``recompute``:
+    re-running a backfill redoes only what is missing or stale.
 
     Given an ``engine_pool`` for a stage before the engine, the engine actors are created at once
     and import vLLM while CPU stages run; the engines themselves are built (GPU memory, compile)
     only once the rows have passed Preprocess's checks: bad input never reaches a GPU.
     """
     plan = pipeline.plan(stage)
+    code_version = pipeline.code_version(stage)
+    kept: dict[str, PartitionStats] = {}
+    for partition in partitions:
+        current = None if recompute else _committed_and_current(pipeline, plan, partition, storage, code_version)
+        if current is not None:
+            kept[partition] = current
+            log(f"{stage} [{partition}]: up to date (code version {code_version}, same input); not recomputed")
+    todo = [p for p in partitions if p not in kept]
+    progress = PartitionProgress(stage, len(todo), log)
     if stage == ENGINE:
-        return _run_engine(pipeline, plan, partitions, storage, engine_pool, log)
+        done = _run_engine(pipeline, plan, todo, storage, engine_pool, code_version, progress) if todo else []
+    else:
+        done = _run_cpu_stage_partitions(pipeline, plan, todo, storage, engine_pool, code_version, progress)
+    by_partition = {**kept, **{stats.partition: stats for stats in done}}
+    return [by_partition[p] for p in partitions]
+
+
+def _run_cpu_stage_partitions(pipeline, plan: StagePlan, partitions: list[str], storage, engine_pool, code_version: str, progress) -> list[PartitionStats]:
+    log = progress.log
+    if not partitions:
+        return []
     model_source = resolve_model_source(plan.model_source, log) if plan.model_source else None
     if engine_pool is not None:
         # Before Preprocess has checked the rows, the engine actors only import vLLM (no GPU work).
         start = engine_pool.prepare if plan.upstream is None else engine_pool.prestart
         start(*_engine_pool_args(pipeline, log), log)
-    results = [_run_cpu_stage(pipeline, plan, partition, storage, model_source, log) for partition in partitions]
+    results = [_run_cpu_stage(pipeline, plan, partition, storage, model_source, code_version, progress) for partition in partitions]
     if engine_pool is not None and plan.upstream is None:
         engine_pool.prestart(*_engine_pool_args(pipeline, log), log)
     return results
+
+
+def _input_identity(pipeline: LLMPipeline, plan: StagePlan, partition: str, storage) -> str:
+    if plan.upstream is None:
+        return pipeline.source.fingerprint(partition)
+    upstream = storage.manifest(pipeline.name, plan.upstream, partition)
+    return upstream.attempt if upstream is not None else ""
+
+
+def _committed_and_current(pipeline, plan: StagePlan, partition: str, storage, code_version: str) -> Optional[PartitionStats]:
+    manifest = storage.manifest(pipeline.name, plan.name, partition)
+    if manifest is None or manifest.stats.get("code_version") != code_version:
+        return None
+    try:
+        current_input = _input_identity(pipeline, plan, partition, storage)
+    except Exception:  # the source file is gone or unreadable: recompute, and fail there clearly
+        return None
+    if not current_input or manifest.stats.get("input") != current_input:
+        return None
+    return PartitionStats.from_manifest(manifest.stats)
+
+
+class PartitionProgress:
+    """Counts committed partitions, so a backfill's log shows how far it got."""
+
+    def __init__(self, stage: str, total: int, log: Log):
+        self.stage, self.total, self.log, self.done = stage, total, log, 0
+
+    def committed(self, stats: PartitionStats) -> None:
+        self.done += 1
+        self.log(
+            f"{self.stage} [{stats.partition}]: committed {stats.rows_out} rows in {stats.seconds:.1f} s "
+            f"({self.done}/{self.total} partitions) -> {stats.path}"
+        )
 
 
 def _engine_pool_args(pipeline: LLMPipeline, log: Log) -> tuple:
@@ -160,8 +226,9 @@ def _task_pool(settings):
     return ray.data.TaskPoolStrategy(size=concurrency if isinstance(concurrency, int) else concurrency[1])
 
 
-def _run_cpu_stage(pipeline, plan: StagePlan, partition: str, storage, model_source: Optional[str], log: Log) -> PartitionStats:
-    stats = PartitionStats(partition)
+def _run_cpu_stage(pipeline, plan: StagePlan, partition: str, storage, model_source: Optional[str], code_version: str, progress) -> PartitionStats:
+    log = progress.log
+    stats = PartitionStats(partition, code_version=code_version, input=_input_identity(pipeline, plan, partition, storage))
     dataset = _input_dataset(pipeline, plan, partition, storage, stats)
     kwargs = dict(plan.udf_kwargs)
     if model_source is not None:
@@ -183,34 +250,36 @@ def _run_cpu_stage(pipeline, plan: StagePlan, partition: str, storage, model_sou
         **remote_args,
     )
     writer = storage.writer(pipeline.name, plan.name, partition)
-    progress = Progress(f"{plan.name} [{partition}]", stats.rows_in, log)
+    rows_progress = Progress(f"{plan.name} [{partition}]", stats.rows_in, log)
     try:
         for batch in mapped.iter_batches(batch_format="pyarrow", batch_size=None):
             writer.write(batch)
             stats.add(batch)
-            progress.advance(batch.num_rows)
+            rows_progress.advance(batch.num_rows)
     except BaseException:
         writer.abort()
         raise
-    return _commit(writer, stats, log, plan.name)
+    return _commit(writer, stats, progress, storage)
 
 
-def _commit(writer, stats: PartitionStats, log: Log, stage: str) -> PartitionStats:
+def _commit(writer, stats: PartitionStats, progress: PartitionProgress, storage) -> PartitionStats:
     stats.seconds = round(time.monotonic() - stats.started, 3)
-    stats.path = writer.partition_dir
+    stats.path = storage.uri(writer.partition_dir)
     writer.commit(stats.as_dict())
-    log(f"{stage} [{stats.partition}]: committed {stats.rows_out} rows in {stats.seconds:.1f} s -> {writer.partition_dir}")
+    progress.committed(stats)
     return stats
 
 
-def _run_engine(pipeline, plan: StagePlan, partitions: list[str], storage, engine_pool, log: Log):
+def _run_engine(pipeline, plan: StagePlan, partitions: list[str], storage, engine_pool, code_version: str, partition_progress: PartitionProgress):
+    log = partition_progress.log
     config = pipeline.config
-    stats = {p: PartitionStats(p) for p in partitions}
+    stats = {p: PartitionStats(p, code_version=code_version) for p in partitions}
     # Every upstream partition must be committed: checked before waiting on any engine.
     inputs = {}
     for partition in partitions:
         manifest, inputs[partition] = storage.committed(pipeline.name, plan.upstream, partition)
         stats[partition].rows_in = manifest.rows
+        stats[partition].input = manifest.attempt
     pool = engine_pool.get_pool(*_engine_pool_args(pipeline, log), log)
 
     outstanding = {p: 0 for p in partitions}
@@ -239,9 +308,9 @@ def _run_engine(pipeline, plan: StagePlan, partitions: list[str], storage, engin
             # Commit each partition as soon as all of it is back (the input generator marks a
             # partition fully read only when it moves past it, hence the sweep).
             for done in [p for p in writers if p in fully_read and outstanding[p] == 0]:
-                results.append(_commit(writers.pop(done), stats[done], log, plan.name))
+                results.append(_commit(writers.pop(done), stats[done], partition_progress, storage))
         for done in list(writers):
-            results.append(_commit(writers.pop(done), stats[done], log, plan.name))
+            results.append(_commit(writers.pop(done), stats[done], partition_progress, storage))
     except BaseException:
         for writer in writers.values():
             writer.abort()

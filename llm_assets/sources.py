@@ -1,16 +1,24 @@
-"""Input sources: a landing folder whose files become partitions (one dynamic partition per file).
+"""Input sources: a landing location whose files become partitions (one dynamic partition per file).
 
-Rows are read in streaming chunks and get a stable ``row_id``: the file's own ``row_id`` column
-when it has one (it must be unique), else ``"{partition}:{index}"``, the row's position in the file.
+Two kinds: a local folder, and an S3 prefix read through dagster-aws's ``S3Resource`` (with
+``endpoint_url`` for S3-compatible stores). The partition key is the file's path relative to the
+folder or prefix, so it is stable: the same file is one partition however often it is seen.
+
+Formats by extension: Parquet, CSV, JSON Lines; a JSONL file whose lines are OpenAI Batch API
+requests (``custom_id``, ``method``, ``url``, ``body``) is mapped to rows with ``custom_id`` as the
+row id. Rows are read in streaming chunks and get a stable ``row_id``: the file's own ``row_id``
+column when it has one (it must be unique), else ``"{partition}:{index}"``, the row's position.
 """
 
 from __future__ import annotations
 
 import fnmatch
 import json
-from dataclasses import dataclass
+import os
+import tempfile
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Iterator, Optional
 
 import pyarrow as pa
 import pyarrow.csv as pacsv
@@ -32,6 +40,10 @@ class LocalFolderSource:
     folder: str
     pattern: str = "*.jsonl"
 
+    @property
+    def location(self) -> str:
+        return str(Path(self.folder).expanduser())
+
     def files(self) -> dict[str, Path]:
         folder = Path(self.folder).expanduser()
         if not folder.is_dir():
@@ -39,7 +51,7 @@ class LocalFolderSource:
         return {
             path.name: path
             for path in sorted(folder.iterdir())
-            if path.is_file() and fnmatch.fnmatch(path.name, self.pattern) and path.suffix.lower() in FORMATS
+            if path.is_file() and _wanted(path.name, self.pattern)
         }
 
     def partition_keys(self) -> list[str]:
@@ -51,51 +63,154 @@ class LocalFolderSource:
             raise SourceError(f"no input file {partition_key!r} in {self.folder} (pattern {self.pattern!r})")
         return path
 
+    def fingerprint(self, partition_key: str) -> str:
+        """Changes when the file does (size and modification time)."""
+        stat = self.path_for(partition_key).stat()
+        return f"{stat.st_size}-{stat.st_mtime_ns}"
+
     def read(self, partition_key: str, chunk_rows: int = 1024) -> Iterator[pa.Table]:
         """The file's rows in chunks, each with a ``row_id`` column."""
         path = self.path_for(partition_key)
-        seen: set = set()
-        offset = 0
-        for chunk in _read_chunks(path, chunk_rows):
-            if chunk.num_rows == 0:
-                continue
-            if ROW_ID in chunk.column_names:
-                ids = chunk.column(ROW_ID).to_pylist()
-                for index, row_id in enumerate(ids):
-                    if row_id is None or row_id in seen:
-                        problem = "is empty" if row_id is None else f"repeats {row_id!r}"
-                        raise SourceError(f"{path}: row {offset + index}: column {ROW_ID!r} {problem}; row ids must be unique")
-                    seen.add(row_id)
-                chunk = chunk.set_column(chunk.schema.get_field_index(ROW_ID), ROW_ID, pa.array([str(i) for i in ids]))
-            else:
-                ids = [f"{partition_key}:{offset + i}" for i in range(chunk.num_rows)]
-                chunk = chunk.append_column(ROW_ID, pa.array(ids, pa.string()))
-            offset += chunk.num_rows
-            yield chunk
-        if offset == 0:
-            raise SourceError(f"{path} has no rows: an input file needs at least one row")
+        yield from read_rows(path, str(path), partition_key, chunk_rows)
 
 
-def _read_chunks(path: Path, chunk_rows: int) -> Iterator[pa.Table]:
+@dataclass(frozen=True)
+class S3PrefixSource:
+    """Objects under ``s3://bucket/prefix`` matching ``pattern``; the partition key is the object's
+    key relative to the prefix. ``s3`` (a dagster-aws ``S3Resource``) gives the endpoint, region
+    and credentials; without it boto3's defaults apply."""
+
+    bucket: str
+    prefix: str = ""
+    pattern: str = "*.jsonl"
+    s3: Optional[Any] = field(default=None, compare=False)
+
+    @property
+    def location(self) -> str:
+        return f"s3://{self.bucket}/{self._prefix()}"
+
+    def _prefix(self) -> str:
+        prefix = self.prefix.strip("/")
+        return f"{prefix}/" if prefix else ""
+
+    def _client(self):
+        if self.s3 is not None:
+            return self.s3.get_client()
+        import boto3
+
+        return boto3.client("s3")
+
+    def objects(self) -> dict[str, dict[str, Any]]:
+        """Partition key -> the object's listing entry (Key, ETag, Size, ...)."""
+        prefix = self._prefix()
+        found: dict[str, dict[str, Any]] = {}
+        pages = self._client().get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=prefix)
+        for page in pages:
+            for entry in page.get("Contents", []):
+                key = entry["Key"][len(prefix) :]
+                if key and not key.endswith("/") and _wanted(key.rsplit("/", 1)[-1], self.pattern):
+                    found[key] = entry
+        return dict(sorted(found.items()))
+
+    def partition_keys(self) -> list[str]:
+        return list(self.objects())
+
+    def _entry(self, partition_key: str) -> dict[str, Any]:
+        entry = self.objects().get(partition_key)
+        if entry is None:
+            raise SourceError(f"no input object {partition_key!r} under {self.location} (pattern {self.pattern!r})")
+        return entry
+
+    def fingerprint(self, partition_key: str) -> str:
+        return str(self._entry(partition_key)["ETag"]).strip('"')
+
+    def read(self, partition_key: str, chunk_rows: int = 1024) -> Iterator[pa.Table]:
+        """Downloads the object to a temporary file (Parquet needs random access), then reads it
+        in chunks like a local file; errors name the s3:// URI."""
+        key = f"{self._prefix()}{partition_key}"
+        suffix = Path(partition_key).suffix
+        with tempfile.TemporaryDirectory(prefix="llm-assets-s3-") as tmp:
+            local = Path(tmp) / f"object{suffix}"
+            self._client().download_file(self.bucket, key, str(local))
+            yield from read_rows(local, f"s3://{self.bucket}/{key}", partition_key, chunk_rows)
+
+
+def _wanted(name: str, pattern: str) -> bool:
+    return fnmatch.fnmatch(name, pattern) and os.path.splitext(name)[1].lower() in FORMATS
+
+
+def read_rows(path: Path, display: str, partition_key: str, chunk_rows: int) -> Iterator[pa.Table]:
+    """A file's rows in chunks, each with a ``row_id`` column; errors name ``display``."""
+    seen: set = set()
+    offset = 0
+    for chunk in _read_chunks(path, display, chunk_rows):
+        if chunk.num_rows == 0:
+            continue
+        if ROW_ID in chunk.column_names:
+            ids = chunk.column(ROW_ID).to_pylist()
+            for index, row_id in enumerate(ids):
+                if row_id is None or row_id in seen:
+                    problem = "is empty" if row_id is None else f"repeats {row_id!r}"
+                    raise SourceError(f"{display}: row {offset + index}: column {ROW_ID!r} {problem}; row ids must be unique")
+                seen.add(row_id)
+            chunk = chunk.set_column(chunk.schema.get_field_index(ROW_ID), ROW_ID, pa.array([str(i) for i in ids]))
+        else:
+            ids = [f"{partition_key}:{offset + i}" for i in range(chunk.num_rows)]
+            chunk = chunk.append_column(ROW_ID, pa.array(ids, pa.string()))
+        offset += chunk.num_rows
+        yield chunk
+    if offset == 0:
+        raise SourceError(f"{display} has no rows: an input file needs at least one row")
+
+
+def _read_chunks(path: Path, display: str, chunk_rows: int) -> Iterator[pa.Table]:
     kind = FORMATS[path.suffix.lower()]
     if kind == "parquet":
         try:
             parquet = pq.ParquetFile(path)
         except pa.ArrowInvalid as exc:
-            raise SourceError(f"{path}: not a readable Parquet file: {exc}") from exc
+            raise SourceError(f"{display}: not a readable Parquet file: {exc}") from exc
         for batch in parquet.iter_batches(batch_size=chunk_rows):
             yield pa.Table.from_batches([batch])
     elif kind == "csv":
-        with pacsv.open_csv(str(path)) as reader:
-            for batch in reader:
-                yield pa.Table.from_batches([batch])
+        try:
+            with pacsv.open_csv(str(path)) as reader:
+                for batch in reader:
+                    yield pa.Table.from_batches([batch])
+        except pa.ArrowInvalid as exc:
+            raise SourceError(f"{display}: not a readable CSV file: {exc}") from exc
     else:
-        yield from _read_jsonl(path, chunk_rows)
+        yield from _read_jsonl(path, display, chunk_rows)
 
 
-def _read_jsonl(path: Path, chunk_rows: int) -> Iterator[pa.Table]:
-    """JSON Lines parsed line by line, so a bad line is reported with its number."""
-    rows: list[dict] = []
+def _read_jsonl(path: Path, display: str, chunk_rows: int) -> Iterator[pa.Table]:
+    """JSON Lines parsed line by line, so a bad line is reported with its number. A file whose
+    first object is an OpenAI Batch API request is read as one throughout."""
+    from llm_assets import openai_batch
+
+    objects = _jsonl_objects(path, display)
+    first = next(objects, None)
+    if first is None:
+        return
+    rows: Iterator[dict] = (obj for _, obj in _chain(first, objects))
+    if openai_batch.is_openai_batch_line(first[1]):
+        rows = openai_batch.rows_from_openai_batch(_chain(first, objects), display)
+    chunk: list[dict] = []
+    for row in rows:
+        chunk.append(row)
+        if len(chunk) >= chunk_rows:
+            yield table_of(chunk)
+            chunk = []
+    if chunk:
+        yield table_of(chunk)
+
+
+def _chain(first, rest):
+    yield first
+    yield from rest
+
+
+def _jsonl_objects(path: Path, display: str) -> Iterator[tuple[int, dict]]:
     with open(path, encoding="utf-8") as f:
         for line_number, line in enumerate(f, start=1):
             if not line.strip():
@@ -103,12 +218,7 @@ def _read_jsonl(path: Path, chunk_rows: int) -> Iterator[pa.Table]:
             try:
                 row = json.loads(line)
             except json.JSONDecodeError as exc:
-                raise SourceError(f"{path}: line {line_number}: invalid JSON: {exc.msg} (column {exc.colno})") from None
+                raise SourceError(f"{display}: line {line_number}: invalid JSON: {exc.msg} (column {exc.colno})") from None
             if not isinstance(row, dict):
-                raise SourceError(f"{path}: line {line_number}: expected a JSON object, got {type(row).__name__}")
-            rows.append(row)
-            if len(rows) >= chunk_rows:
-                yield table_of(rows)
-                rows = []
-    if rows:
-        yield table_of(rows)
+                raise SourceError(f"{display}: line {line_number}: expected a JSON object, got {type(row).__name__}")
+            yield line_number, row

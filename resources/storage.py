@@ -6,9 +6,10 @@ Layout::
     {root}/{pipeline}/{stage}/{partition}/{attempt}/part-00000.parquet
 
 Writers write Parquet into a fresh attempt folder; the manifest (listing those files, row count and
-stats) is written last, through a temporary file that is renamed into place. Readers read only the
-files a manifest lists, so a half-written attempt is never seen, and a failed attempt leaves the
-last committed output untouched.
+stats) is written last: locally through a temporary file renamed into place, on S3 as one PUT (an
+S3 object becomes visible only once complete, so no rename is needed). Readers read only the files
+a manifest lists, so a half-written attempt is never seen, and a failed attempt leaves the last
+committed output untouched. ``root`` is a local folder or ``s3://bucket/prefix``.
 """
 
 from __future__ import annotations
@@ -26,6 +27,8 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 from pydantic import Field
+
+from resources.s3 import S3Resource, pyarrow_s3, split_s3_uri
 
 MANIFEST = "_manifest.json"
 
@@ -96,10 +99,18 @@ class PartitionWriter:
         self._close_file()
         previous = read_manifest(self.fs, self.partition_dir)
         manifest = Manifest(files=self.files, rows=self.rows, attempt=self.attempt, committed_at=time.time(), stats=stats)
-        tmp = f"{self.partition_dir}/.{MANIFEST}.{uuid.uuid4().hex[:8]}.tmp"
-        with self.fs.open_output_stream(tmp) as out:
-            out.write(json.dumps(manifest.__dict__, indent=1).encode())
-        self.fs.move(tmp, f"{self.partition_dir}/{MANIFEST}")  # rename: atomic on a local disk
+        body = json.dumps(manifest.__dict__, indent=1).encode()
+        final = f"{self.partition_dir}/{MANIFEST}"
+        if isinstance(self.fs, pafs.LocalFileSystem):
+            tmp = f"{self.partition_dir}/.{MANIFEST}.{uuid.uuid4().hex[:8]}.tmp"
+            with self.fs.open_output_stream(tmp) as out:
+                out.write(body)
+            self.fs.move(tmp, final)  # rename: atomic on a local disk
+        else:
+            with self.fs.open_output_stream(final) as out:  # one object, visible only when whole
+                out.write(body)
+        # The attempt this commit replaced is garbage now (a concurrent writer's commit may have
+        # replaced ours already; its files are never the ones deleted here).
         if previous is not None and previous.attempt != self.attempt:
             self._delete_dir(f"{self.partition_dir}/{previous.attempt}")
         return manifest
@@ -126,12 +137,20 @@ def read_manifest(fs: pafs.FileSystem, partition_dir: str) -> Optional[Manifest]
 class PartitionStorage(dg.ConfigurableResource):
     """Stage outputs as Parquet, per pipeline, stage and partition, under ``root``."""
 
-    root: str = Field(description="A local folder for stage outputs.")
+    root: str = Field(description="A local folder, or s3://bucket/prefix, for stage outputs.")
+    s3: Optional[S3Resource] = Field(default=None, description="Endpoint, region and credentials for an s3:// root (default: the AWS environment).")
     max_rows_per_file: int = Field(default=500_000, description="Rows per Parquet file before a new one starts.")
 
     def _fs(self) -> tuple[pafs.FileSystem, str]:
+        if self.root.startswith("s3://"):
+            bucket, prefix = split_s3_uri(self.root)
+            return pyarrow_s3(self.s3), f"{bucket}/{prefix}".rstrip("/")
         root = os.path.abspath(os.path.expanduser(self.root))
         return pafs.LocalFileSystem(), root
+
+    def uri(self, path: str) -> str:
+        """A path of this storage as users write it (s3://... on S3)."""
+        return f"s3://{path}" if self.root.startswith("s3://") else path
 
     def partition_dir(self, pipeline: str, stage: str, partition: str) -> str:
         _, root = self._fs()

@@ -65,3 +65,65 @@ def write_jsonl(path: Path, rows: list[dict]) -> Path:
 
 def questions(n: int, prefix: str = "q") -> list[dict]:
     return [{"question": f"{prefix} number {i}: say something about the number {i}"} for i in range(n)]
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def s3_endpoint():
+    """A local S3 server (moto_server) over real HTTP, stopped by its PID at the end."""
+    import signal
+    import subprocess
+    import sys
+    import time
+    import urllib.request
+
+    port = free_port()
+    server = Path(sys.executable).parent / "moto_server"
+    process = subprocess.Popen(
+        [str(server), "-H", "127.0.0.1", "-p", str(port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    endpoint = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            urllib.request.urlopen(endpoint, timeout=1)
+            break
+        except OSError:
+            if process.poll() is not None or time.monotonic() > deadline:
+                process.kill()
+                raise RuntimeError(f"moto_server did not start on {endpoint}")
+            time.sleep(0.2)
+    yield endpoint
+    os.killpg(process.pid, signal.SIGTERM)
+    process.wait(timeout=10)
+
+
+@pytest.fixture()
+def s3(s3_endpoint):
+    """A dagster-aws S3Resource on the local server, with fresh buckets 'landing' and 'outputs'."""
+    import uuid
+
+    from dagster_aws.s3 import S3Resource
+
+    resource = S3Resource(
+        endpoint_url=s3_endpoint,
+        region_name="us-east-1",
+        aws_access_key_id="test-key-id",
+        aws_secret_access_key="test-secret-key-not-for-logs",
+    )
+    suffix = uuid.uuid4().hex[:8]
+    client = resource.get_client()
+    buckets = {"landing": f"landing-{suffix}", "outputs": f"outputs-{suffix}"}
+    for bucket in buckets.values():
+        client.create_bucket(Bucket=bucket)
+    return resource, buckets

@@ -1,0 +1,99 @@
+"""S3 through a local S3 server over real HTTP (moto_server): landing prefixes, stage outputs,
+atomic commits without renames."""
+
+import json
+
+import dagster as dg
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from llm_assets.factory import build_definitions
+from llm_assets.pipeline import LLMPipeline
+from llm_assets.sources import S3PrefixSource, SourceError
+from resources import PartitionStorage, RayDataResource, VLLMEnginePoolResource
+from resources.storage import NotMaterializedError
+from tests.conftest import questions
+from tests.test_data_arrival import engine_starts, tick
+from tests.test_pipeline_dagster import RANGE_END, RANGE_START, to_answer, to_chat
+
+
+def put_jsonl(client, bucket: str, key: str, rows: list[dict]) -> None:
+    client.put_object(Bucket=bucket, Key=key, Body="".join(json.dumps(r) + "\n" for r in rows).encode())
+
+
+def object_keys(client, bucket: str, prefix: str = "") -> list[str]:
+    pages = client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix)
+    return [entry["Key"] for page in pages for entry in page.get("Contents", [])]
+
+
+def test_files_landing_on_s3_run_through_every_stage_into_s3_storage(s3, tiny_model, ray_session, instance):
+    resource, buckets = s3
+    client = resource.get_client()
+    put_jsonl(client, buckets["landing"], "in/a.jsonl", questions(3, "a"))
+    put_jsonl(client, buckets["landing"], "in/2026/b.jsonl", questions(4, "b"))
+    client.put_object(Bucket=buckets["landing"], Key="in/notes.txt", Body=b"not an input file")
+    pipeline = LLMPipeline(
+        "tiny",
+        {"model_source": tiny_model, "engine_kwargs": {"max_model_len": 512}, "batch_size": 4},
+        S3PrefixSource(buckets["landing"], prefix="in", s3=resource),
+        preprocess=to_chat,
+        postprocess=to_answer,
+    )
+    storage = PartitionStorage(root=f"s3://{buckets['outputs']}/runs", s3=resource)
+    ray_data = RayDataResource()
+    defs = build_definitions([pipeline], {"ray_data": ray_data, "storage": storage, "engine_pool": VLLMEnginePoolResource(ray_data=ray_data)})
+
+    data = tick(defs, instance)
+    assert sorted(r.partition_key for r in data.run_requests) == ["2026/b.jsonl", "a.jsonl"]
+    keys = instance.get_dynamic_partitions("tiny")
+    result = defs.resolve_job_def("tiny_job").execute_in_process(instance=instance, tags={RANGE_START: keys[0], RANGE_END: keys[-1]})
+    assert result.success
+    assert engine_starts(instance, result.run_id) == 1
+
+    written = object_keys(client, buckets["outputs"], "runs/tiny/postprocess/")
+    assert "runs/tiny/postprocess/2026%2Fb.jsonl/_manifest.json" in written
+    assert not [k for k in object_keys(client, buckets["outputs"]) if k.endswith(".tmp")]
+    manifest, files = storage.committed("tiny", "postprocess", "2026/b.jsonl")
+    rows = pa.concat_tables(pq.read_table(f, filesystem=storage.filesystem()) for f in files).to_pylist()
+    assert manifest.rows == 4
+    assert sorted(r["row_id"] for r in rows) == [f"2026/b.jsonl:{i}" for i in range(4)]
+    assert all(r["tokens"] == 8 for r in rows)
+    engine = instance.get_latest_materialization_event(dg.AssetKey(["tiny", "engine"])).asset_materialization
+    assert engine.metadata["rows_out"].value == 7  # both partitions of the run
+    # The sensor's next tick sees nothing new.
+    assert not tick(defs, instance).run_requests
+
+
+def test_a_malformed_line_on_s3_names_the_object_and_the_line(s3):
+    resource, buckets = s3
+    resource.get_client().put_object(Bucket=buckets["landing"], Key="in/bad.jsonl", Body=b'{"question": "ok"}\n{"question": \n')
+    source = S3PrefixSource(buckets["landing"], prefix="in", s3=resource)
+    with pytest.raises(SourceError, match=rf"s3://{buckets['landing']}/in/bad.jsonl: line 2: invalid JSON"):
+        list(source.read("bad.jsonl"))
+
+
+def test_an_s3_commit_is_one_manifest_object_and_a_failed_attempt_keeps_the_last_commit(s3):
+    resource, buckets = s3
+    storage = PartitionStorage(root=f"s3://{buckets['outputs']}/o", s3=resource)
+    writer = storage.writer("p", "stage", "part")
+    writer.write(pa.table({"row_id": ["a", "b"]}))
+    with pytest.raises(NotMaterializedError):
+        storage.committed("p", "stage", "part")  # written, not committed: invisible
+    writer.commit({"rows_out": 2})
+    first = storage.manifest("p", "stage", "part")
+    assert first.rows == 2
+
+    failed = storage.writer("p", "stage", "part")
+    failed.write(pa.table({"row_id": ["c"]}))
+    failed.abort()
+    manifest, files = storage.committed("p", "stage", "part")
+    assert manifest.attempt == first.attempt
+    assert pq.read_table(files[0], filesystem=storage.filesystem()).column("row_id").to_pylist() == ["a", "b"]
+
+    second = storage.writer("p", "stage", "part")
+    second.write(pa.table({"row_id": ["x"]}))
+    second.commit({"rows_out": 1})
+    keys = object_keys(resource.get_client(), buckets["outputs"], "o/p/stage/part/")
+    assert not [k for k in keys if first.attempt in k]  # the replaced attempt is deleted
+    assert storage.manifest("p", "stage", "part").rows == 1
