@@ -35,11 +35,19 @@ def _unwrap(exc: BaseException) -> BaseException:
 
 
 class EnginePool:
-    """``concurrency`` engine actors and a bounded window of batches in flight on each."""
+    """``concurrency`` engine actors and a bounded window of batches in flight on each.
 
-    def __init__(self, actors: list, batches_in_flight: int):
+    An engine that dies mid-run (its actor process killed, or vLLM's engine core gone) is replaced
+    through ``restart(index)``, at most ``max_restarts`` times per run, and the batches it had in
+    flight are sent again: their outputs never came back, so every row still comes out once.
+    """
+
+    def __init__(self, actors: list, batches_in_flight: int, restart: Optional[Callable[[int], Any]] = None, max_restarts: int = 0, log: Callable[[str], None] = print):
         self.actors = actors
         self.batches_in_flight = batches_in_flight
+        self.restart = restart
+        self.restarts_left = max_restarts if restart is not None else 0
+        self.log = log
 
     def map(self, tagged_batches: Iterator[tuple[Tag, Any]]) -> Iterator[tuple[Tag, Any]]:
         """Send (tag, batch) pairs to the least-loaded engine; yield (tag, output) as they finish.
@@ -49,7 +57,7 @@ class EnginePool:
         """
         import ray
 
-        pending: dict[Any, tuple[Tag, int]] = {}
+        pending: dict[Any, tuple[Tag, int, Any, Any]] = {}  # ref -> (tag, engine index, batch, actor)
         load = [0] * len(self.actors)
         source = iter(tagged_batches)
         exhausted = False
@@ -60,22 +68,52 @@ class EnginePool:
                 except StopIteration:
                     exhausted = True
                     break
-                index = load.index(min(load))
-                pending[self.actors[index].process.remote(batch)] = (tag, index)
-                load[index] += 1
+                self._submit(pending, load, tag, batch, load.index(min(load)))
             if not pending:
                 return
             ready, _ = ray.wait(list(pending), num_returns=1)
-            tag, index = pending.pop(ready[0])
+            tag, index, batch, actor = pending.pop(ready[0])
             load[index] -= 1
             try:
                 output = ray.get(ready[0])
-            except ray.exceptions.RayTaskError as exc:
+            except (ray.exceptions.RayActorError, ray.exceptions.RayTaskError) as exc:
                 inner = _unwrap(exc)
                 if isinstance(inner, RowError):
                     raise inner from None
-                raise
+                if not _engine_died(exc, inner):
+                    raise
+                if self.actors[index] is actor:  # not replaced yet by an earlier failed batch
+                    self._replace(index, inner, pending, load)
+                self._submit(pending, load, tag, batch, index)
+                continue
             yield tag, output
+
+    def _submit(self, pending: dict, load: list[int], tag, batch, index: int) -> None:
+        actor = self.actors[index]
+        pending[actor.process.remote(batch)] = (tag, index, batch, actor)
+        load[index] += 1
+
+    def _replace(self, index: int, cause: BaseException, pending: dict, load: list[int]) -> None:
+        import ray
+
+        dead = self.actors[index]
+        lost = [(ref, entry) for ref, entry in pending.items() if entry[3] is dead]
+        if self.restarts_left <= 0:
+            raise EngineStartError(f"vLLM engine {index} died ({_first_line(cause)}) and no restart is left; the run stops, committed partitions stay") from None
+        self.restarts_left -= 1
+        self.log(
+            f"vLLM engine {index} died ({_first_line(cause)}); starting a new one, then resending the "
+            f"{len(lost) + 1} batch(es) it had in flight"
+        )
+        try:
+            ray.kill(dead)
+        except Exception:  # already gone
+            pass
+        self.actors[index] = self.restart(index)
+        for ref, (tag, _, batch, _) in lost:  # they can only fail now: send them again
+            del pending[ref]
+            load[index] -= 1
+            self._submit(pending, load, tag, batch, index)
 
     def shutdown(self) -> None:
         import ray
@@ -87,6 +125,18 @@ class EnginePool:
                 pass
             ray.kill(actor)
         self.actors = []
+
+
+def _engine_died(exc: BaseException, inner: BaseException) -> bool:
+    """The actor process is gone, or vLLM reports its engine core dead (not a row's problem)."""
+    import ray
+
+    return isinstance(exc, ray.exceptions.RayActorError) or type(inner).__name__ == "EngineDeadError"
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0] if text else ''}"[:300]
 
 
 class EngineHost:
@@ -123,6 +173,7 @@ class VLLMEnginePoolResource(dg.ConfigurableResource):
     ray_data: RayDataResource
     num_cpus_per_engine: float = Field(default=1.0, description="Logical CPUs each engine actor reserves.")
     start_timeout_s: float = Field(default=1800.0, description="How long an engine may take to start.")
+    max_engine_restarts: int = Field(default=3, ge=0, description="Engines that die mid-run are replaced this many times per run, at most.")
     _pools: dict[str, EnginePool] = PrivateAttr(default_factory=dict)
     _hosts: dict[str, list] = PrivateAttr(default_factory=dict)  # actors created, engine maybe not built
     _starts: dict[str, list] = PrivateAttr(default_factory=dict)  # refs of the engines' start calls
@@ -178,7 +229,14 @@ class VLLMEnginePoolResource(dg.ConfigurableResource):
         per_batch = max(1, config.batch_size)
         window = max(config.max_concurrent_batches, -(-int(IN_FLIGHT_PER_SEQUENCE_SLOT * infos[0]["max_num_seqs"]) // per_batch))
         log(f"{len(hosts)} vLLM engine(s) ready; up to {window} batches of {per_batch} rows in flight per engine")
-        self._pools[key] = EnginePool(hosts, window)
+
+        def restart(index: int):
+            host, start = self._new_host(config, model_source, engine_detokenizes, log)
+            self._wait_ready([host], [start], model_source, log)
+            hosts[index] = host  # teardown shuts down the replacement, not the dead one
+            return host
+
+        self._pools[key] = EnginePool(hosts, window, restart, self.max_engine_restarts, log)
         return self._pools[key]
 
     @staticmethod
@@ -193,22 +251,11 @@ class VLLMEnginePoolResource(dg.ConfigurableResource):
         key = self._key(config, model_source, engine_detokenizes)
         if key not in self._hosts:
             on_gpu = self._on_gpu()
-            gpus_per_engine = config.tensor_parallel_size * config.pipeline_parallel_size if on_gpu else 0
-            runtime_env = dict(config.runtime_env or {})
-            runtime_env["env_vars"] = {**vllm_compat.platform_env(on_gpu), **runtime_env.get("env_vars", {})}
-            options: dict[str, Any] = {
-                "num_cpus": self.num_cpus_per_engine,
-                "num_gpus": gpus_per_engine,
-                "runtime_env": runtime_env,
-                "max_concurrency": 10_000,  # async actor: many batches in flight
-            }
-            if config.accelerator_type:
-                options["accelerator_type"] = config.accelerator_type
             log(
                 f"Loading vLLM into {config.engine_pool_size} engine actor(s) for {model_source} "
-                f"({gpus_per_engine} GPU(s) each, {'GPU' if on_gpu else 'CPU'} build)"
+                f"({self._gpus_per_engine(config, on_gpu)} GPU(s) each, {'GPU' if on_gpu else 'CPU'} build)"
             )
-            host_class = _engine_host_class(options)
+            host_class = self._host_class(config, on_gpu)
             before_ray_shutdown(self.shutdown_engines)
             self._hosts[key] = [host_class.remote(on_gpu) for _ in range(config.engine_pool_size)]
         return self._hosts[key]
@@ -217,18 +264,45 @@ class VLLMEnginePoolResource(dg.ConfigurableResource):
         key = self._key(config, model_source, engine_detokenizes)
         hosts = self._hosts_for(config, model_source, engine_detokenizes, log)
         if key not in self._starts:
-            on_gpu = self._on_gpu()
             log(f"Starting {len(hosts)} vLLM engine actor(s) for {model_source}")
-            stage_kwargs = dict(
-                model_source=model_source,
-                engine_kwargs=vllm_compat.platform_engine_kwargs(config.engine_kwargs, on_gpu),
-                task_type=config.task_type,
-                max_pending_requests=config.max_pending_requests,
-                should_continue_on_error=config.should_continue_on_error,
-                engine_detokenizes=engine_detokenizes,
-            )
+            stage_kwargs = self._stage_kwargs(config, model_source, engine_detokenizes)
             self._starts[key] = [host.start.remote(**stage_kwargs) for host in hosts]
         return hosts, self._starts[key]
+
+    def _new_host(self, config: vLLMEngineProcessorConfig, model_source: str, engine_detokenizes: bool, log) -> tuple[Any, Any]:
+        """One more engine actor, started (a replacement for one that died)."""
+        on_gpu = self._on_gpu()
+        host = self._host_class(config, on_gpu).remote(on_gpu)
+        return host, host.start.remote(**self._stage_kwargs(config, model_source, engine_detokenizes))
+
+    @staticmethod
+    def _gpus_per_engine(config: vLLMEngineProcessorConfig, on_gpu: bool) -> int:
+        return config.tensor_parallel_size * config.pipeline_parallel_size if on_gpu else 0
+
+    def _host_class(self, config: vLLMEngineProcessorConfig, on_gpu: bool):
+        import ray
+
+        runtime_env = dict(config.runtime_env or {})
+        runtime_env["env_vars"] = {**vllm_compat.platform_env(on_gpu), **runtime_env.get("env_vars", {})}
+        options: dict[str, Any] = {
+            "num_cpus": self.num_cpus_per_engine,
+            "num_gpus": self._gpus_per_engine(config, on_gpu),
+            "runtime_env": runtime_env,
+            "max_concurrency": 10_000,  # async actor: many batches in flight
+        }
+        if config.accelerator_type:
+            options["accelerator_type"] = config.accelerator_type
+        return ray.remote(EngineHost).options(**options)
+
+    def _stage_kwargs(self, config: vLLMEngineProcessorConfig, model_source: str, engine_detokenizes: bool) -> dict[str, Any]:
+        return dict(
+            model_source=model_source,
+            engine_kwargs=vllm_compat.platform_engine_kwargs(config.engine_kwargs, self._on_gpu()),
+            task_type=config.task_type,
+            max_pending_requests=config.max_pending_requests,
+            should_continue_on_error=config.should_continue_on_error,
+            engine_detokenizes=engine_detokenizes,
+        )
 
     def _wait_ready(self, actors: list, starts: list, model_source: str, log) -> list[dict[str, Any]]:
         import ray
@@ -259,9 +333,3 @@ class VLLMEnginePoolResource(dg.ConfigurableResource):
                     ray.kill(actor)
                 raise EngineStartError(f"vLLM engines for {model_source} did not start within {self.start_timeout_s:.0f} s")
             log(f"Waiting for {len(refs)} vLLM engine(s) to start ({waited:.0f} s so far)")
-
-
-def _engine_host_class(options: dict[str, Any]):
-    import ray
-
-    return ray.remote(EngineHost).options(**options)

@@ -1,0 +1,62 @@
+"""Faults during real runs: an engine actor killed mid-partition (SIGKILL of its process)."""
+
+import os
+import re
+import signal
+import threading
+import time
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from tests.conftest import questions, write_jsonl
+from tests.test_pipeline_dagster import log_messages, make_pipeline, make_resources, run_job
+
+ROWS = 128
+
+
+def long_answers(row):
+    return {
+        "question": row["question"],
+        "messages": [{"role": "user", "content": row["question"]}],
+        "sampling_params": {"max_tokens": 128, "ignore_eos": True, "temperature": 0},
+    }
+
+
+def kill_engine_once_generating(instance, killed: dict) -> None:
+    """Waits for the run's first engine to be ready, lets it generate for a moment, then kills
+    its actor process with SIGKILL (what an OOM killer or a lost node does)."""
+    deadline = time.monotonic() + 600
+    while time.monotonic() < deadline:
+        runs = instance.get_runs(limit=1)
+        if runs:
+            for message in log_messages(instance, runs[0].run_id):
+                found = re.search(r"vLLM engine 0 started in .* \(pid (\d+) ", message)
+                if found:
+                    time.sleep(1.0)
+                    killed["pid"] = int(found.group(1))
+                    os.kill(killed["pid"], signal.SIGKILL)
+                    return
+        time.sleep(0.2)
+
+
+def test_an_engine_killed_mid_partition_is_replaced_and_every_row_comes_out_once(tmp_path, tiny_model, ray_session, instance):
+    write_jsonl(tmp_path / "landing" / "x.jsonl", questions(ROWS, "k"))
+    pipeline = make_pipeline(tmp_path / "landing", tiny_model, preprocess=long_answers, batch_size=8)
+    resources = make_resources(tmp_path / "storage")
+    killed: dict = {}
+    killer = threading.Thread(target=kill_engine_once_generating, args=(instance, killed), daemon=True)
+    killer.start()
+    result = run_job(pipeline, resources, instance, {"dagster/partition": "x.jsonl"})
+    killer.join(timeout=5)
+
+    assert result.success and killed.get("pid")
+    messages = log_messages(instance, result.run_id)
+    assert any(m.startswith("vLLM engine 0 died") for m in messages)
+    assert sum("vLLM engine 0 started in" in m for m in messages) == 2  # the first, and its replacement
+    files = resources["storage"].committed_files("tiny", "engine", "x.jsonl")
+    engine = pa.concat_tables(pq.read_table(f) for f in files)
+    row_ids = engine.column("row_id").to_pylist()
+    print(f"rows in {ROWS}, rows out {len(row_ids)}, duplicates {len(row_ids) - len(set(row_ids))}, lost {ROWS - len(set(row_ids))}")
+    assert sorted(row_ids) == sorted(f"x.jsonl:{i}" for i in range(ROWS))
+    assert set(engine.column("num_generated_tokens").to_pylist()) == {128}
