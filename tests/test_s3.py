@@ -97,3 +97,31 @@ def test_an_s3_commit_is_one_manifest_object_and_a_failed_attempt_keeps_the_last
     keys = object_keys(resource.get_client(), buckets["outputs"], "o/p/stage/part/")
     assert not [k for k in keys if first.attempt in k]  # the replaced attempt is deleted
     assert storage.manifest("p", "stage", "part").rows == 1
+
+
+def test_the_s3_secret_key_appears_in_no_log_metadata_or_output(s3, tiny_model, ray_session, instance):
+    """Credentials given through the S3Resource never reach logs, metadata or written files."""
+    resource, buckets = s3
+    secret = resource.aws_secret_access_key
+    client = resource.get_client()
+    put_jsonl(client, buckets["landing"], "in/a.jsonl", questions(2, "a"))
+    pipeline = LLMPipeline(
+        "tiny",
+        {"model_source": tiny_model, "engine_kwargs": {"max_model_len": 512}, "batch_size": 4},
+        S3PrefixSource(buckets["landing"], prefix="in", s3=resource),
+        preprocess=to_chat,
+        postprocess=to_answer,
+        openai_batch_output=f"s3://{buckets['outputs']}/export",
+    )
+    storage = PartitionStorage(root=f"s3://{buckets['outputs']}/runs", s3=resource)
+    ray_data = RayDataResource()
+    defs = build_definitions([pipeline], {"ray_data": ray_data, "storage": storage, "engine_pool": VLLMEnginePoolResource(ray_data=ray_data)})
+    tick(defs, instance)
+    result = defs.resolve_job_def("tiny_job").execute_in_process(instance=instance, partition_key="a.jsonl")
+    assert result.success
+    records = instance.all_logs(result.run_id)
+    assert records and not [r for r in records if secret in repr(r)]  # messages, metadata, check results
+    objects = object_keys(client, buckets["outputs"])
+    assert any(k.endswith("a.output.jsonl") for k in objects)
+    for key in objects:
+        assert secret.encode() not in client.get_object(Bucket=buckets["outputs"], Key=key)["Body"].read(), key
