@@ -27,22 +27,28 @@ def object_keys(client, bucket: str, prefix: str = "") -> list[str]:
     return [entry["Key"] for page in pages for entry in page.get("Contents", [])]
 
 
+def s3_definitions(resource, buckets, model, **pipeline_options):
+    """The tiny pipeline landing on s3://landing/in/, its stage outputs under s3://outputs/runs/."""
+    pipeline = LLMPipeline(
+        "tiny",
+        {"model_source": model, "engine_kwargs": {"max_model_len": 512}, "batch_size": 4},
+        S3PrefixSource(buckets["landing"], prefix="in", s3=resource),
+        preprocess=to_chat,
+        postprocess=to_answer,
+        **pipeline_options,
+    )
+    storage = PartitionStorage(root=f"s3://{buckets['outputs']}/runs", s3=resource)
+    ray_data = RayDataResource()
+    return build_definitions([pipeline], {"ray_data": ray_data, "storage": storage, "engine_pool": VLLMEnginePoolResource(ray_data=ray_data)}), storage
+
+
 def test_files_landing_on_s3_run_through_every_stage_into_s3_storage(s3, tiny_model, ray_session, instance):
     resource, buckets = s3
     client = resource.get_client()
     put_jsonl(client, buckets["landing"], "in/a.jsonl", questions(3, "a"))
     put_jsonl(client, buckets["landing"], "in/2026/b.jsonl", questions(4, "b"))
     client.put_object(Bucket=buckets["landing"], Key="in/notes.txt", Body=b"not an input file")
-    pipeline = LLMPipeline(
-        "tiny",
-        {"model_source": tiny_model, "engine_kwargs": {"max_model_len": 512}, "batch_size": 4},
-        S3PrefixSource(buckets["landing"], prefix="in", s3=resource),
-        preprocess=to_chat,
-        postprocess=to_answer,
-    )
-    storage = PartitionStorage(root=f"s3://{buckets['outputs']}/runs", s3=resource)
-    ray_data = RayDataResource()
-    defs = build_definitions([pipeline], {"ray_data": ray_data, "storage": storage, "engine_pool": VLLMEnginePoolResource(ray_data=ray_data)})
+    defs, storage = s3_definitions(resource, buckets, tiny_model)
 
     data = tick(defs, instance)
     assert sorted(r.partition_key for r in data.run_requests) == ["2026/b.jsonl", "a.jsonl"]
@@ -105,17 +111,7 @@ def test_the_s3_secret_key_appears_in_no_log_metadata_or_output(s3, tiny_model, 
     secret = resource.aws_secret_access_key
     client = resource.get_client()
     put_jsonl(client, buckets["landing"], "in/a.jsonl", questions(2, "a"))
-    pipeline = LLMPipeline(
-        "tiny",
-        {"model_source": tiny_model, "engine_kwargs": {"max_model_len": 512}, "batch_size": 4},
-        S3PrefixSource(buckets["landing"], prefix="in", s3=resource),
-        preprocess=to_chat,
-        postprocess=to_answer,
-        openai_batch_output=f"s3://{buckets['outputs']}/export",
-    )
-    storage = PartitionStorage(root=f"s3://{buckets['outputs']}/runs", s3=resource)
-    ray_data = RayDataResource()
-    defs = build_definitions([pipeline], {"ray_data": ray_data, "storage": storage, "engine_pool": VLLMEnginePoolResource(ray_data=ray_data)})
+    defs, _ = s3_definitions(resource, buckets, tiny_model, openai_batch_output=f"s3://{buckets['outputs']}/export")
     tick(defs, instance)
     result = defs.resolve_job_def("tiny_job").execute_in_process(instance=instance, partition_key="a.jsonl")
     assert result.success
