@@ -129,6 +129,12 @@ def test_rerunning_postprocess_reads_persisted_output_and_never_starts_an_engine
     [
         ({"x.jsonl": [{"question": "hi"}]}, {"preprocess": None}, "row 'x.jsonl:0': has neither 'messages' nor 'prompt'"),
         ({"x.jsonl": []}, {}, "x.jsonl has no rows"),
+        ({"x.jsonl": [{"q": "hi"}]}, {}, "row 'x.jsonl:0': the preprocess function raised KeyError: 'question'"),
+        (
+            {"x.jsonl": [{"question": "hi"}]},
+            {"preprocess": lambda row: {"messages": row["question"]}},
+            "'messages' is str: expected a non-empty list",
+        ),
         ({"x.jsonl": [{"question": "hi"}]}, {"model_source": "/no/such/model"}, "model_source '/no/such/model' does not exist"),
         (
             {"x.jsonl": [{"question": "hi"}]},
