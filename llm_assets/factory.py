@@ -13,7 +13,7 @@ import dagster as dg
 from llm_assets import checks, export
 from llm_assets.pipeline import ENGINE, LLMPipeline
 from llm_assets.runner import PartitionStats, run_stage
-from llm_assets.sensors import new_files_sensor
+from llm_assets.sensors import new_files_sensor, new_partition_keys
 
 # Run tag: recompute partitions even when their committed output is current.
 RECOMPUTE_TAG = "llm_assets/recompute"
@@ -173,8 +173,7 @@ def build_definitions(pipelines: Sequence[LLMPipeline], resources: dict[str, Any
 
 def add_partitions_for_new_files(instance: dg.DagsterInstance, pipeline: LLMPipeline) -> list[str]:
     """Register a dynamic partition for each source file not yet known; returns the new keys."""
-    known = set(instance.get_dynamic_partitions(pipeline.name))
-    new = [key for key in pipeline.source.partition_keys() if key not in known]
+    new = new_partition_keys(instance, pipeline)
     if new:
         instance.add_dynamic_partitions(pipeline.name, new)
     return new

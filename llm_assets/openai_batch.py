@@ -397,8 +397,12 @@ def _tokens(row: dict[str, Any]) -> tuple[int, int]:
     return int(row.get("num_input_tokens") or 0), int(row.get("num_generated_tokens") or 0)
 
 
-def _chat_completion(row: dict[str, Any], model: str, created: int, body_id: str) -> dict[str, Any]:
+def _usage(row: dict[str, Any]) -> dict[str, int]:
     prompt_tokens, completion_tokens = _tokens(row)
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens, "total_tokens": prompt_tokens + completion_tokens}
+
+
+def _chat_completion(row: dict[str, Any], model: str, created: int, body_id: str) -> dict[str, Any]:
     return {
         "id": f"chatcmpl-{body_id}",
         "object": "chat.completion",
@@ -410,13 +414,11 @@ def _chat_completion(row: dict[str, Any], model: str, created: int, body_id: str
             "logprobs": None,
             "finish_reason": row.get("finish_reason") or "stop",
         }],
-        "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-                  "total_tokens": prompt_tokens + completion_tokens},
+        "usage": _usage(row),
     }
 
 
 def _text_completion(row: dict[str, Any], model: str, created: int, body_id: str) -> dict[str, Any]:
-    prompt_tokens, completion_tokens = _tokens(row)
     return {
         "id": f"cmpl-{body_id}",
         "object": "text_completion",
@@ -424,8 +426,7 @@ def _text_completion(row: dict[str, Any], model: str, created: int, body_id: str
         "model": model,
         "choices": [{"index": 0, "text": row.get("generated_text") or "", "logprobs": None,
                      "finish_reason": row.get("finish_reason") or "stop"}],
-        "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-                  "total_tokens": prompt_tokens + completion_tokens},
+        "usage": _usage(row),
     }
 
 

@@ -14,6 +14,12 @@ import dagster as dg
 
 from llm_assets.pipeline import LLMPipeline
 
+def new_partition_keys(instance: dg.DagsterInstance, pipeline: LLMPipeline) -> list[str]:
+    """Keys of the source's files that are not yet partitions of the pipeline."""
+    known = set(instance.get_dynamic_partitions(pipeline.name))
+    return [key for key in pipeline.source.partition_keys() if key not in known]
+
+
 # New partitions requested per tick, at most: a burst of files becomes several ticks of runs.
 MAX_NEW_PER_TICK = 100
 
@@ -27,8 +33,7 @@ def new_files_sensor(pipeline: LLMPipeline, job, partitions_def: dg.DynamicParti
         description=f"Adds a partition and requests a run for each new file in {pipeline.source.location} (pattern {pipeline.source.pattern!r}).",
     )
     def _sensor(context: dg.SensorEvaluationContext):
-        known = set(context.instance.get_dynamic_partitions(partitions_def.name))
-        new = [key for key in pipeline.source.partition_keys() if key not in known][:MAX_NEW_PER_TICK]
+        new = new_partition_keys(context.instance, pipeline)[:MAX_NEW_PER_TICK]
         if not new:
             return dg.SkipReason(f"no new files in {pipeline.source.location}")
         context.log.info(f"{len(new)} new file(s) in {pipeline.source.location}: {', '.join(new[:10])}")

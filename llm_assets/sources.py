@@ -115,14 +115,13 @@ class S3PrefixSource:
     def partition_keys(self) -> list[str]:
         return list(self.objects())
 
-    def _entry(self, partition_key: str) -> dict[str, Any]:
-        entry = self.objects().get(partition_key)
-        if entry is None:
-            raise SourceError(f"no input object {partition_key!r} under {self.location} (pattern {self.pattern!r})")
-        return entry
-
     def fingerprint(self, partition_key: str) -> str:
-        return str(self._entry(partition_key)["ETag"]).strip('"')
+        """The object's ETag, from one HEAD request (not a listing of the whole prefix)."""
+        try:
+            head = self._client().head_object(Bucket=self.bucket, Key=f"{self._prefix()}{partition_key}")
+        except Exception as exc:  # botocore's ClientError for a missing object
+            raise SourceError(f"no input object {partition_key!r} under {self.location}: {exc}") from None
+        return str(head["ETag"]).strip('"')
 
     def read(self, partition_key: str, chunk_rows: int = 1024) -> Iterator[pa.Table]:
         """Downloads the object to a temporary file (Parquet needs random access), then reads it
