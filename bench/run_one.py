@@ -106,6 +106,10 @@ def ray_data_llm(spec: dict, monitor: Monitor) -> dict:
     }
 
 
+# Log lines kept in llm_assets' result: its timeline from process start to the run's end.
+STAGE_LOG_KEYS = ("committed", "vLLM", "execution of", "partition(s):")
+
+
 def llm_assets(spec: dict, monitor: Monitor) -> dict:
     import dagster as dg
 
@@ -153,7 +157,7 @@ def llm_assets(spec: dict, monitor: Monitor) -> dict:
         "generate_s": generated - ready, "wall_s": run_end - PROCESS_START,
         "engine_starts": sum("Starting 1 vLLM engine" in m for _, m in logs),
         "gpu_busy": monitor.gpu_busy_fraction(ready, generated), "gpu_util_mean": monitor.mean_gpu_util(ready, generated),
-        "stage_log": [f"{t - PROCESS_START:7.1f} {m}" for t, m in logs if "committed" in m or "vLLM" in m],
+        "stage_log": [f"{t - PROCESS_START:7.1f} {m}" for t, m in logs if any(k in m for k in STAGE_LOG_KEYS)],
     }
 
 

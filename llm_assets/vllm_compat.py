@@ -11,48 +11,42 @@ from __future__ import annotations
 import os
 from typing import Any
 
-# Environment an engine process gets on the CPU build unless the user set it:
+# Environment an engine gets on the CPU build unless the user set it:
 # - vLLM keeps one core for its frontend process by default; in batch work that process mostly
 #   waits, and on a 2-core machine the reservation halved generation speed (14.4 s -> 8.4 s for the
 #   demo's 20 rows).
 # - Multiprocessing off lets the engine core run its model in-process ("uni" executor below)
 #   instead of spawning a worker process that imports vLLM again: the demo's engine started in
-#   27 s instead of 45 s, and generated as fast (7.8 s). The async engine still runs its core in a
-#   process of its own. vLLM's CPU platform forces the worker process whenever multiprocessing is on.
+#   27 s instead of 45 s, and generated as fast (7.8 s). vLLM's CPU platform forces the worker
+#   process whenever multiprocessing is on.
 CPU_ENGINE_ENV = {
     "VLLM_CPU_KVCACHE_SPACE": "2",
     "VLLM_CPU_NUM_OF_RESERVED_CPU": "0",
     "VLLM_ENABLE_V1_MULTIPROCESSING": "0",
 }
+# Environment of an engine actor on any build unless the user set it: the engine core runs in the
+# actor's own process (see stages/engine_loop.py) instead of a spawned one.
+ENGINE_ACTOR_ENV = {"VLLM_ENABLE_V1_MULTIPROCESSING": "0"}
 # Engine kwargs the CPU build gets unless the user set them.
 CPU_ENGINE_KWARGS = {"dtype": "float32", "enforce_eager": True, "distributed_executor_backend": "uni"}
 
 
-def async_engine_class():
-    try:
-        from vllm.v1.engine.async_llm import AsyncLLM
-    except ImportError:  # older layouts
-        from vllm import AsyncLLMEngine as AsyncLLM
-    return AsyncLLM
-
-
-def start_async_engine(**kwargs: Any):
-    """An async engine with the defaults of vLLM's offline ``LLM`` class, not the server's.
+def start_engine(**kwargs: Any):
+    """An engine with the defaults of vLLM's offline ``LLM`` class, not the server's.
 
     vLLM sizes its scheduler by "usage context": the offline LLM class gets up to 1024 running
-    sequences and 16384 batched tokens on an H100, while an async engine built with the default
-    context gets the bare scheduler defaults (128 sequences, 2048 tokens), which leaves a batch
-    workload's GPU mostly idle. Batch inference is the offline case.
+    sequences and 16384 batched tokens on an H100, while an engine built with the default context
+    gets the bare scheduler defaults (128 sequences, 2048 tokens), which leaves a batch workload's
+    GPU mostly idle. Batch inference is the offline case; like the LLM class, no periodic stats
+    logging (it costs the step loop time) unless asked for.
     """
+    from vllm import EngineArgs
     from vllm.usage.usage_lib import UsageContext
 
-    return async_engine_class().from_engine_args(engine_args(**kwargs), usage_context=UsageContext.LLM_CLASS)
+    from llm_assets.stages.engine_loop import EngineLoop
 
-
-def engine_args(**kwargs: Any):
-    from vllm import AsyncEngineArgs
-
-    return AsyncEngineArgs(**kwargs)
+    kwargs.setdefault("disable_log_stats", True)
+    return EngineLoop(EngineArgs(**kwargs), usage_context=UsageContext.LLM_CLASS)
 
 
 def fatal_engine_errors() -> tuple[type[BaseException], ...]:
@@ -87,12 +81,11 @@ def sampling_params(**kwargs: Any):
     return SamplingParams(**kwargs)
 
 
-# Modules an engine start imports, in the engine actor or in the engine-core process it spawns.
-# Importing them while the CPU stages still run (before the engine is built) reads them from disk
-# once, off the critical path: the spawned engine-core process then finds them in the page cache.
+# Modules an engine start imports. Importing them in the engine actor while the CPU stages still
+# run (before the engine is built) takes the cold-disk reads off the critical path.
 ENGINE_MODULES = (
     "vllm",
-    "vllm.v1.engine.async_llm",
+    "vllm.v1.engine.llm_engine",
     "vllm.v1.engine.core",
     "vllm.model_executor.models.llama",
 )
@@ -129,9 +122,16 @@ def platform_engine_kwargs(engine_kwargs: dict[str, Any], on_gpu: bool) -> dict[
 
 
 def platform_env(on_gpu: bool) -> dict[str, str]:
+    """What vLLM's CPU build needs in any process that builds an engine (nothing on a GPU)."""
     if on_gpu:
         return {}
     return {key: value for key, value in CPU_ENGINE_ENV.items() if key not in os.environ}
+
+
+def engine_actor_env(on_gpu: bool) -> dict[str, str]:
+    """Environment of an engine actor: the platform's, and the engine core in the actor's process."""
+    own = {key: value for key, value in ENGINE_ACTOR_ENV.items() if key not in os.environ}
+    return {**own, **platform_env(on_gpu)}
 
 
 def max_num_seqs(engine: Any) -> int:

@@ -283,7 +283,7 @@ class VLLMEnginePoolResource(dg.ConfigurableResource):
         import ray
 
         runtime_env = dict(config.runtime_env or {})
-        runtime_env["env_vars"] = {**vllm_compat.platform_env(on_gpu), **runtime_env.get("env_vars", {})}
+        runtime_env["env_vars"] = {**vllm_compat.engine_actor_env(on_gpu), **runtime_env.get("env_vars", {})}
         options: dict[str, Any] = {
             "num_cpus": self.num_cpus_per_engine,
             "num_gpus": self._gpus_per_engine(config, on_gpu),

@@ -36,7 +36,7 @@ def engine_outputs(tiny_model, ray_session):
         batch_format="pyarrow",
         compute=ray.data.ActorPoolStrategy(size=1),
         num_cpus=1,
-        runtime_env={"env_vars": vllm_compat.platform_env(on_gpu=False)},
+        runtime_env={"env_vars": vllm_compat.engine_actor_env(on_gpu=False)},
     )
     return {row["row_id"]: row for row in dataset.take_all()}
 

@@ -1,4 +1,4 @@
-"""vLLM engine: token ids in, generated token ids out, one async engine per actor.
+"""vLLM engine: token ids in, generated token ids out, one engine per actor.
 
 Every row of a batch becomes its own request, submitted at once, so the engine's scheduler sees
 many requests in flight (across batches too: the actor runs several batches concurrently) and the
@@ -44,7 +44,7 @@ class vLLMEngineStage:
         # When a Detokenize stage follows, the engine skips detokenizing (less CPU in the engine
         # process); rows with stop strings still need it, vLLM matches stops on text.
         self.engine_detokenizes = engine_detokenizes
-        self.engine = vllm_compat.start_async_engine(model=model_source, **(engine_kwargs or {}))
+        self.engine = vllm_compat.start_engine(model=model_source, **(engine_kwargs or {}))
         self.max_num_seqs = vllm_compat.max_num_seqs(self.engine)
         self.semaphore = asyncio.Semaphore(max_pending_requests) if max_pending_requests else contextlib.nullcontext()
         self.request_ids = itertools.count()
@@ -109,10 +109,8 @@ class vLLMEngineStage:
                 request = vllm_compat.text_prompt(prompt)
             else:
                 raise ValueError("the row has neither 'tokenized_prompt' nor a non-empty 'prompt'")
-            final = None
             async with self.semaphore:
-                async for output in self.engine.generate(request, sampling, request_id=f"{row_id}#{next(self.request_ids)}"):
-                    final = output
+                final = await self.engine.generate(request, sampling, request_id=f"{row_id}#{next(self.request_ids)}")
         except self.fatal_errors:
             raise  # a dead engine is never one row's problem
         except Exception as exc:
@@ -133,9 +131,7 @@ class vLLMEngineStage:
         }
 
     def shutdown(self) -> None:
-        shutdown = getattr(self.engine, "shutdown", None)
-        if shutdown is not None:
-            shutdown()
+        self.engine.shutdown()
 
 
 async def _failed_upstream() -> dict:

@@ -1,0 +1,132 @@
+"""vLLM's engine stepped by one thread of this process, awaited from asyncio.
+
+vLLM's ``AsyncLLM`` always runs its engine core in a process of its own, and inside a Ray actor
+vLLM must *spawn* that process (forking a Ray worker is unsafe), which imports vLLM and torch a
+second time: ~29 s of a cold engine start on the H100 test machine, ~20 s on a CPU. The engine
+here is vLLM's ``LLMEngine`` (what the offline ``LLM`` class drives) with its core in this
+process: no second process, no second import. One thread owns it (it is not thread-safe): it
+admits new requests, calls ``step()`` while any request is unfinished, and hands each finished
+output to the asyncio task waiting for it. With vLLM's async scheduling the next step is queued on
+the GPU before this thread processes the last one's outputs, so the GPU does not wait on it.
+
+``VLLM_ENABLE_V1_MULTIPROCESSING=1`` in the engine's environment puts the core back in a process
+of its own (the same loop then talks to it over vLLM's IPC).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import queue
+import threading
+from collections import defaultdict
+from typing import Any, Optional
+
+
+class EngineLoop:
+    def __init__(self, engine_args: Any, usage_context: Any):
+        from vllm.v1.engine.llm_engine import LLMEngine
+
+        self._engine = LLMEngine.from_engine_args(engine_args, usage_context=usage_context)
+        self.vllm_config = self._engine.vllm_config
+        self._inbox: queue.SimpleQueue = queue.SimpleQueue()  # (request_id, prompt, params, loop, future) or an abort
+        self._waiting: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Future]] = {}
+        self._wake = threading.Event()
+        self._stopping = False
+        self.dead: Optional[BaseException] = None
+        self._thread = threading.Thread(target=self._run, name="vllm-engine-loop", daemon=True)
+        self._thread.start()
+
+    @property
+    def errored(self) -> bool:
+        return self.dead is not None
+
+    async def generate(self, prompt: Any, params: Any, request_id: str) -> Any:
+        """The request's final ``RequestOutput``; a request vLLM refuses raises its error."""
+        if self.dead is not None:
+            raise _dead_error(self.dead)
+        loop = asyncio.get_running_loop()
+        future = loop.create_future()
+        self._inbox.put((request_id, prompt, params, loop, future))
+        self._wake.set()
+        try:
+            return await future
+        except asyncio.CancelledError:
+            self._inbox.put(request_id)  # abort: nobody waits for it any more
+            self._wake.set()
+            raise
+
+    def shutdown(self) -> None:
+        self._stopping = True
+        self._wake.set()
+        self._thread.join(timeout=60)
+        self._engine.engine_core.shutdown()
+
+    def _run(self) -> None:
+        try:
+            while not self._stopping:
+                self._admit()
+                if self._engine.has_unfinished_requests():
+                    finished = [(out.request_id, out) for out in self._engine.step() if out.finished]
+                    self._resolve(finished, failed=False)
+                else:
+                    self._wake.wait()
+                    self._wake.clear()
+        except BaseException as exc:  # the engine itself failed: every waiting request learns it
+            self.dead = exc
+            self._admit()  # requests that arrived meanwhile fail too
+            self._resolve([(rid, _dead_error(exc)) for rid in list(self._waiting)], failed=True)
+
+    def _admit(self) -> None:
+        refused = []
+        while True:
+            try:
+                item = self._inbox.get_nowait()
+            except queue.Empty:
+                break
+            if isinstance(item, str):
+                if self._waiting.pop(item, None) is not None:
+                    self._engine.abort_request([item])
+                continue
+            request_id, prompt, params, loop, future = item
+            self._waiting[request_id] = (loop, future)
+            if self.dead is not None:
+                continue
+            try:
+                self._engine.add_request(request_id, prompt, params)
+            except Exception as exc:  # this request's problem (too long, bad params): only it fails
+                refused.append((request_id, exc))
+        self._resolve(refused, failed=True)
+
+    def _resolve(self, results: list[tuple[str, Any]], failed: bool) -> None:
+        """Hand results to their waiting tasks: one wake-up per event loop, not per request."""
+        by_loop: dict[asyncio.AbstractEventLoop, list] = defaultdict(list)
+        for request_id, value in results:
+            waiter = self._waiting.pop(request_id, None)
+            if waiter is not None:
+                by_loop[waiter[0]].append((waiter[1], value))
+        for loop, items in by_loop.items():
+            try:
+                loop.call_soon_threadsafe(_settle, items, failed)
+            except RuntimeError:  # that event loop is closed: nobody is waiting
+                pass
+
+
+def _settle(items: list[tuple[asyncio.Future, Any]], failed: bool) -> None:
+    for future, value in items:
+        if future.done():  # cancelled meanwhile
+            continue
+        if failed:
+            future.set_exception(value)
+        else:
+            future.set_result(value)
+
+
+def _dead_error(cause: BaseException) -> BaseException:
+    try:
+        from vllm.v1.engine.exceptions import EngineDeadError
+    except ImportError:
+        return RuntimeError(f"the vLLM engine stopped: {type(cause).__name__}: {cause}")
+    error = EngineDeadError()
+    error.args = (f"the vLLM engine stopped: {type(cause).__name__}: {cause}",)
+    error.__cause__ = cause
+    return error
