@@ -20,7 +20,7 @@ def main(paths: list[str]) -> None:
         start = r.get("engine_start_s", r.get("first_output_s"))
         vs_raw = f"{r['output_tok_s'] / raw['output_tok_s']:.3f}" if raw else "-"
         wall_vs_raw = f"{r['wall_s'] / raw['wall_s']:.3f}" if raw else "-"
-        vs_peer = f"{r['whole_job_tok_s'] / peer['whole_job_tok_s']:.2f}" if peer else "-"
+        vs_peer = f"{r['whole_job_tok_s'] / peer['whole_job_tok_s']:.3f}" if peer else "-"
         start_note = "" if "engine_start_s" in r else " (first row out)"
         print(
             f"| {name} | {r['model']} | {r['rows']} | {start:.1f}{start_note} | {r['generate_s']:.1f} | {r['output_tok_s']:.0f} | {vs_raw} "

@@ -70,9 +70,9 @@ def text_prompt(text: str) -> dict:
 def sampling_params(**kwargs: Any):
     """SamplingParams for one batch row: only its final output is returned.
 
-    The async engine's default is a cumulative output of every request after every step, built in
-    the engine actor's event loop: with ~1000 requests in flight that Python work competes with
-    feeding the engine. vLLM's offline ``LLM.generate`` asks for final outputs only, too.
+    vLLM's default is a cumulative output of every request after every step: with ~1000 requests
+    in flight that Python work competes with the engine's step loop. vLLM's offline
+    ``LLM.generate`` asks for final outputs only, too.
     """
     from vllm import SamplingParams
     from vllm.sampling_params import RequestOutputKind

@@ -142,9 +142,8 @@ def _first_line(exc: BaseException) -> str:
 class EngineHost:
     """One engine actor, started in two steps.
 
-    Created when the run's first stage begins, it imports vLLM and the modules the engine-core
-    process will import (from a cold disk the slow part of a start: ~50 s on the H100 test machine)
-    while the CPU stages run. :meth:`start` builds the engine (GPU memory, compile, CUDA graphs)
+    Created when the run's first stage begins, it imports vLLM and the modules an engine start
+    needs (from a cold disk ~28 s on the H100 test machine) while the CPU stages run. :meth:`start` builds the engine (GPU memory, compile, CUDA graphs)
     only once the rows have passed Preprocess's checks, so bad input never reaches a GPU.
     """
 
