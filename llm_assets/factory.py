@@ -59,6 +59,8 @@ def _metadata(results: list[PartitionStats]) -> dict[str, Any]:
         "partitions": len(results),
         "partitions_recomputed": sum(not r.skipped for r in results),
     }
+    if any(r.rows_resumed for r in results):
+        metadata["rows_resumed"] = sum(r.rows_resumed for r in results)
     if len(results) == 1:
         metadata["path"] = dg.MetadataValue.path(results[0].path)
     return metadata

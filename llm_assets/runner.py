@@ -18,7 +18,7 @@ import pyarrow.compute as pc
 
 from llm_assets.models import resolve_model_source
 from llm_assets.pipeline import ENGINE, LLMPipeline, StagePlan
-from llm_assets.stages.base import ERROR_COLUMN
+from llm_assets.stages.base import ERROR_COLUMN, ROW_ID
 
 PROGRESS_EVERY_S = 10.0
 Log = Callable[[str], None]
@@ -36,6 +36,7 @@ class PartitionStats:
     path: str = ""
     code_version: str = ""
     input: str = ""  # what it was computed from: the upstream commit's attempt, or the source file's fingerprint
+    rows_resumed: int = 0  # rows kept from an interrupted attempt (engine checkpoints), not generated again
     skipped: bool = False  # already committed with the same code version and input: not recomputed
     started: float = field(default_factory=time.monotonic)
 
@@ -58,6 +59,10 @@ class PartitionStats:
     def from_manifest(cls, stats: dict[str, Any]) -> "PartitionStats":
         known = {k: v for k, v in stats.items() if k in cls.__dataclass_fields__}
         return cls(**known, skipped=True)
+
+
+# The columns PartitionStats.add reads (and the row ids), read back from adopted checkpoint files.
+STATS_COLUMNS = (ROW_ID, "num_input_tokens", "tokenized_prompt", "num_generated_tokens", ERROR_COLUMN)
 
 
 def _sum(column) -> int:
@@ -280,27 +285,36 @@ def _run_engine(pipeline, plan: StagePlan, partitions: list[str], storage, engin
         manifest, inputs[partition] = storage.committed(pipeline.name, plan.upstream, partition)
         stats[partition].rows_in = manifest.rows
         stats[partition].input = manifest.attempt
+    # Rows an interrupted run already wrote (same code version, same input) are kept, not resent.
+    writers: dict[str, Any] = {}
+    done_ids: dict[str, pa.Array] = {}
+    for partition in partitions:
+        writers[partition], done_ids[partition] = _resume(storage, pipeline, plan, stats[partition], log)
+    results = [_commit(writers.pop(p), stats[p], partition_progress, storage) for p in partitions if stats[p].rows_resumed == stats[p].rows_in]
+    todo = [p for p in partitions if p in writers]
+    if not todo:
+        return results
     pool = engine_pool.get_pool(*_engine_pool_args(pipeline, log), log)
 
-    outstanding = {p: 0 for p in partitions}
+    outstanding = {p: 0 for p in todo}
     fully_read: set[str] = set()
-    writers: dict[str, Any] = {}
-    results: list[PartitionStats] = []
-    progress = Progress(f"engine [{len(partitions)} partition(s)]", sum(s.rows_in for s in stats.values()), log)
+    progress = Progress(f"engine [{len(todo)} partition(s)]", sum(stats[p].rows_in - stats[p].rows_resumed for p in todo), log)
 
     def batches() -> Iterator[tuple[str, pa.Table]]:
-        for partition in partitions:
+        for partition in todo:
             dataset = _read_committed(inputs[partition], storage)
             stats[partition].started = time.monotonic()
             for batch in dataset.iter_batches(batch_size=config.batch_size, batch_format="pyarrow"):
+                if len(done_ids[partition]):
+                    batch = batch.filter(pc.invert(pc.is_in(batch.column(ROW_ID), value_set=done_ids[partition])))
+                    if batch.num_rows == 0:
+                        continue
                 outstanding[partition] += 1
                 yield partition, batch
             fully_read.add(partition)
 
     try:
         for partition, output in pool.map(batches()):
-            if partition not in writers:
-                writers[partition] = storage.writer(pipeline.name, plan.name, partition)
             writers[partition].write(output)
             stats[partition].add(output)
             progress.advance(output.num_rows)
@@ -313,6 +327,29 @@ def _run_engine(pipeline, plan: StagePlan, partitions: list[str], storage, engin
             results.append(_commit(writers.pop(done), stats[done], partition_progress, storage))
     except BaseException:
         for writer in writers.values():
-            writer.abort()
+            writer.suspend()  # its complete files stay for the next run to adopt
         raise
     return results
+
+
+def _resume(storage, pipeline, plan: StagePlan, stats: PartitionStats, log: Log) -> tuple[Any, pa.Array]:
+    """The partition's checkpointed writer, and the row ids its adopted files already hold."""
+    import pyarrow.parquet as pq
+
+    info = {"code_version": stats.code_version, "input": stats.input}
+    writer, adopted = storage.resumable_writer(pipeline.name, plan.name, stats.partition, info)
+    if not adopted:
+        return writer, pa.array([], pa.string())
+    filesystem = storage.filesystem()
+    ids = []
+    for path in adopted:
+        names = pq.ParquetFile(path, filesystem=filesystem).schema_arrow.names
+        table = pq.read_table(path, filesystem=filesystem, columns=[c for c in STATS_COLUMNS if c in names])
+        stats.add(table)
+        ids.append(table.column(ROW_ID))
+    stats.rows_resumed = stats.rows_out
+    log(
+        f"engine [{stats.partition}]: resuming an interrupted attempt ({writer.attempt}): {stats.rows_resumed} of "
+        f"{stats.rows_in} rows already written are kept; the other {stats.rows_in - stats.rows_resumed} go to the engine"
+    )
+    return writer, pa.chunked_array(ids).combine_chunks()

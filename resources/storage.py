@@ -10,6 +10,13 @@ stats) is written last: locally through a temporary file renamed into place, on 
 S3 object becomes visible only once complete, so no rename is needed). Readers read only the files
 a manifest lists, so a half-written attempt is never seen, and a failed attempt leaves the last
 committed output untouched. ``root`` is a local folder or ``s3://bucket/prefix``.
+
+Checkpoints (the engine stage): a checkpointed writer records what it computes from
+(``_attempt.json``: code version and input) and closes its Parquet file at least every
+``checkpoint_interval_s``; a part file appears under its final name only once complete (local:
+written under a dot-name, then renamed; S3: an upload is visible only once done). A later run
+with the same code version and input adopts the uncommitted attempt: its complete files stay, and
+only the rows they lack are computed again.
 """
 
 from __future__ import annotations
@@ -31,6 +38,7 @@ from pydantic import Field
 from resources.s3 import S3Resource, pyarrow_s3, split_s3_uri
 
 MANIFEST = "_manifest.json"
+ATTEMPT_INFO = "_attempt.json"
 
 
 class NotMaterializedError(RuntimeError):
@@ -47,25 +55,36 @@ class Manifest:
 
 
 class PartitionWriter:
-    """Streams Arrow batches to Parquet files of one attempt; ``commit`` makes them visible."""
+    """Streams Arrow batches to Parquet files of one attempt; ``commit`` makes them visible.
 
-    def __init__(self, fs: pafs.FileSystem, partition_dir: str, max_rows_per_file: int):
+    ``adopt`` continues an uncommitted attempt (its complete files are kept); ``checkpoint_every_s``
+    closes the open file that often, so an interrupted run leaves complete files behind.
+    """
+
+    def __init__(self, fs: pafs.FileSystem, partition_dir: str, max_rows_per_file: int, checkpoint_every_s: Optional[float] = None, adopt: Optional[tuple[str, list[str], int]] = None):
         self.fs = fs
         self.partition_dir = partition_dir
-        self.attempt = f"attempt-{time.strftime('%Y%m%dT%H%M%S')}-{uuid.uuid4().hex[:8]}"
         self.max_rows_per_file = max_rows_per_file
-        self.files: list[str] = []
-        self.rows = 0
+        self.checkpoint_every_s = checkpoint_every_s
+        self.session = uuid.uuid4().hex[:8]  # part names of two writers adopting one attempt never clash
+        if adopt is None:
+            self.attempt = f"attempt-{time.strftime('%Y%m%dT%H%M%S')}-{self.session}"
+            self.files: list[str] = []
+            self.rows = 0
+            fs.create_dir(f"{partition_dir}/{self.attempt}", recursive=True)
+        else:
+            self.attempt, self.files, self.rows = adopt[0], list(adopt[1]), adopt[2]
         self._writer: Optional[pq.ParquetWriter] = None
+        self._open_name = ""
         self._rows_in_file = 0
-        fs.create_dir(f"{partition_dir}/{self.attempt}", recursive=True)
+        self._opened_at = 0.0
 
     def write(self, table: pa.Table) -> None:
         if table.num_rows == 0:
             return
         if self._writer is not None and not table.schema.equals(self._writer.schema):
             table = self._conform(table)
-        if self._writer is None or self._rows_in_file >= self.max_rows_per_file:
+        if self._writer is None or self._rows_in_file >= self.max_rows_per_file or self._checkpoint_due():
             self._roll(table.schema)
         self._writer.write_table(table)
         self._rows_in_file += table.num_rows
@@ -83,17 +102,37 @@ class PartitionWriter:
         self._close_file()
         return table
 
+    def _checkpoint_due(self) -> bool:
+        return self.checkpoint_every_s is not None and time.monotonic() - self._opened_at >= self.checkpoint_every_s
+
+    def _local(self) -> bool:
+        return isinstance(self.fs, pafs.LocalFileSystem)
+
     def _roll(self, schema: pa.Schema) -> None:
         self._close_file()
-        name = f"{self.attempt}/part-{len(self.files):05d}.parquet"
-        self._writer = pq.ParquetWriter(self.fs.open_output_stream(f"{self.partition_dir}/{name}"), schema)
-        self.files.append(name)
+        self._open_name = f"{self.attempt}/part-{len(self.files):05d}-{self.session}.parquet"
+        path = f"{self.partition_dir}/{self._open_name}"
+        if self._local():  # under a dot-name until complete: a killed writer leaves no torn part-*
+            path = f"{self.partition_dir}/{self.attempt}/.{self._open_name.split('/')[-1]}.tmp"
+        self._writer = pq.ParquetWriter(self.fs.open_output_stream(path), schema)
         self._rows_in_file = 0
+        self._opened_at = time.monotonic()
 
     def _close_file(self) -> None:
         if self._writer is not None:
             self._writer.close()
             self._writer = None
+            if self._local():
+                self.fs.move(f"{self.partition_dir}/{self.attempt}/.{self._open_name.split('/')[-1]}.tmp", f"{self.partition_dir}/{self._open_name}")
+            self.files.append(self._open_name)
+
+    def write_attempt_info(self, info: dict[str, Any]) -> None:
+        with self.fs.open_output_stream(f"{self.partition_dir}/{self.attempt}/{ATTEMPT_INFO}") as out:
+            out.write(json.dumps(info).encode())
+
+    def suspend(self) -> None:
+        """Stop without committing, keeping the complete files for a later run to adopt."""
+        self._close_file()
 
     def commit(self, stats: dict[str, Any]) -> Manifest:
         self._close_file()
@@ -140,6 +179,11 @@ class PartitionStorage(dg.ConfigurableResource):
     root: str = Field(description="A local folder, or s3://bucket/prefix, for stage outputs.")
     s3: Optional[S3Resource] = Field(default=None, description="Endpoint, region and credentials for an s3:// root (default: the AWS environment).")
     max_rows_per_file: int = Field(default=500_000, description="Rows per Parquet file before a new one starts.")
+    checkpoint_interval_s: float = Field(
+        default=60.0,
+        gt=0,
+        description="The engine stage closes its Parquet file at least this often: a run that is killed loses at most about this much generation; a re-run keeps the rest.",
+    )
 
     def _fs(self) -> tuple[pafs.FileSystem, str]:
         if self.root.startswith("s3://"):
@@ -180,3 +224,46 @@ class PartitionStorage(dg.ConfigurableResource):
 
     def writer(self, pipeline: str, stage: str, partition: str) -> PartitionWriter:
         return PartitionWriter(self.filesystem(), self.partition_dir(pipeline, stage, partition), self.max_rows_per_file)
+
+    def resumable_writer(self, pipeline: str, stage: str, partition: str, info: dict[str, Any]) -> tuple[PartitionWriter, list[str]]:
+        """A checkpointed writer, continuing the newest uncommitted attempt computed from the same
+        ``info`` (code version, input) if there is one; returns it and the paths of the complete
+        files it adopted (empty for a fresh attempt)."""
+        fs = self.filesystem()
+        base = self.partition_dir(pipeline, stage, partition)
+        found = _resumable_attempt(fs, base, info)
+        if found is None:
+            writer = PartitionWriter(fs, base, self.max_rows_per_file, self.checkpoint_interval_s)
+            writer.write_attempt_info(info)
+            return writer, []
+        attempt, names = found
+        rows = sum(pq.ParquetFile(f"{base}/{name}", filesystem=fs).metadata.num_rows for name in names)
+        writer = PartitionWriter(fs, base, self.max_rows_per_file, self.checkpoint_interval_s, adopt=(attempt, names, rows))
+        return writer, [f"{base}/{name}" for name in names]
+
+
+def _resumable_attempt(fs: pafs.FileSystem, partition_dir: str, info: dict[str, Any]) -> Optional[tuple[str, list[str]]]:
+    """The newest uncommitted attempt of the partition whose ``_attempt.json`` equals ``info``,
+    with its complete part files (in name order)."""
+    committed = read_manifest(fs, partition_dir)
+    try:
+        entries = fs.get_file_info(pafs.FileSelector(partition_dir, allow_not_found=True))
+    except FileNotFoundError:
+        return None
+    attempts = sorted(
+        (e.base_name for e in entries if e.type == pafs.FileType.Directory and e.base_name.startswith("attempt-")),
+        reverse=True,  # names start with their creation time
+    )
+    for attempt in attempts:
+        if committed is not None and attempt == committed.attempt:
+            continue
+        try:
+            with fs.open_input_stream(f"{partition_dir}/{attempt}/{ATTEMPT_INFO}") as f:
+                if json.loads(f.read()) != info:
+                    continue
+        except (FileNotFoundError, ValueError):
+            continue
+        files = fs.get_file_info(pafs.FileSelector(f"{partition_dir}/{attempt}"))
+        names = sorted(f"{attempt}/{e.base_name}" for e in files if e.base_name.startswith("part-") and e.base_name.endswith(".parquet"))
+        return attempt, names
+    return None
