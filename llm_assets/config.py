@@ -17,7 +17,8 @@ Concurrency = Union[int, Tuple[int, int]]
 
 class _StrictModel(BaseModel):
     # extra="forbid": a misspelt field is an error, never silently ignored.
-    model_config = ConfigDict(extra="forbid", validate_assignment=True, frozen=False)
+    # hide_input_in_errors: a config error never echoes the values given (runtime_env may hold tokens).
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, frozen=False, hide_input_in_errors=True)
 
 
 def _check_concurrency(value: Optional[Concurrency]) -> Optional[Concurrency]:

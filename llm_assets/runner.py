@@ -135,8 +135,20 @@ def _run_cpu_stage_partitions(pipeline, plan: StagePlan, partitions: list[str], 
         start(*_engine_pool_args(pipeline, log), log)
     results = [_run_cpu_stage(pipeline, plan, partition, storage, model_source, code_version, progress) for partition in partitions]
     if engine_pool is not None and plan.upstream is None:
+        _check_stages_before_engine(pipeline, log)
         engine_pool.prestart(*_engine_pool_args(pipeline, log), log)
     return results
+
+
+def _check_stages_before_engine(pipeline: LLMPipeline, log: Log) -> None:
+    """Build the CPU stages between Preprocess and the engine once here, so that a setup error
+    (a model without a chat template, a tokenizer that does not load) fails the run before an
+    engine is built. Off the critical path: the engine actors are still importing vLLM."""
+    names = pipeline.stage_names()
+    for stage in names[1 : names.index(ENGINE)]:
+        plan = pipeline.plan(stage)
+        if plan.model_source:
+            plan.udf(**plan.udf_kwargs, model_source=resolve_model_source(plan.model_source, log))
 
 
 def _input_identity(pipeline: LLMPipeline, plan: StagePlan, partition: str, storage) -> str:

@@ -63,6 +63,18 @@ def write_jsonl(path: Path, rows: list[dict]) -> Path:
     return path
 
 
+def model_without_chat_template(model: str, folder: Path) -> str:
+    """A copy of ``model`` whose tokenizer has no chat template."""
+    import shutil
+
+    shutil.copytree(model, folder)
+    (folder / "chat_template.jinja").unlink(missing_ok=True)
+    config = json.loads((folder / "tokenizer_config.json").read_text())
+    config.pop("chat_template", None)
+    (folder / "tokenizer_config.json").write_text(json.dumps(config))
+    return str(folder)
+
+
 def questions(n: int, prefix: str = "q") -> list[dict]:
     return [{"question": f"{prefix} number {i}: say something about the number {i}"} for i in range(n)]
 

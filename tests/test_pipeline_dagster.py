@@ -6,11 +6,15 @@ import dagster as dg
 import pyarrow.parquet as pq
 import pytest
 
-from llm_assets.factory import add_partitions_for_new_files, build_definitions, stage_key
+from llm_assets.factory import (
+    add_partitions_for_new_files,
+    build_definitions,
+    stage_key,
+)
 from llm_assets.pipeline import LLMPipeline
 from llm_assets.sources import LocalFolderSource
 from resources import PartitionStorage, RayDataResource, VLLMEnginePoolResource
-from tests.conftest import questions, write_jsonl
+from tests.conftest import model_without_chat_template, questions, write_jsonl
 
 RANGE_START = "dagster/asset_partition_range_start"
 RANGE_END = "dagster/asset_partition_range_end"
@@ -157,6 +161,30 @@ def test_bad_input_fails_the_run_with_a_clear_message_before_any_engine_starts(
     messages = log_messages(instance, result.run_id)
     assert not any("Starting 1 vLLM engine" in m or "vLLM engine 0 started" in m for m in messages)
     assert not (tmp_path / "storage" / "tiny" / "engine").exists()
+
+
+@pytest.mark.parametrize("case", ["corrupt parquet", "model without a chat template"])
+def test_a_bad_file_or_model_fails_the_run_before_any_engine_starts(tmp_path, tiny_model, ray_session, instance, case):
+    landing = tmp_path / "landing"
+    if case == "corrupt parquet":
+        partition, model, expected = "x.parquet", tiny_model, "x.parquet: not a readable Parquet file"
+        landing.mkdir()
+        (landing / partition).write_bytes(b"PAR1 not really parquet")
+    else:
+        partition, model = "x.jsonl", model_without_chat_template(tiny_model, tmp_path / "m")
+        expected = "has no chat template; pass chat_template_stage={'chat_template': '...'}"
+        write_jsonl(landing / partition, [{"question": "hi"}])
+    pipeline = make_pipeline(landing, model)
+    pipeline.source = LocalFolderSource(str(landing), pattern="x.*")
+    result = run_job(pipeline, make_resources(tmp_path / "storage"), instance, {"dagster/partition": partition}, raise_on_error=False)
+    assert not result.success
+    failure = next(e for e in result.all_events if e.event_type_value == "STEP_FAILURE")
+    assert expected in failure.step_failure_data.error.to_string()
+    messages = log_messages(instance, result.run_id)
+    assert not any("Starting 1 vLLM engine" in m or "vLLM engine 0 started" in m for m in messages)
+    assert not (tmp_path / "storage" / "tiny" / "engine").exists()
+    if case != "corrupt parquet":  # what Preprocess committed stays
+        assert json.loads((tmp_path / "storage" / "tiny" / "preprocess" / partition / "_manifest.json").read_text())["rows"] == 1
 
 
 def test_the_run_fails_naming_the_row_when_a_request_fails(tmp_path, tiny_model, ray_session, instance):

@@ -11,6 +11,7 @@ from llm_assets.stages.detokenize import DetokenizeStage
 from llm_assets.stages.postprocess import PostprocessStage
 from llm_assets.stages.preprocess import PreprocessStage
 from llm_assets.stages.tokenize import TokenizeStage
+from tests.conftest import model_without_chat_template
 
 
 def to_chat(row):
@@ -61,16 +62,8 @@ def test_chat_template_adds_a_generation_prompt_only_after_a_user_message(tiny_m
 
 
 def test_chat_template_missing_is_a_clear_error(tmp_path, tiny_model):
-    import shutil
-
-    folder = tmp_path / "no-template"
-    shutil.copytree(tiny_model, folder)
-    (folder / "chat_template.jinja").unlink()
-    config = json.loads((folder / "tokenizer_config.json").read_text())
-    config.pop("chat_template", None)
-    (folder / "tokenizer_config.json").write_text(json.dumps(config))
     with pytest.raises(ValueError, match="has no chat template"):
-        ChatTemplateStage(str(folder))
+        ChatTemplateStage(model_without_chat_template(tiny_model, tmp_path / "no-template"))
 
 
 def test_tokenize_then_detokenize_round_trips(tiny_model):
