@@ -23,7 +23,10 @@ def engine_outputs(tiny_model, ray_session):
         }
         for i in range(40)
     ]
+    # Requests vLLM refuses, one row each: too long for the model, empty, invalid sampling params.
     rows.append({"row_id": "too-long", "tokenized_prompt": [7] * (MAX_MODEL_LEN + 10), "sampling_params": None})
+    rows.append({"row_id": "empty", "tokenized_prompt": [], "sampling_params": None})
+    rows.append({"row_id": "bad-params", "tokenized_prompt": [5, 6, 7], "sampling_params": json.dumps({"temperature": -1.0})})
     dataset = ray.data.from_items(rows).map_batches(
         vLLMEngineStage,
         fn_constructor_kwargs={
@@ -42,7 +45,7 @@ def engine_outputs(tiny_model, ray_session):
 
 
 def test_every_row_comes_back_once_with_ray_data_llm_columns(engine_outputs):
-    assert sorted(engine_outputs) == sorted([f"r{i}" for i in range(40)] + ["too-long"])
+    assert sorted(engine_outputs) == sorted([f"r{i}" for i in range(40)] + ["too-long", "empty", "bad-params"])
     row = engine_outputs["r3"]
     assert row["num_generated_tokens"] == 6 and len(row["generated_tokens"]) == 6
     assert row["num_input_tokens"] == 3 + 3 % 7
@@ -58,4 +61,40 @@ def test_a_failing_row_is_kept_with_its_error_when_continuing_on_error(engine_ou
     assert failed[ERROR_COLUMN] and failed[ERROR_COLUMN].split(":")[0].endswith("Error")
     assert str(MAX_MODEL_LEN) in failed[ERROR_COLUMN]
     assert failed["generated_tokens"] is None
-    assert sum(1 for row in engine_outputs.values() if row[ERROR_COLUMN]) == 1
+    assert "empty" in engine_outputs["empty"][ERROR_COLUMN].lower()
+    assert "temperature" in engine_outputs["bad-params"][ERROR_COLUMN]
+    assert [row_id for row_id, row in engine_outputs.items() if row[ERROR_COLUMN]] == ["too-long", "empty", "bad-params"]
+
+
+def test_a_dead_engine_is_never_reported_as_row_errors(tiny_model, ray_session):
+    """Even with should_continue_on_error, an engine that fails (not a request) fails the batch
+    with EngineDeadError. Fault injection: a real engine cannot be made to fail mid-step on
+    demand, so its step function is replaced by one that raises what a GPU fault raises."""
+    import pyarrow as pa
+    import ray
+
+    @ray.remote(num_cpus=1, runtime_env={"env_vars": vllm_compat.engine_actor_env(on_gpu=False)})
+    class Host:
+        def __init__(self):
+            kwargs = vllm_compat.platform_engine_kwargs({"max_model_len": MAX_MODEL_LEN}, on_gpu=False)
+            self.stage = vLLMEngineStage(tiny_model, kwargs, should_continue_on_error=True)
+
+        async def process(self, batch, break_engine: bool):
+            if break_engine:
+                def broken_step():
+                    raise RuntimeError("CUDA error: an illegal memory access was encountered")
+
+                self.stage.engine._engine.step = broken_step
+            try:
+                output = await self.stage.process(batch)
+            except Exception as exc:
+                return f"{type(exc).__name__}: {exc}"
+            return output.column(ERROR_COLUMN).to_pylist()
+
+    batch = pa.table({"row_id": ["a", "b"], "tokenized_prompt": [[5, 6], [7, 8]], "sampling_params": [None, None]})
+    host = Host.remote()
+    assert ray.get(host.process.remote(batch, False)) == [None, None]  # a healthy engine first
+    broken = ray.get(host.process.remote(batch, True))
+    assert broken.startswith("EngineDeadError") and "illegal memory access" in broken
+    assert ray.get(host.process.remote(batch, False)).startswith("EngineDeadError")  # it stays dead
+    ray.kill(host)
