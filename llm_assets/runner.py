@@ -18,6 +18,8 @@ import pyarrow.compute as pc
 
 from llm_assets.models import resolve_model_source
 from llm_assets.pipeline import ENGINE, LLMPipeline, StagePlan
+from llm_assets.secret_env import applied as secret_env_applied
+from llm_assets.secret_env import split_runtime_env
 from llm_assets.stages.base import ERROR_COLUMN, ROW_ID
 
 PROGRESS_EVERY_S = 10.0
@@ -229,11 +231,12 @@ def _read_committed(files: list[str], storage):
     return ray.data.from_arrow_refs([read.remote(path, filesystem) for path in files])
 
 
-def _apply_stage(batch: pa.Table, udf: type, udf_kwargs: dict[str, Any]) -> pa.Table:
+def _apply_stage(batch: pa.Table, udf: type, udf_kwargs: dict[str, Any], secret_env: dict[str, str]) -> pa.Table:
     # CPU stages run as Ray tasks, not actors: task workers are reused across stages and runs,
     # so transformers is imported and the tokenizer loaded (cached) once per worker process,
     # where a fresh actor pool per stage paid ~10 s of imports on every stage.
-    return udf(**udf_kwargs)(batch)
+    with secret_env_applied(secret_env):
+        return udf(**udf_kwargs)(batch)
 
 
 def _task_pool(settings):
@@ -254,11 +257,12 @@ def _run_cpu_stage(pipeline, plan: StagePlan, partition: str, storage, model_sou
     remote_args: dict[str, Any] = {"num_cpus": settings.num_cpus}
     if settings.memory:
         remote_args["memory"] = settings.memory
-    if settings.runtime_env:
-        remote_args["runtime_env"] = settings.runtime_env
+    runtime_env, secret_env = split_runtime_env(settings.runtime_env)
+    if runtime_env:
+        remote_args["runtime_env"] = runtime_env
     mapped = dataset.map_batches(
         _apply_stage,
-        fn_kwargs={"udf": plan.udf, "udf_kwargs": kwargs},
+        fn_kwargs={"udf": plan.udf, "udf_kwargs": kwargs, "secret_env": secret_env},
         # Preprocess sees the source chunks as they are (their schemas may differ row to row).
         batch_size=None if plan.upstream is None else settings.batch_size,
         batch_format="pyarrow",

@@ -7,6 +7,7 @@ partitions (a single-run backfill) loads the model once and streams all partitio
 
 from __future__ import annotations
 
+import os
 import time
 from typing import Any, Callable, Iterator, Optional, TypeVar
 
@@ -15,6 +16,7 @@ from pydantic import Field, PrivateAttr
 
 from llm_assets import vllm_compat
 from llm_assets.config import vLLMEngineProcessorConfig
+from llm_assets.secret_env import split_runtime_env
 from llm_assets.stages.base import RowError
 from llm_assets.stages.vllm_engine import vLLMEngineStage
 from resources.ray_data import RayDataResource, before_ray_shutdown
@@ -147,7 +149,8 @@ class EngineHost:
     only once the rows have passed Preprocess's checks, so bad input never reaches a GPU.
     """
 
-    def __init__(self, on_gpu: bool):
+    def __init__(self, on_gpu: bool, secret_env: dict[str, str]):
+        os.environ.update(secret_env)  # this process is the engine's alone (see secret_env.py)
         started = time.perf_counter()
         vllm_compat.preimport_engine_modules(on_gpu)
         self.import_seconds = time.perf_counter() - started
@@ -254,9 +257,8 @@ class VLLMEnginePoolResource(dg.ConfigurableResource):
                 f"Loading vLLM into {config.engine_pool_size} engine actor(s) for {model_source} "
                 f"({self._gpus_per_engine(config, on_gpu)} GPU(s) each, {'GPU' if on_gpu else 'CPU'} build)"
             )
-            host_class = self._host_class(config, on_gpu)
             before_ray_shutdown(self.shutdown_engines)
-            self._hosts[key] = [host_class.remote(on_gpu) for _ in range(config.engine_pool_size)]
+            self._hosts[key] = [self._new_actor(config, on_gpu) for _ in range(config.engine_pool_size)]
         return self._hosts[key]
 
     def _start(self, config: vLLMEngineProcessorConfig, model_source: str, engine_detokenizes: bool, log) -> tuple[list, list]:
@@ -271,17 +273,17 @@ class VLLMEnginePoolResource(dg.ConfigurableResource):
     def _new_host(self, config: vLLMEngineProcessorConfig, model_source: str, engine_detokenizes: bool, log) -> tuple[Any, Any]:
         """One more engine actor, started (a replacement for one that died)."""
         on_gpu = self._on_gpu()
-        host = self._host_class(config, on_gpu).remote(on_gpu)
+        host = self._new_actor(config, on_gpu)
         return host, host.start.remote(**self._stage_kwargs(config, model_source, engine_detokenizes))
 
     @staticmethod
     def _gpus_per_engine(config: vLLMEngineProcessorConfig, on_gpu: bool) -> int:
         return config.tensor_parallel_size * config.pipeline_parallel_size if on_gpu else 0
 
-    def _host_class(self, config: vLLMEngineProcessorConfig, on_gpu: bool):
+    def _new_actor(self, config: vLLMEngineProcessorConfig, on_gpu: bool):
         import ray
 
-        runtime_env = dict(config.runtime_env or {})
+        runtime_env, secret_env = split_runtime_env(config.runtime_env)
         runtime_env["env_vars"] = {**vllm_compat.engine_actor_env(on_gpu), **runtime_env.get("env_vars", {})}
         options: dict[str, Any] = {
             "num_cpus": self.num_cpus_per_engine,
@@ -291,7 +293,7 @@ class VLLMEnginePoolResource(dg.ConfigurableResource):
         }
         if config.accelerator_type:
             options["accelerator_type"] = config.accelerator_type
-        return ray.remote(EngineHost).options(**options)
+        return ray.remote(EngineHost).options(**options).remote(on_gpu, secret_env)
 
     def _stage_kwargs(self, config: vLLMEngineProcessorConfig, model_source: str, engine_detokenizes: bool) -> dict[str, Any]:
         return dict(
