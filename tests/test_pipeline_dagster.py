@@ -163,13 +163,17 @@ def test_bad_input_fails_the_run_with_a_clear_message_before_any_engine_starts(
     assert not (tmp_path / "storage" / "tiny" / "engine").exists()
 
 
-@pytest.mark.parametrize("case", ["corrupt parquet", "model without a chat template"])
+@pytest.mark.parametrize("case", ["corrupt parquet", "jsonl with a bad line", "model without a chat template"])
 def test_a_bad_file_or_model_fails_the_run_before_any_engine_starts(tmp_path, tiny_model, ray_session, instance, case):
     landing = tmp_path / "landing"
     if case == "corrupt parquet":
         partition, model, expected = "x.parquet", tiny_model, "x.parquet: not a readable Parquet file"
         landing.mkdir()
         (landing / partition).write_bytes(b"PAR1 not really parquet")
+    elif case == "jsonl with a bad line":
+        partition, model, expected = "x.jsonl", tiny_model, "x.jsonl: line 2: invalid JSON"
+        landing.mkdir()
+        (landing / partition).write_text('{"question": "fine"}\n{"question": oops}\n')
     else:
         partition, model = "x.jsonl", model_without_chat_template(tiny_model, tmp_path / "m")
         expected = "has no chat template; pass chat_template_stage={'chat_template': '...'}"
@@ -183,7 +187,7 @@ def test_a_bad_file_or_model_fails_the_run_before_any_engine_starts(tmp_path, ti
     messages = log_messages(instance, result.run_id)
     assert not any("Starting 1 vLLM engine" in m or "vLLM engine 0 started" in m for m in messages)
     assert not (tmp_path / "storage" / "tiny" / "engine").exists()
-    if case != "corrupt parquet":  # what Preprocess committed stays
+    if case == "model without a chat template":  # what Preprocess committed stays
         assert json.loads((tmp_path / "storage" / "tiny" / "preprocess" / partition / "_manifest.json").read_text())["rows"] == 1
 
 

@@ -44,6 +44,8 @@ class EngineLoop:
         """The request's final ``RequestOutput``; a request vLLM refuses raises its error."""
         if self.dead is not None:
             raise _dead_error(self.dead)
+        if self._stopping:
+            raise RuntimeError("the vLLM engine was shut down")
         loop = asyncio.get_running_loop()
         future = loop.create_future()
         self._inbox.put((request_id, prompt, params, loop, future))
