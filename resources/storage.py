@@ -108,12 +108,15 @@ class PartitionWriter:
     def _local(self) -> bool:
         return isinstance(self.fs, pafs.LocalFileSystem)
 
+    def _temporary_path(self) -> str:
+        attempt, name = self._open_name.split("/")
+        return f"{self.partition_dir}/{attempt}/.{name}.tmp"
+
     def _roll(self, schema: pa.Schema) -> None:
         self._close_file()
         self._open_name = f"{self.attempt}/part-{len(self.files):05d}-{self.session}.parquet"
-        path = f"{self.partition_dir}/{self._open_name}"
-        if self._local():  # under a dot-name until complete: a killed writer leaves no torn part-*
-            path = f"{self.partition_dir}/{self.attempt}/.{self._open_name.split('/')[-1]}.tmp"
+        # Locally under a dot-name until complete: a killed writer leaves no torn part-* file.
+        path = self._temporary_path() if self._local() else f"{self.partition_dir}/{self._open_name}"
         self._writer = pq.ParquetWriter(self.fs.open_output_stream(path), schema)
         self._rows_in_file = 0
         self._opened_at = time.monotonic()
@@ -123,7 +126,7 @@ class PartitionWriter:
             self._writer.close()
             self._writer = None
             if self._local():
-                self.fs.move(f"{self.partition_dir}/{self.attempt}/.{self._open_name.split('/')[-1]}.tmp", f"{self.partition_dir}/{self._open_name}")
+                self.fs.move(self._temporary_path(), f"{self.partition_dir}/{self._open_name}")
             self.files.append(self._open_name)
 
     def write_attempt_info(self, info: dict[str, Any]) -> None:
