@@ -128,6 +128,16 @@ def test_rerunning_postprocess_reads_persisted_output_and_never_starts_an_engine
     assert storage.manifest("tiny", "engine", "a.jsonl") == engine_before
 
 
+def assert_failed_before_any_engine(result, instance, storage_root, expected: str) -> None:
+    """The run failed with ``expected`` in its step failure, and no engine started or wrote."""
+    assert not result.success
+    failure = next(e for e in result.all_events if e.event_type_value == "STEP_FAILURE")
+    assert expected in failure.step_failure_data.error.to_string()
+    messages = log_messages(instance, result.run_id)
+    assert not any("Starting 1 vLLM engine" in m or "vLLM engine 0 started" in m for m in messages)
+    assert not (storage_root / "tiny" / "engine").exists()
+
+
 @pytest.mark.parametrize(
     "landing, pipeline_kwargs, expected",
     [
@@ -155,12 +165,7 @@ def test_bad_input_fails_the_run_with_a_clear_message_before_any_engine_starts(
     model = pipeline_kwargs.pop("model_source", tiny_model)
     pipeline = make_pipeline(tmp_path / "landing", model, **pipeline_kwargs)
     result = run_job(pipeline, make_resources(tmp_path / "storage"), instance, {"dagster/partition": "x.jsonl"}, raise_on_error=False)
-    assert not result.success
-    failure = next(e for e in result.all_events if e.event_type_value == "STEP_FAILURE")
-    assert expected in failure.step_failure_data.error.to_string()
-    messages = log_messages(instance, result.run_id)
-    assert not any("Starting 1 vLLM engine" in m or "vLLM engine 0 started" in m for m in messages)
-    assert not (tmp_path / "storage" / "tiny" / "engine").exists()
+    assert_failed_before_any_engine(result, instance, tmp_path / "storage", expected)
 
 
 @pytest.mark.parametrize("case", ["corrupt parquet", "jsonl with a bad line", "model without a chat template"])
@@ -181,12 +186,7 @@ def test_a_bad_file_or_model_fails_the_run_before_any_engine_starts(tmp_path, ti
     pipeline = make_pipeline(landing, model)
     pipeline.source = LocalFolderSource(str(landing), pattern="x.*")
     result = run_job(pipeline, make_resources(tmp_path / "storage"), instance, {"dagster/partition": partition}, raise_on_error=False)
-    assert not result.success
-    failure = next(e for e in result.all_events if e.event_type_value == "STEP_FAILURE")
-    assert expected in failure.step_failure_data.error.to_string()
-    messages = log_messages(instance, result.run_id)
-    assert not any("Starting 1 vLLM engine" in m or "vLLM engine 0 started" in m for m in messages)
-    assert not (tmp_path / "storage" / "tiny" / "engine").exists()
+    assert_failed_before_any_engine(result, instance, tmp_path / "storage", expected)
     if case == "model without a chat template":  # what Preprocess committed stays
         assert json.loads((tmp_path / "storage" / "tiny" / "preprocess" / partition / "_manifest.json").read_text())["rows"] == 1
 
