@@ -105,12 +105,6 @@ def preimport_engine_modules(on_gpu: bool) -> list[str]:
     return failed
 
 
-def is_cpu_build() -> bool:
-    from vllm.platforms import current_platform
-
-    return current_platform.is_cpu()
-
-
 def platform_engine_kwargs(engine_kwargs: dict[str, Any], on_gpu: bool) -> dict[str, Any]:
     """The user's engine kwargs plus the defaults the platform needs."""
     if on_gpu:
