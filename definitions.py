@@ -7,7 +7,7 @@ outputs under ./.llm_assets/storage. Add your own pipelines to PIPELINES.
 from pathlib import Path
 
 from llm_assets.demo import demo_pipeline
-from llm_assets.factory import build_definitions
+from llm_assets.defs.factory import build_definitions
 from resources import default_resources
 
 PROJECT_DIR = Path(__file__).resolve().parent

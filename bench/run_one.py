@@ -38,7 +38,7 @@ def has_gpu() -> bool:
 
 
 def engine_kwargs() -> dict:
-    from llm_assets import vllm_compat
+    from llm_assets.engines.vllm import compat as vllm_compat
 
     # On a machine without a GPU (a smoke run of the bench), vLLM's CPU build needs its settings.
     return vllm_compat.platform_engine_kwargs({"load_format": "dummy", "max_model_len": 2048}, has_gpu())
@@ -113,10 +113,10 @@ STAGE_LOG_KEYS = ("committed", "vLLM", "execution of", "partition(s):")
 def llm_assets(spec: dict, monitor: Monitor) -> dict:
     import dagster as dg
 
-    from llm_assets.factory import add_partitions_for_new_files, build_definitions
+    from llm_assets.defs.factory import add_partitions_for_new_files, build_definitions
     from llm_assets.pipeline import LLMPipeline
     from llm_assets.sources import LocalFolderSource
-    from resources import PartitionStorage, RayDataResource, VLLMEnginePoolResource
+    from resources import PartitionStorage, RayDataResource, EnginePoolResource
 
     params = sampling_params()
     pipeline = LLMPipeline(
@@ -130,7 +130,7 @@ def llm_assets(spec: dict, monitor: Monitor) -> dict:
     resources = {
         "ray_data": ray_data,
         "storage": PartitionStorage(root=tempfile.mkdtemp(prefix="llm-assets-out-")),
-        "engine_pool": VLLMEnginePoolResource(ray_data=ray_data),
+        "engine_pool": EnginePoolResource(ray_data=ray_data),
     }
     with dg.instance_for_test() as instance:
         add_partitions_for_new_files(instance, pipeline)
@@ -171,7 +171,7 @@ if __name__ == "__main__":
     args = parser.parse_args()
     spec = json.loads(args.workload.read_text())
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    from llm_assets import vllm_compat
+    from llm_assets.engines.vllm import compat as vllm_compat
 
     # A smoke run without a GPU: vLLM's CPU build needs its environment (nothing on a GPU).
     os.environ.update(vllm_compat.platform_env(has_gpu()))

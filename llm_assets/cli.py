@@ -13,7 +13,7 @@ import sys
 
 import dagster as dg
 
-from llm_assets.factory import add_partitions_for_new_files
+from llm_assets.defs.factory import add_partitions_for_new_files
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,14 +1,18 @@
-"""Processor and stage configs, with the field names and defaults of ``ray.data.llm``.
+"""Processor and stage configs, with the class names, field names and defaults of ``ray.data.llm``.
 
 A ray.data.llm user moves over by changing the import: ``vLLMEngineProcessorConfig(model_source=...,
 engine_kwargs=..., concurrency=..., batch_size=..., chat_template_stage=..., ...)`` means the same
 thing here. Unknown fields and wrong types fail when the config is built (so at definition load),
 with pydantic's message naming the field.
+
+The base classes are here (``ProcessorConfig``, ``OfflineProcessorConfig``, the stage configs); each
+engine's own config class lives with its engine under ``llm_assets/engines/`` and is importable from
+this module too (``from llm_assets.config import vLLMEngineProcessorConfig``).
 """
 
 from __future__ import annotations
 
-from typing import Any, Literal, Optional, Tuple, Union
+from typing import Any, Optional, Tuple, Union
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -34,9 +38,17 @@ def _check_concurrency(value: Optional[Concurrency]) -> Optional[Concurrency]:
     return (low, high)
 
 
+def max_concurrency(value: Optional[Concurrency]) -> Optional[int]:
+    """The upper bound of an int or (min, max) concurrency; None when unset."""
+    if value is None:
+        return None
+    return value if isinstance(value, int) else value[1]
+
+
 class StageConfig(_StrictModel):
-    """Per-stage settings. Unset fields inherit the processor's (batch_size, concurrency,
-    runtime_env, model_source) or the stage's own default (num_cpus, memory)."""
+    """Per-stage settings. Unset fields inherit the processor's (batch_size, runtime_env,
+    model_source) or the stage defaults: ``num_cpus`` 0.5, ``concurrency`` as many tasks as the
+    cluster's CPUs run (not the engine count: CPU stages are not tied to the engines)."""
 
     enabled: bool = True
     batch_size: Optional[int] = Field(default=None, ge=1)
@@ -67,7 +79,7 @@ class DetokenizeStageConfig(StageConfig):
 
 class PrepareMultimodalStageConfig(StageConfig):
     model_source: Optional[str] = None
-    chat_template_content_format: Literal["string", "openai"] = "string"
+    chat_template_content_format: str = "string"
 
 
 StageValue = Union[bool, dict, StageConfig]
@@ -80,36 +92,67 @@ STAGE_CONFIG_CLASSES: dict[str, type[StageConfig]] = {
     "detokenize_stage": DetokenizeStageConfig,
 }
 
-# CPU stages are light; a fraction of a logical CPU each keeps actor pools from reserving
-# every CPU of a small machine (which deadlocks the read/write tasks that need one too).
+# CPU stages are light; a fraction of a logical CPU each keeps them from reserving every CPU of
+# a small machine (the engine actor needs one too).
 DEFAULT_STAGE_NUM_CPUS = 0.5
 
 
-class vLLMEngineProcessorConfig(_StrictModel):
-    """The configuration of a vLLM-backed pipeline (same fields as ray.data.llm's)."""
+class ProcessorConfig(_StrictModel):
+    """What every processor has (ray.data.llm's ``ProcessorConfig``)."""
 
-    model_source: str = Field(description="Local model folder, .gguf file, or Hugging Face repo id.")
-    engine_kwargs: dict[str, Any] = Field(default_factory=dict)
-    task_type: Literal["generate"] = "generate"
-    concurrency: Concurrency = 1
-    batch_size: int = Field(default=32, ge=1)
-    max_concurrent_batches: int = Field(default=8, ge=1)
-    max_pending_requests: Optional[int] = Field(default=None, ge=1)
-    should_continue_on_error: bool = False
-    runtime_env: Optional[dict[str, Any]] = None
+    batch_size: int = Field(default=32, ge=1, description="Rows per batch a stage processes at once.")
     accelerator_type: Optional[str] = None
-    chat_template_stage: StageValue = True
-    tokenize_stage: StageValue = True
-    detokenize_stage: StageValue = True
-    prepare_multimodal_stage: StageValue = False
+    concurrency: Concurrency = Field(default=1, description="Engine replicas (a fixed pool: (min, max) means max).")
 
     @field_validator("concurrency")
     @classmethod
     def _valid_concurrency(cls, value):
         return _check_concurrency(value)
 
+    @property
+    def engine_pool_size(self) -> int:
+        return max_concurrency(self.concurrency)  # type: ignore[return-value]
+
+    def inherit(self, settings: StageConfig) -> StageConfig:
+        """Fill the stage settings left unset from the processor's (and the stage defaults)."""
+        inherited = {
+            "batch_size": self.batch_size,
+            "runtime_env": getattr(self, "runtime_env", None),
+            "model_source": getattr(self, "model_source", None),
+            "num_cpus": DEFAULT_STAGE_NUM_CPUS,
+        }
+        for field, default in inherited.items():
+            if field in type(settings).model_fields and getattr(settings, field) is None:
+                setattr(settings, field, default)
+        return settings
+
+
+class OfflineProcessorConfig(ProcessorConfig):
+    """A processor whose engine runs inside the run's Ray cluster (ray.data.llm's
+    ``OfflineProcessorConfig``): a model, stage settings, error handling."""
+
+    model_source: str = Field(description="Local model folder, .gguf file, or Hugging Face repo id.")
+    task_type: str = "generate"
+    runtime_env: Optional[dict[str, Any]] = None
+    max_pending_requests: Optional[int] = Field(default=None, ge=1)
+    max_concurrent_batches: int = Field(default=8, ge=1)
+    should_continue_on_error: bool = False
+    chat_template_stage: StageValue = True
+    tokenize_stage: StageValue = True
+    detokenize_stage: StageValue = True
+    prepare_multimodal_stage: StageValue = False
+
+    @field_validator("task_type")
+    @classmethod
+    def _known_task(cls, value: str) -> str:
+        from llm_assets.tasks import TASKS
+
+        if value not in TASKS:
+            raise ValueError(f"task_type {value!r} is not supported: expected one of {sorted(TASKS)}")
+        return value
+
     @model_validator(mode="after")
-    def _resolve_stages(self) -> "vLLMEngineProcessorConfig":
+    def _resolve_stages(self):
         # Parse every stage value now, so a bad stage field fails at definition load.
         for name in STAGE_CONFIG_CLASSES:
             self.stage(name)
@@ -119,19 +162,6 @@ class vLLMEngineProcessorConfig(_StrictModel):
                 "(see the README's limits); leave it disabled"
             )
         return self
-
-    @property
-    def engine_pool_size(self) -> int:
-        """The engine pool is fixed-size: a (min, max) concurrency means max engines."""
-        return self.concurrency if isinstance(self.concurrency, int) else self.concurrency[1]
-
-    @property
-    def tensor_parallel_size(self) -> int:
-        return int(self.engine_kwargs.get("tensor_parallel_size", 1))
-
-    @property
-    def pipeline_parallel_size(self) -> int:
-        return int(self.engine_kwargs.get("pipeline_parallel_size", 1))
 
     def stage(self, name: str) -> StageConfig:
         """The stage's config with unset fields inherited from the processor."""
@@ -150,16 +180,16 @@ class vLLMEngineProcessorConfig(_StrictModel):
             raise ValueError(f"{name}: expected bool, dict or {cls.__name__}, got {type(value).__name__}")
         return self.inherit(resolved)
 
-    def inherit(self, settings: StageConfig) -> StageConfig:
-        """Fill the stage settings left unset from the processor's (and the stage default num_cpus)."""
-        inherited = {
-            "batch_size": self.batch_size,
-            "concurrency": self.concurrency,
-            "runtime_env": self.runtime_env,
-            "model_source": self.model_source,
-            "num_cpus": DEFAULT_STAGE_NUM_CPUS,
-        }
-        for field, default in inherited.items():
-            if field in type(settings).model_fields and getattr(settings, field) is None:
-                setattr(settings, field, default)
-        return settings
+
+def __getattr__(name: str):
+    # Engine config classes live with their engines; importing them from here keeps
+    # ray.data.llm's import shape (``from llm_assets.config import vLLMEngineProcessorConfig``).
+    # Other names (pydantic probes the module while building the classes above) are not ours.
+    if name.startswith("_") or not name.endswith("ProcessorConfig"):
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    from llm_assets.engines import ENGINES
+
+    for config_class in ENGINES:
+        if config_class.__name__ == name:
+            return config_class
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

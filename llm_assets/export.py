@@ -12,13 +12,11 @@ from __future__ import annotations
 import os
 import posixpath
 from pathlib import PurePosixPath
-from typing import Callable, Iterator
+from typing import Callable
 
-import pyarrow as pa
 import pyarrow.fs as pafs
-import pyarrow.parquet as pq
 
-from llm_assets import checks, openai_batch
+from llm_assets import openai_batch
 from llm_assets.pipeline import LLMPipeline
 from resources.s3 import pyarrow_s3, split_s3_uri
 
@@ -32,18 +30,9 @@ def destination(uri: str, storage) -> tuple[pafs.FileSystem, str]:
     return pafs.LocalFileSystem(), os.path.abspath(os.path.expanduser(uri))
 
 
-def _batches(storage, pipeline: LLMPipeline, stage: str, partition: str) -> Iterator[pa.Table]:
-    _, files = storage.committed(pipeline.name, stage, partition)
-    fs = storage.filesystem()
-    for path in files:
-        with fs.open_input_file(path) as f:
-            for batch in pq.ParquetFile(f).iter_batches():
-                yield pa.Table.from_batches([batch])
-
-
 def export_partitions(pipeline: LLMPipeline, partitions: list[str], storage, log: Callable[[str], None]) -> list[dict]:
     fs, root = destination(pipeline.openai_batch_output, storage)
-    stage = checks.text_stage(pipeline)
+    stage = pipeline.text_stage()
     model = PurePosixPath(str(pipeline.config.model_source)).name
     results = []
     for partition in partitions:
@@ -51,7 +40,7 @@ def export_partitions(pipeline: LLMPipeline, partitions: list[str], storage, log
         output, errors = f"{root}/{stem}.output.jsonl", f"{root}/{stem}.errors.jsonl"
         if isinstance(fs, pafs.LocalFileSystem):  # object stores need no folders
             fs.create_dir(posixpath.dirname(output), recursive=True)
-        counts = openai_batch.export_openai_batch(_batches(storage, pipeline, stage, partition), fs, output, errors, model)
+        counts = openai_batch.export_openai_batch(storage.read_committed(pipeline.name, stage, partition), fs, output, errors, model)
         uri = storage.uri(output) if pipeline.openai_batch_output.startswith("s3://") else output
         log(f"{EXPORT} [{partition}]: {counts['completed']} completed, {counts['failed']} failed -> {uri}")
         results.append({**counts, "partition": partition, "path": uri})

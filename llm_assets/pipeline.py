@@ -1,47 +1,47 @@
 """A pipeline: a name, a processor config, the user's pre/postprocess functions, and an input source.
 
-Its stages, in order, are the ones ray.data.llm runs: Preprocess -> ChatTemplate -> Tokenize ->
-Engine -> Detokenize -> Postprocess (ChatTemplate, Tokenize and Detokenize when enabled).
+Its stage plan comes from one place, :meth:`LLMPipeline.plan`: the task type (``config.task_type``,
+``llm_assets/tasks/``) lists the stages in order, the processor config enables the optional ones
+and gives each its settings, the engine registry (``llm_assets/engines/``) says which engine runs
+the engine stage.
 """
 
 from __future__ import annotations
 
+import inspect
 import re
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Any, Callable, Optional, Union
 
 from llm_assets import versions
-from llm_assets.config import StageConfig, vLLMEngineProcessorConfig
+from llm_assets.config import OfflineProcessorConfig, StageConfig
+from llm_assets.engines import ENGINES, EngineSpec, engine_for
 from llm_assets.sources import LocalFolderSource, S3PrefixSource
-from llm_assets.stages.chat_template import ChatTemplateStage
-from llm_assets.stages.detokenize import DetokenizeStage
-from llm_assets.stages.postprocess import PostprocessStage
-from llm_assets.stages.preprocess import PreprocessStage
-from llm_assets.stages.tokenize import TokenizeStage
+from llm_assets.stages import OPTIONAL_STAGES, STAGES
+from llm_assets.tasks import ENGINE, TASKS, TaskType
 
 RowFn = Callable[[dict[str, Any]], dict[str, Any]]
-ENGINE = "engine"
-# Stage asset name -> the processor config field that enables and configures it.
-OPTIONAL_STAGES = {"chat_template": "chat_template_stage", "tokenize": "tokenize_stage", "detokenize": "detokenize_stage"}
-STAGE_ORDER = ["preprocess", "chat_template", "tokenize", ENGINE, "detokenize", "postprocess"]
+# Modules every CPU stage's output depends on besides its own.
+SHARED_STAGE_MODULES = ("llm_assets.stages.base", "llm_assets.stages.tokenizer")
 
 
 @dataclass(frozen=True)
 class StagePlan:
-    """How one stage runs: its UDF class and constructor kwargs, and Ray Data settings."""
+    """How one stage runs: its UDF class and constructor kwargs (None for the engine), and settings."""
 
     name: str
     upstream: Optional[str]
-    udf: Optional[type]  # None for the engine stage (run by the engine pool)
+    udf: Optional[type]
     udf_kwargs: dict[str, Any]
     settings: StageConfig
-    model_source: Optional[str] = None  # unresolved; the runner resolves it before starting
+    model_source: Optional[str] = None  # unresolved; the run resolves it before starting
 
 
 @dataclass
 class LLMPipeline:
     name: str
-    config: Union[vLLMEngineProcessorConfig, dict[str, Any]]
+    config: Union[OfflineProcessorConfig, dict[str, Any]]
     source: Union[LocalFolderSource, S3PrefixSource]
     preprocess: Optional[RowFn] = None
     postprocess: Optional[RowFn] = None
@@ -61,56 +61,78 @@ class LLMPipeline:
         if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", self.name):
             raise ValueError(f"pipeline name {self.name!r}: use letters, digits and underscores (it names assets and a job)")
         if isinstance(self.config, dict):
+            # A dict means vLLM, the default engine (as ray.data.llm's examples use it).
+            from llm_assets.engines.vllm import vLLMEngineProcessorConfig
+
             self.config = vLLMEngineProcessorConfig(**self.config)
-        if not isinstance(self.config, vLLMEngineProcessorConfig):
-            raise TypeError(f"pipeline {self.name!r}: config must be a vLLMEngineProcessorConfig or a dict")
+        if type(self.config) not in ENGINES:
+            known = ", ".join(cls.__name__ for cls in ENGINES)
+            raise TypeError(f"pipeline {self.name!r}: config must be one of {known} (or a dict of vLLM settings)")
         if not 0.0 <= self.max_error_rate <= 1.0:
             raise ValueError(f"pipeline {self.name!r}: max_error_rate is {self.max_error_rate!r}: expected a share between 0 and 1")
 
+    @property
+    def task(self) -> TaskType:
+        return TASKS[self.config.task_type]
+
+    @property
+    def engine(self) -> EngineSpec:
+        return engine_for(self.config)
+
     def stage_names(self) -> list[str]:
-        config = self.config
         return [
             name
-            for name in STAGE_ORDER
-            if name not in OPTIONAL_STAGES or config.stage(OPTIONAL_STAGES[name]).enabled
+            for name in self.task.stages
+            if name not in OPTIONAL_STAGES or self.config.stage(OPTIONAL_STAGES[name]).enabled
         ]
 
+    @cached_property
+    def _plans(self) -> dict[str, StagePlan]:
+        plans: dict[str, StagePlan] = {}
+        upstream = None
+        for name in self.stage_names():
+            plans[name] = self._plan(name, upstream)
+            upstream = name
+        return plans
+
     def plan(self, stage: str) -> StagePlan:
-        names = self.stage_names()
-        upstream = names[names.index(stage) - 1] if names.index(stage) > 0 else None
+        return self._plans[stage]
+
+    def _plan(self, stage: str, upstream: Optional[str]) -> StagePlan:
         config = self.config
-        if stage in OPTIONAL_STAGES:
-            settings = config.stage(OPTIONAL_STAGES[stage])
-            kwargs: dict[str, Any] = {}
-            if stage == "chat_template":
-                kwargs = {"chat_template": settings.chat_template, "chat_template_kwargs": settings.chat_template_kwargs}
-            udf = {"chat_template": ChatTemplateStage, "tokenize": TokenizeStage, "detokenize": DetokenizeStage}[stage]
-            return StagePlan(stage, upstream, udf, kwargs, settings, settings.model_source)
-        settings = config.inherit(StageConfig())
-        if stage == "preprocess":
-            return StagePlan(stage, upstream, PreprocessStage, {"fn": self.preprocess}, settings)
-        if stage == "postprocess":
-            return StagePlan(stage, upstream, PostprocessStage, {"fn": self.postprocess}, settings)
-        return StagePlan(stage, upstream, None, {}, settings, config.model_source)
+        settings = config.stage(OPTIONAL_STAGES[stage]) if stage in OPTIONAL_STAGES else config.inherit(StageConfig())
+        if stage == ENGINE:
+            return StagePlan(stage, upstream, None, {}, settings, config.model_source)
+        udf = STAGES[stage]
+        kwargs: dict[str, Any] = {name: getattr(settings, name) for name in getattr(udf, "CONFIG_KWARGS", ())}
+        if getattr(udf, "USER_FN", None):
+            kwargs["fn"] = getattr(self, udf.USER_FN)
+        uses_model = "model_source" in inspect.signature(udf.__init__).parameters
+        return StagePlan(stage, upstream, udf, kwargs, settings, getattr(settings, "model_source", None) if uses_model else None)
+
+    def text_stage(self) -> str:
+        """The first stage whose output has the task's text column (generated_text)."""
+        return "detokenize" if "detokenize" in self.stage_names() else ENGINE
+
+    def engine_detokenizes(self) -> bool:
+        """Without a Detokenize stage, the engine writes generated_text itself."""
+        return "detokenize" not in self.stage_names()
 
     def code_version(self, stage: str) -> str:
         """A hash of everything that changes this stage's output (see llm_assets.versions)."""
         plan = self.plan(stage)
-        parts: dict[str, Any] = {"stage": stage, "code": versions.module_source(plan.udf), "model": plan.model_source}
+        parts: dict[str, Any] = {"stage": stage, "model": plan.model_source}
         # Cumulative: a stage's output depends on every stage before it. Dagster does not mark
         # downstream partitions of a changed partitioned asset stale on its own.
         parts["upstream"] = self.code_version(plan.upstream) if plan.upstream else None
-        for name, value in plan.udf_kwargs.items():
-            parts[name] = versions.function_fingerprint(value) if callable(value) else value
         if stage == ENGINE:
-            from llm_assets.stages import vllm_engine
-
-            config = self.config
-            parts["code"] = versions.module_source(vllm_engine.vLLMEngineStage)
-            parts["engine"] = {
-                "engine_kwargs": config.engine_kwargs,
-                "task_type": config.task_type,
-                "should_continue_on_error": config.should_continue_on_error,
-                "detokenize_stage": config.stage("detokenize_stage").enabled,
-            }
+            engine = self.engine
+            parts["code"] = [versions.module_code(name) for name in engine.code_modules]
+            parts["library"] = engine.library_version()
+            parts["engine"] = {**engine.output_settings(self.config), "task_type": self.config.task_type,
+                               "engine_detokenizes": self.engine_detokenizes()}
+        else:
+            parts["code"] = [versions.module_code(name) for name in (plan.udf.__module__, *SHARED_STAGE_MODULES)]
+            for name, value in plan.udf_kwargs.items():
+                parts[name] = versions.function_fingerprint(value) if callable(value) else value
         return versions.digest(parts)

@@ -24,13 +24,11 @@ import pyarrow as pa
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
+from llm_assets import openai_batch
+from llm_assets.errors import SourceError  # also importable from here, as before
 from llm_assets.stages.base import ROW_ID, table_of
 
 FORMATS = {".jsonl": "jsonl", ".json": "jsonl", ".parquet": "parquet", ".csv": "csv"}
-
-
-class SourceError(ValueError):
-    pass
 
 
 @dataclass(frozen=True)
@@ -185,8 +183,6 @@ def _read_chunks(path: Path, display: str, chunk_rows: int) -> Iterator[pa.Table
 def _read_jsonl(path: Path, display: str, chunk_rows: int) -> Iterator[pa.Table]:
     """JSON Lines parsed line by line, so a bad line is reported with its number. A file whose
     first object is an OpenAI Batch API request is read as one throughout."""
-    from llm_assets import openai_batch
-
     objects = _jsonl_objects(path, display)
     first = next(objects, None)
     if first is None:

@@ -3,31 +3,49 @@ stale after a change (the UI marks a stage and everything downstream of it).
 
 A stage's version covers the version of the stage before it (so a change marks that stage and
 every later one: Dagster does not propagate staleness to downstream partitions by itself), the
-stage's own code (its UDF module), the settings that change its output (model, chat template, engine kwargs, error handling) and, for Preprocess and Postprocess,
-the source of the user's function and the values it closes over. Execution settings that do not
-change the output (batch_size, concurrency, num_cpus, memory) are left out, and so is
-runtime_env (it may carry secrets; hashing keeps values out of sight anyway). Sampling params
-come from the preprocess function, so changing them makes Preprocess stale and, through it,
-every later stage.
+code it runs (its UDF module and the shared stage helpers; for the engine its replica, engine loop
+and build differences, and the engine library's installed version), the settings that change its
+output (model, chat template, engine kwargs, error handling) and, for Preprocess and Postprocess,
+the user's function and the values it closes over. Code is hashed as its syntax tree without
+docstrings, so a comment, a docstring or reformatting changes no version. Execution settings
+that do not change the output (batch_size, concurrency, num_cpus, memory) are left out, and so is
+runtime_env (it may carry secrets). Sampling params come from the preprocess function, so changing
+them makes Preprocess stale and, through it, every later stage.
 """
 
 from __future__ import annotations
 
+import ast
 import hashlib
+import importlib
 import inspect
 import json
-import sys
+import textwrap
 from typing import Any, Callable, Optional
 
 VERSION_CHARS = 12
 
 
+def normalized_code(text: str) -> str:
+    """The code's syntax tree without docstrings (comments and layout never reach the tree);
+    the text itself when it does not parse alone (a lambda cut out of a larger expression)."""
+    try:
+        tree = ast.parse(textwrap.dedent(text))
+    except SyntaxError:
+        return " ".join(line.split("#", 1)[0].strip() for line in text.splitlines() if line.strip())
+    for node in ast.walk(tree):
+        body = getattr(node, "body", None)
+        if isinstance(body, list) and body and isinstance(body[0], ast.Expr) and isinstance(getattr(body[0], "value", None), ast.Constant) and isinstance(body[0].value.value, str):
+            node.body = body[1:] or [ast.Pass()]
+    return ast.dump(tree, annotate_fields=False)
+
+
 def function_fingerprint(fn: Optional[Callable]) -> str:
-    """The function's source plus the values it closes over and its defaults."""
+    """The function's code plus the values it closes over and its defaults."""
     if fn is None:
         return "none"
     try:
-        text = inspect.getsource(fn)
+        text = normalized_code(inspect.getsource(fn))
     except (OSError, TypeError):  # defined in a REPL or built at run time: fall back to bytecode
         code = getattr(fn, "__code__", None)
         text = repr((code.co_code, code.co_consts)) if code is not None else repr(fn)
@@ -43,14 +61,13 @@ def _has_contents(cell) -> bool:
         return False
 
 
-def module_source(cls: Optional[type]) -> str:
-    if cls is None:
-        return ""
-    module = sys.modules.get(cls.__module__)
+def module_code(name: str) -> str:
+    """A module's normalized code, by module name."""
+    module = importlib.import_module(name)
     try:
-        return inspect.getsource(module) if module is not None else cls.__qualname__
-    except (OSError, TypeError):
-        return cls.__qualname__
+        return normalized_code(inspect.getsource(module))
+    except (OSError, TypeError):  # no source shipped (a compiled module): its name must do
+        return name
 
 
 def digest(parts: dict[str, Any]) -> str:

@@ -76,3 +76,8 @@ class RayDataResource(dg.ConfigurableResource):
         import ray
 
         return float(ray.cluster_resources().get("GPU", 0))
+
+    def cluster_cpus(self) -> float:
+        import ray
+
+        return float(ray.cluster_resources().get("CPU", 1))

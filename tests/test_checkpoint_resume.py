@@ -17,7 +17,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from resources import PartitionStorage, RayDataResource, VLLMEnginePoolResource
+from resources import PartitionStorage, RayDataResource, EnginePoolResource
 from tests.conftest import questions, write_jsonl
 from tests.test_pipeline_dagster import log_messages, make_pipeline, run_job
 
@@ -44,7 +44,7 @@ def resumable_resources(storage_root) -> dict:
     return {
         "ray_data": ray_data,
         "storage": PartitionStorage(root=str(storage_root), checkpoint_interval_s=0.5),
-        "engine_pool": VLLMEnginePoolResource(ray_data=ray_data),
+        "engine_pool": EnginePoolResource(ray_data=ray_data),
     }
 
 

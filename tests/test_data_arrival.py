@@ -9,7 +9,7 @@ from dagster._core.asset_graph_view.asset_graph_view import AssetGraphView, Temp
 from dagster._core.definitions.data_version import CachingStaleStatusResolver, StaleStatus
 from dagster._time import get_current_datetime
 
-from llm_assets.factory import build_definitions, stage_key
+from llm_assets.defs.factory import build_definitions, stage_key
 from tests.conftest import questions, write_jsonl
 from tests.test_pipeline_dagster import RANGE_END, RANGE_START, log_messages, make_pipeline, make_resources, to_chat
 

@@ -375,7 +375,7 @@ def test_an_export_needs_the_final_stage_columns(tmp_path):
 
 def test_on_an_object_store_each_file_is_written_in_one_go(tmp_path, monkeypatch):
     # Treat the local filesystem as an object store: no temporary name, nothing visible before the end.
-    monkeypatch.setattr(openai_batch, "_OBJECT_STORES", {"local"})
+    monkeypatch.setattr(openai_batch.files, "_OBJECT_STORES", {"local"})
     output = tmp_path / "out" / "output.jsonl"
     seen_during_export = []
 

@@ -5,7 +5,7 @@ import json
 
 import dagster as dg
 
-from llm_assets.factory import build_definitions
+from llm_assets.defs.factory import build_definitions
 from llm_assets.pipeline import LLMPipeline
 from llm_assets.sources import LocalFolderSource
 from tests.test_pipeline_dagster import make_resources

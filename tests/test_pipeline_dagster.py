@@ -6,14 +6,14 @@ import dagster as dg
 import pyarrow.parquet as pq
 import pytest
 
-from llm_assets.factory import (
+from llm_assets.defs.factory import (
     add_partitions_for_new_files,
     build_definitions,
     stage_key,
 )
 from llm_assets.pipeline import LLMPipeline
 from llm_assets.sources import LocalFolderSource
-from resources import PartitionStorage, RayDataResource, VLLMEnginePoolResource
+from resources import PartitionStorage, RayDataResource, EnginePoolResource
 from tests.conftest import model_without_chat_template, questions, write_jsonl
 
 RANGE_START = "dagster/asset_partition_range_start"
@@ -44,7 +44,7 @@ def make_resources(storage_root) -> dict:
     return {
         "ray_data": ray_data,
         "storage": PartitionStorage(root=str(storage_root)),
-        "engine_pool": VLLMEnginePoolResource(ray_data=ray_data),
+        "engine_pool": EnginePoolResource(ray_data=ray_data),
     }
 
 

@@ -8,10 +8,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from llm_assets.factory import build_definitions
+from llm_assets.defs.factory import build_definitions
 from llm_assets.pipeline import LLMPipeline
 from llm_assets.sources import S3PrefixSource, SourceError
-from resources import PartitionStorage, RayDataResource, VLLMEnginePoolResource
+from resources import PartitionStorage, RayDataResource, EnginePoolResource
 from resources.storage import NotMaterializedError
 from tests.conftest import questions
 from tests.test_data_arrival import engine_starts, tick
@@ -39,7 +39,7 @@ def s3_definitions(resource, buckets, model, **pipeline_options):
     )
     storage = PartitionStorage(root=f"s3://{buckets['outputs']}/runs", s3=resource)
     ray_data = RayDataResource()
-    return build_definitions([pipeline], {"ray_data": ray_data, "storage": storage, "engine_pool": VLLMEnginePoolResource(ray_data=ray_data)}), storage
+    return build_definitions([pipeline], {"ray_data": ray_data, "storage": storage, "engine_pool": EnginePoolResource(ray_data=ray_data)}), storage
 
 
 def test_files_landing_on_s3_run_through_every_stage_into_s3_storage(s3, tiny_model, ray_session, instance):

@@ -21,8 +21,13 @@ class RowError(ValueError):
     """A row that a stage cannot process; the message names the row id and what was expected."""
 
     def __init__(self, row_id: Any, stage: str, problem: str):
-        self.row_id = row_id
+        self.row_id, self.stage, self.problem = row_id, stage, problem
         super().__init__(f"{stage}: row {row_id!r}: {problem}")
+
+    def __reduce__(self):
+        # Rebuilt from its own arguments: raised in a Ray worker, it reaches the driver as itself
+        # (the default pickling passes only the message and fails to rebuild it).
+        return (type(self), (self.row_id, self.stage, self.problem))
 
 
 def apply_row_fn(fn: Callable[[dict[str, Any]], Any], row: dict[str, Any], stage: str) -> dict[str, Any]:

@@ -13,6 +13,10 @@ STAGE = "chat_template"
 
 
 class ChatTemplateStage:
+    NEEDS = ("messages|prompt",)  # rows with a ready prompt pass through
+    ADDS = ("prompt",)
+    CONFIG_KWARGS = ("chat_template", "chat_template_kwargs")
+
     def __init__(
         self,
         model_source: str,

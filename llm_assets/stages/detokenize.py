@@ -9,6 +9,9 @@ from llm_assets.stages.tokenizer import load_tokenizer
 
 
 class DetokenizeStage:
+    NEEDS = ("generated_tokens",)
+    ADDS = ("generated_text",)
+
     def __init__(self, model_source: str):
         self.tokenizer = load_tokenizer(model_source)
 

@@ -13,6 +13,10 @@ STAGE = "postprocess"
 
 class PostprocessStage:
     """Apply ``fn(row) -> row``; rows an earlier stage marked as failed pass through untouched."""
+    NEEDS: tuple[str, ...] = ()
+    ADDS: tuple[str, ...] = ()  # whatever the user function returns
+    USER_FN = "postprocess"
+
 
     def __init__(self, fn: Optional[Callable[[dict[str, Any]], dict[str, Any]]] = None):
         self.fn = fn

@@ -9,6 +9,9 @@ from llm_assets.stages.tokenizer import load_tokenizer
 
 
 class TokenizeStage:
+    NEEDS = ("prompt",)
+    ADDS = ("tokenized_prompt",)
+
     def __init__(self, model_source: str):
         self.tokenizer = load_tokenizer(model_source)
 

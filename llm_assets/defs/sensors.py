@@ -1,11 +1,12 @@
-"""A sensor per pipeline: new files in its landing location become partitions and runs.
+"""A sensor per pipeline: new files in its landing location become partitions and one run.
 
 Each tick lists the source (a local folder or an S3 prefix), adds one dynamic partition per file
 not seen before (the partition key is the file's path relative to the location, so the same file
-is never a second partition), and requests one run per new partition. What was seen lives in the
-Dagster instance (the dynamic partitions themselves, and run keys), so a restarted daemon neither
-misses nor repeats a file. A file rewritten under the same name is not reprocessed by the sensor;
-re-run its partition (stages whose input changed recompute, see ``run_stage``).
+is never a second partition), and requests one run over all the new partitions (a partition range:
+one engine start for the lot, not one per file). What was seen lives in the Dagster instance (the
+dynamic partitions themselves, and run keys), so a restarted daemon neither misses nor repeats a
+file. A file rewritten under the same name is not reprocessed by the sensor; re-run its partition
+(stages whose input changed recompute).
 """
 
 from __future__ import annotations
@@ -14,14 +15,16 @@ import dagster as dg
 
 from llm_assets.pipeline import LLMPipeline
 
+# New partitions requested per tick, at most: a burst of files becomes several ticks of runs.
+MAX_NEW_PER_TICK = 100
+RANGE_START = "dagster/asset_partition_range_start"
+RANGE_END = "dagster/asset_partition_range_end"
+
+
 def new_partition_keys(instance: dg.DagsterInstance, pipeline: LLMPipeline) -> list[str]:
     """Keys of the source's files that are not yet partitions of the pipeline."""
     known = set(instance.get_dynamic_partitions(pipeline.name))
     return [key for key in pipeline.source.partition_keys() if key not in known]
-
-
-# New partitions requested per tick, at most: a burst of files becomes several ticks of runs.
-MAX_NEW_PER_TICK = 100
 
 
 def new_files_sensor(pipeline: LLMPipeline, job, partitions_def: dg.DynamicPartitionsDefinition) -> dg.SensorDefinition:
@@ -30,16 +33,19 @@ def new_files_sensor(pipeline: LLMPipeline, job, partitions_def: dg.DynamicParti
         job=job,
         minimum_interval_seconds=pipeline.sensor_interval_s,
         default_status=dg.DefaultSensorStatus.RUNNING if pipeline.sensor_running_by_default else dg.DefaultSensorStatus.STOPPED,
-        description=f"Adds a partition and requests a run for each new file in {pipeline.source.location} (pattern {pipeline.source.pattern!r}).",
+        description=f"Adds a partition for each new file in {pipeline.source.location} (pattern {pipeline.source.pattern!r}) and requests one run over them.",
     )
     def _sensor(context: dg.SensorEvaluationContext):
         new = new_partition_keys(context.instance, pipeline)[:MAX_NEW_PER_TICK]
         if not new:
             return dg.SkipReason(f"no new files in {pipeline.source.location}")
         context.log.info(f"{len(new)} new file(s) in {pipeline.source.location}: {', '.join(new[:10])}")
-        return dg.SensorResult(
-            run_requests=[dg.RunRequest(run_key=f"{pipeline.name}:{key}", partition_key=key) for key in new],
-            dynamic_partitions_requests=[partitions_def.build_add_request(new)],
+        # New partitions are added in this order after every known one: one contiguous range.
+        request = (
+            dg.RunRequest(run_key=f"{pipeline.name}:{new[0]}", partition_key=new[0])
+            if len(new) == 1
+            else dg.RunRequest(run_key=f"{pipeline.name}:{new[0]}..{new[-1]}", tags={RANGE_START: new[0], RANGE_END: new[-1]})
         )
+        return dg.SensorResult(run_requests=[request], dynamic_partitions_requests=[partitions_def.build_add_request(new)])
 
     return _sensor

@@ -15,9 +15,9 @@ from __future__ import annotations
 from collections import Counter
 import dagster as dg
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 
-from llm_assets.pipeline import ENGINE, LLMPipeline
+from llm_assets.pipeline import LLMPipeline
+from llm_assets.tasks import ENGINE
 from llm_assets.stages.base import ERROR_COLUMN, ROW_ID
 
 ROW_IDS = "row_ids_conserved"
@@ -26,36 +26,23 @@ NOT_EMPTY = "generations_not_empty"
 LISTED = 20  # row ids / partitions named in a failing check's metadata, at most
 
 
-def text_stage(pipeline: LLMPipeline) -> str:
-    """The first stage whose output has ``generated_text``."""
-    return "detokenize" if "detokenize" in pipeline.stage_names() else ENGINE
-
-
 def check_specs(pipeline: LLMPipeline, stage: str, asset_key: dg.AssetKey) -> list[dg.AssetCheckSpec]:
     specs = [dg.AssetCheckSpec(ROW_IDS, asset=asset_key, description="Every input row id appears exactly once in this stage's output (error rows included).")]
     if stage == ENGINE:
         specs.append(dg.AssetCheckSpec(ERROR_RATE, asset=asset_key, description=f"Rows with an inference error are at most {pipeline.max_error_rate:.1%} of the rows."))
-    if stage == text_stage(pipeline):
+    if stage == pipeline.text_stage():
         specs.append(dg.AssetCheckSpec(NOT_EMPTY, asset=asset_key, description="No row without an error has an empty generated_text."))
     return specs
 
 
-def _columns(storage, pipeline: str, stage: str, partition: str, columns: list[str]):
-    _, files = storage.committed(pipeline, stage, partition)
-    fs = storage.filesystem()
-    for path in files:
-        present = pq.read_schema(path, filesystem=fs).names
-        yield pq.read_table(path, columns=[c for c in columns if c in present], filesystem=fs)
-
-
 def _row_ids(storage, pipeline: str, stage: str, partition: str) -> Counter:
     ids: Counter = Counter()
-    for table in _columns(storage, pipeline, stage, partition, [ROW_ID]):
+    for table in storage.read_committed(pipeline, stage, partition, [ROW_ID]):
         ids.update(table.column(ROW_ID).to_pylist())
     return ids
 
 
-def row_ids_conserved(pipeline: LLMPipeline, stage: str, partitions: list[str], storage, rows_in: dict[str, int]) -> dg.AssetCheckResult:
+def row_ids_conserved(pipeline: LLMPipeline, stage: str, partitions: list[str], storage, rows_in: dict[str, int], asset_key: dg.AssetKey) -> dg.AssetCheckResult:
     upstream = pipeline.plan(stage).upstream
     duplicates, missing, extra, failing = [], [], [], []
     for partition in partitions:
@@ -75,6 +62,7 @@ def row_ids_conserved(pipeline: LLMPipeline, stage: str, partitions: list[str], 
         extra += new
     return dg.AssetCheckResult(
         check_name=ROW_IDS,
+        asset_key=asset_key,
         passed=not failing,
         metadata={
             "partitions_checked": len(partitions),
@@ -87,20 +75,21 @@ def row_ids_conserved(pipeline: LLMPipeline, stage: str, partitions: list[str], 
     )
 
 
-def error_rate(pipeline: LLMPipeline, rows: int, errors: int) -> dg.AssetCheckResult:
+def error_rate(pipeline: LLMPipeline, rows: int, errors: int, asset_key: dg.AssetKey) -> dg.AssetCheckResult:
     rate = errors / rows if rows else 0.0
     return dg.AssetCheckResult(
         check_name=ERROR_RATE,
+        asset_key=asset_key,
         passed=rate <= pipeline.max_error_rate,
         metadata={"error_rate": round(rate, 6), "errors": errors, "rows": rows, "max_error_rate": pipeline.max_error_rate},
     )
 
 
-def generations_not_empty(pipeline: LLMPipeline, stage: str, partitions: list[str], storage) -> dg.AssetCheckResult:
+def generations_not_empty(pipeline: LLMPipeline, stage: str, partitions: list[str], storage, asset_key: dg.AssetKey) -> dg.AssetCheckResult:
     empty: list[str] = []
     checked = 0
     for partition in partitions:
-        for table in _columns(storage, pipeline.name, stage, partition, [ROW_ID, "generated_text", ERROR_COLUMN]):
+        for table in storage.read_committed(pipeline.name, stage, partition, [ROW_ID, "generated_text", ERROR_COLUMN]):
             if "generated_text" not in table.column_names:
                 continue
             ok = pc.is_null(table.column(ERROR_COLUMN)) if ERROR_COLUMN in table.column_names else None
@@ -112,6 +101,7 @@ def generations_not_empty(pipeline: LLMPipeline, stage: str, partitions: list[st
             empty += table.filter(is_empty).column(ROW_ID).to_pylist()
     return dg.AssetCheckResult(
         check_name=NOT_EMPTY,
+        asset_key=asset_key,
         passed=not empty,
         metadata={"rows_checked": checked, "empty_generations": len(empty), "examples": ", ".join(map(str, empty[:LISTED]))},
     )

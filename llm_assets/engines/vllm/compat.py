@@ -25,7 +25,7 @@ CPU_ENGINE_ENV = {
     "VLLM_ENABLE_V1_MULTIPROCESSING": "0",
 }
 # Environment of an engine actor on any build unless the user set it: the engine core runs in the
-# actor's own process (see stages/engine_loop.py) instead of a spawned one.
+# actor's own process (see engine_loop.py) instead of a spawned one.
 ENGINE_ACTOR_ENV = {"VLLM_ENABLE_V1_MULTIPROCESSING": "0"}
 # Engine kwargs the CPU build gets unless the user set them.
 CPU_ENGINE_KWARGS = {"dtype": "float32", "enforce_eager": True, "distributed_executor_backend": "uni"}
@@ -43,7 +43,7 @@ def start_engine(**kwargs: Any):
     from vllm import EngineArgs
     from vllm.usage.usage_lib import UsageContext
 
-    from llm_assets.stages.engine_loop import EngineLoop
+    from llm_assets.engines.vllm.engine_loop import EngineLoop
 
     kwargs.setdefault("disable_log_stats", True)
     return EngineLoop(EngineArgs(**kwargs), usage_context=UsageContext.LLM_CLASS)

@@ -1,12 +1,12 @@
-"""vLLM engine: token ids in, generated token ids out, one engine per actor.
+"""The vLLM engine replica: token ids in, generated token ids out, one engine per actor.
 
 Every row of a batch becomes its own request, submitted at once, so the engine's scheduler sees
 many requests in flight (across batches too: the actor runs several batches concurrently) and the
 GPU never waits on one blocking ``generate`` per batch.
 
 Usable as a Ray Data UDF on its own (``ds.map_batches(vLLMEngineStage, fn_constructor_kwargs=...,
-compute=ActorPoolStrategy(size=N), batch_format="pyarrow")``); inside llm_assets the engine-pool
-resource hosts it as a long-lived actor and calls :meth:`process`.
+compute=ActorPoolStrategy(size=N), batch_format="pyarrow")``); inside llm_assets the engine pool
+(``engines/pool.py``) hosts it in a long-lived actor and calls :meth:`process`.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from typing import Any, AsyncIterator, Optional
 
 import pyarrow as pa
 
-from llm_assets import vllm_compat
+from llm_assets.engines.vllm import compat as vllm_compat
 from llm_assets.stages.base import ERROR_COLUMN, ROW_ID, RowError, column_or_none, loads_params, ok_rows, with_column
 
 STAGE = "engine"
@@ -48,8 +48,11 @@ class vLLMEngineStage:
         self.max_num_seqs = vllm_compat.max_num_seqs(self.engine)
         self.semaphore = asyncio.Semaphore(max_pending_requests) if max_pending_requests else contextlib.nullcontext()
         self.request_ids = itertools.count()
-        self.fatal_errors = vllm_compat.fatal_engine_errors()
+        self._fatal = vllm_compat.fatal_engine_errors()
         self.start_seconds = time.perf_counter() - started
+
+    def fatal_errors(self) -> tuple[type[BaseException], ...]:
+        return self._fatal
 
     def info(self) -> dict[str, Any]:
         return {
@@ -111,7 +114,7 @@ class vLLMEngineStage:
                 raise ValueError("the row has neither 'tokenized_prompt' nor a non-empty 'prompt'")
             async with self.semaphore:
                 final = await self.engine.generate(request, sampling, request_id=f"{row_id}#{next(self.request_ids)}")
-        except self.fatal_errors:
+        except self._fatal:
             raise  # a dead engine is never one row's problem
         except Exception as exc:
             if self.engine.errored:

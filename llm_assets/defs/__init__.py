@@ -1,0 +1,1 @@
+"""The Dagster side: the stages multi-asset, the job, sensors, checks."""

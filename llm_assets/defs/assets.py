@@ -1,0 +1,130 @@
+"""The stages of a pipeline as one subsettable, partitioned multi-asset: one step per run.
+
+Each stage keeps its own asset key, code version, checks, metadata and committed Parquet per
+partition (the asset graph shows one asset per stage), but whatever launches the run — the job,
+"Materialize" in the UI, an asset backfill, a sensor — the selected stages execute in one step:
+one process, one Ray, one engine pool, one streaming run (``execution/stream.py``). With the
+single-run backfill policy a backfill is one run too, so the model loads once.
+"""
+
+
+import warnings
+from typing import Any
+
+import dagster as dg
+
+from llm_assets.defs import checks
+from llm_assets.execution.stats import PartitionStats
+from llm_assets.execution.stream import StreamingRun
+from llm_assets.pipeline import LLMPipeline
+from llm_assets.tasks import ENGINE
+
+# Run tag: recompute partitions even when their committed output is current.
+RECOMPUTE_TAG = "llm_assets/recompute"
+
+# The single-run backfill policy is what loads the engine once per backfill; Dagster flags it beta.
+warnings.filterwarnings("ignore", message=".*backfill_policy.*", category=dg.BetaWarning)
+
+STAGE_DESCRIPTIONS = {
+    "preprocess": "Rows of the input file after the pipeline's preprocess function; each gets a stable row_id.",
+    "chat_template": "`messages` rendered to a `prompt` with the model's chat template.",
+    "tokenize": "`prompt` tokenized to `tokenized_prompt`.",
+    ENGINE: "The engine's output columns (`generated_tokens`, `num_input_tokens`, `num_generated_tokens`, `time_taken_llm`).",
+    "detokenize": "`generated_tokens` decoded to `generated_text`.",
+    "postprocess": "Rows after the pipeline's postprocess function: the pipeline's output.",
+}
+
+
+def landing_key(pipeline: LLMPipeline) -> dg.AssetKey:
+    return dg.AssetKey([pipeline.name, "landing_files"])
+
+
+def stage_key(pipeline: LLMPipeline, stage: str) -> dg.AssetKey:
+    return dg.AssetKey([pipeline.name, stage])
+
+
+def metadata(results: list[PartitionStats]) -> dict[str, Any]:
+    """Numeric metadata, so the asset page plots it across materializations. A multi-partition
+    run (a backfill) records the run's totals on each of its partitions (Dagster attaches one
+    result to all partitions of a run); each partition's own numbers are in its manifest."""
+    seconds = max(sum(r.seconds for r in results), 1e-9)
+    rows_out = sum(r.rows_out for r in results)
+    generated = sum(r.generated_tokens for r in results)
+    found: dict[str, Any] = {
+        "rows_in": sum(r.rows_in for r in results),
+        "rows_out": rows_out,
+        "input_tokens": sum(r.input_tokens for r in results),
+        "generated_tokens": generated,
+        "errors": sum(r.errors for r in results),
+        "seconds": round(seconds, 3),
+        "rows_per_s": round(rows_out / seconds, 2),
+        "generated_tokens_per_s": round(generated / seconds, 2),
+        "error_rate": round(sum(r.errors for r in results) / max(rows_out, 1), 6),
+        "partitions": len(results),
+        "partitions_recomputed": sum(not r.skipped for r in results),
+    }
+    if any(r.rows_resumed for r in results):
+        found["rows_resumed"] = sum(r.rows_resumed for r in results)
+    if len(results) == 1:
+        found["path"] = dg.MetadataValue.path(results[0].path)
+    return found
+
+
+def _check_results(pipeline: LLMPipeline, stage: str, results: list[PartitionStats], storage, wanted: set) -> list[dg.AssetCheckResult]:
+    key = stage_key(pipeline, stage)
+    partitions = [r.partition for r in results]
+    found = []
+    if dg.AssetCheckKey(key, checks.ROW_IDS) in wanted:
+        found.append(checks.row_ids_conserved(pipeline, stage, partitions, storage, {r.partition: r.rows_in for r in results}, key))
+    if dg.AssetCheckKey(key, checks.ERROR_RATE) in wanted:
+        found.append(checks.error_rate(pipeline, sum(r.rows_out for r in results), sum(r.errors for r in results), key))
+    if dg.AssetCheckKey(key, checks.NOT_EMPTY) in wanted:
+        found.append(checks.generations_not_empty(pipeline, stage, partitions, storage, key))
+    return found
+
+
+def stages_asset(pipeline: LLMPipeline, partitions_def: dg.PartitionsDefinition) -> dg.AssetsDefinition:
+    names = pipeline.stage_names()
+    specs = [
+        dg.AssetSpec(
+            stage_key(pipeline, stage),
+            deps=[stage_key(pipeline, pipeline.plan(stage).upstream) if pipeline.plan(stage).upstream else landing_key(pipeline)],
+            group_name=pipeline.name,
+            description=STAGE_DESCRIPTIONS[stage],
+            kinds={"ray", pipeline.engine.label.lower()} if stage == ENGINE else {"ray"},
+            code_version=pipeline.code_version(stage),
+            skippable=True,
+        )
+        for stage in names
+    ]
+    check_specs = [spec for stage in names for spec in checks.check_specs(pipeline, stage, stage_key(pipeline, stage))]
+
+    @dg.multi_asset(
+        name=f"{pipeline.name}_stages",
+        specs=specs,
+        check_specs=check_specs,
+        partitions_def=partitions_def,
+        can_subset=True,
+        backfill_policy=dg.BackfillPolicy.single_run(),
+        required_resource_keys={"storage", "ray_data", "engine_pool"},
+    )
+    def _stages(context: dg.AssetExecutionContext):
+        selected = [stage for stage in names if stage_key(pipeline, stage) in context.selected_asset_keys]
+        partitions = list(context.partition_keys)
+        context.log.info(f"{pipeline.name}: stages {', '.join(selected)} over {len(partitions)} partition(s): {', '.join(partitions[:10])}")
+        ray_data = context.resources.ray_data
+        ray_data.ensure_started()
+        run = StreamingRun(
+            pipeline, selected, partitions, context.resources.storage, context.resources.engine_pool,
+            log=context.log.info, recompute=context.run.tags.get(RECOMPUTE_TAG, "").lower() in ("1", "true", "yes"),
+            cluster_cpus=ray_data.cluster_cpus(),
+        )
+        wanted = set(context.selected_asset_check_keys)
+        for done in run.run():
+            yield dg.MaterializeResult(
+                asset_key=stage_key(pipeline, done.stage),
+                metadata=metadata(done.results),
+                check_results=_check_results(pipeline, done.stage, done.results, context.resources.storage, wanted),
+            )
+
+    return _stages

@@ -1,0 +1,77 @@
+"""The engine seam: what an engine replica does, and how an engine plugs into a pipeline.
+
+An engine replica is one engine (one vLLM engine, one SGLang engine, one HTTP client...) hosted in
+a long-lived Ray actor by the engine pool (``engines/pool.py``). It implements ``EngineReplica``:
+
+- built by ``__init__(**replica_kwargs)`` (the engine start: load the model, compile...);
+- ``await process(batch)``: a ``pyarrow.Table`` in, the same rows (same order, same row ids) out
+  with the engine's output columns added; a row the engine refuses raises ``RowError`` or, with
+  ``should_continue_on_error``, comes back with ``__inference_error__`` set;
+- ``fatal_errors()``: the exception types meaning the engine itself is gone (the pool then
+  replaces the replica and resends its batches), never one row's problem;
+- ``info()``: pid, host, start seconds, and ``max_num_seqs`` (how many requests it runs at once);
+- ``shutdown()``.
+
+An engine registers an ``EngineSpec`` under its processor config class in ``engines/__init__.py``
+(one line), as ray.data.llm's ``ProcessorBuilder`` does. Nothing under ``engines/`` imports Dagster.
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass, field
+from typing import Any, Callable, Protocol
+
+import pyarrow as pa
+
+
+class EngineReplica(Protocol):
+    def __init__(self, **replica_kwargs: Any) -> None: ...
+
+    async def process(self, batch: pa.Table) -> pa.Table: ...
+
+    def fatal_errors(self) -> tuple[type[BaseException], ...]: ...
+
+    def info(self) -> dict[str, Any]: ...
+
+    def shutdown(self) -> None: ...
+
+
+@dataclass(frozen=True)
+class EngineSpec:
+    """How the pool starts an engine of one kind, and what it needs."""
+
+    label: str  # in log lines and the UI's asset kinds: "vLLM"
+    config_class: type
+    # "module:Class" of the EngineReplica: imported only in the engine actor, so loading the
+    # definitions never imports the engine library.
+    replica: str
+    # The engine library's distributions, first installed one wins; its version is part of the
+    # engine stage's code version.
+    distributions: tuple[str, ...]
+    # Modules whose source changes the engine's output (hashed into the engine stage's code version).
+    code_modules: tuple[str, ...]
+    # (config, resolved model_source, on_gpu, engine_detokenizes) -> the replica's kwargs.
+    replica_kwargs: Callable[..., dict[str, Any]]
+    # (config, on_gpu) -> GPUs one replica needs.
+    gpus_per_replica: Callable[[Any, bool], float]
+    # on_gpu -> environment variables an engine actor needs (the user's runtime_env wins).
+    actor_env: Callable[[bool], dict[str, str]] = lambda on_gpu: {}
+    # on_gpu -> import what an engine start needs, while CPU stages run (best effort).
+    preimport: Callable[[bool], Any] = lambda on_gpu: None
+    # Settings of the config that change the engine's output (hashed into its code version).
+    output_settings: Callable[[Any], dict[str, Any]] = field(default=lambda config: {})
+
+    def replica_class(self) -> type:
+        module, name = self.replica.split(":")
+        return getattr(importlib.import_module(module), name)
+
+    def library_version(self) -> str:
+        from importlib import metadata
+
+        for name in self.distributions:
+            try:
+                return f"{name}=={metadata.version(name)}"
+            except metadata.PackageNotFoundError:
+                continue
+        return "not installed"

@@ -1,0 +1,217 @@
+"""A fixed pool of engine replicas, each in a long-lived Ray actor, fed without blocking.
+
+The streaming run (``execution/stream.py``) drives it from its one event loop: ``build()`` starts
+the engines, ``submit()`` sends a batch to the least-loaded live replica, ``refs()`` lists what to
+wait on, and ``settle()`` takes a finished reference: an engine start, or a batch's output. A
+replica that dies (its actor process gone, or the engine reporting itself dead) is rebuilt in the
+background while the others keep working; the batches it had in flight come back to the caller to
+be sent to any live replica. Nothing here imports Dagster.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Optional
+
+from llm_assets.engines.base import EngineSpec
+from llm_assets.secret_env import split_runtime_env
+from llm_assets.stages.base import RowError
+
+IN_FLIGHT_PER_SEQUENCE_SLOT = 3
+
+
+class EngineStartError(RuntimeError):
+    pass
+
+
+def unwrap(exc: BaseException) -> BaseException:
+    """The user-facing error inside a Ray error (a RowError raised in a worker, say)."""
+    cause = getattr(exc, "cause", None)
+    return cause if isinstance(cause, BaseException) else exc
+
+
+def first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0] if text else ''}"[:300]
+
+
+class EngineHost:
+    """The actor hosting one replica. Created when a run starts, it imports the engine library
+    while CPU stages run; ``start`` builds the engine (GPU memory, compile) when the run asks."""
+
+    def __init__(self, spec: EngineSpec, on_gpu: bool, secret_env: dict[str, str]):
+        os.environ.update(secret_env)  # this process is the engine's alone (see secret_env.py)
+        started = time.perf_counter()
+        spec.preimport(on_gpu)
+        self.import_seconds = time.perf_counter() - started
+        self.spec = spec
+        self.replica: Any = None
+
+    async def start(self, **replica_kwargs: Any) -> dict[str, Any]:
+        self.replica = self.spec.replica_class()(**replica_kwargs)
+        return {**self.replica.info(), "import_seconds": round(self.import_seconds, 2)}
+
+    async def process(self, batch):
+        output = await self.replica.process(batch)
+        return output, output.num_rows
+
+    def fatal_errors(self):
+        return self.replica.fatal_errors() if self.replica is not None else ()
+
+    def shutdown(self) -> None:
+        if self.replica is not None:
+            self.replica.shutdown()
+
+
+@dataclass
+class Replica:
+    index: int
+    actor: Any
+    start_ref: Any = None
+    info: Optional[dict[str, Any]] = None
+    load_rows: int = 0
+    pending: dict = field(default_factory=dict)  # rows ref -> (tag, batch ref, rows, output ref)
+
+
+class EnginePool:
+    def __init__(self, spec: EngineSpec, config, model_source: str, engine_detokenizes: bool, on_gpu: bool,
+                 num_cpus_per_engine: float, max_restarts: int, log: Callable[[str], None]):
+        self.spec, self.config, self.model_source, self.on_gpu, self.log = spec, config, model_source, on_gpu, log
+        self.num_cpus_per_engine = num_cpus_per_engine
+        self.restarts_left = max_restarts
+        self.replica_kwargs = spec.replica_kwargs(config, model_source, on_gpu, engine_detokenizes)
+        self.gpus = spec.gpus_per_replica(config, on_gpu)
+        log(f"Loading {spec.label} into {config.engine_pool_size} engine actor(s) for {model_source} "
+            f"({self.gpus:g} GPU(s) each, {'GPU' if on_gpu else 'CPU'} build)")
+        self.replicas = [Replica(i, self._new_actor()) for i in range(config.engine_pool_size)]
+        self.building = False
+        self.build_started = 0.0
+        self.window_rows = 0
+
+    # --- starting -------------------------------------------------------------------------
+    def _new_actor(self):
+        import ray
+
+        runtime_env, secret_env = split_runtime_env(self.config.runtime_env)
+        runtime_env["env_vars"] = {**self.spec.actor_env(self.on_gpu), **runtime_env.get("env_vars", {})}
+        options: dict[str, Any] = {"num_cpus": self.num_cpus_per_engine, "num_gpus": self.gpus,
+                                   "runtime_env": runtime_env, "max_concurrency": 10_000}
+        if self.config.accelerator_type:
+            options["accelerator_type"] = self.config.accelerator_type
+        return ray.remote(EngineHost).options(**options).remote(self.spec, self.on_gpu, secret_env)
+
+    def build(self) -> None:
+        """Begin building every engine (idempotent); ``settle`` takes their start results."""
+        if self.building:
+            return
+        self.building, self.build_started = True, time.monotonic()
+        self.log(f"Starting {len(self.replicas)} {self.spec.label} engine actor(s) for {self.model_source}")
+        for replica in self.replicas:
+            replica.start_ref = replica.actor.start.remote(**self.replica_kwargs)
+
+    @property
+    def ready(self) -> list[Replica]:
+        return [r for r in self.replicas if r.info is not None]
+
+    def starting(self) -> int:
+        return sum(r.start_ref is not None for r in self.replicas)
+
+    def _started(self, replica: Replica, info: dict[str, Any]) -> None:
+        replica.info, replica.start_ref = info, None
+        self.log(f"{self.spec.label} engine {replica.index} started in {info['start_seconds']} s after importing "
+                 f"{self.spec.label} in {info['import_seconds']} s (pid {info['pid']} on {info['host']})")
+        if not self.window_rows:
+            # Enough rows in flight that the scheduler always has work queued: 3x the sequences it
+            # runs at once (rows of equal length finish in waves), at least max_concurrent_batches.
+            batch = self.config.batch_size
+            self.window_rows = max(self.config.max_concurrent_batches * batch, IN_FLIGHT_PER_SEQUENCE_SLOT * int(info["max_num_seqs"]))
+        if len(self.ready) == len(self.replicas) and all(r.start_ref is None for r in self.replicas):
+            self.log(f"{len(self.replicas)} {self.spec.label} engine(s) ready; up to {self.window_rows} rows in flight per engine")
+
+    # --- feeding --------------------------------------------------------------------------
+    def free_replica(self) -> Optional[Replica]:
+        live = [r for r in self.ready if r.load_rows < self.window_rows]
+        return min(live, key=lambda r: r.load_rows) if live else None
+
+    def submit(self, replica: Replica, tag: Any, batch_ref: Any, rows: int) -> None:
+        output_ref, rows_ref = replica.actor.process.options(num_returns=2).remote(batch_ref)
+        replica.pending[rows_ref] = (tag, batch_ref, rows, output_ref)
+        replica.load_rows += rows
+
+    def refs(self) -> list:
+        refs = [r.start_ref for r in self.replicas if r.start_ref is not None]
+        for replica in self.replicas:
+            refs.extend(replica.pending)
+        return refs
+
+    def owns(self, ref) -> bool:
+        return any(ref is r.start_ref or ref == r.start_ref or ref in r.pending for r in self.replicas)
+
+    def settle(self, ref) -> tuple[list, list]:
+        """Take one finished reference: returns (done, lost): ``done`` holds (tag, output ref) of a
+        finished batch; ``lost`` holds (tag, batch ref, rows) of batches a dead replica had in
+        flight, to send again. Raises a row's error, or EngineStartError."""
+        import ray
+
+        for replica in self.replicas:
+            if replica.start_ref is not None and ref == replica.start_ref:
+                try:
+                    self._started(replica, ray.get(ref))
+                except Exception as exc:
+                    raise EngineStartError(f"{self.spec.label} engine {replica.index} for {self.model_source} failed to start: {unwrap(exc)}") from None
+                return [], []
+            if ref in replica.pending:
+                tag, batch_ref, rows, output_ref = replica.pending.pop(ref)
+                replica.load_rows -= rows
+                try:
+                    ray.get(ref)
+                except (ray.exceptions.RayActorError, ray.exceptions.RayTaskError) as exc:
+                    inner = unwrap(exc)
+                    if isinstance(inner, RowError):
+                        raise inner from None
+                    if not self._died(exc, inner):
+                        raise
+                    return [], [(tag, batch_ref, rows), *self._replace(replica, inner)]
+                return [(tag, output_ref)], []
+        raise KeyError(f"not a reference of this engine pool: {ref}")
+
+    def _died(self, exc: BaseException, inner: BaseException) -> bool:
+        import ray
+
+        return isinstance(exc, ray.exceptions.RayActorError) or type(inner).__name__ == "EngineDeadError"
+
+    def _replace(self, replica: Replica, cause: BaseException) -> list:
+        """Rebuild a dead replica in the background; returns its other in-flight batches."""
+        import ray
+
+        lost = [(tag, batch_ref, rows) for tag, batch_ref, rows, _ in replica.pending.values()]
+        if self.restarts_left <= 0:
+            raise EngineStartError(f"{self.spec.label} engine {replica.index} died ({first_line(cause)}) and no restart "
+                                   "is left; the run stops, committed partitions stay") from None
+        self.restarts_left -= 1
+        self.log(f"{self.spec.label} engine {replica.index} died ({first_line(cause)}); building a new one in the "
+                 f"background, its {len(lost) + 1} batch(es) in flight go to the live engines")
+        try:
+            ray.kill(replica.actor)
+        except ValueError as exc:  # not an actor handle any more: nothing to kill
+            self.log(f"(could not kill the dead engine actor: {exc})")
+        replica.actor, replica.info, replica.pending, replica.load_rows = self._new_actor(), None, {}, 0
+        replica.start_ref = replica.actor.start.remote(**self.replica_kwargs)
+        return lost
+
+    def check_start_timeout(self, timeout_s: float) -> None:
+        if self.building and not self.ready and time.monotonic() - self.build_started > timeout_s:
+            raise EngineStartError(f"{self.spec.label} engines for {self.model_source} did not start within {timeout_s:.0f} s")
+
+    def shutdown(self) -> None:
+        import ray
+
+        for replica in self.replicas:
+            try:
+                ray.get(replica.actor.shutdown.remote(), timeout=60)
+            except Exception as exc:  # already dead or never built: nothing to shut down
+                self.log(f"({self.spec.label} engine {replica.index} did not shut down cleanly: {first_line(exc)})")
+            ray.kill(replica.actor)
+        self.replicas = []

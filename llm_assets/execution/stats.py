@@ -1,0 +1,66 @@
+"""Per-partition numbers of a stage: rows, tokens, errors, time, and where the output is.
+
+Counted from each batch's output in the Ray task that wrote it (``batch_counts``), added up per
+partition on the driver, and stored in the partition's manifest when it commits.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from llm_assets.stages.base import ERROR_COLUMN
+
+
+def _sum(column) -> int:
+    return int(pc.sum(column).as_py() or 0)
+
+
+def batch_counts(batch: pa.Table) -> dict[str, int]:
+    """Rows, input and generated tokens, and rows with an error, of one output batch."""
+    names = batch.column_names
+    counts = {"rows": batch.num_rows, "input_tokens": 0, "generated_tokens": 0, "errors": 0}
+    if "num_input_tokens" in names:
+        counts["input_tokens"] = _sum(batch.column("num_input_tokens"))
+    elif "tokenized_prompt" in names:
+        counts["input_tokens"] = _sum(pc.list_value_length(batch.column("tokenized_prompt")))
+    if "num_generated_tokens" in names:
+        counts["generated_tokens"] = _sum(batch.column("num_generated_tokens"))
+    if ERROR_COLUMN in names:
+        counts["errors"] = batch.num_rows - batch.column(ERROR_COLUMN).null_count
+    return counts
+
+
+@dataclass
+class PartitionStats:
+    partition: str
+    rows_in: int = 0
+    rows_out: int = 0
+    input_tokens: int = 0
+    generated_tokens: int = 0
+    errors: int = 0
+    seconds: float = 0.0
+    path: str = ""
+    code_version: str = ""
+    input: str = ""  # what it was computed from: the upstream commit's attempt, or the source file's fingerprint
+    rows_resumed: int = 0  # rows kept from an interrupted attempt, not computed again
+    skipped: bool = False  # already committed with the same code version and input: not recomputed
+    started: float = field(default_factory=time.monotonic)
+
+    def add(self, counts: dict[str, int]) -> None:
+        self.rows_out += counts["rows"]
+        self.input_tokens += counts["input_tokens"]
+        self.generated_tokens += counts["generated_tokens"]
+        self.errors += counts["errors"]
+
+    def as_dict(self) -> dict[str, Any]:
+        return {k: v for k, v in self.__dict__.items() if k not in ("started", "skipped")}
+
+    @classmethod
+    def from_manifest(cls, stats: dict[str, Any]) -> "PartitionStats":
+        known = {k: v for k, v in stats.items() if k in cls.__dataclass_fields__}
+        return cls(**known, skipped=True)

@@ -1,0 +1,97 @@
+"""How a chain of selected stages is cut into steps: CPU task groups around the engine.
+
+Consecutive CPU stages with the same resources (``num_cpus``, ``memory``, ``runtime_env``,
+``concurrency``) run in one Ray task per unit (``execution/units.py``), each writing its own
+output; the engine stage is a step of its own, served by the engine pool; the first task after
+the engine writes the engine's output (the engine actor never spends its time on Parquet).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+from llm_assets.config import max_concurrency
+from llm_assets.secret_env import split_runtime_env
+from llm_assets.tasks import ENGINE
+
+# Ray tasks of one group in flight at most, when the stages set no concurrency.
+MAX_TASKS_IN_FLIGHT = 64
+
+
+def chains(pipeline, selected: list[str]) -> list[list[str]]:
+    """The selected stages as runs of consecutive stages, in pipeline order."""
+    names = pipeline.stage_names()
+    runs: list[list[str]] = []
+    for name in names:
+        if name not in selected:
+            continue
+        if runs and names.index(runs[-1][-1]) == names.index(name) - 1:
+            runs[-1].append(name)
+        else:
+            runs.append([name])
+    return runs
+
+
+@dataclass
+class Group:
+    """Consecutive CPU stages run by one Ray task per unit."""
+
+    stages: list[str]  # chain stage names; ENGINE here means "write the engine's output"
+    options: dict[str, Any]
+    secret_env: dict[str, str]
+    max_in_flight: int
+    queue: list = field(default_factory=list)
+    in_flight: dict = field(default_factory=dict)  # written-ref -> (unit, table ref)
+
+
+def _resources(pipeline, stage: str) -> tuple:
+    settings = pipeline.plan(stage).settings
+    env = json.dumps(settings.runtime_env or {}, sort_keys=True, default=repr)
+    return settings.num_cpus, settings.memory, env, settings.concurrency
+
+
+def _group(pipeline, stages: list[str], cluster_cpus: float) -> Group:
+    cpu_stages = [s for s in stages if s != ENGINE] or stages
+    settings = pipeline.plan(cpu_stages[0]).settings
+    options: dict[str, Any] = {"num_cpus": settings.num_cpus, "num_returns": 2}
+    if settings.memory:
+        options["memory"] = settings.memory
+    runtime_env, secret_env = split_runtime_env(settings.runtime_env)
+    if runtime_env:
+        options["runtime_env"] = runtime_env
+    explicit = max_concurrency(settings.concurrency)
+    per_cpu = math.ceil(cluster_cpus / max(settings.num_cpus or 0.1, 0.1))
+    limit = explicit if explicit is not None else min(MAX_TASKS_IN_FLIGHT, max(2, 2 * per_cpu))
+    return Group(stages, options, secret_env, limit)
+
+
+def build_steps(pipeline, chain: list[str], cluster_cpus: float) -> list[Optional[Group]]:
+    """The chain's steps in order: a Group, or None for the engine."""
+    steps: list[Optional[Group]] = []
+    current: list[str] = []
+    for stage in chain:
+        if stage == ENGINE:
+            if current:
+                steps.append(_group(pipeline, current, cluster_cpus))
+            steps.append(None)
+            current = [ENGINE]  # the next task writes the engine's output
+            continue
+        if current and current != [ENGINE] and _resources(pipeline, current[-1]) != _resources(pipeline, stage):
+            steps.append(_group(pipeline, current, cluster_cpus))
+            current = []
+        current.append(stage)
+    if current:
+        steps.append(_group(pipeline, current, cluster_cpus))
+    return steps
+
+
+def step_of(steps: list[Optional[Group]], chain: list[str], index: int) -> int:
+    """The step a unit entering at chain ``index`` starts in."""
+    stage = chain[index]
+    for position, step in enumerate(steps):
+        if (step is None and stage == ENGINE) or (step is not None and stage != ENGINE and stage in step.stages):
+            return position
+    raise ValueError(f"stage {stage!r} is in no step of {chain}")

@@ -1,0 +1,293 @@
+"""The one-step streaming run: the selected stages of a pipeline, over the run's partitions, as one
+stream through Ray, driven by one event loop in the run's process.
+
+Units (batches of one partition) flow through the steps of the chain (``execution/steps.py``):
+CPU task groups and the engine pool. The engine build begins as soon as the first unit has passed
+the CPU stages before it (Preprocess's checks included: bad input found there never reaches a
+GPU); the engine takes units as soon as they are tokenized, whatever their partition; the stages
+after it follow unit by unit. Every stage commits each partition (manifest last) as soon as all
+its units are written, and the run reports each stage when all its partitions are committed.
+How far ahead of the engine the CPU stages may read is bounded, so host memory stays flat in
+partition size and count. Engines are released as soon as the engine stage has committed.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections import deque
+from dataclasses import dataclass
+from typing import Any, Callable, Iterator, Optional
+
+from llm_assets.engines.pool import unwrap
+from llm_assets.execution.inputs import Entry, Unit, input_identity, plan_entry, units
+from llm_assets.execution.stats import PartitionStats
+from llm_assets.execution.steps import Group, build_steps, chains, step_of
+from llm_assets.execution.units import StageCall, run_unit
+from llm_assets.models import resolve_model_source
+from llm_assets.tasks import ENGINE
+
+Log = Callable[[str], None]
+PROGRESS_EVERY_S = 10.0
+# Rows read ahead of the engine at least (the CPU stages' lead while the engine builds).
+LOOKAHEAD_MIN_ROWS = 8192
+
+
+@dataclass
+class StageDone:
+    stage: str
+    results: list[PartitionStats]
+
+
+@dataclass
+class Commit:
+    """One stage's output of one partition, being written."""
+
+    attempt: str
+    stats: PartitionStats
+    files: dict  # unit seq -> (file name, rows)
+    expected: int = 0
+
+
+class StreamingRun:
+    def __init__(self, pipeline, selected: list[str], partitions: list[str], storage, engines, log: Log = print,
+                 recompute: bool = False, cluster_cpus: float = 4.0):
+        self.pipeline, self.partitions, self.storage, self.engines, self.log = pipeline, partitions, storage, engines, log
+        self.recompute, self.cluster_cpus = recompute, cluster_cpus
+        self.chains = chains(pipeline, selected)
+        self.session = uuid.uuid4().hex[:8]
+
+    def run(self) -> Iterator[StageDone]:
+        for chain in self.chains:
+            yield from _ChainRun(self, chain).run()
+
+
+class _ChainRun:
+    def __init__(self, run: StreamingRun, chain: list[str]):
+        self.run_, self.chain, self.log = run, chain, run.log
+        self.pipeline, self.storage = run.pipeline, run.storage
+        self.versions = {stage: self.pipeline.code_version(stage) for stage in chain}
+        self.steps = build_steps(self.pipeline, chain, run.cluster_cpus)
+        self.commits: dict[tuple[str, str], Commit] = {}
+        self.results: dict[str, dict[str, PartitionStats]] = {stage: {} for stage in chain}
+        self.reported: set[str] = set()
+        self.fed: set[str] = set()  # partitions whose input is fully read
+        self.engine_queue: deque[Unit] = deque()
+        self.pool = None
+        self.started = self.last_progress = time.monotonic()
+        self.engine_rows_done = 0
+        self.filesystem = self.storage.filesystem()
+        import ray
+
+        self.remote_unit = ray.remote(run_unit)
+
+    # --- setup ------------------------------------------------------------------------------
+    def _calls(self, group: Group, unit: Unit) -> list[StageCall]:
+        calls = []
+        for stage in group.stages:
+            index = self.chain.index(stage)
+            if index < unit.entry or (stage == ENGINE and unit.after_engine):
+                continue
+            plan = self.pipeline.plan(stage)
+            kwargs = dict(plan.udf_kwargs)
+            if plan.model_source:
+                kwargs["model_source"] = self.models[plan.model_source]
+            commit = self.commits[(stage, unit.partition)]
+            calls.append(StageCall(stage, plan.udf, kwargs, plan.settings.batch_size or self.pipeline.config.batch_size,
+                                   self.storage.partition_dir(self.pipeline.name, stage, unit.partition), commit.attempt))
+        return calls
+
+    def _open(self, entry: Entry) -> None:
+        """Create the partition's attempts for every stage it computes."""
+        upstream_attempt = None
+        for stage in self.chain[entry.index:]:
+            identity = upstream_attempt or input_identity(self.pipeline, stage, entry.partition, self.storage)
+            stats = PartitionStats(entry.partition, code_version=self.versions[stage], input=identity)
+            if stage == ENGINE and entry.resumed is not None:
+                attempt, names, rows = entry.resumed
+                files = dict(enumerate(zip(names, rows)))
+                self.log(f"engine [{entry.partition}]: resuming an interrupted attempt ({attempt}): {sum(rows)} rows "
+                         "already written are kept; only the rows they lack go to the engine")
+            else:
+                info = {"code_version": self.versions[stage], "input": identity} if stage == ENGINE else None
+                attempt, files = self.storage.new_attempt(self.pipeline.name, stage, entry.partition, info), {}
+            self.commits[(stage, entry.partition)] = Commit(attempt, stats, files, expected=len(files))
+            upstream_attempt = attempt
+
+    # --- the loop ---------------------------------------------------------------------------
+    def run(self) -> Iterator[StageDone]:
+        import ray
+
+        entries = [plan_entry(self.pipeline, self.chain, p, self.storage, self.versions, self.run_.recompute, self.log)
+                   for p in self.run_.partitions]
+        for entry in entries:
+            for stage, stats in entry.kept.items():
+                self.results[stage][entry.partition] = stats
+        todo = [e for e in entries if e.index is not None]
+        if todo:
+            self.models = {source: resolve_model_source(source, self.log) for source in
+                           {self.pipeline.plan(s).model_source for s in self.chain} if source}
+            if ENGINE in self.chain and any(e.index <= self.chain.index(ENGINE) for e in todo):
+                self.pool = self.run_.engines.pool_for(self.pipeline, self.models[self.pipeline.config.model_source], self.log)
+        yield from self._finished()
+        feed = self._feed(todo)
+        exhausted = not todo
+        try:
+            while True:
+                while not exhausted and self._backlog_rows() < self._lookahead_rows():
+                    unit = next(feed, None)
+                    if unit is None:
+                        exhausted = True
+                        break
+                    self._route(unit, step_of(self.steps, self.chain, unit.entry))
+                self._dispatch()
+                refs = self._refs()
+                if not refs:
+                    break
+                # Everything finished by now; else wait up to a second for the next.
+                ready, _ = ray.wait(refs, num_returns=len(refs), timeout=0, fetch_local=False)
+                if not ready:
+                    ready, _ = ray.wait(refs, num_returns=1, timeout=1.0, fetch_local=False)
+                for ref in ready:
+                    self._settle(ref)
+                yield from self._finished()
+                self._report_progress()
+        except BaseException:
+            for step in self.steps:
+                for ref in list(step.in_flight if step else ()):
+                    ray.cancel(ref)
+            raise
+        finally:
+            self._release_engines()
+
+    def _feed(self, todo: list[Entry]) -> Iterator[Unit]:
+        chunk_rows = self.pipeline.plan(self.chain[0]).settings.batch_size or self.pipeline.config.batch_size
+        for entry in todo:
+            self._open(entry)
+            for unit in units(self.pipeline, self.chain, entry, self.storage, chunk_rows, self.log):
+                for stage in self.chain[unit.entry:]:
+                    if not (stage == ENGINE and unit.after_engine):
+                        self.commits[(stage, unit.partition)].expected += 1
+                yield unit
+            for stage in self.chain[entry.index:]:
+                self.commits[(stage, entry.partition)].stats.rows_in = entry.rows
+            if entry.resumed is not None:
+                engine = self.commits[(ENGINE, entry.partition)].stats
+                engine.add(entry.resumed_stats)
+                engine.rows_resumed = entry.resumed_stats["rows"]
+            self.fed.add(entry.partition)
+            self._commit_ready(entry.partition)
+
+    def _backlog_rows(self) -> int:
+        queued = sum(u.rows for step in self.steps if step for u in step.queue)
+        running = sum(u.rows for step in self.steps if step for u, _ in step.in_flight.values())
+        return queued + running + sum(u.rows for u in self.engine_queue)
+
+    def _lookahead_rows(self) -> int:
+        if self.pool is None:
+            return max(2 * step.max_in_flight for step in self.steps if step) * self.pipeline.config.batch_size
+        return max(LOOKAHEAD_MIN_ROWS, 2 * self.pool.window_rows * len(self.pool.replicas))
+
+    def _route(self, unit: Unit, position: int) -> None:
+        if position >= len(self.steps):
+            return
+        step = self.steps[position]
+        if step is None:
+            self.engine_queue.append(unit)
+            self.pool.build()  # the first unit past the CPU stages starts the engines
+        else:
+            step.queue.append(unit)
+
+    def _dispatch(self) -> None:
+        for step in self.steps:
+            if step is None:
+                while self.engine_queue and (replica := self.pool.free_replica()) is not None:
+                    unit = self.engine_queue.popleft()
+                    self.pool.submit(replica, unit, unit.ref, unit.rows)
+                continue
+            while step.queue and len(step.in_flight) < step.max_in_flight:
+                unit = step.queue.pop(0)
+                file_name = f"part-{unit.seq:05d}-{self.run_.session}.parquet"
+                table_ref, written_ref = self.remote_unit.options(**step.options).remote(
+                    unit.ref, self._calls(step, unit), file_name, self.filesystem, step.secret_env)
+                step.in_flight[written_ref] = (unit, table_ref)
+
+    def _refs(self) -> list:
+        refs = [ref for step in self.steps if step for ref in step.in_flight]
+        return refs + (self.pool.refs() if self.pool is not None else [])
+
+    def _settle(self, ref) -> None:
+        import ray
+
+        for position, step in enumerate(self.steps):
+            if step is not None and ref in step.in_flight:
+                unit, table_ref = step.in_flight.pop(ref)
+                try:
+                    written = ray.get(ref)
+                except ray.exceptions.RayTaskError as exc:
+                    raise unwrap(exc) from None
+                for item in written:
+                    commit = self.commits[(item["stage"], unit.partition)]
+                    commit.files[unit.seq] = (item["file"], item["rows"])
+                    commit.stats.add(item)
+                unit.ref = table_ref
+                self._route(unit, position + 1)
+                self._commit_ready(unit.partition)
+                return
+        done, lost = self.pool.settle(ref)
+        for unit, output_ref in done:
+            self.engine_rows_done += unit.rows
+            unit.ref = output_ref
+            self._route(unit, self.steps.index(None) + 1)
+        for unit, _, _ in reversed(lost):
+            self.engine_queue.appendleft(unit)
+        if self.pool.building:
+            self.pool.check_start_timeout(self.run_.engines.start_timeout_s)
+
+    # --- commits and reports ----------------------------------------------------------------
+    def _commit_ready(self, partition: str) -> None:
+        if partition not in self.fed:
+            return
+        for stage in self.chain:
+            commit = self.commits.get((stage, partition))
+            if commit is None or partition in self.results[stage] or len(commit.files) < commit.expected:
+                continue
+            names = [commit.files[seq] for seq in sorted(commit.files)]
+            stats = commit.stats
+            stats.seconds = round(time.monotonic() - stats.started, 3)
+            stats.path = self.storage.uri(self.storage.partition_dir(self.pipeline.name, stage, partition))
+            self.storage.commit(self.pipeline.name, stage, partition, commit.attempt,
+                                [n for n, _ in names], [r for _, r in names], stats.as_dict())
+            self.results[stage][partition] = stats
+            done = sum(not s.skipped for s in self.results[stage].values())
+            total = sum(1 for key in self.commits if key[0] == stage)
+            self.log(f"{stage} [{partition}]: committed {stats.rows_out} rows in {stats.seconds:.1f} s "
+                     f"({done}/{total} partitions) -> {stats.path}")
+
+    def _finished(self) -> Iterator[StageDone]:
+        for stage in self.chain:
+            if stage not in self.reported and len(self.results[stage]) == len(self.run_.partitions):
+                self.reported.add(stage)
+                if stage == ENGINE:
+                    self._release_engines()
+                yield StageDone(stage, [self.results[stage][p] for p in self.run_.partitions])
+
+    def _release_engines(self) -> None:
+        if self.pool is not None:
+            self.run_.engines.release(self.pool)
+            self.pool = None
+
+    def _report_progress(self) -> None:
+        now = time.monotonic()
+        if now - self.last_progress < PROGRESS_EVERY_S:
+            return
+        self.last_progress = now
+        counts = ", ".join(f"{stage} {sum(not s.skipped for s in self.results[stage].values())}/"
+                           f"{sum(1 for key in self.commits if key[0] == stage)}" for stage in self.chain)
+        line = f"{self.pipeline.name}: partitions committed: {counts}"
+        if self.pool is not None and self.pool.building and not self.pool.ready:
+            line += (f"; waiting for {self.pool.starting()} {self.pool.spec.label} engine(s) to start "
+                     f"({now - self.pool.build_started:.0f} s so far), {sum(u.rows for u in self.engine_queue)} rows queued for them")
+        elif self.pool is not None and self.pool.ready:
+            line += f"; engine: {self.engine_rows_done} rows done, {self.engine_rows_done / max(now - self.pool.build_started, 1e-9):.1f} rows/s"
+        self.log(line)

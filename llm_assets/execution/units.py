@@ -1,0 +1,53 @@
+"""The Ray task that carries one unit (a batch of one partition) through consecutive CPU stages.
+
+For each stage it applies the stage's UDF in slices of the stage's ``batch_size`` and writes the
+stage's output for this unit as one Parquet file into the stage's attempt folder, from this task:
+Parquet writing runs on the cluster's CPUs, in parallel, never queued on the driver. It returns
+the last stage's output (left in Ray's object store for the next step) and, separately, what it
+wrote (small: the driver waits on this one only).
+
+The stage marked ``udf=None`` writes its input as it is: that is how the engine's output, coming
+back from an engine actor, is written by the first task after the engine.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Optional
+
+import pyarrow as pa
+
+from llm_assets.execution.stats import batch_counts
+from llm_assets.secret_env import applied as secret_env_applied
+
+
+@dataclass(frozen=True)
+class StageCall:
+    name: str
+    udf: Optional[type]
+    udf_kwargs: dict[str, Any]
+    batch_size: int
+    partition_dir: str  # where this stage's output of the unit's partition goes
+    attempt: str
+
+
+def _apply(udf, table: pa.Table, batch_size: int) -> pa.Table:
+    if table.num_rows <= batch_size:
+        return udf(table)
+    outputs = [udf(table.slice(offset, batch_size)) for offset in range(0, table.num_rows, batch_size)]
+    return pa.concat_tables(outputs, promote_options="permissive")
+
+
+def run_unit(table: pa.Table, calls: list[StageCall], file_name: str, filesystem, secret_env: dict[str, str]) -> tuple[pa.Table, list[dict[str, Any]]]:
+    from resources.storage import write_parquet
+
+    written = []
+    with secret_env_applied(secret_env):
+        for call in calls:
+            if call.udf is not None:
+                # Built per task: cheap, since the tokenizer a stage loads is cached per process.
+                table = _apply(call.udf(**call.udf_kwargs), table, call.batch_size)
+            name = f"{call.attempt}/{file_name}"
+            write_parquet(filesystem, f"{call.partition_dir}/{name}", table)
+            written.append({"stage": call.name, "file": name, **batch_counts(table)})
+    return table, written

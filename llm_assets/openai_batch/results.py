@@ -1,0 +1,110 @@
+"""OpenAI Batch output: one output or error file line per finished row.
+
+Both files have the same line shape; the body is the endpoint's own object (``chat.completion``,
+``text_completion``, or a Responses ``response``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from typing import Any
+
+from llm_assets.openai_batch.requests import CHAT, COMPLETIONS, RESPONSES, URLS
+from llm_assets.stages.base import ERROR_COLUMN, ROW_ID
+
+# The engine's finish reasons that OpenAI's objects have; any other ("abort") is not a finished
+# answer and exports as an error. A row without one (an engine that did not report it) counts as "stop".
+FINISH_REASONS = {"stop", "length"}
+
+
+def output_line(row: dict[str, Any], default_model: str, created: int, namespace: str = "") -> dict[str, Any]:
+    """One output or error file line for a finished row (error lines have ``"error"`` set).
+    ``namespace`` (the output path) keeps ids of equal custom_ids in different files apart."""
+    custom_id = str(row[ROW_ID])
+    line_id = f"batch_req_{_stable_id(namespace, custom_id)}"
+    error = row.get(ERROR_COLUMN)
+    finish_reason = row.get("finish_reason") or "stop"
+    if error is None and finish_reason not in FINISH_REASONS:
+        error = f"the engine stopped the request before it finished (finish_reason {finish_reason!r})"
+    if error is not None:
+        return {"id": line_id, "custom_id": custom_id, "response": None,
+                "error": {"code": "inference_error", "message": str(error)}}
+    url = row.get("openai_url") or CHAT  # rows not read from a batch file export as chat completions
+    if url not in _BODIES:
+        raise ValueError(f"row {custom_id!r}: openai_url {url!r} is not one of {', '.join(URLS)}")
+    body = _BODIES[url](row, row.get("openai_model") or default_model, created, _stable_id("body", namespace, custom_id))
+    response = {"status_code": 200, "request_id": _stable_id("request", namespace, custom_id), "body": body}
+    return {"id": line_id, "custom_id": custom_id, "response": response, "error": None}
+
+
+def _stable_id(*parts: str) -> str:
+    return hashlib.sha256("\0".join(parts).encode("utf-8")).hexdigest()[:32]
+
+
+def _tokens(row: dict[str, Any]) -> tuple[int, int]:
+    return int(row.get("num_input_tokens") or 0), int(row.get("num_generated_tokens") or 0)
+
+
+def _usage(row: dict[str, Any]) -> dict[str, int]:
+    prompt_tokens, completion_tokens = _tokens(row)
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens, "total_tokens": prompt_tokens + completion_tokens}
+
+
+def _chat_completion(row: dict[str, Any], model: str, created: int, body_id: str) -> dict[str, Any]:
+    return {
+        "id": f"chatcmpl-{body_id}",
+        "object": "chat.completion",
+        "created": created,
+        "model": model,
+        "choices": [{
+            "index": 0,
+            "message": {"role": "assistant", "content": row.get("generated_text") or "", "refusal": None},
+            "logprobs": None,
+            "finish_reason": row.get("finish_reason") or "stop",
+        }],
+        "usage": _usage(row),
+    }
+
+
+def _text_completion(row: dict[str, Any], model: str, created: int, body_id: str) -> dict[str, Any]:
+    return {
+        "id": f"cmpl-{body_id}",
+        "object": "text_completion",
+        "created": created,
+        "model": model,
+        "choices": [{"index": 0, "text": row.get("generated_text") or "", "logprobs": None,
+                     "finish_reason": row.get("finish_reason") or "stop"}],
+        "usage": _usage(row),
+    }
+
+
+def _response(row: dict[str, Any], model: str, created: int, body_id: str) -> dict[str, Any]:
+    """A Responses API ``response`` object: what a /v1/responses client parses, not a chat completion."""
+    input_tokens, output_tokens = _tokens(row)
+    truncated = row.get("finish_reason") == "length"
+    status = "incomplete" if truncated else "completed"
+    return {
+        "id": f"resp_{body_id}",
+        "object": "response",
+        "created_at": created,
+        "status": status,
+        "error": None,
+        "incomplete_details": {"reason": "max_output_tokens"} if truncated else None,
+        "model": model,
+        "output": [{
+            "type": "message",
+            "id": f"msg_{body_id}",
+            "status": status,
+            "role": "assistant",
+            "content": [{"type": "output_text", "text": row.get("generated_text") or "", "annotations": []}],
+        }],
+        "parallel_tool_calls": True,
+        "tool_choice": "auto",
+        "tools": [],
+        "usage": {"input_tokens": input_tokens, "input_tokens_details": {"cached_tokens": 0, "cache_write_tokens": 0},
+                  "output_tokens": output_tokens, "output_tokens_details": {"reasoning_tokens": 0},
+                  "total_tokens": input_tokens + output_tokens},
+    }
+
+
+_BODIES = {CHAT: _chat_completion, COMPLETIONS: _text_completion, RESPONSES: _response}

@@ -1,0 +1,9 @@
+"""Text generation: chat messages or a prompt in, generated tokens and text out."""
+
+from llm_assets.tasks.base import ENGINE, TaskType
+
+GENERATE = TaskType(
+    name="generate",
+    stages=("preprocess", "chat_template", "tokenize", ENGINE, "detokenize", "postprocess"),
+    engine_columns=("generated_tokens", "num_input_tokens", "num_generated_tokens", "time_taken_llm", "finish_reason"),
+)
