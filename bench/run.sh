@@ -4,7 +4,7 @@
 # shows how far it got.
 #   bash bench/run.sh [OUT] [SIZE]            SIZE: 1b (default) or 8b
 #   SYSTEMS="llm_assets" bash bench/run.sh    run a subset (results already in OUT are kept)
-#   PARTITIONS=10 ROWS=1000                   the workload's shape
+#   PARTITIONS=10 ROWS=1000 MAX_TOKENS=128    the workload's shape (the scale workload: 100, 500, 32)
 #   COLD=1                                    start every system with empty kernel caches
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -15,7 +15,7 @@ export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 HF_HUB_OF
 # Every system compiles from scratch: a compile cache left by the one before would flatter the next.
 export VLLM_DISABLE_COMPILE_CACHE=1
 [ -f "$out/workload.json" ] || python3 bench/workload.py --out "$out" --size "$size" \
-  --partitions "${PARTITIONS:-10}" --rows "${ROWS:-1000}" | tee "$out/workload.log"
+  --partitions "${PARTITIONS:-10}" --rows "${ROWS:-1000}" --max-tokens "${MAX_TOKENS:-128}" | tee "$out/workload.log"
 for system in ${SYSTEMS:-raw_vllm ray_data_llm llm_assets}; do
   echo "== $system"
   # Fresh compile caches per system (vLLM's, inductor's, Triton's): a cache warmed by the system

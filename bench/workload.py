@@ -1,7 +1,8 @@
 """The benchmark workload, built offline: a Llama-architecture config run with dummy weights, a
 tokenizer, and chat prompts of about 400 input tokens split into partition files.
 
-    python bench/workload.py --out /tmp/bench --size 1b --partitions 10 --rows 1000
+    python bench/workload.py --out /tmp/bench --size 1b --partitions 10 --rows 1000                  # the base workload
+    python bench/workload.py --out /tmp/scale --size 1b --partitions 100 --rows 500 --max-tokens 32  # the scale workload
 """
 
 from __future__ import annotations
@@ -24,11 +25,11 @@ MAX_TOKENS = 128
 INPUT_TOKENS = 400
 
 
-def sampling_params() -> dict:
-    return {"max_tokens": MAX_TOKENS, "ignore_eos": True, "temperature": 0.0}
+def sampling_params(max_tokens: int = MAX_TOKENS) -> dict:
+    return {"max_tokens": max_tokens, "ignore_eos": True, "temperature": 0.0}
 
 
-def build(out: Path, size: str, partitions: int, rows: int, seed: int = 0) -> dict:
+def build(out: Path, size: str, partitions: int, rows: int, max_tokens: int = MAX_TOKENS, seed: int = 0) -> dict:
     from transformers import AutoTokenizer
 
     model = out / f"llama-{size}"
@@ -55,7 +56,7 @@ def build(out: Path, size: str, partitions: int, rows: int, seed: int = 0) -> di
                 text = " ".join(rng.choice(words) for _ in range(n_words))
                 f.write(json.dumps({"id": f"{p}-{r}", "text": text}) + "\n")
     spec = {"model": str(model), "landing": str(landing), "partitions": partitions, "rows": rows,
-            "max_tokens": MAX_TOKENS, "size": size}
+            "max_tokens": max_tokens, "size": size}
     (out / "workload.json").write_text(json.dumps(spec, indent=1))
     return spec
 
@@ -70,5 +71,6 @@ if __name__ == "__main__":
     parser.add_argument("--size", choices=sorted(MODELS), default="1b")
     parser.add_argument("--partitions", type=int, default=10)
     parser.add_argument("--rows", type=int, default=1000)
+    parser.add_argument("--max-tokens", type=int, default=MAX_TOKENS)
     args = parser.parse_args()
-    print(json.dumps(build(args.out, args.size, args.partitions, args.rows)))
+    print(json.dumps(build(args.out, args.size, args.partitions, args.rows, args.max_tokens)))

@@ -139,17 +139,15 @@ class PartitionStorage(dg.ConfigurableResource):
                 for batch in parquet.iter_batches(columns=present):
                     yield pa.Table.from_batches([batch])
 
-    def new_attempt(self, pipeline: str, stage: str, partition: str, info: Optional[dict[str, Any]] = None) -> str:
-        """A fresh attempt folder for the partition's output; ``info`` (what it computes from) is
-        recorded in it so that a later run may adopt it."""
+    def create_attempt(self, pipeline: str, stage: str, partition: str, attempt: str, info: Optional[dict[str, Any]] = None) -> None:
+        """Create the attempt folder (named by ``new_attempt_name()``) for the partition's output;
+        ``info`` (what it computes from) is recorded in it so that a later run may adopt it."""
         fs = self.filesystem()
         base = self.partition_dir(pipeline, stage, partition)
-        attempt = new_attempt_name()
         fs.create_dir(f"{base}/{attempt}", recursive=True)
         if info is not None:
             body = json.dumps(info).encode()
             write_atomically(fs, f"{base}/{attempt}/{ATTEMPT_INFO}", lambda out: out.write(body))
-        return attempt
 
     def commit(self, pipeline: str, stage: str, partition: str, attempt: str, files: list[str], file_rows: list[int], stats: dict[str, Any]) -> Manifest:
         """Make the attempt's ``files`` (names relative to the partition folder) the partition's

@@ -139,3 +139,18 @@ def s3(s3_endpoint):
     for bucket in buckets.values():
         client.create_bucket(Bucket=bucket)
     return resource, buckets
+
+
+def write_attempt(storage, pipeline: str, stage: str, partition: str, tables: list, commit: bool = True, info=None) -> str:
+    """Write ``tables`` as one attempt's part files (as a run's tasks do); commit it unless told not to."""
+    from resources.storage import new_attempt_name, write_parquet
+
+    attempt = new_attempt_name()
+    storage.create_attempt(pipeline, stage, partition, attempt, info)
+    base = storage.partition_dir(pipeline, stage, partition)
+    names = [f"{attempt}/part-{i:05d}-test.parquet" for i in range(len(tables))]
+    for name, table in zip(names, tables):
+        write_parquet(storage.filesystem(), f"{base}/{name}", table)
+    if commit:
+        storage.commit(pipeline, stage, partition, attempt, names, [t.num_rows for t in tables], {"rows_out": sum(t.num_rows for t in tables)})
+    return attempt

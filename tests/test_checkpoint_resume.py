@@ -3,7 +3,7 @@ run again: committed stages are not recomputed, the engine's complete checkpoint
 and only the rows they lack go to the engine. Every row id comes out exactly once.
 
 The first run is a real Dagster run in a subprocess (its own local Ray and vLLM CPU engine); the
-test kills that process tree once the engine stage has written its first checkpoint file.
+test kills that process tree once the engine stage has written its first batch's file.
 """
 
 import os
@@ -18,7 +18,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from resources import PartitionStorage, RayDataResource, EnginePoolResource
-from tests.conftest import questions, write_jsonl
+from resources.storage import write_parquet
+from tests.conftest import questions, write_attempt, write_jsonl
 from tests.test_pipeline_dagster import log_messages, make_pipeline, run_job
 
 ROWS = 160
@@ -43,13 +44,13 @@ def resumable_resources(storage_root) -> dict:
     ray_data = RayDataResource()
     return {
         "ray_data": ray_data,
-        "storage": PartitionStorage(root=str(storage_root), checkpoint_interval_s=0.5),
+        "storage": PartitionStorage(root=str(storage_root)),
         "engine_pool": EnginePoolResource(ray_data=ray_data),
     }
 
 
 def complete_checkpoints(storage_root: Path) -> dict[str, int]:
-    """Complete engine part files of uncommitted attempts: name -> size."""
+    """Complete engine part files of uncommitted attempts (one per batch): name -> size."""
     partition = storage_root / "tiny" / "engine" / "x.jsonl"
     return {str(p.relative_to(partition)): p.stat().st_size for p in partition.glob("attempt-*/part-*.parquet")}
 
@@ -114,37 +115,32 @@ def test_a_run_killed_mid_engine_resumes_from_its_checkpoints(tmp_path, tiny_mod
 
 
 @pytest.mark.parametrize("where", ["local", "s3"])
-def test_a_checkpointed_attempt_is_adopted_only_with_the_same_code_version_and_input(where, tmp_path, request):
-    """Storage level, locally and on S3: complete checkpoint files survive a writer that never
-    committed; a later writer with the same code version and input adopts them, one with another
-    input starts afresh, and the commit lists the adopted files and the new ones."""
+def test_an_uncommitted_attempt_is_adopted_only_with_the_same_code_version_and_input(where, tmp_path, request):
+    """Storage level, locally and on S3: the complete files of an attempt that never committed are
+    found by a later run with the same code version and input, not by one with another input, and
+    never once that attempt is committed."""
     if where == "s3":
         resource, buckets = request.getfixturevalue("s3")
-        storage = PartitionStorage(root=f"s3://{buckets['outputs']}/ck", s3=resource, checkpoint_interval_s=0.01)
+        storage = PartitionStorage(root=f"s3://{buckets['outputs']}/ck", s3=resource)
     else:
-        storage = PartitionStorage(root=str(tmp_path), checkpoint_interval_s=0.01)
+        storage = PartitionStorage(root=str(tmp_path))
     info = {"code_version": "v1", "input": "attempt-a"}
-    interrupted, adopted = storage.resumable_writer("p", "engine", "part", info)
-    assert adopted == []
-    for chunk in range(3):
-        interrupted.write(pa.table({"row_id": [f"{chunk}-{i}" for i in range(5)]}))
-        time.sleep(0.02)  # past the checkpoint interval: the next write closes the file
-    # The process dies here: the third chunk's file was never closed.
+    assert storage.resumable_attempt("p", "engine", "part", info) is None
+    tables = [pa.table({"row_id": [f"{chunk}-{i}" for i in range(5)]}) for chunk in range(2)]
+    interrupted = write_attempt(storage, "p", "engine", "part", tables, commit=False, info=info)
+    # The process dies here, before the third batch's file and the commit.
 
-    other, adopted = storage.resumable_writer("p", "engine", "part", {**info, "input": "attempt-b"})
-    assert adopted == [] and other.attempt != interrupted.attempt
-    resumed, adopted = storage.resumable_writer("p", "engine", "part", info)
-    assert resumed.attempt == interrupted.attempt and len(adopted) == 2
-    assert sum(pq.read_table(f, filesystem=storage.filesystem()).num_rows for f in adopted) == 10
-    resumed.write(pa.table({"row_id": [f"2-{i}" for i in range(5)]}))
-    manifest = resumed.commit({})
+    assert storage.resumable_attempt("p", "engine", "part", {**info, "input": "attempt-b"}) is None
+    attempt, names, rows = storage.resumable_attempt("p", "engine", "part", info)
+    assert attempt == interrupted and rows == [5, 5] and len(names) == 2
+    third = f"{attempt}/part-00002-rerun.parquet"
+    write_parquet(storage.filesystem(), f"{storage.partition_dir('p', 'engine', 'part')}/{third}", pa.table({"row_id": [f"2-{i}" for i in range(5)]}))
+    manifest = storage.commit("p", "engine", "part", attempt, [*names, third], [*rows, 5], {})
     _, files = storage.committed("p", "engine", "part")
     table = pa.concat_tables(pq.read_table(f, filesystem=storage.filesystem()) for f in files)
     assert manifest.rows == table.num_rows == 15
     assert sorted(table.column("row_id").to_pylist()) == sorted(f"{c}-{i}" for c in range(3) for i in range(5))
-    # A committed attempt is never adopted again.
-    fresh, adopted = storage.resumable_writer("p", "engine", "part", info)
-    assert adopted == [] and fresh.attempt != resumed.attempt
+    assert storage.resumable_attempt("p", "engine", "part", info) is None  # a committed attempt is never adopted again
 
 
 if __name__ == "__main__":  # the first run, in a process of its own

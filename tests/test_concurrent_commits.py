@@ -8,17 +8,18 @@ import pyarrow.parquet as pq
 import pytest
 
 from resources import PartitionStorage
+from tests.conftest import write_attempt
 
 ROUNDS = 10
 
 
 def write_and_commit(storage, writer_name: str, rows: int, barrier: threading.Barrier, errors: list) -> None:
     try:
-        writer = storage.writer("p", "stage", "part")
-        for chunk in range(3):
-            writer.write(pa.table({"row_id": [f"{writer_name}-{chunk}-{i}" for i in range(rows)], "writer": [writer_name] * rows}))
+        tables = [pa.table({"row_id": [f"{writer_name}-{chunk}-{i}" for i in range(rows)], "writer": [writer_name] * rows}) for chunk in range(3)]
+        attempt = write_attempt(storage, "p", "stage", "part", tables, commit=False)
         barrier.wait()  # both finish writing, then commit at the same moment
-        writer.commit({"rows_out": 3 * rows})
+        names = [f"{attempt}/part-{i:05d}-test.parquet" for i in range(3)]
+        storage.commit("p", "stage", "part", attempt, names, [rows] * 3, {"rows_out": 3 * rows})
     except Exception as exc:  # surfaced by the test
         errors.append(exc)
 

@@ -34,7 +34,8 @@ def test_stage_config_inherits_unset_fields_from_the_processor():
         detokenize_stage=False,
     )
     tokenize = config.stage("tokenize_stage")
-    assert (tokenize.batch_size, tokenize.concurrency, tokenize.model_source) == (8, (1, 3), "/m")
+    # CPU stages are not tied to the engine count: unset concurrency means the cluster's CPUs.
+    assert (tokenize.batch_size, tokenize.concurrency, tokenize.model_source) == (8, None, "/m")
     assert tokenize.runtime_env == {"env_vars": {"A": "1"}}
     chat = config.stage("chat_template_stage")
     assert (chat.batch_size, chat.num_cpus, chat.chat_template) == (64, 2, "{{ messages }}")

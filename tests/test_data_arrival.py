@@ -74,7 +74,9 @@ def test_a_backfill_of_five_partitions_starts_the_engine_once_and_a_rerun_recomp
     for day in range(2, 6):
         write_jsonl(arrival["landing"] / f"day-{day}.jsonl", questions(2 + day, f"d{day}"))
     defs = build_definitions([pipeline], resources)
-    assert len(tick(defs, instance).run_requests) == 4  # the sensor would run them one by one; a backfill runs them together
+    requests = tick(defs, instance).run_requests
+    assert len(requests) == 1  # one run over the four new files: one engine start, not four
+    assert (requests[0].tags[RANGE_START], requests[0].tags[RANGE_END]) == ("day-2.jsonl", "day-5.jsonl")
     keys = instance.get_dynamic_partitions("tiny")
     assert keys == [f"day-{d}.jsonl" for d in range(1, 6)]
     storage = resources["storage"]

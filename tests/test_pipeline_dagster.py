@@ -187,8 +187,8 @@ def test_a_bad_file_or_model_fails_the_run_before_any_engine_starts(tmp_path, ti
     pipeline.source = LocalFolderSource(str(landing), pattern="x.*")
     result = run_job(pipeline, make_resources(tmp_path / "storage"), instance, {"dagster/partition": partition}, raise_on_error=False)
     assert_failed_before_any_engine(result, instance, tmp_path / "storage", expected)
-    if case == "model without a chat template":  # what Preprocess committed stays
-        assert json.loads((tmp_path / "storage" / "tiny" / "preprocess" / partition / "_manifest.json").read_text())["rows"] == 1
+    if case == "model without a chat template":  # found before any stage processed a row
+        assert not (tmp_path / "storage" / "tiny" / "preprocess").exists()
 
 
 def test_the_run_fails_naming_the_row_when_a_request_fails(tmp_path, tiny_model, ray_session, instance):
@@ -197,6 +197,8 @@ def test_the_run_fails_naming_the_row_when_a_request_fails(tmp_path, tiny_model,
     result = run_job(pipeline, make_resources(tmp_path / "storage"), instance, {"dagster/partition": "x.jsonl"}, raise_on_error=False)
     assert not result.success
     failure = next(e for e in result.all_events if e.event_type_value == "STEP_FAILURE")
-    assert failure.step_key == "tiny__engine"
-    assert "engine: row 'x.jsonl:1'" in failure.step_failure_data.error.to_string()
+    assert failure.step_key == "tiny_stages"
+    error = failure.step_failure_data.error
+    headline = (error.cause or error).message.splitlines()[0]  # what the UI shows first
+    assert "RowError: engine: row 'x.jsonl:1'" in headline, headline
     assert json.loads((tmp_path / "storage" / "tiny" / "tokenize" / "x.jsonl" / "_manifest.json").read_text())["rows"] == 2

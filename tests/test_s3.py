@@ -13,7 +13,7 @@ from llm_assets.pipeline import LLMPipeline
 from llm_assets.sources import S3PrefixSource, SourceError
 from resources import PartitionStorage, RayDataResource, EnginePoolResource
 from resources.storage import NotMaterializedError
-from tests.conftest import questions
+from tests.conftest import write_attempt, questions
 from tests.test_data_arrival import engine_starts, tick
 from tests.test_pipeline_dagster import RANGE_END, RANGE_START, to_answer, to_chat
 
@@ -82,24 +82,19 @@ def test_a_malformed_line_on_s3_names_the_object_and_the_line(s3):
 def test_an_s3_commit_is_one_manifest_object_and_a_failed_attempt_keeps_the_last_commit(s3):
     resource, buckets = s3
     storage = PartitionStorage(root=f"s3://{buckets['outputs']}/o", s3=resource)
-    writer = storage.writer("p", "stage", "part")
-    writer.write(pa.table({"row_id": ["a", "b"]}))
+    first_attempt = write_attempt(storage, "p", "stage", "part", [pa.table({"row_id": ["a", "b"]})], commit=False)
     with pytest.raises(NotMaterializedError):
         storage.committed("p", "stage", "part")  # written, not committed: invisible
-    writer.commit({"rows_out": 2})
+    storage.commit("p", "stage", "part", first_attempt, [f"{first_attempt}/part-00000-test.parquet"], [2], {"rows_out": 2})
     first = storage.manifest("p", "stage", "part")
     assert first.rows == 2
 
-    failed = storage.writer("p", "stage", "part")
-    failed.write(pa.table({"row_id": ["c"]}))
-    failed.abort()
+    write_attempt(storage, "p", "stage", "part", [pa.table({"row_id": ["c"]})], commit=False)  # a run that died
     manifest, files = storage.committed("p", "stage", "part")
     assert manifest.attempt == first.attempt
     assert pq.read_table(files[0], filesystem=storage.filesystem()).column("row_id").to_pylist() == ["a", "b"]
 
-    second = storage.writer("p", "stage", "part")
-    second.write(pa.table({"row_id": ["x"]}))
-    second.commit({"rows_out": 1})
+    write_attempt(storage, "p", "stage", "part", [pa.table({"row_id": ["x"]})])
     keys = object_keys(resource.get_client(), buckets["outputs"], "o/p/stage/part/")
     assert not [k for k in keys if first.attempt in k]  # the replaced attempt is deleted
     assert storage.manifest("p", "stage", "part").rows == 1

@@ -6,7 +6,7 @@ import pytest
 
 from llm_assets.sources import LocalFolderSource, SourceError
 from resources.storage import NotMaterializedError, PartitionStorage
-from tests.conftest import write_jsonl
+from tests.conftest import write_attempt, write_jsonl
 
 
 def test_each_file_is_a_partition_and_rows_get_stable_ids(tmp_path):
@@ -47,37 +47,24 @@ def _read(storage, partition="p/1"):
 
 
 def test_output_is_visible_only_once_committed_and_a_failed_attempt_keeps_the_last_commit(tmp_path):
-    storage = PartitionStorage(root=str(tmp_path), max_rows_per_file=2)
+    storage = PartitionStorage(root=str(tmp_path))
     with pytest.raises(NotMaterializedError, match="materialize pipe/stage"):
         storage.committed_files("pipe", "stage", "p/1")
 
-    first = storage.writer("pipe", "stage", "p/1")
-    first.write(pa.table({"row_id": ["a", "b", "c"]}))
-    first.write(pa.table({"row_id": ["d"]}))
+    first = write_attempt(storage, "pipe", "stage", "p/1", [pa.table({"row_id": ["a", "b", "c"]}), pa.table({"row_id": ["d"]})], commit=False)
     with pytest.raises(NotMaterializedError):  # written, not committed: invisible
         storage.committed_files("pipe", "stage", "p/1")
-    first.commit({"rows": 4})
+    names = [f"{first}/part-{i:05d}-test.parquet" for i in range(2)]
+    storage.commit("pipe", "stage", "p/1", first, names, [3, 1], {})
     assert [r["row_id"] for r in _read(storage)] == ["a", "b", "c", "d"]
-    assert len(storage.committed_files("pipe", "stage", "p/1")) == 2  # rolled at max_rows_per_file
+    assert storage.manifest("pipe", "stage", "p/1").file_rows == [3, 1]
 
-    second = storage.writer("pipe", "stage", "p/1")
-    second.write(pa.table({"row_id": ["x"]}))
-    second.abort()  # the run died: the last commit stays whole
-    assert [r["row_id"] for r in _read(storage)] == ["a", "b", "c", "d"]
+    write_attempt(storage, "pipe", "stage", "p/1", [pa.table({"row_id": ["x"]})], commit=False)  # the run died
+    assert [r["row_id"] for r in _read(storage)] == ["a", "b", "c", "d"]  # the last commit stays whole
 
-    third = storage.writer("pipe", "stage", "p/1")
-    third.write(pa.table({"row_id": ["y"]}))
-    third.commit({})
+    third = write_attempt(storage, "pipe", "stage", "p/1", [pa.table({"row_id": ["y"]})])
     assert _read(storage) == [{"row_id": "y"}]
     partition_dir = tmp_path / "pipe" / "stage" / "p%2F1"
-    assert sorted(p.name for p in partition_dir.iterdir() if p.is_dir()) == [third.attempt]
-
-
-def test_batches_whose_types_differ_only_by_nulls_share_a_file(tmp_path):
-    storage = PartitionStorage(root=str(tmp_path))
-    writer = storage.writer("pipe", "stage", "k")
-    writer.write(pa.table({"row_id": ["a"], "text": ["hi"]}))
-    writer.write(pa.table({"row_id": ["b"], "text": pa.array([None], pa.null())}))
-    writer.commit({})
-    assert len(storage.committed_files("pipe", "stage", "k")) == 1
-    assert _read(storage, "k") == [{"row_id": "a", "text": "hi"}, {"row_id": "b", "text": None}]
+    assert first not in [p.name for p in partition_dir.iterdir()]  # the replaced attempt is deleted
+    assert storage.manifest("pipe", "stage", "p/1").attempt == third
+    assert not [p for p in partition_dir.rglob(".*")]  # no temporary file left behind

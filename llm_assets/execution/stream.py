@@ -26,6 +26,7 @@ from llm_assets.execution.steps import Group, build_steps, chains, step_of
 from llm_assets.execution.units import StageCall, run_unit
 from llm_assets.models import resolve_model_source
 from llm_assets.tasks import ENGINE
+from resources.storage import new_attempt_name
 
 Log = Callable[[str], None]
 PROGRESS_EVERY_S = 10.0
@@ -47,6 +48,8 @@ class Commit:
     stats: PartitionStats
     files: dict  # unit seq -> (file name, rows)
     expected: int = 0
+    info: Optional[dict] = None  # recorded in the attempt folder (the engine's, for resuming)
+    created: bool = False  # its folder exists (made when its first unit is sent: a run that fails before writes nothing)
 
 
 class StreamingRun:
@@ -93,6 +96,9 @@ class _ChainRun:
             if plan.model_source:
                 kwargs["model_source"] = self.models[plan.model_source]
             commit = self.commits[(stage, unit.partition)]
+            if not commit.created:
+                self.storage.create_attempt(self.pipeline.name, stage, unit.partition, commit.attempt, commit.info)
+                commit.created = True
             calls.append(StageCall(stage, plan.udf, kwargs, plan.settings.batch_size or self.pipeline.config.batch_size,
                                    self.storage.partition_dir(self.pipeline.name, stage, unit.partition), commit.attempt))
         return calls
@@ -105,13 +111,14 @@ class _ChainRun:
             stats = PartitionStats(entry.partition, code_version=self.versions[stage], input=identity)
             if stage == ENGINE and entry.resumed is not None:
                 attempt, names, rows = entry.resumed
-                files = dict(enumerate(zip(names, rows)))
-                self.log(f"engine [{entry.partition}]: resuming an interrupted attempt ({attempt}): {sum(rows)} rows "
-                         "already written are kept; only the rows they lack go to the engine")
+                files, created = dict(enumerate(zip(names, rows))), True
+                total = self.storage.manifest(self.pipeline.name, self.pipeline.plan(ENGINE).upstream, entry.partition).rows
+                self.log(f"engine [{entry.partition}]: resuming an interrupted attempt ({attempt}): {sum(rows)} of {total} rows "
+                         f"already written are kept; the other {total - sum(rows)} go to the engine")
             else:
-                info = {"code_version": self.versions[stage], "input": identity} if stage == ENGINE else None
-                attempt, files = self.storage.new_attempt(self.pipeline.name, stage, entry.partition, info), {}
-            self.commits[(stage, entry.partition)] = Commit(attempt, stats, files, expected=len(files))
+                attempt, files, created = new_attempt_name(), {}, False
+            info = {"code_version": self.versions[stage], "input": identity} if stage == ENGINE else None
+            self.commits[(stage, entry.partition)] = Commit(attempt, stats, files, len(files), info, created)
             upstream_attempt = attempt
 
     # --- the loop ---------------------------------------------------------------------------
@@ -129,6 +136,7 @@ class _ChainRun:
                            {self.pipeline.plan(s).model_source for s in self.chain} if source}
             if ENGINE in self.chain and any(e.index <= self.chain.index(ENGINE) for e in todo):
                 self.pool = self.run_.engines.pool_for(self.pipeline, self.models[self.pipeline.config.model_source], self.log)
+            self._check_stage_setup()
         yield from self._finished()
         feed = self._feed(todo)
         exhausted = not todo
@@ -159,6 +167,15 @@ class _ChainRun:
             raise
         finally:
             self._release_engines()
+
+    def _check_stage_setup(self) -> None:
+        """Build each CPU stage that loads the model once here, so that a setup error (a model
+        without a chat template, a tokenizer that does not load) fails the run before any unit is
+        processed or any engine is built (the engine actors are importing meanwhile)."""
+        for stage in self.chain:
+            plan = self.pipeline.plan(stage)
+            if plan.udf is not None and plan.model_source:
+                plan.udf(**plan.udf_kwargs, model_source=self.models[plan.model_source])
 
     def _feed(self, todo: list[Entry]) -> Iterator[Unit]:
         chunk_rows = self.pipeline.plan(self.chain[0]).settings.batch_size or self.pipeline.config.batch_size

