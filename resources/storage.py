@@ -35,6 +35,7 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 from pydantic import Field
 
+from llm_assets.atomic import write_atomically
 from resources.s3 import S3Resource, pyarrow_s3, split_s3_uri
 
 MANIFEST = "_manifest.json"
@@ -53,24 +54,6 @@ class Manifest:
     committed_at: float
     stats: dict[str, Any] = field(default_factory=dict)
     file_rows: list[int] = field(default_factory=list)  # rows of each file, in order (empty in old manifests)
-
-
-def write_atomically(fs: pafs.FileSystem, path: str, write) -> None:
-    """Call ``write(stream)`` so that ``path`` appears only once complete: locally through a
-    dot-named temporary file renamed into place, on an object store as one upload."""
-    if isinstance(fs, pafs.LocalFileSystem):
-        folder, name = path.rsplit("/", 1)
-        tmp = f"{folder}/.{name}.{uuid.uuid4().hex[:8]}.tmp"
-        with fs.open_output_stream(tmp) as out:
-            write(out)
-        fs.move(tmp, path)  # rename: atomic on a local disk
-    else:
-        with fs.open_output_stream(path) as out:  # an S3 object is visible only once uploaded
-            write(out)
-
-
-def write_parquet(fs: pafs.FileSystem, path: str, table: pa.Table) -> None:
-    write_atomically(fs, path, lambda out: pq.write_table(table, out))
 
 
 def read_manifest(fs: pafs.FileSystem, partition_dir: str) -> Optional[Manifest]:

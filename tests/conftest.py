@@ -143,7 +143,8 @@ def s3(s3_endpoint):
 
 def write_attempt(storage, pipeline: str, stage: str, partition: str, tables: list, commit: bool = True, info=None) -> str:
     """Write ``tables`` as one attempt's part files (as a run's tasks do); commit it unless told not to."""
-    from resources.storage import new_attempt_name, write_parquet
+    from llm_assets.atomic import write_parquet
+    from resources.storage import new_attempt_name
 
     attempt = new_attempt_name()
     storage.create_attempt(pipeline, stage, partition, attempt, info)

@@ -18,7 +18,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from resources import PartitionStorage, RayDataResource, EnginePoolResource
-from resources.storage import write_parquet
+from llm_assets.atomic import write_parquet
 from tests.conftest import questions, write_attempt, write_jsonl
 from tests.test_pipeline_dagster import log_messages, make_pipeline, run_job
 

@@ -57,13 +57,14 @@ def test_a_run_groups_cpu_stages_by_resources_and_the_engine_output_is_written_a
     p = pipeline()
     chain = p.stage_names()
     steps = build_steps(p, chain, cluster_cpus=4)
-    assert [s.stages if s else ENGINE for s in steps] == [["preprocess", "chat_template", "tokenize"], ENGINE, [ENGINE, "detokenize", "postprocess"]]
-    assert step_of(steps, chain, chain.index("tokenize")) == 0 and step_of(steps, chain, chain.index(ENGINE)) == 1
-    assert step_of(steps, chain, chain.index("detokenize")) == 2
+    assert [s.stages if s else ENGINE for s in steps] == [["preprocess"], ["chat_template", "tokenize"], ENGINE, [ENGINE, "detokenize", "postprocess"]]
+    assert step_of(steps, chain, chain.index("tokenize")) == 1 and step_of(steps, chain, chain.index(ENGINE)) == 2
+    assert step_of(steps, chain, chain.index("detokenize")) == 3
+    assert steps[1].max_in_flight == 2 and build_steps(p, chain, cluster_cpus=16)[1].max_in_flight == 4
     heavy = pipeline(tokenize_stage={"num_cpus": 2, "concurrency": 3})
     steps = build_steps(heavy, heavy.stage_names(), cluster_cpus=4)
-    assert [s.stages if s else ENGINE for s in steps][:2] == [["preprocess", "chat_template"], ["tokenize"]]
-    assert steps[1].max_in_flight == 3 and steps[1].options["num_cpus"] == 2
+    assert [s.stages if s else ENGINE for s in steps][:3] == [["preprocess"], ["chat_template"], ["tokenize"]]
+    assert steps[2].max_in_flight == 3 and steps[2].options["num_cpus"] == 2
     assert chains(p, ["preprocess", "tokenize", ENGINE, "postprocess"]) == [["preprocess"], ["tokenize", ENGINE], ["postprocess"]]
 
 

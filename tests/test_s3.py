@@ -51,9 +51,11 @@ def test_files_landing_on_s3_run_through_every_stage_into_s3_storage(s3, tiny_mo
     defs, storage = s3_definitions(resource, buckets, tiny_model)
 
     data = tick(defs, instance)
-    assert sorted(r.partition_key for r in data.run_requests) == ["2026/b.jsonl", "a.jsonl"]
     keys = instance.get_dynamic_partitions("tiny")
-    result = defs.resolve_job_def("tiny_job").execute_in_process(instance=instance, tags={RANGE_START: keys[0], RANGE_END: keys[-1]})
+    assert sorted(keys) == ["2026/b.jsonl", "a.jsonl"]
+    [request] = data.run_requests  # one run over both new files
+    assert (request.tags[RANGE_START], request.tags[RANGE_END]) == (keys[0], keys[-1])
+    result = defs.resolve_job_def("tiny_job").execute_in_process(instance=instance, tags=request.tags)
     assert result.success
     assert engine_starts(instance, result.run_id) == 1
 

@@ -55,10 +55,10 @@ def test_tokens_and_api_keys_reach_no_log_metadata_failure_or_output(tmp_path, t
     assert any(r.dagster_event and r.dagster_event.event_type_value == "ASSET_MATERIALIZATION" for r in records)
     assert not leaked("\n".join(serialize_value(r) for r in records))
     assert not leaked(serialize_value(instance.get_run_by_id(result.run_id)))
-    # Ray writes the runtime_envs it creates and each Ray Data operator's remote args to its logs.
+    # Ray writes the runtime_envs it creates (and each task's or actor's options) to its logs.
     ray_logs = Path(ray._private.worker._global_node.get_session_dir_path()) / "logs"
     logged = [p for p in ray_logs.rglob("*") if p.is_file()]
-    assert any("runtime_env" in p.name for p in logged) and any("ray-data" in str(p) for p in logged)
+    assert any("runtime_env" in p.name for p in logged)
     for path in logged:
         assert not leaked(path.read_bytes().decode("latin-1")), path
     written = [p for p in (tmp_path / "storage").rglob("*") if p.is_file()]

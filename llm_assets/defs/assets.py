@@ -9,6 +9,8 @@ single-run backfill policy a backfill is one run too, so the model loads once.
 
 
 import warnings
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import dagster as dg
@@ -83,6 +85,10 @@ def _check_results(pipeline: LLMPipeline, stage: str, results: list[PartitionSta
     return found
 
 
+def _materialization(pipeline: LLMPipeline, done, checked) -> dg.MaterializeResult:
+    return dg.MaterializeResult(asset_key=stage_key(pipeline, done.stage), metadata=metadata(done.results), check_results=checked.result())
+
+
 def stages_asset(pipeline: LLMPipeline, partitions_def: dg.PartitionsDefinition) -> dg.AssetsDefinition:
     names = pipeline.stage_names()
     specs = [
@@ -120,11 +126,17 @@ def stages_asset(pipeline: LLMPipeline, partitions_def: dg.PartitionsDefinition)
             cluster_cpus=ray_data.cluster_cpus(),
         )
         wanted = set(context.selected_asset_check_keys)
-        for done in run.run():
-            yield dg.MaterializeResult(
-                asset_key=stage_key(pipeline, done.stage),
-                metadata=metadata(done.results),
-                check_results=_check_results(pipeline, done.stage, done.results, context.resources.storage, wanted),
-            )
+        storage = context.resources.storage
+        # A stage's checks read its committed Parquet: in a thread, so that the stream (and the
+        # engine it feeds) never waits on them; results are reported in stage order.
+        with ThreadPoolExecutor(max_workers=2, thread_name_prefix="asset-checks") as checking:
+            pending: deque = deque()
+            for done in run.run():
+                if done is not None:
+                    pending.append((done, checking.submit(_check_results, pipeline, done.stage, done.results, storage, wanted)))
+                while pending and pending[0][1].done():
+                    yield _materialization(pipeline, *pending.popleft())
+            while pending:
+                yield _materialization(pipeline, *pending.popleft())
 
     return _stages

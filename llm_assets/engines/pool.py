@@ -146,9 +146,6 @@ class EnginePool:
             refs.extend(replica.pending)
         return refs
 
-    def owns(self, ref) -> bool:
-        return any(ref is r.start_ref or ref == r.start_ref or ref in r.pending for r in self.replicas)
-
     def settle(self, ref) -> tuple[list, list]:
         """Take one finished reference: returns (done, lost): ``done`` holds (tag, output ref) of a
         finished batch; ``lost`` holds (tag, batch ref, rows) of batches a dead replica had in
@@ -205,13 +202,20 @@ class EnginePool:
         if self.building and not self.ready and time.monotonic() - self.build_started > timeout_s:
             raise EngineStartError(f"{self.spec.label} engines for {self.model_source} did not start within {timeout_s:.0f} s")
 
-    def shutdown(self) -> None:
+    def shutdown(self, timeout_s: float = 15.0) -> None:
+        """Ask every engine to shut down, wait up to ``timeout_s`` for all of them together, then
+        end their actors (what an engine holds is freed with its process anyway)."""
         import ray
 
-        for replica in self.replicas:
+        pending = {replica.actor.shutdown.remote(): replica for replica in self.replicas}
+        done, late = ray.wait(list(pending), num_returns=len(pending), timeout=timeout_s)
+        for ref in done:
             try:
-                ray.get(replica.actor.shutdown.remote(), timeout=60)
-            except Exception as exc:  # already dead or never built: nothing to shut down
-                self.log(f"({self.spec.label} engine {replica.index} did not shut down cleanly: {first_line(exc)})")
+                ray.get(ref)
+            except (ray.exceptions.RayActorError, ray.exceptions.RayTaskError) as exc:  # already dead, or never built
+                self.log(f"({self.spec.label} engine {pending[ref].index} did not shut down cleanly: {first_line(exc)})")
+        for ref in late:
+            self.log(f"({self.spec.label} engine {pending[ref].index} did not shut down within {timeout_s:.0f} s; ending it)")
+        for replica in self.replicas:
             ray.kill(replica.actor)
         self.replicas = []

@@ -4,12 +4,19 @@ Consecutive CPU stages with the same resources (``num_cpus``, ``memory``, ``runt
 ``concurrency``) run in one Ray task per unit (``execution/units.py``), each writing its own
 output; the engine stage is a step of its own, served by the engine pool; the first task after
 the engine writes the engine's output (the engine actor never spends its time on Parquet).
+Preprocess runs in a task of its own: it loads no tokenizer, so the first unit is through its
+checks within a second or two, and the engine build can begin.
+
+A step keeps at most its stages' ``concurrency`` tasks in flight or, unset, a quarter of the
+cluster's CPUs (at least 2): the CPU stages only need to stay ahead of the engine, and every task
+in flight is a Ray worker process with its own tokenizer, competing with the engine's own loop
+for CPU and memory. Until its first task is back a step sends one task at a time, so the first
+unit is not slowed down by a crowd of workers importing the same modules.
 """
 
 from __future__ import annotations
 
 import json
-import math
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
@@ -18,7 +25,7 @@ from llm_assets.secret_env import split_runtime_env
 from llm_assets.tasks import ENGINE
 
 # Ray tasks of one group in flight at most, when the stages set no concurrency.
-MAX_TASKS_IN_FLIGHT = 64
+MAX_TASKS_IN_FLIGHT = 32
 
 
 def chains(pipeline, selected: list[str]) -> list[list[str]]:
@@ -45,6 +52,10 @@ class Group:
     max_in_flight: int
     queue: list = field(default_factory=list)
     in_flight: dict = field(default_factory=dict)  # written-ref -> (unit, table ref)
+    completed: int = 0
+
+    def room(self) -> bool:
+        return len(self.in_flight) < (self.max_in_flight if self.completed else 1)
 
 
 def _resources(pipeline, stage: str) -> tuple:
@@ -63,8 +74,7 @@ def _group(pipeline, stages: list[str], cluster_cpus: float) -> Group:
     if runtime_env:
         options["runtime_env"] = runtime_env
     explicit = max_concurrency(settings.concurrency)
-    per_cpu = math.ceil(cluster_cpus / max(settings.num_cpus or 0.1, 0.1))
-    limit = explicit if explicit is not None else min(MAX_TASKS_IN_FLIGHT, max(2, 2 * per_cpu))
+    limit = explicit if explicit is not None else min(MAX_TASKS_IN_FLIGHT, max(2, int(cluster_cpus) // 4))
     return Group(stages, options, secret_env, limit)
 
 
@@ -79,7 +89,8 @@ def build_steps(pipeline, chain: list[str], cluster_cpus: float) -> list[Optiona
             steps.append(None)
             current = [ENGINE]  # the next task writes the engine's output
             continue
-        if current and current != [ENGINE] and _resources(pipeline, current[-1]) != _resources(pipeline, stage):
+        first_stage = current and pipeline.plan(current[-1]).upstream is None
+        if current and current != [ENGINE] and (first_stage or _resources(pipeline, current[-1]) != _resources(pipeline, stage)):
             steps.append(_group(pipeline, current, cluster_cpus))
             current = []
         current.append(stage)

@@ -23,7 +23,7 @@ from llm_assets.engines.pool import unwrap
 from llm_assets.execution.inputs import Entry, Unit, input_identity, plan_entry, units
 from llm_assets.execution.stats import PartitionStats
 from llm_assets.execution.steps import Group, build_steps, chains, step_of
-from llm_assets.execution.units import StageCall, run_unit
+from llm_assets.execution.units import StageCall, check_setup, run_unit
 from llm_assets.models import resolve_model_source
 from llm_assets.tasks import ENGINE
 from resources.storage import new_attempt_name
@@ -60,7 +60,9 @@ class StreamingRun:
         self.chains = chains(pipeline, selected)
         self.session = uuid.uuid4().hex[:8]
 
-    def run(self) -> Iterator[StageDone]:
+    def run(self) -> Iterator[Optional[StageDone]]:
+        """Yields each stage once all its partitions are committed, and None now and then (the
+        stream does not wait for the caller: keep the work done on each yield short)."""
         for chain in self.chains:
             yield from _ChainRun(self, chain).run()
 
@@ -77,6 +79,8 @@ class _ChainRun:
         self.fed: set[str] = set()  # partitions whose input is fully read
         self.engine_queue: deque[Unit] = deque()
         self.pool = None
+        self.setup_ref = None  # the check that the CPU stages before the engine can be built
+        self.first_step_passed = False
         self.started = self.last_progress = time.monotonic()
         self.engine_rows_done = 0
         self.filesystem = self.storage.filesystem()
@@ -121,8 +125,26 @@ class _ChainRun:
             self.commits[(stage, entry.partition)] = Commit(attempt, stats, files, len(files), info, created)
             upstream_attempt = attempt
 
+    def _check_setup(self) -> None:
+        """Build the model-loading CPU stages before the engine once, in a Ray task beside the
+        first unit: a setup error (a model without a chat template) fails the run before any
+        engine is built, without holding up the first unit."""
+        import ray
+
+        stages = self.chain[: self.chain.index(ENGINE)]
+        calls = [StageCall(s, self.pipeline.plan(s).udf, {**self.pipeline.plan(s).udf_kwargs, "model_source": self.models[self.pipeline.plan(s).model_source]}, 0, "", "")
+                 for s in stages if self.pipeline.plan(s).model_source]
+        if calls:
+            self.setup_ref = ray.remote(check_setup).options(num_cpus=0.25).remote(calls)
+
+    def _maybe_build(self) -> None:
+        """Start the engines once a unit is past the first step (Preprocess's checks) and the
+        stages before the engine are known to build."""
+        if self.pool is not None and not self.pool.building and self.setup_ref is None and self.first_step_passed:
+            self.pool.build()
+
     # --- the loop ---------------------------------------------------------------------------
-    def run(self) -> Iterator[StageDone]:
+    def run(self) -> Iterator[Optional[StageDone]]:
         import ray
 
         entries = [plan_entry(self.pipeline, self.chain, p, self.storage, self.versions, self.run_.recompute, self.log)
@@ -136,7 +158,7 @@ class _ChainRun:
                            {self.pipeline.plan(s).model_source for s in self.chain} if source}
             if ENGINE in self.chain and any(e.index <= self.chain.index(ENGINE) for e in todo):
                 self.pool = self.run_.engines.pool_for(self.pipeline, self.models[self.pipeline.config.model_source], self.log)
-            self._check_stage_setup()
+                self._check_setup()
         yield from self._finished()
         feed = self._feed(todo)
         exhausted = not todo
@@ -159,6 +181,7 @@ class _ChainRun:
                 for ref in ready:
                     self._settle(ref)
                 yield from self._finished()
+                yield None  # a tick: the caller may do its own work without holding up the stream
                 self._report_progress()
         except BaseException:
             for step in self.steps:
@@ -167,15 +190,6 @@ class _ChainRun:
             raise
         finally:
             self._release_engines()
-
-    def _check_stage_setup(self) -> None:
-        """Build each CPU stage that loads the model once here, so that a setup error (a model
-        without a chat template, a tokenizer that does not load) fails the run before any unit is
-        processed or any engine is built (the engine actors are importing meanwhile)."""
-        for stage in self.chain:
-            plan = self.pipeline.plan(stage)
-            if plan.udf is not None and plan.model_source:
-                plan.udf(**plan.udf_kwargs, model_source=self.models[plan.model_source])
 
     def _feed(self, todo: list[Entry]) -> Iterator[Unit]:
         chunk_rows = self.pipeline.plan(self.chain[0]).settings.batch_size or self.pipeline.config.batch_size
@@ -211,7 +225,8 @@ class _ChainRun:
         step = self.steps[position]
         if step is None:
             self.engine_queue.append(unit)
-            self.pool.build()  # the first unit past the CPU stages starts the engines
+            self.first_step_passed = True
+            self._maybe_build()
         else:
             step.queue.append(unit)
 
@@ -222,7 +237,7 @@ class _ChainRun:
                     unit = self.engine_queue.popleft()
                     self.pool.submit(replica, unit, unit.ref, unit.rows)
                 continue
-            while step.queue and len(step.in_flight) < step.max_in_flight:
+            while step.queue and step.room():
                 unit = step.queue.pop(0)
                 file_name = f"part-{unit.seq:05d}-{self.run_.session}.parquet"
                 table_ref, written_ref = self.remote_unit.options(**step.options).remote(
@@ -231,18 +246,31 @@ class _ChainRun:
 
     def _refs(self) -> list:
         refs = [ref for step in self.steps if step for ref in step.in_flight]
+        refs += [self.setup_ref] if self.setup_ref is not None else []
         return refs + (self.pool.refs() if self.pool is not None else [])
 
     def _settle(self, ref) -> None:
         import ray
 
+        if ref == self.setup_ref:
+            try:
+                ray.get(ref)
+            except ray.exceptions.RayTaskError as exc:
+                raise unwrap(exc) from None
+            self.setup_ref = None
+            self._maybe_build()
+            return
         for position, step in enumerate(self.steps):
             if step is not None and ref in step.in_flight:
                 unit, table_ref = step.in_flight.pop(ref)
+                step.completed += 1
                 try:
                     written = ray.get(ref)
                 except ray.exceptions.RayTaskError as exc:
                     raise unwrap(exc) from None
+                if position == 0:
+                    self.first_step_passed = True
+                    self._maybe_build()
                 for item in written:
                     commit = self.commits[(item["stage"], unit.partition)]
                     commit.files[unit.seq] = (item["file"], item["rows"])

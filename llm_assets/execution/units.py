@@ -17,6 +17,7 @@ from typing import Any, Optional
 
 import pyarrow as pa
 
+from llm_assets.atomic import write_parquet
 from llm_assets.execution.stats import batch_counts
 from llm_assets.secret_env import applied as secret_env_applied
 
@@ -39,8 +40,6 @@ def _apply(udf, table: pa.Table, batch_size: int) -> pa.Table:
 
 
 def run_unit(table: pa.Table, calls: list[StageCall], file_name: str, filesystem, secret_env: dict[str, str]) -> tuple[pa.Table, list[dict[str, Any]]]:
-    from resources.storage import write_parquet
-
     written = []
     with secret_env_applied(secret_env):
         for call in calls:
@@ -51,3 +50,10 @@ def run_unit(table: pa.Table, calls: list[StageCall], file_name: str, filesystem
             write_parquet(filesystem, f"{call.partition_dir}/{name}", table)
             written.append({"stage": call.name, "file": name, **batch_counts(table)})
     return table, written
+
+
+def check_setup(calls: list[StageCall]) -> None:
+    """Build each stage once (its tokenizer loads, its chat template is there): a setup error
+    then fails the run before any engine is built."""
+    for call in calls:
+        call.udf(**call.udf_kwargs)
