@@ -17,16 +17,16 @@ import time
 import uuid
 from collections import deque
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator, Optional
+from typing import Callable, Iterator, Optional
 
 from llm_assets.engines.pool import unwrap
-from llm_assets.execution.inputs import Entry, Unit, input_identity, plan_entry, units
+from llm_assets.execution.commits import Commits
+from llm_assets.execution.inputs import Entry, Unit, plan_entry, units
 from llm_assets.execution.stats import PartitionStats
 from llm_assets.execution.steps import Group, build_steps, chains, step_of
 from llm_assets.execution.units import StageCall, check_setup, run_unit
 from llm_assets.models import resolve_model_source
 from llm_assets.tasks import ENGINE
-from resources.storage import new_attempt_name
 
 Log = Callable[[str], None]
 PROGRESS_EVERY_S = 10.0
@@ -38,18 +38,6 @@ LOOKAHEAD_MIN_ROWS = 8192
 class StageDone:
     stage: str
     results: list[PartitionStats]
-
-
-@dataclass
-class Commit:
-    """One stage's output of one partition, being written."""
-
-    attempt: str
-    stats: PartitionStats
-    files: dict  # unit seq -> (file name, rows)
-    expected: int = 0
-    info: Optional[dict] = None  # recorded in the attempt folder (the engine's, for resuming)
-    created: bool = False  # its folder exists (made when its first unit is sent: a run that fails before writes nothing)
 
 
 class StreamingRun:
@@ -73,10 +61,7 @@ class _ChainRun:
         self.pipeline, self.storage = run.pipeline, run.storage
         self.versions = {stage: self.pipeline.code_version(stage) for stage in chain}
         self.steps = build_steps(self.pipeline, chain, run.cluster_cpus)
-        self.commits: dict[tuple[str, str], Commit] = {}
-        self.results: dict[str, dict[str, PartitionStats]] = {stage: {} for stage in chain}
-        self.reported: set[str] = set()
-        self.fed: set[str] = set()  # partitions whose input is fully read
+        self.commits = Commits(self.pipeline, chain, self.storage, self.versions, run.partitions, self.log)
         self.engine_queue: deque[Unit] = deque()
         self.pool = None
         self.setup_ref = None  # the check that the CPU stages before the engine can be built
@@ -92,38 +77,15 @@ class _ChainRun:
     def _calls(self, group: Group, unit: Unit) -> list[StageCall]:
         calls = []
         for stage in group.stages:
-            index = self.chain.index(stage)
-            if index < unit.entry or (stage == ENGINE and unit.after_engine):
+            if self.chain.index(stage) < unit.entry or (stage == ENGINE and unit.after_engine):
                 continue
             plan = self.pipeline.plan(stage)
             kwargs = dict(plan.udf_kwargs)
             if plan.model_source:
                 kwargs["model_source"] = self.models[plan.model_source]
-            commit = self.commits[(stage, unit.partition)]
-            if not commit.created:
-                self.storage.create_attempt(self.pipeline.name, stage, unit.partition, commit.attempt, commit.info)
-                commit.created = True
-            calls.append(StageCall(stage, plan.udf, kwargs, plan.settings.batch_size or self.pipeline.config.batch_size,
-                                   self.storage.partition_dir(self.pipeline.name, stage, unit.partition), commit.attempt))
+            batch_size = plan.settings.batch_size or self.pipeline.config.batch_size
+            calls.append(StageCall(stage, plan.udf, kwargs, batch_size, *self.commits.target(stage, unit.partition)))
         return calls
-
-    def _open(self, entry: Entry) -> None:
-        """Create the partition's attempts for every stage it computes."""
-        upstream_attempt = None
-        for stage in self.chain[entry.index:]:
-            identity = upstream_attempt or input_identity(self.pipeline, stage, entry.partition, self.storage)
-            stats = PartitionStats(entry.partition, code_version=self.versions[stage], input=identity)
-            if stage == ENGINE and entry.resumed is not None:
-                attempt, names, rows = entry.resumed
-                files, created = dict(enumerate(zip(names, rows))), True
-                total = self.storage.manifest(self.pipeline.name, self.pipeline.plan(ENGINE).upstream, entry.partition).rows
-                self.log(f"engine [{entry.partition}]: resuming an interrupted attempt ({attempt}): {sum(rows)} of {total} rows "
-                         f"already written are kept; the other {total - sum(rows)} go to the engine")
-            else:
-                attempt, files, created = new_attempt_name(), {}, False
-            info = {"code_version": self.versions[stage], "input": identity} if stage == ENGINE else None
-            self.commits[(stage, entry.partition)] = Commit(attempt, stats, files, len(files), info, created)
-            upstream_attempt = attempt
 
     def _check_setup(self) -> None:
         """Build the model-loading CPU stages before the engine once, in a Ray task beside the
@@ -150,8 +112,7 @@ class _ChainRun:
         entries = [plan_entry(self.pipeline, self.chain, p, self.storage, self.versions, self.run_.recompute, self.log)
                    for p in self.run_.partitions]
         for entry in entries:
-            for stage, stats in entry.kept.items():
-                self.results[stage][entry.partition] = stats
+            self.commits.keep(entry)
         todo = [e for e in entries if e.index is not None]
         if todo:
             self.models = {source: resolve_model_source(source, self.log) for source in
@@ -194,20 +155,11 @@ class _ChainRun:
     def _feed(self, todo: list[Entry]) -> Iterator[Unit]:
         chunk_rows = self.pipeline.plan(self.chain[0]).settings.batch_size or self.pipeline.config.batch_size
         for entry in todo:
-            self._open(entry)
+            self.commits.open(entry)
             for unit in units(self.pipeline, self.chain, entry, self.storage, chunk_rows, self.log):
-                for stage in self.chain[unit.entry:]:
-                    if not (stage == ENGINE and unit.after_engine):
-                        self.commits[(stage, unit.partition)].expected += 1
+                self.commits.expect(unit)
                 yield unit
-            for stage in self.chain[entry.index:]:
-                self.commits[(stage, entry.partition)].stats.rows_in = entry.rows
-            if entry.resumed is not None:
-                engine = self.commits[(ENGINE, entry.partition)].stats
-                engine.add(entry.resumed_stats)
-                engine.rows_resumed = entry.resumed_stats["rows"]
-            self.fed.add(entry.partition)
-            self._commit_ready(entry.partition)
+            self.commits.input_read(entry)
 
     def _backlog_rows(self) -> int:
         queued = sum(u.rows for step in self.steps if step for u in step.queue)
@@ -271,13 +223,10 @@ class _ChainRun:
                 if position == 0:
                     self.first_step_passed = True
                     self._maybe_build()
-                for item in written:
-                    commit = self.commits[(item["stage"], unit.partition)]
-                    commit.files[unit.seq] = (item["file"], item["rows"])
-                    commit.stats.add(item)
+                self.commits.written(unit, written)
                 unit.ref = table_ref
                 self._route(unit, position + 1)
-                self._commit_ready(unit.partition)
+                self.commits.commit_ready(unit.partition)
                 return
         done, lost = self.pool.settle(ref)
         for unit, output_ref in done:
@@ -289,33 +238,12 @@ class _ChainRun:
         if self.pool.building:
             self.pool.check_start_timeout(self.run_.engines.start_timeout_s)
 
-    # --- commits and reports ----------------------------------------------------------------
-    def _commit_ready(self, partition: str) -> None:
-        if partition not in self.fed:
-            return
-        for stage in self.chain:
-            commit = self.commits.get((stage, partition))
-            if commit is None or partition in self.results[stage] or len(commit.files) < commit.expected:
-                continue
-            names = [commit.files[seq] for seq in sorted(commit.files)]
-            stats = commit.stats
-            stats.seconds = round(time.monotonic() - stats.started, 3)
-            stats.path = self.storage.uri(self.storage.partition_dir(self.pipeline.name, stage, partition))
-            self.storage.commit(self.pipeline.name, stage, partition, commit.attempt,
-                                [n for n, _ in names], [r for _, r in names], stats.as_dict())
-            self.results[stage][partition] = stats
-            done = sum(not s.skipped for s in self.results[stage].values())
-            total = sum(1 for key in self.commits if key[0] == stage)
-            self.log(f"{stage} [{partition}]: committed {stats.rows_out} rows in {stats.seconds:.1f} s "
-                     f"({done}/{total} partitions) -> {stats.path}")
-
+    # --- reports --------------------------------------------------------------------------
     def _finished(self) -> Iterator[StageDone]:
-        for stage in self.chain:
-            if stage not in self.reported and len(self.results[stage]) == len(self.run_.partitions):
-                self.reported.add(stage)
-                if stage == ENGINE:
-                    self._release_engines()
-                yield StageDone(stage, [self.results[stage][p] for p in self.run_.partitions])
+        for stage in self.commits.newly_finished():
+            if stage == ENGINE:
+                self._release_engines()
+            yield StageDone(stage, [self.commits.results[stage][p] for p in self.run_.partitions])
 
     def _release_engines(self) -> None:
         if self.pool is not None:
@@ -327,12 +255,11 @@ class _ChainRun:
         if now - self.last_progress < PROGRESS_EVERY_S:
             return
         self.last_progress = now
-        counts = ", ".join(f"{stage} {sum(not s.skipped for s in self.results[stage].values())}/"
-                           f"{sum(1 for key in self.commits if key[0] == stage)}" for stage in self.chain)
-        line = f"{self.pipeline.name}: partitions committed: {counts}"
-        if self.pool is not None and self.pool.building and not self.pool.ready:
-            line += (f"; waiting for {self.pool.starting()} {self.pool.spec.label} engine(s) to start "
-                     f"({now - self.pool.build_started:.0f} s so far), {sum(u.rows for u in self.engine_queue)} rows queued for them")
-        elif self.pool is not None and self.pool.ready:
-            line += f"; engine: {self.engine_rows_done} rows done, {self.engine_rows_done / max(now - self.pool.build_started, 1e-9):.1f} rows/s"
+        line = f"{self.pipeline.name}: partitions committed: {self.commits.summary()}"
+        pool = self.pool
+        if pool is not None and pool.building and not pool.ready:
+            line += (f"; waiting for {pool.starting()} {pool.spec.label} engine(s) to start ({now - pool.build_started:.0f} s "
+                     f"so far), {sum(u.rows for u in self.engine_queue)} rows queued for them")
+        elif pool is not None and pool.ready:
+            line += f"; engine: {self.engine_rows_done} rows done, {self.engine_rows_done / max(now - pool.build_started, 1e-9):.1f} rows/s"
         self.log(line)
