@@ -1,4 +1,4 @@
-"""Ray Data execution: a local Ray by default, or an existing cluster given by ``address``."""
+"""Ray for a run: a local Ray by default, or an existing cluster given by ``address``."""
 
 from __future__ import annotations
 
@@ -29,10 +29,6 @@ class RayDataResource(dg.ConfigurableResource):
     num_gpus: Optional[int] = Field(default=None, description="GPUs of a local Ray (default: detected).")
     namespace: str = "llm_assets"
     runtime_env: Optional[dict[str, Any]] = None
-    data_context: dict[str, Any] = Field(
-        default_factory=lambda: {"enable_progress_bars": False},
-        description="Attributes set on ray.data.DataContext (progress bars off: runs log their own progress).",
-    )
     _started_here: bool = PrivateAttr(default=False)
 
     def teardown_after_execution(self, context: dg.InitResourceContext) -> None:
@@ -64,13 +60,6 @@ class RayDataResource(dg.ConfigurableResource):
                     kwargs["num_gpus"] = self.num_gpus
             ray.init(**kwargs)
             self._started_here = True
-        import ray.data
-
-        context = ray.data.DataContext.get_current()
-        for key, value in self.data_context.items():
-            if not hasattr(context, key):
-                raise ValueError(f"ray_data.data_context: DataContext has no attribute {key!r}")
-            setattr(context, key, value)
 
     def cluster_gpus(self) -> float:
         import ray
