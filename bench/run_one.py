@@ -44,6 +44,13 @@ def engine_kwargs() -> dict:
     return vllm_compat.platform_engine_kwargs({"load_format": "dummy", "max_model_len": 2048}, has_gpu())
 
 
+def engine_env() -> dict:
+    """ENGINE_ENV="KEY=VALUE,KEY=VALUE": environment of llm_assets' engine actors, to compare engine
+    settings in one sitting (e.g. VLLM_ENABLE_V1_MULTIPROCESSING=1: the engine core in a process of its own)."""
+    pairs = [item.split("=", 1) for item in os.environ.get("ENGINE_ENV", "").split(",") if item]
+    return {key: value for key, value in pairs}
+
+
 def read_rows(spec: dict) -> list[dict]:
     rows = []
     for path in sorted(glob.glob(f"{spec['landing']}/*.jsonl")):
@@ -121,7 +128,8 @@ def llm_assets(spec: dict, monitor: Monitor) -> dict:
     params = sampling_params(spec["max_tokens"])
     pipeline = LLMPipeline(
         "bench",
-        {"model_source": spec["model"], "engine_kwargs": {"load_format": "dummy", "max_model_len": 2048}},
+        {"model_source": spec["model"], "engine_kwargs": {"load_format": "dummy", "max_model_len": 2048},
+         "runtime_env": {"env_vars": engine_env()}},
         LocalFolderSource(spec["landing"]),
         preprocess=lambda row: {"id": row["id"], "messages": messages(row), "sampling_params": params},
         postprocess=lambda row: {"id": row["id"], "generated_text": row["generated_text"], "n": row["num_generated_tokens"]},

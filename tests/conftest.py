@@ -155,3 +155,15 @@ def write_attempt(storage, pipeline: str, stage: str, partition: str, tables: li
     if commit:
         storage.commit(pipeline, stage, partition, attempt, names, [t.num_rows for t in tables], {"rows_out": sum(t.num_rows for t in tables)})
     return attempt
+
+
+def kill_processes(processes: list, timeout_s: float = 30) -> None:
+    """SIGKILL each psutil.Process (those already gone are skipped) and wait for them."""
+    import psutil
+
+    for process in processes:
+        try:
+            process.kill()
+        except psutil.NoSuchProcess:  # ended by itself meanwhile
+            continue
+    psutil.wait_procs(processes, timeout=timeout_s)

@@ -17,9 +17,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from resources import PartitionStorage, RayDataResource, EnginePoolResource
+from resources import PartitionStorage, make_resources
 from llm_assets.atomic import write_parquet
-from tests.conftest import questions, write_attempt, write_jsonl
+from tests.conftest import kill_processes, questions, write_attempt, write_jsonl
 from tests.test_pipeline_dagster import log_messages, make_pipeline, run_job
 
 ROWS = 160
@@ -41,12 +41,7 @@ def resumable_pipeline(landing, model):
 
 
 def resumable_resources(storage_root) -> dict:
-    ray_data = RayDataResource()
-    return {
-        "ray_data": ray_data,
-        "storage": PartitionStorage(root=str(storage_root)),
-        "engine_pool": EnginePoolResource(ray_data=ray_data),
-    }
+    return make_resources(PartitionStorage(root=str(storage_root)))
 
 
 def complete_checkpoints(storage_root: Path) -> dict[str, int]:
@@ -57,13 +52,7 @@ def complete_checkpoints(storage_root: Path) -> dict[str, int]:
 
 def kill_tree(process: subprocess.Popen) -> None:
     root = psutil.Process(process.pid)
-    family = [root, *root.children(recursive=True)]
-    for member in family:
-        try:
-            member.kill()
-        except psutil.NoSuchProcess:
-            pass
-    psutil.wait_procs(family, timeout=30)
+    kill_processes([root, *root.children(recursive=True)])
 
 
 def test_a_run_killed_mid_engine_resumes_from_its_checkpoints(tmp_path, tiny_model, ray_session, instance):

@@ -31,7 +31,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from resources import PartitionStorage
-from tests.conftest import questions, write_jsonl
+from tests.conftest import kill_processes, questions, write_jsonl
 
 PROJECT = Path(__file__).resolve().parent.parent
 STAGES = ["preprocess", "chat_template", "tokenize", "engine", "detokenize", "postprocess"]
@@ -79,14 +79,7 @@ def setup(tmp_path, tiny_model):
 
 def _kill_new_descendants(before: set[int]) -> None:
     """Kill, by PID, what this test started under the pytest process and left running."""
-    me = psutil.Process()
-    left = [p for p in me.children(recursive=True) if p.pid not in before]
-    for p in left:
-        try:
-            p.kill()
-        except psutil.NoSuchProcess:
-            pass
-    psutil.wait_procs(left, timeout=10)
+    kill_processes([p for p in psutil.Process().children(recursive=True) if p.pid not in before], timeout_s=10)
 
 
 @pytest.fixture()

@@ -13,7 +13,8 @@ from llm_assets.defs.factory import (
 )
 from llm_assets.pipeline import LLMPipeline
 from llm_assets.sources import LocalFolderSource
-from resources import PartitionStorage, RayDataResource, EnginePoolResource
+from resources import PartitionStorage
+from resources import make_resources as build_resources
 from tests.conftest import model_without_chat_template, questions, write_jsonl
 
 RANGE_START = "dagster/asset_partition_range_start"
@@ -39,13 +40,8 @@ def make_pipeline(folder, model, postprocess=to_answer, preprocess=to_chat, **co
     return LLMPipeline("tiny", settings, LocalFolderSource(str(folder)), preprocess=preprocess, postprocess=postprocess)
 
 
-def make_resources(storage_root) -> dict:
-    ray_data = RayDataResource()
-    return {
-        "ray_data": ray_data,
-        "storage": PartitionStorage(root=str(storage_root)),
-        "engine_pool": EnginePoolResource(ray_data=ray_data),
-    }
+def make_resources(storage_root, **engine_pool_settings) -> dict:
+    return build_resources(PartitionStorage(root=str(storage_root)), **engine_pool_settings)
 
 
 def run_job(pipeline, resources, instance, tags, raise_on_error=True):

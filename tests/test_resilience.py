@@ -63,3 +63,16 @@ def test_an_engine_killed_mid_partition_is_replaced_and_every_row_comes_out_once
     print(f"rows in {ROWS}, rows out {len(row_ids)}, duplicates {len(row_ids) - len(set(row_ids))}, lost {ROWS - len(set(row_ids))}")
     assert sorted(row_ids) == sorted(f"x.jsonl:{i}" for i in range(ROWS))
     assert set(engine.column("num_generated_tokens").to_pylist()) == {MAX_TOKENS}
+
+
+def test_an_engine_that_does_not_start_in_time_fails_the_run_saying_so(tmp_path, tiny_model, ray_session, instance):
+    write_jsonl(tmp_path / "landing" / "x.jsonl", questions(4, "t"))
+    pipeline = make_pipeline(tmp_path / "landing", tiny_model)
+    resources = make_resources(tmp_path / "storage", start_timeout_s=0.5)
+    result = run_job(pipeline, resources, instance, {"dagster/partition": "x.jsonl"}, raise_on_error=False)
+    assert not result.success
+    failure = next(e for e in result.all_events if e.event_type_value == "STEP_FAILURE")
+    error = failure.step_failure_data.error
+    assert "EngineStartError: vLLM engines for" in (error.cause or error).message.splitlines()[0]
+    assert "did not start within" in error.to_string()
+    assert resources["storage"].manifest("tiny", "tokenize", "x.jsonl").rows == 4  # what was committed stays

@@ -11,7 +11,7 @@ import pytest
 from llm_assets.defs.factory import build_definitions
 from llm_assets.pipeline import LLMPipeline
 from llm_assets.sources import S3PrefixSource, SourceError
-from resources import PartitionStorage, RayDataResource, EnginePoolResource
+from resources import PartitionStorage, make_resources
 from resources.storage import NotMaterializedError
 from tests.conftest import write_attempt, questions
 from tests.test_data_arrival import engine_starts, tick
@@ -38,8 +38,7 @@ def s3_definitions(resource, buckets, model, **pipeline_options):
         **pipeline_options,
     )
     storage = PartitionStorage(root=f"s3://{buckets['outputs']}/runs", s3=resource)
-    ray_data = RayDataResource()
-    return build_definitions([pipeline], {"ray_data": ray_data, "storage": storage, "engine_pool": EnginePoolResource(ray_data=ray_data)}), storage
+    return build_definitions([pipeline], make_resources(storage)), storage
 
 
 def test_files_landing_on_s3_run_through_every_stage_into_s3_storage(s3, tiny_model, ray_session, instance):

@@ -10,7 +10,7 @@ a long-lived Ray actor by the engine pool (``engines/pool.py``). It implements `
 - ``fatal_errors()``: the exception types meaning the engine itself is gone (the pool then
   replaces the replica and resends its batches), never one row's problem;
 - ``info()``: pid, host, start seconds, and ``max_num_seqs`` (how many requests it runs at once);
-- ``shutdown()``.
+- ``shutdown()``, returning what the run's log should show about the engine (a dict, may be empty).
 
 An engine registers an ``EngineSpec`` under its processor config class in ``engines/__init__.py``
 (one line), as ray.data.llm's ``ProcessorBuilder`` does. Nothing under ``engines/`` imports Dagster.
@@ -34,7 +34,7 @@ class EngineReplica(Protocol):
 
     def info(self) -> dict[str, Any]: ...
 
-    def shutdown(self) -> None: ...
+    def shutdown(self) -> dict[str, Any]: ...
 
 
 @dataclass(frozen=True)

@@ -60,9 +60,8 @@ class EngineHost:
     def fatal_errors(self):
         return self.replica.fatal_errors() if self.replica is not None else ()
 
-    def shutdown(self) -> None:
-        if self.replica is not None:
-            self.replica.shutdown()
+    def shutdown(self) -> dict[str, Any]:
+        return (self.replica.shutdown() or {}) if self.replica is not None else {}
 
 
 @dataclass
@@ -211,7 +210,9 @@ class EnginePool:
         done, late = ray.wait(list(pending), num_returns=len(pending), timeout=timeout_s)
         for ref in done:
             try:
-                ray.get(ref)
+                report = ray.get(ref)
+                if report:
+                    self.log(f"{self.spec.label} engine {pending[ref].index} shut down: {report}")
             except (ray.exceptions.RayActorError, ray.exceptions.RayTaskError) as exc:  # already dead, or never built
                 self.log(f"({self.spec.label} engine {pending[ref].index} did not shut down cleanly: {first_line(exc)})")
         for ref in late:

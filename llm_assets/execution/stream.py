@@ -3,9 +3,9 @@ stream through Ray, driven by one event loop in the run's process.
 
 Units (batches of one partition) flow through the steps of the chain (``execution/steps.py``):
 CPU task groups and the engine pool. The engine build begins as soon as the first unit has passed
-the CPU stages before it (Preprocess's checks included: bad input found there never reaches a
-GPU); the engine takes units as soon as they are tokenized, whatever their partition; the stages
-after it follow unit by unit. Every stage commits each partition (manifest last) as soon as all
+Preprocess's checks and the tokenizer stages are known to build (bad input found there never
+reaches a GPU); the engine takes units as soon as they are tokenized, whatever their partition;
+the stages after it follow unit by unit. Every stage commits each partition (manifest last) as soon as all
 its units are written, and the run reports each stage when all its partitions are committed.
 How far ahead of the engine the CPU stages may read is bounded, so host memory stays flat in
 partition size and count. Engines are released as soon as the engine stage has committed.
@@ -66,7 +66,7 @@ class _ChainRun:
         self.pool = None
         self.setup_ref = None  # the check that the CPU stages before the engine can be built
         self.first_step_passed = False
-        self.started = self.last_progress = time.monotonic()
+        self.last_progress = time.monotonic()
         self.engine_rows_done = 0
         self.filesystem = self.storage.filesystem()
         import ray
@@ -93,11 +93,10 @@ class _ChainRun:
         engine is built, without holding up the first unit."""
         import ray
 
-        stages = self.chain[: self.chain.index(ENGINE)]
-        calls = [StageCall(s, self.pipeline.plan(s).udf, {**self.pipeline.plan(s).udf_kwargs, "model_source": self.models[self.pipeline.plan(s).model_source]}, 0, "", "")
-                 for s in stages if self.pipeline.plan(s).model_source]
-        if calls:
-            self.setup_ref = ray.remote(check_setup).options(num_cpus=0.25).remote(calls)
+        plans = [self.pipeline.plan(stage) for stage in self.chain[: self.chain.index(ENGINE)]]
+        stages = [(plan.udf, {**plan.udf_kwargs, "model_source": self.models[plan.model_source]}) for plan in plans if plan.model_source]
+        if stages:
+            self.setup_ref = ray.remote(check_setup).options(num_cpus=0.25).remote(stages)
 
     def _maybe_build(self) -> None:
         """Start the engines once a unit is past the first step (Preprocess's checks) and the
@@ -141,6 +140,8 @@ class _ChainRun:
                     ready, _ = ray.wait(refs, num_returns=1, timeout=1.0, fetch_local=False)
                 for ref in ready:
                     self._settle(ref)
+                if self.pool is not None:
+                    self.pool.check_start_timeout(self.run_.engines.start_timeout_s)
                 yield from self._finished()
                 yield None  # a tick: the caller may do its own work without holding up the stream
                 self._report_progress()
@@ -235,8 +236,6 @@ class _ChainRun:
             self._route(unit, self.steps.index(None) + 1)
         for unit, _, _ in reversed(lost):
             self.engine_queue.appendleft(unit)
-        if self.pool.building:
-            self.pool.check_start_timeout(self.run_.engines.start_timeout_s)
 
     # --- reports --------------------------------------------------------------------------
     def _finished(self) -> Iterator[StageDone]:

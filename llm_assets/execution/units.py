@@ -52,8 +52,8 @@ def run_unit(table: pa.Table, calls: list[StageCall], file_name: str, filesystem
     return table, written
 
 
-def check_setup(calls: list[StageCall]) -> None:
-    """Build each stage once (its tokenizer loads, its chat template is there): a setup error
-    then fails the run before any engine is built."""
-    for call in calls:
-        call.udf(**call.udf_kwargs)
+def check_setup(stages: list[tuple[type, dict[str, Any]]]) -> None:
+    """Build each (stage class, kwargs) once (its tokenizer loads, its chat template is there): a
+    setup error then fails the run before any engine is built."""
+    for udf, kwargs in stages:
+        udf(**kwargs)

@@ -133,8 +133,8 @@ class vLLMEngineStage:
             "generated_text": completion.text if self.engine_detokenizes else None,
         }
 
-    def shutdown(self) -> None:
-        self.engine.shutdown()
+    def shutdown(self) -> dict[str, float]:
+        return self.engine.shutdown()
 
 
 async def _failed_upstream() -> dict:
