@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import itertools
 import os
 import socket
@@ -49,6 +50,10 @@ class vLLMEngineStage:
         self.semaphore = asyncio.Semaphore(max_pending_requests) if max_pending_requests else contextlib.nullcontext()
         self.request_ids = itertools.count()
         self._fatal = vllm_compat.fatal_engine_errors()
+        # Rows mostly share their sampling params: one SamplingParams per distinct JSON (vLLM
+        # clones it per request, as for the one object LLM.generate passes for every prompt).
+        # Parsing and building it for every row took the actor's time from the engine's loop.
+        self._sampling = functools.lru_cache(maxsize=1024)(self._build_sampling)
         self.start_seconds = time.perf_counter() - started
 
     def fatal_errors(self) -> tuple[type[BaseException], ...]:
@@ -102,12 +107,9 @@ class vLLMEngineStage:
     async def _generate(self, row_id: Any, token_ids: Any, prompt: Optional[str], params_json: Optional[str]) -> dict:
         started = time.perf_counter()
         try:
-            params = loads_params(params_json)
-            if not self.engine_detokenizes and not params.get("stop"):
-                params.setdefault("detokenize", False)
-            sampling = vllm_compat.sampling_params(**params)
+            sampling = self._sampling(params_json)
             if token_ids is not None:
-                request = vllm_compat.tokens_prompt(list(token_ids))
+                request = vllm_compat.tokens_prompt(token_ids)
             elif prompt:
                 request = vllm_compat.text_prompt(prompt)
             else:
@@ -132,6 +134,12 @@ class vLLMEngineStage:
             "finish_reason": completion.finish_reason,
             "generated_text": completion.text if self.engine_detokenizes else None,
         }
+
+    def _build_sampling(self, params_json: Optional[str]):
+        params = loads_params(params_json)
+        if not self.engine_detokenizes and not params.get("stop"):
+            params.setdefault("detokenize", False)
+        return vllm_compat.sampling_params(**params)
 
     def shutdown(self) -> dict[str, float]:
         return self.engine.shutdown()
