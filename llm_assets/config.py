@@ -12,9 +12,10 @@ this module too (``from llm_assets.config import vLLMEngineProcessorConfig``).
 
 from __future__ import annotations
 
+import difflib
 from typing import Any, Optional, Tuple, Union
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 Concurrency = Union[int, Tuple[int, int]]
 
@@ -23,6 +24,32 @@ class _StrictModel(BaseModel):
     # extra="forbid": a misspelt field is an error, never silently ignored.
     # hide_input_in_errors: a config error never echoes the values given (runtime_env may hold tokens).
     model_config = ConfigDict(extra="forbid", validate_assignment=True, frozen=False, hide_input_in_errors=True)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _known_fields(cls, data: Any) -> Any:
+        """A misspelt field is named with the closest valid one, in one line."""
+        if isinstance(data, dict):
+            unknown = [key for key in data if key not in cls.model_fields]
+            if unknown:
+                raise ValueError(f"{cls.__name__} has no field {'; no field '.join(_with_hint(key, cls.model_fields) for key in unknown)}")
+        return data
+
+
+def one_line(exc: ValidationError) -> str:
+    """pydantic's errors as one line: ``field: problem; field: problem``."""
+    problems = []
+    for error in exc.errors():
+        cause = (error.get("ctx") or {}).get("error")
+        message = str(cause) if cause is not None else error["msg"]
+        where = ".".join(map(str, error["loc"]))
+        problems.append(f"{where}: {message}" if where else message)
+    return "; ".join(problems)
+
+
+def _with_hint(name: str, fields) -> str:
+    close = difflib.get_close_matches(str(name), list(fields), n=1, cutoff=0.6)
+    return f"{name!r}" + (f" (did you mean {close[0]!r}?)" if close else f" (fields: {', '.join(fields)})")
 
 
 def _check_concurrency(value: Optional[Concurrency]) -> Optional[Concurrency]:
@@ -172,8 +199,8 @@ class OfflineProcessorConfig(ProcessorConfig):
         elif isinstance(value, dict):
             try:
                 resolved = cls(**value)
-            except Exception as exc:  # re-raise naming the stage, not just the inner field
-                raise ValueError(f"{name}: {exc}") from exc
+            except ValidationError as exc:  # re-raise naming the stage, not just the inner field
+                raise ValueError(f"{name}: {one_line(exc)}") from None
         elif isinstance(value, StageConfig):
             resolved = cls.model_validate(value.model_dump(exclude_unset=True))
         else:

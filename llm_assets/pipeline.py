@@ -14,8 +14,10 @@ from dataclasses import dataclass, field
 from functools import cached_property
 from typing import Any, Callable, Optional, Union
 
+from pydantic import ValidationError
+
 from llm_assets import versions
-from llm_assets.config import OfflineProcessorConfig, StageConfig
+from llm_assets.config import OfflineProcessorConfig, StageConfig, one_line
 from llm_assets.engines import ENGINES, EngineSpec, engine_for
 from llm_assets.sources import LocalFolderSource, S3PrefixSource
 from llm_assets.stages import OPTIONAL_STAGES, STAGES
@@ -64,7 +66,10 @@ class LLMPipeline:
             # A dict means vLLM, the default engine (as ray.data.llm's examples use it).
             from llm_assets.engines.vllm import vLLMEngineProcessorConfig
 
-            self.config = vLLMEngineProcessorConfig(**self.config)
+            try:
+                self.config = vLLMEngineProcessorConfig(**self.config)
+            except ValidationError as exc:  # one line, not pydantic's block and a traceback
+                raise ValueError(f"pipeline {self.name!r}: {one_line(exc)}") from None
         if type(self.config) not in ENGINES:
             known = ", ".join(cls.__name__ for cls in ENGINES)
             raise TypeError(f"pipeline {self.name!r}: config must be one of {known} (or a dict of vLLM settings)")

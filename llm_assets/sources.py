@@ -187,17 +187,46 @@ def _read_jsonl(path: Path, display: str, chunk_rows: int) -> Iterator[pa.Table]
     first = next(objects, None)
     if first is None:
         return
-    rows: Iterator[dict] = (obj for _, obj in _chain(first, objects))
     if openai_batch.is_openai_batch_line(first[1]):
-        rows = openai_batch.rows_from_openai_batch(_chain(first, objects), display)
-    chunk: list[dict] = []
-    for row in rows:
-        chunk.append(row)
+        # Its rows are built from checked fields; numbered by row (1-based) for the unlikely message below.
+        numbered = enumerate(openai_batch.rows_from_openai_batch(_chain(first, objects), display), start=1)
+    else:
+        numbered = _chain(first, objects)
+    chunk: list[tuple[int, dict]] = []
+    for line_number, row in numbered:
+        chunk.append((line_number, row))
         if len(chunk) >= chunk_rows:
-            yield table_of(chunk)
+            yield _table(chunk, display)
             chunk = []
     if chunk:
-        yield table_of(chunk)
+        yield _table(chunk, display)
+
+
+def _table(numbered_rows: list[tuple[int, dict]], display: str) -> pa.Table:
+    """The rows as a table; a field whose values are of different kinds is named with its line."""
+    rows = [row for _, row in numbered_rows]
+    try:
+        return table_of(rows)
+    except (pa.ArrowInvalid, pa.ArrowTypeError) as exc:
+        kinds: dict[str, str] = {}
+        for line_number, row in numbered_rows:
+            for name, value in row.items():
+                if value is None:
+                    continue
+                kind = _json_kind(value)
+                expected = kinds.setdefault(name, kind)
+                if kind != expected:
+                    raise SourceError(f"{display}: line {line_number}: field {name!r} is {kind} ({value!r:.40}): expected "
+                                      f"{expected}, as on the lines before it") from None
+        raise SourceError(f"{display}: rows that cannot form one table: {exc}") from None
+
+
+def _json_kind(value: Any) -> str:
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, (int, float)):
+        return "a number"
+    return {str: "a string", list: "a list", dict: "an object"}.get(type(value), type(value).__name__)
 
 
 def _chain(first, rest):

@@ -67,5 +67,11 @@ def test_pipeline_takes_a_dict_config_and_rejects_bad_names(tmp_path):
     assert pipeline.stage_names() == ["preprocess", "chat_template", "tokenize", "engine", "postprocess"]
     with pytest.raises(ValueError, match="letters, digits and underscores"):
         LLMPipeline("my pipeline", {"model_source": "/m"}, LocalFolderSource(str(tmp_path)))
-    with pytest.raises(ValidationError, match="engine_kwarg"):
+    # One line naming the closest valid field, as a user reads it at definition load.
+    with pytest.raises(ValueError) as info:
         LLMPipeline("p", {"model_source": "/m", "engine_kwarg": {}}, LocalFolderSource(str(tmp_path)))
+    assert str(info.value) == "pipeline 'p': vLLMEngineProcessorConfig has no field 'engine_kwarg' (did you mean 'engine_kwargs'?)"
+    with pytest.raises(ValueError) as info:
+        LLMPipeline("p", {"model_source": "/m", "tokenize_stage": {"batchsize": 3}}, LocalFolderSource(str(tmp_path)))
+    assert str(info.value) == "pipeline 'p': tokenize_stage: TokenizerStageConfig has no field 'batchsize' (did you mean 'batch_size'?)"
+    assert info.value.__cause__ is None and info.value.__suppress_context__  # no chained pydantic block

@@ -128,7 +128,9 @@ def assert_failed_before_any_engine(result, instance, storage_root, expected: st
     """The run failed with ``expected`` in its step failure, and no engine started or wrote."""
     assert not result.success
     failure = next(e for e in result.all_events if e.event_type_value == "STEP_FAILURE")
-    assert expected in failure.step_failure_data.error.to_string()
+    error = failure.step_failure_data.error
+    headline = (error.cause or error).message.splitlines()[0]  # what the UI shows first
+    assert expected in headline, headline
     messages = log_messages(instance, result.run_id)
     assert not any("Starting 1 vLLM engine" in m or "vLLM engine 0 started" in m for m in messages)
     assert not (storage_root / "tiny" / "engine").exists()

@@ -40,6 +40,10 @@ def test_bad_input_files_name_the_file_and_line(tmp_path):
         list(LocalFolderSource(str(tmp_path), pattern="*.parquet").read("corrupt.parquet"))
     with pytest.raises(SourceError, match="no input file 'gone.jsonl'"):
         list(LocalFolderSource(str(tmp_path)).read("gone.jsonl"))
+    (tmp_path / "mixed.jsonl").write_text('{"prompt": "a"}\n\n{"prompt": "b"}\n{"prompt": 3}\n')
+    with pytest.raises(SourceError) as info:
+        list(LocalFolderSource(str(tmp_path)).read("mixed.jsonl"))
+    assert str(info.value).endswith("mixed.jsonl: line 4: field 'prompt' is a number (3): expected a string, as on the lines before it")
 
 
 def _read(storage, partition="p/1"):

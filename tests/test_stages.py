@@ -34,6 +34,8 @@ def test_preprocess_applies_the_function_and_keeps_row_ids():
         ({"messages": [{"role": "robot", "content": "x"}]}, "messages[0].role is 'robot'"),
         ({"prompt": "x", "sampling_params": {"max_tokens": 0}}, "max_tokens is 0: expected an integer >= 1"),
         ({"prompt": ""}, "'prompt' is empty"),
+        ({"messages": [{"role": "user", "content": 7}]}, "messages[0].content is int 7: expected the message's text as a string"),
+        ({"messages": [{"role": "user", "content": [{"type": "text", "text": "x"}]}]}, "a list of content parts: expected the message's text"),
     ],
 )
 def test_preprocess_rejects_bad_rows_naming_the_row(row, message):

@@ -9,7 +9,8 @@ partition prompts.jsonl with the real SmolLM2), starts `dagster dev -w workspace
   materialized, by our run, with the engine's metadata (rows_out 20, generated_tokens equal to
   the sum over the committed Parquet output).
 
-Screenshots of both pages go to docs/ui/ (LLM_ASSETS_UI_SCREENSHOTS moves them). Every server it
+Screenshots of both pages go to a temporary folder (LLM_ASSETS_UI_SCREENSHOTS=docs/ui refreshes
+the tracked ones). Every server it
 starts (dagster dev and its webserver, daemon and code servers; chromedriver and chromium) is
 stopped by PID, and the teardown asserts that none of their processes is left.
 Setup: scripts/setup-browser.sh. Skips only when /usr/bin/chromium is missing.
@@ -24,6 +25,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
 from pathlib import Path
@@ -35,7 +37,9 @@ import pytest
 PROJECT = Path(__file__).resolve().parent.parent
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMEDRIVER = Path("/usr/bin/chromedriver")
-SHOTS = Path(os.environ.get("LLM_ASSETS_UI_SCREENSHOTS") or PROJECT / "docs" / "ui")
+# The tracked screenshots in docs/ui change only when asked (LLM_ASSETS_UI_SCREENSHOTS=docs/ui):
+# a plain test run leaves the tree clean.
+SHOTS = Path(os.environ.get("LLM_ASSETS_UI_SCREENSHOTS") or Path(tempfile.gettempdir()) / "llm_assets_ui_screenshots")
 STAGES = ["landing_files", "preprocess", "chat_template", "tokenize", "engine", "detokenize", "postprocess"]
 PARTITION = "prompts.jsonl"
 LOCATION = "definitions.py"  # workspace.yaml's python_file: the code location's name

@@ -25,13 +25,13 @@ def _check_messages(row_id: Any, messages: Any) -> list[dict[str, Any]]:
             raise RowError(row_id, STAGE, f"messages[{index}] is {message!r}: {expected}")
         if message["role"] not in ROLES:
             raise RowError(row_id, STAGE, f"messages[{index}].role is {message['role']!r}: expected one of {sorted(ROLES)}")
-        if not isinstance(message["content"], str):
-            raise RowError(
-                row_id,
-                STAGE,
-                f"messages[{index}].content is {type(message['content']).__name__}: expected text "
-                "(multimodal content parts are not supported yet)",
-            )
+        content = message["content"]
+        if isinstance(content, (list, tuple)):
+            raise RowError(row_id, STAGE, f"messages[{index}].content is a list of content parts: expected the message's text "
+                                          "as a string (image, audio and video parts are not supported yet)")
+        if not isinstance(content, str):
+            raise RowError(row_id, STAGE, f"messages[{index}].content is {type(content).__name__} {content!r:.40}: "
+                                          "expected the message's text as a string")
     return [dict(message) for message in messages]
 
 
