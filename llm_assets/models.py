@@ -40,50 +40,27 @@ def resolve_model_source(source: str, log: Callable[[str], None] = print) -> str
         if expanded.endswith(".gguf"):
             return str(convert_gguf(Path(expanded), log))
         raise ModelSourceError(f"model_source {source!r} is a file: expected a model folder or a .gguf file")
-    if _looks_like_path(source):
+    if _looks_like_path(source) or os.path.isdir(source.split("/", 1)[0]):
+        # A path (``models/x`` beside a ``models`` folder is a path with a typo, not a repo id).
         raise ModelSourceError(
-            f"model_source {source!r} does not exist: expected a local model folder (config.json + "
-            "tokenizer), a .gguf file, or a Hugging Face repo id"
+            f"model_source {source!r} does not exist (relative paths start from {os.getcwd()}): expected a "
+            "local model folder (config.json + tokenizer), a .gguf file, or a Hugging Face repo id"
         )
-    return source  # a hub repo id: vLLM and transformers resolve it (or say they cannot)
+    if not _in_hub_cache(source):
+        from huggingface_hub import constants
+
+        if constants.HF_HUB_OFFLINE:
+            raise ModelSourceError(
+                f"model_source {source!r} is no local path, and as a Hugging Face repo id it is not in the local "
+                "cache while HF_HUB_OFFLINE is set: pass a local model folder, or download the model first"
+            )
+    return source  # a hub repo id: vLLM and transformers resolve it
 
 
-def convert_gguf(gguf: Path, log: Callable[[str], None] = print) -> Path:
-    from filelock import FileLock
+def _in_hub_cache(repo_id: str) -> bool:
+    from huggingface_hub import try_to_load_from_cache
 
-    stat = gguf.stat()
-    digest = hashlib.sha256(f"{gguf.resolve()}|{stat.st_size}|{stat.st_mtime_ns}".encode()).hexdigest()[:10]
-    target = model_cache_dir() / f"{gguf.stem}-{digest}"
-    if (target / DONE_MARKER).exists():
-        return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    with FileLock(str(target) + ".lock"):
-        if (target / DONE_MARKER).exists():
-            return target
-        _convert(gguf, target, log)
-    return target
-
-
-def _convert(gguf: Path, target: Path, log: Callable[[str], None]) -> None:
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    started = time.monotonic()
-    tmp = target.with_name(target.name + ".partial")
-    shutil.rmtree(tmp, ignore_errors=True)
-    log(f"Converting {gguf.name} to a safetensors folder in {target} (once; later runs reuse it) [1/3 tokenizer]")
-    tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
-    tokenizer.save_pretrained(str(tmp))
-    log(f"Converting {gguf.name} [2/3 dequantizing weights, {time.monotonic() - started:.0f} s so far]")
-    model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.bfloat16)
-    # The weights are already dequantized to torch tensors; only the GGUF marker remains, and it
-    # would make transformers refuse to save (and vLLM look for a GGUF file).
-    model.hf_quantizer = None
-    if hasattr(model.config, "quantization_config"):
-        del model.config.quantization_config
-    log(f"Converting {gguf.name} [3/3 writing safetensors, {time.monotonic() - started:.0f} s so far]")
-    model.save_pretrained(str(tmp), safe_serialization=True)
-    (tmp / DONE_MARKER).write_text(str(gguf))
-    shutil.rmtree(target, ignore_errors=True)
-    os.replace(tmp, target)
-    log(f"Converted {gguf.name} in {time.monotonic() - started:.0f} s")
+    try:
+        return isinstance(try_to_load_from_cache(repo_id, "config.json"), str)
+    except ValueError:  # not a valid repo id at all
+        return False

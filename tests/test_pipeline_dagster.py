@@ -150,6 +150,11 @@ def assert_failed_before_any_engine(result, instance, storage_root, expected: st
         ({"x.jsonl": [{"question": "hi"}]}, {"model_source": "/no/such/model"}, "model_source '/no/such/model' does not exist"),
         (
             {"x.jsonl": [{"question": "hi"}]},
+            {"model_source": "models/SmolLM2-135M"},  # a relative path with a typo looks like a hub id
+            "model_source 'models/SmolLM2-135M' is no local path, and as a Hugging Face repo id it is not in the local cache",
+        ),
+        (
+            {"x.jsonl": [{"question": "hi"}]},
             {"preprocess": lambda row: {"prompt": row["question"], "sampling_params": {"max_tokens": 0}}},
             "max_tokens is 0: expected an integer >= 1",
         ),
