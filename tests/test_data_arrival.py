@@ -9,7 +9,7 @@ from dagster._core.asset_graph_view.asset_graph_view import AssetGraphView, Temp
 from dagster._core.definitions.data_version import CachingStaleStatusResolver, StaleStatus
 from dagster._time import get_current_datetime
 
-from llm_assets.defs.factory import build_definitions, stage_key
+from llm_assets.defs.factory import add_partitions_for_new_files, build_definitions, stage_key
 from tests.conftest import questions, write_jsonl
 from tests.test_pipeline_dagster import RANGE_END, RANGE_START, log_messages, make_pipeline, make_resources, to_chat
 
@@ -105,6 +105,17 @@ def test_a_backfill_of_five_partitions_starts_the_engine_once_and_a_rerun_recomp
     assert {(s, k): storage.manifest("tiny", s, k).attempt for s, k in attempts} == attempts
 
 
+def test_a_partition_added_by_hand_is_run_by_the_sensor_and_a_materialized_one_is_not(arrival):
+    pipeline, instance, resources = arrival["pipeline"], arrival["instance"], arrival["resources"]
+    if not instance.get_materialized_partitions(dg.AssetKey(["tiny", "postprocess"])):
+        pytest.skip("needs the runs of the tests above")
+    write_jsonl(arrival["landing"] / "manual.jsonl", questions(2, "m"))
+    assert add_partitions_for_new_files(instance, pipeline) == ["manual.jsonl"]  # what the CLI does
+    defs = build_definitions([pipeline], resources)
+    data = tick(defs, instance)
+    assert [(r.partition_key, r.run_key) for r in data.run_requests] == [("manual.jsonl", "tiny:manual.jsonl")]
+
+
 def test_code_versions_mark_exactly_the_changed_stage_and_its_downstream_stale(arrival):
     instance, resources, landing, model = arrival["instance"], arrival["resources"], arrival["landing"], arrival["model"]
     if not instance.get_latest_materialization_event(dg.AssetKey(["tiny", "postprocess"])):
@@ -146,3 +157,12 @@ def test_the_error_rate_check_fails_when_too_many_rows_fail(tmp_path, tiny_model
     assert checks["row_ids_conserved"].passed
     engine = instance.get_latest_materialization_event(dg.AssetKey(["tiny", "engine"])).asset_materialization
     assert engine.metadata["errors"].value == 1
+
+
+def test_the_sensor_groups_waiting_partitions_into_contiguous_ranges():
+    from llm_assets.defs.sensors import _ranges
+
+    keys = ["a", "b", "c", "d", "e"]
+    assert _ranges(keys, {"a", "b", "d"}) == [("a", "b"), ("d", "d")]
+    assert _ranges(keys, set()) == []
+    assert _ranges(keys, set(keys)) == [("a", "e")]
