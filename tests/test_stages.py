@@ -94,3 +94,17 @@ def test_postprocess_passes_failed_rows_through_untouched():
     rows = PostprocessStage(lambda row: {"answer": row["generated_text"].strip()})(batch).to_pylist()
     assert rows[0] == {"answer": "hi", "row_id": "ok", "generated_text": None, ERROR_COLUMN: None}
     assert rows[1]["row_id"] == "bad" and rows[1][ERROR_COLUMN] == "ValueError: too long"
+
+
+def test_postprocess_gives_sampling_params_back_as_the_dict_they_were():
+    seen = []
+
+    def keep(row):
+        seen.append(row["sampling_params"])
+        return {"params": row["sampling_params"]}
+
+    params = {"max_tokens": 4, "temperature": 0.0, "stop": ["\n"]}
+    batch = table_of([{"row_id": "r0", "sampling_params": json.dumps(params), "generated_text": "x"}])
+    assert seen == [] and PostprocessStage(keep)(batch).to_pylist() == [{"params": params, "row_id": "r0"}]
+    assert seen == [params]
+    assert PostprocessStage()(batch).column("sampling_params").to_pylist() == [params]

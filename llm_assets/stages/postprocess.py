@@ -1,7 +1,12 @@
-"""Postprocess: the user's row -> row function over the finished rows."""
+"""Postprocess: the user's row -> row function over the finished rows.
+
+``sampling_params`` travels between stages as JSON text (rows may carry different keys); here it
+becomes the dict it was again, so the function and the output see rows as they went in.
+"""
 
 from __future__ import annotations
 
+import json
 from typing import Any, Callable, Optional
 
 import pyarrow as pa
@@ -13,20 +18,22 @@ STAGE = "postprocess"
 
 class PostprocessStage:
     """Apply ``fn(row) -> row``; rows an earlier stage marked as failed pass through untouched."""
+
     NEEDS: tuple[str, ...] = ()
     ADDS: tuple[str, ...] = ()  # whatever the user function returns
     USER_FN = "postprocess"
-
 
     def __init__(self, fn: Optional[Callable[[dict[str, Any]], dict[str, Any]]] = None):
         self.fn = fn
 
     def __call__(self, batch: pa.Table) -> pa.Table:
-        if self.fn is None:
+        if self.fn is None and "sampling_params" not in batch.column_names:
             return batch
         return table_of([self._one(row) for row in rows_of(batch)])
 
     def _one(self, row: dict[str, Any]) -> dict[str, Any]:
-        if row.get(ERROR_COLUMN) is not None:
+        if isinstance(row.get("sampling_params"), str):
+            row["sampling_params"] = json.loads(row["sampling_params"])
+        if self.fn is None or row.get(ERROR_COLUMN) is not None:
             return row
         return apply_row_fn(self.fn, row, STAGE)

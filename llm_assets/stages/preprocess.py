@@ -56,10 +56,10 @@ def _check_sampling_params(row_id: Any, params: Any) -> Optional[str]:
 
 class PreprocessStage:
     """Apply ``fn(row) -> row`` and check that each row has ``messages`` or ``prompt``."""
+
     NEEDS: tuple[str, ...] = ()  # whatever the input file has; the user function maps it
     ADDS = ("row_id", "messages|prompt", "sampling_params")
     USER_FN = "preprocess"
-
 
     def __init__(self, fn: Optional[Callable[[dict[str, Any]], dict[str, Any]]] = None):
         self.fn = fn
