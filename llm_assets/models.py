@@ -64,3 +64,44 @@ def _in_hub_cache(repo_id: str) -> bool:
         return isinstance(try_to_load_from_cache(repo_id, "config.json"), str)
     except ValueError:  # not a valid repo id at all
         return False
+
+
+def convert_gguf(gguf: Path, log: Callable[[str], None] = print) -> Path:
+    from filelock import FileLock
+
+    stat = gguf.stat()
+    digest = hashlib.sha256(f"{gguf.resolve()}|{stat.st_size}|{stat.st_mtime_ns}".encode()).hexdigest()[:10]
+    target = model_cache_dir() / f"{gguf.stem}-{digest}"
+    if (target / DONE_MARKER).exists():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(target) + ".lock"):
+        if (target / DONE_MARKER).exists():
+            return target
+        _convert(gguf, target, log)
+    return target
+
+
+def _convert(gguf: Path, target: Path, log: Callable[[str], None]) -> None:
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    started = time.monotonic()
+    tmp = target.with_name(target.name + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    log(f"Converting {gguf.name} to a safetensors folder in {target} (once; later runs reuse it) [1/3 tokenizer]")
+    tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    tokenizer.save_pretrained(str(tmp))
+    log(f"Converting {gguf.name} [2/3 dequantizing weights, {time.monotonic() - started:.0f} s so far]")
+    model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.bfloat16)
+    # The weights are already dequantized to torch tensors; only the GGUF marker remains, and it
+    # would make transformers refuse to save (and vLLM look for a GGUF file).
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    log(f"Converting {gguf.name} [3/3 writing safetensors, {time.monotonic() - started:.0f} s so far]")
+    model.save_pretrained(str(tmp), safe_serialization=True)
+    (tmp / DONE_MARKER).write_text(str(gguf))
+    shutil.rmtree(target, ignore_errors=True)
+    os.replace(tmp, target)
+    log(f"Converted {gguf.name} in {time.monotonic() - started:.0f} s")
