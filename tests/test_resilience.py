@@ -8,6 +8,7 @@ import time
 
 import pyarrow as pa
 import pyarrow.parquet as pq
+import pytest
 
 from tests.conftest import questions, write_jsonl
 from tests.test_pipeline_dagster import log_messages, make_pipeline, make_resources, run_job
@@ -76,3 +77,21 @@ def test_an_engine_that_does_not_start_in_time_fails_the_run_saying_so(tmp_path,
     assert "EngineStartError: vLLM engines for" in (error.cause or error).message.splitlines()[0]
     assert "did not start within" in error.to_string()
     assert resources["storage"].manifest("tiny", "tokenize", "x.jsonl").rows == 4  # what was committed stays
+
+
+@pytest.mark.parametrize(
+    "settings, expected",
+    [
+        ({"tokenize_stage": {"num_cpus": 4}}, "stage(s) tokenize ask for 4 CPU(s) per task; the largest node of the Ray cluster has 4, 1 of them held by the engines"),
+        ({"concurrency": 5}, "the engines ask for 5 CPU(s) in all; the Ray cluster has 4"),
+    ],
+)
+def test_a_run_the_cluster_can_never_schedule_fails_at_once_naming_the_resource(tmp_path, tiny_model, ray_session, instance, settings, expected):
+    write_jsonl(tmp_path / "landing" / "x.jsonl", questions(2, "s"))
+    pipeline = make_pipeline(tmp_path / "landing", tiny_model, **settings)
+    started = time.monotonic()
+    result = run_job(pipeline, make_resources(tmp_path / "storage"), instance, {"dagster/partition": "x.jsonl"}, raise_on_error=False)
+    assert not result.success and time.monotonic() - started < 60
+    failure = next(e for e in result.all_events if e.event_type_value == "STEP_FAILURE")
+    error = failure.step_failure_data.error
+    assert expected in (error.cause or error).message.splitlines()[0]

@@ -106,3 +106,27 @@ def step_of(steps: list[Optional[Group]], chain: list[str], index: int) -> int:
         if (step is None and stage == ENGINE) or (step is not None and stage != ENGINE and stage in step.stages):
             return position
     raise ValueError(f"stage {stage!r} is in no step of {chain}")
+
+
+def unschedulable(steps: list[Optional[Group]], nodes: list[dict[str, float]], engines: Optional[dict[str, float]]) -> Optional[str]:
+    """Why this run could never be scheduled on these nodes (their total resources), if it could
+    not: Ray would otherwise keep its tasks or actors pending forever. ``engines``: what the
+    engine pool reserves in all (``CPU``, ``GPU``) and per replica (``CPU_each``, ``GPU_each``)."""
+    largest = {key: max((node.get(key, 0.0) for node in nodes), default=0.0) for key in ("CPU", "GPU")}
+    total = {key: sum(node.get(key, 0.0) for node in nodes) for key in ("CPU", "GPU")}
+    if engines:
+        for key in ("CPU", "GPU"):
+            if engines[f"{key}_each"] > largest[key]:
+                return f"each engine asks for {engines[f'{key}_each']:g} {key}(s); the largest node of the Ray cluster has {largest[key]:g}"
+            if engines[key] > total[key]:
+                return f"the engines ask for {engines[key]:g} {key}(s) in all; the Ray cluster has {total[key]:g}"
+    held = engines["CPU"] if engines and len(nodes) == 1 else 0.0  # on one node the engines' CPUs are never free
+    for step in steps:
+        if step is None:
+            continue
+        need = float(step.options.get("num_cpus") or 0)
+        if need > largest["CPU"] - held:
+            stages = ", ".join(s for s in step.stages if s != ENGINE) or ENGINE
+            beside = f", {held:g} of them held by the engines for the whole run" if held else ""
+            return f"stage(s) {stages} ask for {need:g} CPU(s) per task; the largest node of the Ray cluster has {largest['CPU']:g}{beside}"
+    return None

@@ -23,7 +23,7 @@ from llm_assets.engines.pool import unwrap
 from llm_assets.execution.commits import Commits
 from llm_assets.execution.inputs import Entry, Unit, plan_entry, units
 from llm_assets.execution.stats import PartitionStats
-from llm_assets.execution.steps import Group, build_steps, chains, step_of
+from llm_assets.execution.steps import Group, build_steps, chains, step_of, unschedulable
 from llm_assets.execution.units import StageCall, check_setup, run_unit
 from llm_assets.models import resolve_model_source
 from llm_assets.tasks import ENGINE
@@ -98,6 +98,17 @@ class _ChainRun:
         if stages:
             self.setup_ref = ray.remote(check_setup).options(num_cpus=0.25).remote(stages)
 
+    def _check_resources(self, runs_engine: bool) -> None:
+        """Fail at once, naming the resource, when the cluster could never run a step or hold the
+        engines (Ray would keep them pending forever)."""
+        import ray
+
+        nodes = [node["Resources"] for node in ray.nodes() if node.get("Alive")]
+        engines = self.run_.engines.reservation(self.pipeline) if runs_engine else None
+        problem = unschedulable(self.steps, nodes, engines)
+        if problem:
+            raise RuntimeError(f"{self.pipeline.name}: this run cannot be scheduled: {problem}. Lower the setting or add resources.")
+
     def _maybe_build(self) -> None:
         """Start the engines once a unit is past the first step (Preprocess's checks) and the
         stages before the engine are known to build."""
@@ -116,7 +127,9 @@ class _ChainRun:
         if todo:
             self.models = {source: resolve_model_source(source, self.log) for source in
                            {self.pipeline.plan(s).model_source for s in self.chain} if source}
-            if ENGINE in self.chain and any(e.index <= self.chain.index(ENGINE) for e in todo):
+            runs_engine = ENGINE in self.chain and any(e.index <= self.chain.index(ENGINE) for e in todo)
+            self._check_resources(runs_engine)
+            if runs_engine:
                 self.pool = self.run_.engines.pool_for(self.pipeline, self.models[self.pipeline.config.model_source], self.log)
                 self._check_setup()
         yield from self._finished()
