@@ -4,8 +4,8 @@ Consecutive CPU stages with the same resources (``num_cpus``, ``memory``, ``runt
 ``concurrency``) run in one Ray task per unit (``execution/units.py``), each writing its own
 output; the engine stage is a step of its own, served by the engine pool; the first task after
 the engine writes the engine's output (the engine actor never spends its time on Parquet).
-Preprocess runs in a task of its own: it loads no tokenizer, so the first unit is through its
-checks within a second or two, and the engine build can begin.
+Preprocess runs in a task of its own (it loads no tokenizer): a bad row fails it within a second
+or two, and its partitions commit while the tokenizer stages' workers are still starting.
 
 A step keeps at most its stages' ``concurrency`` tasks in flight or, unset, a quarter of the
 cluster's CPUs (at least 2): the CPU stages only need to stay ahead of the engine, and every task

@@ -2,10 +2,11 @@
 stream through Ray, driven by one event loop in the run's process.
 
 Units (batches of one partition) flow through the steps of the chain (``execution/steps.py``):
-CPU task groups and the engine pool. The engine build begins as soon as the first unit has passed
-Preprocess's checks and the tokenizer stages are known to build (bad input found there never
-reaches a GPU); the engine takes units as soon as they are tokenized, whatever their partition;
-the stages after it follow unit by unit. Every stage commits each partition (manifest last) as soon as all
+CPU task groups and the engine pool. The engine actors import the engine library from the run's
+start; the engine build begins as soon as the first unit has passed every stage before the engine
+(bad input or a model without a chat template found there never reaches a GPU); the engine takes
+units as soon as they are tokenized, whatever their partition; the stages after it follow unit by
+unit. Every stage commits each partition (manifest last) as soon as all
 its units are written, and the run reports each stage when all its partitions are committed.
 How far ahead of the engine the CPU stages may read is bounded, so host memory stays flat in
 partition size and count. Engines are released as soon as the engine stage has committed.
@@ -24,7 +25,7 @@ from llm_assets.execution.commits import Commits
 from llm_assets.execution.inputs import Entry, Unit, plan_entry, units
 from llm_assets.execution.stats import PartitionStats
 from llm_assets.execution.steps import Group, build_steps, chains, step_of, unschedulable
-from llm_assets.execution.units import StageCall, check_setup, run_unit
+from llm_assets.execution.units import StageCall, run_unit
 from llm_assets.models import resolve_model_source
 from llm_assets.tasks import ENGINE
 
@@ -64,8 +65,6 @@ class _ChainRun:
         self.commits = Commits(self.pipeline, chain, self.storage, self.versions, run.partitions, self.log)
         self.engine_queue: deque[Unit] = deque()
         self.pool = None
-        self.setup_ref = None  # the check that the CPU stages before the engine can be built
-        self.first_step_passed = False
         self.last_progress = time.monotonic()
         self.engine_rows_done = 0
         self.filesystem = self.storage.filesystem()
@@ -87,17 +86,6 @@ class _ChainRun:
             calls.append(StageCall(stage, plan.udf, kwargs, batch_size, *self.commits.target(stage, unit.partition)))
         return calls
 
-    def _check_setup(self) -> None:
-        """Build the model-loading CPU stages before the engine once, in a Ray task beside the
-        first unit: a setup error (a model without a chat template) fails the run before any
-        engine is built, without holding up the first unit."""
-        import ray
-
-        plans = [self.pipeline.plan(stage) for stage in self.chain[: self.chain.index(ENGINE)]]
-        stages = [(plan.udf, {**plan.udf_kwargs, "model_source": self.models[plan.model_source]}) for plan in plans if plan.model_source]
-        if stages:
-            self.setup_ref = ray.remote(check_setup).options(num_cpus=0.25).remote(stages)
-
     def _check_resources(self, runs_engine: bool) -> None:
         """Fail at once, naming the resource, when the cluster could never run a step or hold the
         engines (Ray would keep them pending forever)."""
@@ -109,11 +97,6 @@ class _ChainRun:
         if problem:
             raise RuntimeError(f"{self.pipeline.name}: this run cannot be scheduled: {problem}. Lower the setting or add resources.")
 
-    def _maybe_build(self) -> None:
-        """Start the engines once a unit is past the first step (Preprocess's checks) and the
-        stages before the engine are known to build."""
-        if self.pool is not None and not self.pool.building and self.setup_ref is None and self.first_step_passed:
-            self.pool.build()
 
     # --- the loop ---------------------------------------------------------------------------
     def run(self) -> Iterator[Optional[StageDone]]:
@@ -131,7 +114,6 @@ class _ChainRun:
             self._check_resources(runs_engine)
             if runs_engine:
                 self.pool = self.run_.engines.pool_for(self.pipeline, self.models[self.pipeline.config.model_source], self.log)
-                self._check_setup()
         yield from self._finished()
         feed = self._feed(todo)
         exhausted = not todo
@@ -191,8 +173,10 @@ class _ChainRun:
         step = self.steps[position]
         if step is None:
             self.engine_queue.append(unit)
-            self.first_step_passed = True
-            self._maybe_build()
+            # The first unit through every stage before the engine (Preprocess's checks, the
+            # chat template, the tokenizer) starts the engine build. The engine actors import
+            # vLLM meanwhile, which takes longer than those stages' first batch.
+            self.pool.build()
         else:
             step.queue.append(unit)
 
@@ -212,20 +196,11 @@ class _ChainRun:
 
     def _refs(self) -> list:
         refs = [ref for step in self.steps if step for ref in step.in_flight]
-        refs += [self.setup_ref] if self.setup_ref is not None else []
         return refs + (self.pool.refs() if self.pool is not None else [])
 
     def _settle(self, ref) -> None:
         import ray
 
-        if ref == self.setup_ref:
-            try:
-                ray.get(ref)
-            except ray.exceptions.RayTaskError as exc:
-                raise unwrap(exc) from None
-            self.setup_ref = None
-            self._maybe_build()
-            return
         for position, step in enumerate(self.steps):
             if step is not None and ref in step.in_flight:
                 unit, table_ref = step.in_flight.pop(ref)
@@ -234,9 +209,6 @@ class _ChainRun:
                     written = ray.get(ref)
                 except ray.exceptions.RayTaskError as exc:
                     raise unwrap(exc) from None
-                if position == 0:
-                    self.first_step_passed = True
-                    self._maybe_build()
                 self.commits.written(unit, written)
                 unit.ref = table_ref
                 self._route(unit, position + 1)

@@ -51,9 +51,3 @@ def run_unit(table: pa.Table, calls: list[StageCall], file_name: str, filesystem
             written.append({"stage": call.name, "file": name, **batch_counts(table)})
     return table, written
 
-
-def check_setup(stages: list[tuple[type, dict[str, Any]]]) -> None:
-    """Build each (stage class, kwargs) once (its tokenizer loads, its chat template is there): a
-    setup error then fails the run before any engine is built."""
-    for udf, kwargs in stages:
-        udf(**kwargs)

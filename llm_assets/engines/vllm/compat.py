@@ -20,7 +20,7 @@ from typing import Any
 #   27 s instead of 45 s, and generated as fast (7.8 s). vLLM's CPU platform forces the worker
 #   process whenever multiprocessing is on.
 CPU_ENGINE_ENV = {
-    "VLLM_CPU_KVCACHE_SPACE": "2",
+    "VLLM_CPU_KVCACHE_SPACE": "1",
     "VLLM_CPU_NUM_OF_RESERVED_CPU": "0",
     "VLLM_ENABLE_V1_MULTIPROCESSING": "0",
 }
