@@ -137,13 +137,14 @@ def test_is_openai_batch_line():
         ({**request(), "body": []}, "'body' is list: expected a JSON object"),
         (request(url=CHAT, prompt="x"), "body has 'prompt', but url '/v1/chat/completions' takes 'messages'"),
         (request(tools=[]), (
-            "body field 'tools' is not supported for /v1/chat/completions (supported: frequency_penalty, logprobs, "
-            "max_completion_tokens, max_tokens, messages, metadata, model, n, presence_penalty, seed, stop, stream, "
-            "temperature, top_logprobs, top_p, user)"
+            "body field 'tools' is not supported for /v1/chat/completions (supported: frequency_penalty, "
+            "max_completion_tokens, max_tokens, messages, metadata, model, presence_penalty, seed, stop, "
+            "temperature, top_p, user; and only at their defaults: n=1, logprobs=false, top_logprobs=0, stream=false)"
         )),
         (request(url=RESPONSES, stop="x"), (
             "body field 'stop' is not supported for /v1/responses (supported: input, instructions, "
-            "max_output_tokens, metadata, model, stream, temperature, top_logprobs, top_p, user)"
+            "max_output_tokens, metadata, model, temperature, top_p, user; and only at their defaults: "
+            "top_logprobs=0, stream=false)"
         )),
         (request(stream=True), "body 'stream' is true: a batch request cannot stream (expected false or absent)"),
         (request(n=3), "body 'n' is 3: expected 1 or absent (one generation per request)"),
@@ -425,3 +426,15 @@ def test_round_trip_from_request_file_to_output_file(tmp_path):
         ("resp-1", "response", "default-model"),
     ]
     assert errors == []
+
+
+def test_every_bad_line_of_a_file_is_named_in_one_error():
+    objects = [request("a"), request("b", url="/v1/embeddings", input="x"), request("c"), request("a"), {"custom_id": "d"}]
+    with pytest.raises(SourceError) as raised:
+        rows(*objects)
+    message = str(raised.value)
+    assert message.startswith("batch.jsonl: 3 bad request lines: line 2: ")
+    assert "; line 4: 'custom_id' 'a' repeats line 1" in message and "; line 5: " in message
+    many = [request(f"x{i}", url="/v1/embeddings", input="x") for i in range(25)]
+    with pytest.raises(SourceError, match="25 bad request lines: .*; and 5 more bad line\\(s\\)$"):
+        rows(*many)

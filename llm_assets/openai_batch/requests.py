@@ -44,6 +44,8 @@ BODY_FIELDS = {
     RESPONSES: _PASSIVE | {"input", "instructions", "max_output_tokens", "temperature", "top_p", "top_logprobs"},
 }
 LINE_FIELDS = ("custom_id", "method", "url", "body")
+# Body fields accepted only at these values (one choice, no log probabilities, no streaming).
+AT_DEFAULT_ONLY = {"n": "1", "logprobs": "false", "top_logprobs": "0", "stream": "false"}
 
 # Content parts that carry text: chat's "text", the Responses API's "input_text"/"output_text".
 TEXT_PARTS = {"text", "input_text", "output_text"}
@@ -54,10 +56,16 @@ def is_openai_batch_line(obj: Any) -> bool:
     return isinstance(obj, dict) and all(key in obj for key in ("custom_id", "url", "body"))
 
 
+# Bad lines named in one error, at most (the count says how many more).
+PROBLEMS_LISTED = 20
+
+
 def rows_from_openai_batch(lines: Iterable[tuple[int, dict]], source_name: str) -> Iterator[dict]:
     """Pipeline rows from ``(line number, parsed object)`` pairs of a batch input file, lazily, so a
-    reader can chunk them. Raises ``SourceError`` naming ``source_name`` and the line."""
+    reader can chunk them. After a bad line it reads on to the end and raises one ``SourceError``
+    naming ``source_name`` and every bad line, so a user fixes the file in one go."""
     first_line_of: dict[str, int] = {}
+    problems: list[str] = []
     for line_number, obj in lines:
         try:
             row = request_to_row(obj)
@@ -65,9 +73,15 @@ def rows_from_openai_batch(lines: Iterable[tuple[int, dict]], source_name: str) 
             if custom_id in first_line_of:
                 raise _Problem(f"'custom_id' {custom_id!r} repeats line {first_line_of[custom_id]}; custom_id must be unique")
         except _Problem as problem:
-            raise SourceError(f"{source_name}: line {line_number}: {problem}") from None
+            problems.append(f"line {line_number}: {problem}")
+            continue
         first_line_of[custom_id] = line_number
-        yield row
+        if not problems:
+            yield row
+    if problems:
+        more = f"; and {len(problems) - PROBLEMS_LISTED} more bad line(s)" if len(problems) > PROBLEMS_LISTED else ""
+        lead = f"{len(problems)} bad request lines: " if len(problems) > 1 else ""
+        raise SourceError(f"{source_name}: {lead}{'; '.join(problems[:PROBLEMS_LISTED])}{more}")
 
 
 def request_to_row(obj: Any) -> dict[str, Any]:
@@ -119,7 +133,11 @@ def _check_body_fields(url: str, body: dict[str, Any]) -> None:
         raise _Problem(f"body has {present[0]!r}, but url {url!r} takes {wanted!r}")
     for key in body:
         if key not in BODY_FIELDS[url]:
-            raise _Problem(f"body field {key!r} is not supported for {url} (supported: {', '.join(sorted(BODY_FIELDS[url]))})")
+            # Name only what is honoured; fields taken only at their default value are said so.
+            honoured = sorted(BODY_FIELDS[url] - set(AT_DEFAULT_ONLY))
+            defaults = ", ".join(f"{field}={value}" for field, value in AT_DEFAULT_ONLY.items() if field in BODY_FIELDS[url])
+            raise _Problem(f"body field {key!r} is not supported for {url} (supported: {', '.join(honoured)}; "
+                           f"and only at their defaults: {defaults})")
 
 
 # --- inputs -------------------------------------------------------------------------------------
