@@ -70,6 +70,9 @@ class LLMPipeline:
                 self.config = vLLMEngineProcessorConfig(**self.config)
             except ValidationError as exc:  # one line, not pydantic's block and a traceback
                 raise ValueError(f"pipeline {self.name!r}: {one_line(exc)}") from None
+        if self.openai_batch_output and "should_continue_on_error" not in self.config.model_fields_set:
+            # An OpenAI Batch user expects a failed request in the error file, not a failed batch.
+            self.config.should_continue_on_error = True
         if type(self.config) not in ENGINES:
             known = ", ".join(cls.__name__ for cls in ENGINES)
             raise TypeError(f"pipeline {self.name!r}: config must be one of {known} (or a dict of vLLM settings)")

@@ -269,7 +269,7 @@ def test_export_writes_openai_output_lines(tmp_path):
     assert first["response"]["status_code"] == 200 and len(first["response"]["request_id"]) == 32
     body = first["response"]["body"]
     assert body["object"] == "chat.completion" and body["id"].startswith("chatcmpl-")
-    assert (body["created"], body["model"]) == (CREATED, "served-model")
+    assert (body["created"], body["model"]) == (CREATED, "default-model")  # the model that answered, not the request's
     assert body["choices"] == [{"index": 0, "message": {"role": "assistant", "content": "Paris.", "refusal": None},
                                 "logprobs": None, "finish_reason": "stop"}]
     assert body["usage"] == {"prompt_tokens": 12, "completion_tokens": 3, "total_tokens": 15}
@@ -308,18 +308,22 @@ def test_each_endpoint_gets_its_own_response_object(tmp_path):
 
 def test_failed_rows_go_to_the_error_file_only(tmp_path):
     batches = [
-        pa.Table.from_pylist([finished("ok-1"), finished("bad", error="ValueError: prompt too long (prompt: 'x')")]),
+        pa.Table.from_pylist([finished("ok-1"), finished("bad", error="ValueError: This model's maximum context length is 512 tokens. (prompt: 'x')")]),
         pa.Table.from_pylist([finished("ok-2"), finished("aborted", finish_reason="abort")]),
     ]
     counts, output, errors = export(tmp_path, iter(batches))
     assert counts == {"total": 4, "completed": 2, "failed": 2}
     assert [line["custom_id"] for line in output] == ["ok-1", "ok-2"]
+    # OpenAI's shape of a failed request: a status and an error body, never the prompt.
     assert errors == [
-        {"id": errors[0]["id"], "custom_id": "bad", "response": None,
-         "error": {"code": "inference_error", "message": "ValueError: prompt too long (prompt: 'x')"}},
-        {"id": errors[1]["id"], "custom_id": "aborted", "response": None,
-         "error": {"code": "inference_error",
-                   "message": "the engine stopped the request before it finished (finish_reason 'abort')"}},
+        {"id": errors[0]["id"], "custom_id": "bad", "error": None,
+         "response": {"status_code": 400, "request_id": errors[0]["response"]["request_id"], "body": {"error": {
+             "message": "ValueError: This model's maximum context length is 512 tokens.", "type": "invalid_request_error",
+             "param": None, "code": "context_length_exceeded"}}}},
+        {"id": errors[1]["id"], "custom_id": "aborted", "error": None,
+         "response": {"status_code": 500, "request_id": errors[1]["response"]["request_id"], "body": {"error": {
+             "message": "the engine stopped the request before it finished (finish_reason 'abort')", "type": "server_error",
+             "param": None, "code": None}}}},
     ]
     assert errors[0]["id"].startswith("batch_req_")
 
@@ -421,7 +425,7 @@ def test_round_trip_from_request_file_to_output_file(tmp_path):
     engine_output = engine_output.append_column("finish_reason", pa.array(["stop"] * 3))
     _, output, errors = export(tmp_path, [engine_output])
     assert [(line["custom_id"], line["response"]["body"]["object"], line["response"]["body"]["model"]) for line in output] == [
-        ("chat-1", "chat.completion", "gpt-4o-mini"),
+        ("chat-1", "chat.completion", "default-model"),  # the model that answered, whatever the request named
         ("text-1", "text_completion", "default-model"),
         ("resp-1", "response", "default-model"),
     ]

@@ -2,6 +2,7 @@
 sampling fields honoured, and OpenAI Batch output + error files exported."""
 
 import json
+from pathlib import Path
 
 import dagster as dg
 
@@ -27,7 +28,8 @@ def test_an_openai_batch_file_runs_and_exports_openai_batch_output(tmp_path, tin
     (landing / "batch.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
     pipeline = LLMPipeline(
         "tiny",
-        {"model_source": tiny_model, "engine_kwargs": {"max_model_len": 512}, "batch_size": 4, "should_continue_on_error": True},
+        # should_continue_on_error is left unset: with OpenAI Batch output a failed request goes to the errors file.
+        {"model_source": tiny_model, "engine_kwargs": {"max_model_len": 512}, "batch_size": 4},
         LocalFolderSource(str(landing)),
         openai_batch_output=str(tmp_path / "out"),
         max_error_rate=0.5,
@@ -46,7 +48,10 @@ def test_an_openai_batch_file_runs_and_exports_openai_batch_output(tmp_path, tin
     assert body["object"] == "chat.completion" and body["usage"]["completion_tokens"] == 5
     assert output[1]["response"]["body"]["usage"]["completion_tokens"] == 3  # the body's max_completion_tokens
     assert isinstance(body["choices"][0]["message"]["content"], str)
-    assert errors[0]["response"] is None
-    assert "maximum context length is 512 tokens" in errors[0]["error"]["message"]
+    failure = errors[0]["response"]
+    assert failure["status_code"] == 400 and errors[0]["error"] is None
+    assert failure["body"]["error"]["code"] == "context_length_exceeded"
+    assert "word" not in failure["body"]["error"]["message"]  # the prompt is never echoed
+    assert body["model"] == Path(tiny_model).name  # the model that answered, not the request's "tiny"
     exported = instance.get_latest_materialization_event(dg.AssetKey(["tiny", "openai_batch_output"])).asset_materialization
     assert exported.metadata["completed"].value == 2 and exported.metadata["failed"].value == 1

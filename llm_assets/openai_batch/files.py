@@ -59,7 +59,7 @@ def export_openai_batch(
             ok_lines, error_lines = [], []
             for row in _rows_for_export(batch):
                 line = output_line(row, default_model, created, output_path)
-                (ok_lines if line["error"] is None else error_lines).append(line)
+                (ok_lines if line["response"]["status_code"] == 200 else error_lines).append(line)
             output.write(ok_lines)
             errors.write(error_lines)
             counts["completed"] += len(ok_lines)

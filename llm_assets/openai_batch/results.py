@@ -1,12 +1,16 @@
 """OpenAI Batch output: one output or error file line per finished row.
 
-Both files have the same line shape; the body is the endpoint's own object (``chat.completion``,
-``text_completion``, or a Responses ``response``).
+Both files have the same line shape, OpenAI's: a successful request's body is the endpoint's own
+object (``chat.completion``, ``text_completion``, or a Responses ``response``) with status 200; a
+failed request's body is ``{"error": {message, type, param, code}}`` with a 400 (the request's
+fault: ``context_length_exceeded``, invalid parameters) or 500 status, its message never echoing
+the prompt. The ``model`` of a body is the model that answered.
 """
 
 from __future__ import annotations
 
 import hashlib
+import re
 from typing import Any
 
 from llm_assets.openai_batch.requests import CHAT, COMPLETIONS, RESPONSES, URLS
@@ -27,14 +31,36 @@ def output_line(row: dict[str, Any], default_model: str, created: int, namespace
     if error is None and finish_reason not in FINISH_REASONS:
         error = f"the engine stopped the request before it finished (finish_reason {finish_reason!r})"
     if error is not None:
-        return {"id": line_id, "custom_id": custom_id, "response": None,
-                "error": {"code": "inference_error", "message": str(error)}}
+        status, body = _failure(str(error))
+        response = {"status_code": status, "request_id": _stable_id("request", namespace, custom_id), "body": body}
+        return {"id": line_id, "custom_id": custom_id, "response": response, "error": None}
     url = row.get("openai_url") or CHAT  # rows not read from a batch file export as chat completions
     if url not in _BODIES:
         raise ValueError(f"row {custom_id!r}: openai_url {url!r} is not one of {', '.join(URLS)}")
-    body = _BODIES[url](row, row.get("openai_model") or default_model, created, _stable_id("body", namespace, custom_id))
+    # The model that answered, whatever the request named (the pipeline's model serves every row).
+    body = _BODIES[url](row, default_model, created, _stable_id("body", namespace, custom_id))
     response = {"status_code": 200, "request_id": _stable_id("request", namespace, custom_id), "body": body}
     return {"id": line_id, "custom_id": custom_id, "response": response, "error": None}
+
+
+# What the engine said -> OpenAI's status, error type and code for a failed request.
+_FAILURES = (
+    (("maximum context length", "longer than the maximum model length"), 400, "invalid_request_error", "context_length_exceeded"),
+    (("SamplingParams", "sampling_params", "must be"), 400, "invalid_request_error", None),
+)
+# The engine's row errors end with the start of the prompt; an error file never echoes it.
+_PROMPT_SUFFIX = re.compile(r" \(prompt: .*\)$", re.DOTALL)
+
+
+def _failure(error: str) -> tuple[int, dict[str, Any]]:
+    """A failed request's status and body, in the shape of OpenAI's failed batch requests."""
+    message = _PROMPT_SUFFIX.sub("", error)
+    status, kind, code = 500, "server_error", None
+    for patterns, found_status, found_kind, found_code in _FAILURES:
+        if any(pattern in message for pattern in patterns):
+            status, kind, code = found_status, found_kind, found_code
+            break
+    return status, {"error": {"message": message, "type": kind, "param": None, "code": code}}
 
 
 def _stable_id(*parts: str) -> str:
