@@ -115,6 +115,8 @@ class LLMPipeline:
         kwargs: dict[str, Any] = {name: getattr(settings, name) for name in getattr(udf, "CONFIG_KWARGS", ())}
         if getattr(udf, "USER_FN", None):
             kwargs["fn"] = getattr(self, udf.USER_FN)
+        processor = {"max_prompt_tokens": self.engine.max_prompt_tokens(config), "should_continue_on_error": config.should_continue_on_error}
+        kwargs.update({name: processor[name] for name in getattr(udf, "PROCESSOR_KWARGS", ())})
         uses_model = "model_source" in inspect.signature(udf.__init__).parameters
         return StagePlan(stage, upstream, udf, kwargs, settings, getattr(settings, "model_source", None) if uses_model else None)
 

@@ -196,13 +196,29 @@ def test_a_bad_file_or_model_fails_the_run_before_any_engine_starts(tmp_path, ti
 
 
 def test_the_run_fails_naming_the_row_when_a_request_fails(tmp_path, tiny_model, ray_session, instance):
-    write_jsonl(tmp_path / "landing" / "x.jsonl", [{"question": "fine"}, {"question": "word " * 600}])
-    pipeline = make_pipeline(tmp_path / "landing", tiny_model)
+    write_jsonl(tmp_path / "landing" / "x.jsonl", [{"question": "fine"}, {"question": "odd"}])
+
+    def odd_params(row):  # top_p 5 passes Preprocess's checks; vLLM refuses it
+        chat = to_chat(row)
+        if row["question"] == "odd":
+            chat["sampling_params"] = {**chat["sampling_params"], "top_p": 5}
+        return chat
+
+    pipeline = make_pipeline(tmp_path / "landing", tiny_model, preprocess=odd_params)
     result = run_job(pipeline, make_resources(tmp_path / "storage"), instance, {"dagster/partition": "x.jsonl"}, raise_on_error=False)
     assert not result.success
     failure = next(e for e in result.all_events if e.event_type_value == "STEP_FAILURE")
     assert failure.step_key == "tiny_stages"
     error = failure.step_failure_data.error
     headline = (error.cause or error).message.splitlines()[0]  # what the UI shows first
-    assert "RowError: engine: row 'x.jsonl:1'" in headline, headline
+    assert "RowError: engine: row 'x.jsonl:1'" in headline and "top_p" in headline, headline
     assert json.loads((tmp_path / "storage" / "tiny" / "tokenize" / "x.jsonl" / "_manifest.json").read_text())["rows"] == 2
+
+
+def test_a_prompt_longer_than_the_context_fails_before_any_engine(tmp_path, tiny_model, ray_session, instance):
+    write_jsonl(tmp_path / "landing" / "x.jsonl", [{"question": "fine"}, {"question": "word " * 600}])
+    pipeline = make_pipeline(tmp_path / "landing", tiny_model)  # max_model_len 512
+    result = run_job(pipeline, make_resources(tmp_path / "storage"), instance, {"dagster/partition": "x.jsonl"}, raise_on_error=False)
+    assert_failed_before_any_engine(result, instance, tmp_path / "storage", "RowError: tokenize: row 'x.jsonl:1': the prompt has")
+    failure = next(e for e in result.all_events if e.event_type_value == "STEP_FAILURE")
+    assert "this model's maximum context length is 512 tokens" in failure.step_failure_data.error.to_string()

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import importlib
 from dataclasses import dataclass, field
-from typing import Any, Callable, Protocol
+from typing import Any, Callable, Optional, Protocol
 
 import pyarrow as pa
 
@@ -61,6 +61,9 @@ class EngineSpec:
     preimport: Callable[[bool], Any] = lambda on_gpu: None
     # Settings of the config that change the engine's output (hashed into its code version).
     output_settings: Callable[[Any], dict[str, Any]] = field(default=lambda config: {})
+    # config -> the longest prompt (tokens) the engine takes, when its settings say; Tokenize
+    # then refuses longer prompts before any engine starts.
+    max_prompt_tokens: Callable[[Any], Optional[int]] = field(default=lambda config: None)
 
     def replica_class(self) -> type:
         module, name = self.replica.split(":")

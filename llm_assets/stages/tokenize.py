@@ -4,16 +4,27 @@ from __future__ import annotations
 
 import pyarrow as pa
 
-from llm_assets.stages.base import column_or_none, ok_rows, with_column
+from typing import Optional
+
+from llm_assets.stages.base import ERROR_COLUMN, ROW_ID, RowError, column_or_none, ok_rows, with_column
 from llm_assets.stages.tokenizer import load_tokenizer
+
+STAGE = "tokenize"
 
 
 class TokenizeStage:
+    """Token ids of each prompt. A prompt longer than the engine's context (``max_prompt_tokens``,
+    when the engine's settings say it) is found here, before any engine: the row fails naming it,
+    or with ``should_continue_on_error`` is kept with ``__inference_error__`` set."""
+
     NEEDS = ("prompt",)
     ADDS = ("tokenized_prompt",)
+    PROCESSOR_KWARGS = ("max_prompt_tokens", "should_continue_on_error")
 
-    def __init__(self, model_source: str):
+    def __init__(self, model_source: str, max_prompt_tokens: Optional[int] = None, should_continue_on_error: bool = False):
         self.tokenizer = load_tokenizer(model_source)
+        self.max_prompt_tokens = max_prompt_tokens
+        self.should_continue_on_error = should_continue_on_error
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         prompts = batch.column("prompt").to_pylist()
@@ -28,4 +39,17 @@ class TokenizeStage:
                 encoded = self.tokenizer([prompts[i] for i in index], add_special_tokens=add_special)["input_ids"]
                 for i, token_ids in zip(index, encoded):
                     ids[i] = token_ids
-        return with_column(batch, "tokenized_prompt", ids, pa.list_(pa.int32()))
+        batch = with_column(batch, "tokenized_prompt", ids, pa.list_(pa.int32()))
+        return self._too_long(batch, ids) if self.max_prompt_tokens else batch
+
+    def _too_long(self, batch: pa.Table, ids: list) -> pa.Table:
+        errors = column_or_none(batch, ERROR_COLUMN)
+        found = False
+        for i, token_ids in enumerate(ids):
+            if token_ids is not None and len(token_ids) > self.max_prompt_tokens:
+                problem = (f"the prompt has {len(token_ids)} tokens: this model's maximum context length is "
+                           f"{self.max_prompt_tokens} tokens (context_length_exceeded)")
+                if not self.should_continue_on_error:
+                    raise RowError(batch.column(ROW_ID)[i].as_py(), STAGE, problem)
+                errors[i], found = f"ValueError: {problem}", True
+        return with_column(batch, ERROR_COLUMN, errors, pa.string()) if found or ERROR_COLUMN in batch.column_names else batch

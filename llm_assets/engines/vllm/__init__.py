@@ -6,7 +6,7 @@ The replica (``replica.py``) is one vLLM engine whose core runs in the actor's o
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Optional
 
 from pydantic import Field
 
@@ -62,6 +62,13 @@ def _output_settings(config: vLLMEngineProcessorConfig) -> dict[str, Any]:
     return {"engine_kwargs": config.engine_kwargs, "should_continue_on_error": config.should_continue_on_error}
 
 
+def _max_prompt_tokens(config: vLLMEngineProcessorConfig) -> Optional[int]:
+    # vLLM refuses a prompt longer than max_model_len; unset, it comes from the model's config
+    # and is found by the engine itself.
+    value = config.engine_kwargs.get("max_model_len")
+    return int(value) if value else None
+
+
 VLLM = EngineSpec(
     label="vLLM",
     config_class=vLLMEngineProcessorConfig,
@@ -73,4 +80,5 @@ VLLM = EngineSpec(
     actor_env=_actor_env,
     preimport=_preimport,
     output_settings=_output_settings,
+    max_prompt_tokens=_max_prompt_tokens,
 )
