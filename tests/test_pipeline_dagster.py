@@ -222,3 +222,6 @@ def test_a_prompt_longer_than_the_context_fails_before_any_engine(tmp_path, tiny
     assert_failed_before_any_engine(result, instance, tmp_path / "storage", "RowError: tokenize: row 'x.jsonl:1': the prompt has")
     failure = next(e for e in result.all_events if e.event_type_value == "STEP_FAILURE")
     assert "this model's maximum context length is 512 tokens" in failure.step_failure_data.error.to_string()
+    # What committed before the failure is reported as materialized.
+    assert instance.get_materialized_partitions(dg.AssetKey(["tiny", "preprocess"])) == {"x.jsonl"}
+    assert not instance.get_materialized_partitions(dg.AssetKey(["tiny", "tokenize"]))

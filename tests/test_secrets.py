@@ -11,7 +11,7 @@ from pydantic import ValidationError
 
 from llm_assets.config import vLLMEngineProcessorConfig
 from tests.conftest import write_jsonl
-from tests.test_pipeline_dagster import make_pipeline, make_resources, run_job
+from tests.test_pipeline_dagster import make_pipeline, make_resources, run_job, to_chat
 
 HF_TOKEN = "hf_configSecret8c41e0d7"
 API_KEY = "sk-apiSecret5b2f9aa1"
@@ -42,10 +42,18 @@ def test_tokens_and_api_keys_reach_no_log_metadata_failure_or_output(tmp_path, t
     from dagster._serdes import serialize_value
 
     monkeypatch.setenv("HUGGING_FACE_HUB_TOKEN", ENV_TOKEN)
-    # The second row is longer than the model's context: its request fails and the run fails
+    # The engine refuses the second row's sampling params: its request fails and the run fails
     # naming it, so a failure message is checked too.
-    write_jsonl(tmp_path / "landing" / "x.jsonl", [{"question": "fine"}, {"question": "word " * 600}])
-    pipeline = make_pipeline(tmp_path / "landing", tiny_model, runtime_env={"env_vars": {"HF_TOKEN": HF_TOKEN, "OPENAI_API_KEY": API_KEY}})
+    write_jsonl(tmp_path / "landing" / "x.jsonl", [{"question": "fine"}, {"question": "odd"}])
+
+    def odd_params(row):
+        chat = to_chat(row)
+        if row["question"] == "odd":
+            chat["sampling_params"] = {**chat["sampling_params"], "top_p": 5}
+        return chat
+
+    pipeline = make_pipeline(tmp_path / "landing", tiny_model, preprocess=odd_params,
+                             runtime_env={"env_vars": {"HF_TOKEN": HF_TOKEN, "OPENAI_API_KEY": API_KEY}})
     result = run_job(pipeline, make_resources(tmp_path / "storage"), instance, {"dagster/partition": "x.jsonl"}, raise_on_error=False)
 
     assert not result.success

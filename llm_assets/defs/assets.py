@@ -131,11 +131,17 @@ def stages_asset(pipeline: LLMPipeline, partitions_def: dg.PartitionsDefinition)
         # engine it feeds) never waits on them; results are reported in stage order.
         with ThreadPoolExecutor(max_workers=2, thread_name_prefix="asset-checks") as checking:
             pending: deque = deque()
-            for done in run.run():
-                if done is not None:
-                    pending.append((done, checking.submit(_check_results, pipeline, done.stage, done.results, storage, wanted)))
-                while pending and pending[0][1].done():
+            try:
+                for done in run.run():
+                    if done is not None:
+                        pending.append((done, checking.submit(_check_results, pipeline, done.stage, done.results, storage, wanted)))
+                    while pending and pending[0][1].done():
+                        yield _materialization(pipeline, *pending.popleft())
+            except Exception:
+                # Stages that committed everything before a failure are still reported.
+                while pending:
                     yield _materialization(pipeline, *pending.popleft())
+                raise
             while pending:
                 yield _materialization(pipeline, *pending.popleft())
 

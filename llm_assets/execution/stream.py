@@ -140,13 +140,22 @@ class _ChainRun:
                 yield from self._finished()
                 yield None  # a tick: the caller may do its own work without holding up the stream
                 self._report_progress()
-        except BaseException:
-            for step in self.steps:
-                for ref in list(step.in_flight if step else ()):
-                    ray.cancel(ref)
+        except Exception:
+            self._cancel()
+            yield from self._finished()  # stages whose every partition committed before the failure
+            raise
+        except BaseException:  # interrupted, or the generator closed: nothing more may be yielded
+            self._cancel()
             raise
         finally:
             self._release_engines()
+
+    def _cancel(self) -> None:
+        import ray
+
+        for step in self.steps:
+            for ref in list(step.in_flight if step else ()):
+                ray.cancel(ref)
 
     def _feed(self, todo: list[Entry]) -> Iterator[Unit]:
         chunk_rows = self.pipeline.plan(self.chain[0]).settings.batch_size or self.pipeline.config.batch_size
