@@ -37,6 +37,8 @@ class Commits:
         self.results: dict[str, dict[str, PartitionStats]] = {stage: {} for stage in chain}
         self.fed: set[str] = set()  # partitions whose input is fully read
         self.reported: set[str] = set()
+        self.to_commit = dict.fromkeys(chain, 0)  # partitions each stage computes in this run
+        self.committed = dict.fromkeys(chain, 0)
 
     def keep(self, entry: Entry) -> None:
         for stage, stats in entry.kept.items():
@@ -46,18 +48,21 @@ class Commits:
         """Name the partition's attempts for every stage it computes (the engine's may be adopted)."""
         upstream_attempt = None
         for stage in self.chain[entry.index:]:
-            identity = upstream_attempt or input_identity(self.pipeline, stage, entry.partition, self.storage)
+            # The entry stage's input was found when the partition was planned; a source file that
+            # could not be read then is read again here, failing with its own message.
+            identity = upstream_attempt or entry.input or input_identity(self.pipeline, stage, entry.partition, self.storage)
             stats = PartitionStats(entry.partition, code_version=self.versions[stage], input=identity)
             if stage == ENGINE and entry.resumed is not None:
                 attempt, names, rows = entry.resumed
                 files, created = dict(enumerate(zip(names, rows))), True
-                total = self.storage.manifest(self.pipeline.name, self.pipeline.plan(ENGINE).upstream, entry.partition).rows
+                total = entry.upstream.rows
                 self.log(f"engine [{entry.partition}]: resuming an interrupted attempt ({attempt}): {sum(rows)} of {total} rows "
                          f"already written are kept; the other {total - sum(rows)} go to the engine")
             else:
                 attempt, files, created = new_attempt_name(), {}, False
             info = {"code_version": self.versions[stage], "input": identity} if stage == ENGINE else None
             self.open_commits[(stage, entry.partition)] = Commit(attempt, stats, files, len(files), info, created)
+            self.to_commit[stage] += 1
             upstream_attempt = attempt
 
     def target(self, stage: str, partition: str) -> tuple[str, str]:
@@ -103,14 +108,14 @@ class Commits:
             self.storage.commit(self.pipeline.name, stage, partition, commit.attempt,
                                 [n for n, _ in names], [r for _, r in names], stats.as_dict())
             self.results[stage][partition] = stats
+            self.committed[stage] += 1
             done, total = self.counts(stage)
             self.log(f"{stage} [{partition}]: committed {stats.rows_out} rows in {stats.seconds:.1f} s "
                      f"({done}/{total} partitions) -> {stats.path}")
 
     def counts(self, stage: str) -> tuple[int, int]:
         """Partitions of the stage committed by this run, and to commit in all."""
-        done = sum(not s.skipped for s in self.results[stage].values())
-        return done, sum(1 for key in self.open_commits if key[0] == stage)
+        return self.committed[stage], self.to_commit[stage]
 
     def newly_finished(self) -> list[str]:
         """Stages whose every partition is now committed (or was up to date), once each."""

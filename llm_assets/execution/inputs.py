@@ -45,6 +45,8 @@ class Entry:
     rows: int = 0  # the partition's rows, once its input is read
     resumed: Optional[tuple[str, list[str], list[int]]] = None  # engine attempt adopted: (attempt, files, rows)
     resumed_stats: dict[str, int] = field(default_factory=dict)
+    input: str = ""  # what the entry stage computes from: the upstream's committed attempt, or the file's fingerprint
+    upstream: Any = None  # the manifest of the stage before the entry (None when the entry reads the source)
 
 
 def input_identity(pipeline, stage: str, partition: str, storage) -> str:
@@ -55,30 +57,30 @@ def input_identity(pipeline, stage: str, partition: str, storage) -> str:
     return manifest.attempt if manifest is not None else ""
 
 
-def _current(pipeline, stage: str, partition: str, storage, code_version: str) -> Optional[PartitionStats]:
-    manifest = storage.manifest(pipeline.name, stage, partition)
-    if manifest is None or manifest.stats.get("code_version") != code_version:
-        return None
-    try:
-        identity = input_identity(pipeline, stage, partition, storage)
-    except (OSError, ValueError):  # the source file is gone or unreadable: recompute, and fail there clearly
-        return None
-    if not identity or manifest.stats.get("input") != identity:
-        return None
-    return PartitionStats.from_manifest(manifest.stats)
-
-
 def plan_entry(pipeline, chain: list[str], partition: str, storage, versions: dict[str, str], recompute: bool, log) -> Entry:
+    """Where the partition enters the chain. Each manifest is read once (on S3 each read is a
+    request, and a run plans every partition before its engines start)."""
     entry = Entry(partition, None)
+    first_upstream = pipeline.plan(chain[0]).upstream
+    entry.upstream = storage.manifest(pipeline.name, first_upstream, partition) if first_upstream else None
     for index, stage in enumerate(chain):
-        current = None if recompute else _current(pipeline, stage, partition, storage, versions[stage])
-        if current is None:
+        manifest = None if recompute else storage.manifest(pipeline.name, stage, partition)
+        if first_upstream or index:
+            entry.input = entry.upstream.attempt if entry.upstream is not None else ""
+        else:
+            try:
+                entry.input = pipeline.source.fingerprint(partition)
+            except (OSError, ValueError):  # the source file is gone or unreadable: recompute, and fail there clearly
+                entry.input = ""
+        if (manifest is None or manifest.stats.get("code_version") != versions[stage]
+                or not entry.input or manifest.stats.get("input") != entry.input):
             entry.index = index
             break
-        entry.kept[stage] = current
+        entry.kept[stage] = PartitionStats.from_manifest(manifest.stats)
         log(f"{stage} [{partition}]: up to date (code version {versions[stage]}, same input); not recomputed")
+        entry.upstream = manifest
     if entry.index is not None and chain[entry.index] == ENGINE:
-        info = {"code_version": versions[ENGINE], "input": input_identity(pipeline, ENGINE, partition, storage)}
+        info = {"code_version": versions[ENGINE], "input": entry.input}
         entry.resumed = storage.resumable_attempt(pipeline.name, ENGINE, partition, info)
     return entry
 
@@ -103,7 +105,11 @@ def units(pipeline, chain: list[str], entry: Entry, storage, chunk_rows: int, lo
             yield Unit(entry.partition, seq, chunk.num_rows, ray.put(chunk), entry.index)
             seq += 1
         return
-    manifest, files = storage.committed(pipeline.name, upstream, entry.partition)
+    if entry.upstream is None:
+        storage.committed(pipeline.name, upstream, entry.partition)  # raises, saying what to materialize first
+    manifest = entry.upstream
+    base = storage.partition_dir(pipeline.name, upstream, entry.partition)
+    files = [f"{base}/{name}" for name in manifest.files]
     entry.rows = manifest.rows
     filesystem = storage.filesystem()
     done = pa.array([], pa.string())
