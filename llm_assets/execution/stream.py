@@ -3,8 +3,8 @@ stream through Ray, driven by one event loop in the run's process.
 
 Units (batches of one partition) flow through the steps of the chain (``execution/steps.py``):
 CPU task groups and the engine pool. The engine actors import the engine library from the run's
-start; the engine build begins as soon as the first unit has passed every stage before the engine
-(bad input or a model without a chat template found there never reaches a GPU); the engine takes
+start; the engine build begins as soon as the first unit has passed Preprocess (bad input found
+there never reaches a GPU); the engine takes
 units as soon as they are tokenized, whatever their partition; the stages after it follow unit by
 unit. Every stage commits each partition (manifest last) as soon as all
 its units are written, and the run reports each stage when all its partitions are committed.
@@ -28,6 +28,8 @@ from llm_assets.execution.steps import Group, build_steps, chains, step_of, unsc
 from llm_assets.execution.units import StageCall, run_unit
 from llm_assets.models import resolve_model_source
 from llm_assets.tasks import ENGINE
+
+PREPROCESS = "preprocess"
 
 Log = Callable[[str], None]
 PROGRESS_EVERY_S = 10.0
@@ -79,12 +81,15 @@ class _ChainRun:
             if self.chain.index(stage) < unit.entry or (stage == ENGINE and unit.after_engine):
                 continue
             plan = self.pipeline.plan(stage)
-            kwargs = dict(plan.udf_kwargs)
-            if plan.model_source:
-                kwargs["model_source"] = self.models[plan.model_source]
             batch_size = plan.settings.batch_size or self.pipeline.config.batch_size
-            calls.append(StageCall(stage, plan.udf, kwargs, batch_size, *self.commits.target(stage, unit.partition)))
+            calls.append(StageCall(stage, plan.udf, self._udf_kwargs(plan), batch_size, *self.commits.target(stage, unit.partition)))
         return calls
+
+    def _udf_kwargs(self, plan) -> dict:
+        kwargs = dict(plan.udf_kwargs)
+        if plan.model_source:
+            kwargs["model_source"] = self.models[plan.model_source]
+        return kwargs
 
     def _check_resources(self, runs_engine: bool) -> None:
         """Fail at once, naming the resource, when the cluster could never run a step or hold the
@@ -97,6 +102,15 @@ class _ChainRun:
         if problem:
             raise RuntimeError(f"{self.pipeline.name}: this run cannot be scheduled: {problem}. Lower the setting or add resources.")
 
+
+    def _check_stages(self) -> None:
+        """Each stage's own setup check (a model without a chat template, say), in the driver
+        before any task or engine starts."""
+        for stage in self.chain:
+            plan = self.pipeline.plan(stage)
+            check = getattr(plan.udf, "check_before_run", None)
+            if check is not None:
+                check(**self._udf_kwargs(plan))
 
     # --- the loop ---------------------------------------------------------------------------
     def run(self) -> Iterator[Optional[StageDone]]:
@@ -112,6 +126,7 @@ class _ChainRun:
                            {self.pipeline.plan(s).model_source for s in self.chain} if source}
             runs_engine = ENGINE in self.chain and any(e.index <= self.chain.index(ENGINE) for e in todo)
             self._check_resources(runs_engine)
+            self._check_stages()
             if runs_engine:
                 self.pool = self.run_.engines.pool_for(self.pipeline, self.models[self.pipeline.config.model_source], self.log)
         yield from self._finished()
@@ -179,13 +194,13 @@ class _ChainRun:
     def _route(self, unit: Unit, position: int) -> None:
         if position >= len(self.steps):
             return
+        if self.pool is not None and (position > 0 or self.chain[0] != PREPROCESS):
+            # The first unit past Preprocess's checks starts the engine build (bad input never
+            # reaches a GPU): the engine compiles while the tokenizer stages load and run.
+            self.pool.build()
         step = self.steps[position]
         if step is None:
             self.engine_queue.append(unit)
-            # The first unit through every stage before the engine (Preprocess's checks, the
-            # chat template, the tokenizer) starts the engine build. The engine actors import
-            # vLLM meanwhile, which takes longer than those stages' first batch.
-            self.pool.build()
         else:
             step.queue.append(unit)
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
 from typing import Any, Optional
 
 import pyarrow as pa
@@ -27,11 +29,17 @@ class ChatTemplateStage:
         self.chat_template = chat_template
         self.chat_template_kwargs = chat_template_kwargs or {}
         if chat_template is None and not getattr(self.tokenizer, "chat_template", None):
-            raise ValueError(
-                f"{STAGE}: the tokenizer of {model_source!r} has no chat template; pass "
-                "chat_template_stage={'chat_template': '...'} or give rows a plain 'prompt' and "
-                "disable the stage (chat_template_stage=False)"
-            )
+            raise _no_template(model_source)
+
+    @staticmethod
+    def check_before_run(model_source: str, chat_template: Optional[str] = None, **_: Any) -> None:
+        """Run by the driver before any worker or engine starts: a model without a chat template
+        fails the run at once. Reading the model's files is enough to know it has one; only when
+        they show none is the tokenizer loaded to be sure (transformers has other places)."""
+        if chat_template is not None or _template_file(Path(model_source)):
+            return
+        if not getattr(load_tokenizer(model_source), "chat_template", None):
+            raise _no_template(model_source)
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         prompts = column_or_none(batch, "prompt")
@@ -60,3 +68,18 @@ class ChatTemplateStage:
             )
         except Exception as exc:
             raise RowError(row_id, STAGE, f"the chat template failed: {type(exc).__name__}: {exc}") from exc
+
+
+def _template_file(model_dir: Path) -> bool:
+    if (model_dir / "chat_template.jinja").is_file() or (model_dir / "chat_template.json").is_file():
+        return True
+    config = model_dir / "tokenizer_config.json"
+    return config.is_file() and bool(json.loads(config.read_text()).get("chat_template"))
+
+
+def _no_template(model_source: str) -> ValueError:
+    return ValueError(
+        f"{STAGE}: the tokenizer of {model_source!r} has no chat template; pass "
+        "chat_template_stage={'chat_template': '...'} or give rows a plain 'prompt' and "
+        "disable the stage (chat_template_stage=False)"
+    )
