@@ -56,8 +56,10 @@ class LocalFolderSource:
         return list(self.files())
 
     def path_for(self, partition_key: str) -> Path:
-        path = self.files().get(partition_key)
-        if path is None:
+        # The key is the file's name: one lookup, not a listing of the folder (a run plans every
+        # partition, and listing per partition made planning 1 000 partitions take 20 s).
+        path = Path(self.folder).expanduser() / partition_key
+        if Path(partition_key).name != partition_key or not _wanted(partition_key, self.pattern) or not path.is_file():
             raise SourceError(f"no input file {partition_key!r} in {self.folder} (pattern {self.pattern!r})")
         return path
 
@@ -96,7 +98,9 @@ class S3PrefixSource:
             return self.s3.get_client()
         import boto3
 
-        return boto3.client("s3")
+        # A session of its own: boto3's default session is not safe to share between the
+        # threads that plan a run's partitions.
+        return boto3.session.Session().client("s3")
 
     def objects(self) -> dict[str, dict[str, Any]]:
         """Partition key -> the object's listing entry (Key, ETag, Size, ...)."""
@@ -140,7 +144,7 @@ def read_rows(path: Path, display: str, partition_key: str, chunk_rows: int) -> 
     """A file's rows in chunks, each with a ``row_id`` column; errors name ``display``."""
     seen: set = set()
     offset = 0
-    for chunk in _read_chunks(path, display, chunk_rows):
+    for chunk in _read_chunks(path, display, chunk_rows, partition_key):
         if chunk.num_rows == 0:
             continue
         if ROW_ID in chunk.column_names:
@@ -148,7 +152,7 @@ def read_rows(path: Path, display: str, partition_key: str, chunk_rows: int) -> 
             for index, row_id in enumerate(ids):
                 if row_id is None or row_id in seen:
                     problem = "is empty" if row_id is None else f"repeats {row_id!r}"
-                    raise SourceError(f"{display}: row {offset + index}: column {ROW_ID!r} {problem}; row ids must be unique")
+                    raise SourceError(f"{display}: row {offset + index} (counted from 0): column {ROW_ID!r} {problem}; row ids must be unique")
                 seen.add(row_id)
             chunk = chunk.set_column(chunk.schema.get_field_index(ROW_ID), ROW_ID, pa.array([str(i) for i in ids]))
         else:
@@ -160,7 +164,7 @@ def read_rows(path: Path, display: str, partition_key: str, chunk_rows: int) -> 
         raise SourceError(f"{display} has no rows: an input file needs at least one row")
 
 
-def _read_chunks(path: Path, display: str, chunk_rows: int) -> Iterator[pa.Table]:
+def _read_chunks(path: Path, display: str, chunk_rows: int, partition_key: str) -> Iterator[pa.Table]:
     kind = FORMATS[path.suffix.lower()]
     if kind == "parquet":
         try:
@@ -177,47 +181,59 @@ def _read_chunks(path: Path, display: str, chunk_rows: int) -> Iterator[pa.Table
         except pa.ArrowInvalid as exc:
             raise SourceError(f"{display}: not a readable CSV file: {exc}") from exc
     else:
-        yield from _read_jsonl(path, display, chunk_rows)
+        yield from _read_jsonl(path, display, chunk_rows, partition_key)
 
 
-def _read_jsonl(path: Path, display: str, chunk_rows: int) -> Iterator[pa.Table]:
-    """JSON Lines parsed line by line, so a bad line is reported with its number. A file whose
-    first object is an OpenAI Batch API request is read as one throughout."""
-    objects = _jsonl_objects(path, display)
+def _read_jsonl(path: Path, display: str, chunk_rows: int, partition_key: str) -> Iterator[pa.Table]:
+    """JSON Lines parsed line by line, so a bad line is reported with its number (1-based, as
+    editors show it) and the row id it has (``{file}:{index}``, counted from 0, blank lines
+    skipped). A file whose first object is an OpenAI Batch API request is read as one throughout."""
+    objects = _jsonl_objects(path, display, partition_key)
     first = next(objects, None)
     if first is None:
         return
     if openai_batch.is_openai_batch_line(first[1]):
+        # Read again from its start with messages naming lines alone: its row ids are the custom_ids.
         # Its rows are built from checked fields; numbered by row (1-based) for the unlikely message below.
-        numbered = enumerate(openai_batch.rows_from_openai_batch(_chain(first, objects), display), start=1)
+        partition_key = ""
+        numbered = enumerate(openai_batch.rows_from_openai_batch(_jsonl_objects(path, display, ""), display), start=1)
     else:
         numbered = _chain(first, objects)
     chunk: list[tuple[int, dict]] = []
+    offset = 0
     for line_number, row in numbered:
         chunk.append((line_number, row))
         if len(chunk) >= chunk_rows:
-            yield _table(chunk, display)
+            yield _table(chunk, display, partition_key, offset)
+            offset += len(chunk)
             chunk = []
     if chunk:
-        yield _table(chunk, display)
+        yield _table(chunk, display, partition_key, offset)
 
 
-def _table(numbered_rows: list[tuple[int, dict]], display: str) -> pa.Table:
+def _line(display: str, line_number: int, partition_key: str, index: int, row: Optional[dict] = None) -> str:
+    if not partition_key:
+        return f"{display}: line {line_number}"
+    row_id = row.get(ROW_ID) if row and row.get(ROW_ID) is not None else f"{partition_key}:{index}"
+    return f"{display}: line {line_number} (row {str(row_id)!r})"
+
+
+def _table(numbered_rows: list[tuple[int, dict]], display: str, partition_key: str, offset: int) -> pa.Table:
     """The rows as a table; a field whose values are of different kinds is named with its line."""
     rows = [row for _, row in numbered_rows]
     try:
         return table_of(rows)
     except (pa.ArrowInvalid, pa.ArrowTypeError) as exc:
         kinds: dict[str, str] = {}
-        for line_number, row in numbered_rows:
+        for index, (line_number, row) in enumerate(numbered_rows, start=offset):
             for name, value in row.items():
                 if value is None:
                     continue
                 kind = _json_kind(value)
                 expected = kinds.setdefault(name, kind)
                 if kind != expected:
-                    raise SourceError(f"{display}: line {line_number}: field {name!r} is {kind} ({value!r:.40}): expected "
-                                      f"{expected}, as on the lines before it") from None
+                    raise SourceError(f"{_line(display, line_number, partition_key, index, row)}: field {name!r} is {kind} "
+                                      f"({value!r:.40}): expected {expected}, as on the lines before it") from None
         raise SourceError(f"{display}: rows that cannot form one table: {exc}") from None
 
 
@@ -234,7 +250,8 @@ def _chain(first, rest):
     yield from rest
 
 
-def _jsonl_objects(path: Path, display: str) -> Iterator[tuple[int, dict]]:
+def _jsonl_objects(path: Path, display: str, partition_key: str) -> Iterator[tuple[int, dict]]:
+    index = 0  # the row's position: what its row id counts
     with open(path, encoding="utf-8") as f:
         for line_number, line in enumerate(f, start=1):
             if not line.strip():
@@ -242,7 +259,8 @@ def _jsonl_objects(path: Path, display: str) -> Iterator[tuple[int, dict]]:
             try:
                 row = json.loads(line)
             except json.JSONDecodeError as exc:
-                raise SourceError(f"{display}: line {line_number}: invalid JSON: {exc.msg} (column {exc.colno})") from None
+                raise SourceError(f"{_line(display, line_number, partition_key, index)}: invalid JSON: {exc.msg} (column {exc.colno})") from None
             if not isinstance(row, dict):
-                raise SourceError(f"{display}: line {line_number}: expected a JSON object, got {type(row).__name__}")
+                raise SourceError(f"{_line(display, line_number, partition_key, index)}: expected a JSON object, got {type(row).__name__}")
             yield line_number, row
+            index += 1

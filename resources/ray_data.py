@@ -29,6 +29,7 @@ class RayDataResource(dg.ConfigurableResource):
     num_gpus: Optional[int] = Field(default=None, description="GPUs of a local Ray (default: detected).")
     namespace: str = "llm_assets"
     runtime_env: Optional[dict[str, Any]] = None
+    stall_report_s: float = Field(default=120.0, ge=0, description="A run that finishes no batch for this long logs what it waits for (engines, tasks, free resources, object store), and again as long as that lasts; 0: never.")
     _started_here: bool = PrivateAttr(default=False)
 
     def teardown_after_execution(self, context: dg.InitResourceContext) -> None:

@@ -181,7 +181,7 @@ def test_a_bad_file_or_model_fails_the_run_before_any_engine_starts(tmp_path, ti
         landing.mkdir()
         (landing / partition).write_bytes(b"PAR1 not really parquet")
     elif case == "jsonl with a bad line":
-        partition, model, expected = "x.jsonl", tiny_model, "x.jsonl: line 2: invalid JSON"
+        partition, model, expected = "x.jsonl", tiny_model, "x.jsonl: line 2 (row 'x.jsonl:1'): invalid JSON"
         landing.mkdir()
         (landing / partition).write_text('{"question": "fine"}\n{"question": oops}\n')
     else:

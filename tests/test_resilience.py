@@ -95,3 +95,43 @@ def test_a_run_the_cluster_can_never_schedule_fails_at_once_naming_the_resource(
     failure = next(e for e in result.all_events if e.event_type_value == "STEP_FAILURE")
     error = failure.step_failure_data.error
     assert expected in (error.cause or error).message.splitlines()[0]
+
+
+def test_a_run_waiting_on_a_busy_cluster_says_what_it_waits_for_and_goes_on_when_it_frees(tmp_path, tiny_model, ray_session, instance):
+    """Another job holds every CPU of the cluster: the run's engine cannot be placed and its first
+    task cannot run. The run reports that from Ray's state instead of hanging silently, and
+    finishes once the CPUs are free."""
+    import ray
+
+    from resources import RayDataResource
+
+    @ray.remote(num_cpus=4)
+    class OtherJob:
+        def ping(self) -> bool:
+            return True
+
+    other = OtherJob.remote()
+    ray.get(other.ping.remote())  # placed: it holds all 4 CPUs now
+    write_jsonl(tmp_path / "landing" / "x.jsonl", questions(3, "b"))
+    pipeline = make_pipeline(tmp_path / "landing", tiny_model)
+    resources = make_resources(tmp_path / "storage")
+    resources["ray_data"] = RayDataResource(stall_report_s=2)
+    resources["engine_pool"] = resources["engine_pool"].model_copy(update={"ray_data": resources["ray_data"]})
+    outcome: dict = {}
+    runner = threading.Thread(target=lambda: outcome.update(result=run_job(pipeline, resources, instance, {"dagster/partition": "x.jsonl"})))
+    runner.start()
+    report = None
+    deadline = time.monotonic() + 120
+    while report is None and time.monotonic() < deadline:
+        runs = instance.get_runs(limit=1)
+        report = next((m for m in (log_messages(instance, runs[0].run_id) if runs else []) if "no batch finished for" in m), None)
+        time.sleep(0.5)
+    ray.kill(other)  # the other job ends
+    runner.join(timeout=600)
+    assert report is not None, "no stall report within 120 s"
+    print(report)
+    assert "free in the Ray cluster: 0 of 4 CPU(s)" in report
+    assert "vLLM engine 0 is not placed by Ray yet: it needs 1 CPU" in report
+    assert "preprocess: 1 task(s) in flight (0.5 CPU each)" in report
+    assert outcome["result"].success
+    assert resources["storage"].manifest("tiny", "postprocess", "x.jsonl").rows == 3

@@ -76,7 +76,7 @@ def test_a_malformed_line_on_s3_names_the_object_and_the_line(s3):
     resource, buckets = s3
     resource.get_client().put_object(Bucket=buckets["landing"], Key="in/bad.jsonl", Body=b'{"question": "ok"}\n{"question": \n')
     source = S3PrefixSource(buckets["landing"], prefix="in", s3=resource)
-    with pytest.raises(SourceError, match=rf"s3://{buckets['landing']}/in/bad.jsonl: line 2: invalid JSON"):
+    with pytest.raises(SourceError, match=rf"s3://{buckets['landing']}/in/bad.jsonl: line 2 \(row 'bad.jsonl:1'\): invalid JSON"):
         list(source.read("bad.jsonl"))
 
 

@@ -24,7 +24,7 @@ def test_a_row_id_column_in_the_file_is_kept_and_must_be_unique(tmp_path):
     source = LocalFolderSource(str(tmp_path), pattern="*.parquet")
     assert next(source.read("in.parquet")).column("row_id").to_pylist() == ["7", "8"]
     pq.write_table(pa.table({"row_id": [7, 7], "q": ["a", "b"]}), tmp_path / "in.parquet")
-    with pytest.raises(SourceError, match="row 1: column 'row_id' repeats 7; row ids must be unique"):
+    with pytest.raises(SourceError, match="row 1 \(counted from 0\): column 'row_id' repeats 7; row ids must be unique"):
         list(source.read("in.parquet"))
 
 
@@ -32,7 +32,7 @@ def test_bad_input_files_name_the_file_and_line(tmp_path):
     (tmp_path / "bad.jsonl").write_text('{"q": "fine"}\n{"q": oops}\n')
     (tmp_path / "empty.jsonl").write_text("\n")
     (tmp_path / "corrupt.parquet").write_bytes(b"PAR1 not really parquet")
-    with pytest.raises(SourceError, match=r"bad.jsonl: line 2: invalid JSON"):
+    with pytest.raises(SourceError, match=r"bad.jsonl: line 2 \(row 'bad.jsonl:1'\): invalid JSON"):
         list(LocalFolderSource(str(tmp_path)).read("bad.jsonl"))
     with pytest.raises(SourceError, match="empty.jsonl has no rows"):
         list(LocalFolderSource(str(tmp_path)).read("empty.jsonl"))
@@ -43,7 +43,14 @@ def test_bad_input_files_name_the_file_and_line(tmp_path):
     (tmp_path / "mixed.jsonl").write_text('{"prompt": "a"}\n\n{"prompt": "b"}\n{"prompt": 3}\n')
     with pytest.raises(SourceError) as info:
         list(LocalFolderSource(str(tmp_path)).read("mixed.jsonl"))
-    assert str(info.value).endswith("mixed.jsonl: line 4: field 'prompt' is a number (3): expected a string, as on the lines before it")
+    # Line numbers count from 1 as editors do; the row id named is the one the row gets (blank lines skipped).
+    assert str(info.value).endswith("mixed.jsonl: line 4 (row 'mixed.jsonl:2'): field 'prompt' is a number (3): expected a string, as on the lines before it")
+    (tmp_path / "ids.jsonl").write_text('{"row_id": "q-7", "prompt": "a"}\n{"row_id": "q-8", "prompt": ["b"]}\n')
+    with pytest.raises(SourceError, match=r"ids.jsonl: line 2 \(row 'q-8'\): field 'prompt' is a list"):
+        list(LocalFolderSource(str(tmp_path)).read("ids.jsonl"))
+    (tmp_path / "fine.jsonl").write_text('{"prompt": "a"}\n\n{"prompt": "b"}\n')
+    ids = [i for t in LocalFolderSource(str(tmp_path)).read("fine.jsonl") for i in t.column("row_id").to_pylist()]
+    assert ids == ["fine.jsonl:0", "fine.jsonl:1"]
 
 
 def _read(storage, partition="p/1"):

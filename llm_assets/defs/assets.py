@@ -123,7 +123,7 @@ def stages_asset(pipeline: LLMPipeline, partitions_def: dg.PartitionsDefinition)
         run = StreamingRun(
             pipeline, selected, partitions, context.resources.storage, context.resources.engine_pool,
             log=context.log.info, recompute=context.run.tags.get(RECOMPUTE_TAG, "").lower() in ("1", "true", "yes"),
-            cluster_cpus=ray_data.cluster_cpus(),
+            cluster_cpus=ray_data.cluster_cpus(), stall_report_s=ray_data.stall_report_s,
         )
         wanted = set(context.selected_asset_check_keys)
         storage = context.resources.storage

@@ -42,16 +42,24 @@ class EngineHost:
     while CPU stages run; ``start`` builds the engine (GPU memory, compile) when the run asks."""
 
     def __init__(self, spec: EngineSpec, on_gpu: bool, secret_env: dict[str, str]):
+        # Nothing slow here: the actor's readiness then means "placed", which a stalled run reports.
         os.environ.update(secret_env)  # this process is the engine's alone (see secret_env.py)
-        started = time.perf_counter()
-        spec.preimport(on_gpu)
-        self.import_seconds = time.perf_counter() - started
-        self.spec = spec
+        self.spec, self.on_gpu = spec, on_gpu
+        self.import_seconds: Optional[float] = None
         self.replica: Any = None
 
+    async def prepare(self) -> float:
+        """Import the engine library (idempotent); its seconds."""
+        if self.import_seconds is None:
+            started = time.perf_counter()
+            self.spec.preimport(self.on_gpu)
+            self.import_seconds = time.perf_counter() - started
+        return self.import_seconds
+
     async def start(self, **replica_kwargs: Any) -> dict[str, Any]:
+        await self.prepare()  # already done, unless Ray ran this call first
         self.replica = self.spec.replica_class()(**replica_kwargs)
-        return {**self.replica.info(), "import_seconds": round(self.import_seconds, 2)}
+        return {**self.replica.info(), "import_seconds": round(self.import_seconds or 0.0, 2)}
 
     async def process(self, batch):
         output = await self.replica.process(batch)
@@ -68,7 +76,10 @@ class EngineHost:
 class Replica:
     index: int
     actor: Any
+    placed_ref: Any = None  # resolves once Ray has placed the actor
+    imported_ref: Any = None  # resolves once the actor has imported the engine library
     start_ref: Any = None
+    start_asked: float = 0.0
     info: Optional[dict[str, Any]] = None
     load_rows: int = 0
     pending: dict = field(default_factory=dict)  # rows ref -> (tag, batch ref, rows, output ref)
@@ -84,12 +95,20 @@ class EnginePool:
         self.gpus = spec.gpus_per_replica(config, on_gpu)
         log(f"Loading {spec.label} into {config.engine_pool_size} engine actor(s) for {model_source} "
             f"({self.gpus:g} GPU(s) each, {'GPU' if on_gpu else 'CPU'} build)")
-        self.replicas = [Replica(i, self._new_actor()) for i in range(config.engine_pool_size)]
+        self.replicas = [self._new_replica(i) for i in range(config.engine_pool_size)]
         self.building = False
         self.build_started = 0.0
+        self.first_ready = 0.0  # when the first engine became ready (monotonic)
         self.window_rows = 0
 
     # --- starting -------------------------------------------------------------------------
+    def _new_replica(self, index: int) -> Replica:
+        actor = self._new_actor()
+        return Replica(index, actor, placed_ref=actor.__ray_ready__.remote(), imported_ref=actor.prepare.remote())
+
+    def _start(self, replica: Replica) -> None:
+        replica.start_ref, replica.start_asked = replica.actor.start.remote(**self.replica_kwargs), time.monotonic()
+
     def _new_actor(self):
         import ray
 
@@ -108,7 +127,7 @@ class EnginePool:
         self.building, self.build_started = True, time.monotonic()
         self.log(f"Starting {len(self.replicas)} {self.spec.label} engine actor(s) for {self.model_source}")
         for replica in self.replicas:
-            replica.start_ref = replica.actor.start.remote(**self.replica_kwargs)
+            self._start(replica)
 
     @property
     def ready(self) -> list[Replica]:
@@ -119,6 +138,7 @@ class EnginePool:
 
     def _started(self, replica: Replica, info: dict[str, Any]) -> None:
         replica.info, replica.start_ref = info, None
+        self.first_ready = self.first_ready or time.monotonic()
         self.log(f"{self.spec.label} engine {replica.index} started in {info['start_seconds']} s after importing "
                  f"{self.spec.label} in {info['import_seconds']} s (pid {info['pid']} on {info['host']})")
         if not self.window_rows:
@@ -193,9 +213,32 @@ class EnginePool:
             ray.kill(replica.actor)
         except ValueError as exc:  # not an actor handle any more: nothing to kill
             self.log(f"(could not kill the dead engine actor: {exc})")
-        replica.actor, replica.info, replica.pending, replica.load_rows = self._new_actor(), None, {}, 0
-        replica.start_ref = replica.actor.start.remote(**self.replica_kwargs)
+        self.replicas[self.replicas.index(replica)] = replica = self._new_replica(replica.index)
+        self._start(replica)
         return lost
+
+    def states(self) -> list[str]:
+        """What each replica is doing, for a run that reports why it makes no progress."""
+        import ray
+
+        def done(ref) -> bool:
+            return ref is None or bool(ray.wait([ref], timeout=0, fetch_local=False)[0])
+
+        now, lines = time.monotonic(), []
+        for replica in self.replicas:
+            name = f"{self.spec.label} engine {replica.index}"
+            if replica.info is not None:
+                lines.append(f"{name}: {replica.load_rows} rows in flight" if replica.pending else f"{name}: ready, idle")
+            elif not done(replica.placed_ref):
+                needs = ", ".join(f"{n:g} {key}" for key, n in (("CPU", self.num_cpus_per_engine), ("GPU", self.gpus)) if n)
+                lines.append(f"{name} is not placed by Ray yet: it needs {needs or 'no resources'}")
+            elif not done(replica.imported_ref):
+                lines.append(f"{name} is importing {self.spec.label}")
+            elif replica.start_ref is not None:
+                lines.append(f"{name} is building ({now - replica.start_asked:.0f} s so far)")
+            else:
+                lines.append(f"{name} is ready to build once a batch has passed Preprocess")
+        return lines
 
     def check_start_timeout(self, timeout_s: float) -> None:
         if self.building and not self.ready and time.monotonic() - self.build_started > timeout_s:

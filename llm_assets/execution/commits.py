@@ -41,8 +41,12 @@ class Commits:
         self.committed = dict.fromkeys(chain, 0)
 
     def keep(self, entry: Entry) -> None:
+        """Record the partition's up-to-date stages, and count the ones this run computes."""
         for stage, stats in entry.kept.items():
             self.results[stage][entry.partition] = stats
+        if entry.index is not None:
+            for stage in self.chain[entry.index:]:
+                self.to_commit[stage] += 1
 
     def open(self, entry: Entry) -> None:
         """Name the partition's attempts for every stage it computes (the engine's may be adopted)."""
@@ -62,7 +66,6 @@ class Commits:
                 attempt, files, created = new_attempt_name(), {}, False
             info = {"code_version": self.versions[stage], "input": identity} if stage == ENGINE else None
             self.open_commits[(stage, entry.partition)] = Commit(attempt, stats, files, len(files), info, created)
-            self.to_commit[stage] += 1
             upstream_attempt = attempt
 
     def target(self, stage: str, partition: str) -> tuple[str, str]:

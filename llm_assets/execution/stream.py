@@ -17,12 +17,14 @@ from __future__ import annotations
 import time
 import uuid
 from collections import deque
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Callable, Iterator, Optional
 
 from llm_assets.engines.pool import unwrap
 from llm_assets.execution.commits import Commits
 from llm_assets.execution.inputs import Entry, Unit, plan_entry, units
+from llm_assets.execution.stall import stall_report
 from llm_assets.execution.stats import PartitionStats
 from llm_assets.execution.steps import Group, build_steps, chains, step_of, unschedulable
 from llm_assets.execution.units import StageCall, run_unit
@@ -35,6 +37,7 @@ Log = Callable[[str], None]
 PROGRESS_EVERY_S = 10.0
 # Rows read ahead of the engine at least (the CPU stages' lead while the engine builds).
 LOOKAHEAD_MIN_ROWS = 8192
+PLANNING_THREADS = 16
 
 
 @dataclass
@@ -45,9 +48,9 @@ class StageDone:
 
 class StreamingRun:
     def __init__(self, pipeline, selected: list[str], partitions: list[str], storage, engines, log: Log = print,
-                 recompute: bool = False, cluster_cpus: float = 4.0):
+                 recompute: bool = False, cluster_cpus: float = 4.0, stall_report_s: float = 120.0):
         self.pipeline, self.partitions, self.storage, self.engines, self.log = pipeline, partitions, storage, engines, log
-        self.recompute, self.cluster_cpus = recompute, cluster_cpus
+        self.recompute, self.cluster_cpus, self.stall_report_s = recompute, cluster_cpus, stall_report_s
         self.chains = chains(pipeline, selected)
         self.session = uuid.uuid4().hex[:8]
 
@@ -67,7 +70,7 @@ class _ChainRun:
         self.commits = Commits(self.pipeline, chain, self.storage, self.versions, run.partitions, self.log)
         self.engine_queue: deque[Unit] = deque()
         self.pool = None
-        self.last_progress = time.monotonic()
+        self.last_progress = self.last_settled = self.last_stall_report = time.monotonic()
         self.engine_rows_done = 0
         self.filesystem = self.storage.filesystem()
         import ray
@@ -116,8 +119,12 @@ class _ChainRun:
     def run(self) -> Iterator[Optional[StageDone]]:
         import ray
 
-        entries = [plan_entry(self.pipeline, self.chain, p, self.storage, self.versions, self.run_.recompute, self.log)
-                   for p in self.run_.partitions]
+        # Planning reads each partition's manifests and source fingerprint: on S3, requests.
+        # Threads overlap them, so a run of 1 000 partitions starts its engines in seconds.
+        with ThreadPoolExecutor(max_workers=PLANNING_THREADS, thread_name_prefix="plan") as threads:
+            entries = list(threads.map(
+                lambda p: plan_entry(self.pipeline, self.chain, p, self.storage, self.versions, self.run_.recompute, self.log),
+                self.run_.partitions))
         for entry in entries:
             self.commits.keep(entry)
         todo = [e for e in entries if e.index is not None]
@@ -155,6 +162,7 @@ class _ChainRun:
                 yield from self._finished()
                 yield None  # a tick: the caller may do its own work without holding up the stream
                 self._report_progress()
+                self._report_stall()
         except Exception:
             self._cancel()
             yield from self._finished()  # stages whose every partition committed before the failure
@@ -225,6 +233,7 @@ class _ChainRun:
     def _settle(self, ref) -> None:
         import ray
 
+        self.last_settled = time.monotonic()
         for position, step in enumerate(self.steps):
             if step is not None and ref in step.in_flight:
                 unit, table_ref = step.in_flight.pop(ref)
@@ -269,5 +278,13 @@ class _ChainRun:
             line += (f"; waiting for {pool.starting()} {pool.spec.label} engine(s) to start ({now - pool.build_started:.0f} s "
                      f"so far), {sum(u.rows for u in self.engine_queue)} rows queued for them")
         elif pool is not None and pool.ready:
-            line += f"; engine: {self.engine_rows_done} rows done, {self.engine_rows_done / max(now - pool.build_started, 1e-9):.1f} rows/s"
+            rate = self.engine_rows_done / max(now - pool.first_ready, 1e-9)
+            line += f"; engine: {self.engine_rows_done} rows done, {rate:.1f} rows/s since it was ready"
         self.log(line)
+
+    def _report_stall(self) -> None:
+        now, every = time.monotonic(), self.run_.stall_report_s
+        if every and now - self.last_settled >= every and now - self.last_stall_report >= every:
+            self.last_stall_report = now
+            queued = sum(u.rows for u in self.engine_queue)
+            self.log(stall_report(self.pipeline.name, now - self.last_settled, self.steps, self.pool, queued))
