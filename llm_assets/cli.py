@@ -22,9 +22,21 @@ def main(argv: list[str] | None = None) -> int:
     add = sub.add_parser("add-partitions", help="register a partition for each new input file")
     add.add_argument("-f", "--file", default="definitions.py", help="the code location file that defines PIPELINES")
     add.add_argument("--pipeline", action="append", help="only these pipelines (default: all)")
+    add.add_argument("--verbose", action="store_true", help="show the whole traceback when the file fails to load")
     args = parser.parse_args(argv)
 
-    pipelines = runpy.run_path(args.file)["PIPELINES"]
+    try:
+        namespace = runpy.run_path(args.file)
+    except Exception as exc:
+        if args.verbose:
+            raise
+        # The user's mistake in one line (an unknown config field says which field it meant),
+        # not the import machinery's traceback around it.
+        print(f"error: {args.file} failed to load: {type(exc).__name__}: {exc} (--verbose for the traceback)", file=sys.stderr)
+        return 2
+    if "PIPELINES" not in namespace:
+        parser.error(f"{args.file} defines no PIPELINES list (the pipelines whose input files become partitions)")
+    pipelines = namespace["PIPELINES"]
     chosen = [p for p in pipelines if not args.pipeline or p.name in args.pipeline]
     unknown = set(args.pipeline or []) - {p.name for p in pipelines}
     if unknown:

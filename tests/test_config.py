@@ -75,3 +75,25 @@ def test_pipeline_takes_a_dict_config_and_rejects_bad_names(tmp_path):
         LLMPipeline("p", {"model_source": "/m", "tokenize_stage": {"batchsize": 3}}, LocalFolderSource(str(tmp_path)))
     assert str(info.value) == "pipeline 'p': tokenize_stage: TokenizerStageConfig has no field 'batchsize' (did you mean 'batch_size'?)"
     assert info.value.__cause__ is None and info.value.__suppress_context__  # no chained pydantic block
+
+
+def test_the_cli_reports_a_bad_config_in_one_line(tmp_path):
+    """`python -m llm_assets.cli add-partitions` on a code location with a misspelt field: the
+    user's mistake as one line on stderr (not the import machinery's traceback), exit code 2."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    (tmp_path / "definitions.py").write_text(
+        "from llm_assets import LLMPipeline\n"
+        "from llm_assets.sources import LocalFolderSource\n"
+        "PIPELINES = [LLMPipeline('mine', {'model_source': '/m', 'batchsize': 64}, LocalFolderSource('/in'))]\n"
+    )
+    root = str(Path(__file__).resolve().parent.parent)
+    done = subprocess.run([sys.executable, "-m", "llm_assets.cli", "add-partitions", "-f", "definitions.py"],
+                          cwd=tmp_path, env={"PYTHONPATH": root, "PATH": "/usr/bin:/bin"}, capture_output=True, text=True)
+    assert done.returncode == 2
+    assert done.stderr.strip().splitlines() == [
+        "error: definitions.py failed to load: ValueError: pipeline 'mine': vLLMEngineProcessorConfig has no field "
+        "'batchsize' (did you mean 'batch_size'?) (--verbose for the traceback)"
+    ]
