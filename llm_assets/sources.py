@@ -195,6 +195,7 @@ def _read_jsonl(path: Path, display: str, chunk_rows: int, partition_key: str) -
     if openai_batch.is_openai_batch_line(first[1]):
         # Read again from its start with messages naming lines alone: its row ids are the custom_ids.
         # Its rows are built from checked fields; numbered by row (1-based) for the unlikely message below.
+        objects.close()
         partition_key = ""
         numbered = enumerate(openai_batch.rows_from_openai_batch(_jsonl_objects(path, display, ""), display), start=1)
     else:

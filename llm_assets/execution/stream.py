@@ -4,10 +4,10 @@ stream through Ray, driven by one event loop in the run's process.
 Units (batches of one partition) flow through the steps of the chain (``execution/steps.py``):
 CPU task groups and the engine pool. The engine actors import the engine library from the run's
 start; the engine build begins as soon as the first unit has passed Preprocess (bad input found
-there never reaches a GPU); the engine takes
-units as soon as they are tokenized, whatever their partition; the stages after it follow unit by
-unit. Every stage commits each partition (manifest last) as soon as all
-its units are written, and the run reports each stage when all its partitions are committed.
+there never reaches a GPU; a model without a chat template is refused before the run starts); the
+engine takes units as soon as they are tokenized, whatever their partition; the stages after it
+follow unit by unit. Every stage commits each partition (manifest last) as soon as all its units
+are written, and the run reports each stage when all its partitions are committed.
 How far ahead of the engine the CPU stages may read is bounded, so host memory stays flat in
 partition size and count. Engines are released as soon as the engine stage has committed.
 """
@@ -104,7 +104,6 @@ class _ChainRun:
         problem = unschedulable(self.steps, nodes, engines)
         if problem:
             raise RuntimeError(f"{self.pipeline.name}: this run cannot be scheduled: {problem}. Lower the setting or add resources.")
-
 
     def _check_stages(self) -> None:
         """Each stage's own setup check (a model without a chat template, say), in the driver
