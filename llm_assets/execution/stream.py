@@ -35,6 +35,7 @@ PREPROCESS = "preprocess"
 
 Log = Callable[[str], None]
 PROGRESS_EVERY_S = 10.0
+UNCHANGED_PROGRESS_EVERY_S = 60.0
 # Rows read ahead of the engine at least (the CPU stages' lead while the engine builds).
 LOOKAHEAD_MIN_ROWS = 8192
 PLANNING_THREADS = 16
@@ -70,7 +71,8 @@ class _ChainRun:
         self.commits = Commits(self.pipeline, chain, self.storage, self.versions, run.partitions, self.log)
         self.engine_queue: deque[Unit] = deque()
         self.pool = None
-        self.last_progress = self.last_settled = self.last_stall_report = time.monotonic()
+        self.last_progress = self.last_settled = self.last_stall_report = self.last_logged = time.monotonic()
+        self.last_state = ""
         self.engine_rows_done = 0
         self.filesystem = self.storage.filesystem()
         import ray
@@ -267,10 +269,16 @@ class _ChainRun:
             self.pool = None
 
     def _report_progress(self) -> None:
+        """Every 10 s when something moved; while nothing does (an engine building for minutes),
+        once a minute, so the log is not the same line over and over."""
         now = time.monotonic()
         if now - self.last_progress < PROGRESS_EVERY_S:
             return
         self.last_progress = now
+        state = f"{self.commits.summary()} {self.engine_rows_done} {sum(u.rows for u in self.engine_queue)}"
+        if state == self.last_state and now - self.last_logged < UNCHANGED_PROGRESS_EVERY_S:
+            return
+        self.last_state, self.last_logged = state, now
         line = f"{self.pipeline.name}: partitions committed: {self.commits.summary()}"
         pool = self.pool
         if pool is not None and pool.building and not pool.ready:
