@@ -167,7 +167,15 @@ def llm_assets(spec: dict, monitor: Monitor) -> dict:
     }
 
 
-SYSTEMS = {"raw_vllm": raw_vllm, "ray_data_llm": ray_data_llm, "llm_assets": llm_assets}
+def llm_assets_core_process(spec: dict, monitor: Monitor) -> dict:
+    """llm_assets with vLLM's engine core in a process of its own (as raw vLLM's ``LLM`` runs it)
+    instead of the engine actor's, to compare both with raw vLLM in one sitting."""
+    os.environ["ENGINE_ENV"] = ",".join(filter(None, [os.environ.get("ENGINE_ENV", ""), "VLLM_ENABLE_V1_MULTIPROCESSING=1"]))
+    return llm_assets(spec, monitor)
+
+
+SYSTEMS = {"raw_vllm": raw_vllm, "ray_data_llm": ray_data_llm, "llm_assets": llm_assets,
+           "llm_assets_core_process": llm_assets_core_process}
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser()
