@@ -96,10 +96,11 @@ class PartitionStorage(dg.ConfigurableResource):
     def manifest(self, pipeline: str, stage: str, partition: str) -> Optional[Manifest]:
         return read_manifest(self.filesystem(), self.partition_dir(pipeline, stage, partition))
 
-    def committed(self, pipeline: str, stage: str, partition: str) -> tuple[Manifest, list[str]]:
+    def committed(self, pipeline: str, stage: str, partition: str, manifest: Optional[Manifest] = None) -> tuple[Manifest, list[str]]:
         """The partition's manifest and the paths of its committed Parquet files (one manifest
-        read); raises if the partition was never committed."""
-        manifest = self.manifest(pipeline, stage, partition)
+        read, none when the caller has read ``manifest`` already); raises if the partition was
+        never committed."""
+        manifest = manifest or self.manifest(pipeline, stage, partition)
         if manifest is None:
             raise NotMaterializedError(
                 f"{pipeline}/{stage} has no committed output for partition {partition!r}: "

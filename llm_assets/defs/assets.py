@@ -131,18 +131,18 @@ def stages_asset(pipeline: LLMPipeline, partitions_def: dg.PartitionsDefinition)
         # engine it feeds) never waits on them; results are reported in stage order.
         with ThreadPoolExecutor(max_workers=2, thread_name_prefix="asset-checks") as checking:
             pending: deque = deque()
+            failure = None
             try:
                 for done in run.run():
                     if done is not None:
                         pending.append((done, checking.submit(_check_results, pipeline, done.stage, done.results, storage, wanted)))
                     while pending and pending[0][1].done():
                         yield _materialization(pipeline, *pending.popleft())
-            except Exception:
-                # Stages that committed everything before a failure are still reported.
-                while pending:
-                    yield _materialization(pipeline, *pending.popleft())
-                raise
+            except Exception as exc:  # stages that committed everything before it are still reported
+                failure = exc
             while pending:
                 yield _materialization(pipeline, *pending.popleft())
+            if failure is not None:
+                raise failure
 
     return _stages

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dagster as dg
 
+from llm_assets.defs.assets import stage_key
 from llm_assets.pipeline import LLMPipeline
 
 # New partitions requested per tick, at most: a burst of files becomes several ticks of runs.
@@ -43,7 +44,7 @@ def _ranges(keys: list[str], wanted: set[str]) -> list[tuple[str, str]]:
 
 
 def new_files_sensor(pipeline: LLMPipeline, job, partitions_def: dg.DynamicPartitionsDefinition) -> dg.SensorDefinition:
-    last_stage = dg.AssetKey([pipeline.name, pipeline.stage_names()[-1]])
+    last_stage = stage_key(pipeline, pipeline.stage_names()[-1])
 
     @dg.sensor(
         name=f"{pipeline.name}_new_files",

@@ -105,11 +105,8 @@ def units(pipeline, chain: list[str], entry: Entry, storage, chunk_rows: int, lo
             yield Unit(entry.partition, seq, chunk.num_rows, ray.put(chunk), entry.index)
             seq += 1
         return
-    if entry.upstream is None:
-        storage.committed(pipeline.name, upstream, entry.partition)  # raises, saying what to materialize first
-    manifest = entry.upstream
-    base = storage.partition_dir(pipeline.name, upstream, entry.partition)
-    files = [f"{base}/{name}" for name in manifest.files]
+    # The manifest planning read; without one this raises, saying what to materialize first.
+    manifest, files = storage.committed(pipeline.name, upstream, entry.partition, manifest=entry.upstream)
     entry.rows = manifest.rows
     filesystem = storage.filesystem()
     done = pa.array([], pa.string())

@@ -31,8 +31,6 @@ from llm_assets.execution.units import StageCall, run_unit
 from llm_assets.models import resolve_model_source
 from llm_assets.tasks import ENGINE
 
-PREPROCESS = "preprocess"
-
 Log = Callable[[str], None]
 PROGRESS_EVERY_S = 10.0
 UNCHANGED_PROGRESS_EVERY_S = 60.0
@@ -68,11 +66,14 @@ class _ChainRun:
         self.pipeline, self.storage = run.pipeline, run.storage
         self.versions = {stage: self.pipeline.code_version(stage) for stage in chain}
         self.steps = build_steps(self.pipeline, chain, run.cluster_cpus)
+        # Whether the chain starts at the stage that reads the source (Preprocess): its checks
+        # come before any engine build.
+        self.reads_source = self.pipeline.plan(chain[0]).upstream is None
         self.commits = Commits(self.pipeline, chain, self.storage, self.versions, run.partitions, self.log)
         self.engine_queue: deque[Unit] = deque()
         self.pool = None
         self.last_progress = self.last_settled = self.last_stall_report = self.last_logged = time.monotonic()
-        self.last_state = ""
+        self.last_state: tuple = ()
         self.engine_rows_done = 0
         self.filesystem = self.storage.filesystem()
         import ray
@@ -193,7 +194,10 @@ class _ChainRun:
     def _backlog_rows(self) -> int:
         queued = sum(u.rows for step in self.steps if step for u in step.queue)
         running = sum(u.rows for step in self.steps if step for u, _ in step.in_flight.values())
-        return queued + running + sum(u.rows for u in self.engine_queue)
+        return queued + running + self._rows_queued_for_engines()
+
+    def _rows_queued_for_engines(self) -> int:
+        return sum(u.rows for u in self.engine_queue)
 
     def _lookahead_rows(self) -> int:
         if self.pool is None:
@@ -203,7 +207,7 @@ class _ChainRun:
     def _route(self, unit: Unit, position: int) -> None:
         if position >= len(self.steps):
             return
-        if self.pool is not None and (position > 0 or self.chain[0] != PREPROCESS):
+        if self.pool is not None and (position > 0 or not self.reads_source):
             # The first unit past Preprocess's checks starts the engine build (bad input never
             # reaches a GPU): the engine compiles while the tokenizer stages load and run.
             self.pool.build()
@@ -275,15 +279,16 @@ class _ChainRun:
         if now - self.last_progress < PROGRESS_EVERY_S:
             return
         self.last_progress = now
-        state = f"{self.commits.summary()} {self.engine_rows_done} {sum(u.rows for u in self.engine_queue)}"
+        summary, queued = self.commits.summary(), self._rows_queued_for_engines()
+        state = (summary, self.engine_rows_done, queued)
         if state == self.last_state and now - self.last_logged < UNCHANGED_PROGRESS_EVERY_S:
             return
         self.last_state, self.last_logged = state, now
-        line = f"{self.pipeline.name}: partitions committed: {self.commits.summary()}"
+        line = f"{self.pipeline.name}: partitions committed: {summary}"
         pool = self.pool
         if pool is not None and pool.building and not pool.ready:
             line += (f"; waiting for {pool.starting()} {pool.spec.label} engine(s) to start ({now - pool.build_started:.0f} s "
-                     f"so far), {sum(u.rows for u in self.engine_queue)} rows queued for them")
+                     f"so far), {queued} rows queued for them")
         elif pool is not None and pool.ready:
             rate = self.engine_rows_done / max(now - pool.first_ready, 1e-9)
             line += f"; engine: {self.engine_rows_done} rows done, {rate:.1f} rows/s since it was ready"
@@ -293,5 +298,4 @@ class _ChainRun:
         now, every = time.monotonic(), self.run_.stall_report_s
         if every and now - self.last_settled >= every and now - self.last_stall_report >= every:
             self.last_stall_report = now
-            queued = sum(u.rows for u in self.engine_queue)
-            self.log(stall_report(self.pipeline.name, now - self.last_settled, self.steps, self.pool, queued))
+            self.log(stall_report(self.pipeline.name, now - self.last_settled, self.steps, self.pool, self._rows_queued_for_engines()))

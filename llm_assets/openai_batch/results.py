@@ -22,7 +22,7 @@ FINISH_REASONS = {"stop", "length"}
 
 
 def output_line(row: dict[str, Any], default_model: str, created: int, namespace: str = "") -> dict[str, Any]:
-    """One output or error file line for a finished row (error lines have ``"error"`` set).
+    """One output or error file line for a finished row (an error line's status is not 200).
     ``namespace`` (the output path) keeps ids of equal custom_ids in different files apart."""
     custom_id = str(row[ROW_ID])
     line_id = f"batch_req_{_stable_id(namespace, custom_id)}"
@@ -32,14 +32,13 @@ def output_line(row: dict[str, Any], default_model: str, created: int, namespace
         error = f"the engine stopped the request before it finished (finish_reason {finish_reason!r})"
     if error is not None:
         status, body = _failure(str(error))
-        response = {"status_code": status, "request_id": _stable_id("request", namespace, custom_id), "body": body}
-        return {"id": line_id, "custom_id": custom_id, "response": response, "error": None}
-    url = row.get("openai_url") or CHAT  # rows not read from a batch file export as chat completions
-    if url not in _BODIES:
-        raise ValueError(f"row {custom_id!r}: openai_url {url!r} is not one of {', '.join(URLS)}")
-    # The model that answered, whatever the request named (the pipeline's model serves every row).
-    body = _BODIES[url](row, default_model, created, _stable_id("body", namespace, custom_id))
-    response = {"status_code": 200, "request_id": _stable_id("request", namespace, custom_id), "body": body}
+    else:
+        url = row.get("openai_url") or CHAT  # rows not read from a batch file export as chat completions
+        if url not in _BODIES:
+            raise ValueError(f"row {custom_id!r}: openai_url {url!r} is not one of {', '.join(URLS)}")
+        # The model that answered, whatever the request named (the pipeline's model serves every row).
+        status, body = 200, _BODIES[url](row, default_model, created, _stable_id("body", namespace, custom_id))
+    response = {"status_code": status, "request_id": _stable_id("request", namespace, custom_id), "body": body}
     return {"id": line_id, "custom_id": custom_id, "response": response, "error": None}
 
 

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-import pyarrow as pa
-
 from typing import Optional
+
+import pyarrow as pa
 
 from llm_assets.stages.base import ERROR_COLUMN, ROW_ID, RowError, column_or_none, ok_rows, with_column
 from llm_assets.stages.tokenizer import load_tokenizer
