@@ -167,15 +167,16 @@ def llm_assets(spec: dict, monitor: Monitor) -> dict:
     }
 
 
-def llm_assets_core_process(spec: dict, monitor: Monitor) -> dict:
-    """llm_assets with vLLM's engine core in a process of its own (as raw vLLM's ``LLM`` runs it)
-    instead of the engine actor's, to compare both with raw vLLM in one sitting."""
-    os.environ["ENGINE_ENV"] = ",".join(filter(None, [os.environ.get("ENGINE_ENV", ""), "VLLM_ENABLE_V1_MULTIPROCESSING=1"]))
+def llm_assets_in_process(spec: dict, monitor: Monitor) -> dict:
+    """llm_assets with vLLM's engine core in the engine actor's process (the default up to
+    sitting 7 and on the CPU build) instead of a process of its own, to compare both with raw
+    vLLM in one sitting."""
+    os.environ["ENGINE_ENV"] = ",".join(filter(None, [os.environ.get("ENGINE_ENV", ""), "VLLM_ENABLE_V1_MULTIPROCESSING=0"]))
     return llm_assets(spec, monitor)
 
 
 SYSTEMS = {"raw_vllm": raw_vllm, "ray_data_llm": ray_data_llm, "llm_assets": llm_assets,
-           "llm_assets_core_process": llm_assets_core_process}
+           "llm_assets_in_process": llm_assets_in_process}
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser()

@@ -4,8 +4,9 @@ partition it streams (a single-run backfill loads the model once).
 vLLM takes minutes to start on a GPU (~140 s for a 1B model on an H100: compile + CUDA graphs), so
 the pool is owned by this resource, not by one stage: the streaming run asks for it when it
 starts (the actors then import the engine library while the CPU stages run), builds it when the
-first unit is ready for it, and releases it as soon as the engine stage has committed. Whatever a
-run still holds when it ends is shut down before Ray is. The pool logic itself is Dagster-free:
+first unit is ready for it, and releases it as soon as the engine stage has committed (the
+engines begin to shut down; the run does not wait). The run's end collects the engines' shutdown
+reports and ends their actors, before Ray is shut down. The pool logic itself is Dagster-free:
 ``llm_assets/engines/pool.py``.
 """
 
@@ -51,9 +52,11 @@ class EnginePoolResource(dg.ConfigurableResource):
         return {"CPU": self.num_cpus_per_engine * replicas, "GPU": gpus * replicas, "CPU_each": self.num_cpus_per_engine, "GPU_each": gpus}
 
     def release(self, pool: EnginePool) -> None:
+        """The run is done with the pool: its engines begin to shut down now, and the run goes on
+        without waiting (vLLM waits seconds for its engine-core process); the resource's teardown
+        collects their reports and ends the actors."""
         if pool in self._pools:
-            self._pools.remove(pool)
-            pool.shutdown()
+            pool.begin_shutdown()
 
     def shutdown_engines(self) -> None:
         """Stop every engine this resource started (idempotent; a no-op once Ray is gone)."""

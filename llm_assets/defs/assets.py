@@ -10,14 +10,14 @@ single-run backfill policy a backfill is one run too, so the model loads once.
 
 import warnings
 from collections import deque
-from concurrent.futures import ThreadPoolExecutor
-from typing import Any
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Any, Iterator
 
 import dagster as dg
 
 from llm_assets.defs import checks
 from llm_assets.execution.stats import PartitionStats
-from llm_assets.execution.stream import StreamingRun
+from llm_assets.execution.stream import PartitionCommitted, StageDone, StreamingRun
 from llm_assets.pipeline import LLMPipeline
 from llm_assets.tasks import ENGINE
 
@@ -72,21 +72,44 @@ def metadata(results: list[PartitionStats]) -> dict[str, Any]:
     return found
 
 
-def _check_results(pipeline: LLMPipeline, stage: str, results: list[PartitionStats], storage, wanted: set) -> list[dg.AssetCheckResult]:
+def _check_names(pipeline: LLMPipeline, stage: str, wanted: set) -> set[str]:
+    """The checks of this stage the run was asked for."""
     key = stage_key(pipeline, stage)
-    partitions = [r.partition for r in results]
-    found = []
-    if dg.AssetCheckKey(key, checks.ROW_IDS) in wanted:
-        found.append(checks.row_ids_conserved(pipeline, stage, partitions, storage, {r.partition: r.rows_in for r in results}, key))
-    if dg.AssetCheckKey(key, checks.ERROR_RATE) in wanted:
-        found.append(checks.error_rate(pipeline, sum(r.rows_out for r in results), sum(r.errors for r in results), key))
-    if dg.AssetCheckKey(key, checks.NOT_EMPTY) in wanted:
-        found.append(checks.generations_not_empty(pipeline, stage, partitions, storage, key))
-    return found
+    return {spec.name for spec in checks.check_specs(pipeline, stage, key) if dg.AssetCheckKey(key, spec.name) in wanted}
 
 
-def _materialization(pipeline: LLMPipeline, done, checked) -> dg.MaterializeResult:
-    return dg.MaterializeResult(asset_key=stage_key(pipeline, done.stage), metadata=metadata(done.results), check_results=checked.result())
+def _materialization(pipeline: LLMPipeline, done: StageDone, findings: list[checks.PartitionFindings], wanted: set) -> dg.MaterializeResult:
+    key = stage_key(pipeline, done.stage)
+    checked = checks.stage_results(pipeline, done.results, findings, _check_names(pipeline, done.stage, wanted), key)
+    return dg.MaterializeResult(asset_key=key, metadata=metadata(done.results), check_results=checked)
+
+
+class _Checking:
+    """The data-reading checks, in threads beside the stream: each partition as soon as it is
+    committed; a stage's materialization is yielded once all its partitions are checked."""
+
+    def __init__(self, pipeline: LLMPipeline, storage, wanted: set, threads: ThreadPoolExecutor):
+        self.pipeline, self.storage, self.wanted, self.threads = pipeline, storage, wanted, threads
+        self.partitions: dict[tuple[str, str], Future] = {}
+        self.stages: deque[tuple[StageDone, list[Future]]] = deque()
+
+    def committed(self, stage: str, stats: PartitionStats) -> None:
+        self.partitions[(stage, stats.partition)] = self._submit(stage, stats)
+
+    def stage_done(self, done: StageDone) -> None:
+        # Partitions up to date before the run (not committed by it) are checked now.
+        futures = [self.partitions.pop((done.stage, r.partition), None) or self._submit(done.stage, r) for r in done.results]
+        self.stages.append((done, futures))
+
+    def ready(self, wait: bool = False) -> Iterator[dg.MaterializeResult]:
+        """Materializations of the stages whose checks are done, in stage order."""
+        while self.stages and (wait or all(f.done() for f in self.stages[0][1])):
+            done, futures = self.stages.popleft()
+            yield _materialization(self.pipeline, done, [f.result() for f in futures], self.wanted)
+
+    def _submit(self, stage: str, stats: PartitionStats) -> Future:
+        names = _check_names(self.pipeline, stage, self.wanted)
+        return self.threads.submit(checks.partition_findings, self.pipeline, stage, stats, self.storage, names)
 
 
 def stages_asset(pipeline: LLMPipeline, partitions_def: dg.PartitionsDefinition) -> dg.AssetsDefinition:
@@ -125,23 +148,21 @@ def stages_asset(pipeline: LLMPipeline, partitions_def: dg.PartitionsDefinition)
             log=context.log.info, recompute=context.run.tags.get(RECOMPUTE_TAG, "").lower() in ("1", "true", "yes"),
             cluster_cpus=ray_data.cluster_cpus(), stall_report_s=ray_data.stall_report_s,
         )
-        wanted = set(context.selected_asset_check_keys)
-        storage = context.resources.storage
-        # A stage's checks read its committed Parquet: in a thread, so that the stream (and the
-        # engine it feeds) never waits on them; results are reported in stage order.
-        with ThreadPoolExecutor(max_workers=2, thread_name_prefix="asset-checks") as checking:
-            pending: deque = deque()
+        # Checks read committed Parquet: in threads, so that the stream (and the engine it feeds)
+        # never waits on them; results are reported in stage order.
+        with ThreadPoolExecutor(max_workers=2, thread_name_prefix="asset-checks") as threads:
+            checking = _Checking(pipeline, context.resources.storage, set(context.selected_asset_check_keys), threads)
             failure = None
             try:
-                for done in run.run():
-                    if done is not None:
-                        pending.append((done, checking.submit(_check_results, pipeline, done.stage, done.results, storage, wanted)))
-                    while pending and pending[0][1].done():
-                        yield _materialization(pipeline, *pending.popleft())
+                for event in run.run():
+                    if isinstance(event, PartitionCommitted):
+                        checking.committed(event.stage, event.stats)
+                    elif isinstance(event, StageDone):
+                        checking.stage_done(event)
+                    yield from checking.ready()
             except Exception as exc:  # stages that committed everything before it are still reported
                 failure = exc
-            while pending:
-                yield _materialization(pipeline, *pending.popleft())
+            yield from checking.ready(wait=True)
             if failure is not None:
                 raise failure
 

@@ -7,15 +7,21 @@
 - ``generations_not_empty`` (the first stage with ``generated_text``): no row without an error
   has an empty generation.
 
-Each reads only the columns it needs from the committed Parquet.
+Each partition is checked as soon as the run commits it (``partition_findings``, in a thread
+beside the stream, reading only the columns it needs from the committed Parquet); a stage's
+results (``stage_results``) add up its partitions' findings when the stage is done, so a run over
+many partitions does not read them all again at its end.
 """
 
 from __future__ import annotations
 
 from collections import Counter
+from dataclasses import dataclass, field
+
 import dagster as dg
 import pyarrow.compute as pc
 
+from llm_assets.execution.stats import PartitionStats
 from llm_assets.pipeline import LLMPipeline
 from llm_assets.tasks import ENGINE
 from llm_assets.stages.base import ERROR_COLUMN, ROW_ID
@@ -35,6 +41,32 @@ def check_specs(pipeline: LLMPipeline, stage: str, asset_key: dg.AssetKey) -> li
     return specs
 
 
+@dataclass
+class PartitionFindings:
+    """What the data-reading checks found in one committed partition of one stage."""
+
+    partition: str
+    duplicates: list = field(default_factory=list)
+    missing: list = field(default_factory=list)
+    extra: list = field(default_factory=list)
+    rows_checked: int = 0  # rows read by the empty-generation check
+    empty: list = field(default_factory=list)
+
+    @property
+    def row_ids_ok(self) -> bool:
+        return not (self.duplicates or self.missing or self.extra)
+
+
+def partition_findings(pipeline: LLMPipeline, stage: str, stats: PartitionStats, storage, names: set[str]) -> PartitionFindings:
+    """Read the partition's committed output for the checks named in ``names``."""
+    found = PartitionFindings(stats.partition)
+    if ROW_IDS in names:
+        _find_row_ids(pipeline, stage, stats, storage, found)
+    if NOT_EMPTY in names:
+        _find_empty(pipeline, stage, stats.partition, storage, found)
+    return found
+
+
 def _row_ids(storage, pipeline: str, stage: str, partition: str) -> Counter:
     ids: Counter = Counter()
     for table in storage.read_committed(pipeline, stage, partition, [ROW_ID]):
@@ -42,30 +74,55 @@ def _row_ids(storage, pipeline: str, stage: str, partition: str) -> Counter:
     return ids
 
 
-def row_ids_conserved(pipeline: LLMPipeline, stage: str, partitions: list[str], storage, rows_in: dict[str, int], asset_key: dg.AssetKey) -> dg.AssetCheckResult:
+def _find_row_ids(pipeline: LLMPipeline, stage: str, stats: PartitionStats, storage, found: PartitionFindings) -> None:
     upstream = pipeline.plan(stage).upstream
-    duplicates, missing, extra, failing = [], [], [], []
-    for partition in partitions:
-        out = _row_ids(storage, pipeline.name, stage, partition)
-        dup = [row_id for row_id, n in out.items() if n > 1]
-        if upstream is None:  # against the source: as many distinct ids as rows read
-            gone = [] if len(out) == rows_in[partition] else [f"{rows_in[partition] - len(out)} row(s)"]
-            new: list = []
-        else:
-            expected = _row_ids(storage, pipeline.name, upstream, partition)
-            gone = sorted(set(expected) - set(out))
-            new = sorted(set(out) - set(expected))
-        if dup or gone or new:
-            failing.append(partition)
-        duplicates += dup
-        missing += gone
-        extra += new
+    out = _row_ids(storage, pipeline.name, stage, stats.partition)
+    found.duplicates = [row_id for row_id, n in out.items() if n > 1]
+    if upstream is None:  # against the source: as many distinct ids as rows read
+        found.missing = [] if len(out) == stats.rows_in else [f"{stats.rows_in - len(out)} row(s)"]
+    else:
+        expected = _row_ids(storage, pipeline.name, upstream, stats.partition)
+        found.missing = sorted(set(expected) - set(out))
+        found.extra = sorted(set(out) - set(expected))
+
+
+def _find_empty(pipeline: LLMPipeline, stage: str, partition: str, storage, found: PartitionFindings) -> None:
+    for table in storage.read_committed(pipeline.name, stage, partition, [ROW_ID, "generated_text", ERROR_COLUMN]):
+        if "generated_text" not in table.column_names:
+            continue
+        ok = pc.is_null(table.column(ERROR_COLUMN)) if ERROR_COLUMN in table.column_names else None
+        text = pc.utf8_trim_whitespace(pc.fill_null(table.column("generated_text"), ""))
+        is_empty = pc.equal(pc.utf8_length(text), 0)
+        if ok is not None:
+            is_empty = pc.and_(is_empty, ok)
+        found.rows_checked += table.num_rows
+        found.empty += table.filter(is_empty).column(ROW_ID).to_pylist()
+
+
+def stage_results(pipeline: LLMPipeline, results: list[PartitionStats], findings: list[PartitionFindings],
+                  names: set[str], asset_key: dg.AssetKey) -> list[dg.AssetCheckResult]:
+    """The stage's check results over the run's partitions (``findings`` in the same order)."""
+    checked = []
+    if ROW_IDS in names:
+        checked.append(_row_ids_result(findings, asset_key))
+    if ERROR_RATE in names:
+        checked.append(_error_rate_result(pipeline, sum(r.rows_out for r in results), sum(r.errors for r in results), asset_key))
+    if NOT_EMPTY in names:
+        checked.append(_not_empty_result(findings, asset_key))
+    return checked
+
+
+def _row_ids_result(findings: list[PartitionFindings], asset_key: dg.AssetKey) -> dg.AssetCheckResult:
+    duplicates = [row_id for f in findings for row_id in f.duplicates]
+    missing = [row_id for f in findings for row_id in f.missing]
+    extra = [row_id for f in findings for row_id in f.extra]
+    failing = [f.partition for f in findings if not f.row_ids_ok]
     return dg.AssetCheckResult(
         check_name=ROW_IDS,
         asset_key=asset_key,
         passed=not failing,
         metadata={
-            "partitions_checked": len(partitions),
+            "partitions_checked": len(findings),
             "duplicate_row_ids": len(duplicates),
             "missing_row_ids": len(missing),
             "unexpected_row_ids": len(extra),
@@ -75,7 +132,7 @@ def row_ids_conserved(pipeline: LLMPipeline, stage: str, partitions: list[str], 
     )
 
 
-def error_rate(pipeline: LLMPipeline, rows: int, errors: int, asset_key: dg.AssetKey) -> dg.AssetCheckResult:
+def _error_rate_result(pipeline: LLMPipeline, rows: int, errors: int, asset_key: dg.AssetKey) -> dg.AssetCheckResult:
     rate = errors / rows if rows else 0.0
     return dg.AssetCheckResult(
         check_name=ERROR_RATE,
@@ -85,23 +142,11 @@ def error_rate(pipeline: LLMPipeline, rows: int, errors: int, asset_key: dg.Asse
     )
 
 
-def generations_not_empty(pipeline: LLMPipeline, stage: str, partitions: list[str], storage, asset_key: dg.AssetKey) -> dg.AssetCheckResult:
-    empty: list[str] = []
-    checked = 0
-    for partition in partitions:
-        for table in storage.read_committed(pipeline.name, stage, partition, [ROW_ID, "generated_text", ERROR_COLUMN]):
-            if "generated_text" not in table.column_names:
-                continue
-            ok = pc.is_null(table.column(ERROR_COLUMN)) if ERROR_COLUMN in table.column_names else None
-            text = pc.utf8_trim_whitespace(pc.fill_null(table.column("generated_text"), ""))
-            is_empty = pc.equal(pc.utf8_length(text), 0)
-            if ok is not None:
-                is_empty = pc.and_(is_empty, ok)
-            checked += table.num_rows
-            empty += table.filter(is_empty).column(ROW_ID).to_pylist()
+def _not_empty_result(findings: list[PartitionFindings], asset_key: dg.AssetKey) -> dg.AssetCheckResult:
+    empty = [row_id for f in findings for row_id in f.empty]
     return dg.AssetCheckResult(
         check_name=NOT_EMPTY,
         asset_key=asset_key,
         passed=not empty,
-        metadata={"rows_checked": checked, "empty_generations": len(empty), "examples": ", ".join(map(str, empty[:LISTED]))},
+        metadata={"rows_checked": sum(f.rows_checked for f in findings), "empty_generations": len(empty), "examples": ", ".join(map(str, empty[:LISTED]))},
     )

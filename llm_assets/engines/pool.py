@@ -100,6 +100,7 @@ class EnginePool:
         self.build_started = 0.0
         self.first_ready = 0.0  # when the first engine became ready (monotonic)
         self.window_rows = 0
+        self._stopping: Optional[dict] = None  # shutdown refs -> replica, once asked
 
     # --- starting -------------------------------------------------------------------------
     def _new_replica(self, index: int) -> Replica:
@@ -244,12 +245,20 @@ class EnginePool:
         if self.building and not self.ready and time.monotonic() - self.build_started > timeout_s:
             raise EngineStartError(f"{self.spec.label} engines for {self.model_source} did not start within {timeout_s:.0f} s")
 
+    def begin_shutdown(self) -> None:
+        """Ask every engine to shut down and return at once (idempotent): vLLM's own shutdown waits
+        up to 5 s for its engine-core process, which the run need not wait for."""
+        if self._stopping is None:
+            self._stopping = {replica.actor.shutdown.remote(): replica for replica in self.replicas}
+
     def shutdown(self, timeout_s: float = 15.0) -> None:
-        """Ask every engine to shut down, wait up to ``timeout_s`` for all of them together, then
-        end their actors (what an engine holds is freed with its process anyway)."""
+        """Shut down (begun by ``begin_shutdown`` or now), wait up to ``timeout_s`` for all the
+        engines together, log their reports, then end their actors (what an engine holds is freed
+        with its process anyway)."""
         import ray
 
-        pending = {replica.actor.shutdown.remote(): replica for replica in self.replicas}
+        self.begin_shutdown()
+        pending, self._stopping = self._stopping or {}, {}
         done, late = ray.wait(list(pending), num_returns=len(pending), timeout=timeout_s)
         for ref in done:
             try:

@@ -37,6 +37,7 @@ class Commits:
         self.results: dict[str, dict[str, PartitionStats]] = {stage: {} for stage in chain}
         self.fed: set[str] = set()  # partitions whose input is fully read
         self.reported: set[str] = set()
+        self.just_committed: list[tuple[str, PartitionStats]] = []  # since the last drain
         self.to_commit = dict.fromkeys(chain, 0)  # partitions each stage computes in this run
         self.committed = dict.fromkeys(chain, 0)
 
@@ -112,6 +113,7 @@ class Commits:
                                 [n for n, _ in names], [r for _, r in names], stats.as_dict())
             self.results[stage][partition] = stats
             self.committed[stage] += 1
+            self.just_committed.append((stage, stats))
             done, total = self.counts(stage)
             self.log(f"{stage} [{partition}]: committed {stats.rows_out} rows in {stats.seconds:.1f} s "
                      f"({done}/{total} partitions) -> {stats.path}")
@@ -119,6 +121,11 @@ class Commits:
     def counts(self, stage: str) -> tuple[int, int]:
         """Partitions of the stage committed by this run, and to commit in all."""
         return self.committed[stage], self.to_commit[stage]
+
+    def drain_committed(self) -> list[tuple[str, PartitionStats]]:
+        """(stage, stats) of each partition committed since the last call."""
+        drained, self.just_committed = self.just_committed, []
+        return drained
 
     def newly_finished(self) -> list[str]:
         """Stages whose every partition is now committed (or was up to date), once each."""

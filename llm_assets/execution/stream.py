@@ -7,7 +7,8 @@ start; the engine build begins as soon as the first unit has passed Preprocess (
 there never reaches a GPU; a model without a chat template is refused before the run starts); the
 engine takes units as soon as they are tokenized, whatever their partition; the stages after it
 follow unit by unit. Every stage commits each partition (manifest last) as soon as all its units
-are written, and the run reports each stage when all its partitions are committed.
+are written; the run reports each commit as it happens, and each stage when all its partitions are
+committed.
 How far ahead of the engine the CPU stages may read is bounded, so host memory stays flat in
 partition size and count. Engines are released as soon as the engine stage has committed.
 """
@@ -19,7 +20,7 @@ import uuid
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Callable, Iterator, Optional
+from typing import Callable, Iterator, Optional, Union
 
 from llm_assets.engines.pool import unwrap
 from llm_assets.execution.commits import Commits
@@ -45,6 +46,15 @@ class StageDone:
     results: list[PartitionStats]
 
 
+@dataclass
+class PartitionCommitted:
+    stage: str
+    stats: PartitionStats
+
+
+Event = Optional[Union[PartitionCommitted, StageDone]]
+
+
 class StreamingRun:
     def __init__(self, pipeline, selected: list[str], partitions: list[str], storage, engines, log: Log = print,
                  recompute: bool = False, cluster_cpus: float = 4.0, stall_report_s: float = 120.0):
@@ -53,9 +63,10 @@ class StreamingRun:
         self.chains = chains(pipeline, selected)
         self.session = uuid.uuid4().hex[:8]
 
-    def run(self) -> Iterator[Optional[StageDone]]:
-        """Yields each stage once all its partitions are committed, and None now and then (the
-        stream does not wait for the caller: keep the work done on each yield short)."""
+    def run(self) -> Iterator[Event]:
+        """Yields each partition of a stage as it is committed, each stage once all its partitions
+        are, and None now and then (the stream does not wait for the caller: keep the work done on
+        each yield short)."""
         for chain in self.chains:
             yield from _ChainRun(self, chain).run()
 
@@ -118,7 +129,7 @@ class _ChainRun:
                 check(**self._udf_kwargs(plan))
 
     # --- the loop ---------------------------------------------------------------------------
-    def run(self) -> Iterator[Optional[StageDone]]:
+    def run(self) -> Iterator[Event]:
         import ray
 
         # Planning reads each partition's manifests and source fingerprint: on S3, requests.
@@ -261,7 +272,9 @@ class _ChainRun:
             self.engine_queue.appendleft(unit)
 
     # --- reports --------------------------------------------------------------------------
-    def _finished(self) -> Iterator[StageDone]:
+    def _finished(self) -> Iterator[Event]:
+        for stage, stats in self.commits.drain_committed():
+            yield PartitionCommitted(stage, stats)
         for stage in self.commits.newly_finished():
             if stage == ENGINE:
                 self._release_engines()

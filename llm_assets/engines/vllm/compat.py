@@ -8,8 +8,12 @@
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
-from typing import Any
+from typing import Any, Iterator
+
+logger = logging.getLogger(__name__)
 
 # Environment an engine gets on the CPU build unless the user set it:
 # - vLLM keeps one core for its frontend process by default; in batch work that process mostly
@@ -24,9 +28,6 @@ CPU_ENGINE_ENV = {
     "VLLM_CPU_NUM_OF_RESERVED_CPU": "0",
     "VLLM_ENABLE_V1_MULTIPROCESSING": "0",
 }
-# Environment of an engine actor on any build unless the user set it: the engine core runs in the
-# actor's own process (see engine_loop.py) instead of a spawned one.
-ENGINE_ACTOR_ENV = {"VLLM_ENABLE_V1_MULTIPROCESSING": "0"}
 # Engine kwargs the CPU build gets unless the user set them.
 CPU_ENGINE_KWARGS = {"dtype": "float32", "enforce_eager": True, "distributed_executor_backend": "uni"}
 
@@ -46,7 +47,34 @@ def start_engine(**kwargs: Any):
     from llm_assets.engines.vllm.engine_loop import EngineLoop
 
     kwargs.setdefault("disable_log_stats", True)
-    return EngineLoop(EngineArgs(**kwargs), usage_context=UsageContext.LLM_CLASS)
+    with inspect_models_in_process():
+        return EngineLoop(EngineArgs(**kwargs), usage_context=UsageContext.LLM_CLASS)
+
+
+@contextlib.contextmanager
+def inspect_models_in_process() -> Iterator[None]:
+    """vLLM's model registry inspects the model's class (multimodal? pooling?) in a subprocess that
+    imports vLLM and torch again, unless ``VLLM_CACHE_ROOT/modelinfos`` already has the answer: ~21 s
+    of a fresh engine start on the H100 test machine, after this actor's own import of vLLM. It
+    does so to keep CUDA uninitialized in the calling process; importing a model's module does not
+    initialize CUDA (the engine actor imports the model modules anyway, see ENGINE_MODULES), so
+    here the inspection runs in this process. vLLM still writes its cache."""
+    try:
+        from vllm.model_executor.models import registry
+    except ImportError as exc:
+        logger.warning("vLLM's model registry moved (%s): model inspection stays in a subprocess", exc)
+        yield
+        return
+    original = getattr(registry, "_run_in_subprocess", None)
+    if original is None:
+        logger.warning("vLLM's model registry has no _run_in_subprocess: model inspection stays as vLLM does it")
+        yield
+        return
+    registry._run_in_subprocess = lambda fn: fn()
+    try:
+        yield
+    finally:
+        registry._run_in_subprocess = original
 
 
 def fatal_engine_errors() -> tuple[type[BaseException], ...]:
@@ -123,9 +151,16 @@ def platform_env(on_gpu: bool) -> dict[str, str]:
 
 
 def engine_actor_env(on_gpu: bool) -> dict[str, str]:
-    """Environment of an engine actor: the platform's, and the engine core in the actor's process."""
-    own = {key: value for key, value in ENGINE_ACTOR_ENV.items() if key not in os.environ}
-    return {**own, **platform_env(on_gpu)}
+    """Environment of an engine actor.
+
+    Where the engine core runs (see engine_loop.py): on a GPU in a process of its own, vLLM's
+    default and how its offline ``LLM`` runs it. In the actor's process it shared one thread and
+    the actor's GIL with everything else the actor does, and generation measured 0.88x to 1.05x
+    raw vLLM depending on the machine's cores (docs/benchmarks.md, sittings 6 and 7). On the CPU
+    build in the actor's process: the spawned core would import vLLM again (+15 s to the demo's
+    start) for no speed gain on a model that small.
+    """
+    return platform_env(on_gpu)
 
 
 def max_num_seqs(engine: Any) -> int:

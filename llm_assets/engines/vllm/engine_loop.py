@@ -1,16 +1,16 @@
 """vLLM's engine stepped by one thread of this process, awaited from asyncio.
 
-vLLM's ``AsyncLLM`` always runs its engine core in a process of its own, and inside a Ray actor
-vLLM must *spawn* that process (forking a Ray worker is unsafe), which imports vLLM and torch a
-second time: ~29 s of a cold engine start on the H100 test machine, ~20 s on a CPU. The engine
-here is vLLM's ``LLMEngine`` (what the offline ``LLM`` class drives) with its core in this
-process: no second process, no second import. One thread owns it (it is not thread-safe): it
-admits new requests, calls ``step()`` while any request is unfinished, and hands each finished
-output to the asyncio task waiting for it. With vLLM's async scheduling the next step is queued on
-the GPU before this thread processes the last one's outputs, so the GPU does not wait on it.
+The engine is vLLM's ``LLMEngine``, what the offline ``LLM`` class drives (``AsyncLLM``, the
+server's engine, adds an output-handler task per request and never runs its core in-process).
+One thread owns it (it is not thread-safe): it admits new requests, calls ``step()`` while any
+request is unfinished, and hands each finished output to the asyncio task waiting for it.
 
-``VLLM_ENABLE_V1_MULTIPROCESSING=1`` in the engine's environment puts the core back in a process
-of its own (the same loop then talks to it over vLLM's IPC).
+Where its core runs is ``VLLM_ENABLE_V1_MULTIPROCESSING`` (compat.engine_actor_env sets it per
+platform). ``1``, the GPU default: in a process of its own, as raw vLLM's ``LLM`` runs it; the core
+schedules and keeps the GPU fed while this thread only admits requests and hands back outputs.
+Inside a Ray actor vLLM must *spawn* that process (forking a Ray worker is unsafe), which imports
+vLLM and torch a second time (~15-30 s of the engine start). ``0``, the CPU default: the core in
+this process, no second import; this thread then also schedules and runs every step.
 """
 
 from __future__ import annotations
