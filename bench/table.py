@@ -3,7 +3,7 @@
 import json
 import sys
 
-ORDER = ["raw_vllm", "ray_data_llm", "llm_assets", "llm_assets_core_process"]
+ORDER = ["raw_vllm", "ray_data_llm", "llm_assets", "llm_assets_in_process"]
 
 
 def main(paths: list[str]) -> None:
