@@ -62,6 +62,11 @@ class RayDataResource(dg.ConfigurableResource):
             ray.init(**kwargs)
             self._started_here = True
 
+    def start(self) -> float:
+        """Start (or connect to) Ray; the cluster's CPUs."""
+        self.ensure_started()
+        return self.cluster_cpus()
+
     def cluster_gpus(self) -> float:
         import ray
 

@@ -142,11 +142,10 @@ def stages_asset(pipeline: LLMPipeline, partitions_def: dg.PartitionsDefinition)
         partitions = list(context.partition_keys)
         context.log.info(f"{pipeline.name}: stages {', '.join(selected)} over {len(partitions)} partition(s): {', '.join(partitions[:10])}")
         ray_data = context.resources.ray_data
-        ray_data.ensure_started()
         run = StreamingRun(
-            pipeline, selected, partitions, context.resources.storage, context.resources.engine_pool,
+            pipeline, selected, partitions, context.resources.storage, context.resources.engine_pool, ray_data.start,
             log=context.log.info, recompute=context.run.tags.get(RECOMPUTE_TAG, "").lower() in ("1", "true", "yes"),
-            cluster_cpus=ray_data.cluster_cpus(), stall_report_s=ray_data.stall_report_s,
+            stall_report_s=ray_data.stall_report_s,
         )
         # Checks read committed Parquet: in threads, so that the stream (and the engine it feeds)
         # never waits on them; results are reported in stage order.

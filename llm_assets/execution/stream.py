@@ -56,12 +56,19 @@ Event = Optional[Union[PartitionCommitted, StageDone]]
 
 
 class StreamingRun:
-    def __init__(self, pipeline, selected: list[str], partitions: list[str], storage, engines, log: Log = print,
-                 recompute: bool = False, cluster_cpus: float = 4.0, stall_report_s: float = 120.0):
+    def __init__(self, pipeline, selected: list[str], partitions: list[str], storage, engines, start_ray: Callable[[], float],
+                 log: Log = print, recompute: bool = False, stall_report_s: float = 120.0):
+        """``start_ray`` starts (or connects to) Ray and returns the cluster's CPUs: the run calls
+        it while its partitions are being planned, since a Ray start takes seconds."""
         self.pipeline, self.partitions, self.storage, self.engines, self.log = pipeline, partitions, storage, engines, log
-        self.recompute, self.cluster_cpus, self.stall_report_s = recompute, cluster_cpus, stall_report_s
+        self.recompute, self.stall_report_s = recompute, stall_report_s
+        self._start_ray, self.cluster_cpus = start_ray, 0.0
         self.chains = chains(pipeline, selected)
         self.session = uuid.uuid4().hex[:8]
+
+    def ray_started(self) -> None:
+        if not self.cluster_cpus:
+            self.cluster_cpus = self._start_ray()
 
     def run(self) -> Iterator[Event]:
         """Yields each partition of a stage as it is committed, each stage once all its partitions
@@ -76,7 +83,7 @@ class _ChainRun:
         self.run_, self.chain, self.log = run, chain, run.log
         self.pipeline, self.storage = run.pipeline, run.storage
         self.versions = {stage: self.pipeline.code_version(stage) for stage in chain}
-        self.steps = build_steps(self.pipeline, chain, run.cluster_cpus)
+        self.steps: list = []  # built once Ray is up (they take the cluster's CPU count)
         # Whether the chain starts at the stage that reads the source (Preprocess): its checks
         # come before any engine build.
         self.reads_source = self.pipeline.plan(chain[0]).upstream is None
@@ -133,11 +140,14 @@ class _ChainRun:
         import ray
 
         # Planning reads each partition's manifests and source fingerprint: on S3, requests.
-        # Threads overlap them, so a run of 1 000 partitions starts its engines in seconds.
+        # Threads overlap them, so a run of 1 000 partitions starts its engines in seconds, and
+        # Ray starts meanwhile.
         with ThreadPoolExecutor(max_workers=PLANNING_THREADS, thread_name_prefix="plan") as threads:
-            entries = list(threads.map(
-                lambda p: plan_entry(self.pipeline, self.chain, p, self.storage, self.versions, self.run_.recompute, self.log),
-                self.run_.partitions))
+            planned = [threads.submit(plan_entry, self.pipeline, self.chain, p, self.storage, self.versions, self.run_.recompute, self.log)
+                       for p in self.run_.partitions]
+            self.run_.ray_started()
+            entries = [future.result() for future in planned]
+        self.steps = build_steps(self.pipeline, self.chain, self.run_.cluster_cpus)
         for entry in entries:
             self.commits.keep(entry)
         todo = [e for e in entries if e.index is not None]
