@@ -109,23 +109,32 @@ def sampling_params(**kwargs: Any):
     return SamplingParams(**kwargs)
 
 
-# Modules an engine start imports. Importing them in the engine actor while the CPU stages still
-# run (before the engine is built) takes the cold-disk reads off the critical path.
+# Modules an engine start imports in the engine actor, imported while the CPU stages still run
+# (before the engine is built). The model's module is what the model inspection loads (see
+# inspect_models_in_process).
 ENGINE_MODULES = (
     "vllm",
     "vllm.v1.engine.llm_engine",
     "vllm.v1.engine.core",
     "vllm.model_executor.models.llama",
 )
+# What running the model needs besides: only where the engine core runs in the actor's process.
+# With the core in a process of its own (the GPU default) that process imports them itself, and
+# importing them in the actor too would only delay the core's spawn.
 GPU_ENGINE_MODULES = ("vllm.v1.worker.gpu_model_runner", "torch._inductor.compile_fx", "triton")
 
 
+def core_in_this_process() -> bool:
+    """Whether vLLM's engine core runs in this process (``VLLM_ENABLE_V1_MULTIPROCESSING=0``)."""
+    return os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING", "1") == "0"
+
+
 def preimport_engine_modules(on_gpu: bool) -> list[str]:
-    """Import what an engine start needs; returns the modules that failed (best effort)."""
+    """Import what an engine start needs in this process; returns the modules that failed (best effort)."""
     import importlib
 
     failed = []
-    for name in ENGINE_MODULES + (GPU_ENGINE_MODULES if on_gpu else ()):
+    for name in ENGINE_MODULES + (GPU_ENGINE_MODULES if on_gpu and core_in_this_process() else ()):
         try:
             importlib.import_module(name)
         except Exception:  # an optional module of another build: the engine start imports its own
