@@ -1,0 +1,71 @@
+"""Asset checks on committed partitions: each partition's findings, and a stage's results over
+several partitions. The runs in test_data_arrival.py show them passing; here committed outputs
+are written by hand (through the real storage) with the faults a check exists to catch."""
+
+import dagster as dg
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from llm_assets.defs import checks
+from llm_assets.execution.stats import PartitionStats
+from llm_assets.stages.base import ERROR_COLUMN, ROW_ID
+from resources import PartitionStorage
+from resources.storage import new_attempt_name
+from tests.test_pipeline_dagster import make_pipeline
+
+KEY = dg.AssetKey(["tiny", "x"])
+
+
+def commit(storage: PartitionStorage, stage: str, partition: str, columns: dict) -> None:
+    attempt = new_attempt_name()
+    storage.create_attempt("tiny", stage, partition, attempt)
+    table = pa.table(columns)
+    pq.write_table(table, f"{storage.partition_dir('tiny', stage, partition)}/{attempt}/part-0.parquet")
+    storage.commit("tiny", stage, partition, attempt, [f"{attempt}/part-0.parquet"], [table.num_rows], {})
+
+
+def test_row_id_faults_are_found_per_partition_and_added_up_per_stage(tmp_path, tiny_model):
+    pipeline = make_pipeline(tmp_path / "landing", tiny_model)
+    storage = PartitionStorage(root=str(tmp_path / "storage"))
+    for partition in ("good.jsonl", "bad.jsonl"):
+        commit(storage, "preprocess", partition, {ROW_ID: [f"{partition}:{i}" for i in range(4)]})
+    commit(storage, "chat_template", "good.jsonl", {ROW_ID: [f"good.jsonl:{i}" for i in range(4)]})
+    # one row twice, two rows lost, one row from nowhere
+    commit(storage, "chat_template", "bad.jsonl", {ROW_ID: ["bad.jsonl:0", "bad.jsonl:1", "bad.jsonl:1", "bad.jsonl:9"]})
+
+    names = {checks.ROW_IDS}
+    source_side = checks.partition_findings(pipeline, "preprocess", PartitionStats("bad.jsonl", rows_in=4), storage, names)
+    assert source_side.row_ids_ok
+    fewer_than_read = checks.partition_findings(pipeline, "preprocess", PartitionStats("bad.jsonl", rows_in=6), storage, names)
+    assert fewer_than_read.missing == ["2 row(s)"]
+
+    stats = [PartitionStats("good.jsonl"), PartitionStats("bad.jsonl")]
+    findings = [checks.partition_findings(pipeline, "chat_template", s, storage, names) for s in stats]
+    assert findings[1].duplicates == ["bad.jsonl:1"]
+    assert findings[1].missing == ["bad.jsonl:2", "bad.jsonl:3"]
+    assert findings[1].extra == ["bad.jsonl:9"]
+
+    [result] = checks.stage_results(pipeline, stats, findings, names, KEY)
+    assert not result.passed
+    metadata = {name: value.value for name, value in result.metadata.items()}
+    assert metadata["partitions_checked"] == 2
+    assert metadata["failing_partitions"] == "bad.jsonl"
+    assert (metadata["duplicate_row_ids"], metadata["missing_row_ids"], metadata["unexpected_row_ids"]) == (1, 2, 1)
+
+
+def test_an_empty_generation_fails_its_check_unless_the_row_has_an_error(tmp_path, tiny_model):
+    pipeline = make_pipeline(tmp_path / "landing", tiny_model)
+    storage = PartitionStorage(root=str(tmp_path / "storage"))
+    commit(storage, "detokenize", "a.jsonl", {
+        ROW_ID: ["a.jsonl:0", "a.jsonl:1", "a.jsonl:2"],
+        "generated_text": ["fine", "  ", None],
+        ERROR_COLUMN: [None, None, "prompt too long"],
+    })
+    names = {checks.NOT_EMPTY, checks.ERROR_RATE}
+    stats = [PartitionStats("a.jsonl", rows_out=3, errors=1)]
+    findings = [checks.partition_findings(pipeline, "detokenize", stats[0], storage, names)]
+    assert findings[0].empty == ["a.jsonl:1"]
+    results = {r.check_name: r for r in checks.stage_results(pipeline, stats, findings, names, KEY)}
+    assert not results[checks.NOT_EMPTY].passed
+    assert results[checks.NOT_EMPTY].metadata["rows_checked"].value == 3
+    assert results[checks.ERROR_RATE].metadata["errors"].value == 1
