@@ -39,6 +39,11 @@ class EnginePoolResource(dg.ConfigurableResource):
         starts the engines)."""
         self.ray_data.ensure_started()
         before_ray_shutdown(self.shutdown_engines)
+        # Engines released by an earlier step of this run must be gone before new ones claim
+        # their GPUs.
+        for released in [p for p in self._pools if p.shutting_down]:
+            self._pools.remove(released)
+            released.shutdown()
         pool = EnginePool(pipeline.engine, pipeline.config, model_source, pipeline.engine_detokenizes(),
                           self.ray_data.cluster_gpus() > 0, self.num_cpus_per_engine, self.max_engine_restarts, log)
         self._pools.append(pool)

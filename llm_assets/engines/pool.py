@@ -245,6 +245,10 @@ class EnginePool:
         if self.building and not self.ready and time.monotonic() - self.build_started > timeout_s:
             raise EngineStartError(f"{self.spec.label} engines for {self.model_source} did not start within {timeout_s:.0f} s")
 
+    @property
+    def shutting_down(self) -> bool:
+        return self._stopping is not None
+
     def begin_shutdown(self) -> None:
         """Ask every engine to shut down and return at once (idempotent): vLLM's own shutdown waits
         up to 5 s for its engine-core process, which the run need not wait for."""
