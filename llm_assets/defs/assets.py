@@ -72,24 +72,16 @@ def metadata(results: list[PartitionStats]) -> dict[str, Any]:
     return found
 
 
-def _check_names(pipeline: LLMPipeline, stage: str, wanted: set) -> set[str]:
-    """The checks of this stage the run was asked for."""
-    key = stage_key(pipeline, stage)
-    return {spec.name for spec in checks.check_specs(pipeline, stage, key) if dg.AssetCheckKey(key, spec.name) in wanted}
-
-
-def _materialization(pipeline: LLMPipeline, done: StageDone, findings: list[checks.PartitionFindings], wanted: set) -> dg.MaterializeResult:
-    key = stage_key(pipeline, done.stage)
-    checked = checks.stage_results(pipeline, done.results, findings, _check_names(pipeline, done.stage, wanted), key)
-    return dg.MaterializeResult(asset_key=key, metadata=metadata(done.results), check_results=checked)
-
-
 class _Checking:
     """The data-reading checks, in threads beside the stream: each partition as soon as it is
     committed; a stage's materialization is yielded once all its partitions are checked."""
 
     def __init__(self, pipeline: LLMPipeline, storage, wanted: set, threads: ThreadPoolExecutor):
-        self.pipeline, self.storage, self.wanted, self.threads = pipeline, storage, wanted, threads
+        self.pipeline, self.storage, self.threads = pipeline, storage, threads
+        # The checks of each stage the run was asked for (looked up for every committed partition).
+        self.names = {stage: {spec.name for spec in checks.check_specs(pipeline, stage, stage_key(pipeline, stage))
+                              if dg.AssetCheckKey(stage_key(pipeline, stage), spec.name) in wanted}
+                      for stage in pipeline.stage_names()}
         self.partitions: dict[tuple[str, str], Future] = {}
         self.stages: deque[tuple[StageDone, list[Future]]] = deque()
 
@@ -105,11 +97,12 @@ class _Checking:
         """Materializations of the stages whose checks are done, in stage order."""
         while self.stages and (wait or all(f.done() for f in self.stages[0][1])):
             done, futures = self.stages.popleft()
-            yield _materialization(self.pipeline, done, [f.result() for f in futures], self.wanted)
+            key = stage_key(self.pipeline, done.stage)
+            checked = checks.stage_results(self.pipeline, done.results, [f.result() for f in futures], self.names[done.stage], key)
+            yield dg.MaterializeResult(asset_key=key, metadata=metadata(done.results), check_results=checked)
 
     def _submit(self, stage: str, stats: PartitionStats) -> Future:
-        names = _check_names(self.pipeline, stage, self.wanted)
-        return self.threads.submit(checks.partition_findings, self.pipeline, stage, stats, self.storage, names)
+        return self.threads.submit(checks.partition_findings, self.pipeline, stage, stats, self.storage, self.names[stage])
 
 
 def stages_asset(pipeline: LLMPipeline, partitions_def: dg.PartitionsDefinition) -> dg.AssetsDefinition:

@@ -262,7 +262,7 @@ class EnginePool:
         import ray
 
         self.begin_shutdown()
-        pending, self._stopping = self._stopping or {}, {}
+        pending, self._stopping = self._stopping, {}
         done, late = ray.wait(list(pending), num_returns=len(pending), timeout=timeout_s)
         for ref in done:
             try:

@@ -62,13 +62,9 @@ class StreamingRun:
         it while its partitions are being planned, since a Ray start takes seconds."""
         self.pipeline, self.partitions, self.storage, self.engines, self.log = pipeline, partitions, storage, engines, log
         self.recompute, self.stall_report_s = recompute, stall_report_s
-        self._start_ray, self.cluster_cpus = start_ray, 0.0
+        self.start_ray = start_ray
         self.chains = chains(pipeline, selected)
         self.session = uuid.uuid4().hex[:8]
-
-    def ray_started(self) -> None:
-        if not self.cluster_cpus:
-            self.cluster_cpus = self._start_ray()
 
     def run(self) -> Iterator[Event]:
         """Yields each partition of a stage as it is committed, each stage once all its partitions
@@ -145,9 +141,9 @@ class _ChainRun:
         with ThreadPoolExecutor(max_workers=PLANNING_THREADS, thread_name_prefix="plan") as threads:
             planned = [threads.submit(plan_entry, self.pipeline, self.chain, p, self.storage, self.versions, self.run_.recompute, self.log)
                        for p in self.run_.partitions]
-            self.run_.ray_started()
+            cluster_cpus = self.run_.start_ray()
             entries = [future.result() for future in planned]
-        self.steps = build_steps(self.pipeline, self.chain, self.run_.cluster_cpus)
+        self.steps = build_steps(self.pipeline, self.chain, cluster_cpus)
         for entry in entries:
             self.commits.keep(entry)
         todo = [e for e in entries if e.index is not None]
