@@ -29,3 +29,38 @@ def test_engines_released_by_one_step_are_ended_before_the_next_step_gets_its_ow
             ray.get(actor.__ray_ready__.remote(), timeout=30)
     resource.shutdown_engines()
     assert second.replicas == []
+
+
+def test_an_engine_core_in_its_own_process_is_forked_from_the_actors_server_and_ends_with_the_actor(tmp_path, tiny_model, ray_session):
+    """The GPU default, exercised on the CPU build by asking for it: vLLM's engine core runs in a
+    process of its own, forked from the fork server the engine actor started while importing vLLM
+    (not spawned), generates, and is gone soon after its actor is killed (no orphan holding a GPU)."""
+    import json
+
+    import psutil
+    import pyarrow as pa
+
+    resource = EnginePoolResource(ray_data=RayDataResource())
+    pipeline = make_pipeline(tmp_path / "landing", tiny_model,
+                             runtime_env={"env_vars": {"VLLM_ENABLE_V1_MULTIPROCESSING": "1"}})
+    pool = resource.pool_for(pipeline, resolve_model_source(tiny_model), print)
+    pool.build()
+    replica = pool.replicas[0]
+    info = ray.get(replica.start_ref, timeout=300)
+    batch = pa.table({"row_id": ["r0", "r1"], "prompt": ["Hello", "Count: one two"],
+                      "sampling_params": [json.dumps({"max_tokens": 4, "temperature": 0})] * 2})
+    output, rows = ray.get(replica.actor.process.remote(batch), timeout=120)
+    assert rows == 2 and all(n == 4 for n in output.column("num_generated_tokens").to_pylist())
+
+    actor_process = psutil.Process(info["pid"])
+    children = actor_process.children()
+    servers = [p for p in children if "multiprocessing.forkserver" in " ".join(p.cmdline())]
+    assert len(servers) == 1, [p.cmdline() for p in children]
+    cores = servers[0].children()
+    assert cores, "no engine core process under the fork server"
+
+    ray.kill(replica.actor)
+    gone, alive = psutil.wait_procs(cores + servers, timeout=60)
+    assert not alive, f"still running after their actor was killed: {[p.pid for p in alive]}"
+    pool.replicas = []
+    resource.shutdown_engines()

@@ -1,7 +1,9 @@
 """vLLM: the processor config (ray.data.llm's ``vLLMEngineProcessorConfig``) and its engine spec.
 
-The replica (``replica.py``) is one vLLM engine whose core runs in the actor's own process
-(``engine_loop.py``); ``compat.py`` holds every difference between the vLLM builds we run on.
+The replica (``replica.py``) is one vLLM engine driven by one thread of the engine actor
+(``engine_loop.py``); on a GPU its core runs in a process of its own, forked from a server the
+actor starts early (``core_process.py``). ``compat.py`` holds every difference between the vLLM
+builds we run on.
 """
 
 from __future__ import annotations

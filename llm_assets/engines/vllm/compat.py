@@ -46,8 +46,11 @@ def start_engine(**kwargs: Any):
 
     from llm_assets.engines.vllm.engine_loop import EngineLoop
 
+    from llm_assets.engines.vllm.core_process import forked_core
+
     kwargs.setdefault("disable_log_stats", True)
-    with inspect_models_in_process():
+    core_launch = contextlib.nullcontext() if core_in_this_process() else forked_core()
+    with inspect_models_in_process(), core_launch:
         return EngineLoop(EngineArgs(**kwargs), usage_context=UsageContext.LLM_CLASS)
 
 
@@ -118,9 +121,8 @@ ENGINE_MODULES = (
     "vllm.v1.engine.core",
     "vllm.model_executor.models.llama",
 )
-# What running the model needs besides: only where the engine core runs in the actor's process.
-# With the core in a process of its own (the GPU default) that process imports them itself, and
-# importing them in the actor too would only delay the core's spawn.
+# What running the model needs besides: imported where the engine core runs, the actor's process
+# or the fork server its own process comes from (core_process.py).
 GPU_ENGINE_MODULES = ("vllm.v1.worker.gpu_model_runner", "torch._inductor.compile_fx", "triton")
 
 
@@ -130,11 +132,21 @@ def core_in_this_process() -> bool:
 
 
 def preimport_engine_modules(on_gpu: bool) -> list[str]:
-    """Import what an engine start needs in this process; returns the modules that failed (best effort)."""
+    """Import what an engine start needs in this process; returns the modules that failed (best effort).
+
+    With the core in a process of its own, first start the fork server that process will come
+    from, importing the core's modules alongside this process's import."""
     import importlib
 
+    core_modules = ENGINE_MODULES + (GPU_ENGINE_MODULES if on_gpu else ())
+    actor_modules = core_modules
+    if not core_in_this_process():
+        from llm_assets.engines.vllm import core_process
+
+        core_process.start_server(core_modules + ("llm_assets.engines.vllm.core_process",))
+        actor_modules = ENGINE_MODULES
     failed = []
-    for name in ENGINE_MODULES + (GPU_ENGINE_MODULES if on_gpu and core_in_this_process() else ()):
+    for name in actor_modules:
         try:
             importlib.import_module(name)
         except Exception:  # an optional module of another build: the engine start imports its own

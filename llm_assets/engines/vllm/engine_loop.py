@@ -8,9 +8,10 @@ request is unfinished, and hands each finished output to the asyncio task waitin
 Where its core runs is ``VLLM_ENABLE_V1_MULTIPROCESSING`` (compat.engine_actor_env sets it per
 platform). ``1``, the GPU default: in a process of its own, as raw vLLM's ``LLM`` runs it; the core
 schedules and keeps the GPU fed while this thread only admits requests and hands back outputs.
-Inside a Ray actor vLLM must *spawn* that process (forking a Ray worker is unsafe), which imports
-vLLM and torch a second time (~15-30 s of the engine start). ``0``, the CPU default: the core in
-this process, no second import; this thread then also schedules and runs every step.
+Inside a Ray actor vLLM would *spawn* that process (forking a Ray worker is unsafe) and import
+vLLM and torch a second time; core_process.py forks it instead from a server that imported them
+while the actor did. ``0``, the CPU default: the core in this process, no second process; this
+thread then also schedules and runs every step.
 """
 
 from __future__ import annotations
