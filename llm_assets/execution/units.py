@@ -12,6 +12,7 @@ back from an engine actor, is written by the first task after the engine.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from typing import Any, Optional
 
@@ -40,6 +41,7 @@ def _apply(udf, table: pa.Table, batch_size: int) -> pa.Table:
 
 
 def run_unit(table: pa.Table, calls: list[StageCall], file_name: str, filesystem, secret_env: dict[str, str]) -> tuple[pa.Table, list[dict[str, Any]]]:
+    _size_tokenizer_threads()
     written = []
     with secret_env_applied(secret_env):
         for call in calls:
@@ -51,3 +53,12 @@ def run_unit(table: pa.Table, calls: list[StageCall], file_name: str, filesystem
             written.append({"stage": call.name, "file": name, **batch_counts(table)})
     return table, written
 
+
+
+def _size_tokenizer_threads() -> None:
+    """Hugging Face tokenizers encode and decode batches on a Rayon pool of one thread per core of
+    the machine, whatever CPUs the task reserved: a few stage tasks beside the engine then run
+    dozens of threads that compete with the engine's step loop for cores. As Ray sizes OpenMP
+    (``OMP_NUM_THREADS``: the task's CPUs), so is the pool sized, unless the stage's runtime_env
+    sets ``RAYON_NUM_THREADS``. Rayon reads it once, when a process first tokenizes."""
+    os.environ.setdefault("RAYON_NUM_THREADS", os.environ.get("OMP_NUM_THREADS", "1"))

@@ -49,7 +49,7 @@ def start_engine(**kwargs: Any):
     from llm_assets.engines.vllm.core_process import forked_core
 
     kwargs.setdefault("disable_log_stats", True)
-    core_launch = contextlib.nullcontext() if core_in_this_process() else forked_core()
+    core_launch = forked_core() if core_from_fork_server() else contextlib.nullcontext()
     with inspect_models_in_process(), core_launch:
         return EngineLoop(EngineArgs(**kwargs), usage_context=UsageContext.LLM_CLASS)
 
@@ -131,6 +131,13 @@ def core_in_this_process() -> bool:
     return os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING", "1") == "0"
 
 
+def core_from_fork_server() -> bool:
+    """Whether vLLM's engine core process is forked from a fork server started with the actor
+    (core_process.py); ``LLM_ASSETS_ENGINE_CORE_FORK_SERVER=0`` in the engine's runtime_env lets
+    vLLM spawn it instead (for a model whose module touches CUDA when imported, say)."""
+    return not core_in_this_process() and os.environ.get("LLM_ASSETS_ENGINE_CORE_FORK_SERVER", "1") != "0"
+
+
 def preimport_engine_modules(on_gpu: bool) -> list[str]:
     """Import what an engine start needs in this process; returns the modules that failed (best effort).
 
@@ -139,12 +146,11 @@ def preimport_engine_modules(on_gpu: bool) -> list[str]:
     import importlib
 
     core_modules = ENGINE_MODULES + (GPU_ENGINE_MODULES if on_gpu else ())
-    actor_modules = core_modules
-    if not core_in_this_process():
+    actor_modules = ENGINE_MODULES if not core_in_this_process() else core_modules
+    if core_from_fork_server():
         from llm_assets.engines.vllm import core_process
 
         core_process.start_server(core_modules + ("llm_assets.engines.vllm.core_process",))
-        actor_modules = ENGINE_MODULES
     failed = []
     for name in actor_modules:
         try:

@@ -79,7 +79,8 @@ def forked_core() -> Iterator[None]:
     forkserver.ensure_running()  # restarts the server if it died
 
     def core_context():
-        original()
+        original()  # vLLM's own setup for a child (it also logs that it must spawn: it is overruled)
+        logger.info("vLLM's engine core process is forked from this actor's fork server, not spawned")
         return CoreContext()
 
     launcher.get_mp_context = core_context
