@@ -140,6 +140,10 @@ class ProcessorConfig(_StrictModel):
     def engine_pool_size(self) -> int:
         return max_concurrency(self.concurrency)  # type: ignore[return-value]
 
+    def stage(self, name: str) -> StageConfig:
+        """A processor without the stage's field (the HTTP one, say) runs without that stage."""
+        return self.inherit(STAGE_CONFIG_CLASSES[name](enabled=False))
+
     def inherit(self, settings: StageConfig) -> StageConfig:
         """Fill the stage settings left unset from the processor's (and the stage defaults)."""
         inherited = {

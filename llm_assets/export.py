@@ -33,7 +33,7 @@ def destination(uri: str, storage) -> tuple[pafs.FileSystem, str]:
 def export_partitions(pipeline: LLMPipeline, partitions: list[str], storage, log: Callable[[str], None]) -> list[dict]:
     fs, root = destination(pipeline.openai_batch_output, storage)
     stage = pipeline.text_stage()
-    model = PurePosixPath(str(pipeline.config.model_source)).name
+    model = PurePosixPath(str(pipeline.engine.target(pipeline.config))).name
     results = []
     for partition in partitions:
         stem = posixpath.splitext(partition)[0]

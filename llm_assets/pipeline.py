@@ -110,12 +110,13 @@ class LLMPipeline:
         config = self.config
         settings = config.stage(OPTIONAL_STAGES[stage]) if stage in OPTIONAL_STAGES else config.inherit(StageConfig())
         if stage == ENGINE:
-            return StagePlan(stage, upstream, None, {}, settings, config.model_source)
+            return StagePlan(stage, upstream, None, {}, settings, self.engine.model_source(config))
         udf = STAGES[stage]
         kwargs: dict[str, Any] = {name: getattr(settings, name) for name in getattr(udf, "CONFIG_KWARGS", ())}
         if getattr(udf, "USER_FN", None):
             kwargs["fn"] = getattr(self, udf.USER_FN)
-        processor = {"max_prompt_tokens": self.engine.max_prompt_tokens(config), "should_continue_on_error": config.should_continue_on_error}
+        processor = {"max_prompt_tokens": self.engine.max_prompt_tokens(config), "should_continue_on_error": config.should_continue_on_error,
+                     "takes_payload": self.engine.takes_payload}
         kwargs.update({name: processor[name] for name in getattr(udf, "PROCESSOR_KWARGS", ())})
         uses_model = "model_source" in inspect.signature(udf.__init__).parameters
         return StagePlan(stage, upstream, udf, kwargs, settings, getattr(settings, "model_source", None) if uses_model else None)

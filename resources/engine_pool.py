@@ -34,7 +34,7 @@ class EnginePoolResource(dg.ConfigurableResource):
     def teardown_after_execution(self, context: dg.InitResourceContext) -> None:
         self.shutdown_engines()
 
-    def pool_for(self, pipeline, model_source: str, log: Callable[[str], None]) -> EnginePool:
+    def pool_for(self, pipeline, target: str, log: Callable[[str], None]) -> EnginePool:
         """New engine actors for the pipeline (they import the engine library now; ``build()``
         starts the engines)."""
         self.ray_data.ensure_started()
@@ -44,7 +44,7 @@ class EnginePoolResource(dg.ConfigurableResource):
         for released in [p for p in self._pools if p.shutting_down]:
             self._pools.remove(released)
             released.shutdown()
-        pool = EnginePool(pipeline.engine, pipeline.config, model_source, pipeline.engine_detokenizes(),
+        pool = EnginePool(pipeline.engine, pipeline.config, target, pipeline.engine_detokenizes(),
                           self.ray_data.cluster_gpus() > 0, self.num_cpus_per_engine, self.max_engine_restarts, log)
         self._pools.append(pool)
         return pool

@@ -65,6 +65,8 @@ def metadata(results: list[PartitionStats]) -> dict[str, Any]:
         "partitions": len(results),
         "partitions_recomputed": sum(not r.skipped for r in results),
     }
+    if any(r.retries is not None for r in results):
+        found["retries"] = sum(r.retries or 0 for r in results)
     if any(r.rows_resumed for r in results):
         found["rows_resumed"] = sum(r.rows_resumed for r in results)
     if len(results) == 1:

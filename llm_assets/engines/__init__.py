@@ -1,9 +1,10 @@
 """Engines by processor config class. A new engine is a module (or package) here and one line below."""
 
 from llm_assets.engines.base import EngineReplica, EngineSpec
+from llm_assets.engines.http import HTTP
 from llm_assets.engines.vllm import VLLM
 
-ENGINES: dict[type, EngineSpec] = {spec.config_class: spec for spec in (VLLM,)}
+ENGINES: dict[type, EngineSpec] = {spec.config_class: spec for spec in (VLLM, HTTP)}
 
 
 def engine_for(config) -> EngineSpec:

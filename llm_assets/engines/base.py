@@ -64,6 +64,14 @@ class EngineSpec:
     # config -> the longest prompt (tokens) the engine takes, when its settings say; Tokenize
     # then refuses longer prompts before any engine starts.
     max_prompt_tokens: Callable[[Any], Optional[int]] = field(default=lambda config: None)
+    # config -> what the engine serves, for log lines and exports (a model, a URL).
+    target: Callable[[Any], str] = field(default=lambda config: config.model_source)
+    # config -> the model the run resolves before it starts (a local folder, a .gguf), or None
+    # where the engine runs no model of its own (an HTTP endpoint).
+    model_source: Callable[[Any], Optional[str]] = field(default=lambda config: config.model_source)
+    # Whether the engine takes each row's ``payload`` (a JSON object) instead of a chat or prompt:
+    # Preprocess then checks for that.
+    takes_payload: bool = False
 
     def replica_class(self) -> type:
         module, name = self.replica.split(":")

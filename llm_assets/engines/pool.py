@@ -113,7 +113,7 @@ class EnginePool:
     def _new_actor(self):
         import ray
 
-        runtime_env, secret_env = split_runtime_env(self.config.runtime_env)
+        runtime_env, secret_env = split_runtime_env(getattr(self.config, "runtime_env", None))
         runtime_env["env_vars"] = {**self.spec.actor_env(self.on_gpu), **runtime_env.get("env_vars", {})}
         options: dict[str, Any] = {"num_cpus": self.num_cpus_per_engine, "num_gpus": self.gpus,
                                    "runtime_env": runtime_env, "max_concurrency": 10_000}
@@ -146,7 +146,7 @@ class EnginePool:
             # Enough rows in flight that the scheduler always has work queued: 3x the sequences it
             # runs at once (rows of equal length finish in waves), at least max_concurrent_batches.
             batch = self.config.batch_size
-            self.window_rows = max(self.config.max_concurrent_batches * batch, IN_FLIGHT_PER_SEQUENCE_SLOT * int(info["max_num_seqs"]))
+            self.window_rows = max(getattr(self.config, "max_concurrent_batches", 1) * batch, IN_FLIGHT_PER_SEQUENCE_SLOT * int(info["max_num_seqs"]))
         if len(self.ready) == len(self.replicas) and all(r.start_ref is None for r in self.replicas):
             self.log(f"{len(self.replicas)} {self.spec.label} engine(s) ready; up to {self.window_rows} rows in flight per engine")
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Optional
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -32,6 +32,8 @@ def batch_counts(batch: pa.Table) -> dict[str, int]:
         counts["generated_tokens"] = _sum(batch.column("num_generated_tokens"))
     if ERROR_COLUMN in names:
         counts["errors"] = batch.num_rows - batch.column(ERROR_COLUMN).null_count
+    if "http_retries" in names:  # requests an HTTP engine sent again
+        counts["retries"] = _sum(batch.column("http_retries"))
     return counts
 
 
@@ -48,6 +50,7 @@ class PartitionStats:
     code_version: str = ""
     input: str = ""  # what it was computed from: the upstream commit's attempt, or the source file's fingerprint
     rows_resumed: int = 0  # rows kept from an interrupted attempt, not computed again
+    retries: Optional[int] = None  # requests sent again (engines that retry: HTTP)
     skipped: bool = False  # already committed with the same code version and input: not recomputed
     started: float = field(default_factory=time.monotonic)
 
@@ -56,6 +59,8 @@ class PartitionStats:
         self.input_tokens += counts["input_tokens"]
         self.generated_tokens += counts["generated_tokens"]
         self.errors += counts["errors"]
+        if "retries" in counts:
+            self.retries = (self.retries or 0) + counts["retries"]
 
     def as_dict(self) -> dict[str, Any]:
         return {k: v for k, v in self.__dict__.items() if k not in ("started", "skipped")}

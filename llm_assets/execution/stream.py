@@ -154,7 +154,9 @@ class _ChainRun:
             self._check_resources(runs_engine)
             self._check_stages()
             if runs_engine:
-                self.pool = self.run_.engines.pool_for(self.pipeline, self.models[self.pipeline.config.model_source], self.log)
+                model = self.pipeline.plan(ENGINE).model_source
+                target = self.models[model] if model else self.pipeline.engine.target(self.pipeline.config)
+                self.pool = self.run_.engines.pool_for(self.pipeline, target, self.log)
         yield from self._finished()
         feed = self._feed(todo)
         exhausted = not todo

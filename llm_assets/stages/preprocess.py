@@ -54,15 +54,30 @@ def _check_sampling_params(row_id: Any, params: Any) -> Optional[str]:
     return encoded
 
 
+def _check_payload(row_id: Any, payload: Any, columns: list[str]) -> str:
+    """The request body, stored as JSON text (rows' bodies differ; one Parquet schema cannot hold them)."""
+    if not isinstance(payload, dict):
+        got = "missing" if payload is None else f"{type(payload).__name__}"
+        raise RowError(row_id, STAGE, f"'payload' is {got} (columns: {columns}): expected the request's JSON body as a dict, "
+                                      "e.g. {'model': ..., 'messages': [...]} (return it from preprocess)")
+    try:
+        return json.dumps(payload)
+    except (TypeError, ValueError) as exc:
+        raise RowError(row_id, STAGE, f"'payload' is not JSON-serializable: {exc}") from exc
+
+
 class PreprocessStage:
-    """Apply ``fn(row) -> row`` and check that each row has ``messages`` or ``prompt``."""
+    """Apply ``fn(row) -> row`` and check that each row has what the engine takes: ``messages`` or
+    ``prompt`` (model engines), or a ``payload`` object (an HTTP endpoint)."""
 
     NEEDS: tuple[str, ...] = ()  # whatever the input file has; the user function maps it
-    ADDS = ("row_id", "messages|prompt", "sampling_params")
+    ADDS = ("row_id", "messages|prompt|payload", "sampling_params")
     USER_FN = "preprocess"
+    PROCESSOR_KWARGS = ("takes_payload",)
 
-    def __init__(self, fn: Optional[Callable[[dict[str, Any]], dict[str, Any]]] = None):
+    def __init__(self, fn: Optional[Callable[[dict[str, Any]], dict[str, Any]]] = None, takes_payload: bool = False):
         self.fn = fn
+        self.takes_payload = takes_payload
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         return table_of([self._one(row) for row in rows_of(batch)])
@@ -71,6 +86,9 @@ class PreprocessStage:
         row_id = row[ROW_ID]
         if self.fn is not None:
             row = apply_row_fn(self.fn, row, STAGE)
+        if self.takes_payload:
+            row["payload"] = _check_payload(row_id, row.get("payload"), sorted(row))
+            return row
         has_messages = row.get("messages") is not None
         has_prompt = isinstance(row.get("prompt"), str)
         if not has_messages and not has_prompt:

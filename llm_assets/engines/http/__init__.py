@@ -1,0 +1,85 @@
+"""An OpenAI-compatible HTTP endpoint as the engine (ray.data.llm's ``HttpRequestProcessorConfig``).
+
+Preprocess makes each row's ``payload`` (the request's JSON body); the replica (``replica.py``)
+POSTs it to ``url``. No chat template, tokenizer or model runs here: the server does all that, so
+the plan is Preprocess -> engine -> Postprocess. ``qps`` is one rate for the whole run, kept by a
+``RequestPacer`` actor (``pacer.py``) that every replica asks for send times.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+from pydantic import Field, field_validator
+
+from llm_assets.config import ProcessorConfig
+from llm_assets.engines.base import EngineSpec
+
+
+class HttpRequestProcessorConfig(ProcessorConfig):
+    """The configuration of a pipeline whose engine is an HTTP endpoint (ray.data.llm's fields,
+    plus ``request_timeout_s``, ``should_continue_on_error``, ``runtime_env`` and
+    ``max_concurrent_batches``)."""
+
+    batch_size: int = Field(default=64, ge=1)
+    url: str = Field(description="Where each row's payload is POSTed, e.g. http://host:8000/v1/chat/completions.")
+    headers: Optional[dict[str, Any]] = Field(default=None, description="Sent with every request (never logged or hashed).")
+    qps: Optional[float] = Field(default=None, gt=0, description="Requests per second for the whole run, all replicas together; None: no limit.")
+    max_retries: int = Field(default=0, ge=0, description="Times a request is sent again after 429, 408, 5xx, a timeout or a dropped connection.")
+    base_retry_wait_time_in_s: float = Field(default=1.0, ge=0, description="First backoff; doubles per retry (with jitter). Retry-After wins.")
+    session_factory: Optional[Any] = Field(default=None, exclude=True, description="() -> aiohttp.ClientSession, made in the replica.")
+    request_timeout_s: float = Field(default=300.0, gt=0, description="Per attempt, the answer included.")
+    should_continue_on_error: bool = False
+    task_type: str = "generate"
+    runtime_env: Optional[dict[str, Any]] = None
+    max_concurrent_batches: int = Field(default=8, ge=1)
+
+    @field_validator("url")
+    @classmethod
+    def _http_url(cls, value: str) -> str:
+        if not value.startswith(("http://", "https://")):
+            raise ValueError(f"url {value!r}: expected an http:// or https:// URL")
+        return value
+
+    @field_validator("task_type")
+    @classmethod
+    def _generate_only(cls, value: str) -> str:
+        if value != "generate":
+            raise ValueError(f"task_type {value!r}: the HTTP engine runs 'generate' only")
+        return value
+
+
+def _replica_kwargs(config: HttpRequestProcessorConfig, target: str, on_gpu: bool, engine_detokenizes: bool) -> dict[str, Any]:
+    pacer = None
+    if config.qps:
+        import ray
+
+        from llm_assets.engines.http.pacer import RequestPacer
+
+        # Owned by the run's driver: it ends with the pool's last reference, so with the run.
+        pacer = ray.remote(RequestPacer).options(num_cpus=0).remote(config.qps)
+    return dict(url=config.url, headers=config.headers, max_retries=config.max_retries,
+                base_retry_wait_time_in_s=config.base_retry_wait_time_in_s, request_timeout_s=config.request_timeout_s,
+                session_factory=config.session_factory, pacer=pacer, should_continue_on_error=config.should_continue_on_error,
+                max_in_flight=config.batch_size)
+
+
+def _output_settings(config: HttpRequestProcessorConfig) -> dict[str, Any]:
+    # The URL and error handling change the output; headers may hold keys and are left out, and
+    # the pace and retries change only when rows are answered.
+    return {"url": config.url, "should_continue_on_error": config.should_continue_on_error}
+
+
+HTTP = EngineSpec(
+    label="HTTP",
+    config_class=HttpRequestProcessorConfig,
+    replica="llm_assets.engines.http.replica:HttpRequestReplica",
+    distributions=("aiohttp",),
+    code_modules=("llm_assets.engines.http.replica",),
+    replica_kwargs=_replica_kwargs,
+    gpus_per_replica=lambda config, on_gpu: 0,
+    output_settings=_output_settings,
+    target=lambda config: config.url,
+    model_source=lambda config: None,
+    takes_payload=True,
+)

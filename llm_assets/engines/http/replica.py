@@ -1,0 +1,198 @@
+"""The HTTP engine replica: each row's ``payload`` POSTed to an OpenAI-compatible endpoint.
+
+Every row of a batch is its own request, sent concurrently (paced by the run's shared
+``RequestPacer`` when ``qps`` is set). A request that gets 429, 408 or a 5xx answer, times out or
+loses its connection is sent again, up to ``max_retries`` times, after ``Retry-After`` when the
+server says, otherwise after an exponential backoff with jitter. The answer is kept whole in
+``http_response`` (JSON); chat and text completions also fill the columns the vLLM engine writes
+(``generated_text``, token counts, ``finish_reason``), so Postprocess, the asset checks and the
+OpenAI Batch export read them the same way.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import email.utils
+import json
+import os
+import random
+import socket
+import time
+from typing import Any, Callable, Optional
+
+import pyarrow as pa
+
+from llm_assets.stages.base import ERROR_COLUMN, ROW_ID, RowError, column_or_none, ok_rows, with_column
+
+STAGE = "engine"
+RETRY_STATUSES = frozenset({408, 429, 500, 502, 503, 504})
+ANSWER_SNIPPET_CHARS = 300
+
+
+class RequestFailed(Exception):
+    """A request that got no usable answer; ``retryable`` says whether sending it again may help."""
+
+    def __init__(self, message: str, retryable: bool, retry_after_s: Optional[float] = None):
+        super().__init__(message)
+        self.retryable, self.retry_after_s = retryable, retry_after_s
+
+
+class HttpRequestReplica:
+    def __init__(
+        self,
+        url: str,
+        headers: Optional[dict[str, Any]] = None,
+        max_retries: int = 0,
+        base_retry_wait_time_in_s: float = 1.0,
+        request_timeout_s: float = 300.0,
+        session_factory: Optional[Callable[[], Any]] = None,
+        pacer: Any = None,
+        should_continue_on_error: bool = False,
+        max_in_flight: int = 256,
+    ):
+        import aiohttp
+
+        self.url = url
+        self.headers = {"Content-Type": "application/json", **{k: str(v) for k, v in (headers or {}).items()}}
+        self.max_retries, self.base_wait_s = max_retries, base_retry_wait_time_in_s
+        self.timeout = aiohttp.ClientTimeout(total=request_timeout_s)
+        self.session_factory = session_factory or (lambda: aiohttp.ClientSession(timeout=self.timeout))
+        self.pacer = pacer
+        self.should_continue_on_error = should_continue_on_error
+        self.max_in_flight = max_in_flight
+        self._session: Any = None
+
+    def fatal_errors(self) -> tuple[type[BaseException], ...]:
+        return ()  # an endpoint's failure is a row's; only the actor's death is the replica's
+
+    def info(self) -> dict[str, Any]:
+        return {"pid": os.getpid(), "host": socket.gethostname(), "start_seconds": 0.0, "max_num_seqs": self.max_in_flight}
+
+    async def process(self, batch: pa.Table) -> pa.Table:
+        if self._session is None:
+            self._session = self.session_factory()  # made here: it belongs to the actor's event loop
+        row_ids = batch.column(ROW_ID).to_pylist()
+        payloads = column_or_none(batch, "payload")
+        upstream_ok = ok_rows(batch)
+        send_at = await self._send_times(sum(upstream_ok))
+        slots = iter(send_at)
+        results = await asyncio.gather(*(
+            self._request(row_ids[i], payloads[i], next(slots)) if upstream_ok[i] else _nothing()
+            for i in range(batch.num_rows)
+        ))
+        for name, type_ in OUTPUT_COLUMNS.items():
+            batch = with_column(batch, name, [r.get(name) for r in results], type_)
+        if self.should_continue_on_error or ERROR_COLUMN in batch.column_names:
+            upstream_errors = column_or_none(batch, ERROR_COLUMN)
+            errors = [upstream_errors[i] if not upstream_ok[i] else r.get("error") for i, r in enumerate(results)]
+            batch = with_column(batch, ERROR_COLUMN, errors, pa.string())
+        return batch
+
+    async def _send_times(self, count: int) -> list[float]:
+        """When each of ``count`` requests may first be sent (wall clock): now, or ``qps`` apart
+        across every replica of the run."""
+        if self.pacer is None or count == 0:
+            return [0.0] * count
+        return await self.pacer.reserve.remote(count)
+
+    async def _request(self, row_id: Any, payload_json: Optional[str], send_at: float) -> dict[str, Any]:
+        started = time.perf_counter()
+        retries = 0
+        await _sleep_until(send_at)
+        while True:
+            try:
+                answer = await self._post(payload_json)
+                break
+            except RequestFailed as exc:
+                if not exc.retryable or retries >= self.max_retries:
+                    message = f"{exc}" + (f" (after {retries + 1} attempts)" if retries else "")
+                    if not self.should_continue_on_error:
+                        raise RowError(row_id, STAGE, message) from None
+                    return {"error": message, "http_retries": retries}
+                retry_after_s = exc.retry_after_s
+            retries += 1
+            await asyncio.sleep(self._wait_s(retries, retry_after_s))
+            if self.pacer is not None:
+                await _sleep_until(await self.pacer.reserve.remote(1))
+        return {**completion_columns(answer), "http_response": json.dumps(answer), "http_retries": retries,
+                "time_taken_llm": time.perf_counter() - started}
+
+    async def _post(self, payload_json: Optional[str]) -> dict[str, Any]:
+        import aiohttp
+
+        try:
+            async with self._session.post(self.url, data=payload_json or "{}", headers=self.headers) as response:
+                text = await response.text()
+                if response.status in RETRY_STATUSES:
+                    raise RequestFailed(f"HTTP {response.status} from {self.url}: {text[:ANSWER_SNIPPET_CHARS]}", True,
+                                        _retry_after_s(response.headers.get("Retry-After")))
+                if response.status >= 400:
+                    raise RequestFailed(f"HTTP {response.status} from {self.url}: {text[:ANSWER_SNIPPET_CHARS]}", False)
+        except (asyncio.TimeoutError, aiohttp.ClientConnectionError, aiohttp.ClientPayloadError) as exc:
+            raise RequestFailed(f"{type(exc).__name__} from {self.url}: {exc}", True) from None
+        try:
+            answer = json.loads(text)
+        except ValueError:
+            raise RequestFailed(f"the answer from {self.url} is not JSON: {text[:ANSWER_SNIPPET_CHARS]!r}", False) from None
+        if not isinstance(answer, dict):
+            raise RequestFailed(f"the answer from {self.url} is a JSON {type(answer).__name__}, expected an object", False)
+        return answer
+
+    def _wait_s(self, retry: int, retry_after_s: Optional[float]) -> float:
+        if retry_after_s is not None:
+            return retry_after_s
+        # Full jitter: replicas that failed together do not retry together.
+        return random.uniform(0.5, 1.0) * self.base_wait_s * 2 ** (retry - 1)
+
+    def shutdown(self) -> dict[str, Any]:
+        if self._session is not None and not self._session.closed:
+            asyncio.get_event_loop().create_task(self._session.close())
+        return {}
+
+
+OUTPUT_COLUMNS: dict[str, pa.DataType] = {
+    "http_response": pa.string(),
+    "http_retries": pa.int32(),
+    "generated_text": pa.string(),
+    "num_input_tokens": pa.int32(),
+    "num_generated_tokens": pa.int32(),
+    "finish_reason": pa.string(),
+    "time_taken_llm": pa.float64(),
+}
+
+
+def completion_columns(answer: dict[str, Any]) -> dict[str, Any]:
+    """The vLLM engine's columns, from a chat or text completion answer (empty for others)."""
+    choices = answer.get("choices")
+    if not isinstance(choices, list) or not choices or not isinstance(choices[0], dict):
+        return {}
+    first = choices[0]
+    message = first.get("message")
+    text = message.get("content") if isinstance(message, dict) else first.get("text")
+    usage = answer.get("usage") if isinstance(answer.get("usage"), dict) else {}
+    return {"generated_text": text, "finish_reason": first.get("finish_reason"),
+            "num_input_tokens": usage.get("prompt_tokens"), "num_generated_tokens": usage.get("completion_tokens")}
+
+
+def _retry_after_s(value: Optional[str]) -> Optional[float]:
+    """``Retry-After`` in seconds: a number, or an HTTP date."""
+    if not value:
+        return None
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        pass
+    try:
+        return max(0.0, email.utils.parsedate_to_datetime(value).timestamp() - time.time())
+    except (TypeError, ValueError):
+        return None
+
+
+async def _sleep_until(wall_time: float) -> None:
+    delay = wall_time - time.time()
+    if delay > 0:
+        await asyncio.sleep(delay)
+
+
+async def _nothing() -> dict[str, Any]:
+    return {}
