@@ -14,6 +14,7 @@ import urllib.request
 from collections import Counter, defaultdict
 from pathlib import Path
 
+import dagster as dg
 import pytest
 from aiohttp import web
 
@@ -34,6 +35,7 @@ class FaultServer:
         self.stall_s = stall_s
         self.attempts: dict[str, int] = defaultdict(int)
         self.arrivals: list[float] = []
+        self.authorization: set = set()
         self.port = free_port()
         self.loop = asyncio.new_event_loop()
         self.thread = threading.Thread(target=self._serve, daemon=True)
@@ -70,6 +72,7 @@ class FaultServer:
         body = await request.json()
         content = body["messages"][0]["content"]
         self.arrivals.append(time.time())
+        self.authorization.add(request.headers.get("Authorization"))
         self.attempts[content] += 1
         number = int(content.split(":")[0].split()[-1])
         fault = FAULTS.get(number % 5) if self.attempts[content] == 1 else None
@@ -137,11 +140,14 @@ def test_every_row_once_through_retries_and_a_row_that_exhausts_them_kept_with_i
     assert not any("Authorization" in m for m in log_messages(instance, result.run_id))
 
 
-def test_qps_is_one_rate_for_every_replica_of_the_run(tmp_path, ray_session, instance):
+def test_qps_is_one_rate_for_every_replica_of_the_run(tmp_path, ray_session, instance, monkeypatch):
+    """Also: an API key given as dg.EnvVar is read from the run's environment, sent, and written
+    to no log."""
+    monkeypatch.setenv("LLM_ASSETS_TEST_API_KEY", "Bearer not-a-real-key")
     write_jsonl(tmp_path / "landing" / "a.jsonl", [{"question": f"q number {i * 5}: hi"} for i in range(41)])
     with FaultServer() as server:
         pipeline = http_pipeline(tmp_path / "landing", url=server.url, qps=10, batch_size=8, concurrency=2,
-                                 headers={"Authorization": "Bearer not-a-real-key"})
+                                 headers={"Authorization": dg.EnvVar("LLM_ASSETS_TEST_API_KEY")})
         result = run_job(pipeline, make_resources(tmp_path / "storage"), instance, {"dagster/partition": "a.jsonl"})
     assert result.success
     arrivals = sorted(server.arrivals)
@@ -149,6 +155,7 @@ def test_qps_is_one_rate_for_every_replica_of_the_run(tmp_path, ray_session, ins
     rate = (len(arrivals) - 1) / (arrivals[-1] - arrivals[0])
     # Unpaced, this run's requests arrive at ~23/s on a 2-core machine.
     assert 9 <= rate <= 11, f"{rate:.1f} requests/s against qps=10"
+    assert server.authorization == {"Bearer not-a-real-key"}
     assert not any("not-a-real-key" in m for m in log_messages(instance, result.run_id))
 
 
@@ -212,3 +219,15 @@ def test_a_partition_through_vllms_openai_server(tmp_path, ray_session, instance
     answers = [json.loads(r["http_response"]) for r in engine_rows]
     assert all(a["model"] == "tiny" and a["usage"]["completion_tokens"] == 4 for a in answers)
     assert all(r["num_input_tokens"] > 0 for r in engine_rows)
+
+
+def test_config_errors_name_the_field_before_any_request():
+    from llm_assets.engines.http import _headers
+
+    with pytest.raises(ValueError, match="url 'localhost:8000/v1': expected an http"):
+        HttpRequestProcessorConfig(url="localhost:8000/v1")
+    with pytest.raises(ValueError, match="qps"):
+        HttpRequestProcessorConfig(url="http://h/v1", qps=0)
+    config = HttpRequestProcessorConfig(url="http://h/v1", headers={"Authorization": dg.EnvVar("LLM_ASSETS_UNSET_KEY")})
+    with pytest.raises(ValueError, match=r"headers\['Authorization'\]: the environment variable 'LLM_ASSETS_UNSET_KEY' is not set"):
+        _headers(config)

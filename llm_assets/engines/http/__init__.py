@@ -23,7 +23,8 @@ class HttpRequestProcessorConfig(ProcessorConfig):
 
     batch_size: int = Field(default=64, ge=1)
     url: str = Field(description="Where each row's payload is POSTed, e.g. http://host:8000/v1/chat/completions.")
-    headers: Optional[dict[str, Any]] = Field(default=None, description="Sent with every request (never logged or hashed).")
+    headers: Optional[dict[str, Any]] = Field(default=None, description="Sent with every request (never logged or hashed); a "
+                                              "value may be dg.EnvVar('NAME'), read from the run's environment when it starts.")
     qps: Optional[float] = Field(default=None, gt=0, description="Requests per second for the whole run, all replicas together; None: no limit.")
     max_retries: int = Field(default=0, ge=0, description="Times a request is sent again after 429, 408, 5xx, a timeout or a dropped connection.")
     base_retry_wait_time_in_s: float = Field(default=1.0, ge=0, description="First backoff; doubles per retry (with jitter). Retry-After wins.")
@@ -58,10 +59,26 @@ def _replica_kwargs(config: HttpRequestProcessorConfig, target: str, on_gpu: boo
 
         # Owned by the run's driver: it ends with the pool's last reference, so with the run.
         pacer = ray.remote(RequestPacer).options(num_cpus=0).remote(config.qps)
-    return dict(url=config.url, headers=config.headers, max_retries=config.max_retries,
+    return dict(url=config.url, headers=_headers(config), max_retries=config.max_retries,
                 base_retry_wait_time_in_s=config.base_retry_wait_time_in_s, request_timeout_s=config.request_timeout_s,
                 session_factory=config.session_factory, pacer=pacer, should_continue_on_error=config.should_continue_on_error,
                 max_in_flight=config.batch_size)
+
+
+def _headers(config: HttpRequestProcessorConfig) -> dict[str, str]:
+    """The headers as sent. A value with ``get_value()`` (``dg.EnvVar``) is read from the run's
+    environment here, so an API key sits in no definition, config, code version or log."""
+    headers = {}
+    for name, value in (config.headers or {}).items():
+        read = getattr(value, "get_value", None)
+        if read is not None:
+            resolved = read()
+            if resolved is None:
+                variable = getattr(value, "env_var_name", "(unnamed)")
+                raise ValueError(f"headers[{name!r}]: the environment variable {variable!r} is not set in the run's process")
+            value = resolved
+        headers[name] = str(value)
+    return headers
 
 
 def _output_settings(config: HttpRequestProcessorConfig) -> dict[str, Any]:
