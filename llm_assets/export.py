@@ -33,7 +33,9 @@ def destination(uri: str, storage) -> tuple[pafs.FileSystem, str]:
 def export_partitions(pipeline: LLMPipeline, partitions: list[str], storage, log: Callable[[str], None]) -> list[dict]:
     fs, root = destination(pipeline.openai_batch_output, storage)
     stage = pipeline.text_stage()
-    model = PurePosixPath(str(pipeline.engine.target(pipeline.config))).name
+    # The model's folder name; an engine without a model of its own (HTTP) names its URL.
+    model_source = pipeline.engine.model_source(pipeline.config)
+    model = PurePosixPath(model_source).name if model_source else pipeline.engine.target(pipeline.config)
     results = []
     for partition in partitions:
         stem = posixpath.splitext(partition)[0]
