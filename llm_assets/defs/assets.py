@@ -31,7 +31,8 @@ STAGE_DESCRIPTIONS = {
     "preprocess": "Rows of the input file after the pipeline's preprocess function; each gets a stable row_id.",
     "chat_template": "`messages` rendered to a `prompt` with the model's chat template.",
     "tokenize": "`prompt` tokenized to `tokenized_prompt`.",
-    ENGINE: "The engine's output columns (`generated_tokens`, `num_input_tokens`, `num_generated_tokens`, `time_taken_llm`).",
+    ENGINE: "Each row with the engine's output columns: vLLM's `generated_tokens`, `num_input_tokens`, `num_generated_tokens`, "
+            "`time_taken_llm`; an HTTP endpoint's `http_response`, `generated_text` and the token counts.",
     "detokenize": "`generated_tokens` decoded to `generated_text`.",
     "postprocess": "Rows after the pipeline's postprocess function: the pipeline's output.",
 }
