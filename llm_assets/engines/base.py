@@ -86,3 +86,19 @@ class EngineSpec:
             except metadata.PackageNotFoundError:
                 continue
         return "not installed"
+
+
+def with_results(batch: pa.Table, results: list[dict[str, Any]], columns: dict[str, pa.DataType],
+                 upstream_ok: list[bool], keep_errors: bool) -> pa.Table:
+    """A replica's per-row results (dicts) added to ``batch`` as ``columns``. Each row's ``error``
+    goes to ``__inference_error__`` where errors are kept (``should_continue_on_error``) or an
+    earlier stage set the column; a row an earlier stage failed keeps that stage's error."""
+    from llm_assets.stages.base import ERROR_COLUMN, column_or_none, with_column
+
+    for name, type_ in columns.items():
+        batch = with_column(batch, name, [r.get(name) for r in results], type_)
+    if keep_errors or ERROR_COLUMN in batch.column_names:
+        upstream_errors = column_or_none(batch, ERROR_COLUMN)
+        errors = [upstream_errors[i] if not upstream_ok[i] else r.get("error") for i, r in enumerate(results)]
+        batch = with_column(batch, ERROR_COLUMN, errors, pa.string())
+    return batch

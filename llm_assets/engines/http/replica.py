@@ -22,7 +22,8 @@ from typing import Any, Callable, Optional
 
 import pyarrow as pa
 
-from llm_assets.stages.base import ERROR_COLUMN, ROW_ID, RowError, column_or_none, ok_rows, with_column
+from llm_assets.engines.base import with_results
+from llm_assets.stages.base import ROW_ID, RowError, column_or_none, ok_rows
 
 STAGE = "engine"
 RETRY_STATUSES = frozenset({408, 429, 500, 502, 503, 504})
@@ -80,13 +81,7 @@ class HttpRequestReplica:
             self._request(row_ids[i], payloads[i], next(slots)) if upstream_ok[i] else _nothing()
             for i in range(batch.num_rows)
         ))
-        for name, type_ in OUTPUT_COLUMNS.items():
-            batch = with_column(batch, name, [r.get(name) for r in results], type_)
-        if self.should_continue_on_error or ERROR_COLUMN in batch.column_names:
-            upstream_errors = column_or_none(batch, ERROR_COLUMN)
-            errors = [upstream_errors[i] if not upstream_ok[i] else r.get("error") for i, r in enumerate(results)]
-            batch = with_column(batch, ERROR_COLUMN, errors, pa.string())
-        return batch
+        return with_results(batch, results, OUTPUT_COLUMNS, upstream_ok, self.should_continue_on_error)
 
     async def _send_times(self, count: int) -> list[float]:
         """When each of ``count`` requests may first be sent (wall clock): now, or ``qps`` apart

@@ -11,7 +11,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 logger = logging.getLogger(__name__)
 
@@ -55,29 +55,38 @@ def start_engine(**kwargs: Any):
 
 
 @contextlib.contextmanager
-def inspect_models_in_process() -> Iterator[None]:
+def replaced(module: str, name: str, make: Callable[[Any], Any], otherwise: str) -> Iterator[None]:
+    """``module.name`` replaced by ``make(original)`` while the block runs. Where this vLLM lacks
+    it, a warning saying what happens ``otherwise`` (vLLM's own way), and nothing replaced."""
+    import importlib
+
+    try:
+        target = importlib.import_module(module)
+    except ImportError as exc:
+        logger.warning("vLLM has no %s (%s): %s", module, exc, otherwise)
+        yield
+        return
+    original = getattr(target, name, None)
+    if original is None:
+        logger.warning("vLLM's %s has no %s: %s", module, name, otherwise)
+        yield
+        return
+    setattr(target, name, make(original))
+    try:
+        yield
+    finally:
+        setattr(target, name, original)
+
+
+def inspect_models_in_process() -> contextlib.AbstractContextManager:
     """vLLM's model registry inspects the model's class (multimodal? pooling?) in a subprocess that
     imports vLLM and torch again, unless ``VLLM_CACHE_ROOT/modelinfos`` already has the answer: ~21 s
     of a fresh engine start on the H100 test machine, after this actor's own import of vLLM. It
     does so to keep CUDA uninitialized in the calling process; importing a model's module does not
     initialize CUDA (the engine actor imports the model modules anyway, see ENGINE_MODULES), so
     here the inspection runs in this process. vLLM still writes its cache."""
-    try:
-        from vllm.model_executor.models import registry
-    except ImportError as exc:
-        logger.warning("vLLM's model registry moved (%s): model inspection stays in a subprocess", exc)
-        yield
-        return
-    original = getattr(registry, "_run_in_subprocess", None)
-    if original is None:
-        logger.warning("vLLM's model registry has no _run_in_subprocess: model inspection stays as vLLM does it")
-        yield
-        return
-    registry._run_in_subprocess = lambda fn: fn()
-    try:
-        yield
-    finally:
-        registry._run_in_subprocess = original
+    return replaced("vllm.model_executor.models.registry", "_run_in_subprocess", lambda original: lambda fn: fn(),
+                    "model inspection stays in a subprocess")
 
 
 def fatal_engine_errors() -> tuple[type[BaseException], ...]:

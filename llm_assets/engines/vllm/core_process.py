@@ -19,7 +19,7 @@ import multiprocessing
 import os
 from multiprocessing import context as mp_context
 from multiprocessing import forkserver
-from typing import Iterable, Iterator
+from typing import Iterable
 
 logger = logging.getLogger(__name__)
 
@@ -58,34 +58,22 @@ class CoreContext:
         return getattr(self._base, name)
 
 
-@contextlib.contextmanager
-def forked_core() -> Iterator[None]:
+def forked_core() -> contextlib.AbstractContextManager:
     """While an engine is built here, vLLM's core process comes from the fork server.
 
     Replaces ``get_mp_context`` in vLLM's core launcher (``vllm.v1.engine.utils``, not a public
     API); vLLM's own function still runs first, for what it sets up for the child. If that name
-    moves, vLLM spawns its core as before and says so in a warning here."""
-    try:
-        from vllm.v1.engine import utils as launcher
-    except ImportError as exc:
-        logger.warning("vLLM's core launcher moved (%s): the engine core is spawned (slower start)", exc)
-        yield
-        return
-    original = getattr(launcher, "get_mp_context", None)
-    if original is None:
-        logger.warning("vLLM's core launcher has no get_mp_context: the engine core is spawned (slower start)")
-        yield
-        return
+    moves, vLLM spawns its core as before and says so in a warning."""
+    from llm_assets.engines.vllm.compat import replaced
+
     forkserver.ensure_running()  # restarts the server if it died
 
-    def core_context():
-        original()  # vLLM's own setup for a child (it also logs that it must spawn: it is overruled)
-        logger.info("vLLM's engine core process is forked from this actor's fork server, not spawned")
-        return CoreContext()
+    def make(original):
+        def core_context():
+            original()  # vLLM's own setup for a child (it also logs that it must spawn: it is overruled)
+            logger.info("vLLM's engine core process is forked from this actor's fork server, not spawned")
+            return CoreContext()
+        return core_context
 
-    launcher.get_mp_context = core_context
-    try:
-        yield
-    finally:
-        launcher.get_mp_context = original
+    return replaced("vllm.v1.engine.utils", "get_mp_context", make, "the engine core is spawned (slower start)")
 

@@ -23,7 +23,8 @@ from typing import Any, AsyncIterator, Optional
 import pyarrow as pa
 
 from llm_assets.engines.vllm import compat as vllm_compat
-from llm_assets.stages.base import ERROR_COLUMN, ROW_ID, RowError, column_or_none, loads_params, ok_rows, with_column
+from llm_assets.engines.base import with_results
+from llm_assets.stages.base import ROW_ID, RowError, column_or_none, loads_params, ok_rows
 
 STAGE = "engine"
 PROMPT_SNIPPET_CHARS = 200
@@ -96,13 +97,7 @@ class vLLMEngineStage:
         }
         if self.engine_detokenizes:
             columns["generated_text"] = pa.string()
-        for name, type_ in columns.items():
-            batch = with_column(batch, name, [r.get(name) for r in results], type_)
-        if self.should_continue_on_error or ERROR_COLUMN in batch.column_names:
-            upstream_errors = column_or_none(batch, ERROR_COLUMN)
-            errors = [upstream_errors[i] if not upstream_ok[i] else r.get("error") for i, r in enumerate(results)]
-            batch = with_column(batch, ERROR_COLUMN, errors, pa.string())
-        return batch
+        return with_results(batch, results, columns, upstream_ok, self.should_continue_on_error)
 
     async def _generate(self, row_id: Any, token_ids: Any, prompt: Optional[str], params_json: Optional[str]) -> dict:
         started = time.perf_counter()
