@@ -56,8 +56,11 @@ class HttpRequestReplica:
         self.url = url
         self.headers = {"Content-Type": "application/json", **{k: str(v) for k, v in (headers or {}).items()}}
         self.max_retries, self.base_wait_s = max_retries, base_retry_wait_time_in_s
-        self.timeout = aiohttp.ClientTimeout(total=request_timeout_s)
-        self.session_factory = session_factory or (lambda: aiohttp.ClientSession(timeout=self.timeout))
+        # Per attempt, from the request sent to its answer: not the wait for one of the session's
+        # connections (up to 100 at once), which with hundreds of rows in flight would time out
+        # requests never sent. Passed with each request, so a session_factory's session gets it too.
+        self.timeout = aiohttp.ClientTimeout(total=None, connect=None, sock_connect=30, sock_read=request_timeout_s)
+        self.session_factory = session_factory or aiohttp.ClientSession
         self.pacer = pacer
         self.should_continue_on_error = should_continue_on_error
         self.max_in_flight = max_in_flight
@@ -116,7 +119,7 @@ class HttpRequestReplica:
         import aiohttp
 
         try:
-            async with self._session.post(self.url, data=payload_json or "{}", headers=self.headers) as response:
+            async with self._session.post(self.url, data=payload_json or "{}", headers=self.headers, timeout=self.timeout) as response:
                 text = await response.text()
                 if response.status in RETRY_STATUSES:
                     raise RequestFailed(f"HTTP {response.status} from {self.url}: {text[:ANSWER_SNIPPET_CHARS]}", True,
@@ -141,7 +144,11 @@ class HttpRequestReplica:
 
     def shutdown(self) -> dict[str, Any]:
         if self._session is not None and not self._session.closed:
-            asyncio.get_event_loop().create_task(self._session.close())
+            try:
+                loop = asyncio.get_running_loop()
+            except RuntimeError:  # called off the actor's loop: the actor's end closes the sockets
+                return {}
+            loop.create_task(self._session.close())
         return {}
 
 
