@@ -21,6 +21,7 @@ from llm_assets.config import OfflineProcessorConfig, StageConfig, one_line
 from llm_assets.engines import ENGINES, EngineSpec, engine_for
 from llm_assets.sources import LocalFolderSource, S3PrefixSource
 from llm_assets.stages import OPTIONAL_STAGES, STAGES
+from llm_assets.stages.structured import json_schema
 from llm_assets.tasks import ENGINE, TASKS, TaskType
 
 RowFn = Callable[[dict[str, Any]], dict[str, Any]]
@@ -58,6 +59,9 @@ class LLMPipeline:
     # Also write each partition's results as OpenAI Batch output/error files under this local
     # folder or s3:// URI (the openai_batch_output asset).
     openai_batch_output: Optional[str] = None
+    # A pydantic model: every row that sets no ``sampling_params.structured_outputs`` generates
+    # JSON of the model's schema, and the text stage's ``schema_valid`` check parses each row.
+    output_schema: Optional[type] = None
 
     def __post_init__(self) -> None:
         if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", self.name):
@@ -76,6 +80,11 @@ class LLMPipeline:
         if type(self.config) not in ENGINES:
             known = ", ".join(cls.__name__ for cls in ENGINES)
             raise TypeError(f"pipeline {self.name!r}: config must be one of {known} (or a dict of vLLM settings)")
+        if self.output_schema is not None:
+            json_schema(self.output_schema)  # a clear error at definition load for anything else
+            if self.engine.takes_payload:
+                raise ValueError(f"pipeline {self.name!r}: output_schema constrains a model engine's sampling; with "
+                                 f"{type(self.config).__name__} put the endpoint's response_format in the payload")
         if not 0.0 <= self.max_error_rate <= 1.0:
             raise ValueError(f"pipeline {self.name!r}: max_error_rate is {self.max_error_rate!r}: expected a share between 0 and 1")
 
@@ -116,7 +125,8 @@ class LLMPipeline:
         if getattr(udf, "USER_FN", None):
             kwargs["fn"] = getattr(self, udf.USER_FN)
         processor = {"max_prompt_tokens": self.engine.max_prompt_tokens(config), "should_continue_on_error": config.should_continue_on_error,
-                     "takes_payload": self.engine.takes_payload}
+                     "takes_payload": self.engine.takes_payload,
+                     "output_schema": json_schema(self.output_schema) if self.output_schema is not None else None}
         kwargs.update({name: processor[name] for name in getattr(udf, "PROCESSOR_KWARGS", ())})
         uses_model = "model_source" in inspect.signature(udf.__init__).parameters
         return StagePlan(stage, upstream, udf, kwargs, settings, getattr(settings, "model_source", None) if uses_model else None)

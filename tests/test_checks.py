@@ -69,3 +69,30 @@ def test_an_empty_generation_fails_its_check_unless_the_row_has_an_error(tmp_pat
     assert not results[checks.NOT_EMPTY].passed
     assert results[checks.NOT_EMPTY].metadata["rows_checked"].value == 3
     assert results[checks.ERROR_RATE].metadata["errors"].value == 1
+
+
+def test_text_that_does_not_parse_as_the_output_schema_fails_schema_valid(tmp_path, tiny_model):
+    import dataclasses
+    import json
+
+    from pydantic import BaseModel
+
+    class Answer(BaseModel):
+        answer: str
+
+    pipeline = dataclasses.replace(make_pipeline(tmp_path / "landing", tiny_model), output_schema=Answer)
+    ours = json.dumps({"structured_outputs": {"json": Answer.model_json_schema()}})
+    own = json.dumps({"structured_outputs": {"regex": "[a-z]+"}})
+    storage = PartitionStorage(root=str(tmp_path / "storage"))
+    commit(storage, "detokenize", "a.jsonl", {
+        ROW_ID: ["a:0", "a:1", "a:2", "a:3"],
+        "generated_text": ['{"answer": "x"}', '{"answer": ', "abc", '{"answer": '],
+        "sampling_params": [ours, ours, own, ours],
+        ERROR_COLUMN: [None, None, None, "ValueError: cut"],  # a failed row is the error_rate check's
+    })
+    names = {checks.SCHEMA_VALID}
+    assert checks.SCHEMA_VALID in {spec.name for spec in checks.check_specs(pipeline, "detokenize", KEY)}
+    found = checks.partition_findings(pipeline, "detokenize", PartitionStats("a.jsonl"), storage, names)
+    assert (found.parsed, found.invalid) == (2, ["a:1"])  # the row with its own regex is not parsed
+    [result] = checks.stage_results(pipeline, [PartitionStats("a.jsonl")], [found], names, KEY)
+    assert not result.passed and result.metadata["valid_rate"].value == 0.5

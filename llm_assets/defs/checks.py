@@ -5,7 +5,9 @@
 - ``error_rate`` (engine): rows with ``__inference_error__`` / rows, at most the pipeline's
   ``max_error_rate``;
 - ``generations_not_empty`` (the first stage with ``generated_text``): no row without an error
-  has an empty generation.
+  has an empty generation;
+- ``schema_valid`` (the same stage, for a pipeline with an ``output_schema``): rows whose text does
+  not parse as the schema's model are at most ``max_error_rate`` of the rows without an error.
 
 Each partition is checked as soon as the run commits it (``partition_findings``, in a thread
 beside the stream, reading only the columns it needs from the committed Parquet); a stage's
@@ -24,11 +26,13 @@ import pyarrow.compute as pc
 from llm_assets.execution.stats import PartitionStats
 from llm_assets.pipeline import LLMPipeline
 from llm_assets.tasks import ENGINE
-from llm_assets.stages.base import ERROR_COLUMN, ROW_ID
+from llm_assets.stages.base import ERROR_COLUMN, ROW_ID, loads_params
+from llm_assets.stages.structured import json_schema
 
 ROW_IDS = "row_ids_conserved"
 ERROR_RATE = "error_rate"
 NOT_EMPTY = "generations_not_empty"
+SCHEMA_VALID = "schema_valid"
 LISTED = 20  # row ids / partitions named in a failing check's metadata, at most
 
 
@@ -38,6 +42,9 @@ def check_specs(pipeline: LLMPipeline, stage: str, asset_key: dg.AssetKey) -> li
         specs.append(dg.AssetCheckSpec(ERROR_RATE, asset=asset_key, description=f"Rows with an inference error are at most {pipeline.max_error_rate:.1%} of the rows."))
     if stage == pipeline.text_stage():
         specs.append(dg.AssetCheckSpec(NOT_EMPTY, asset=asset_key, description="No row without an error has an empty generated_text."))
+        if pipeline.output_schema is not None:
+            specs.append(dg.AssetCheckSpec(SCHEMA_VALID, asset=asset_key, description=(
+                f"generated_text parses as {pipeline.output_schema.__name__} in at least {1 - pipeline.max_error_rate:.1%} of the rows without an error.")))
     return specs
 
 
@@ -51,6 +58,8 @@ class PartitionFindings:
     extra: list = field(default_factory=list)
     rows_checked: int = 0  # rows read by the empty-generation check
     empty: list = field(default_factory=list)
+    parsed: int = 0  # rows without an error the schema check parsed
+    invalid: list = field(default_factory=list)
 
     @property
     def row_ids_ok(self) -> bool:
@@ -64,6 +73,8 @@ def partition_findings(pipeline: LLMPipeline, stage: str, stats: PartitionStats,
         _find_row_ids(pipeline, stage, stats, storage, found)
     if NOT_EMPTY in names:
         _find_empty(pipeline, stage, stats.partition, storage, found)
+    if SCHEMA_VALID in names:
+        _find_invalid(pipeline, stage, stats.partition, storage, found)
     return found
 
 
@@ -99,6 +110,26 @@ def _find_empty(pipeline: LLMPipeline, stage: str, partition: str, storage, foun
         found.empty += table.filter(is_empty).column(ROW_ID).to_pylist()
 
 
+def _find_invalid(pipeline: LLMPipeline, stage: str, partition: str, storage, found: PartitionFindings) -> None:
+    """Parse the rows generated under the pipeline's schema (not those that set a constraint of
+    their own, nor failed ones)."""
+    from pydantic import ValidationError
+
+    ours = {"json": json_schema(pipeline.output_schema)}
+    for table in storage.read_committed(pipeline.name, stage, partition, [ROW_ID, "generated_text", "sampling_params", ERROR_COLUMN]):
+        def column(name):
+            return table.column(name).to_pylist() if name in table.column_names else [None] * table.num_rows
+
+        for row_id, text, params, error in zip(column(ROW_ID), column("generated_text"), column("sampling_params"), column(ERROR_COLUMN)):
+            if error is not None or loads_params(params).get("structured_outputs") != ours:
+                continue
+            found.parsed += 1
+            try:
+                pipeline.output_schema.model_validate_json(text or "")
+            except ValidationError:
+                found.invalid.append(row_id)
+
+
 def stage_results(pipeline: LLMPipeline, results: list[PartitionStats], findings: list[PartitionFindings],
                   names: set[str], asset_key: dg.AssetKey) -> list[dg.AssetCheckResult]:
     """The stage's check results over the run's partitions (``findings`` in the same order)."""
@@ -109,6 +140,8 @@ def stage_results(pipeline: LLMPipeline, results: list[PartitionStats], findings
         checked.append(_error_rate_result(pipeline, sum(r.rows_out for r in results), sum(r.errors for r in results), asset_key))
     if NOT_EMPTY in names:
         checked.append(_not_empty_result(findings, asset_key))
+    if SCHEMA_VALID in names:
+        checked.append(_schema_result(pipeline, findings, asset_key))
     return checked
 
 
@@ -149,4 +182,17 @@ def _not_empty_result(findings: list[PartitionFindings], asset_key: dg.AssetKey)
         asset_key=asset_key,
         passed=not empty,
         metadata={"rows_checked": sum(f.rows_checked for f in findings), "empty_generations": len(empty), "examples": ", ".join(map(str, empty[:LISTED]))},
+    )
+
+
+def _schema_result(pipeline: LLMPipeline, findings: list[PartitionFindings], asset_key: dg.AssetKey) -> dg.AssetCheckResult:
+    invalid = [row_id for f in findings for row_id in f.invalid]
+    parsed = sum(f.parsed for f in findings)
+    rate = len(invalid) / parsed if parsed else 0.0
+    return dg.AssetCheckResult(
+        check_name=SCHEMA_VALID,
+        asset_key=asset_key,
+        passed=rate <= pipeline.max_error_rate,
+        metadata={"rows_parsed": parsed, "invalid_rows": len(invalid), "valid_rate": round(1 - rate, 6),
+                  "schema": pipeline.output_schema.__name__, "examples": ", ".join(map(str, invalid[:LISTED]))},
     )

@@ -11,6 +11,7 @@ from typing import Any, Callable, Optional
 import pyarrow as pa
 
 from llm_assets.stages.base import ROW_ID, RowError, apply_row_fn, dumps_params, rows_of, table_of
+from llm_assets.stages.structured import check_structured_outputs
 
 STAGE = "preprocess"
 ROLES = {"system", "user", "assistant", "tool", "developer"}
@@ -35,14 +36,19 @@ def _check_messages(row_id: Any, messages: Any) -> list[dict[str, Any]]:
     return [dict(message) for message in messages]
 
 
-def _check_sampling_params(row_id: Any, params: Any) -> Optional[str]:
+def _check_sampling_params(row_id: Any, params: Any, output_schema: Optional[dict[str, Any]] = None) -> Optional[str]:
     try:
         encoded = dumps_params(params)
     except (TypeError, ValueError) as exc:
         raise RowError(row_id, STAGE, f"'sampling_params' {exc}") from exc
-    if encoded is None:
+    if encoded is None and output_schema is None:
         return None
-    decoded = json.loads(encoded)
+    decoded = json.loads(encoded) if encoded is not None else {}
+    if output_schema is not None and decoded.get("structured_outputs") is None:
+        decoded["structured_outputs"] = {"json": output_schema}
+        encoded = dumps_params(decoded)
+    if decoded.get("structured_outputs") is not None:
+        check_structured_outputs(row_id, decoded["structured_outputs"])
     max_tokens = decoded.get("max_tokens")
     if max_tokens is not None and (not isinstance(max_tokens, int) or max_tokens < 1):
         raise RowError(row_id, STAGE, f"sampling_params.max_tokens is {max_tokens!r}: expected an integer >= 1")
@@ -73,11 +79,13 @@ class PreprocessStage:
     NEEDS: tuple[str, ...] = ()  # whatever the input file has; the user function maps it
     ADDS = ("row_id", "messages|prompt|payload", "sampling_params")
     USER_FN = "preprocess"
-    PROCESSOR_KWARGS = ("takes_payload",)
+    PROCESSOR_KWARGS = ("takes_payload", "output_schema")
 
-    def __init__(self, fn: Optional[Callable[[dict[str, Any]], dict[str, Any]]] = None, takes_payload: bool = False):
+    def __init__(self, fn: Optional[Callable[[dict[str, Any]], dict[str, Any]]] = None, takes_payload: bool = False,
+                 output_schema: Optional[dict[str, Any]] = None):
         self.fn = fn
         self.takes_payload = takes_payload
+        self.output_schema = output_schema  # a JSON schema for rows that set no structured output
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         return table_of([self._one(row) for row in rows_of(batch)])
@@ -102,5 +110,5 @@ class PreprocessStage:
             row["messages"] = _check_messages(row_id, row["messages"])
         elif not row["prompt"]:
             raise RowError(row_id, STAGE, "'prompt' is empty")
-        row["sampling_params"] = _check_sampling_params(row_id, row.get("sampling_params"))
+        row["sampling_params"] = _check_sampling_params(row_id, row.get("sampling_params"), self.output_schema)
         return row

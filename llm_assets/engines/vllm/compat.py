@@ -118,6 +118,10 @@ def sampling_params(**kwargs: Any):
     from vllm.sampling_params import RequestOutputKind
 
     kwargs.setdefault("output_kind", RequestOutputKind.FINAL_ONLY)
+    if isinstance(kwargs.get("structured_outputs"), dict):  # checked by Preprocess (stages/structured.py)
+        from vllm.sampling_params import StructuredOutputsParams
+
+        kwargs["structured_outputs"] = StructuredOutputsParams(**kwargs["structured_outputs"])
     return SamplingParams(**kwargs)
 
 
