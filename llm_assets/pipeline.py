@@ -80,6 +80,9 @@ class LLMPipeline:
         if type(self.config) not in ENGINES:
             known = ", ".join(cls.__name__ for cls in ENGINES)
             raise TypeError(f"pipeline {self.name!r}: config must be one of {known} (or a dict of vLLM settings)")
+        if self.task.text_column is None and (self.openai_batch_output or self.output_schema is not None):
+            raise ValueError(f"pipeline {self.name!r}: task_type {self.config.task_type!r} generates no text: "
+                             "openai_batch_output and output_schema do not apply")
         if self.output_schema is not None:
             json_schema(self.output_schema)  # a clear error at definition load for anything else
             if self.engine.takes_payload:
@@ -97,11 +100,13 @@ class LLMPipeline:
         return engine_for(self.config)
 
     def stage_names(self) -> list[str]:
-        return [
-            name
-            for name in self.task.stages
-            if name not in OPTIONAL_STAGES or self.config.stage(OPTIONAL_STAGES[name]).enabled
-        ]
+        return [name for name in self.task.stages if name not in OPTIONAL_STAGES or self._enabled(OPTIONAL_STAGES[name])]
+
+    def _enabled(self, field_name: str) -> bool:
+        stage = field_name.removesuffix("_stage")
+        if stage in self.task.off_by_default and field_name not in self.config.model_fields_set:
+            return False
+        return self.config.stage(field_name).enabled
 
     @cached_property
     def _plans(self) -> dict[str, StagePlan]:

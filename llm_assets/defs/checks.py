@@ -4,8 +4,10 @@
   output, error rows included;
 - ``error_rate`` (engine): rows with ``__inference_error__`` / rows, at most the pipeline's
   ``max_error_rate``;
-- ``generations_not_empty`` (the first stage with ``generated_text``): no row without an error
-  has an empty generation;
+- ``generations_not_empty`` (the first stage with ``generated_text``, tasks that generate text):
+  no row without an error has an empty generation;
+- ``embeddings_valid`` (engine, ``task_type="embed"``): every row without an error has an
+  embedding, all of one dimension, none with NaN;
 - ``schema_valid`` (the same stage, for a pipeline with an ``output_schema``): rows whose text does
   not parse as the schema's model are at most ``max_error_rate`` of the rows without an error.
 
@@ -33,6 +35,7 @@ ROW_IDS = "row_ids_conserved"
 ERROR_RATE = "error_rate"
 NOT_EMPTY = "generations_not_empty"
 SCHEMA_VALID = "schema_valid"
+EMBEDDINGS = "embeddings_valid"
 LISTED = 20  # row ids / partitions named in a failing check's metadata, at most
 
 
@@ -40,7 +43,9 @@ def check_specs(pipeline: LLMPipeline, stage: str, asset_key: dg.AssetKey) -> li
     specs = [dg.AssetCheckSpec(ROW_IDS, asset=asset_key, description="Every input row id appears exactly once in this stage's output (error rows included).")]
     if stage == ENGINE:
         specs.append(dg.AssetCheckSpec(ERROR_RATE, asset=asset_key, description=f"Rows with an inference error are at most {pipeline.max_error_rate:.1%} of the rows."))
-    if stage == pipeline.text_stage():
+    if stage == ENGINE and pipeline.task.name == "embed":
+        specs.append(dg.AssetCheckSpec(EMBEDDINGS, asset=asset_key, description="Every row without an error has an embedding, all of one dimension, with no NaN."))
+    if stage == pipeline.text_stage() and pipeline.task.text_column:
         specs.append(dg.AssetCheckSpec(NOT_EMPTY, asset=asset_key, description="No row without an error has an empty generated_text."))
         if pipeline.output_schema is not None:
             specs.append(dg.AssetCheckSpec(SCHEMA_VALID, asset=asset_key, description=(
@@ -60,6 +65,8 @@ class PartitionFindings:
     empty: list = field(default_factory=list)
     parsed: int = 0  # rows without an error the schema check parsed
     invalid: list = field(default_factory=list)
+    dimensions: set = field(default_factory=set)  # embedding lengths seen
+    bad_embeddings: list = field(default_factory=list)  # rows without an error whose embedding is missing or has NaN
 
     @property
     def row_ids_ok(self) -> bool:
@@ -75,6 +82,8 @@ def partition_findings(pipeline: LLMPipeline, stage: str, stats: PartitionStats,
         _find_empty(pipeline, stage, stats.partition, storage, found)
     if SCHEMA_VALID in names:
         _find_invalid(pipeline, stage, stats.partition, storage, found)
+    if EMBEDDINGS in names:
+        _find_bad_embeddings(pipeline, stage, stats.partition, storage, found)
     return found
 
 
@@ -130,6 +139,20 @@ def _find_invalid(pipeline: LLMPipeline, stage: str, partition: str, storage, fo
                 found.invalid.append(row_id)
 
 
+def _find_bad_embeddings(pipeline: LLMPipeline, stage: str, partition: str, storage, found: PartitionFindings) -> None:
+    for table in storage.read_committed(pipeline.name, stage, partition, [ROW_ID, "embeddings", ERROR_COLUMN]):
+        rows = table.filter(pc.is_null(table.column(ERROR_COLUMN))) if ERROR_COLUMN in table.column_names else table
+        ids = rows.column(ROW_ID).to_pylist()
+        if "embeddings" not in rows.column_names:
+            found.bad_embeddings += ids
+            continue
+        vectors = rows.column("embeddings").combine_chunks()
+        found.dimensions.update(n for n in pc.unique(pc.list_value_length(vectors)).to_pylist() if n is not None)
+        with_nan = set(pc.list_parent_indices(vectors).filter(pc.is_nan(pc.list_flatten(vectors))).to_pylist())
+        missing = set(pc.indices_nonzero(pc.is_null(vectors)).to_pylist())
+        found.bad_embeddings += [ids[i] for i in sorted(with_nan | missing)]
+
+
 def stage_results(pipeline: LLMPipeline, results: list[PartitionStats], findings: list[PartitionFindings],
                   names: set[str], asset_key: dg.AssetKey) -> list[dg.AssetCheckResult]:
     """The stage's check results over the run's partitions (``findings`` in the same order)."""
@@ -142,6 +165,8 @@ def stage_results(pipeline: LLMPipeline, results: list[PartitionStats], findings
         checked.append(_not_empty_result(findings, asset_key))
     if SCHEMA_VALID in names:
         checked.append(_schema_result(pipeline, findings, asset_key))
+    if EMBEDDINGS in names:
+        checked.append(_embeddings_result(findings, asset_key))
     return checked
 
 
@@ -195,4 +220,15 @@ def _schema_result(pipeline: LLMPipeline, findings: list[PartitionFindings], ass
         passed=rate <= pipeline.max_error_rate,
         metadata={"rows_parsed": parsed, "invalid_rows": len(invalid), "valid_rate": round(1 - rate, 6),
                   "schema": pipeline.output_schema.__name__, "examples": ", ".join(map(str, invalid[:LISTED]))},
+    )
+
+
+def _embeddings_result(findings: list[PartitionFindings], asset_key: dg.AssetKey) -> dg.AssetCheckResult:
+    bad = [row_id for f in findings for row_id in f.bad_embeddings]
+    dimensions = sorted(set().union(*(f.dimensions for f in findings)))
+    return dg.AssetCheckResult(
+        check_name=EMBEDDINGS,
+        asset_key=asset_key,
+        passed=not bad and len(dimensions) <= 1,
+        metadata={"dimensions": ", ".join(map(str, dimensions)), "bad_rows": len(bad), "examples": ", ".join(map(str, bad[:LISTED]))},
     )

@@ -27,13 +27,14 @@ class PostprocessStage:
         self.fn = fn
 
     def __call__(self, batch: pa.Table) -> pa.Table:
-        if self.fn is None and "sampling_params" not in batch.column_names:
+        if self.fn is None and not {"sampling_params", "pooling_params"} & set(batch.column_names):
             return batch
         return table_of([self._one(row) for row in rows_of(batch)])
 
     def _one(self, row: dict[str, Any]) -> dict[str, Any]:
-        if isinstance(row.get("sampling_params"), str):
-            row["sampling_params"] = json.loads(row["sampling_params"])
+        for name in ("sampling_params", "pooling_params"):
+            if isinstance(row.get(name), str):
+                row[name] = json.loads(row[name])
         if self.fn is None or row.get(ERROR_COLUMN) is not None:
             return row
         return apply_row_fn(self.fn, row, STAGE)

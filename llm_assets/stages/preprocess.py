@@ -111,4 +111,9 @@ class PreprocessStage:
         elif not row["prompt"]:
             raise RowError(row_id, STAGE, "'prompt' is empty")
         row["sampling_params"] = _check_sampling_params(row_id, row.get("sampling_params"), self.output_schema)
+        if row.get("pooling_params") is not None:  # embeddings: JSON text between stages, as sampling_params
+            try:
+                row["pooling_params"] = dumps_params(row["pooling_params"])
+            except (TypeError, ValueError) as exc:
+                raise RowError(row_id, STAGE, f"'pooling_params' {exc}") from exc
         return row

@@ -8,6 +8,7 @@ around the engine and which columns come out of it. Adding one is a module under
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Optional
 
 # The engine stage's name in every plan (its asset is ``{pipeline}/engine``).
 ENGINE = "engine"
@@ -21,5 +22,8 @@ class TaskType:
     stages: tuple[str, ...]
     # Columns the engine adds to each row (what later stages and checks may read).
     engine_columns: tuple[str, ...]
-    # The column holding the text a user checks (the generations_not_empty check reads it).
-    text_column: str = "generated_text"
+    # The column holding the text a user checks (the generations_not_empty check reads it);
+    # None for a task that generates no text.
+    text_column: Optional[str] = "generated_text"
+    # Optional stages that run only where the processor config sets their field explicitly.
+    off_by_default: tuple[str, ...] = ()

@@ -33,9 +33,12 @@ class vLLMEngineProcessorConfig(OfflineProcessorConfig):
 def _replica_kwargs(config: vLLMEngineProcessorConfig, model_source: str, on_gpu: bool, engine_detokenizes: bool) -> dict[str, Any]:
     from llm_assets.engines.vllm import compat
 
+    engine_kwargs = dict(config.engine_kwargs)
+    if config.task_type == "embed":
+        engine_kwargs.setdefault("runner", "pooling")  # the model's pooler, not its LM head
     return dict(
         model_source=model_source,
-        engine_kwargs=compat.platform_engine_kwargs(config.engine_kwargs, on_gpu),
+        engine_kwargs=compat.platform_engine_kwargs(engine_kwargs, on_gpu),
         task_type=config.task_type,
         max_pending_requests=config.max_pending_requests,
         should_continue_on_error=config.should_continue_on_error,

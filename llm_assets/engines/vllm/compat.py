@@ -125,6 +125,14 @@ def sampling_params(**kwargs: Any):
     return SamplingParams(**kwargs)
 
 
+def pooling_params(**kwargs: Any):
+    """PoolingParams of one embedding row (``dimensions``, ``normalize``... as vLLM takes them)."""
+    from vllm import PoolingParams
+
+    kwargs.setdefault("task", "embed")
+    return PoolingParams(**kwargs)
+
+
 # Modules an engine start imports in the engine actor, imported while the CPU stages still run
 # (before the engine is built). The model's module is what the model inspection loads (see
 # inspect_models_in_process).

@@ -54,7 +54,8 @@ class vLLMEngineStage:
         # Rows mostly share their sampling params: one SamplingParams per distinct JSON (vLLM
         # clones it per request, as for the one object LLM.generate passes for every prompt).
         # Parsing and building it for every row took the actor's time from the engine's loop.
-        self._sampling = functools.lru_cache(maxsize=1024)(self._build_sampling)
+        self.embeds = task_type == "embed"
+        self._params = functools.lru_cache(maxsize=1024)(self._build_pooling if self.embeds else self._build_sampling)
         self.start_seconds = time.perf_counter() - started
 
     def fatal_errors(self) -> tuple[type[BaseException], ...]:
@@ -75,7 +76,7 @@ class vLLMEngineStage:
         row_ids = batch.column(ROW_ID).to_pylist()
         token_ids = column_or_none(batch, "tokenized_prompt")
         prompts = column_or_none(batch, "prompt")
-        params = column_or_none(batch, "sampling_params")
+        params = column_or_none(batch, "pooling_params" if self.embeds else "sampling_params")
         upstream_ok = ok_rows(batch)
         results = await asyncio.gather(
             *(
@@ -88,21 +89,21 @@ class vLLMEngineStage:
         if "tokenized_prompt" in batch.column_names:
             # The ids are persisted by the Tokenize stage; not copying them keeps this output small.
             batch = batch.drop_columns(["tokenized_prompt"])
-        columns: dict[str, pa.DataType] = {
-            "generated_tokens": pa.list_(pa.int32()),
-            "num_input_tokens": pa.int32(),
-            "num_generated_tokens": pa.int32(),
-            "time_taken_llm": pa.float64(),
-            "finish_reason": pa.string(),
-        }
+        return with_results(batch, results, self._columns(), upstream_ok, self.should_continue_on_error)
+
+    def _columns(self) -> dict[str, pa.DataType]:
+        if self.embeds:
+            return {"embeddings": pa.list_(pa.float32()), "num_input_tokens": pa.int32(), "time_taken_llm": pa.float64()}
+        columns = {"generated_tokens": pa.list_(pa.int32()), "num_input_tokens": pa.int32(), "num_generated_tokens": pa.int32(),
+                   "time_taken_llm": pa.float64(), "finish_reason": pa.string()}
         if self.engine_detokenizes:
             columns["generated_text"] = pa.string()
-        return with_results(batch, results, columns, upstream_ok, self.should_continue_on_error)
+        return columns
 
     async def _generate(self, row_id: Any, token_ids: Any, prompt: Optional[str], params_json: Optional[str]) -> dict:
         started = time.perf_counter()
         try:
-            sampling = self._sampling(params_json)
+            sampling = self._params(params_json)
             if token_ids is not None:
                 request = vllm_compat.tokens_prompt(token_ids)
             elif prompt:
@@ -120,6 +121,9 @@ class vLLMEngineStage:
                 raise RowError(row_id, STAGE, f"{type(exc).__name__}: {exc}") from exc
             snippet = (prompt or "")[:PROMPT_SNIPPET_CHARS]
             return {"error": f"{type(exc).__name__}: {exc} (prompt: {snippet!r})"}
+        if self.embeds:
+            return {"embeddings": final.outputs.data.tolist(), "num_input_tokens": len(final.prompt_token_ids or []),
+                    "time_taken_llm": time.perf_counter() - started}
         completion = final.outputs[0]
         return {
             "generated_tokens": list(completion.token_ids),
@@ -135,6 +139,9 @@ class vLLMEngineStage:
         if not self.engine_detokenizes and not params.get("stop"):
             params.setdefault("detokenize", False)
         return vllm_compat.sampling_params(**params)
+
+    def _build_pooling(self, params_json: Optional[str]):
+        return vllm_compat.pooling_params(**loads_params(params_json))
 
     def shutdown(self) -> dict[str, float]:
         return self.engine.shutdown()
