@@ -96,3 +96,26 @@ def test_text_that_does_not_parse_as_the_output_schema_fails_schema_valid(tmp_pa
     assert (found.parsed, found.invalid) == (2, ["a:1"])  # the row with its own regex is not parsed
     [result] = checks.stage_results(pipeline, [PartitionStats("a.jsonl")], [found], names, KEY)
     assert not result.passed and result.metadata["valid_rate"].value == 0.5
+
+
+def test_a_missing_nan_or_odd_sized_embedding_fails_embeddings_valid(tmp_path):
+    from llm_assets.config import vLLMEngineProcessorConfig
+    from llm_assets.pipeline import LLMPipeline
+    from llm_assets.sources import LocalFolderSource
+
+    pipeline = LLMPipeline("tiny", vLLMEngineProcessorConfig(model_source="m", task_type="embed"), LocalFolderSource(str(tmp_path)))
+    storage = PartitionStorage(root=str(tmp_path / "storage"))
+    commit(storage, "engine", "a.jsonl", {
+        ROW_ID: ["a:0", "a:1", "a:2", "a:3"],
+        "embeddings": pa.array([[0.1, 0.2], [float("nan"), 0.2], None, [0.3, 0.4]], pa.list_(pa.float32())),
+        ERROR_COLUMN: [None, None, None, "ValueError: refused"],
+    })
+    commit(storage, "engine", "b.jsonl", {ROW_ID: ["b:0"], "embeddings": pa.array([[0.1, 0.2, 0.3]], pa.list_(pa.float32()))})
+    names = {checks.EMBEDDINGS}
+    assert checks.EMBEDDINGS in {spec.name for spec in checks.check_specs(pipeline, "engine", KEY)}
+    assert checks.NOT_EMPTY not in {spec.name for spec in checks.check_specs(pipeline, "engine", KEY)}
+    stats = [PartitionStats("a.jsonl"), PartitionStats("b.jsonl")]
+    findings = [checks.partition_findings(pipeline, "engine", s, storage, names) for s in stats]
+    assert findings[0].bad_embeddings == ["a:1", "a:2"] and findings[0].dimensions == {2}
+    [result] = checks.stage_results(pipeline, stats, findings, names, KEY)
+    assert not result.passed and result.metadata["dimensions"].value == "2, 3"
