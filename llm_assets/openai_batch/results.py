@@ -13,7 +13,7 @@ import hashlib
 import re
 from typing import Any
 
-from llm_assets.openai_batch.requests import CHAT, COMPLETIONS, RESPONSES, URLS
+from llm_assets.openai_batch.requests import CHAT, COMPLETIONS, EMBEDDINGS, RESPONSES, URLS
 from llm_assets.stages.base import ERROR_COLUMN, ROW_ID
 
 # The engine's finish reasons that OpenAI's objects have; any other ("abort") is not a finished
@@ -132,4 +132,15 @@ def _response(row: dict[str, Any], model: str, created: int, body_id: str) -> di
     }
 
 
-_BODIES = {CHAT: _chat_completion, COMPLETIONS: _text_completion, RESPONSES: _response}
+def _embedding(row: dict[str, Any], model: str, created: int, body_id: str) -> dict[str, Any]:
+    """An embeddings ``list`` object, as /v1/embeddings answers (``created``, ``body_id``: unused there)."""
+    tokens = int(row.get("num_input_tokens") or 0)
+    return {
+        "object": "list",
+        "data": [{"object": "embedding", "index": 0, "embedding": row.get("embeddings")}],
+        "model": model,
+        "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
+    }
+
+
+_BODIES = {CHAT: _chat_completion, COMPLETIONS: _text_completion, RESPONSES: _response, EMBEDDINGS: _embedding}

@@ -79,11 +79,14 @@ class PreprocessStage:
     NEEDS: tuple[str, ...] = ()  # whatever the input file has; the user function maps it
     ADDS = ("row_id", "messages|prompt|payload", "sampling_params")
     USER_FN = "preprocess"
-    PROCESSOR_KWARGS = ("takes_payload", "output_schema")
+    PROCESSOR_KWARGS = ("takes_payload", "output_schema", "task_type")
 
     def __init__(self, fn: Optional[Callable[[dict[str, Any]], dict[str, Any]]] = None, takes_payload: bool = False,
-                 output_schema: Optional[dict[str, Any]] = None):
+                 output_schema: Optional[dict[str, Any]] = None, task_type: str = "generate"):
+        from llm_assets.openai_batch.requests import EMBEDDINGS  # here: openai_batch imports stages.base
+
         self.fn = fn
+        self.task_type, self.embeddings_url = task_type, EMBEDDINGS
         self.takes_payload = takes_payload
         self.output_schema = output_schema  # a JSON schema for rows that set no structured output
 
@@ -97,6 +100,9 @@ class PreprocessStage:
         if self.takes_payload:
             row["payload"] = _check_payload(row_id, row.get("payload"), sorted(row))
             return row
+        url = row.get("openai_url")  # a row of an OpenAI Batch file: its endpoint must be the task's
+        if url is not None and (url == self.embeddings_url) != (self.task_type == "embed"):
+            raise RowError(row_id, STAGE, f"is a {url} request, and this pipeline's task_type is {self.task_type!r}")
         has_messages = row.get("messages") is not None
         has_prompt = isinstance(row.get("prompt"), str)
         if not has_messages and not has_prompt:
