@@ -1,5 +1,6 @@
 """Embeddings on the CPU: an llm_assets embed pipeline against sentence-transformers in one process.
 
+    .venv/bin/pip install sentence-transformers scipy scikit-learn   # the comparison only
     .venv/bin/python bench/embed_cpu.py --sentences 1000 4000 [--partitions 4]
 
 For each size, each system runs in a fresh process over the same sentences (all-MiniLM-L6-v2
