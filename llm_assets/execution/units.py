@@ -54,7 +54,6 @@ def run_unit(table: pa.Table, calls: list[StageCall], file_name: str, filesystem
     return table, written
 
 
-
 def _size_tokenizer_threads() -> None:
     """Hugging Face tokenizers encode and decode batches on a Rayon pool of one thread per core of
     the machine, whatever CPUs the task reserved: a few stage tasks beside the engine then run
