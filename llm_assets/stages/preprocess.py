@@ -101,7 +101,7 @@ class PreprocessStage:
             row["payload"] = _check_payload(row_id, row.get("payload"), sorted(row))
             return row
         url = row.get("openai_url")  # a row of an OpenAI Batch file: its endpoint must be the task's
-        if url is not None and (url == self.embeddings_url) != (self.task_type == "embed"):
+        if url is not None and not (self.task_type == "embed" if url == self.embeddings_url else self.task_type == "generate"):
             raise RowError(row_id, STAGE, f"is a {url} request, and this pipeline's task_type is {self.task_type!r}")
         has_messages = row.get("messages") is not None
         has_prompt = isinstance(row.get("prompt"), str)

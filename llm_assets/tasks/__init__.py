@@ -1,9 +1,10 @@
 """Task types by ``task_type`` name. A new task type is a module here and one line below."""
 
 from llm_assets.tasks.base import ENGINE, TaskType
+from llm_assets.tasks.classify import CLASSIFY
 from llm_assets.tasks.embed import EMBED
 from llm_assets.tasks.generate import GENERATE
 
-TASKS: dict[str, TaskType] = {task.name: task for task in (GENERATE, EMBED)}
+TASKS: dict[str, TaskType] = {task.name: task for task in (GENERATE, EMBED, CLASSIFY)}
 
 __all__ = ["ENGINE", "TASKS", "TaskType"]

@@ -34,7 +34,7 @@ def _replica_kwargs(config: vLLMEngineProcessorConfig, model_source: str, on_gpu
     from llm_assets.engines.vllm import compat
 
     engine_kwargs = dict(config.engine_kwargs)
-    if config.task_type == "embed":
+    if config.task_type in compat.POOLING_TASKS:
         engine_kwargs.setdefault("runner", "pooling")  # the model's pooler, not its LM head
     return dict(
         model_source=model_source,

@@ -125,12 +125,15 @@ def sampling_params(**kwargs: Any):
     return SamplingParams(**kwargs)
 
 
-def pooling_params(**kwargs: Any):
-    """PoolingParams of one embedding row (``dimensions``, ``normalize``... as vLLM takes them)."""
+# Task types whose engine runs the model's pooler (vLLM's runner="pooling"): a vector per row.
+POOLING_TASKS = ("embed", "classify")
+
+
+def pooling_params(task: str, **kwargs: Any):
+    """PoolingParams of one row of a pooling task (``dimensions``, ``normalize``... as vLLM takes them)."""
     from vllm import PoolingParams
 
-    kwargs.setdefault("task", "embed")
-    return PoolingParams(**kwargs)
+    return PoolingParams(task=task, **kwargs)
 
 
 # Modules an engine start imports in the engine actor, imported while the CPU stages still run

@@ -54,8 +54,8 @@ class vLLMEngineStage:
         # Rows mostly share their sampling params: one SamplingParams per distinct JSON (vLLM
         # clones it per request, as for the one object LLM.generate passes for every prompt).
         # Parsing and building it for every row took the actor's time from the engine's loop.
-        self.embeds = task_type == "embed"
-        self._params = functools.lru_cache(maxsize=1024)(self._build_pooling if self.embeds else self._build_sampling)
+        self.pools = task_type in vllm_compat.POOLING_TASKS  # a vector per row (embed, classify), no generation
+        self._params = functools.lru_cache(maxsize=1024)(self._build_pooling if self.pools else self._build_sampling)
         self.start_seconds = time.perf_counter() - started
 
     def fatal_errors(self) -> tuple[type[BaseException], ...]:
@@ -76,7 +76,7 @@ class vLLMEngineStage:
         row_ids = batch.column(ROW_ID).to_pylist()
         token_ids = column_or_none(batch, "tokenized_prompt")
         prompts = column_or_none(batch, "prompt")
-        params = column_or_none(batch, "pooling_params" if self.embeds else "sampling_params")
+        params = column_or_none(batch, "pooling_params" if self.pools else "sampling_params")
         upstream_ok = ok_rows(batch)
         results = await asyncio.gather(
             *(
@@ -92,7 +92,7 @@ class vLLMEngineStage:
         return with_results(batch, results, self._columns(), upstream_ok, self.should_continue_on_error)
 
     def _columns(self) -> dict[str, pa.DataType]:
-        if self.embeds:
+        if self.pools:
             return {"embeddings": pa.list_(pa.float32()), "num_input_tokens": pa.int32(), "time_taken_llm": pa.float64()}
         columns = {"generated_tokens": pa.list_(pa.int32()), "num_input_tokens": pa.int32(), "num_generated_tokens": pa.int32(),
                    "time_taken_llm": pa.float64(), "finish_reason": pa.string()}
@@ -121,7 +121,7 @@ class vLLMEngineStage:
                 raise RowError(row_id, STAGE, f"{type(exc).__name__}: {exc}") from exc
             snippet = (prompt or "")[:PROMPT_SNIPPET_CHARS]
             return {"error": f"{type(exc).__name__}: {exc} (prompt: {snippet!r})"}
-        if self.embeds:
+        if self.pools:
             return {"embeddings": final.outputs.data.tolist(), "num_input_tokens": len(final.prompt_token_ids or []),
                     "time_taken_llm": time.perf_counter() - started}
         completion = final.outputs[0]
@@ -141,7 +141,7 @@ class vLLMEngineStage:
         return vllm_compat.sampling_params(**params)
 
     def _build_pooling(self, params_json: Optional[str]):
-        return vllm_compat.pooling_params(**loads_params(params_json))
+        return vllm_compat.pooling_params(self.task_type, **loads_params(params_json))
 
     def shutdown(self) -> dict[str, float]:
         return self.engine.shutdown()
