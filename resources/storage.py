@@ -56,12 +56,30 @@ class Manifest:
     file_rows: list[int] = field(default_factory=list)  # rows of each file, in order (empty in old manifests)
 
 
+# Reads of a manifest that parse badly before one is given up on (see read_manifest).
+MANIFEST_READS = 5
+
+
 def read_manifest(fs: pafs.FileSystem, partition_dir: str) -> Optional[Manifest]:
-    try:
-        with fs.open_input_stream(f"{partition_dir}/{MANIFEST}") as f:
-            return Manifest(**json.loads(f.read()))
-    except FileNotFoundError:
-        return None
+    """The partition's manifest, or None. A store whose overwrite is not atomic for readers (the
+    local S3 endpoint of the tests, some S3-compatible servers) can hand a reader half of a
+    manifest that a concurrent commit is replacing: that read is made again, a few times, before
+    the error is raised naming the file."""
+    path = f"{partition_dir}/{MANIFEST}"
+    reads = 0
+    while True:
+        reads += 1
+        try:
+            with fs.open_input_stream(path) as f:
+                body = f.read()
+        except FileNotFoundError:
+            return None
+        try:
+            return Manifest(**json.loads(body))
+        except json.JSONDecodeError as exc:
+            if reads == MANIFEST_READS:
+                raise ValueError(f"{path} is not valid JSON after {reads} reads: {exc}") from exc
+        time.sleep(0.05 * reads)
 
 
 def new_attempt_name() -> str:
