@@ -1,4 +1,5 @@
-"""The vLLM engine replica: token ids in, generated token ids out, one engine per actor.
+"""The vLLM engine replica: token ids in, generated token ids out (or, for ``embed`` and
+``classify``, the model's pooled vector in ``embeddings``), one engine per actor.
 
 Every row of a batch becomes its own request, submitted at once, so the engine's scheduler sees
 many requests in flight (across batches too: the actor runs several batches concurrently) and the
@@ -103,7 +104,7 @@ class vLLMEngineStage:
     async def _generate(self, row_id: Any, token_ids: Any, prompt: Optional[str], params_json: Optional[str]) -> dict:
         started = time.perf_counter()
         try:
-            sampling = self._params(params_json)
+            params = self._params(params_json)
             if token_ids is not None:
                 request = vllm_compat.tokens_prompt(token_ids)
             elif prompt:
@@ -111,7 +112,7 @@ class vLLMEngineStage:
             else:
                 raise ValueError("the row has neither 'tokenized_prompt' nor a non-empty 'prompt'")
             async with self.semaphore:
-                final = await self.engine.generate(request, sampling, request_id=f"{row_id}#{next(self.request_ids)}")
+                final = await self.engine.generate(request, params, request_id=f"{row_id}#{next(self.request_ids)}")
         except self._fatal:
             raise  # a dead engine is never one row's problem
         except Exception as exc:
