@@ -83,7 +83,7 @@ class LLMPipeline:
         if self.task.text_column is None and self.output_schema is not None:
             raise ValueError(f"pipeline {self.name!r}: task_type {self.config.task_type!r} generates no text: output_schema does not apply")
         if self.output_schema is not None:
-            json_schema(self.output_schema)  # a clear error at definition load for anything else
+            self.output_json_schema  # a clear error at definition load for anything but a pydantic model
             if self.engine.takes_payload:
                 raise ValueError(f"pipeline {self.name!r}: output_schema constrains a model engine's sampling; with "
                                  f"{type(self.config).__name__} put the endpoint's response_format in the payload")
@@ -108,6 +108,11 @@ class LLMPipeline:
         return self.config.stage(field_name).enabled
 
     @cached_property
+    def output_json_schema(self) -> Optional[dict[str, Any]]:
+        """The JSON schema of ``output_schema`` (None without one)."""
+        return json_schema(self.output_schema) if self.output_schema is not None else None
+
+    @cached_property
     def _plans(self) -> dict[str, StagePlan]:
         plans: dict[str, StagePlan] = {}
         upstream = None
@@ -130,7 +135,7 @@ class LLMPipeline:
             kwargs["fn"] = getattr(self, udf.USER_FN)
         processor = {"max_prompt_tokens": self.engine.max_prompt_tokens(config), "should_continue_on_error": config.should_continue_on_error,
                      "takes_payload": self.engine.takes_payload, "task_type": config.task_type,
-                     "output_schema": json_schema(self.output_schema) if self.output_schema is not None else None}
+                     "output_schema": self.output_json_schema}
         kwargs.update({name: processor[name] for name in getattr(udf, "PROCESSOR_KWARGS", ())})
         uses_model = "model_source" in inspect.signature(udf.__init__).parameters
         return StagePlan(stage, upstream, udf, kwargs, settings, getattr(settings, "model_source", None) if uses_model else None)

@@ -23,13 +23,13 @@ from collections import Counter
 from dataclasses import dataclass, field
 
 import dagster as dg
+import pyarrow as pa
 import pyarrow.compute as pc
 
 from llm_assets.execution.stats import PartitionStats
 from llm_assets.pipeline import LLMPipeline
 from llm_assets.tasks import ENGINE
 from llm_assets.stages.base import ERROR_COLUMN, ROW_ID, loads_params
-from llm_assets.stages.structured import json_schema
 
 ROW_IDS = "row_ids_conserved"
 ERROR_RATE = "error_rate"
@@ -61,7 +61,7 @@ class PartitionFindings:
     duplicates: list = field(default_factory=list)
     missing: list = field(default_factory=list)
     extra: list = field(default_factory=list)
-    rows_checked: int = 0  # rows read by the empty-generation check
+    rows_checked: int = 0  # rows read by the row checks
     empty: list = field(default_factory=list)
     parsed: int = 0  # rows without an error the schema check parsed
     invalid: list = field(default_factory=list)
@@ -74,17 +74,25 @@ class PartitionFindings:
 
 
 def partition_findings(pipeline: LLMPipeline, stage: str, stats: PartitionStats, storage, names: set[str]) -> PartitionFindings:
-    """Read the partition's committed output for the checks named in ``names``."""
+    """Read the partition's committed output for the checks named in ``names``: the row checks
+    share one read of the columns they need."""
     found = PartitionFindings(stats.partition)
     if ROW_IDS in names:
         _find_row_ids(pipeline, stage, stats, storage, found)
-    if NOT_EMPTY in names:
-        _find_empty(pipeline, stage, stats.partition, storage, found)
-    if SCHEMA_VALID in names:
-        _find_invalid(pipeline, stage, stats.partition, storage, found)
-    if EMBEDDINGS in names:
-        _find_bad_embeddings(pipeline, stage, stats.partition, storage, found)
+    row_checks = [ROW_CHECKS[name] for name in ROW_CHECKS if name in names]
+    if row_checks:
+        columns = sorted({ROW_ID, ERROR_COLUMN}.union(*(needs for _, needs in row_checks)))
+        for table in storage.read_committed(pipeline.name, stage, stats.partition, columns):
+            found.rows_checked += table.num_rows
+            ok = _without_errors(table)
+            for find, _ in row_checks:
+                find(pipeline, ok, found)
     return found
+
+
+def _without_errors(table: pa.Table) -> pa.Table:
+    """The rows no stage marked as failed (a failed row is the error_rate check's)."""
+    return table.filter(pc.is_null(table.column(ERROR_COLUMN))) if ERROR_COLUMN in table.column_names else table
 
 
 def _row_ids(storage, pipeline: str, stage: str, partition: str) -> Counter:
@@ -106,51 +114,49 @@ def _find_row_ids(pipeline: LLMPipeline, stage: str, stats: PartitionStats, stor
         found.extra = sorted(set(out) - set(expected))
 
 
-def _find_empty(pipeline: LLMPipeline, stage: str, partition: str, storage, found: PartitionFindings) -> None:
-    for table in storage.read_committed(pipeline.name, stage, partition, [ROW_ID, "generated_text", ERROR_COLUMN]):
-        if "generated_text" not in table.column_names:
-            continue
-        ok = pc.is_null(table.column(ERROR_COLUMN)) if ERROR_COLUMN in table.column_names else None
-        text = pc.utf8_trim_whitespace(pc.fill_null(table.column("generated_text"), ""))
-        is_empty = pc.equal(pc.utf8_length(text), 0)
-        if ok is not None:
-            is_empty = pc.and_(is_empty, ok)
-        found.rows_checked += table.num_rows
-        found.empty += table.filter(is_empty).column(ROW_ID).to_pylist()
+def _find_empty(pipeline: LLMPipeline, ok: pa.Table, found: PartitionFindings) -> None:
+    if "generated_text" not in ok.column_names:
+        return
+    text = pc.utf8_trim_whitespace(pc.fill_null(ok.column("generated_text"), ""))
+    found.empty += ok.filter(pc.equal(pc.utf8_length(text), 0)).column(ROW_ID).to_pylist()
 
 
-def _find_invalid(pipeline: LLMPipeline, stage: str, partition: str, storage, found: PartitionFindings) -> None:
+def _find_invalid(pipeline: LLMPipeline, ok: pa.Table, found: PartitionFindings) -> None:
     """Parse the rows generated under the pipeline's schema (not those that set a constraint of
-    their own, nor failed ones)."""
+    their own)."""
     from pydantic import ValidationError
 
-    ours = {"json": json_schema(pipeline.output_schema)}
-    for table in storage.read_committed(pipeline.name, stage, partition, [ROW_ID, "generated_text", "sampling_params", ERROR_COLUMN]):
-        def column(name):
-            return table.column(name).to_pylist() if name in table.column_names else [None] * table.num_rows
-
-        for row_id, text, params, error in zip(column(ROW_ID), column("generated_text"), column("sampling_params"), column(ERROR_COLUMN)):
-            if error is not None or loads_params(params).get("structured_outputs") != ours:
-                continue
-            found.parsed += 1
-            try:
-                pipeline.output_schema.model_validate_json(text or "")
-            except ValidationError:
-                found.invalid.append(row_id)
-
-
-def _find_bad_embeddings(pipeline: LLMPipeline, stage: str, partition: str, storage, found: PartitionFindings) -> None:
-    for table in storage.read_committed(pipeline.name, stage, partition, [ROW_ID, "embeddings", ERROR_COLUMN]):
-        rows = table.filter(pc.is_null(table.column(ERROR_COLUMN))) if ERROR_COLUMN in table.column_names else table
-        ids = rows.column(ROW_ID).to_pylist()
-        if "embeddings" not in rows.column_names:
-            found.bad_embeddings += ids
+    ours = {"json": pipeline.output_json_schema}
+    texts = ok.column("generated_text").to_pylist() if "generated_text" in ok.column_names else [None] * ok.num_rows
+    params = ok.column("sampling_params").to_pylist() if "sampling_params" in ok.column_names else [None] * ok.num_rows
+    for row_id, text, row_params in zip(ok.column(ROW_ID).to_pylist(), texts, params):
+        if loads_params(row_params).get("structured_outputs") != ours:
             continue
-        vectors = rows.column("embeddings").combine_chunks()
-        found.dimensions.update(n for n in pc.unique(pc.list_value_length(vectors)).to_pylist() if n is not None)
-        with_nan = set(pc.list_parent_indices(vectors).filter(pc.is_nan(pc.list_flatten(vectors))).to_pylist())
-        missing = set(pc.indices_nonzero(pc.is_null(vectors)).to_pylist())
-        found.bad_embeddings += [ids[i] for i in sorted(with_nan | missing)]
+        found.parsed += 1
+        try:
+            pipeline.output_schema.model_validate_json(text or "")
+        except ValidationError:
+            found.invalid.append(row_id)
+
+
+def _find_bad_embeddings(pipeline: LLMPipeline, ok: pa.Table, found: PartitionFindings) -> None:
+    ids = ok.column(ROW_ID).to_pylist()
+    if "embeddings" not in ok.column_names:
+        found.bad_embeddings += ids
+        return
+    vectors = ok.column("embeddings").combine_chunks()
+    found.dimensions.update(n for n in pc.unique(pc.list_value_length(vectors)).to_pylist() if n is not None)
+    with_nan = set(pc.list_parent_indices(vectors).filter(pc.is_nan(pc.list_flatten(vectors))).to_pylist())
+    missing = set(pc.indices_nonzero(pc.is_null(vectors)).to_pylist())
+    found.bad_embeddings += [ids[i] for i in sorted(with_nan | missing)]
+
+
+# The checks that look at rows of a stage's output: the finder, and the columns it reads.
+ROW_CHECKS = {
+    NOT_EMPTY: (_find_empty, {"generated_text"}),
+    SCHEMA_VALID: (_find_invalid, {"generated_text", "sampling_params"}),
+    EMBEDDINGS: (_find_bad_embeddings, {"embeddings"}),
+}
 
 
 def stage_results(pipeline: LLMPipeline, results: list[PartitionStats], findings: list[PartitionFindings],

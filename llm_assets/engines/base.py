@@ -51,7 +51,7 @@ class EngineSpec:
     distributions: tuple[str, ...]
     # Modules whose source changes the engine's output (hashed into the engine stage's code version).
     code_modules: tuple[str, ...]
-    # (config, resolved model_source, on_gpu, engine_detokenizes) -> the replica's kwargs.
+    # (config, target: the resolved model_source or what ``target`` gives, on_gpu, engine_detokenizes) -> the replica's kwargs.
     replica_kwargs: Callable[..., dict[str, Any]]
     # (config, on_gpu) -> GPUs one replica needs.
     gpus_per_replica: Callable[[Any, bool], float]

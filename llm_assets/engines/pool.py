@@ -86,14 +86,14 @@ class Replica:
 
 
 class EnginePool:
-    def __init__(self, spec: EngineSpec, config, model_source: str, engine_detokenizes: bool, on_gpu: bool,
+    def __init__(self, spec: EngineSpec, config, target: str, engine_detokenizes: bool, on_gpu: bool,
                  num_cpus_per_engine: float, max_restarts: int, log: Callable[[str], None]):
-        self.spec, self.config, self.model_source, self.on_gpu, self.log = spec, config, model_source, on_gpu, log
+        self.spec, self.config, self.target, self.on_gpu, self.log = spec, config, target, on_gpu, log
         self.num_cpus_per_engine = num_cpus_per_engine
         self.restarts_left = max_restarts
-        self.replica_kwargs = spec.replica_kwargs(config, model_source, on_gpu, engine_detokenizes)
+        self.replica_kwargs = spec.replica_kwargs(config, target, on_gpu, engine_detokenizes)
         self.gpus = spec.gpus_per_replica(config, on_gpu)
-        log(f"Loading {spec.label} into {config.engine_pool_size} engine actor(s) for {model_source} "
+        log(f"Loading {spec.label} into {config.engine_pool_size} engine actor(s) for {target} "
             f"({self.gpus:g} GPU(s) each, {'GPU' if on_gpu else 'CPU'} build)")
         self.replicas = [self._new_replica(i) for i in range(config.engine_pool_size)]
         self.building = False
@@ -126,7 +126,7 @@ class EnginePool:
         if self.building:
             return
         self.building, self.build_started = True, time.monotonic()
-        self.log(f"Starting {len(self.replicas)} {self.spec.label} engine actor(s) for {self.model_source}")
+        self.log(f"Starting {len(self.replicas)} {self.spec.label} engine actor(s) for {self.target}")
         for replica in self.replicas:
             self._start(replica)
 
@@ -177,7 +177,7 @@ class EnginePool:
                 try:
                     self._started(replica, ray.get(ref))
                 except Exception as exc:
-                    raise EngineStartError(f"{self.spec.label} engine {replica.index} for {self.model_source} failed to start: {unwrap(exc)}") from None
+                    raise EngineStartError(f"{self.spec.label} engine {replica.index} for {self.target} failed to start: {unwrap(exc)}") from None
                 return [], []
             if ref in replica.pending:
                 tag, batch_ref, rows, output_ref = replica.pending.pop(ref)
@@ -243,7 +243,7 @@ class EnginePool:
 
     def check_start_timeout(self, timeout_s: float) -> None:
         if self.building and not self.ready and time.monotonic() - self.build_started > timeout_s:
-            raise EngineStartError(f"{self.spec.label} engines for {self.model_source} did not start within {timeout_s:.0f} s")
+            raise EngineStartError(f"{self.spec.label} engines for {self.target} did not start within {timeout_s:.0f} s")
 
     @property
     def shutting_down(self) -> bool:

@@ -1,12 +1,9 @@
-"""Classification: a prompt in, a sequence-classification model's class probabilities out
-(in ``embeddings``, as ray.data.llm writes them)."""
+"""Classification: a prompt in, a sequence-classification model's class probabilities out (in
+``embeddings``, as ray.data.llm writes them). The same stages and columns as embeddings; the
+engine runs the model's classification head instead of its pooler's embedding."""
 
-from llm_assets.tasks.base import ENGINE, TaskType
+import dataclasses
 
-CLASSIFY = TaskType(
-    name="classify",
-    stages=("preprocess", "chat_template", "tokenize", ENGINE, "postprocess"),
-    engine_columns=("embeddings", "num_input_tokens", "time_taken_llm"),
-    text_column=None,
-    off_by_default=("chat_template",),
-)
+from llm_assets.tasks.embed import EMBED
+
+CLASSIFY = dataclasses.replace(EMBED, name="classify")
