@@ -58,6 +58,8 @@ def test_an_engine_core_in_its_own_process_is_forked_from_the_actors_server_and_
     assert len(servers) == 1, [p.cmdline() for p in children]
     cores = servers[0].children()
     assert cores, "no engine core process under the fork server"
+    # Not the lower priority of Ray's workers (and the CPU stages'): the engine's processes run at the normal one.
+    assert [p.nice() for p in [actor_process, *servers, *cores]] == [0] * (2 + len(cores))
 
     ray.kill(replica.actor)
     gone, alive = psutil.wait_procs(cores + servers, timeout=60)

@@ -1,6 +1,7 @@
 """Whole pipelines through real Dagster runs: local Ray, the real CPU vLLM engine, Parquet outputs."""
 
 import json
+import os
 
 import dagster as dg
 import pyarrow.parquet as pq
@@ -58,13 +59,17 @@ def read_output(storage, stage, partition) -> list[dict]:
     return pq.read_table(storage.committed_files("tiny", stage, partition)).to_pylist()
 
 
+def answer_and_niceness(row):
+    return {**to_answer(row), "worker_nice": os.nice(0)}
+
+
 @pytest.fixture(scope="module")
 def two_partition_run(tmp_path_factory, tiny_model, ray_session):
     """One run over two partitions (a single-run backfill): every stage, one engine start."""
     root = tmp_path_factory.mktemp("pipeline")
     write_jsonl(root / "landing" / "a.jsonl", questions(5, "a"))
     write_jsonl(root / "landing" / "b.jsonl", questions(7, "b"))
-    pipeline = make_pipeline(root / "landing", tiny_model)
+    pipeline = make_pipeline(root / "landing", tiny_model, postprocess=answer_and_niceness)
     resources = make_resources(root / "storage")
     with dg.instance_for_test() as instance:
         result = run_job(pipeline, resources, instance, {RANGE_START: "a.jsonl", RANGE_END: "b.jsonl"})
@@ -87,6 +92,8 @@ def test_every_row_id_reaches_the_output_exactly_once(two_partition_run):
         rows = read_output(storage, "postprocess", partition)
         assert sorted(r["row_id"] for r in rows) == sorted(f"{partition}:{i}" for i in range(n))
         assert all(r["tokens"] == MAX_TOKENS and isinstance(r["answer"], str) for r in rows)
+        # The CPU stages ran at a lower priority than the engines (niceness 0, test_engine_pool.py).
+        assert all(r["worker_nice"] > 0 for r in rows)
         prompts = read_output(storage, "chat_template", partition)
         assert all(r["prompt"].endswith("<|im_start|>assistant\n") for r in prompts)
 

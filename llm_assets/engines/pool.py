@@ -17,6 +17,13 @@ from typing import Any, Callable, Optional
 
 from llm_assets.engines.base import EngineSpec
 from llm_assets.secret_env import split_runtime_env
+
+# Ray starts every worker process at niceness 15 (its RAY_worker_niceness), so that its own
+# daemons stay responsive under load. An engine actor (and the engine core it forks) is one busy
+# loop that feeds the GPU: at 15 it loses its core to any normal-priority process on a busy host,
+# the run's own Dagster process included, which raw vLLM never does. Engines run at the normal
+# priority; the CPU-stage tasks keep Ray's lower one and take the cores the engines leave.
+ENGINE_PRIORITY_ENV = {"RAY_worker_niceness": "0"}
 from llm_assets.stages.base import RowError
 
 IN_FLIGHT_PER_SEQUENCE_SLOT = 3
@@ -114,7 +121,7 @@ class EnginePool:
         import ray
 
         runtime_env, secret_env = split_runtime_env(getattr(self.config, "runtime_env", None))
-        runtime_env["env_vars"] = {**self.spec.actor_env(self.on_gpu), **runtime_env.get("env_vars", {})}
+        runtime_env["env_vars"] = {**ENGINE_PRIORITY_ENV, **self.spec.actor_env(self.on_gpu), **runtime_env.get("env_vars", {})}
         options: dict[str, Any] = {"num_cpus": self.num_cpus_per_engine, "num_gpus": self.gpus,
                                    "runtime_env": runtime_env, "max_concurrency": 10_000}
         if self.config.accelerator_type:
