@@ -1,11 +1,13 @@
 """Run one system over the benchmark workload and write its measurements as JSON.
 
-    python bench/run_one.py {raw_vllm,ray_data_llm,llm_assets} --workload DIR/workload.json --out result.json
+    python bench/run_one.py {raw_vllm,ray_data_llm,llm_assets,raw_sglang,llm_assets_sglang} --workload DIR/workload.json --out result.json
 
 Each system runs in its own process (fresh GPU) on the same prompts, model config and card:
 - raw_vllm:     vLLM's offline ``LLM.generate`` on the chat-templated token ids (the ceiling);
 - ray_data_llm: ``ray.data.llm`` with ``vLLMEngineProcessorConfig`` defaults, read JSONL -> Parquet;
-- llm_assets:   one Dagster run over every partition, every stage asset materialized to Parquet.
+- llm_assets:   one Dagster run over every partition, every stage asset materialized to Parquet;
+- raw_sglang:   SGLang's offline ``Engine.generate`` on the same token ids (GPU only);
+- llm_assets_sglang: the llm_assets run with ``SGLangEngineProcessorConfig`` (GPU only).
 """
 
 from __future__ import annotations
@@ -118,22 +120,35 @@ STAGE_LOG_KEYS = ("committed", "vLLM", "execution of", "partition(s):", "partiti
 
 
 def llm_assets(spec: dict, monitor: Monitor) -> dict:
+    return run_llm_assets(spec, monitor, {"model_source": spec["model"], "engine_kwargs": {"load_format": "dummy", "max_model_len": 2048},
+                                          "runtime_env": {"env_vars": engine_env()}})
+
+
+def llm_assets_sglang(spec: dict, monitor: Monitor) -> dict:
+    """llm_assets with the SGLang engine, on the same prompts as raw_sglang."""
+    from llm_assets.config import SGLangEngineProcessorConfig
+
+    return run_llm_assets(spec, monitor, SGLangEngineProcessorConfig(
+        model_source=spec["model"], engine_kwargs={"load_format": "dummy", "context_length": 2048},
+        runtime_env={"env_vars": engine_env()}))
+
+
+def run_llm_assets(spec: dict, monitor: Monitor, config) -> dict:
     import dagster as dg
 
     from llm_assets.defs.factory import add_partitions_for_new_files, build_definitions
+    from llm_assets.engines import engine_for
     from llm_assets.pipeline import LLMPipeline
     from llm_assets.sources import LocalFolderSource
     from resources import PartitionStorage, make_resources
 
     params = sampling_params(spec["max_tokens"])
     pipeline = LLMPipeline(
-        "bench",
-        {"model_source": spec["model"], "engine_kwargs": {"load_format": "dummy", "max_model_len": 2048},
-         "runtime_env": {"env_vars": engine_env()}},
-        LocalFolderSource(spec["landing"]),
+        "bench", config, LocalFolderSource(spec["landing"]),
         preprocess=lambda row: {"id": row["id"], "messages": messages(row), "sampling_params": params},
         postprocess=lambda row: {"id": row["id"], "generated_text": row["generated_text"], "n": row["num_generated_tokens"]},
     )
+    label = engine_for(pipeline.config).label
     resources = make_resources(PartitionStorage(root=tempfile.mkdtemp(prefix="llm-assets-out-")))
     with dg.instance_for_test() as instance:
         add_partitions_for_new_files(instance, pipeline)
@@ -149,21 +164,41 @@ def llm_assets(spec: dict, monitor: Monitor) -> dict:
     stamp = lambda text, last=False: [t for t, m in logs if text in m][-1 if last else 0]  # noqa: E731
     run_start = stamp("Started execution of run")
     run_end = stamp("Finished execution of run")
-    launched = stamp("Loading vLLM into")
-    build = stamp("Starting 1 vLLM engine actor(s)")
-    ready = stamp("vLLM engine(s) ready")
+    launched = stamp(f"Loading {label} into")
+    build = stamp(f"Starting 1 {label} engine actor(s)")
+    ready = stamp(f"{label} engine(s) ready")
     generated = stamp("engine [", last=True)
     tokens = engine.metadata["generated_tokens"].value
     return {
         "rows": engine.metadata["rows_out"].value, "output_tokens": tokens,
-        # From the engine actor's creation (it imports vLLM while the CPU stages run) to ready.
+        # From the engine actor's creation (it imports the engine library while the CPU stages run) to ready.
         "engine_start_s": ready - launched, "run_s": run_end - run_start,
         # When the engine build began, from the run's start (the target: <= 15 s at any partition count).
         "engine_build_after_run_start_s": build - run_start,
         "generate_s": generated - ready, "wall_s": run_end - PROCESS_START,
-        "engine_starts": sum("Starting 1 vLLM engine" in m for _, m in logs),
+        "engine_starts": sum(f"Starting 1 {label} engine" in m for _, m in logs),
         "gpu_busy": monitor.gpu_busy_fraction(ready, generated), "gpu_util_mean": monitor.mean_gpu_util(ready, generated),
-        "stage_log": [f"{t - PROCESS_START:7.1f} {m}" for t, m in logs if any(k in m for k in STAGE_LOG_KEYS)],
+        "stage_log": [f"{t - PROCESS_START:7.1f} {m}" for t, m in logs if any(k in m for k in (*STAGE_LOG_KEYS, label))],
+    }
+
+
+def raw_sglang(spec: dict, monitor: Monitor) -> dict:
+    """SGLang's offline ``Engine.generate`` on the chat-templated token ids of all prompts at once."""
+    import sglang
+    from transformers import AutoTokenizer
+
+    engine = sglang.Engine(model_path=spec["model"], load_format="dummy", context_length=2048, skip_tokenizer_init=True)
+    ready = time.time()
+    tokenizer = AutoTokenizer.from_pretrained(spec["model"])
+    ids = [tokenizer.apply_chat_template(messages(row), add_generation_prompt=True, tokenize=True, return_dict=False) for row in read_rows(spec)]
+    generating = time.time()
+    outputs = engine.generate(input_ids=ids, sampling_params={"max_new_tokens": spec["max_tokens"], "ignore_eos": True, "temperature": 0})
+    done = time.time()
+    engine.shutdown()
+    return {
+        "rows": len(outputs), "output_tokens": sum(o["meta_info"]["completion_tokens"] for o in outputs),
+        "engine_start_s": ready - PROCESS_START, "generate_s": done - generating, "wall_s": done - PROCESS_START,
+        "gpu_busy": monitor.gpu_busy_fraction(generating, done), "gpu_util_mean": monitor.mean_gpu_util(generating, done),
     }
 
 
@@ -176,7 +211,7 @@ def llm_assets_in_process(spec: dict, monitor: Monitor) -> dict:
 
 
 SYSTEMS = {"raw_vllm": raw_vllm, "ray_data_llm": ray_data_llm, "llm_assets": llm_assets,
-           "llm_assets_in_process": llm_assets_in_process}
+           "llm_assets_in_process": llm_assets_in_process, "raw_sglang": raw_sglang, "llm_assets_sglang": llm_assets_sglang}
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser()

@@ -16,6 +16,7 @@ them makes Preprocess stale and, through it, every later stage.
 from __future__ import annotations
 
 import ast
+import functools
 import hashlib
 import importlib
 import inspect
@@ -44,6 +45,8 @@ def function_fingerprint(fn: Optional[Callable]) -> str:
     """The function's code plus the values it closes over and its defaults."""
     if fn is None:
         return "none"
+    if isinstance(fn, functools.partial):  # its repr holds an address: the function and its bound arguments instead
+        return function_fingerprint(fn.func) + repr(fn.args) + repr(sorted(fn.keywords.items()))
     try:
         text = normalized_code(inspect.getsource(fn))
     except (OSError, TypeError):  # defined in a REPL or built at run time: fall back to bytecode

@@ -2,9 +2,10 @@
 
 from llm_assets.engines.base import EngineReplica, EngineSpec
 from llm_assets.engines.http import HTTP
+from llm_assets.engines.sglang import SGLANG
 from llm_assets.engines.vllm import VLLM
 
-ENGINES: dict[type, EngineSpec] = {spec.config_class: spec for spec in (VLLM, HTTP)}
+ENGINES: dict[type, EngineSpec] = {spec.config_class: spec for spec in (VLLM, SGLANG, HTTP)}
 
 
 def engine_for(config) -> EngineSpec:

@@ -69,6 +69,9 @@ class EngineSpec:
     # config -> the model the run resolves before it starts (a local folder, a .gguf), or None
     # where the engine runs no model of its own (an HTTP endpoint).
     model_source: Callable[[Any], Optional[str]] = field(default=lambda config: config.model_source)
+    # config -> a check of one row's decoded ``sampling_params`` that Preprocess runs (a picklable
+    # callable raising ValueError naming the field), where the engine takes fewer than vLLM's.
+    params_check: Callable[[Any], Optional[Callable[[dict], None]]] = field(default=lambda config: None)
     # Whether the engine takes each row's ``payload`` (a JSON object) instead of a chat or prompt:
     # Preprocess then checks for that.
     takes_payload: bool = False

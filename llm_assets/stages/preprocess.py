@@ -79,16 +79,18 @@ class PreprocessStage:
     NEEDS: tuple[str, ...] = ()  # whatever the input file has; the user function maps it
     ADDS = ("row_id", "messages|prompt|payload", "sampling_params")
     USER_FN = "preprocess"
-    PROCESSOR_KWARGS = ("takes_payload", "output_schema", "task_type")
+    PROCESSOR_KWARGS = ("takes_payload", "output_schema", "task_type", "params_check")
 
     def __init__(self, fn: Optional[Callable[[dict[str, Any]], dict[str, Any]]] = None, takes_payload: bool = False,
-                 output_schema: Optional[dict[str, Any]] = None, task_type: str = "generate"):
+                 output_schema: Optional[dict[str, Any]] = None, task_type: str = "generate",
+                 params_check: Optional[Callable[[dict[str, Any]], None]] = None):
         from llm_assets.openai_batch.requests import EMBEDDINGS  # here: openai_batch imports stages.base
 
         self.fn = fn
         self.task_type, self.embeddings_url = task_type, EMBEDDINGS
         self.takes_payload = takes_payload
         self.output_schema = output_schema  # a JSON schema for rows that set no structured output
+        self.params_check = params_check  # the engine's own check of a row's params (EngineSpec.params_check)
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         return table_of([self._one(row) for row in rows_of(batch)])
@@ -117,6 +119,11 @@ class PreprocessStage:
         elif not row["prompt"]:
             raise RowError(row_id, STAGE, "'prompt' is empty")
         row["sampling_params"] = _check_sampling_params(row_id, row.get("sampling_params"), self.output_schema)
+        if self.params_check is not None and row["sampling_params"] is not None:
+            try:
+                self.params_check(json.loads(row["sampling_params"]))
+            except ValueError as exc:
+                raise RowError(row_id, STAGE, str(exc)) from exc
         if row.get("pooling_params") is not None:  # embeddings: JSON text between stages, as sampling_params
             try:
                 row["pooling_params"] = dumps_params(row["pooling_params"])

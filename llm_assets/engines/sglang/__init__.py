@@ -1,0 +1,99 @@
+"""SGLang: the processor config (ray.data.llm's ``SGLangEngineProcessorConfig``) and its engine spec.
+
+The replica (``replica.py``) is one ``sglang.Engine`` per engine actor, fed token ids by the
+Tokenize stage; the Detokenize stage turns its token ids into text, so the engine runs without a
+tokenizer (``skip_tokenizer_init=True``, ray.data.llm's default) unless one of those stages is
+off. Rows' ``sampling_params`` use vLLM's names or SGLang's (``params.py``). SGLang runs on
+NVIDIA GPUs only: a run whose Ray cluster has none fails at its start, saying so.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, Optional
+
+from pydantic import Field, field_validator
+
+from llm_assets.config import OfflineProcessorConfig
+from llm_assets.engines.base import EngineSpec
+from llm_assets.engines.sglang.params import check_row_params
+
+# ray.data.llm's defaults for the engine's own settings.
+DEFAULT_ENGINE_KWARGS = {"tp_size": 1, "dp_size": 1, "skip_tokenizer_init": True}
+
+
+class SGLangEngineProcessorConfig(OfflineProcessorConfig):
+    """The configuration of an SGLang-backed pipeline (ray.data.llm's fields; ``engine_kwargs``
+    are ``sglang.Engine``'s, e.g. ``tp_size``, ``context_length``, ``mem_fraction_static``).
+    ``should_continue_on_error`` is honoured (ray.data.llm drops it for SGLang)."""
+
+    engine_kwargs: dict[str, Any] = Field(default_factory=dict)
+
+    @field_validator("task_type")
+    @classmethod
+    def _generate_only(cls, value: str) -> str:
+        if value != "generate":
+            raise ValueError(f"task_type {value!r}: the SGLang engine runs 'generate' only (use vLLMEngineProcessorConfig for {value!r})")
+        return value
+
+    @field_validator("engine_kwargs")
+    @classmethod
+    def _no_model(cls, value: dict[str, Any]) -> dict[str, Any]:
+        for name in ("model_path", "model"):
+            if name in value:
+                raise ValueError(f"engine_kwargs.{name}: the model is model_source; remove it from engine_kwargs")
+        return value
+
+    def resolved_engine_kwargs(self) -> dict[str, Any]:
+        """``engine_kwargs`` over ray.data.llm's defaults; without a Tokenize or Detokenize stage
+        the engine needs its tokenizer (text in or out), so it keeps it unless told otherwise."""
+        defaults = dict(DEFAULT_ENGINE_KWARGS)
+        if not (self.stage("tokenize_stage").enabled and self.stage("detokenize_stage").enabled):
+            defaults["skip_tokenizer_init"] = False
+        return {**defaults, **self.engine_kwargs}
+
+    @property
+    def gpus_per_replica(self) -> int:
+        kwargs = self.resolved_engine_kwargs()
+        return int(kwargs["tp_size"]) * int(kwargs["dp_size"]) * int(kwargs.get("pp_size", 1))
+
+
+def _replica_kwargs(config: SGLangEngineProcessorConfig, model_source: str, on_gpu: bool, engine_detokenizes: bool) -> dict[str, Any]:
+    if not on_gpu:
+        raise RuntimeError("the SGLang engine runs on NVIDIA GPUs only, and this run's Ray cluster has no GPU; "
+                           "use vLLMEngineProcessorConfig to run on CPUs")
+    return dict(model_source=model_source, engine_kwargs=config.resolved_engine_kwargs(),
+                should_continue_on_error=config.should_continue_on_error, engine_detokenizes=engine_detokenizes,
+                max_pending_requests=config.max_pending_requests)
+
+
+def _preimport(on_gpu: bool) -> None:
+    if on_gpu:  # seconds of imports, overlapped with the CPU stages
+        import importlib
+
+        importlib.import_module("sglang.srt.entrypoints.engine")
+
+
+def _params_check(config: SGLangEngineProcessorConfig):
+    return functools.partial(check_row_params, text_in_engine=not config.resolved_engine_kwargs()["skip_tokenizer_init"])
+
+
+def _max_prompt_tokens(config: SGLangEngineProcessorConfig) -> Optional[int]:
+    value = config.engine_kwargs.get("context_length")
+    return int(value) if value else None
+
+
+SGLANG = EngineSpec(
+    label="SGLang",
+    config_class=SGLangEngineProcessorConfig,
+    replica="llm_assets.engines.sglang.replica:SGLangEngineReplica",
+    distributions=("sglang",),
+    code_modules=("llm_assets.engines.base", "llm_assets.engines.sglang.replica", "llm_assets.engines.sglang.params"),
+    replica_kwargs=_replica_kwargs,
+    gpus_per_replica=lambda config, on_gpu: config.gpus_per_replica if on_gpu else 0,
+    preimport=_preimport,
+    output_settings=lambda config: {"engine_kwargs": config.resolved_engine_kwargs(),
+                                    "should_continue_on_error": config.should_continue_on_error},
+    max_prompt_tokens=_max_prompt_tokens,
+    params_check=_params_check,
+)
