@@ -1,15 +1,14 @@
-"""Print the benchmark results as a Markdown table, with ratios to raw vLLM measured in the same sitting."""
+"""Print the benchmark results as a Markdown table, with ratios to raw vLLM (SGLang systems: to raw SGLang) measured in the same sitting."""
 
 import json
 import sys
 
-ORDER = ["raw_vllm", "ray_data_llm", "llm_assets", "llm_assets_in_process"]
+ORDER = ["raw_vllm", "ray_data_llm", "llm_assets", "llm_assets_in_process", "raw_sglang", "llm_assets_sglang"]
 
 
 def main(paths: list[str]) -> None:
     loaded = (json.load(open(p)) for p in paths)
     results = {r["system"]: r for r in loaded if "system" in r}  # skips workload.json
-    raw = results.get("raw_vllm")
     peer = results.get("ray_data_llm")
     print("| system | model | rows | engine start (s) | generate (s) | output tok/s (generate) | vs raw | whole job (s) | vs raw whole job | whole-job tok/s | vs ray.data.llm | GPU busy | GPU util % | host peak GiB |")
     print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
@@ -17,6 +16,7 @@ def main(paths: list[str]) -> None:
         r = results.get(name)
         if r is None:
             continue
+        raw = results.get("raw_sglang" if "sglang" in name else "raw_vllm")
         start = r.get("engine_start_s", r.get("first_output_s"))
         vs_raw = f"{r['output_tok_s'] / raw['output_tok_s']:.3f}" if raw else "-"
         wall_vs_raw = f"{r['wall_s'] / raw['wall_s']:.3f}" if raw else "-"
