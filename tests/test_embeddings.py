@@ -79,3 +79,24 @@ def test_a_chat_request_in_an_embedding_pipeline_fails_preprocess_naming_the_row
                           "body": {"messages": [{"role": "user", "content": "hi"}]}})
     with pytest.raises(RowError, match="row 'c-1': is a /v1/chat/completions request, and this pipeline's task_type is 'embed'"):
         PreprocessStage(task_type="embed")(pa.Table.from_pylist([{**row, "messages": row["messages"]}]))
+
+
+def test_the_example_embedding_pipeline_of_definitions_py(tmp_path, ray_session, instance):
+    """definitions.py's `sentences` pipeline on its bundled sentences: each one's nearest
+    neighbour is the sentence written to paraphrase it."""
+    from llm_assets.demo.embed import embed_pipeline
+
+    pipeline = embed_pipeline()
+    result = run_job(pipeline, make_resources(tmp_path / "storage"), instance, {"dagster/partition": "sentences.jsonl"})
+    assert result.success
+    storage = make_resources(tmp_path / "storage")["storage"]
+    rows = [r for t in storage.read_committed("sentences", "postprocess", "sentences.jsonl") for r in t.to_pylist()]
+    vectors = {r["sentence"]: np.array(r["embedding"], dtype=np.float32) for r in rows}
+    assert len(vectors) == 12 and all(v.shape == (384,) for v in vectors.values())
+
+    def nearest(sentence: str) -> str:
+        return max((s for s in vectors if s != sentence), key=lambda s: float(vectors[s] @ vectors[sentence]))
+
+    assert nearest("The cat sleeps on the warm windowsill.") == "A kitten naps in the sun by the window."
+    assert nearest("Heavy rain is expected this weekend.") == "Forecasters predict a wet Saturday and Sunday."
+    assert nearest("The stock market fell sharply today.") == "Shares dropped as investors sold."

@@ -167,6 +167,16 @@ def assert_failed_before_any_engine(result, instance, storage_root, expected: st
             {"preprocess": lambda row: {"prompt": row["question"], "sampling_params": {"max_tokens": 0}}},
             "max_tokens is 0: expected an integer >= 1",
         ),
+        (
+            {"x.jsonl": [{"question": "hi"}]},
+            {"preprocess": lambda row: {"prompt": row["question"], "sampling_params": {"logprobs": "5"}}},
+            "row 'x.jsonl:0': sampling_params.logprobs is '5': expected an integer >= 0",
+        ),
+        (
+            {"x.jsonl": [{"question": "hi"}]},
+            {"preprocess": lambda row: {"prompt": row["question"], "tokenization_kwargs": {"padding": True}}},
+            "row 'x.jsonl:0': tokenization_kwargs.padding is not supported",
+        ),
     ],
 )
 def test_bad_input_fails_the_run_with_a_clear_message_before_any_engine_starts(

@@ -91,6 +91,23 @@ class EngineSpec:
         return "not installed"
 
 
+# One token's log-probability: vLLM's Logprob with its token id (ray.data.llm keys a dict by the
+# id; a Parquet map cannot hold that shape, a list of structs can).
+LOGPROB = pa.struct([("token_id", pa.int32()), ("logprob", pa.float32()), ("rank", pa.int32()), ("decoded_token", pa.string())])
+
+
+def generation_columns(engine_detokenizes: bool) -> dict[str, pa.DataType]:
+    """The columns a generating engine adds (ray.data.llm's names), whatever the engine.
+    ``logprobs`` (per generated token) and ``prompt_logprobs`` (per prompt token; the first is
+    null) are null in rows whose sampling params do not ask for them."""
+    columns = {"generated_tokens": pa.list_(pa.int32()), "num_input_tokens": pa.int32(), "num_generated_tokens": pa.int32(),
+               "time_taken_llm": pa.float64(), "finish_reason": pa.string(), "request_id": pa.string(),
+               "logprobs": pa.list_(pa.list_(LOGPROB)), "prompt_logprobs": pa.list_(pa.list_(LOGPROB))}
+    if engine_detokenizes:
+        columns["generated_text"] = pa.string()
+    return columns
+
+
 def with_results(batch: pa.Table, results: list[dict[str, Any]], columns: dict[str, pa.DataType],
                  upstream_ok: list[bool], keep_errors: bool) -> pa.Table:
     """A replica's per-row results (dicts) added to ``batch`` as ``columns``. Each row's ``error``

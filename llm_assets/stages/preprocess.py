@@ -55,9 +55,30 @@ def _check_sampling_params(row_id: Any, params: Any, output_schema: Optional[dic
     temperature = decoded.get("temperature")
     if temperature is not None and (not isinstance(temperature, (int, float)) or temperature < 0):
         raise RowError(row_id, STAGE, f"sampling_params.temperature is {temperature!r}: expected a number >= 0")
+    for name in ("logprobs", "prompt_logprobs"):  # how many top tokens per position (-1: the whole vocabulary)
+        value = decoded.get(name)
+        if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < -1):
+            raise RowError(row_id, STAGE, f"sampling_params.{name} is {value!r}: expected an integer >= 0 (or -1)")
     if decoded.get("n", 1) != 1:
         raise RowError(row_id, STAGE, "sampling_params.n must be 1 (one generation per row)")
     return encoded
+
+
+# What a row's ``tokenization_kwargs`` may set for the Tokenize stage, and the types expected.
+TOKENIZATION_KWARGS = {"add_special_tokens": bool, "truncation": bool, "max_length": int}
+
+
+def _check_tokenization_kwargs(row_id: Any, kwargs: Any) -> str:
+    """The row's tokenizer arguments (JSON text between stages, as sampling_params)."""
+    if not isinstance(kwargs, dict):
+        raise RowError(row_id, STAGE, f"'tokenization_kwargs' is {type(kwargs).__name__}: expected a dict with some of {sorted(TOKENIZATION_KWARGS)}")
+    for name, value in kwargs.items():
+        expected = TOKENIZATION_KWARGS.get(name)
+        if expected is None:
+            raise RowError(row_id, STAGE, f"tokenization_kwargs.{name} is not supported: expected some of {sorted(TOKENIZATION_KWARGS)}")
+        if not isinstance(value, expected) or (expected is int and (isinstance(value, bool) or value < 1)):
+            raise RowError(row_id, STAGE, f"tokenization_kwargs.{name} is {value!r}: expected {'an integer >= 1' if expected is int else 'true or false'}")
+    return json.dumps(kwargs, sort_keys=True)
 
 
 def _check_payload(row_id: Any, payload: Any, columns: list[str]) -> str:
@@ -124,6 +145,8 @@ class PreprocessStage:
                 self.params_check(json.loads(row["sampling_params"]))
             except ValueError as exc:
                 raise RowError(row_id, STAGE, str(exc)) from exc
+        if row.get("tokenization_kwargs") is not None:
+            row["tokenization_kwargs"] = _check_tokenization_kwargs(row_id, row["tokenization_kwargs"])
         if row.get("pooling_params") is not None:  # embeddings: JSON text between stages, as sampling_params
             try:
                 row["pooling_params"] = dumps_params(row["pooling_params"])

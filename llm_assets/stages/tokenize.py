@@ -1,7 +1,10 @@
-"""Tokenize: ``prompt`` -> ``tokenized_prompt`` token ids for the engine."""
+"""Tokenize: ``prompt`` -> ``tokenized_prompt`` token ids for the engine, with each row's
+``tokenization_kwargs`` (``add_special_tokens``, ``truncation``, ``max_length``) when it has them."""
 
 from __future__ import annotations
 
+import json
+from collections import defaultdict
 from typing import Optional
 
 import pyarrow as pa
@@ -29,16 +32,21 @@ class TokenizeStage:
     def __call__(self, batch: pa.Table) -> pa.Table:
         prompts = batch.column("prompt").to_pylist()
         templated = [m is not None for m in column_or_none(batch, "messages")]
+        row_kwargs = column_or_none(batch, "tokenization_kwargs")
         ok = ok_rows(batch)
         ids: list = [None] * batch.num_rows
-        # A chat template already wrote the special tokens (BOS...) into the text; a raw prompt
-        # gets them from the tokenizer, as vLLM itself would do.
-        for add_special in (False, True):
-            index = [i for i in range(batch.num_rows) if ok[i] and templated[i] != add_special]
-            if index:
-                encoded = self.tokenizer([prompts[i] for i in index], add_special_tokens=add_special)["input_ids"]
-                for i, token_ids in zip(index, encoded):
-                    ids[i] = token_ids
+        # Rows tokenized alike, tokenized together. A chat template already wrote the special
+        # tokens (BOS...) into the text; a raw prompt gets them from the tokenizer, as vLLM itself
+        # would do; a row's tokenization_kwargs win.
+        groups: dict[tuple, list[int]] = defaultdict(list)
+        for i in range(batch.num_rows):
+            if ok[i]:
+                groups[(not templated[i], row_kwargs[i])].append(i)
+        for (add_special, kwargs_json), index in groups.items():
+            kwargs = {"add_special_tokens": add_special, **(json.loads(kwargs_json) if kwargs_json else {})}
+            encoded = self.tokenizer([prompts[i] for i in index], **kwargs)["input_ids"]
+            for i, token_ids in zip(index, encoded):
+                ids[i] = token_ids
         batch = with_column(batch, "tokenized_prompt", ids, pa.list_(pa.int32()))
         return self._too_long(batch, ids) if self.max_prompt_tokens else batch
 

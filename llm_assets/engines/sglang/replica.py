@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import itertools
 import os
 import socket
 import time
@@ -18,7 +19,7 @@ from typing import Any, Optional
 
 import pyarrow as pa
 
-from llm_assets.engines.base import with_results
+from llm_assets.engines.base import generation_columns, with_results
 from llm_assets.engines.sglang.params import to_sglang
 from llm_assets.stages.base import ROW_ID, RowError, column_or_none, loads_params, ok_rows
 
@@ -37,6 +38,7 @@ class SGLangEngineReplica:
         self.should_continue_on_error, self.engine_detokenizes = should_continue_on_error, engine_detokenizes
         self.engine = sglang.Engine(model_path=model_source, **engine_kwargs)
         self.max_num_seqs = int(engine_kwargs.get("max_running_requests") or DEFAULT_RUNNING_REQUESTS)
+        self.request_ids = itertools.count()
         self.semaphore = asyncio.Semaphore(max_pending_requests) if max_pending_requests else contextlib.nullcontext()
         # Rows mostly share their params: translate each distinct JSON once.
         self._params = functools.lru_cache(maxsize=1024)(lambda text: to_sglang(loads_params(text)))
@@ -61,16 +63,12 @@ class SGLangEngineReplica:
             for i in range(batch.num_rows)))
         if "tokenized_prompt" in batch.column_names:
             batch = batch.drop_columns(["tokenized_prompt"])  # persisted by Tokenize already
-        columns = {"generated_tokens": pa.list_(pa.int32()), "num_input_tokens": pa.int32(), "num_generated_tokens": pa.int32(),
-                   "time_taken_llm": pa.float64(), "finish_reason": pa.string()}
-        if self.engine_detokenizes:
-            columns["generated_text"] = pa.string()
-        return with_results(batch, results, columns, upstream_ok, self.should_continue_on_error)
+        return with_results(batch, results, generation_columns(self.engine_detokenizes), upstream_ok, self.should_continue_on_error)
 
     async def _generate(self, row_id: Any, token_ids: Any, prompt: Optional[str], params_json: Optional[str]) -> dict:
         started = time.perf_counter()
         try:
-            request = {"sampling_params": self._params(params_json)}
+            request = {"sampling_params": self._params(params_json), "rid": f"{row_id}#{next(self.request_ids)}"}
             if token_ids is not None:
                 request["input_ids"] = list(token_ids)
             elif prompt:
@@ -87,7 +85,7 @@ class SGLangEngineReplica:
         meta = output["meta_info"]
         return {"generated_tokens": list(output.get("output_ids") or []), "num_input_tokens": meta.get("prompt_tokens"),
                 "num_generated_tokens": meta.get("completion_tokens"), "time_taken_llm": time.perf_counter() - started,
-                "finish_reason": finish, "generated_text": output.get("text")}
+                "finish_reason": finish, "generated_text": output.get("text"), "request_id": request["rid"]}
 
     def shutdown(self) -> dict[str, Any]:
         self.engine.shutdown()

@@ -24,7 +24,7 @@ from typing import Any, AsyncIterator, Optional
 import pyarrow as pa
 
 from llm_assets.engines.vllm import compat as vllm_compat
-from llm_assets.engines.base import with_results
+from llm_assets.engines.base import generation_columns, with_results
 from llm_assets.stages.base import ROW_ID, RowError, column_or_none, loads_params, ok_rows
 
 STAGE = "engine"
@@ -79,6 +79,10 @@ class vLLMEngineStage:
         prompts = column_or_none(batch, "prompt")
         params = column_or_none(batch, "pooling_params" if self.pools else "sampling_params")
         upstream_ok = ok_rows(batch)
+        if "tokenized_prompt" not in batch.column_names and any(column_or_none(batch, "tokenization_kwargs")):
+            row = next(i for i, kwargs in enumerate(column_or_none(batch, "tokenization_kwargs")) if kwargs)
+            raise RowError(row_ids[row], STAGE, "has tokenization_kwargs, which the Tokenize stage applies, and this pipeline runs "
+                                                "without it (tokenize_stage=False): enable it or drop them")
         results = await asyncio.gather(
             *(
                 self._generate(row_ids[i], token_ids[i], prompts[i], params[i])
@@ -95,11 +99,7 @@ class vLLMEngineStage:
     def _columns(self) -> dict[str, pa.DataType]:
         if self.pools:
             return {"embeddings": pa.list_(pa.float32()), "num_input_tokens": pa.int32(), "time_taken_llm": pa.float64()}
-        columns = {"generated_tokens": pa.list_(pa.int32()), "num_input_tokens": pa.int32(), "num_generated_tokens": pa.int32(),
-                   "time_taken_llm": pa.float64(), "finish_reason": pa.string()}
-        if self.engine_detokenizes:
-            columns["generated_text"] = pa.string()
-        return columns
+        return generation_columns(self.engine_detokenizes)
 
     async def _generate(self, row_id: Any, token_ids: Any, prompt: Optional[str], params_json: Optional[str]) -> dict:
         started = time.perf_counter()
@@ -111,8 +111,9 @@ class vLLMEngineStage:
                 request = vllm_compat.text_prompt(prompt)
             else:
                 raise ValueError("the row has neither 'tokenized_prompt' nor a non-empty 'prompt'")
+            request_id = f"{row_id}#{next(self.request_ids)}"
             async with self.semaphore:
-                final = await self.engine.generate(request, params, request_id=f"{row_id}#{next(self.request_ids)}")
+                final = await self.engine.generate(request, params, request_id=request_id)
         except self._fatal:
             raise  # a dead engine is never one row's problem
         except Exception as exc:
@@ -133,6 +134,9 @@ class vLLMEngineStage:
             "time_taken_llm": time.perf_counter() - started,
             "finish_reason": completion.finish_reason,
             "generated_text": completion.text if self.engine_detokenizes else None,
+            "request_id": request_id,
+            "logprobs": _logprobs(completion.logprobs),
+            "prompt_logprobs": _logprobs(final.prompt_logprobs),
         }
 
     def _build_sampling(self, params_json: Optional[str]):
@@ -146,6 +150,15 @@ class vLLMEngineStage:
 
     def shutdown(self) -> dict[str, float]:
         return self.engine.shutdown()
+
+
+def _logprobs(positions: Any) -> Optional[list]:
+    """vLLM's per-position ``{token_id: Logprob}`` dicts (None where a position has none, as the
+    first prompt token) as lists of LOGPROB structs; None when the row asked for none."""
+    if positions is None:
+        return None
+    return [[{"token_id": token_id, "logprob": entry.logprob, "rank": entry.rank, "decoded_token": entry.decoded_token}
+             for token_id, entry in position.items()] if position is not None else None for position in positions]
 
 
 async def _failed_upstream() -> dict:
