@@ -28,18 +28,24 @@ def llama_1b(folder):
     )
 
 
-def test_demo_pipeline_runs_its_engine_on_the_gpu_with_a_dummy_weight_llama(tmp_path, capsys):
-    model = llama_1b(tmp_path / "llama-1b")
-    pipeline = demo_pipeline(model_source=str(model), engine_kwargs={"load_format": "dummy", "max_model_len": 2048})
-    resources = make_resources(tmp_path / "storage")
+def run_demo_partition(pipeline, storage_root, capsys, shown: str):
+    """The bundled prompts through ``pipeline``: its log lines and the engine's materialization."""
+    resources = make_resources(storage_root)
     with dg.instance_for_test() as instance:
         result = run_job(pipeline, resources, instance, {"dagster/partition": "prompts.jsonl"})
         assert result.success
         messages = log_messages(instance, result.run_id)
         engine = instance.get_latest_materialization_event(dg.AssetKey(["demo", "engine"])).asset_materialization
     with capsys.disabled():
-        print("\n".join(m for m in messages if "engine" in m))
+        print("\n".join(m for m in messages if shown in m))
         print({k: v.value for k, v in engine.metadata.items()})
+    return messages, engine, resources["storage"]
+
+
+def test_demo_pipeline_runs_its_engine_on_the_gpu_with_a_dummy_weight_llama(tmp_path, capsys):
+    model = llama_1b(tmp_path / "llama-1b")
+    pipeline = demo_pipeline(model_source=str(model), engine_kwargs={"load_format": "dummy", "max_model_len": 2048})
+    messages, engine, _ = run_demo_partition(pipeline, tmp_path / "storage", capsys, shown="engine")
     assert any("1 GPU(s) each, GPU build" in m for m in messages)
     assert sum("vLLM engine 0 started in" in m for m in messages) == 1
     assert engine.metadata["rows_out"].value == 20
@@ -58,17 +64,9 @@ def test_a_partition_through_the_sglang_engine(tmp_path, capsys):
     model = llama_1b(tmp_path / "llama-1b")
     config = SGLangEngineProcessorConfig(model_source=str(model), engine_kwargs={"load_format": "dummy", "context_length": 2048})
     pipeline = LLMPipeline("demo", config, LocalFolderSource(str(DATA_DIR)), preprocess=to_chat, postprocess=to_answer)
-    resources = make_resources(tmp_path / "storage")
-    with dg.instance_for_test() as instance:
-        result = run_job(pipeline, resources, instance, {"dagster/partition": "prompts.jsonl"})
-        assert result.success
-        messages = log_messages(instance, result.run_id)
-        engine = instance.get_latest_materialization_event(dg.AssetKey(["demo", "engine"])).asset_materialization
-    with capsys.disabled():
-        print("\n".join(m for m in messages if "SGLang" in m or "engine [" in m))
+    messages, engine, storage = run_demo_partition(pipeline, tmp_path / "storage", capsys, shown="SGLang")
     assert sum("SGLang engine 0 started in" in m for m in messages) == 1
     assert engine.metadata["rows_out"].value == 20
-    storage = resources["storage"]
     rows = [r for t in storage.read_committed("demo", "detokenize", "prompts.jsonl") for r in t.to_pylist()]
     tokenizer = AutoTokenizer.from_pretrained(str(model))
     assert len(rows) == 20
