@@ -107,6 +107,14 @@ def test_each_stage_records_metadata_per_partition(two_partition_run):
     assert metadata["rows_in"] == metadata["rows_out"] == 12
     assert metadata["generated_tokens"] == 12 * MAX_TOKENS
     assert metadata["input_tokens"] > 0 and metadata["generated_tokens_per_s"] > 0
+    # Dagster's standard keys, as the UI reads them.
+    assert metadata["dagster/row_count"] == 12
+    columns = {column.name: column.type for column in metadata["dagster/column_schema"].columns}
+    assert columns["generated_tokens"] == "list<item: int32>" and "row_id" in columns
+    assert metadata["dagster/uri"].endswith("/tiny/engine")  # two partitions: the stage's folder
+    detokenize = instance.get_latest_materialization_event(dg.AssetKey(["tiny", "detokenize"])).asset_materialization
+    sample = detokenize.metadata["sample"].value
+    assert sample.startswith("| prompt | generated_text |") and "number" in sample and len(sample.splitlines()) == 2 + 5
 
 
 def test_rerunning_postprocess_reads_persisted_output_and_never_starts_an_engine(two_partition_run):

@@ -16,7 +16,7 @@ from typing import Any, Iterator
 import dagster as dg
 
 from llm_assets.defs import checks
-from llm_assets.execution.stats import PartitionStats
+from llm_assets.execution.stats import SAMPLES_KEPT, PartitionStats
 from llm_assets.execution.stream import PartitionCommitted, StageDone, StreamingRun
 from llm_assets.pipeline import LLMPipeline
 from llm_assets.tasks import ENGINE
@@ -72,7 +72,26 @@ def metadata(results: list[PartitionStats]) -> dict[str, Any]:
         found["rows_resumed"] = sum(r.rows_resumed for r in results)
     if len(results) == 1:
         found["path"] = dg.MetadataValue.path(results[0].path)
+    # Dagster's own keys: the UI shows them as the asset's row count, columns and location.
+    found["dagster/row_count"] = dg.MetadataValue.int(rows_out)
+    if results[0].path:
+        uri = results[0].path if len(results) == 1 else results[0].path.rsplit("/", 1)[0]  # a run's partitions: the stage's folder
+        found["dagster/uri"] = dg.MetadataValue.path(uri)
+    columns = next((r.columns for r in results if r.columns), None)
+    if columns:
+        found["dagster/column_schema"] = dg.MetadataValue.table_schema(dg.TableSchema(columns=[dg.TableColumn(n, t) for n, t in columns]))
+    samples = [sample for r in results for sample in r.samples][:SAMPLES_KEPT]
+    if samples:
+        found["sample"] = dg.MetadataValue.md(_sample_table(samples))
     return found
+
+
+def _sample_table(samples: list[dict[str, str]]) -> str:
+    """A few rows as a Markdown table: the prompt and what the model generated."""
+    cell = lambda text: text.replace("|", "\\|")  # noqa: E731
+    lines = ["| prompt | generated_text |", "|---|---|"]
+    lines += [f"| {cell(s['prompt'])} | {cell(s['generated_text'])} |" for s in samples]
+    return "\n".join(lines)
 
 
 class _Checking:

@@ -20,6 +20,34 @@ def _sum(column) -> int:
     return int(pc.sum(column).as_py() or 0)
 
 
+SAMPLES_PER_BATCH = 2
+SAMPLES_KEPT = 5
+SAMPLE_CHARS = 160
+
+
+def batch_summary(batch: pa.Table) -> dict[str, Any]:
+    """What the asset page shows of a stage's output besides counts: its columns (name, Arrow type)
+    and, where the batch has generated text, a few rows of prompt and text (error rows left out)."""
+    summary: dict[str, Any] = {"columns": [[f.name, str(f.type)] for f in batch.schema]}
+    if "generated_text" in batch.column_names:
+        rows = batch.slice(0, 4 * SAMPLES_PER_BATCH).to_pylist()
+        summary["samples"] = [{"prompt": _clip(_asked(row)), "generated_text": _clip(row.get("generated_text"))}
+                              for row in rows if row.get(ERROR_COLUMN) is None][:SAMPLES_PER_BATCH]
+    return summary
+
+
+def _asked(row: dict[str, Any]) -> Any:
+    """What the row asked: its last chat message's text (the templated prompt starts with the
+    same system text in every row), else its prompt."""
+    messages = row.get("messages") or []
+    return messages[-1].get("content") if messages and isinstance(messages[-1], dict) else row.get("prompt")
+
+
+def _clip(text: Any) -> str:
+    text = " ".join(str(text or "").split())
+    return text if len(text) <= SAMPLE_CHARS else text[:SAMPLE_CHARS - 1] + "…"
+
+
 def batch_counts(batch: pa.Table) -> dict[str, int]:
     """Rows, input and generated tokens, and rows with an error, of one output batch."""
     names = batch.column_names
@@ -52,6 +80,8 @@ class PartitionStats:
     rows_resumed: int = 0  # rows kept from an interrupted attempt, not computed again
     retries: Optional[int] = None  # requests sent again (engines that retry: HTTP)
     skipped: bool = False  # already committed with the same code version and input: not recomputed
+    columns: list = field(default_factory=list)  # [name, Arrow type] of the output
+    samples: list = field(default_factory=list)  # a few {prompt, generated_text} rows, where the output has text
     started: float = field(default_factory=time.monotonic)
 
     def add(self, counts: dict[str, int]) -> None:
@@ -61,6 +91,9 @@ class PartitionStats:
         self.errors += counts["errors"]
         if "retries" in counts:
             self.retries = (self.retries or 0) + counts["retries"]
+        if counts.get("columns") and not self.columns:
+            self.columns = counts["columns"]
+        self.samples = (self.samples + counts.get("samples", []))[:SAMPLES_KEPT]
 
     def as_dict(self) -> dict[str, Any]:
         return {k: v for k, v in self.__dict__.items() if k not in ("started", "skipped")}

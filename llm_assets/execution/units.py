@@ -19,7 +19,7 @@ from typing import Any, Optional
 import pyarrow as pa
 
 from llm_assets.atomic import write_parquet
-from llm_assets.execution.stats import batch_counts
+from llm_assets.execution.stats import batch_counts, batch_summary
 from llm_assets.secret_env import applied as secret_env_applied
 
 
@@ -50,7 +50,7 @@ def run_unit(table: pa.Table, calls: list[StageCall], file_name: str, filesystem
                 table = _apply(call.udf(**call.udf_kwargs), table, call.batch_size)
             name = f"{call.attempt}/{file_name}"
             write_parquet(filesystem, f"{call.partition_dir}/{name}", table)
-            written.append({"stage": call.name, "file": name, **batch_counts(table)})
+            written.append({"stage": call.name, "file": name, **batch_counts(table), **batch_summary(table)})
     return table, written
 
 
