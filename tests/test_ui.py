@@ -321,3 +321,36 @@ def test_engine_partition_is_materialized_with_its_metadata(demo_run, ui, browse
     assert generated > 0
     assert shown["generated_tokens"] == str(generated), (shown, generated)
     _screenshot(browser, "engine-partition.png")
+
+
+def test_text_stage_shows_its_columns_and_sample_rows(demo_run, ui, browser):
+    """Dagster's standard metadata as the UI shows it: the detokenize asset's row count and columns
+    (dagster/row_count, dagster/column_schema) on its overview, and the partition's sample table of
+    questions and answers."""
+    from selenium.webdriver.common.by import By
+
+    body = lambda d: d.find_element(By.TAG_NAME, "body").text  # noqa: E731
+    browser.get(f"{ui}/assets/demo/detokenize")
+    _wait(browser, lambda d: "Columns" in body(d) and "generated_text" in body(d), "the asset's columns")
+    shown = body(browser)
+    assert "Row count\n20" in shown, shown[:2000]
+    columns = shown.split("Column name Type Description", 1)[1].split("Metadata", 1)[0].split("\n")
+    for column in ("row_id", "prompt", "generated_tokens", "finish_reason", "request_id", "generated_text"):
+        assert column in columns, columns
+    _screenshot(browser, "detokenize-columns.png")
+
+    browser.get(f"{ui}/assets/demo/detokenize?view=partitions")
+    item = _wait(browser, lambda d: next(
+        (e for e in d.find_elements(By.XPATH, f"//*[normalize-space(text())='{PARTITION}']") if e.is_displayed()),
+        None,
+    ), f"partition {PARTITION} in the list")
+    item.click()
+    key = _wait(browser, lambda d: next((e for e in d.find_elements(By.XPATH, "//td[normalize-space()='sample']") if e.is_displayed()), None),
+                "the sample metadata")
+    browser.execute_script("arguments[0].scrollIntoView({block: 'center'})", key)
+    sample = key.find_element(By.XPATH, "./following-sibling::td[1]").text
+    assert sample.startswith("prompt generated_text"), sample
+    assert "What is the capital of France?" in sample and "Paris" in sample, sample
+    assert len(sample.splitlines()) == 1 + 5, sample  # header and five rows
+    time.sleep(0.5)
+    _screenshot(browser, "detokenize-sample.png")

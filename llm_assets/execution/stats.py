@@ -20,7 +20,6 @@ def _sum(column) -> int:
     return int(pc.sum(column).as_py() or 0)
 
 
-SAMPLES_PER_BATCH = 2
 SAMPLES_KEPT = 5
 SAMPLE_CHARS = 160
 
@@ -30,9 +29,9 @@ def batch_summary(batch: pa.Table) -> dict[str, Any]:
     and, where the batch has generated text, a few rows of prompt and text (error rows left out)."""
     summary: dict[str, Any] = {"columns": [[f.name, str(f.type)] for f in batch.schema]}
     if "generated_text" in batch.column_names:
-        rows = batch.slice(0, 4 * SAMPLES_PER_BATCH).to_pylist()
+        rows = batch.slice(0, 4 * SAMPLES_KEPT).to_pylist()
         summary["samples"] = [{"prompt": _clip(_asked(row)), "generated_text": _clip(row.get("generated_text"))}
-                              for row in rows if row.get(ERROR_COLUMN) is None][:SAMPLES_PER_BATCH]
+                              for row in rows if row.get(ERROR_COLUMN) is None][:SAMPLES_KEPT]
     return summary
 
 
