@@ -60,6 +60,10 @@ def test_an_engine_core_in_its_own_process_is_forked_from_the_actors_server_and_
     assert cores, "no engine core process under the fork server"
     # Not the lower priority of Ray's workers (and the CPU stages'): the engine's processes run at the normal one.
     assert [p.nice() for p in [actor_process, *servers, *cores]] == [0] * (2 + len(cores))
+    # Without a GPU the engine computes on this machine's cores, not on Ray's one thread per reserved CPU.
+    import os
+
+    assert actor_process.environ()["OMP_NUM_THREADS"] == str(len(os.sched_getaffinity(0)))
 
     ray.kill(replica.actor)
     gone, alive = psutil.wait_procs(cores + servers, timeout=60)
