@@ -19,6 +19,8 @@ An engine registers an ``EngineSpec`` under its processor config class in ``engi
 from __future__ import annotations
 
 import importlib
+import os
+import socket
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional, Protocol
 
@@ -106,6 +108,23 @@ def generation_columns(engine_detokenizes: bool) -> dict[str, pa.DataType]:
     if engine_detokenizes:
         columns["generated_text"] = pa.string()
     return columns
+
+
+def replica_info(start_seconds: float, max_num_seqs: int) -> dict[str, Any]:
+    """What ``EngineReplica.info()`` reports: where the replica runs, how long it took to build,
+    how many requests it runs at once."""
+    return {"pid": os.getpid(), "host": socket.gethostname(), "start_seconds": round(start_seconds, 2), "max_num_seqs": max_num_seqs}
+
+
+async def no_result() -> dict[str, Any]:
+    """The result of a row an earlier stage failed: nothing is sent for it (``with_results`` keeps its error)."""
+    return {}
+
+
+def engine_kwarg_int(config: Any, name: str) -> Optional[int]:
+    """An integer engine setting, when ``engine_kwargs`` set it (a context length, say)."""
+    value = config.engine_kwargs.get(name)
+    return int(value) if value else None
 
 
 def with_results(batch: pa.Table, results: list[dict[str, Any]], columns: dict[str, pa.DataType],

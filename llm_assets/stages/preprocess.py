@@ -36,7 +36,8 @@ def _check_messages(row_id: Any, messages: Any) -> list[dict[str, Any]]:
     return [dict(message) for message in messages]
 
 
-def _check_sampling_params(row_id: Any, params: Any, output_schema: Optional[dict[str, Any]] = None) -> Optional[str]:
+def _check_sampling_params(row_id: Any, params: Any, output_schema: Optional[dict[str, Any]] = None,
+                           params_check: Optional[Callable[[dict[str, Any]], None]] = None) -> Optional[str]:
     try:
         encoded = dumps_params(params)
     except (TypeError, ValueError) as exc:
@@ -61,6 +62,11 @@ def _check_sampling_params(row_id: Any, params: Any, output_schema: Optional[dic
             raise RowError(row_id, STAGE, f"sampling_params.{name} is {value!r}: expected an integer >= 0 (or -1)")
     if decoded.get("n", 1) != 1:
         raise RowError(row_id, STAGE, "sampling_params.n must be 1 (one generation per row)")
+    if params_check is not None:  # the engine's own check (EngineSpec.params_check)
+        try:
+            params_check(decoded)
+        except ValueError as exc:
+            raise RowError(row_id, STAGE, str(exc)) from exc
     return encoded
 
 
@@ -139,12 +145,7 @@ class PreprocessStage:
             row["messages"] = _check_messages(row_id, row["messages"])
         elif not row["prompt"]:
             raise RowError(row_id, STAGE, "'prompt' is empty")
-        row["sampling_params"] = _check_sampling_params(row_id, row.get("sampling_params"), self.output_schema)
-        if self.params_check is not None and row["sampling_params"] is not None:
-            try:
-                self.params_check(json.loads(row["sampling_params"]))
-            except ValueError as exc:
-                raise RowError(row_id, STAGE, str(exc)) from exc
+        row["sampling_params"] = _check_sampling_params(row_id, row.get("sampling_params"), self.output_schema, self.params_check)
         if row.get("tokenization_kwargs") is not None:
             row["tokenization_kwargs"] = _check_tokenization_kwargs(row_id, row["tokenization_kwargs"])
         if row.get("pooling_params") is not None:  # embeddings: JSON text between stages, as sampling_params

@@ -14,15 +14,13 @@ from __future__ import annotations
 import asyncio
 import email.utils
 import json
-import os
 import random
-import socket
 import time
 from typing import Any, Callable, Optional
 
 import pyarrow as pa
 
-from llm_assets.engines.base import with_results
+from llm_assets.engines.base import no_result, replica_info, with_results
 from llm_assets.stages.base import ROW_ID, RowError, column_or_none, ok_rows
 
 STAGE = "engine"
@@ -70,7 +68,7 @@ class HttpRequestReplica:
         return ()  # an endpoint's failure is a row's; only the actor's death is the replica's
 
     def info(self) -> dict[str, Any]:
-        return {"pid": os.getpid(), "host": socket.gethostname(), "start_seconds": 0.0, "max_num_seqs": self.max_in_flight}
+        return replica_info(0.0, self.max_in_flight)
 
     async def process(self, batch: pa.Table) -> pa.Table:
         if self._session is None:
@@ -81,7 +79,7 @@ class HttpRequestReplica:
         send_at = await self._send_times(sum(upstream_ok))
         slots = iter(send_at)
         results = await asyncio.gather(*(
-            self._request(row_ids[i], payloads[i], next(slots)) if upstream_ok[i] else _nothing()
+            self._request(row_ids[i], payloads[i], next(slots)) if upstream_ok[i] else no_result()
             for i in range(batch.num_rows)
         ))
         return with_results(batch, results, OUTPUT_COLUMNS, upstream_ok, self.should_continue_on_error)
@@ -195,6 +193,3 @@ async def _sleep_until(wall_time: float) -> None:
     if delay > 0:
         await asyncio.sleep(delay)
 
-
-async def _nothing() -> dict[str, Any]:
-    return {}

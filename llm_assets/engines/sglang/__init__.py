@@ -10,12 +10,12 @@ NVIDIA GPUs only: a run whose Ray cluster has none fails at its start, saying so
 from __future__ import annotations
 
 import functools
-from typing import Any, Optional
+from typing import Any
 
 from pydantic import Field, field_validator
 
 from llm_assets.config import OfflineProcessorConfig
-from llm_assets.engines.base import EngineSpec
+from llm_assets.engines.base import EngineSpec, engine_kwarg_int
 from llm_assets.engines.sglang.params import check_row_params
 
 # ray.data.llm's defaults for the engine's own settings.
@@ -78,11 +78,6 @@ def _params_check(config: SGLangEngineProcessorConfig):
     return functools.partial(check_row_params, text_in_engine=not config.resolved_engine_kwargs()["skip_tokenizer_init"])
 
 
-def _max_prompt_tokens(config: SGLangEngineProcessorConfig) -> Optional[int]:
-    value = config.engine_kwargs.get("context_length")
-    return int(value) if value else None
-
-
 SGLANG = EngineSpec(
     label="SGLang",
     config_class=SGLangEngineProcessorConfig,
@@ -94,6 +89,6 @@ SGLANG = EngineSpec(
     preimport=_preimport,
     output_settings=lambda config: {"engine_kwargs": config.resolved_engine_kwargs(),
                                     "should_continue_on_error": config.should_continue_on_error},
-    max_prompt_tokens=_max_prompt_tokens,
+    max_prompt_tokens=lambda config: engine_kwarg_int(config, "context_length"),
     params_check=_params_check,
 )

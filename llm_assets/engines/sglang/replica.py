@@ -12,14 +12,12 @@ import asyncio
 import contextlib
 import functools
 import itertools
-import os
-import socket
 import time
 from typing import Any, Optional
 
 import pyarrow as pa
 
-from llm_assets.engines.base import generation_columns, with_results
+from llm_assets.engines.base import generation_columns, no_result, replica_info, with_results
 from llm_assets.engines.sglang.params import to_sglang
 from llm_assets.stages.base import ROW_ID, RowError, column_or_none, loads_params, ok_rows
 
@@ -50,8 +48,7 @@ class SGLangEngineReplica:
         return ()
 
     def info(self) -> dict[str, Any]:
-        return {"pid": os.getpid(), "host": socket.gethostname(), "start_seconds": round(self.start_seconds, 2),
-                "max_num_seqs": self.max_num_seqs}
+        return replica_info(self.start_seconds, self.max_num_seqs)
 
     async def process(self, batch: pa.Table) -> pa.Table:
         row_ids = batch.column(ROW_ID).to_pylist()
@@ -59,7 +56,7 @@ class SGLangEngineReplica:
         params = column_or_none(batch, "sampling_params")
         upstream_ok = ok_rows(batch)
         results = await asyncio.gather(*(
-            self._generate(row_ids[i], token_ids[i], prompts[i], params[i]) if upstream_ok[i] else _failed_upstream()
+            self._generate(row_ids[i], token_ids[i], prompts[i], params[i]) if upstream_ok[i] else no_result()
             for i in range(batch.num_rows)))
         if "tokenized_prompt" in batch.column_names:
             batch = batch.drop_columns(["tokenized_prompt"])  # persisted by Tokenize already
@@ -101,6 +98,3 @@ def _finish_reason(reason: Any) -> str:
     message = reason.get("message") if isinstance(reason, dict) else None
     raise RuntimeError(f"SGLang ended the request: {message or reason}")
 
-
-async def _failed_upstream() -> dict:
-    return {}

@@ -8,12 +8,12 @@ builds we run on.
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any
 
 from pydantic import Field
 
 from llm_assets.config import OfflineProcessorConfig
-from llm_assets.engines.base import EngineSpec
+from llm_assets.engines.base import EngineSpec, engine_kwarg_int
 
 
 class vLLMEngineProcessorConfig(OfflineProcessorConfig):
@@ -67,13 +67,6 @@ def _output_settings(config: vLLMEngineProcessorConfig) -> dict[str, Any]:
     return {"engine_kwargs": config.engine_kwargs, "should_continue_on_error": config.should_continue_on_error}
 
 
-def _max_prompt_tokens(config: vLLMEngineProcessorConfig) -> Optional[int]:
-    # vLLM refuses a prompt longer than max_model_len; unset, it comes from the model's config
-    # and is found by the engine itself.
-    value = config.engine_kwargs.get("max_model_len")
-    return int(value) if value else None
-
-
 VLLM = EngineSpec(
     label="vLLM",
     config_class=vLLMEngineProcessorConfig,
@@ -86,5 +79,7 @@ VLLM = EngineSpec(
     actor_env=_actor_env,
     preimport=_preimport,
     output_settings=_output_settings,
-    max_prompt_tokens=_max_prompt_tokens,
+    # vLLM refuses a prompt longer than max_model_len; unset, it comes from the model's config and
+    # is found by the engine itself.
+    max_prompt_tokens=lambda config: engine_kwarg_int(config, "max_model_len"),
 )

@@ -16,15 +16,13 @@ import asyncio
 import contextlib
 import functools
 import itertools
-import os
-import socket
 import time
 from typing import Any, AsyncIterator, Optional
 
 import pyarrow as pa
 
 from llm_assets.engines.vllm import compat as vllm_compat
-from llm_assets.engines.base import generation_columns, with_results
+from llm_assets.engines.base import generation_columns, no_result, replica_info, with_results
 from llm_assets.stages.base import ROW_ID, RowError, column_or_none, loads_params, ok_rows
 
 STAGE = "engine"
@@ -63,12 +61,7 @@ class vLLMEngineStage:
         return self._fatal
 
     def info(self) -> dict[str, Any]:
-        return {
-            "pid": os.getpid(),
-            "host": socket.gethostname(),
-            "start_seconds": round(self.start_seconds, 2),
-            "max_num_seqs": self.max_num_seqs,
-        }
+        return replica_info(self.start_seconds, self.max_num_seqs)
 
     async def __call__(self, batch: pa.Table) -> AsyncIterator[pa.Table]:
         yield await self.process(batch)
@@ -87,7 +80,7 @@ class vLLMEngineStage:
             *(
                 self._generate(row_ids[i], token_ids[i], prompts[i], params[i])
                 if upstream_ok[i]
-                else _failed_upstream()
+                else no_result()
                 for i in range(batch.num_rows)
             )
         )
@@ -160,6 +153,3 @@ def _logprobs(positions: Any) -> Optional[list]:
     return [[{"token_id": token_id, "logprob": entry.logprob, "rank": entry.rank, "decoded_token": entry.decoded_token}
              for token_id, entry in position.items()] if position is not None else None for position in positions]
 
-
-async def _failed_upstream() -> dict:
-    return {}
