@@ -3,7 +3,8 @@ run again: committed stages are not recomputed, the engine's complete checkpoint
 and only the rows they lack go to the engine. Every row id comes out exactly once.
 
 The first run is a real Dagster run in a subprocess (its own local Ray and vLLM CPU engine); the
-test kills that process tree once the engine stage has written its first batch's file.
+test kills that process tree once the engine stage has written its first batch's file and the
+stages before it have committed.
 """
 
 import os
@@ -64,8 +65,12 @@ def test_a_run_killed_mid_engine_resumes_from_its_checkpoints(tmp_path, tiny_mod
             [sys.executable, "-m", "tests.test_checkpoint_resume", str(landing), tiny_model, str(storage_root)],
             cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT,
         )
+        # Killed once the engine has checkpointed and the CPU stages before it have committed (in
+        # a streaming run the engine's first batch can finish before Tokenize's last one).
+        tokenize_committed = storage_root / "tiny" / "tokenize" / "x.jsonl" / "_manifest.json"
         deadline = time.monotonic() + 600
-        while not complete_checkpoints(storage_root) and first.poll() is None and time.monotonic() < deadline:
+        while not (complete_checkpoints(storage_root) and tokenize_committed.exists()) and first.poll() is None \
+                and time.monotonic() < deadline:
             time.sleep(0.1)
         assert first.poll() is None, f"the first run ended before any checkpoint: {(tmp_path / 'first-run.log').read_text()[-3000:]}"
         kill_tree(first)
