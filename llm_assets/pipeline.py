@@ -19,6 +19,7 @@ from pydantic import ValidationError
 from llm_assets import versions
 from llm_assets.config import OfflineProcessorConfig, StageConfig, one_line
 from llm_assets.engines import ENGINES, EngineSpec, engine_for
+from llm_assets.execution.cache import MODES as CACHE_MODES
 from llm_assets.sources import LocalFolderSource, S3PrefixSource
 from llm_assets.stages import OPTIONAL_STAGES, STAGES
 from llm_assets.stages.structured import json_schema
@@ -62,6 +63,9 @@ class LLMPipeline:
     # A pydantic model: every row that sets no ``sampling_params.structured_outputs`` generates
     # JSON of the model's schema, and the text stage's ``schema_valid`` check parses each row.
     output_schema: Optional[type] = None
+    # The response cache (execution/cache.py): "deterministic" requests only (greedy, a fixed
+    # seed, embeddings), "all", or "off". Answers are reused across partitions and runs.
+    response_cache: str = "deterministic"
 
     def __post_init__(self) -> None:
         if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", self.name):
@@ -87,6 +91,8 @@ class LLMPipeline:
             if self.engine.takes_payload:
                 raise ValueError(f"pipeline {self.name!r}: output_schema constrains a model engine's sampling; with "
                                  f"{type(self.config).__name__} put the endpoint's response_format in the payload")
+        if self.response_cache not in CACHE_MODES:
+            raise ValueError(f"pipeline {self.name!r}: response_cache is {self.response_cache!r}: expected one of {', '.join(CACHE_MODES)}")
         if not 0.0 <= self.max_error_rate <= 1.0:
             raise ValueError(f"pipeline {self.name!r}: max_error_rate is {self.max_error_rate!r}: expected a share between 0 and 1")
 
@@ -148,6 +154,14 @@ class LLMPipeline:
         """Without a Detokenize stage, the engine writes generated_text itself."""
         return "detokenize" not in self.stage_names()
 
+    def engine_identity(self) -> dict[str, Any]:
+        """What changes the engine's answer to a request besides the model: its code, library and
+        output settings (part of the engine stage's code version and of the response cache's scope)."""
+        engine = self.engine
+        return {"code": [versions.module_code(name) for name in engine.code_modules], "library": engine.library_version(),
+                "engine": {**engine.output_settings(self.config), "task_type": self.config.task_type,
+                           "engine_detokenizes": self.engine_detokenizes()}}
+
     def code_version(self, stage: str) -> str:
         """A hash of everything that changes this stage's output (see llm_assets.versions)."""
         plan = self.plan(stage)
@@ -156,11 +170,7 @@ class LLMPipeline:
         # downstream partitions of a changed partitioned asset stale on its own.
         parts["upstream"] = self.code_version(plan.upstream) if plan.upstream else None
         if stage == ENGINE:
-            engine = self.engine
-            parts["code"] = [versions.module_code(name) for name in engine.code_modules]
-            parts["library"] = engine.library_version()
-            parts["engine"] = {**engine.output_settings(self.config), "task_type": self.config.task_type,
-                               "engine_detokenizes": self.engine_detokenizes()}
+            parts.update(self.engine_identity())
         else:
             parts["code"] = [versions.module_code(name) for name in (plan.udf.__module__, *SHARED_STAGE_MODULES)]
             for name, value in plan.udf_kwargs.items():

@@ -73,6 +73,21 @@ def module_code(name: str) -> str:
         return name
 
 
+def folder_fingerprint(path: str) -> str:
+    """What identifies a model: a local folder's files (relative names, sizes, modification
+    times: no file is read), else the name itself (a hub id)."""
+    import os
+
+    if not os.path.isdir(path):
+        return path
+    entries = []
+    for folder, _, files in os.walk(path):
+        for name in files:
+            stat = os.stat(os.path.join(folder, name))
+            entries.append([os.path.relpath(os.path.join(folder, name), path), stat.st_size, stat.st_mtime_ns])
+    return digest({"files": sorted(entries)})
+
+
 def digest(parts: dict[str, Any]) -> str:
     blob = json.dumps(parts, sort_keys=True, default=repr).encode()
     return hashlib.sha256(blob).hexdigest()[:VERSION_CHARS]

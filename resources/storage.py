@@ -111,6 +111,11 @@ class PartitionStorage(dg.ConfigurableResource):
     def filesystem(self) -> pafs.FileSystem:
         return self._fs()[0]
 
+    def response_cache_dir(self, scope: str) -> str:
+        """Where the response cache keeps the answers of one scope (model, engine, settings):
+        beside the pipelines, so pipelines on the same model share it."""
+        return f"{self._fs()[1]}/_response_cache/{scope}"
+
     def manifest(self, pipeline: str, stage: str, partition: str) -> Optional[Manifest]:
         return read_manifest(self.filesystem(), self.partition_dir(pipeline, stage, partition))
 

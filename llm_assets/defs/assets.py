@@ -70,6 +70,8 @@ def metadata(results: list[PartitionStats]) -> dict[str, Any]:
         found["retries"] = sum(r.retries or 0 for r in results)
     if any(r.rows_resumed for r in results):
         found["rows_resumed"] = sum(r.rows_resumed for r in results)
+    if any(r.rows_cached for r in results):
+        found["rows_cached"] = sum(r.rows_cached for r in results)
     if len(results) == 1:
         found["path"] = dg.MetadataValue.path(results[0].path)
     # Dagster's own keys: the UI shows them as the asset's row count, columns and location.

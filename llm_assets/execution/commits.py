@@ -88,6 +88,9 @@ class Commits:
             commit.files[unit.seq] = (item["file"], item["rows"])
             commit.stats.add(item)
 
+    def add_cached(self, partition: str, rows: int) -> None:
+        self.open_commits[(ENGINE, partition)].stats.rows_cached += rows
+
     def input_read(self, entry: Entry) -> None:
         for stage in self.chain[entry.index:]:
             self.open_commits[(stage, entry.partition)].stats.rows_in = entry.rows
@@ -115,7 +118,8 @@ class Commits:
             self.committed[stage] += 1
             self.just_committed.append((stage, stats))
             done, total = self.counts(stage)
-            self.log(f"{stage} [{partition}]: committed {stats.rows_out} rows in {stats.seconds:.1f} s "
+            cached = f", {stats.rows_cached} of them answered from the response cache" if stats.rows_cached else ""
+            self.log(f"{stage} [{partition}]: committed {stats.rows_out} rows in {stats.seconds:.1f} s{cached} "
                      f"({done}/{total} partitions) -> {stats.path}")
 
     def counts(self, stage: str) -> tuple[int, int]:

@@ -33,6 +33,11 @@ class Unit:
     ref: Any  # the table, in Ray's object store
     entry: int  # chain index of the first stage it is computed for (earlier ones are committed)
     after_engine: bool = False  # it already has the engine's output (a resumed attempt's file)
+    # Set by the response cache's lookup (execution/cache.py) for a unit it sends to the engine:
+    # its rows answered from the cache (a table ref) and the unit's row order, to put back after.
+    looked_up: bool = False
+    hits: Any = None
+    order: Optional[list] = None
 
 
 @dataclass

@@ -77,6 +77,7 @@ class PartitionStats:
     code_version: str = ""
     input: str = ""  # what it was computed from: the upstream commit's attempt, or the source file's fingerprint
     rows_resumed: int = 0  # rows kept from an interrupted attempt, not computed again
+    rows_cached: int = 0  # rows answered from the response cache, not sent to the engine
     retries: Optional[int] = None  # requests sent again (engines that retry: HTTP)
     skipped: bool = False  # already committed with the same code version and input: not recomputed
     columns: list = field(default_factory=list)  # [name, Arrow type] of the output

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from typing import Callable, Iterator, Optional, Union
 
 from llm_assets.engines.pool import unwrap
+from llm_assets.execution.cache import RunCache, cache_settings, load_index
 from llm_assets.execution.commits import Commits
 from llm_assets.execution.inputs import Entry, Unit, plan_entry, units
 from llm_assets.execution.stall import stall_report
@@ -86,6 +87,7 @@ class _ChainRun:
         self.commits = Commits(self.pipeline, chain, self.storage, self.versions, run.partitions, self.log)
         self.engine_queue: deque[Unit] = deque()
         self.pool = None
+        self.cache: Optional[RunCache] = None
         self.last_progress = self.last_settled = self.last_stall_report = self.last_logged = time.monotonic()
         self.last_state: tuple = ()
         self.engine_rows_done = 0
@@ -157,6 +159,7 @@ class _ChainRun:
                 model = self.pipeline.plan(ENGINE).model_source
                 target = self.models[model] if model else self.pipeline.engine.target(self.pipeline.config)
                 self.pool = self.run_.engines.pool_for(self.pipeline, target, self.log)
+                self.cache = self._response_cache(self.models.get(model) if model else None)
         yield from self._finished()
         feed = self._feed(todo)
         exhausted = not todo
@@ -194,12 +197,26 @@ class _ChainRun:
         finally:
             self._release_engines()
 
+    def _response_cache(self, model_path: Optional[str]) -> Optional[RunCache]:
+        settings = cache_settings(self.pipeline, model_path, self.storage)
+        if settings is None:
+            return None
+        self.filesystem.create_dir(settings.folder, recursive=True)  # the tasks after the engine write into it
+        # The stored keys are read while the CPU stages start; the first unit for the engine waits
+        # for them. A run asked to recompute reads none (it still stores its answers).
+        reader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="response-cache")
+        index = reader.submit(load_index, settings, self.filesystem, not self.run_.recompute)
+        reader.shutdown(wait=False)
+        return RunCache(settings, index, self.filesystem, self.log)
+
     def _cancel(self) -> None:
         import ray
 
         for step in self.steps:
             for ref in list(step.in_flight if step else ()):
                 ray.cancel(ref)
+        for ref in list(self.cache.lookups if self.cache else ()):
+            ray.cancel(ref)
 
     def _feed(self, todo: list[Entry]) -> Iterator[Unit]:
         chunk_rows = self.pipeline.plan(self.chain[0]).settings.batch_size or self.pipeline.config.batch_size
@@ -213,7 +230,8 @@ class _ChainRun:
     def _backlog_rows(self) -> int:
         queued = sum(u.rows for step in self.steps if step for u in step.queue)
         running = sum(u.rows for step in self.steps if step for u, _ in step.in_flight.values())
-        return queued + running + self._rows_queued_for_engines()
+        looking_up = self.cache.rows_in_flight() if self.cache else 0
+        return queued + running + looking_up + self._rows_queued_for_engines()
 
     def _rows_queued_for_engines(self) -> int:
         return sum(u.rows for u in self.engine_queue)
@@ -226,12 +244,16 @@ class _ChainRun:
     def _route(self, unit: Unit, position: int) -> None:
         if position >= len(self.steps):
             return
-        if self.pool is not None and (position > 0 or not self.reads_source):
+        # With answers in the response cache, the engine is built once a unit has rows it lacks.
+        waits_for_cache = self.cache is not None and self.cache.has_answers()
+        if self.pool is not None and (position > 0 or not self.reads_source) and not waits_for_cache:
             # The first unit past Preprocess's checks starts the engine build (bad input never
             # reaches a GPU): the engine compiles while the tokenizer stages load and run.
             self.pool.build()
         step = self.steps[position]
-        if step is None:
+        if step is None and self.cache is not None and not unit.looked_up:
+            self.cache.submit(unit)  # back in _settle, with the rows the cache lacks
+        elif step is None:
             self.engine_queue.append(unit)
         else:
             step.queue.append(unit)
@@ -247,17 +269,36 @@ class _ChainRun:
                 unit = step.queue.pop(0)
                 file_name = f"part-{unit.seq:05d}-{self.run_.session}.parquet"
                 table_ref, written_ref = self.remote_unit.options(**step.options).remote(
-                    unit.ref, self._calls(step, unit), file_name, self.filesystem, step.secret_env)
+                    unit.ref, self._calls(step, unit), file_name, self.filesystem, step.secret_env, *self._cached_rows(unit))
                 step.in_flight[written_ref] = (unit, table_ref)
+
+    def _cached_rows(self, unit: Unit) -> tuple:
+        """For a unit back from the engine after a cache lookup: its rows the cache answered, the
+        cache (to store the new answers) and the unit's row order; the task puts them together."""
+        if not unit.looked_up:
+            return ()
+        args = (unit.hits, self.cache.settings, unit.order)
+        unit.looked_up, unit.hits, unit.order = False, None, None
+        return args
 
     def _refs(self) -> list:
         refs = [ref for step in self.steps if step for ref in step.in_flight]
+        refs += list(self.cache.lookups) if self.cache is not None else []
         return refs + (self.pool.refs() if self.pool is not None else [])
 
     def _settle(self, ref) -> None:
         import ray
 
         self.last_settled = time.monotonic()
+        if self.cache is not None and ref in self.cache.lookups:
+            unit, cached, uncached = self.cache.settle(ref)
+            self.commits.add_cached(unit.partition, cached)
+            if uncached:
+                self.pool.build()
+                self.engine_queue.append(unit)
+            else:
+                self._route(unit, self.steps.index(None) + 1)
+            return
         for position, step in enumerate(self.steps):
             if step is not None and ref in step.in_flight:
                 unit, table_ref = step.in_flight.pop(ref)

@@ -19,6 +19,7 @@ from typing import Any, Optional
 import pyarrow as pa
 
 from llm_assets.atomic import write_parquet
+from llm_assets.execution.cache import CacheSettings, complete
 from llm_assets.execution.stats import batch_counts, batch_summary
 from llm_assets.secret_env import applied as secret_env_applied
 
@@ -40,8 +41,12 @@ def _apply(udf, table: pa.Table, batch_size: int) -> pa.Table:
     return pa.concat_tables(outputs, promote_options="permissive")
 
 
-def run_unit(table: pa.Table, calls: list[StageCall], file_name: str, filesystem, secret_env: dict[str, str]) -> tuple[pa.Table, list[dict[str, Any]]]:
+def run_unit(table: pa.Table, calls: list[StageCall], file_name: str, filesystem, secret_env: dict[str, str],
+             cached_rows: Optional[pa.Table] = None, cache: Optional[CacheSettings] = None, order: Optional[list] = None,
+             ) -> tuple[pa.Table, list[dict[str, Any]]]:
     _size_tokenizer_threads()
+    if cache is not None:  # the engine's output of a unit that passed the response cache
+        table = complete(table, cached_rows, cache, order, filesystem)
     written = []
     with secret_env_applied(secret_env):
         for call in calls:

@@ -1,0 +1,133 @@
+"""The response cache: a request answered before (same model, engine settings, prompt tokens and
+sampling params) is answered from the pipeline's storage, across partitions and runs, and the
+output equals an uncached run's. Real Dagster runs on the real vLLM CPU engine."""
+
+import shutil
+from pathlib import Path
+
+import pyarrow as pa
+import pytest
+
+from llm_assets.execution.cache import CacheSettings, request_keys
+from llm_assets.stages.base import ERROR_COLUMN
+from tests.conftest import questions, write_jsonl
+from tests.test_pipeline_dagster import log_messages, make_pipeline, make_resources, read_output, run_job
+
+N = 16
+ENGINE_STARTS = "Starting 1 vLLM engine actor(s)"
+
+
+def engine_output(resources, partition) -> dict[str, dict]:
+    """The engine's rows of a partition by question."""
+    return {row["question"]: row for row in read_output(resources["storage"], "engine", partition)}
+
+
+def rows_cached(instance, run_id) -> int:
+    for event in instance.all_logs(run_id):
+        materialization = event.asset_materialization
+        if materialization is not None and materialization.asset_key.path[-1] == "engine":
+            value = materialization.metadata.get("rows_cached")
+            return value.value if value is not None else 0
+    raise AssertionError("the run materialized no engine stage")
+
+
+@pytest.fixture(scope="module")
+def cached_runs(tmp_path_factory, tiny_model, ray_session):
+    """a.jsonl, then b.jsonl sharing half its questions, then c.jsonl: a.jsonl landed again."""
+    import dagster as dg
+
+    root = tmp_path_factory.mktemp("cache")
+    landing = root / "landing"
+    write_jsonl(landing / "a.jsonl", questions(N, "q"))
+    pipeline = make_pipeline(landing, tiny_model)
+    resources = make_resources(root / "storage")
+    with dg.instance_for_test() as instance:
+        runs = {"a": run_job(pipeline, resources, instance, {"dagster/partition": "a.jsonl"})}
+        shared, new = questions(N, "q")[N // 2:], questions(N // 2, "new")
+        write_jsonl(landing / "b.jsonl", shared + new)
+        runs["b"] = run_job(pipeline, resources, instance, {"dagster/partition": "b.jsonl"})
+        shutil.copy(landing / "a.jsonl", landing / "c.jsonl")
+        runs["c"] = run_job(pipeline, resources, instance, {"dagster/partition": "c.jsonl"})
+        # The same b.jsonl through a pipeline without the cache, into storage of its own.
+        uncached = make_resources(root / "uncached")
+        pipeline.response_cache = "off"
+        runs["b_uncached"] = run_job(pipeline, uncached, instance, {"dagster/partition": "b.jsonl"})
+        yield {"instance": instance, "runs": runs, "resources": resources, "uncached": uncached,
+               "shared": {q["question"] for q in shared}, "new": {q["question"] for q in new}}
+
+
+def test_the_first_run_answers_everything_with_the_engine(cached_runs):
+    instance, run = cached_runs["instance"], cached_runs["runs"]["a"]
+    assert rows_cached(instance, run.run_id) == 0
+    assert any(ENGINE_STARTS in m for m in log_messages(instance, run.run_id))
+
+
+def test_overlapping_prompts_of_a_later_file_are_answered_from_the_cache(cached_runs):
+    instance, run = cached_runs["instance"], cached_runs["runs"]["b"]
+    assert rows_cached(instance, run.run_id) == N // 2
+    rows = engine_output(cached_runs["resources"], "b.jsonl")
+    assert len(rows) == N
+    from_cache = {q for q, row in rows.items() if row["request_id"].endswith("#cached")}
+    assert from_cache == cached_runs["shared"]
+    assert all(rows[q]["time_taken_llm"] == 0.0 for q in from_cache)
+    assert all(rows[q]["time_taken_llm"] > 0.0 for q in cached_runs["new"])
+    # Rows keep the file's order, cached or not.
+    ids = [row["row_id"] for row in read_output(cached_runs["resources"]["storage"], "engine", "b.jsonl")]
+    assert ids == [f"b.jsonl:{i}" for i in range(N)]
+    assert any(f"{N // 2} of them answered from the response cache" in m for m in log_messages(instance, run.run_id))
+
+
+def test_cached_output_equals_an_uncached_run(cached_runs):
+    cached = {r["question"]: r for r in read_output(cached_runs["resources"]["storage"], "postprocess", "b.jsonl")}
+    uncached = {r["question"]: r for r in read_output(cached_runs["uncached"]["storage"], "postprocess", "b.jsonl")}
+    assert cached.keys() == uncached.keys() and len(cached) == N
+    assert cached == uncached
+    cached_engine, uncached_engine = engine_output(cached_runs["resources"], "b.jsonl"), engine_output(cached_runs["uncached"], "b.jsonl")
+    for question, row in cached_engine.items():
+        assert row["generated_tokens"] == uncached_engine[question]["generated_tokens"], question
+        assert row["num_input_tokens"] == uncached_engine[question]["num_input_tokens"], question
+
+
+def test_a_file_landed_twice_costs_no_engine_at_all(cached_runs):
+    instance, run = cached_runs["instance"], cached_runs["runs"]["c"]
+    assert rows_cached(instance, run.run_id) == N
+    assert not any(ENGINE_STARTS in m for m in log_messages(instance, run.run_id))
+    assert len(read_output(cached_runs["resources"]["storage"], "postprocess", "c.jsonl")) == N
+
+
+def test_a_run_without_the_cache_reads_and_stores_nothing(cached_runs):
+    instance, run = cached_runs["instance"], cached_runs["runs"]["b_uncached"]
+    assert rows_cached(instance, run.run_id) == 0
+    assert not list(Path(cached_runs["uncached"]["storage"].root).glob("_response_cache/*/*"))
+
+
+SETTINGS = CacheSettings("scope", "/nowhere", "deterministic", pooling=False, answer_columns=(), per_request_columns=())
+
+
+@pytest.mark.parametrize(
+    "params, error, settings, cached",
+    [
+        ('{"temperature": 0, "max_tokens": 8}', None, SETTINGS, True),
+        ('{"temperature": 0.7, "seed": 3}', None, SETTINGS, True),
+        ('{"temperature": 0.7}', None, SETTINGS, False),
+        ("{}", None, SETTINGS, False),  # vLLM's default temperature is 1
+        ('{"temperature": 0.7}', None, CacheSettings(**{**SETTINGS.__dict__, "mode": "all"}), True),
+        (None, None, CacheSettings(**{**SETTINGS.__dict__, "pooling": True}), True),
+        ('{"temperature": 0}', "preprocess: bad row", SETTINGS, False),
+    ],
+)
+def test_only_deterministic_requests_get_a_key(params, error, settings, cached):
+    table = pa.table({"tokenized_prompt": [[1, 2, 3]], "sampling_params": [params], ERROR_COLUMN: pa.array([error], pa.string())})
+    assert request_keys(table, settings)[0].is_valid == cached
+
+
+def test_keys_follow_the_request_not_its_spelling():
+    table = pa.table({
+        "tokenized_prompt": [[1, 2, 3], [1, 2, 3], [1, 2, 4], [1, 2, 3]],
+        "sampling_params": ['{"temperature": 0, "max_tokens": 8}', '{"max_tokens": 8, "temperature": 0}',
+                            '{"temperature": 0, "max_tokens": 8}', '{"temperature": 0, "max_tokens": 9}'],
+    })
+    keys = request_keys(table, SETTINGS).to_pylist()
+    assert keys[0] == keys[1] and len({keys[0], keys[2], keys[3]}) == 3
+    other_scope = request_keys(table, CacheSettings(**{**SETTINGS.__dict__, "scope": "another model"})).to_pylist()
+    assert other_scope[0] != keys[0]
