@@ -65,8 +65,11 @@ class LocalFolderSource:
 
     def fingerprint(self, partition_key: str) -> str:
         """Changes when the file does (size and modification time)."""
-        stat = self.path_for(partition_key).stat()
-        return f"{stat.st_size}-{stat.st_mtime_ns}"
+        return _stat_fingerprint(self.path_for(partition_key).stat())
+
+    def fingerprints(self) -> dict[str, str]:
+        """Partition key -> fingerprint of every file, from one listing and a stat per file (no reads)."""
+        return {key: _stat_fingerprint(path.stat()) for key, path in self.files().items()}
 
     def read(self, partition_key: str, chunk_rows: int = 1024) -> Iterator[pa.Table]:
         """The file's rows in chunks, each with a ``row_id`` column."""
@@ -123,7 +126,11 @@ class S3PrefixSource:
             head = self._client().head_object(Bucket=self.bucket, Key=f"{self._prefix()}{partition_key}")
         except Exception as exc:  # botocore's ClientError for a missing object
             raise SourceError(f"no input object {partition_key!r} under {self.location}: {exc}") from None
-        return str(head["ETag"]).strip('"')
+        return _etag(head)
+
+    def fingerprints(self) -> dict[str, str]:
+        """Partition key -> ETag of every object, from one listing (which returns the ETags)."""
+        return {key: _etag(entry) for key, entry in self.objects().items()}
 
     def read(self, partition_key: str, chunk_rows: int = 1024) -> Iterator[pa.Table]:
         """Downloads the object to a temporary file (Parquet needs random access), then reads it
@@ -134,6 +141,14 @@ class S3PrefixSource:
             local = Path(tmp) / f"object{suffix}"
             self._client().download_file(self.bucket, key, str(local))
             yield from read_rows(local, f"s3://{self.bucket}/{key}", partition_key, chunk_rows)
+
+
+def _stat_fingerprint(stat: os.stat_result) -> str:
+    return f"{stat.st_size}-{stat.st_mtime_ns}"
+
+
+def _etag(head_or_listing_entry: dict[str, Any]) -> str:
+    return str(head_or_listing_entry["ETag"]).strip('"')
 
 
 def _wanted(name: str, pattern: str) -> bool:

@@ -17,11 +17,13 @@ SENSOR = "tiny_new_files"
 
 
 def tick(defs: dg.Definitions, instance) -> dg.SensorResult | dg.SkipReason:
-    """One sensor tick, applied as the daemon applies it (partitions added, runs returned)."""
+    """One sensor tick, applied as the daemon applies it (observations recorded, partitions added, runs returned)."""
     # With an instance ref, as the daemon builds it: run requests may then name the partitions
     # that the same tick adds.
     context = dg.build_sensor_context(instance=instance, instance_ref=instance.get_ref(), definitions=defs)
     data = defs.get_sensor_def(SENSOR).evaluate_tick(context)
+    for event in data.asset_events:  # the landing files' data versions
+        instance.report_runless_asset_event(event)
     for request in data.dynamic_partitions_requests or []:
         instance.add_dynamic_partitions(request.partitions_def_name, list(request.partition_keys))
     return data
@@ -113,7 +115,8 @@ def test_a_partition_added_by_hand_is_run_by_the_sensor_and_a_materialized_one_i
     assert add_partitions_for_new_files(instance, pipeline) == ["manual.jsonl"]  # what the CLI does
     defs = build_definitions([pipeline], resources)
     data = tick(defs, instance)
-    assert [(r.partition_key, r.run_key) for r in data.run_requests] == [("manual.jsonl", "tiny:manual.jsonl")]
+    fingerprint = pipeline.source.fingerprint("manual.jsonl")
+    assert [(r.partition_key, r.run_key) for r in data.run_requests] == [("manual.jsonl", f"tiny:manual.jsonl@{fingerprint}")]
 
 
 def test_code_versions_mark_exactly_the_changed_stage_and_its_downstream_stale(arrival):

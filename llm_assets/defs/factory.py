@@ -1,5 +1,6 @@
-"""Dagster glue: a pipeline becomes its landing-files source, its stages (one subsettable
-multi-asset, ``defs/assets.py``), the optional OpenAI Batch export asset, a job and a sensor.
+"""Dagster glue: a pipeline becomes its landing-files source (observable: a data version per
+file, ``defs/landing.py``), its stages (one subsettable multi-asset, ``defs/assets.py``), the
+optional OpenAI Batch export asset, a job and a sensor.
 
 All of them share the pipeline's dynamic partitions (one per input file).
 """
@@ -11,6 +12,7 @@ import dagster as dg
 
 from llm_assets import export
 from llm_assets.defs.assets import RECOMPUTE_TAG, landing_key, stage_key, stages_asset
+from llm_assets.defs.landing import landing_asset
 from llm_assets.defs.sensors import new_files_sensor, new_partition_keys
 from llm_assets.pipeline import LLMPipeline
 
@@ -39,13 +41,10 @@ def _export_asset(pipeline: LLMPipeline, partitions_def: dg.PartitionsDefinition
 
 
 def build_pipeline(pipeline: LLMPipeline) -> tuple[list, Any, Any]:
-    """The pipeline's assets, its job, and the sensor that turns new files into partitions and runs."""
+    """The pipeline's assets, its job, and the sensor that turns new and rewritten files into partitions and runs."""
     partitions_def = dg.DynamicPartitionsDefinition(name=pipeline.name)
-    source = dg.AssetSpec(
-        landing_key(pipeline),
-        group_name=pipeline.name,
-        description=f"Input files matching {pipeline.source.pattern!r} in {pipeline.source.location}; one partition per file.",
-    )
+    # Observable: each partition's data version is its file's fingerprint (a rewrite makes it stale).
+    source = landing_asset(pipeline, partitions_def)
     assets = [stages_asset(pipeline, partitions_def)]
     if pipeline.openai_batch_output:
         assets.append(_export_asset(pipeline, partitions_def))
