@@ -12,7 +12,7 @@ reports and ends their actors, before Ray is shut down. The pool logic itself is
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, Optional
 
 import dagster as dg
 from pydantic import Field, PrivateAttr
@@ -29,6 +29,8 @@ class EnginePoolResource(dg.ConfigurableResource):
     num_cpus_per_engine: float = Field(default=1.0, description="Logical CPUs each engine actor reserves.")
     start_timeout_s: float = Field(default=1800.0, description="How long an engine may take to start.")
     max_engine_restarts: int = Field(default=3, ge=0, description="Engines that die mid-run are rebuilt this many times per run, at most.")
+    price_per_gpu_hour: Optional[float] = Field(
+        default=None, ge=0, description="What a GPU-hour costs (any currency): the engine stage's metadata then shows estimated_cost.")
     _pools: list = PrivateAttr(default_factory=list)
 
     def teardown_after_execution(self, context: dg.InitResourceContext) -> None:

@@ -12,6 +12,8 @@ from llm_assets.defs.factory import (
     build_definitions,
     stage_key,
 )
+from llm_assets.defs.assets import metadata
+from llm_assets.execution.stats import PartitionStats
 from llm_assets.pipeline import LLMPipeline
 from llm_assets.sources import LocalFolderSource
 from resources import PartitionStorage
@@ -112,9 +114,23 @@ def test_each_stage_records_metadata_per_partition(two_partition_run):
     columns = {column.name: column.type for column in metadata["dagster/column_schema"].columns}
     assert columns["generated_tokens"] == "list<item: int32>" and "row_id" in columns
     assert metadata["dagster/uri"].endswith("/tiny/engine")  # two partitions: the stage's folder
+    # The engine held by the run from its actor's creation to its release; on the CPU, no GPU.
+    assert metadata["engine_seconds"] > 0 and metadata["gpu_seconds"] == 0
+    assert "engine_seconds" not in {k for k in detokenize_metadata(instance)}
     detokenize = instance.get_latest_materialization_event(dg.AssetKey(["tiny", "detokenize"])).asset_materialization
     sample = detokenize.metadata["sample"].value
     assert sample.startswith("| prompt | generated_text |") and "number" in sample and len(sample.splitlines()) == 2 + 5
+
+
+def detokenize_metadata(instance) -> dict:
+    return instance.get_latest_materialization_event(dg.AssetKey(["tiny", "detokenize"])).asset_materialization.metadata
+
+
+def test_gpu_time_is_priced_where_a_price_is_set():
+    results = [PartitionStats("a.jsonl", rows_out=3, seconds=2.0)]
+    assert "estimated_cost" not in metadata(results, {"engine_seconds": 5400.0, "gpu_seconds": 7200.0})
+    priced = metadata(results, {"engine_seconds": 5400.0, "gpu_seconds": 7200.0}, price_per_gpu_hour=2.5)
+    assert priced["gpu_seconds"] == 7200.0 and priced["estimated_cost"] == 5.0
 
 
 def test_rerunning_postprocess_reads_persisted_output_and_never_starts_an_engine(two_partition_run):

@@ -11,7 +11,7 @@ single-run backfill policy a backfill is one run too, so the model loads once.
 import warnings
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import Any, Iterator
+from typing import Any, Iterator, Optional
 
 import dagster as dg
 
@@ -46,10 +46,12 @@ def stage_key(pipeline: LLMPipeline, stage: str) -> dg.AssetKey:
     return dg.AssetKey([pipeline.name, stage])
 
 
-def metadata(results: list[PartitionStats]) -> dict[str, Any]:
+def metadata(results: list[PartitionStats], usage: Optional[dict[str, float]] = None,
+             price_per_gpu_hour: Optional[float] = None) -> dict[str, Any]:
     """Numeric metadata, so the asset page plots it across materializations. A multi-partition
     run (a backfill) records the run's totals on each of its partitions (Dagster attaches one
-    result to all partitions of a run); each partition's own numbers are in its manifest."""
+    result to all partitions of a run); each partition's own numbers are in its manifest.
+    ``usage``: what the run's engines held (the engine stage's), priced where a price is set."""
     seconds = max(sum(r.seconds for r in results), 1e-9)
     rows_out = sum(r.rows_out for r in results)
     generated = sum(r.generated_tokens for r in results)
@@ -72,6 +74,10 @@ def metadata(results: list[PartitionStats]) -> dict[str, Any]:
         found["rows_resumed"] = sum(r.rows_resumed for r in results)
     if any(r.rows_cached for r in results):
         found["rows_cached"] = sum(r.rows_cached for r in results)
+    if usage is not None:
+        found.update(usage)
+        if price_per_gpu_hour is not None:
+            found["estimated_cost"] = round(usage["gpu_seconds"] / 3600 * price_per_gpu_hour, 4)
     if len(results) == 1:
         found["path"] = dg.MetadataValue.path(results[0].path)
     # Dagster's own keys: the UI shows them as the asset's row count, columns and location.
@@ -100,8 +106,8 @@ class _Checking:
     """The data-reading checks, in threads beside the stream: each partition as soon as it is
     committed; a stage's materialization is yielded once all its partitions are checked."""
 
-    def __init__(self, pipeline: LLMPipeline, storage, wanted: set, threads: ThreadPoolExecutor):
-        self.pipeline, self.storage, self.threads = pipeline, storage, threads
+    def __init__(self, pipeline: LLMPipeline, storage, wanted: set, threads: ThreadPoolExecutor, price_per_gpu_hour: Optional[float]):
+        self.pipeline, self.storage, self.threads, self.price_per_gpu_hour = pipeline, storage, threads, price_per_gpu_hour
         # The checks of each stage the run was asked for (looked up for every committed partition).
         self.names = {stage: {spec.name for spec in checks.check_specs(pipeline, stage, stage_key(pipeline, stage))
                               if dg.AssetCheckKey(stage_key(pipeline, stage), spec.name) in wanted}
@@ -123,7 +129,8 @@ class _Checking:
             done, futures = self.stages.popleft()
             key = stage_key(self.pipeline, done.stage)
             checked = checks.stage_results(self.pipeline, done.results, [f.result() for f in futures], self.names[done.stage], key)
-            yield dg.MaterializeResult(asset_key=key, metadata=metadata(done.results), check_results=checked)
+            yield dg.MaterializeResult(asset_key=key, metadata=metadata(done.results, done.usage, self.price_per_gpu_hour),
+                                       check_results=checked)
 
     def _submit(self, stage: str, stats: PartitionStats) -> Future:
         return self.threads.submit(checks.partition_findings, self.pipeline, stage, stats, self.storage, self.names[stage])
@@ -167,7 +174,8 @@ def stages_asset(pipeline: LLMPipeline, partitions_def: dg.PartitionsDefinition)
         # Checks read committed Parquet: in threads, so that the stream (and the engine it feeds)
         # never waits on them; results are reported in stage order.
         with ThreadPoolExecutor(max_workers=2, thread_name_prefix="asset-checks") as threads:
-            checking = _Checking(pipeline, context.resources.storage, set(context.selected_asset_check_keys), threads)
+            checking = _Checking(pipeline, context.resources.storage, set(context.selected_asset_check_keys), threads,
+                                 context.resources.engine_pool.price_per_gpu_hour)
             failure = None
             try:
                 for event in run.run():

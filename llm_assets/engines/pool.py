@@ -106,6 +106,7 @@ class EnginePool:
         self.building = False
         self.build_started = 0.0
         self.first_ready = 0.0  # when the first engine became ready (monotonic)
+        self.held_from, self.held_until = time.monotonic(), 0.0  # what the actors hold is theirs from their creation to the release
         self.window_rows = 0
         self._stopping: Optional[dict] = None  # shutdown refs -> replica, once asked
 
@@ -263,6 +264,13 @@ class EnginePool:
         if self.building and not self.ready and time.monotonic() - self.build_started > timeout_s:
             raise EngineStartError(f"{self.spec.label} engines for {self.target} did not start within {timeout_s:.0f} s")
 
+    def usage(self) -> dict[str, float]:
+        """What the run's engines held, from the actors' creation to their release: engine-seconds
+        (one per replica per second) and GPU-seconds."""
+        held = (self.held_until or time.monotonic()) - self.held_from
+        engines = self.config.engine_pool_size
+        return {"engine_seconds": round(engines * held, 1), "gpu_seconds": round(engines * self.gpus * held, 1)}
+
     @property
     def shutting_down(self) -> bool:
         return self._stopping is not None
@@ -271,6 +279,7 @@ class EnginePool:
         """Ask every engine to shut down and return at once (idempotent): vLLM's own shutdown waits
         up to 5 s for its engine-core process, which the run need not wait for."""
         if self._stopping is None:
+            self.held_until = time.monotonic()
             self._stopping = {replica.actor.shutdown.remote(): replica for replica in self.replicas}
 
     def shutdown(self, timeout_s: float = 15.0) -> None:

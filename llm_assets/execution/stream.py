@@ -45,6 +45,7 @@ PLANNING_THREADS = 16
 class StageDone:
     stage: str
     results: list[PartitionStats]
+    usage: Optional[dict[str, float]] = None  # the engine stage's: what its engines held (EnginePool.usage)
 
 
 @dataclass
@@ -88,6 +89,7 @@ class _ChainRun:
         self.engine_queue: deque[Unit] = deque()
         self.pool = None
         self.cache: Optional[RunCache] = None
+        self.engine_usage: Optional[dict[str, float]] = None
         self.last_progress = self.last_settled = self.last_stall_report = self.last_logged = time.monotonic()
         self.last_state: tuple = ()
         self.engine_rows_done = 0
@@ -327,10 +329,12 @@ class _ChainRun:
         for stage in self.commits.newly_finished():
             if stage == ENGINE:
                 self._release_engines()
-            yield StageDone(stage, [self.commits.results[stage][p] for p in self.run_.partitions])
+            usage = self.engine_usage if stage == ENGINE else None
+            yield StageDone(stage, [self.commits.results[stage][p] for p in self.run_.partitions], usage)
 
     def _release_engines(self) -> None:
         if self.pool is not None:
+            self.engine_usage = self.pool.usage()
             self.run_.engines.release(self.pool)
             self.pool = None
 
