@@ -52,6 +52,8 @@ def test_demo_pipeline_runs_its_engine_on_the_gpu_with_a_dummy_weight_llama(tmp_
     assert engine.metadata["generated_tokens"].value > 0
     # One GPU held from the engine actor's creation to its release: as long as the engine ran.
     assert engine.metadata["gpu_seconds"].value == engine.metadata["engine_seconds"].value > 0
+    [placement] = engine.metadata["engine_placement"].value
+    assert len(placement["gpu_ids"]) == 1 and any(f"GPU {placement['gpu_ids'][0]})" in m for m in messages)
 
 
 @pytest.mark.skipif(importlib.util.find_spec("sglang") is None, reason="SGLang is not installed (pip install sglang==0.5.15)")

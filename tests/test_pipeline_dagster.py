@@ -116,6 +116,8 @@ def test_each_stage_records_metadata_per_partition(two_partition_run):
     assert metadata["dagster/uri"].endswith("/tiny/engine")  # two partitions: the stage's folder
     # The engine held by the run from its actor's creation to its release; on the CPU, no GPU.
     assert metadata["engine_seconds"] > 0 and metadata["gpu_seconds"] == 0
+    [placement] = metadata["engine_placement"]
+    assert placement["engine"] == 0 and placement["host"] and placement["node_id"] and placement["gpu_ids"] == []
     assert "engine_seconds" not in {k for k in detokenize_metadata(instance)}
     detokenize = instance.get_latest_materialization_event(dg.AssetKey(["tiny", "detokenize"])).asset_materialization
     sample = detokenize.metadata["sample"].value
@@ -128,8 +130,9 @@ def detokenize_metadata(instance) -> dict:
 
 def test_gpu_time_is_priced_where_a_price_is_set():
     results = [PartitionStats("a.jsonl", rows_out=3, seconds=2.0)]
-    assert "estimated_cost" not in metadata(results, {"engine_seconds": 5400.0, "gpu_seconds": 7200.0})
-    priced = metadata(results, {"engine_seconds": 5400.0, "gpu_seconds": 7200.0}, price_per_gpu_hour=2.5)
+    usage = {"engine_seconds": 5400.0, "gpu_seconds": 7200.0, "placement": []}
+    assert "estimated_cost" not in metadata(results, usage)
+    priced = metadata(results, usage, price_per_gpu_hour=2.5)
     assert priced["gpu_seconds"] == 7200.0 and priced["estimated_cost"] == 5.0
 
 

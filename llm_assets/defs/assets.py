@@ -75,7 +75,9 @@ def metadata(results: list[PartitionStats], usage: Optional[dict[str, float]] = 
     if any(r.rows_cached for r in results):
         found["rows_cached"] = sum(r.rows_cached for r in results)
     if usage is not None:
-        found.update(usage)
+        found["engine_seconds"], found["gpu_seconds"] = usage["engine_seconds"], usage["gpu_seconds"]
+        # Where each engine ran: Ray node, host, GPU ids.
+        found["engine_placement"] = dg.MetadataValue.json(usage["placement"])
         if price_per_gpu_hour is not None:
             found["estimated_cost"] = round(usage["gpu_seconds"] / 3600 * price_per_gpu_hour, 4)
     if len(results) == 1:

@@ -111,9 +111,12 @@ def generation_columns(engine_detokenizes: bool) -> dict[str, pa.DataType]:
 
 
 def replica_info(start_seconds: float, max_num_seqs: int) -> dict[str, Any]:
-    """What ``EngineReplica.info()`` reports: where the replica runs, how long it took to build,
-    how many requests it runs at once."""
-    return {"pid": os.getpid(), "host": socket.gethostname(), "start_seconds": round(start_seconds, 2), "max_num_seqs": max_num_seqs}
+    """What ``EngineReplica.info()`` reports: where the replica runs (process, host, Ray node, the
+    GPUs Ray gave it), how long it took to build, how many requests it runs at once."""
+    import ray
+
+    return {"pid": os.getpid(), "host": socket.gethostname(), "node_id": ray.get_runtime_context().get_node_id(),
+            "gpu_ids": [str(gpu) for gpu in ray.get_gpu_ids()], "start_seconds": round(start_seconds, 2), "max_num_seqs": max_num_seqs}
 
 
 async def no_result() -> dict[str, Any]:

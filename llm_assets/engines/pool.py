@@ -39,6 +39,11 @@ def unwrap(exc: BaseException) -> BaseException:
     return cause if isinstance(cause, BaseException) else exc
 
 
+def _gpus(info: dict[str, Any]) -> str:
+    gpu_ids = info.get("gpu_ids")
+    return f", GPU {', '.join(gpu_ids)}" if gpu_ids else ""
+
+
 def first_line(exc: BaseException) -> str:
     text = str(exc).strip().splitlines()
     return f"{type(exc).__name__}: {text[0] if text else ''}"[:300]
@@ -77,6 +82,30 @@ class EngineHost:
 
     def shutdown(self) -> dict[str, Any]:
         return (self.replica.shutdown() or {}) if self.replica is not None else {}
+
+
+def engine_actor_options(spec: EngineSpec, config, on_gpu: bool, num_cpus: float, num_gpus: float,
+                         engines: int) -> tuple[dict[str, Any], dict[str, str]]:
+    """Ray options of a process that hosts an engine (a pool's actor, a Serve replica: see
+    engines/serve/), and the secret variables to hand it as an argument (see secret_env.py)."""
+    runtime_env, secret_env = split_runtime_env(getattr(config, "runtime_env", None))
+    runtime_env["env_vars"] = {**ENGINE_PRIORITY_ENV, **_cpu_threads_env(on_gpu, engines), **spec.actor_env(on_gpu),
+                               **runtime_env.get("env_vars", {})}
+    options: dict[str, Any] = {"num_cpus": num_cpus, "num_gpus": num_gpus, "runtime_env": runtime_env}
+    if config.accelerator_type:
+        options["accelerator_type"] = config.accelerator_type
+    return options, secret_env
+
+
+def _cpu_threads_env(on_gpu: bool, engines: int) -> dict[str, str]:
+    """Without a GPU the engine computes on CPU cores. Ray sets an actor's OMP_NUM_THREADS to
+    the CPUs it reserves (1), so the model ran on one thread where vLLM alone uses them all
+    (embeddings on 2 cores: 0.56x raw vLLM's rate with one thread, 0.76x with two). The
+    engines share this machine's cores; the CPU stages run at a lower priority (see above)."""
+    if on_gpu:
+        return {}
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return {"OMP_NUM_THREADS": str(max(1, cores // max(1, engines)))}
 
 
 @dataclass
@@ -121,24 +150,9 @@ class EnginePool:
     def _new_actor(self):
         import ray
 
-        runtime_env, secret_env = split_runtime_env(getattr(self.config, "runtime_env", None))
-        runtime_env["env_vars"] = {**ENGINE_PRIORITY_ENV, **self._cpu_threads_env(), **self.spec.actor_env(self.on_gpu),
-                                   **runtime_env.get("env_vars", {})}
-        options: dict[str, Any] = {"num_cpus": self.num_cpus_per_engine, "num_gpus": self.gpus,
-                                   "runtime_env": runtime_env, "max_concurrency": 10_000}
-        if self.config.accelerator_type:
-            options["accelerator_type"] = self.config.accelerator_type
-        return ray.remote(EngineHost).options(**options).remote(self.spec, self.on_gpu, secret_env)
-
-    def _cpu_threads_env(self) -> dict[str, str]:
-        """Without a GPU the engine computes on CPU cores. Ray sets an actor's OMP_NUM_THREADS to
-        the CPUs it reserves (1), so the model ran on one thread where vLLM alone uses them all
-        (embeddings on 2 cores: 0.56x raw vLLM's rate with one thread, 0.76x with two). The
-        engines share this machine's cores; the CPU stages run at a lower priority (see above)."""
-        if self.on_gpu:
-            return {}
-        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-        return {"OMP_NUM_THREADS": str(max(1, cores // max(1, self.config.engine_pool_size)))}
+        options, secret_env = engine_actor_options(self.spec, self.config, self.on_gpu, self.num_cpus_per_engine, self.gpus,
+                                                   self.config.engine_pool_size)
+        return ray.remote(EngineHost).options(**options, max_concurrency=10_000).remote(self.spec, self.on_gpu, secret_env)
 
     def build(self) -> None:
         """Begin building every engine (idempotent); ``settle`` takes their start results."""
@@ -160,7 +174,7 @@ class EnginePool:
         replica.info, replica.start_ref = info, None
         self.first_ready = self.first_ready or time.monotonic()
         self.log(f"{self.spec.label} engine {replica.index} started in {info['start_seconds']} s after importing "
-                 f"{self.spec.label} in {info['import_seconds']} s (pid {info['pid']} on {info['host']})")
+                 f"{self.spec.label} in {info['import_seconds']} s (pid {info['pid']} on {info['host']}{_gpus(info)})")
         if not self.window_rows:
             # Enough rows in flight that the scheduler always has work queued: 3x the sequences it
             # runs at once (rows of equal length finish in waves), at least max_concurrent_batches.
@@ -264,12 +278,14 @@ class EnginePool:
         if self.building and not self.ready and time.monotonic() - self.build_started > timeout_s:
             raise EngineStartError(f"{self.spec.label} engines for {self.target} did not start within {timeout_s:.0f} s")
 
-    def usage(self) -> dict[str, float]:
+    def usage(self) -> dict[str, Any]:
         """What the run's engines held, from the actors' creation to their release: engine-seconds
-        (one per replica per second) and GPU-seconds."""
+        (one per replica per second) and GPU-seconds; and where each engine that started ran."""
         held = (self.held_until or time.monotonic()) - self.held_from
         engines = self.config.engine_pool_size
-        return {"engine_seconds": round(engines * held, 1), "gpu_seconds": round(engines * self.gpus * held, 1)}
+        placement = [{"engine": r.index, "host": r.info.get("host"), "node_id": r.info.get("node_id"), "gpu_ids": r.info.get("gpu_ids", [])}
+                     for r in self.replicas if r.info is not None]
+        return {"engine_seconds": round(engines * held, 1), "gpu_seconds": round(engines * self.gpus * held, 1), "placement": placement}
 
     @property
     def shutting_down(self) -> bool:

@@ -20,7 +20,7 @@ import uuid
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Callable, Iterator, Optional, Union
+from typing import Any, Callable, Iterator, Optional, Union
 
 from llm_assets.engines.pool import unwrap
 from llm_assets.execution.cache import RunCache, cache_settings, load_index
@@ -45,7 +45,7 @@ PLANNING_THREADS = 16
 class StageDone:
     stage: str
     results: list[PartitionStats]
-    usage: Optional[dict[str, float]] = None  # the engine stage's: what its engines held (EnginePool.usage)
+    usage: Optional[dict[str, Any]] = None  # the engine stage's: what its engines held, and where (EnginePool.usage)
 
 
 @dataclass
@@ -89,7 +89,7 @@ class _ChainRun:
         self.engine_queue: deque[Unit] = deque()
         self.pool = None
         self.cache: Optional[RunCache] = None
-        self.engine_usage: Optional[dict[str, float]] = None
+        self.engine_usage: Optional[dict[str, Any]] = None
         self.last_progress = self.last_settled = self.last_stall_report = self.last_logged = time.monotonic()
         self.last_state: tuple = ()
         self.engine_rows_done = 0
