@@ -30,7 +30,8 @@ class Monitor:
             try:
                 out = subprocess.run(["nvidia-smi", "--query-gpu=utilization.gpu", "--format=csv,noheader,nounits"],
                                      capture_output=True, text=True, timeout=5).stdout
-                util = float(out.split()[0])
+                per_gpu = [float(value) for value in out.split()]
+                util = sum(per_gpu) / len(per_gpu)  # the mean over the machine's GPUs
             except Exception:
                 util = float("nan")
             self.samples.append((time.time(), util, psutil.virtual_memory().used / 2**30))

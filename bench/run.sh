@@ -4,6 +4,7 @@
 # shows how far it got.
 #   bash bench/run.sh [OUT] [SIZE]            SIZE: 1b (default) or 8b
 #   SYSTEMS="llm_assets" bash bench/run.sh    run a subset (results already in OUT are kept); also
+#                                             llm_assets_2gpu (two engines, one per GPU: a 2-GPU machine),
 #                                             raw_sglang and llm_assets_sglang (SGLang installed)
 #   PARTITIONS=10 ROWS=1000 MAX_TOKENS=128    the workload's shape (the scale workload: 100, 500, 32)
 #   COLD=1                                    start every system with empty kernel caches

@@ -119,9 +119,14 @@ def ray_data_llm(spec: dict, monitor: Monitor) -> dict:
 STAGE_LOG_KEYS = ("committed", "vLLM", "execution of", "partition(s):", "partitions committed")
 
 
-def llm_assets(spec: dict, monitor: Monitor) -> dict:
+def llm_assets(spec: dict, monitor: Monitor, engines: int = 1) -> dict:
     return run_llm_assets(spec, monitor, {"model_source": spec["model"], "engine_kwargs": {"load_format": "dummy", "max_model_len": 2048},
-                                          "runtime_env": {"env_vars": engine_env()}})
+                                          "runtime_env": {"env_vars": engine_env()}, "concurrency": engines})
+
+
+def llm_assets_2gpu(spec: dict, monitor: Monitor) -> dict:
+    """Two engine replicas, one per GPU (a 2-GPU machine), fed from the same partitions."""
+    return llm_assets(spec, monitor, engines=2)
 
 
 def llm_assets_sglang(spec: dict, monitor: Monitor) -> dict:
@@ -165,7 +170,8 @@ def run_llm_assets(spec: dict, monitor: Monitor, config) -> dict:
     run_start = stamp("Started execution of run")
     run_end = stamp("Finished execution of run")
     launched = stamp(f"Loading {label} into")
-    build = stamp(f"Starting 1 {label} engine actor(s)")
+    engines = pipeline.config.engine_pool_size
+    build = stamp(f"Starting {engines} {label} engine actor(s)")
     ready = stamp(f"{label} engine(s) ready")
     generated = stamp("engine [", last=True)
     tokens = engine.metadata["generated_tokens"].value
@@ -176,7 +182,8 @@ def run_llm_assets(spec: dict, monitor: Monitor, config) -> dict:
         # When the engine build began, from the run's start (the target: <= 15 s at any partition count).
         "engine_build_after_run_start_s": build - run_start,
         "generate_s": generated - ready, "wall_s": run_end - PROCESS_START,
-        "engine_starts": sum(f"Starting 1 {label} engine" in m for _, m in logs),
+        "engine_starts": sum(f"Starting {engines} {label} engine" in m for _, m in logs), "engines": engines,
+        "engine_placement": engine.metadata["engine_placement"].value if "engine_placement" in engine.metadata else None,
         "gpu_busy": monitor.gpu_busy_fraction(ready, generated), "gpu_util_mean": monitor.mean_gpu_util(ready, generated),
         "stage_log": [f"{t - PROCESS_START:7.1f} {m}" for t, m in logs if any(k in m for k in (*STAGE_LOG_KEYS, label))],
     }
@@ -210,7 +217,7 @@ def llm_assets_in_process(spec: dict, monitor: Monitor) -> dict:
     return llm_assets(spec, monitor)
 
 
-SYSTEMS = {"raw_vllm": raw_vllm, "ray_data_llm": ray_data_llm, "llm_assets": llm_assets,
+SYSTEMS = {"raw_vllm": raw_vllm, "ray_data_llm": ray_data_llm, "llm_assets": llm_assets, "llm_assets_2gpu": llm_assets_2gpu,
            "llm_assets_in_process": llm_assets_in_process, "raw_sglang": raw_sglang, "llm_assets_sglang": llm_assets_sglang}
 
 if __name__ == "__main__":

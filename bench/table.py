@@ -3,7 +3,7 @@
 import json
 import sys
 
-ORDER = ["raw_vllm", "ray_data_llm", "llm_assets", "llm_assets_in_process", "raw_sglang", "llm_assets_sglang"]
+ORDER = ["raw_vllm", "ray_data_llm", "llm_assets", "llm_assets_in_process", "llm_assets_2gpu", "raw_sglang", "llm_assets_sglang"]
 
 
 def main(paths: list[str]) -> None:
@@ -26,6 +26,10 @@ def main(paths: list[str]) -> None:
             f"| {name} | {r['model']} | {r['rows']} | {start:.1f}{start_note} | {r['generate_s']:.1f} | {r['output_tok_s']:.0f} | {vs_raw} "
             f"| {r['wall_s']:.1f} | {wall_vs_raw} | {r['whole_job_tok_s']:.0f} | {vs_peer} | {r['gpu_busy']} | {r['gpu_util_mean']} | {r['host_peak_gib']} |"
         )
+    one, two = results.get("llm_assets"), results.get("llm_assets_2gpu")
+    if one and two:
+        print(f"\nTwo engines (one per GPU) against one, same machine: generation tok/s {two['output_tok_s'] / one['output_tok_s']:.3f}x, "
+              f"whole job {two['wall_s'] / one['wall_s']:.3f}x the time; placement {two.get('engine_placement')}")
 
 
 if __name__ == "__main__":
