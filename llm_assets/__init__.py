@@ -6,4 +6,19 @@ from llm_assets.engines.vllm import vLLMEngineProcessorConfig
 from llm_assets.pipeline import LLMPipeline
 from llm_assets.sources import LocalFolderSource, S3PrefixSource
 
-__all__ = ["LLMPipeline", "LocalFolderSource", "OfflineProcessorConfig", "ProcessorConfig", "S3PrefixSource", "vLLMEngineProcessorConfig"]
+__all__ = ["LLMPipeline", "LLMPipelineComponent", "LocalFolderSource", "OfflineProcessorConfig", "ProcessorConfig", "S3PrefixSource",
+           "vLLMEngineProcessorConfig"]
+
+
+def __getattr__(name: str):
+    # Imported on first use: the component imports Dagster, which Ray workers (they import this
+    # package to run stages) should not pay for. `dg` finds it here (the registry entry point).
+    if name == "LLMPipelineComponent":
+        from llm_assets.defs.component import LLMPipelineComponent
+
+        return LLMPipelineComponent
+    raise AttributeError(f"module 'llm_assets' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *__all__})
