@@ -21,7 +21,7 @@ from __future__ import annotations
 import hashlib
 import json
 import uuid
-from concurrent.futures import Future
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Optional
 
@@ -175,6 +175,21 @@ class RunCache:
         self._index_ref = None
         self.stored = 0
         self.lookups: dict = {}  # counts ref -> (unit, hits ref, misses ref)
+
+    @classmethod
+    def start(cls, pipeline, model_path: Optional[str], storage, recompute: bool, log) -> Optional["RunCache"]:
+        """The run's cache (None where there is none): the stored keys are read in a thread while
+        the CPU stages start, and the first unit for the engine waits for them. A run asked to
+        recompute reads none (it still stores its answers)."""
+        settings = cache_settings(pipeline, model_path, storage)
+        if settings is None:
+            return None
+        filesystem = storage.filesystem()
+        filesystem.create_dir(settings.folder, recursive=True)  # the tasks after the engine write into it
+        reader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="response-cache")
+        index = reader.submit(load_index, settings, filesystem, not recompute)
+        reader.shutdown(wait=False)
+        return cls(settings, index, filesystem, log)
 
     def _ref(self):
         import ray

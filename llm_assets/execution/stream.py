@@ -15,7 +15,6 @@ partition size and count. Engines are released as soon as the engine stage has c
 
 from __future__ import annotations
 
-import time
 import uuid
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
@@ -23,10 +22,10 @@ from dataclasses import dataclass
 from typing import Any, Callable, Iterator, Optional, Union
 
 from llm_assets.engines.pool import unwrap
-from llm_assets.execution.cache import RunCache, cache_settings, load_index
+from llm_assets.execution.cache import RunCache
 from llm_assets.execution.commits import Commits
 from llm_assets.execution.inputs import Entry, Unit, plan_entry, units
-from llm_assets.execution.stall import stall_report
+from llm_assets.execution.progress import Progress
 from llm_assets.execution.stats import PartitionStats
 from llm_assets.execution.steps import Group, build_steps, chains, step_of, unschedulable
 from llm_assets.execution.units import StageCall, run_unit
@@ -34,8 +33,6 @@ from llm_assets.models import resolve_model_source
 from llm_assets.tasks import ENGINE
 
 Log = Callable[[str], None]
-PROGRESS_EVERY_S = 10.0
-UNCHANGED_PROGRESS_EVERY_S = 60.0
 # Rows read ahead of the engine at least (the CPU stages' lead while the engine builds).
 LOOKAHEAD_MIN_ROWS = 8192
 PLANNING_THREADS = 16
@@ -90,9 +87,7 @@ class _ChainRun:
         self.pool = None
         self.cache: Optional[RunCache] = None
         self.engine_usage: Optional[dict[str, Any]] = None
-        self.last_progress = self.last_settled = self.last_stall_report = self.last_logged = time.monotonic()
-        self.last_state: tuple = ()
-        self.engine_rows_done = 0
+        self.progress = Progress(self.pipeline.name, self.log, run.stall_report_s)
         self.filesystem = self.storage.filesystem()
         import ray
 
@@ -161,7 +156,8 @@ class _ChainRun:
                 model = self.pipeline.plan(ENGINE).model_source
                 target = self.models[model] if model else self.pipeline.engine.target(self.pipeline.config)
                 self.pool = self.run_.engines.pool_for(self.pipeline, target, self.log)
-                self.cache = self._response_cache(self.models.get(model) if model else None)
+                self.cache = RunCache.start(self.pipeline, self.models.get(model) if model else None, self.storage,
+                                            self.run_.recompute, self.log)
         yield from self._finished()
         feed = self._feed(todo)
         exhausted = not todo
@@ -187,8 +183,7 @@ class _ChainRun:
                     self.pool.check_start_timeout(self.run_.engines.start_timeout_s)
                 yield from self._finished()
                 yield None  # a tick: the caller may do its own work without holding up the stream
-                self._report_progress()
-                self._report_stall()
+                self.progress.report(self.commits.summary(), self.pool, self._rows_queued_for_engines(), self.steps)
         except Exception:
             self._cancel()
             yield from self._finished()  # stages whose every partition committed before the failure
@@ -198,18 +193,6 @@ class _ChainRun:
             raise
         finally:
             self._release_engines()
-
-    def _response_cache(self, model_path: Optional[str]) -> Optional[RunCache]:
-        settings = cache_settings(self.pipeline, model_path, self.storage)
-        if settings is None:
-            return None
-        self.filesystem.create_dir(settings.folder, recursive=True)  # the tasks after the engine write into it
-        # The stored keys are read while the CPU stages start; the first unit for the engine waits
-        # for them. A run asked to recompute reads none (it still stores its answers).
-        reader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="response-cache")
-        index = reader.submit(load_index, settings, self.filesystem, not self.run_.recompute)
-        reader.shutdown(wait=False)
-        return RunCache(settings, index, self.filesystem, self.log)
 
     def _cancel(self) -> None:
         import ray
@@ -291,7 +274,7 @@ class _ChainRun:
     def _settle(self, ref) -> None:
         import ray
 
-        self.last_settled = time.monotonic()
+        self.progress.settled()
         if self.cache is not None and ref in self.cache.lookups:
             unit, cached, uncached = self.cache.settle(ref)
             self.commits.add_cached(unit.partition, cached)
@@ -316,7 +299,7 @@ class _ChainRun:
                 return
         done, lost = self.pool.settle(ref)
         for unit, output_ref in done:
-            self.engine_rows_done += unit.rows
+            self.progress.engine_rows_done += unit.rows
             unit.ref = output_ref
             self._route(unit, self.steps.index(None) + 1)
         for unit, _, _ in reversed(lost):
@@ -337,31 +320,3 @@ class _ChainRun:
             self.engine_usage = self.pool.usage()
             self.run_.engines.release(self.pool)
             self.pool = None
-
-    def _report_progress(self) -> None:
-        """Every 10 s when something moved; while nothing does (an engine building for minutes),
-        once a minute, so the log is not the same line over and over."""
-        now = time.monotonic()
-        if now - self.last_progress < PROGRESS_EVERY_S:
-            return
-        self.last_progress = now
-        summary, queued = self.commits.summary(), self._rows_queued_for_engines()
-        state = (summary, self.engine_rows_done, queued)
-        if state == self.last_state and now - self.last_logged < UNCHANGED_PROGRESS_EVERY_S:
-            return
-        self.last_state, self.last_logged = state, now
-        line = f"{self.pipeline.name}: partitions committed: {summary}"
-        pool = self.pool
-        if pool is not None and pool.building and not pool.ready:
-            line += (f"; waiting for {pool.starting()} {pool.spec.label} engine(s) to start ({now - pool.build_started:.0f} s "
-                     f"so far), {queued} rows queued for them")
-        elif pool is not None and pool.ready:
-            rate = self.engine_rows_done / max(now - pool.first_ready, 1e-9)
-            line += f"; engine: {self.engine_rows_done} rows done, {rate:.1f} rows/s since it was ready"
-        self.log(line)
-
-    def _report_stall(self) -> None:
-        now, every = time.monotonic(), self.run_.stall_report_s
-        if every and now - self.last_settled >= every and now - self.last_stall_report >= every:
-            self.last_stall_report = now
-            self.log(stall_report(self.pipeline.name, now - self.last_settled, self.steps, self.pool, self._rows_queued_for_engines()))
