@@ -131,3 +131,17 @@ def test_keys_follow_the_request_not_its_spelling():
     assert keys[0] == keys[1] and len({keys[0], keys[2], keys[3]}) == 3
     other_scope = request_keys(table, CacheSettings(**{**SETTINGS.__dict__, "scope": "another model"})).to_pylist()
     assert other_scope[0] != keys[0]
+
+
+def test_an_unreadable_answer_file_fails_naming_it(tmp_path):
+    import pyarrow.fs as pafs
+
+    from llm_assets.execution.cache import KEY, lookup
+
+    table = pa.table({"row_id": ["x:0"], "tokenized_prompt": [[1, 2, 3]], "sampling_params": ['{"temperature": 0}']})
+    key = request_keys(table, SETTINGS)[0].as_py()
+    broken = tmp_path / "seg-broken.parquet"
+    broken.write_bytes(b"not parquet")
+    index = pa.table({KEY: pa.array([key], pa.binary(16)), "segment": [str(broken)]})
+    with pytest.raises(RuntimeError, match=f"response cache's file {broken} cannot be read.*response_cache='off'"):
+        lookup(table, index, SETTINGS, pafs.LocalFileSystem())

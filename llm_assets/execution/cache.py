@@ -31,6 +31,7 @@ import pyarrow.parquet as pq
 
 from llm_assets import versions
 from llm_assets.atomic import write_parquet
+from llm_assets.engines.pool import unwrap
 from llm_assets.stages.base import ERROR_COLUMN, ROW_ID, column_or_none, loads_params
 
 CACHE_DIR = "_response_cache"
@@ -138,6 +139,9 @@ def _stored_answers(keys: pa.Array, index: pa.Table, settings: CacheSettings, fi
             stored = pq.read_table(segment, columns=[KEY, *settings.answer_columns], filesystem=filesystem)
         except FileNotFoundError:  # cleared since the run started: its rows go to the engine
             continue
+        except (pa.ArrowInvalid, OSError) as exc:
+            raise RuntimeError(f"the response cache's file {segment} cannot be read ({exc}): delete it, or run the pipeline "
+                               f"with response_cache='off'") from exc
         parts.append(stored.filter(pc.is_in(stored.column(KEY), value_set=keys)))
     return pa.concat_tables(parts, promote_options="permissive") if parts else None
 
@@ -219,7 +223,10 @@ class RunCache:
         import ray
 
         unit, hits_ref, misses_ref = self.lookups.pop(ref)
-        counts = ray.get(ref)
+        try:
+            counts = ray.get(ref)
+        except ray.exceptions.RayTaskError as exc:
+            raise unwrap(exc) from None
         if not counts["misses"]:
             unit.ref = hits_ref
         else:
