@@ -2,10 +2,11 @@
 
 from llm_assets.engines.base import EngineReplica, EngineSpec
 from llm_assets.engines.http import HTTP
+from llm_assets.engines.serve import SERVE
 from llm_assets.engines.sglang import SGLANG
 from llm_assets.engines.vllm import VLLM
 
-ENGINES: dict[type, EngineSpec] = {spec.config_class: spec for spec in (VLLM, SGLANG, HTTP)}
+ENGINES: dict[type, EngineSpec] = {spec.config_class: spec for spec in (VLLM, SGLANG, HTTP, SERVE)}
 
 
 def engine_for(config) -> EngineSpec:

@@ -10,7 +10,9 @@ a long-lived Ray actor by the engine pool (``engines/pool.py``). It implements `
 - ``fatal_errors()``: the exception types meaning the engine itself is gone (the pool then
   replaces the replica and resends its batches), never one row's problem;
 - ``info()``: pid, host, start seconds, and ``max_num_seqs`` (how many requests it runs at once);
-- ``shutdown()``, returning what the run's log should show about the engine (a dict, may be empty).
+- ``shutdown()``, returning what the run's log should show about the engine (a dict, may be empty);
+- optionally ``async ready()``, awaited after ``__init__`` by a replica whose engine runs elsewhere
+  and may still be starting (a Ray Serve app).
 
 An engine registers an ``EngineSpec`` under its processor config class in ``engines/__init__.py``
 (one line), as ray.data.llm's ``ProcessorBuilder`` does. Nothing under ``engines/`` imports Dagster.
@@ -77,6 +79,15 @@ class EngineSpec:
     # Whether the engine takes each row's ``payload`` (a JSON object) instead of a chat or prompt:
     # Preprocess then checks for that.
     takes_payload: bool = False
+    # config -> None, or a picklable check of one row that Preprocess runs instead of its chat /
+    # prompt checks, for an engine taking requests of its own shape (a Serve deployment's
+    # ``method`` and ``request_kwargs``): returns the row as stored, or raises ValueError.
+    row_check: Callable[[Any], Optional[Callable[[dict], dict]]] = field(default=lambda config: None)
+    # (config, target, on_gpu, engine_detokenizes, log) -> more replica kwargs (or None), run by
+    # the pool in the run's process before its replicas start, for an engine whose model lives
+    # outside the pool and may outlive the run (a Ray Serve app): deploy it, or find it and check
+    # it is the one asked for.
+    provision: Optional[Callable[..., Optional[dict[str, Any]]]] = None
 
     def replica_class(self) -> type:
         module, name = self.replica.split(":")

@@ -71,6 +71,9 @@ class EngineHost:
     async def start(self, **replica_kwargs: Any) -> dict[str, Any]:
         await self.prepare()  # already done, unless Ray ran this call first
         self.replica = self.spec.replica_class()(**replica_kwargs)
+        ready = getattr(self.replica, "ready", None)
+        if ready is not None:  # a replica whose engine runs elsewhere waits for it here (a Serve app)
+            await ready()
         return {**self.replica.info(), "import_seconds": round(self.import_seconds or 0.0, 2)}
 
     async def process(self, batch):
@@ -128,6 +131,8 @@ class EnginePool:
         self.num_cpus_per_engine = num_cpus_per_engine
         self.restarts_left = max_restarts
         self.replica_kwargs = spec.replica_kwargs(config, target, on_gpu, engine_detokenizes)
+        if spec.provision is not None:  # what the replicas connect to, outside the pool (a Serve app)
+            self.replica_kwargs.update(spec.provision(config, target, on_gpu, engine_detokenizes, log) or {})
         self.gpus = spec.gpus_per_replica(config, on_gpu)
         log(f"Loading {spec.label} into {config.engine_pool_size} engine actor(s) for {target} "
             f"({self.gpus:g} GPU(s) each, {'GPU' if on_gpu else 'CPU'} build)")

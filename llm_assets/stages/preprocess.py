@@ -106,11 +106,12 @@ class PreprocessStage:
     NEEDS: tuple[str, ...] = ()  # whatever the input file has; the user function maps it
     ADDS = ("row_id", "messages|prompt|payload", "sampling_params")
     USER_FN = "preprocess"
-    PROCESSOR_KWARGS = ("takes_payload", "output_schema", "task_type", "params_check")
+    PROCESSOR_KWARGS = ("takes_payload", "output_schema", "task_type", "params_check", "row_check")
 
     def __init__(self, fn: Optional[Callable[[dict[str, Any]], dict[str, Any]]] = None, takes_payload: bool = False,
                  output_schema: Optional[dict[str, Any]] = None, task_type: str = "generate",
-                 params_check: Optional[Callable[[dict[str, Any]], None]] = None):
+                 params_check: Optional[Callable[[dict[str, Any]], None]] = None,
+                 row_check: Optional[Callable[[dict[str, Any]], dict[str, Any]]] = None):
         from llm_assets.openai_batch.requests import EMBEDDINGS  # here: openai_batch imports stages.base
 
         self.fn = fn
@@ -118,6 +119,7 @@ class PreprocessStage:
         self.takes_payload = takes_payload
         self.output_schema = output_schema  # a JSON schema for rows that set no structured output
         self.params_check = params_check  # the engine's own check of a row's params (EngineSpec.params_check)
+        self.row_check = row_check  # an engine's check of rows of its own shape (EngineSpec.row_check)
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         return table_of([self._one(row) for row in rows_of(batch)])
@@ -126,6 +128,11 @@ class PreprocessStage:
         row_id = row[ROW_ID]
         if self.fn is not None:
             row = apply_row_fn(self.fn, row, STAGE)
+        if self.row_check is not None:
+            try:
+                return self.row_check(row)
+            except ValueError as exc:
+                raise RowError(row_id, STAGE, str(exc)) from None
         if self.takes_payload:
             row["payload"] = _check_payload(row_id, row.get("payload"), sorted(row))
             return row
