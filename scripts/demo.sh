@@ -8,6 +8,15 @@ bash scripts/setup.sh
 
 export DAGSTER_HOME=${DAGSTER_HOME:-$PWD/.dagster_home}
 mkdir -p "$DAGSTER_HOME"
+# The instance settings (run monitoring, one run at a time; README "Instance settings") for a
+# DAGSTER_HOME without any.
+if [ ! -s "$DAGSTER_HOME/dagster.yaml" ]; then
+  if [ -f .dagster_home/dagster.yaml ]; then
+    cp .dagster_home/dagster.yaml "$DAGSTER_HOME/dagster.yaml"
+  else
+    echo "note: .dagster_home/dagster.yaml is missing (git checkout -- .dagster_home/dagster.yaml restores it); using Dagster's default instance settings" >&2
+  fi
+fi
 touch "$DAGSTER_HOME/dagster.yaml"
 export HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 

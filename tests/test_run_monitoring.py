@@ -1,0 +1,272 @@
+"""Runs killed from outside end FAILED, with the instance settings the README's commands use
+(`.dagster_home/dagster.yaml`) and a real `dagster-daemon run`, as `dagster dev` runs it.
+
+Two ways a run loses its process, one daemon session each, on the tiny model:
+
+1. The run worker is SIGKILLed (what the OOM killer does) while Dagster lives. The code server that
+   started the worker sees it gone and fails the run, naming the signal; the engine actor and the
+   run's local Ray (gcs_server, raylet, workers) exit by themselves with it, all but Ray's two agents,
+   which take about 75 s more.
+2. Dagster's machine is lost with the run: the daemon, its code server, the run worker and its Ray
+   are SIGKILLed together. Nothing is left that knows the run; it stays STARTED until a new daemon's
+   run monitoring (enabled in that dagster.yaml) finds it past its maximum runtime (the run's
+   `dagster/max_runtime` tag here, the instance's `max_runtime_seconds` otherwise) and fails it.
+
+The second run is submitted with the first and waits in the queue (`max_concurrent_runs: 1`) until
+the first has failed: a killed run frees its slot.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import dagster as dg
+import psutil
+import pytest
+import yaml
+from dagster._core.instance.ref import InstanceRef
+
+from tests.conftest import kill_processes, questions, write_jsonl
+
+PROJECT = Path(__file__).resolve().parent.parent
+INSTANCE_SETTINGS = PROJECT / ".dagster_home" / "dagster.yaml"
+MAX_RUNTIME_S = 10
+# Ray's dashboard and runtime-env agents outlive their raylet by about 75 s on this machine (they
+# block reporting its death to the GCS, which died with it) and then exit; measured, not waited for.
+RAY_AGENTS = ("ray::DashboardAgent", "ray::RuntimeEnvAgent")
+
+DEFINITIONS = textwrap.dedent(
+    """\
+    import os
+
+    from llm_assets.defs.factory import build_definitions
+    from resources import PartitionStorage, make_resources
+    from tests.test_pipeline_dagster import make_pipeline
+
+    PIPELINES = [make_pipeline(os.environ["RUN_MONITORING_LANDING"], os.environ["RUN_MONITORING_MODEL"])]
+    defs = build_definitions(PIPELINES, make_resources(PartitionStorage(root=os.environ["RUN_MONITORING_STORAGE"])))
+    """
+)
+WORKSPACE = "load_from:\n  - python_file:\n      relative_path: defs.py\n      working_directory: .\n"
+
+pytestmark = pytest.mark.timeout(300)
+
+
+def message(record) -> str:
+    return (record.dagster_event.message or "") if record.is_dagster_event else record.user_message
+
+
+def messages(instance: dg.DagsterInstance, run_id: str) -> list[str]:
+    return [message(r) for r in instance.all_logs(run_id)]
+
+
+def wait_for(condition, timeout_s: float, what: str, explain=lambda: ""):
+    deadline = time.monotonic() + timeout_s
+    while True:
+        value = condition()
+        if value:
+            return value
+        assert time.monotonic() < deadline, f"{what}: not within {timeout_s} s\n{explain()}"
+        time.sleep(0.3)
+
+
+class Deployment:
+    """A DAGSTER_HOME with the shipped settings, a code location on the tiny pipeline, daemons."""
+
+    def __init__(self, tmp: Path, model: str):
+        self.tmp = tmp
+        write_jsonl(tmp / "landing" / "a.jsonl", questions(3, "a"))
+        (tmp / "defs.py").write_text(DEFINITIONS)
+        (tmp / "workspace.yaml").write_text(WORKSPACE)
+        self.home = tmp / "dagster_home"
+        self.home.mkdir()
+        settings = yaml.safe_load(INSTANCE_SETTINGS.read_text())
+        # The only change to the shipped settings: the daemon looks every second, not every 30.
+        settings["run_monitoring"]["poll_interval_seconds"] = 1
+        (self.home / "dagster.yaml").write_text(yaml.safe_dump(settings))
+        self.env = {
+            **os.environ,
+            "DAGSTER_HOME": str(self.home),
+            "RUN_MONITORING_LANDING": str(tmp / "landing"),
+            "RUN_MONITORING_STORAGE": str(tmp / "storage"),
+            "RUN_MONITORING_MODEL": model,
+            "PYTHONPATH": os.pathsep.join([str(PROJECT), *filter(None, [os.environ.get("PYTHONPATH")])]),
+            "HF_HUB_OFFLINE": "1",
+            "TOKENIZERS_PARALLELISM": "false",
+        }
+        self.bin = Path(sys.executable).parent
+        self.daemons: list[subprocess.Popen] = []
+        self.started: list[psutil.Process] = []  # every process seen under a daemon, for teardown
+
+    def start_daemon(self) -> subprocess.Popen:
+        n = len(self.daemons)
+        daemon = subprocess.Popen(
+            [str(self.bin / "dagster-daemon"), "run", "-w", "workspace.yaml"],
+            cwd=self.tmp, env=self.env, stdout=open(self.tmp / f"daemon-{n}.log", "w"), stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        self.daemons.append(daemon)
+        return daemon
+
+    def daemon_logs(self) -> str:
+        return "\n".join(f"--- daemon-{n}.log:\n{(self.tmp / f'daemon-{n}.log').read_text()[-3000:]}" for n in range(len(self.daemons)))
+
+    def launch(self, tags: dict) -> None:
+        """`dagster job launch` on the workspace: the run is queued for the daemon, as the UI queues it."""
+        result = subprocess.run(
+            [str(self.bin / "dagster"), "job", "launch", "-w", "workspace.yaml", "-j", "tiny_job", "--tags", json.dumps(tags)],
+            cwd=self.tmp, env=self.env, capture_output=True, text=True, timeout=120,
+        )
+        assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+
+    def tree(self, pid: int) -> list[psutil.Process]:
+        root = psutil.Process(pid)
+        processes = [root, *root.children(recursive=True)]
+        self.started.extend(processes)
+        return processes
+
+    def teardown(self) -> None:
+        for daemon in self.daemons:
+            if daemon.poll() is None:
+                self.tree(daemon.pid)
+        kill_processes(self.started, timeout_s=10)
+        for daemon in self.daemons:
+            daemon.wait(timeout=10)
+
+
+@pytest.fixture()
+def deployment(tmp_path, tiny_model):
+    deployment = Deployment(tmp_path, tiny_model)
+    yield deployment
+    deployment.teardown()
+
+
+def alive(processes: list[psutil.Process]) -> list[psutil.Process]:
+    running = []
+    for process in processes:
+        try:
+            if process.is_running() and process.status() != psutil.STATUS_ZOMBIE:
+                running.append(process)
+        except psutil.NoSuchProcess:  # ended between the two calls
+            continue
+    return running
+
+
+def name(process: psutil.Process) -> str:
+    try:
+        return process.name()
+    except psutil.NoSuchProcess:  # ended since it was listed
+        return "(gone)"
+
+
+def describe(processes: list[psutil.Process]) -> list[str]:
+    return [f"{process.pid} {name(process)}" for process in processes]
+
+
+def open_instance(home: Path) -> dg.DagsterInstance:
+    return dg.DagsterInstance.from_ref(InstanceRef.from_dir(str(home)))
+
+
+def test_the_shipped_instance_settings_enable_run_monitoring_for_the_default_launcher(tmp_path):
+    """What `dagster dev` with DAGSTER_HOME=.dagster_home loads: the monitoring daemon runs, with
+    settings the default run launcher accepts (it cannot resume runs: max_resume_run_attempts 0)."""
+    (tmp_path / "dagster.yaml").write_text(INSTANCE_SETTINGS.read_text())
+    with open_instance(tmp_path) as instance:
+        assert instance.run_monitoring_enabled
+        assert "MONITORING" in instance.get_required_daemon_types()
+        assert type(instance.run_launcher).__name__ == "DefaultRunLauncher"
+        assert not instance.run_launcher.supports_resume_run
+        assert instance.run_monitoring_max_resume_run_attempts == 0
+        assert instance.run_monitoring_max_runtime_seconds > 0  # a run left STARTED ends some day
+        assert type(instance.run_coordinator).__name__ == "QueuedRunCoordinator"
+        assert instance.run_coordinator.get_run_queue_config().max_concurrent_runs == 1
+
+
+def test_killed_runs_end_failed_saying_why(deployment):
+    t0 = time.monotonic()
+    marks = {}
+    mark = lambda what: marks.__setitem__(what, round(time.monotonic() - t0, 1))  # noqa: E731
+    with open_instance(deployment.home) as instance:
+        instance.add_dynamic_partitions("tiny", ["a.jsonl"])
+        # Both runs are queued before the daemon starts, so the first one is dequeued first and the
+        # second still waits when the first is killed, however slow the machine.
+        deployment.launch({"dagster/partition": "a.jsonl"})
+        deployment.launch({"dagster/partition": "a.jsonl", "dagster/max_runtime": str(MAX_RUNTIME_S)})
+        mark("launched")
+        second, first = instance.get_runs()  # newest first
+        assert "dagster/max_runtime" not in first.tags and second.tags["dagster/max_runtime"] == str(MAX_RUNTIME_S)
+        assert {first.status, second.status} == {dg.DagsterRunStatus.QUEUED}
+        first_daemon = deployment.start_daemon()
+
+        def explain(run_id):
+            return lambda: "\n".join(messages(instance, run_id)[-30:]) + "\n" + deployment.daemon_logs()
+
+        # 1. The run worker is SIGKILLed once its engine actor is up.
+        def worker_pid(run_id):
+            found = [re.search(r"Started process for run \(pid: (\d+)\)", m) for m in messages(instance, run_id)]
+            return next((int(f.group(1)) for f in found if f), None)
+
+        def started(run_id):
+            return instance.get_run_by_id(run_id).status == dg.DagsterRunStatus.STARTED
+
+        # The worker logs its pid just before it marks the run STARTED.
+        wait_for(lambda: started(first.run_id), 120, "the first run STARTED", explain(first.run_id))
+        pid = worker_pid(first.run_id)
+        mark("worker")
+        assert pid in [p.pid for p in deployment.tree(first_daemon.pid)]  # launched by the daemon's code server
+
+        def engine_started():
+            return [p for p in deployment.tree(pid) if name(p).startswith("ray::") and "Engine" in name(p)]
+
+        wait_for(engine_started, 120, "the first run's engine actor process", explain(first.run_id))
+        assert instance.get_run_by_id(second.run_id).status == dg.DagsterRunStatus.QUEUED  # one run at a time
+        mark("engine")
+        run_processes = deployment.tree(pid)[1:]
+        killed_at = time.monotonic()
+        os.kill(pid, signal.SIGKILL)
+
+        def failed(run_id):
+            return instance.get_run_by_id(run_id).status == dg.DagsterRunStatus.FAILURE
+
+        wait_for(lambda: failed(first.run_id), 30, "the killed run FAILURE", explain(first.run_id))
+        detected_s = time.monotonic() - killed_at
+        mark("failed")
+        log = messages(instance, first.run_id)
+        assert f"Run execution process for {first.run_id} was terminated by signal 9 (SIGKILL)." in "\n".join(log), log[-10:]
+        # Everything the run started goes with it: its Ray (gcs_server, raylet, workers) and the engine.
+        def survivors():
+            return [p for p in alive(run_processes) if name(p) not in RAY_AGENTS]
+
+        wait_for(lambda: not survivors(), 30, "the killed run's processes exit", lambda: describe(survivors()))
+
+        # 2. The second run, dequeued now that the slot is free, is lost with the whole deployment.
+        wait_for(lambda: started(second.run_id), 60, "the queued run STARTED once the killed one freed its slot",
+                 explain(second.run_id))
+        mark("second started")
+        deployment_processes = deployment.tree(first_daemon.pid)
+        second_pid = worker_pid(second.run_id)
+        assert second_pid in [p.pid for p in deployment_processes]
+        kill_processes(deployment_processes)
+        assert first_daemon.poll() is not None and not psutil.pid_exists(second_pid)
+        time.sleep(3)  # nothing that is left notices
+        assert started(second.run_id)
+
+        deployment.start_daemon()  # Dagster restarted
+        start_time = instance.get_run_record_by_id(second.run_id).start_time
+        wait_for(lambda: failed(second.run_id), MAX_RUNTIME_S + 60, "the lost run FAILURE", explain(second.run_id))
+        mark("second failed")
+        failed_after_s = instance.get_run_record_by_id(second.run_id).end_time - start_time
+        log = messages(instance, second.run_id)
+        assert f"Canceling due to exceeding maximum runtime of {MAX_RUNTIME_S} seconds." in log, log[-10:]
+        assert any(m.startswith("This job is being forcibly marked as failed.") for m in log), log[-10:]
+        assert failed_after_s >= MAX_RUNTIME_S
+
+    print(f"timeline (s): {marks}; killed worker -> FAILURE in {detected_s:.1f} s; lost run FAILURE {failed_after_s:.1f} s after its start")
