@@ -73,6 +73,10 @@ def committed_rows(project: Path, pipeline: str, stage: str, partition: str) -> 
 
 def test_a_scaffolded_yaml_pipeline_is_checked_listed_and_materialized(tmp_path, tiny_model):
     project = code_location_copy(tmp_path)
+    components = run([str(BIN / "dg"), "list", "components", "--json"], project)
+    assert components.returncode == 0, components.stderr
+    assert "llm_assets.LLMPipelineComponent" in {item["key"] for item in json.loads(components.stdout)["items"]}
+
     folder = scaffold(project, "reviews")
     assert sorted(p.name for p in folder.iterdir()) == ["defs.yaml", "functions.py"]
     defs_yaml = folder / "defs.yaml"

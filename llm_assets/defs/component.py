@@ -259,7 +259,8 @@ class _Locator:
         except (ValueError, TypeError) as exc:
             if field_path is None:
                 named = [name for name in LLMPipelineComponent.model_fields if re.search(rf"\b{name}\b", str(exc))]
-                given = [name for name in named if self.tree is not None and name in self.tree.children["attributes"].children]
+                written = self.tree.children.get("attributes") if self.tree is not None else None
+                given = [name for name in named if written is not None and name in written.children]
                 field_path = tuple(given[:1])
             # from None: the message says it all; LLMPipeline's frames would only bury it.
             raise self.error(field_path, str(exc)) from None

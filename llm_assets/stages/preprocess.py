@@ -139,6 +139,9 @@ class PreprocessStage:
         url = row.get("openai_url")  # a row of an OpenAI Batch file: its endpoint must be the task's
         if url is not None and not (self.task_type == "embed" if url == self.embeddings_url else self.task_type == "generate"):
             raise RowError(row_id, STAGE, f"is a {url} request, and this pipeline's task_type is {self.task_type!r}")
+        if self.task_type == "score":  # a pair for a cross-encoder, not a prompt
+            _check_pair(row_id, row)
+            return _pooling_params(row_id, row)
         has_messages = row.get("messages") is not None
         has_prompt = isinstance(row.get("prompt"), str)
         if not has_messages and not has_prompt:
@@ -155,9 +158,22 @@ class PreprocessStage:
         row["sampling_params"] = _check_sampling_params(row_id, row.get("sampling_params"), self.output_schema, self.params_check)
         if row.get("tokenization_kwargs") is not None:
             row["tokenization_kwargs"] = _check_tokenization_kwargs(row_id, row["tokenization_kwargs"])
-        if row.get("pooling_params") is not None:  # embeddings: JSON text between stages, as sampling_params
-            try:
-                row["pooling_params"] = dumps_params(row["pooling_params"])
-            except (TypeError, ValueError) as exc:
-                raise RowError(row_id, STAGE, f"'pooling_params' {exc}") from exc
-        return row
+        return _pooling_params(row_id, row)
+
+
+def _pooling_params(row_id: Any, row: dict[str, Any]) -> dict[str, Any]:
+    if row.get("pooling_params") is not None:  # embeddings: JSON text between stages, as sampling_params
+        try:
+            row["pooling_params"] = dumps_params(row["pooling_params"])
+        except (TypeError, ValueError) as exc:
+            raise RowError(row_id, STAGE, f"'pooling_params' {exc}") from exc
+    return row
+
+
+def _check_pair(row_id: Any, row: dict[str, Any]) -> None:
+    from llm_assets.tasks.score import PAIR
+
+    for name in PAIR:
+        if not isinstance(row.get(name), str) or not row[name]:
+            raise RowError(row_id, STAGE, f"'{name}' is {row.get(name)!r}: task_type='score' scores a pair of non-empty strings, "
+                                          f"{' and '.join(map(repr, PAIR))} (return them from preprocess)")
