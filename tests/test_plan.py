@@ -49,8 +49,8 @@ def test_engines_are_registered_by_processor_config_class():
 
     with pytest.raises(TypeError, match="no engine is registered for OtherProcessorConfig: expected one of vLLMEngineProcessorConfig"):
         engine_for(OtherProcessorConfig())
-    with pytest.raises(ValueError, match="task_type 'score' is not supported: expected one of \\['classify', 'embed', 'generate'\\]"):
-        pipeline(task_type="score")
+    with pytest.raises(ValueError, match="task_type 'rerank' is not supported: expected one of \\['classify', 'embed', 'generate', 'score'\\]"):
+        pipeline(task_type="rerank")
     assert pipeline(task_type="embed").stage_names() == ["preprocess", "tokenize", "engine", "postprocess"]
     assert pipeline(task_type="embed", chat_template_stage=True).stage_names() == ["preprocess", "chat_template", "tokenize", "engine", "postprocess"]
 

@@ -39,9 +39,9 @@ KEY = "__response_cache_key__"
 KEY_TYPE = pa.binary(16)
 MODES = ("deterministic", "all", "off")
 # What decides an engine's answer besides the scope: the columns the model engines read.
-REQUEST_COLUMNS = ("tokenized_prompt", "prompt", "sampling_params", "pooling_params", "tokenization_kwargs", "model")
+REQUEST_COLUMNS = ("tokenized_prompt", "token_type_ids", "prompt", "sampling_params", "pooling_params", "tokenization_kwargs", "model")
 # The model engines leave the token ids out of their output (Tokenize persisted them): so do hits.
-NOT_IN_ENGINE_OUTPUT = ("tokenized_prompt",)
+NOT_IN_ENGINE_OUTPUT = ("tokenized_prompt", "token_type_ids")
 # Per request, not per answer: a hit gets its own.
 NOT_STORED = ("time_taken_llm", "request_id")
 

@@ -1,5 +1,7 @@
 """Tokenize: ``prompt`` -> ``tokenized_prompt`` token ids for the engine, with each row's
-``tokenization_kwargs`` (``add_special_tokens``, ``truncation``, ``max_length``) when it has them."""
+``tokenization_kwargs`` (``add_special_tokens``, ``truncation``, ``max_length``) when it has them.
+For ``task_type="score"``: the row's (``query``, ``document``) pair -> ``tokenized_prompt`` and,
+where the tokenizer gives them, ``token_type_ids`` (which segment each token is in)."""
 
 from __future__ import annotations
 
@@ -20,16 +22,20 @@ class TokenizeStage:
     when the engine's settings say it) is found here, before any engine: the row fails naming it,
     or with ``should_continue_on_error`` is kept with ``__inference_error__`` set."""
 
-    NEEDS = ("prompt",)
-    ADDS = ("tokenized_prompt",)
-    PROCESSOR_KWARGS = ("max_prompt_tokens", "should_continue_on_error")
+    NEEDS = ("prompt|query,document",)
+    ADDS = ("tokenized_prompt", "token_type_ids")
+    PROCESSOR_KWARGS = ("max_prompt_tokens", "should_continue_on_error", "task_type")
 
-    def __init__(self, model_source: str, max_prompt_tokens: Optional[int] = None, should_continue_on_error: bool = False):
+    def __init__(self, model_source: str, max_prompt_tokens: Optional[int] = None, should_continue_on_error: bool = False,
+                 task_type: str = "generate"):
         self.tokenizer = load_tokenizer(model_source)
         self.max_prompt_tokens = max_prompt_tokens
         self.should_continue_on_error = should_continue_on_error
+        self.task_type = task_type
 
     def __call__(self, batch: pa.Table) -> pa.Table:
+        if self.task_type == "score":
+            return self._pairs(batch)
         prompts = batch.column("prompt").to_pylist()
         templated = [m is not None for m in column_or_none(batch, "messages")]
         row_kwargs = column_or_none(batch, "tokenization_kwargs")
@@ -48,6 +54,24 @@ class TokenizeStage:
             for i, token_ids in zip(index, encoded):
                 ids[i] = token_ids
         batch = with_column(batch, "tokenized_prompt", ids, pa.list_(pa.int32()))
+        return self._too_long(batch, ids) if self.max_prompt_tokens else batch
+
+    def _pairs(self, batch: pa.Table) -> pa.Table:
+        from llm_assets.tasks.score import PAIR
+
+        ok = ok_rows(batch)
+        index = [i for i in range(batch.num_rows) if ok[i]]
+        first, second = (batch.column(name).to_pylist() for name in PAIR)
+        encoded = self.tokenizer([first[i] for i in index], [second[i] for i in index]) if index else {"input_ids": []}
+        ids: list = [None] * batch.num_rows
+        types: list = [None] * batch.num_rows
+        for position, i in enumerate(index):
+            ids[i] = encoded["input_ids"][position]
+            if "token_type_ids" in encoded:
+                types[i] = encoded["token_type_ids"][position]
+        batch = with_column(batch, "tokenized_prompt", ids, pa.list_(pa.int32()))
+        if any(t is not None for t in types):  # a tokenizer without segments (an LLM reranker's) gives none
+            batch = with_column(batch, "token_type_ids", types, pa.list_(pa.int8()))
         return self._too_long(batch, ids) if self.max_prompt_tokens else batch
 
     def _too_long(self, batch: pa.Table, ids: list) -> pa.Table:

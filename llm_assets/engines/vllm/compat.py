@@ -126,14 +126,27 @@ def sampling_params(**kwargs: Any):
 
 
 # Task types whose engine runs the model's pooler (vLLM's runner="pooling"): a vector per row.
-POOLING_TASKS = ("embed", "classify")
+POOLING_TASKS = ("embed", "classify", "score")
 
 
 def pooling_params(task: str, **kwargs: Any):
-    """PoolingParams of one row of a pooling task (``dimensions``, ``normalize``... as vLLM takes them)."""
+    """PoolingParams of one row of a pooling task (``dimensions``, ``normalize``... as vLLM takes them).
+    A cross-encoder's score is its classification head on the pair, as vLLM's own ``LLM.score``."""
     from vllm import PoolingParams
 
-    return PoolingParams(task=task, **kwargs)
+    return PoolingParams(task="classify" if task == "score" else task, **kwargs)
+
+
+def with_token_types(params: Any, token_type_ids: list[int]) -> Any:
+    """A pair's pooling params carrying which tokens are the second segment, in the form vLLM's
+    model runner takes (``compressed_token_type_ids``: the first segment-1 position), as its
+    cross-encoder scoring passes them."""
+    first_one = next((i for i, t in enumerate(token_type_ids) if t == 1), len(token_type_ids))
+    if any(t != 1 for t in token_type_ids[first_one:]) or any(t > 1 for t in token_type_ids):
+        raise ValueError("token_type_ids must be zeros then ones (one query, one document)")
+    params = params.clone()
+    params.extra_kwargs = {**(params.extra_kwargs or {}), "compressed_token_type_ids": first_one}
+    return params
 
 
 # Modules an engine start imports in the engine actor, imported while the CPU stages still run

@@ -71,6 +71,7 @@ class vLLMEngineStage:
         token_ids = column_or_none(batch, "tokenized_prompt")
         prompts = column_or_none(batch, "prompt")
         params = column_or_none(batch, "pooling_params" if self.pools else "sampling_params")
+        token_types = column_or_none(batch, "token_type_ids")  # a scored pair's segments
         upstream_ok = ok_rows(batch)
         if "tokenized_prompt" not in batch.column_names and any(column_or_none(batch, "tokenization_kwargs")):
             row = next(i for i, kwargs in enumerate(column_or_none(batch, "tokenization_kwargs")) if kwargs)
@@ -78,26 +79,29 @@ class vLLMEngineStage:
                                                 "without it (tokenize_stage=False): enable it or drop them")
         results = await asyncio.gather(
             *(
-                self._generate(row_ids[i], token_ids[i], prompts[i], params[i])
+                self._generate(row_ids[i], token_ids[i], prompts[i], params[i], token_types[i])
                 if upstream_ok[i]
                 else no_result()
                 for i in range(batch.num_rows)
             )
         )
-        if "tokenized_prompt" in batch.column_names:
-            # The ids are persisted by the Tokenize stage; not copying them keeps this output small.
-            batch = batch.drop_columns(["tokenized_prompt"])
+        # The ids (and a pair's segments) are persisted by the Tokenize stage; not copying them keeps this output small.
+        batch = batch.drop_columns([name for name in ("tokenized_prompt", "token_type_ids") if name in batch.column_names])
         return with_results(batch, results, self._columns(), upstream_ok, self.should_continue_on_error)
 
     def _columns(self) -> dict[str, pa.DataType]:
         if self.pools:
-            return {"embeddings": pa.list_(pa.float32()), "num_input_tokens": pa.int32(), "time_taken_llm": pa.float64()}
+            score = {"score": pa.float64()} if self.task_type == "score" else {}
+            return {**score, "embeddings": pa.list_(pa.float32()), "num_input_tokens": pa.int32(), "time_taken_llm": pa.float64()}
         return generation_columns(self.engine_detokenizes)
 
-    async def _generate(self, row_id: Any, token_ids: Any, prompt: Optional[str], params_json: Optional[str]) -> dict:
+    async def _generate(self, row_id: Any, token_ids: Any, prompt: Optional[str], params_json: Optional[str],
+                        token_type_ids: Optional[list] = None) -> dict:
         started = time.perf_counter()
         try:
             params = self._params(params_json)
+            if token_type_ids is not None:
+                params = vllm_compat.with_token_types(params, token_type_ids)
             if token_ids is not None:
                 request = vllm_compat.tokens_prompt(token_ids)
             elif prompt:
@@ -117,8 +121,9 @@ class vLLMEngineStage:
             snippet = (prompt or "")[:PROMPT_SNIPPET_CHARS]
             return {"error": f"{type(exc).__name__}: {exc} (prompt: {snippet!r})"}
         if self.pools:
-            return {"embeddings": final.outputs.data.tolist(), "num_input_tokens": len(final.prompt_token_ids or []),
-                    "time_taken_llm": time.perf_counter() - started}
+            vector = final.outputs.data.tolist()
+            return {"embeddings": vector, "num_input_tokens": len(final.prompt_token_ids or []),
+                    "time_taken_llm": time.perf_counter() - started, "score": vector[0] if len(vector) == 1 else None}
         completion = final.outputs[0]
         return {
             "generated_tokens": list(completion.token_ids),
