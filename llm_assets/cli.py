@@ -32,7 +32,7 @@ def main(argv: list[str] | None = None) -> int:
             raise
         # The user's mistake in one line (an unknown config field says which field it meant),
         # not the import machinery's traceback around it.
-        print(f"error: {args.file} failed to load: {type(exc).__name__}: {exc} (--verbose for the traceback)", file=sys.stderr)
+        print(f"error: {args.file} failed to load: {type(exc).__name__}: {exc}{_causes(exc)} (--verbose for the traceback)", file=sys.stderr)
         return 2
     if "PIPELINES" not in namespace:
         parser.error(f"{args.file} defines no PIPELINES list (the pipelines whose input files become partitions)")
@@ -47,6 +47,16 @@ def main(argv: list[str] | None = None) -> int:
         known = instance.get_dynamic_partitions(pipeline.name)
         print(f"{pipeline.name}: {len(new)} new partition(s) {new}; {len(known)} in all")
     return 0
+
+
+def _causes(exc: BaseException) -> str:
+    """What a wrapped error says underneath (a YAML pipeline's located mistake inside Dagster's
+    "Error while loading component")."""
+    lines, cause = [], exc.__cause__ or exc.__context__
+    while cause is not None and len(lines) < 5:
+        lines.append(f"\n  caused by {type(cause).__name__}: {cause}")
+        cause = cause.__cause__ or cause.__context__
+    return "".join(lines)
 
 
 if __name__ == "__main__":

@@ -176,6 +176,7 @@ def error_chain(exc: BaseException) -> str:
          "cannot import 'pipelines.reviews.functions.to_chat': module 'pipelines.reviews.functions' has no 'to_chat'"),
         ({"postprocess": "no_such_package.answers.fn"}, "postprocess", "cannot import 'no_such_package.answers.fn': No module named"),
         ({"source": {"bucket": "landing"}}, "source", "give either folder (a local folder) or bucket (and prefix) for S3"),
+        ({"response_cache": "sometimes"}, "response_cache", "pipeline 'reviews': response_cache is 'sometimes': expected one of deterministic, all, off"),
     ],
 )
 def test_each_mistake_in_a_defs_yaml_names_its_line_and_field(tmp_path, load_components, attributes, field, problem):

@@ -84,7 +84,8 @@ attributes:
   preprocess: .functions.preprocess
   postprocess: .functions.postprocess
   # Also: name (default: this folder's), description, max_error_rate (0.01), sensor_interval_s (30),
-  # sensor_running_by_default (false), openai_batch_output, output_schema, extra_tags.
+  # sensor_running_by_default (false), openai_batch_output, output_schema, extra_tags,
+  # response_cache (deterministic | all | off).
 """
 
 FUNCTIONS_TEMPLATE = '''\
@@ -144,6 +145,8 @@ class LLMPipelineComponent(dg.Component, dg.Resolvable, dg.Model):
     sensor_interval_s: int = _PIPELINE_DEFAULTS["sensor_interval_s"]
     sensor_running_by_default: bool = _PIPELINE_DEFAULTS["sensor_running_by_default"]
     openai_batch_output: Optional[str] = Field(None, description="A folder or s3:// URI for OpenAI Batch API output/error files.")
+    response_cache: str = Field(_PIPELINE_DEFAULTS["response_cache"],
+                                description="Reuse answers to identical requests: 'deterministic' (greedy, seeded, pooling), 'all' or 'off'.")
 
     _pipeline: Optional[LLMPipeline] = PrivateAttr(None)
 
@@ -186,6 +189,7 @@ class LLMPipelineComponent(dg.Component, dg.Resolvable, dg.Model):
                 sensor_interval_s=self.sensor_interval_s,
                 sensor_running_by_default=self.sensor_running_by_default,
                 openai_batch_output=self.openai_batch_output,
+                response_cache=self.response_cache,
             ),
         )
         return self._pipeline
