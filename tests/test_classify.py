@@ -2,8 +2,6 @@
 offline (random weights, all-MiniLM-L6-v2's WordPiece tokenizer), checked against transformers'
 own forward pass and softmax on the same weights."""
 
-import shutil
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -11,7 +9,7 @@ import pytest
 from llm_assets.config import vLLMEngineProcessorConfig
 from llm_assets.pipeline import LLMPipeline
 from llm_assets.sources import LocalFolderSource
-from tests.conftest import write_jsonl
+from tests.conftest import tiny_bert_classifier, write_jsonl
 from tests.test_pipeline_dagster import make_resources, run_job
 
 TEXTS = ["The film was wonderful.", "A dull and tiring evening.", "It rained in the afternoon.", "Best meal of my life!"]
@@ -20,17 +18,7 @@ LABELS = 3
 
 @pytest.fixture(scope="module")
 def classifier(tmp_path_factory, minilm) -> str:
-    import torch
-    from transformers import BertConfig, BertForSequenceClassification
-
-    folder = tmp_path_factory.mktemp("tiny-classifier")
-    torch.manual_seed(0)
-    config = BertConfig(vocab_size=30522, hidden_size=64, num_hidden_layers=2, num_attention_heads=2, intermediate_size=128,
-                        max_position_embeddings=128, num_labels=LABELS)
-    BertForSequenceClassification(config).save_pretrained(folder)
-    for name in ("vocab.txt", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
-        shutil.copy(Path(minilm) / name, folder / name)
-    return str(folder)
+    return tiny_bert_classifier(tmp_path_factory.mktemp("tiny-classifier"), minilm, num_labels=LABELS)
 
 
 def reference(model_dir: str) -> np.ndarray:

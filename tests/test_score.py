@@ -2,7 +2,6 @@
 cross-encoder built offline (random weights, all-MiniLM-L6-v2's WordPiece tokenizer), checked
 against transformers' own forward pass on the same weights and the same pairs."""
 
-import shutil
 from pathlib import Path
 
 import numpy as np
@@ -11,7 +10,7 @@ import pytest
 from llm_assets.config import vLLMEngineProcessorConfig
 from llm_assets.pipeline import LLMPipeline
 from llm_assets.sources import LocalFolderSource
-from tests.conftest import write_jsonl
+from tests.conftest import tiny_bert_classifier, write_jsonl
 from tests.test_pipeline_dagster import log_messages, make_resources, run_job
 
 PAIRS = [
@@ -24,17 +23,7 @@ PAIRS = [
 
 @pytest.fixture(scope="module")
 def cross_encoder(tmp_path_factory, minilm) -> str:
-    import torch
-    from transformers import BertConfig, BertForSequenceClassification
-
-    folder = tmp_path_factory.mktemp("tiny-cross-encoder")
-    torch.manual_seed(0)
-    config = BertConfig(vocab_size=30522, hidden_size=64, num_hidden_layers=2, num_attention_heads=2, intermediate_size=128,
-                        max_position_embeddings=128, num_labels=1)
-    BertForSequenceClassification(config).save_pretrained(folder)
-    for name in ("vocab.txt", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
-        shutil.copy(Path(minilm) / name, folder / name)
-    return str(folder)
+    return tiny_bert_classifier(tmp_path_factory.mktemp("tiny-cross-encoder"), minilm, num_labels=1)
 
 
 def reference(model_dir: str) -> np.ndarray:
