@@ -162,7 +162,7 @@ class OfflineProcessorConfig(ProcessorConfig):
     """A processor whose engine runs inside the run's Ray cluster (ray.data.llm's
     ``OfflineProcessorConfig``): a model, stage settings, error handling."""
 
-    model_source: str = Field(description="Local model folder, .gguf file, or Hugging Face repo id.")
+    model_source: str = Field(description="Local model folder, .gguf file, s3://bucket/prefix folder, or Hugging Face repo id.")
     task_type: str = "generate"
     runtime_env: Optional[dict[str, Any]] = None
     max_pending_requests: Optional[int] = Field(default=None, ge=1)

@@ -3,6 +3,8 @@
 vLLM's CPU build does not load GGUF, so a ``.gguf`` file is converted (dequantized, tokenizer
 included) into a safetensors folder in the model cache the first time it is used; later runs
 reuse the folder. The conversion is guarded by a file lock: concurrent runs convert once.
+An ``s3://bucket/prefix`` model is downloaded into the same cache, once per node
+(``model_store.py``).
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ import os
 import shutil
 import time
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 DONE_MARKER = ".llm_assets_converted"
 
@@ -29,8 +31,14 @@ def _looks_like_path(source: str) -> bool:
     return source.startswith(("/", "./", "../", "~")) or source.endswith(".gguf") or os.sep == "\\"
 
 
-def resolve_model_source(source: str, log: Callable[[str], None] = print) -> str:
-    """A local folder vLLM and transformers can load, or a hub repo id passed through."""
+def resolve_model_source(source: str, log: Callable[[str], None] = print, s3: Any = None) -> str:
+    """A local folder vLLM and transformers can load, or a hub repo id passed through. An S3
+    model (read with ``s3``, a dagster-aws ``S3Resource``, or the AWS environment) is downloaded
+    here and comes back as a path that other nodes can get their own copy of (``model_store``)."""
+    if source.startswith("s3://"):
+        from llm_assets.model_store import resolve_s3_model
+
+        return resolve_s3_model(source, s3, log)
     expanded = os.path.expanduser(source)
     if os.path.isdir(expanded):
         if not os.path.exists(os.path.join(expanded, "config.json")):
@@ -55,6 +63,20 @@ def resolve_model_source(source: str, log: Callable[[str], None] = print) -> str
                 "cache while HF_HUB_OFFLINE is set: pass a local model folder, or download the model first"
             )
     return source  # a hub repo id: vLLM and transformers resolve it
+
+
+def check_s3_load_format(model_source: str, engine_kwargs: dict[str, Any]) -> None:
+    """Streaming weights from S3 (vLLM's runai streamer) is not built here: refuse it at
+    definition, naming what to do, rather than download silently."""
+    if not str(model_source).startswith("s3://") or engine_kwargs.get("load_format") != "runai_streamer":
+        return
+    import importlib.util
+
+    installed = importlib.util.find_spec("runai_model_streamer") is not None
+    raise ValueError(
+        f"engine_kwargs.load_format='runai_streamer' with model_source {model_source!r}: streaming weights from S3 is not "
+        f"supported by llm_assets yet (runai-model-streamer is {'installed' if installed else 'not installed'}); "
+        "remove load_format: the model is then downloaded once per node into the model cache")
 
 
 def _in_hub_cache(repo_id: str) -> bool:

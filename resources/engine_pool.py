@@ -19,6 +19,7 @@ from pydantic import Field, PrivateAttr
 
 from llm_assets.engines.pool import EnginePool
 from resources.ray_data import RayDataResource, before_ray_shutdown
+from resources.s3 import S3Resource
 
 
 class EnginePoolResource(dg.ConfigurableResource):
@@ -29,6 +30,8 @@ class EnginePoolResource(dg.ConfigurableResource):
     num_cpus_per_engine: float = Field(default=1.0, description="Logical CPUs each engine actor reserves.")
     start_timeout_s: float = Field(default=1800.0, description="How long an engine may take to start.")
     max_engine_restarts: int = Field(default=3, ge=0, description="Engines that die mid-run are rebuilt this many times per run, at most.")
+    model_s3: Optional[S3Resource] = Field(
+        default=None, description="Endpoint, region and credentials for s3:// model sources (default: each node's AWS environment).")
     price_per_gpu_hour: Optional[float] = Field(
         default=None, ge=0, description="What a GPU-hour costs (any currency): the engine stage's metadata then shows estimated_cost.")
     _pools: list = PrivateAttr(default_factory=list)

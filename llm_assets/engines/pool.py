@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
 
 from llm_assets.engines.base import EngineSpec
+from llm_assets.model_store import model_on_this_node
 from llm_assets.secret_env import split_runtime_env
 
 # Ray starts every worker process at niceness 15 (its RAY_worker_niceness), so that its own
@@ -70,6 +71,8 @@ class EngineHost:
 
     async def start(self, **replica_kwargs: Any) -> dict[str, Any]:
         await self.prepare()  # already done, unless Ray ran this call first
+        if "model_source" in replica_kwargs:  # an S3 model: its files on this node first (model_store.py)
+            replica_kwargs["model_source"] = model_on_this_node(replica_kwargs["model_source"])
         self.replica = self.spec.replica_class()(**replica_kwargs)
         ready = getattr(self.replica, "ready", None)
         if ready is not None:  # a replica whose engine runs elsewhere waits for it here (a Serve app)

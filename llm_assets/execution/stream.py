@@ -147,7 +147,8 @@ class _ChainRun:
             self.commits.keep(entry)
         todo = [e for e in entries if e.index is not None]
         if todo:
-            self.models = {source: resolve_model_source(source, self.log) for source in
+            model_s3 = getattr(self.run_.engines, "model_s3", None)  # for s3:// models (model_store.py)
+            self.models = {source: resolve_model_source(source, self.log, model_s3) for source in
                            {self.pipeline.plan(s).model_source for s in self.chain} if source}
             runs_engine = ENGINE in self.chain and any(e.index <= self.chain.index(ENGINE) for e in todo)
             self._check_resources(runs_engine)

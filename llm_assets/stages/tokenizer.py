@@ -10,6 +10,9 @@ import os
 def load_tokenizer(model_source: str):
     from transformers import AutoTokenizer
 
+    from llm_assets.model_store import model_on_this_node
+
+    model_source = model_on_this_node(model_source)  # an S3 model: its files on this node first
     try:
         return AutoTokenizer.from_pretrained(model_source, trust_remote_code=False)
     except Exception as exc:  # transformers' errors name neither the stage nor what to do

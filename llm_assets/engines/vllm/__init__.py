@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from llm_assets.config import OfflineProcessorConfig
 from llm_assets.engines.base import EngineSpec, engine_kwarg_int
@@ -20,6 +20,13 @@ class vLLMEngineProcessorConfig(OfflineProcessorConfig):
     """The configuration of a vLLM-backed pipeline (same fields as ray.data.llm's)."""
 
     engine_kwargs: dict[str, Any] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _no_streaming_from_s3(self):
+        from llm_assets.models import check_s3_load_format
+
+        check_s3_load_format(self.model_source, self.engine_kwargs)
+        return self
 
     @property
     def tensor_parallel_size(self) -> int:
