@@ -52,10 +52,13 @@ def main(argv: list[str] | None = None) -> int:
 def _causes(exc: BaseException) -> str:
     """What a wrapped error says underneath (a YAML pipeline's located mistake inside Dagster's
     "Error while loading component")."""
-    lines, cause = [], exc.__cause__ or exc.__context__
+    def underneath(error: BaseException):  # as Python's traceback shows it: `raise ... from None` hides the context
+        return error.__cause__ or (None if error.__suppress_context__ else error.__context__)
+
+    lines, cause = [], underneath(exc)
     while cause is not None and len(lines) < 5:
         lines.append(f"\n  caused by {type(cause).__name__}: {cause}")
-        cause = cause.__cause__ or cause.__context__
+        cause = underneath(cause)
     return "".join(lines)
 
 
