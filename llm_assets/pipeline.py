@@ -66,6 +66,12 @@ class LLMPipeline:
     # The response cache (execution/cache.py): "deterministic" requests only (greedy, a fixed
     # seed, embeddings), "all", or "off". Answers are reused across partitions and runs.
     response_cache: str = "deterministic"
+    # The Dagster concurrency pool of which every run of the stages holds a slot while it is
+    # active, so that the instance's limit on the pool caps the engine pools built at once
+    # (README "GPU limits").
+    # Pipelines on the same GPUs share a pool; None: no limit. An engine that holds no GPU of the
+    # run (an HTTP endpoint, a Serve deployment) takes no slot whatever this says.
+    gpu_pool: Optional[str] = "llm_assets/gpu"
 
     def __post_init__(self) -> None:
         if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", self.name):

@@ -162,6 +162,10 @@ def stages_asset(pipeline: LLMPipeline, partitions_def: dg.PartitionsDefinition)
         can_subset=True,
         backfill_policy=dg.BackfillPolicy.single_run(),
         required_resource_keys={"storage", "ray_data", "engine_pool"},
+        # Every run of these stages, whoever launched it, holds a slot of the GPU pool while it is
+        # active (`granularity: run`, README "GPU limits"); pools are per op, so a subset without
+        # the engine holds one too.
+        pool=pipeline.gpu_pool if pipeline.engine.gpus_per_replica(pipeline.config, True) else None,
     )
     def _stages(context: dg.AssetExecutionContext):
         selected = [stage for stage in names if stage_key(pipeline, stage) in context.selected_asset_keys]
