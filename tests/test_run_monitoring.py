@@ -187,7 +187,7 @@ def test_the_shipped_instance_settings_enable_run_monitoring_for_the_default_lau
         assert instance.run_monitoring_max_resume_run_attempts == 0
         assert instance.run_monitoring_max_runtime_seconds > 0  # a run left STARTED ends some day
         assert type(instance.run_coordinator).__name__ == "QueuedRunCoordinator"
-        assert instance.run_coordinator.get_run_queue_config().max_concurrent_runs == 1
+        assert instance.get_concurrency_config().run_queue_config.max_concurrent_runs == 1
 
 
 def test_killed_runs_end_failed_saying_why(deployment):

@@ -85,7 +85,7 @@ attributes:
   postprocess: .functions.postprocess
   # Also: name (default: this folder's), description, max_error_rate (0.01), sensor_interval_s (30),
   # sensor_running_by_default (false), openai_batch_output, output_schema, extra_tags,
-  # response_cache (deterministic | all | off).
+  # response_cache (deterministic | all | off), gpu_pool (llm_assets/gpu; null: no limit).
 """
 
 FUNCTIONS_TEMPLATE = '''\
@@ -145,6 +145,8 @@ class LLMPipelineComponent(dg.Component, dg.Resolvable, dg.Model):
     sensor_interval_s: int = _PIPELINE_DEFAULTS["sensor_interval_s"]
     sensor_running_by_default: bool = _PIPELINE_DEFAULTS["sensor_running_by_default"]
     openai_batch_output: Optional[str] = Field(None, description="A folder or s3:// URI for OpenAI Batch API output/error files.")
+    gpu_pool: Optional[str] = Field(_PIPELINE_DEFAULTS["gpu_pool"],
+                                    description="The Dagster concurrency pool of runs that build engines on GPUs; null: no limit.")
     response_cache: str = Field(_PIPELINE_DEFAULTS["response_cache"],
                                 description="Reuse answers to identical requests: 'deterministic' (greedy, seeded, pooling), 'all' or 'off'.")
 
@@ -190,6 +192,7 @@ class LLMPipelineComponent(dg.Component, dg.Resolvable, dg.Model):
                 sensor_running_by_default=self.sensor_running_by_default,
                 openai_batch_output=self.openai_batch_output,
                 response_cache=self.response_cache,
+                gpu_pool=self.gpu_pool,
             ),
         )
         return self._pipeline
