@@ -126,6 +126,18 @@ def split_s3_uri(uri: str) -> tuple[str, str]:
 
 def list_model(uri: str, access: S3Access) -> S3Model:
     """The objects under ``uri`` (a folder: ``s3://bucket/prefix``), checked to be a model folder."""
+    model = list_folder(uri, access)
+    objects = model.objects
+    if not any(o.name == "config.json" for o in objects):
+        found = f"{len(objects)} objects, none named config.json" if objects else "no objects"
+        raise ModelSourceError(f"model_source {uri!r}: {found} under it: expected a Hugging Face model folder "
+                               "(upload one with `python -m llm_assets.upload_model`)")
+    return model
+
+
+def list_folder(uri: str, access: S3Access, setting: str = "model_source") -> S3Model:
+    """The objects under ``uri`` as a folder to download with ``fetch`` (a model's, a LoRA
+    adapter's: the caller checks what it must hold); errors name ``setting``."""
     from botocore.exceptions import BotoCoreError, ClientError
 
     bucket, prefix = split_s3_uri(uri)
@@ -138,14 +150,10 @@ def list_model(uri: str, access: S3Access) -> S3Model:
                 if name and not name.endswith("/"):  # "folder" marker objects hold nothing
                     objects.append(S3Object(name, entry["Key"], entry["Size"], entry["ETag"].strip('"'), entry["LastModified"].timestamp()))
     except (BotoCoreError, ClientError) as exc:
-        raise ModelSourceError(f"model_source {uri!r}: cannot list it: {exc}") from exc
-    if not any(o.name == "config.json" for o in objects):
-        found = f"{len(objects)} objects, none named config.json" if objects else "no objects"
-        raise ModelSourceError(f"model_source {uri!r}: {found} under it: expected a Hugging Face model folder "
-                               "(upload one with `python -m llm_assets.upload_model`)")
+        raise ModelSourceError(f"{setting} {uri!r}: cannot list it: {exc}") from exc
     bad = [o.name for o in objects if ".." in o.name.split("/")]
     if bad:
-        raise ModelSourceError(f"model_source {uri!r}: object names that leave the folder: {bad[:3]}")
+        raise ModelSourceError(f"{setting} {uri!r}: object names that leave the folder: {bad[:3]}")
     return S3Model(uri, tuple(sorted(objects, key=lambda o: o.name)), access)
 
 

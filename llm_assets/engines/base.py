@@ -76,6 +76,9 @@ class EngineSpec:
     # config -> a check of one row's decoded ``sampling_params`` that Preprocess runs (a picklable
     # callable raising ValueError naming the field), where the engine takes fewer than vLLM's.
     params_check: Callable[[Any], Optional[Callable[[dict], None]]] = field(default=lambda config: None)
+    # config -> None, or a picklable check of a row's ``model`` value that Preprocess runs (raising
+    # ValueError), for an engine that reads it: vLLM serves a LoRA adapter by that name.
+    model_check: Callable[[Any], Optional[Callable[[Any], None]]] = field(default=lambda config: None)
     # Whether the engine takes each row's ``payload`` (a JSON object) instead of a chat or prompt:
     # Preprocess then checks for that.
     takes_payload: bool = False

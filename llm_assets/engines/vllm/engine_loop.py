@@ -30,7 +30,8 @@ class EngineLoop:
 
         self._engine = LLMEngine.from_engine_args(engine_args, usage_context=usage_context)
         self.vllm_config = self._engine.vllm_config
-        self._inbox: queue.SimpleQueue = queue.SimpleQueue()  # (request_id, prompt, params, loop, future) or an abort
+        # (request_id, prompt, params, lora_request, loop, future), an abort (a request id), or an _EngineCall
+        self._inbox: queue.SimpleQueue = queue.SimpleQueue()
         self._waiting: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Future]] = {}
         self._wake = threading.Event()
         self._stopping = False
@@ -45,15 +46,10 @@ class EngineLoop:
     def errored(self) -> bool:
         return self.dead is not None
 
-    async def generate(self, prompt: Any, params: Any, request_id: str) -> Any:
+    async def generate(self, prompt: Any, params: Any, request_id: str, lora_request: Any = None) -> Any:
         """The request's final ``RequestOutput``; a request vLLM refuses raises its error."""
-        if self.dead is not None:
-            raise _dead_error(self.dead)
-        if self._stopping:
-            raise RuntimeError("the vLLM engine was shut down")
-        loop = asyncio.get_running_loop()
-        future = loop.create_future()
-        self._inbox.put((request_id, prompt, params, loop, future))
+        future = self._new_future()
+        self._inbox.put((request_id, prompt, params, lora_request, asyncio.get_running_loop(), future))
         self._wake.set()
         try:
             return await future
@@ -61,6 +57,22 @@ class EngineLoop:
             self._inbox.put(request_id)  # abort: nobody waits for it any more
             self._wake.set()
             raise
+
+    async def add_lora(self, lora_request: Any) -> None:
+        """Load a LoRA adapter into the engine now, on the engine's thread (it is not thread-safe):
+        an adapter vLLM refuses raises here, where loading it with a request's first step would
+        take the engine down."""
+        future = self._new_future()
+        self._inbox.put(_EngineCall(lambda engine: engine.add_lora(lora_request), asyncio.get_running_loop(), future))
+        self._wake.set()
+        await future
+
+    def _new_future(self) -> asyncio.Future:
+        if self.dead is not None:
+            raise _dead_error(self.dead)
+        if self._stopping:
+            raise RuntimeError("the vLLM engine was shut down")
+        return asyncio.get_running_loop().create_future()
 
     def shutdown(self) -> dict[str, float]:
         """Stop the loop and the engine; returns where the loop's time went."""
@@ -105,12 +117,15 @@ class EngineLoop:
                 if self._waiting.pop(item, None) is not None:
                     self._engine.abort_request([item])
                 continue
-            request_id, prompt, params, loop, future = item
+            if isinstance(item, _EngineCall):
+                item.run(self._engine, self.dead)
+                continue
+            request_id, prompt, params, lora_request, loop, future = item
             self._waiting[request_id] = (loop, future)
             if self.dead is not None:
                 continue
             try:
-                self._engine.add_request(request_id, prompt, params)
+                self._engine.add_request(request_id, prompt, params, lora_request=lora_request)
             except Exception as exc:  # this request's problem (too long, bad params): only it fails
                 refused.append((request_id, exc))
         self._resolve(refused, failed=True)
@@ -127,6 +142,25 @@ class EngineLoop:
                 loop.call_soon_threadsafe(_settle, items, failed)
             except RuntimeError:  # that event loop is closed: nobody is waiting
                 pass
+
+
+class _EngineCall:
+    """A call to make with the engine on its thread (loading an adapter), answered to one task."""
+
+    def __init__(self, call: Any, loop: asyncio.AbstractEventLoop, future: asyncio.Future):
+        self.call, self.loop, self.future = call, loop, future
+
+    def run(self, engine: Any, dead: Optional[BaseException]) -> None:
+        try:
+            if dead is not None:
+                raise _dead_error(dead)
+            result, failed = self.call(engine), False
+        except Exception as exc:  # the caller's to report (a refused adapter fails its rows only)
+            result, failed = exc, True
+        try:
+            self.loop.call_soon_threadsafe(_settle, [(self.future, result)], failed)
+        except RuntimeError:  # that event loop is closed: nobody is waiting
+            pass
 
 
 def _settle(items: list[tuple[asyncio.Future, Any]], failed: bool) -> None:

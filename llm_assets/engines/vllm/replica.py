@@ -16,6 +16,7 @@ import asyncio
 import contextlib
 import functools
 import itertools
+import logging
 import time
 from typing import Any, AsyncIterator, Optional
 
@@ -23,8 +24,10 @@ import pyarrow as pa
 
 from llm_assets.engines.vllm import compat as vllm_compat
 from llm_assets.engines.base import generation_columns, no_result, replica_info, with_results
+from llm_assets.engines.vllm.lora import LoraAdapters
 from llm_assets.stages.base import ROW_ID, RowError, column_or_none, loads_params, ok_rows
 
+logger = logging.getLogger(__name__)
 STAGE = "engine"
 PROMPT_SNIPPET_CHARS = 200
 
@@ -38,6 +41,9 @@ class vLLMEngineStage:
         max_pending_requests: Optional[int] = None,
         should_continue_on_error: bool = False,
         engine_detokenizes: bool = True,
+        base_model: Optional[str] = None,
+        dynamic_lora_loading_path: Optional[str] = None,
+        lora_s3_access: Any = None,
     ):
         started = time.perf_counter()
         self.task_type = task_type
@@ -55,6 +61,9 @@ class vLLMEngineStage:
         # Parsing and building it for every row took the actor's time from the engine's loop.
         self.pools = task_type in vllm_compat.POOLING_TASKS  # a vector per row (embed, classify), no generation
         self._params = functools.lru_cache(maxsize=1024)(self._build_pooling if self.pools else self._build_sampling)
+        # A row's ``model`` other than the config's model_source (or this folder) is a LoRA adapter (lora.py).
+        base_models = tuple(str(name) for name in (base_model, model_source) if name)
+        self.adapters = LoraAdapters(base_models, dynamic_lora_loading_path, lora_s3_access, self.engine.add_lora, logger.info)
         self.start_seconds = time.perf_counter() - started
 
     def fatal_errors(self) -> tuple[type[BaseException], ...]:
@@ -72,6 +81,7 @@ class vLLMEngineStage:
         prompts = column_or_none(batch, "prompt")
         params = column_or_none(batch, "pooling_params" if self.pools else "sampling_params")
         token_types = column_or_none(batch, "token_type_ids")  # a scored pair's segments
+        models = column_or_none(batch, "model")  # a LoRA adapter's name, or the base model
         upstream_ok = ok_rows(batch)
         if "tokenized_prompt" not in batch.column_names and any(column_or_none(batch, "tokenization_kwargs")):
             row = next(i for i, kwargs in enumerate(column_or_none(batch, "tokenization_kwargs")) if kwargs)
@@ -79,7 +89,7 @@ class vLLMEngineStage:
                                                 "without it (tokenize_stage=False): enable it or drop them")
         results = await asyncio.gather(
             *(
-                self._generate(row_ids[i], token_ids[i], prompts[i], params[i], token_types[i])
+                self._generate(row_ids[i], token_ids[i], prompts[i], params[i], token_types[i], models[i])
                 if upstream_ok[i]
                 else no_result()
                 for i in range(batch.num_rows)
@@ -96,9 +106,10 @@ class vLLMEngineStage:
         return generation_columns(self.engine_detokenizes)
 
     async def _generate(self, row_id: Any, token_ids: Any, prompt: Optional[str], params_json: Optional[str],
-                        token_type_ids: Optional[list] = None) -> dict:
+                        token_type_ids: Optional[list] = None, model: Optional[str] = None) -> dict:
         started = time.perf_counter()
         try:
+            lora_request = await self.adapters.request_for(model)
             params = self._params(params_json)
             if token_type_ids is not None:
                 params = vllm_compat.with_token_types(params, token_type_ids)
@@ -110,7 +121,7 @@ class vLLMEngineStage:
                 raise ValueError("the row has neither 'tokenized_prompt' nor a non-empty 'prompt'")
             request_id = f"{row_id}#{next(self.request_ids)}"
             async with self.semaphore:
-                final = await self.engine.generate(request, params, request_id=request_id)
+                final = await self.engine.generate(request, params, request_id=request_id, lora_request=lora_request)
         except self._fatal:
             raise  # a dead engine is never one row's problem
         except Exception as exc:
