@@ -56,6 +56,10 @@ class RayDataResource(dg.ConfigurableResource):
             if self.address:
                 kwargs["address"] = self.address
             else:
+                # Without an address, ray.init() joins the last cluster that `ray start` started on
+                # this machine (/tmp/ray/ray_current_cluster), where num_cpus is refused: no address
+                # means a Ray of the run's own.
+                kwargs["address"] = "local"
                 kwargs["num_cpus"] = self.num_cpus or max(MIN_LOCAL_CPUS, os.cpu_count() or 1)
                 if self.num_gpus is not None:
                     kwargs["num_gpus"] = self.num_gpus

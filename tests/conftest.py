@@ -52,7 +52,8 @@ def minilm() -> str:
 def ray_session():
     import ray
 
-    ray.init(num_cpus=4, include_dashboard=False, namespace="llm_assets_tests")
+    # "local": a Ray of the tests' own, even while a `ray start` cluster runs on this machine.
+    ray.init(address="local", num_cpus=4, include_dashboard=False, namespace="llm_assets_tests")
     yield
     ray.shutdown()
 

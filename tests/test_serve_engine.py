@@ -45,14 +45,16 @@ def cluster(tmp_path_factory):
     if had_session_ray:
         ray.shutdown()
     port = free_port()
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "RAY_AUTH_MODE": "disabled"}  # workers import tests' functions
+    # Workers import the tests' functions. Ray's token authentication stays as the session's: a
+    # process that used a Ray with one auth mode and then connects to a cluster with another gets
+    # actors that die before they start (measured with Ray 2.60).
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
     head = subprocess.Popen(
         [str(Path(sys.executable).parent / "ray"), "start", "--head", "--block", f"--port={port}", "--num-cpus=4",
          "--include-dashboard=false", "--disable-usage-stats", f"--ray-client-server-port={free_port()}",
          f"--temp-dir={tmp_path_factory.mktemp('ray')}"],
         cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     address = f"127.0.0.1:{port}"
-    os.environ["RAY_AUTH_MODE"] = "disabled"
     deadline = time.monotonic() + 60
     while True:
         try:
@@ -71,7 +73,7 @@ def cluster(tmp_path_factory):
         os.killpg(head.pid, signal.SIGKILL)
         head.wait(timeout=10)
     if had_session_ray:
-        ray.init(num_cpus=4, include_dashboard=False, namespace="llm_assets_tests")
+        ray.init(address="local", num_cpus=4, include_dashboard=False, namespace="llm_assets_tests")
 
 
 def resources_on(cluster, storage: Path) -> dict:
