@@ -245,11 +245,12 @@ class EnginePool:
         import ray
 
         lost = [(tag, batch_ref, rows) for tag, batch_ref, rows, _ in replica.pending.values()]
+        where = self._where(replica)
         if self.restarts_left <= 0:
-            raise EngineStartError(f"{self.spec.label} engine {replica.index} died ({first_line(cause)}) and no restart "
+            raise EngineStartError(f"{self.spec.label} engine {replica.index} died ({first_line(cause)}){where} and no restart "
                                    "is left; the run stops, committed partitions stay") from None
         self.restarts_left -= 1
-        self.log(f"{self.spec.label} engine {replica.index} died ({first_line(cause)}); building a new one in the "
+        self.log(f"{self.spec.label} engine {replica.index} died ({first_line(cause)}){where}; building a new one in the "
                  f"background, its {len(lost) + 1} batch(es) in flight go to the live engines")
         try:
             ray.kill(replica.actor)
@@ -258,6 +259,19 @@ class EnginePool:
         self.replicas[self.replicas.index(replica)] = replica = self._new_replica(replica.index)
         self._start(replica)
         return lost
+
+    def _where(self, replica: Replica) -> str:
+        """Where a dead replica ran, and whether Ray has lost that node: Ray's own error says only
+        that the actor died, and on a cluster a lost node (a preempted or failed machine) is what
+        the operator has to know."""
+        import ray
+
+        node = (replica.info or {}).get("node_id")
+        if not node:  # died before it was built: Ray never told us where
+            return ""
+        alive = {n["NodeID"]: n["Alive"] for n in ray.nodes()}
+        state = "lost by the Ray cluster" if alive.get(node) is False else "still in the Ray cluster"
+        return f" on Ray node {node} (host {replica.info.get('host')}, {state})"
 
     def states(self) -> list[str]:
         """What each replica is doing, for a run that reports why it makes no progress."""
