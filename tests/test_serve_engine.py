@@ -45,10 +45,11 @@ def cluster(tmp_path_factory):
     if had_session_ray:
         ray.shutdown()
     port = free_port()
-    # Workers import the tests' functions. Ray's token authentication stays as the session's: a
+    # Workers import the tests' functions. Ray's token authentication as this process has it: a
     # process that used a Ray with one auth mode and then connects to a cluster with another gets
-    # actors that die before they start (measured with Ray 2.60).
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    # actors that die before they start (measured with Ray 2.60). A local Ray started in this
+    # process sets RAY_AUTH_MODE=token here; before that it is unset, which a driver takes as disabled.
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "RAY_AUTH_MODE": os.environ.get("RAY_AUTH_MODE") or "disabled"}
     head = subprocess.Popen(
         [str(Path(sys.executable).parent / "ray"), "start", "--head", "--block", f"--port={port}", "--num-cpus=4",
          "--include-dashboard=false", "--disable-usage-stats", f"--ray-client-server-port={free_port()}",
