@@ -101,6 +101,22 @@ def tiny_bert_classifier(folder: Path, minilm: str, num_labels: int) -> str:
     return str(folder)
 
 
+def code_location_env(home: Path, prefix: str, landing: Path, storage: Path, model: str) -> dict[str, str]:
+    """What the Dagster processes a test starts need (code server, daemon, run workers): the
+    instance, the code location's landing folder, storage and model (``{prefix}_LANDING``...),
+    this checkout on the import path, no hub."""
+    project = Path(__file__).resolve().parent.parent
+    return {
+        "DAGSTER_HOME": str(home),
+        f"{prefix}_LANDING": str(landing),
+        f"{prefix}_STORAGE": str(storage),
+        f"{prefix}_MODEL": model,
+        "PYTHONPATH": os.pathsep.join([str(project), *filter(None, [os.environ.get("PYTHONPATH")])]),
+        "HF_HUB_OFFLINE": "1",
+        "TOKENIZERS_PARALLELISM": "false",
+    }
+
+
 def questions(n: int, prefix: str = "q") -> list[dict]:
     return [{"question": f"{prefix} number {i}: say something about the number {i}"} for i in range(n)]
 

@@ -38,7 +38,7 @@ from llm_assets.engines.http import HttpRequestProcessorConfig
 from llm_assets.pipeline import LLMPipeline
 from llm_assets.sources import LocalFolderSource
 from resources import PartitionStorage
-from tests.conftest import kill_processes, questions, write_jsonl
+from tests.conftest import code_location_env, kill_processes, questions, write_jsonl
 from tests.test_pipeline_dagster import make_pipeline, make_resources
 
 PROJECT = Path(__file__).resolve().parent.parent
@@ -119,16 +119,7 @@ class Deployment:
         settings["concurrency"]["runs"]["max_concurrent_runs"] = 2
         settings["run_queue"] = {"dequeue_interval_seconds": 1}
         (self.home / "dagster.yaml").write_text(yaml.safe_dump(settings))
-        self.env = {
-            **os.environ,
-            "DAGSTER_HOME": str(self.home),
-            "GPU_LIMITS_LANDING": str(tmp / "landing"),
-            "GPU_LIMITS_STORAGE": str(tmp / "storage"),
-            "GPU_LIMITS_MODEL": model,
-            "PYTHONPATH": os.pathsep.join([str(PROJECT), *filter(None, [os.environ.get("PYTHONPATH")])]),
-            "HF_HUB_OFFLINE": "1",
-            "TOKENIZERS_PARALLELISM": "false",
-        }
+        self.env = {**os.environ, **code_location_env(self.home, "GPU_LIMITS", tmp / "landing", tmp / "storage", model)}
         self.bin = Path(sys.executable).parent
         self.daemon = None
         self.storage = PartitionStorage(root=str(tmp / "storage"))

@@ -31,7 +31,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from resources import PartitionStorage
-from tests.conftest import kill_processes, questions, write_jsonl
+from tests.conftest import code_location_env, kill_processes, questions, write_jsonl
 
 PROJECT = Path(__file__).resolve().parent.parent
 STAGES = ["preprocess", "chat_template", "tokenize", "engine", "detokenize", "postprocess"]
@@ -65,15 +65,7 @@ def setup(tmp_path, tiny_model):
     defs_file.write_text(DEFINITIONS)
     home = tmp_path / "dagster_home"
     home.mkdir()
-    env = {
-        "DAGSTER_HOME": str(home),
-        "LAUNCH_PATHS_LANDING": str(tmp_path / "landing"),
-        "LAUNCH_PATHS_STORAGE": str(tmp_path / "storage"),
-        "LAUNCH_PATHS_MODEL": tiny_model,
-        "PYTHONPATH": os.pathsep.join([str(PROJECT), *filter(None, [os.environ.get("PYTHONPATH")])]),
-        "HF_HUB_OFFLINE": "1",
-        "TOKENIZERS_PARALLELISM": "false",
-    }
+    env = code_location_env(home, "LAUNCH_PATHS", tmp_path / "landing", tmp_path / "storage", tiny_model)
     return {"tmp": tmp_path, "defs": defs_file, "home": home, "env": env, "storage": PartitionStorage(root=str(tmp_path / "storage"))}
 
 

@@ -34,7 +34,7 @@ import pytest
 import yaml
 from dagster._core.instance.ref import InstanceRef
 
-from tests.conftest import kill_processes, questions, write_jsonl
+from tests.conftest import code_location_env, kill_processes, questions, write_jsonl
 
 PROJECT = Path(__file__).resolve().parent.parent
 INSTANCE_SETTINGS = PROJECT / ".dagster_home" / "dagster.yaml"
@@ -92,16 +92,7 @@ class Deployment:
         # The only change to the shipped settings: the daemon looks every second, not every 30.
         settings["run_monitoring"]["poll_interval_seconds"] = 1
         (self.home / "dagster.yaml").write_text(yaml.safe_dump(settings))
-        self.env = {
-            **os.environ,
-            "DAGSTER_HOME": str(self.home),
-            "RUN_MONITORING_LANDING": str(tmp / "landing"),
-            "RUN_MONITORING_STORAGE": str(tmp / "storage"),
-            "RUN_MONITORING_MODEL": model,
-            "PYTHONPATH": os.pathsep.join([str(PROJECT), *filter(None, [os.environ.get("PYTHONPATH")])]),
-            "HF_HUB_OFFLINE": "1",
-            "TOKENIZERS_PARALLELISM": "false",
-        }
+        self.env = {**os.environ, **code_location_env(self.home, "RUN_MONITORING", tmp / "landing", tmp / "storage", model)}
         self.bin = Path(sys.executable).parent
         self.daemons: list[subprocess.Popen] = []
         self.started: list[psutil.Process] = []  # every process seen under a daemon, for teardown
