@@ -21,6 +21,7 @@ import hashlib
 import importlib
 import inspect
 import json
+import os
 import textwrap
 from typing import Any, Callable, Optional
 
@@ -76,8 +77,6 @@ def module_code(name: str) -> str:
 def folder_fingerprint(path: str) -> str:
     """What identifies a model: a local folder's files (relative names, sizes, modification
     times: no file is read), else the name itself (a hub id)."""
-    import os
-
     if not os.path.isdir(path):
         return path
     entries = []

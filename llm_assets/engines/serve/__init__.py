@@ -147,7 +147,6 @@ SERVE = EngineSpec(
     output_settings=_output_settings,
     max_prompt_tokens=lambda config: _served(config).max_prompt_tokens(config.engine.engine) if config.engine else None,
     target=lambda config: f"Serve app {config.app_name!r} (deployment {config.deployment_name!r})",
-    model_source=lambda config: config.model_source,
     params_check=lambda config: _served(config).params_check(config.engine.engine) if config.engine else None,
     row_check=lambda config: None if config.engine else functools.partial(check_request_row, dtype_names=tuple(config.dtype_mapping or ())),
     provision=_provision,
