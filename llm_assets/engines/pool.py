@@ -40,6 +40,10 @@ def unwrap(exc: BaseException) -> BaseException:
     return cause if isinstance(cause, BaseException) else exc
 
 
+# How long a dead engine's report waits for Ray to say whether its node is lost.
+NODE_VERDICT_WAIT_S = 2.0
+
+
 def _gpus(info: dict[str, Any]) -> str:
     gpu_ids = info.get("gpu_ids")
     return f", GPU {', '.join(gpu_ids)}" if gpu_ids else ""
@@ -269,8 +273,12 @@ class EnginePool:
         node = (replica.info or {}).get("node_id")
         if not node:  # died before it was built: Ray never told us where
             return ""
-        alive = {n["NodeID"]: n["Alive"] for n in ray.nodes()}
-        state = "lost by the Ray cluster" if alive.get(node) is False else "still in the Ray cluster"
+        # The actor's error can arrive before Ray's health check has declared its node dead: ask
+        # again for a moment before saying the node is still there.
+        deadline = time.monotonic() + NODE_VERDICT_WAIT_S
+        while (alive := {n["NodeID"]: n["Alive"] for n in ray.nodes()}.get(node)) is not False and time.monotonic() < deadline:
+            time.sleep(0.25)
+        state = "lost by the Ray cluster" if alive is False else "still in the Ray cluster"
         return f" on Ray node {node} (host {replica.info.get('host')}, {state})"
 
     def states(self) -> list[str]:
