@@ -9,6 +9,7 @@
 #   PARTITIONS=10 ROWS=1000 MAX_TOKENS=128    the workload's shape (the scale workload: 100, 500, 32)
 #   COLD=1                                    start every system with empty kernel caches
 #   ENGINE_ENV="KEY=VALUE,..."                environment of llm_assets' engine actors
+#   TP=2                                      every vLLM engine spans 2 GPUs (tensor parallel; use its own OUT)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 out=${1:-/tmp/llm_assets_bench}

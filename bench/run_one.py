@@ -39,11 +39,17 @@ def has_gpu() -> bool:
     return shutil.which("nvidia-smi") is not None
 
 
+def tensor_parallel() -> dict:
+    """TP=N: every vLLM engine (raw and llm_assets') spans N GPUs."""
+    size = int(os.environ.get("TP", "1"))
+    return {"tensor_parallel_size": size} if size > 1 else {}
+
+
 def engine_kwargs() -> dict:
     from llm_assets.engines.vllm import compat as vllm_compat
 
     # On a machine without a GPU (a smoke run of the bench), vLLM's CPU build needs its settings.
-    return vllm_compat.platform_engine_kwargs({"load_format": "dummy", "max_model_len": 2048}, has_gpu())
+    return vllm_compat.platform_engine_kwargs({"load_format": "dummy", "max_model_len": 2048, **tensor_parallel()}, has_gpu())
 
 
 def engine_env() -> dict:
@@ -120,12 +126,13 @@ STAGE_LOG_KEYS = ("committed", "vLLM", "execution of", "partition(s):", "partiti
 
 
 def llm_assets(spec: dict, monitor: Monitor, engines: int = 1) -> dict:
-    return run_llm_assets(spec, monitor, {"model_source": spec["model"], "engine_kwargs": {"load_format": "dummy", "max_model_len": 2048},
+    return run_llm_assets(spec, monitor, {"model_source": spec["model"],
+                                          "engine_kwargs": {"load_format": "dummy", "max_model_len": 2048, **tensor_parallel()},
                                           "runtime_env": {"env_vars": engine_env()}, "concurrency": engines})
 
 
 def llm_assets_2gpu(spec: dict, monitor: Monitor) -> dict:
-    """Two engine replicas, one per GPU (a 2-GPU machine), fed from the same partitions."""
+    """Two engine replicas, one per GPU (a 2-GPU machine; with TP=2, two GPUs each), fed from the same partitions."""
     return llm_assets(spec, monitor, engines=2)
 
 
@@ -234,7 +241,8 @@ if __name__ == "__main__":
     os.environ.update(vllm_compat.platform_env(has_gpu()))
     with Monitor() as monitor:
         result = SYSTEMS[args.system](spec, monitor)
-    result.update(system=args.system, host_peak_gib=monitor.host_peak_gib(), model=spec["size"])
+    result.update(system=args.system, host_peak_gib=monitor.host_peak_gib(), model=spec["size"],
+                  tensor_parallel_size=tensor_parallel().get("tensor_parallel_size", 1))
     result["output_tok_s"] = round(result["output_tokens"] / result["generate_s"], 1)
     result["whole_job_tok_s"] = round(result["output_tokens"] / result["wall_s"], 1)
     args.out.write_text(json.dumps(result, indent=1))

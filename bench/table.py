@@ -23,12 +23,12 @@ def main(paths: list[str]) -> None:
         vs_peer = f"{r['whole_job_tok_s'] / peer['whole_job_tok_s']:.3f}" if peer else "-"
         start_note = "" if "engine_start_s" in r else " (first row out)"
         print(
-            f"| {name} | {r['model']} | {r['rows']} | {start:.1f}{start_note} | {r['generate_s']:.1f} | {r['output_tok_s']:.0f} | {vs_raw} "
+            f"| {name} | {r['model']}{' TP=' + str(r['tensor_parallel_size']) if r.get('tensor_parallel_size', 1) > 1 else ''} | {r['rows']} | {start:.1f}{start_note} | {r['generate_s']:.1f} | {r['output_tok_s']:.0f} | {vs_raw} "
             f"| {r['wall_s']:.1f} | {wall_vs_raw} | {r['whole_job_tok_s']:.0f} | {vs_peer} | {r['gpu_busy']} | {r['gpu_util_mean']} | {r['host_peak_gib']} |"
         )
     one, two = results.get("llm_assets"), results.get("llm_assets_2gpu")
     if one and two:
-        print(f"\nTwo engines (one per GPU) against one, same machine: generation tok/s {two['output_tok_s'] / one['output_tok_s']:.3f}x, "
+        print(f"\nTwo engines against one, same machine: generation tok/s {two['output_tok_s'] / one['output_tok_s']:.3f}x, "
               f"whole job {two['wall_s'] / one['wall_s']:.3f}x the time; placement {two.get('engine_placement')}")
 
 

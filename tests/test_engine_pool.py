@@ -70,3 +70,58 @@ def test_an_engine_core_in_its_own_process_is_forked_from_the_actors_server_and_
     assert not alive, f"still running after their actor was killed: {[p.pid for p in alive]}"
     pool.replicas = []
     resource.shutdown_engines()
+
+
+def _first_tokens(pool, prompts: list[str]) -> list[list[int]]:
+    import json
+
+    import pyarrow as pa
+
+    pool.build()
+    replica = pool.replicas[0]
+    pool.settle(replica.start_ref)  # records where the engine started (usage's placement)
+    batch = pa.table({"row_id": [f"r{i}" for i in range(len(prompts))], "prompt": prompts,
+                      "sampling_params": [json.dumps({"max_tokens": 6, "temperature": 0})] * len(prompts)})
+    output, _ = ray.get(replica.actor.process.remote(batch), timeout=180)
+    return output.column("generated_tokens").to_pylist()
+
+
+def test_an_engine_with_two_workers_reserves_one_placement_group_and_generates_as_one_worker_does(tmp_path, tiny_model, ray_session):
+    """tensor_parallel_size=2 with placement_group_config (ray.data.llm's field): the replica's
+    two bundles are reserved as one group before the engine actor starts in it, vLLM's two
+    workers run the model (the CPU build's own worker processes: it has no Ray executor), the
+    tokens equal one worker's, and the group is freed with the engine."""
+    from ray.util.placement_group import placement_group_table
+
+    resource = EnginePoolResource(ray_data=RayDataResource())
+    model = resolve_model_source(tiny_model)
+    prompts = ["Hello", "Count: one two", "The sky is"]
+    single = resource.pool_for(make_pipeline(tmp_path / "landing", tiny_model), model, print)
+    expected = _first_tokens(single, prompts)
+    resource.shutdown_engines()
+
+    lines = []
+    # vLLM's CPU workers need their cores named where the machine has one NUMA node (vLLM's message says so).
+    pipeline = make_pipeline(tmp_path / "landing", tiny_model, engine_kwargs={"max_model_len": 512, "tensor_parallel_size": 2},
+                             placement_group_config={"bundle_per_worker": {"CPU": 1}, "strategy": "STRICT_PACK"},
+                             runtime_env={"env_vars": {"VLLM_CPU_OMP_THREADS_BIND": "0|1"}})
+    pool = resource.pool_for(pipeline, model, lines.append)
+    group = pool.replicas[0].group
+    assert placement_group_table(group)["bundles"] == {0: {"CPU": 1.0}, 1: {"CPU": 1.0}}
+    assert placement_group_table(group)["strategy"] == "STRICT_PACK"
+    assert _first_tokens(pool, prompts) == expected
+    [where] = pool.usage()["placement"]
+    assert where["bundle_nodes"] == [ray.get_runtime_context().get_node_id()] * 2
+    assert any("placement group of 2 x {'CPU': 1.0} (STRICT_PACK)" in line for line in lines), lines
+    resource.shutdown_engines()
+    assert placement_group_table(group)["state"] == "REMOVED"
+
+
+def test_a_placement_the_cluster_cannot_hold_fails_before_any_engine_starts(tmp_path, tiny_model, ray_session):
+    """Ray would leave such a group pending for ever; the run is told what is missing instead."""
+    resource = EnginePoolResource(ray_data=RayDataResource())
+    pipeline = make_pipeline(tmp_path / "landing", tiny_model, concurrency=2,
+                             engine_kwargs={"max_model_len": 512, "tensor_parallel_size": 2},
+                             placement_group_config={"bundle_per_worker": {"GPU": 1, "CPU": 1}})
+    with pytest.raises(ValueError, match=r"2 engine\(s\) each reserving 2 x .*need 4 GPU; the Ray cluster has 0"):
+        resource.pool_for(pipeline, resolve_model_source(tiny_model), print)

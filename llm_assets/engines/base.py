@@ -91,6 +91,9 @@ class EngineSpec:
     # outside the pool and may outlive the run (a Ray Serve app): deploy it, or find it and check
     # it is the one asked for.
     provision: Optional[Callable[..., Optional[dict[str, Any]]]] = None
+    # (config, on_gpu) -> None, or the placement group each replica reserves (engines/placement.py):
+    # an engine whose workers span several GPUs, or a user's placement_group_config.
+    placement: Callable[[Any, bool], Any] = field(default=lambda config, on_gpu: None)
 
     def replica_class(self) -> type:
         module, name = self.replica.split(":")

@@ -10,21 +10,13 @@ be sent to any live replica. Nothing here imports Dagster.
 
 from __future__ import annotations
 
-import os
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
 
+from llm_assets.engines import placement as placements
 from llm_assets.engines.base import EngineSpec
-from llm_assets.model_store import model_on_this_node
-from llm_assets.secret_env import split_runtime_env
-
-# Ray starts every worker process at niceness 15 (its RAY_worker_niceness), so that its own
-# daemons stay responsive under load. An engine actor (and the engine core it forks) is one busy
-# loop that feeds the GPU: at 15 it loses its core to any normal-priority process on a busy host,
-# the run's own Dagster process included, which raw vLLM never does. Engines run at the normal
-# priority; the CPU-stage tasks keep Ray's lower one and take the cores the engines leave.
-ENGINE_PRIORITY_ENV = {"RAY_worker_niceness": "0"}
+from llm_assets.engines.host import EngineHost, engine_actor_options
 from llm_assets.stages.base import RowError
 
 IN_FLIGHT_PER_SEQUENCE_SLOT = 3
@@ -54,70 +46,6 @@ def first_line(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text[0] if text else ''}"[:300]
 
 
-class EngineHost:
-    """The actor hosting one replica. Created when a run starts, it imports the engine library
-    while CPU stages run; ``start`` builds the engine (GPU memory, compile) when the run asks."""
-
-    def __init__(self, spec: EngineSpec, on_gpu: bool, secret_env: dict[str, str]):
-        # Nothing slow here: the actor's readiness then means "placed", which a stalled run reports.
-        os.environ.update(secret_env)  # this process is the engine's alone (see secret_env.py)
-        self.spec, self.on_gpu = spec, on_gpu
-        self.import_seconds: Optional[float] = None
-        self.replica: Any = None
-
-    async def prepare(self) -> float:
-        """Import the engine library (idempotent); its seconds."""
-        if self.import_seconds is None:
-            started = time.perf_counter()
-            self.spec.preimport(self.on_gpu)
-            self.import_seconds = time.perf_counter() - started
-        return self.import_seconds
-
-    async def start(self, **replica_kwargs: Any) -> dict[str, Any]:
-        await self.prepare()  # already done, unless Ray ran this call first
-        if "model_source" in replica_kwargs:  # an S3 model: its files on this node first (model_store.py)
-            replica_kwargs["model_source"] = model_on_this_node(replica_kwargs["model_source"])
-        self.replica = self.spec.replica_class()(**replica_kwargs)
-        ready = getattr(self.replica, "ready", None)
-        if ready is not None:  # a replica whose engine runs elsewhere waits for it here (a Serve app)
-            await ready()
-        return {**self.replica.info(), "import_seconds": round(self.import_seconds or 0.0, 2)}
-
-    async def process(self, batch):
-        output = await self.replica.process(batch)
-        return output, output.num_rows
-
-    def fatal_errors(self):
-        return self.replica.fatal_errors() if self.replica is not None else ()
-
-    def shutdown(self) -> dict[str, Any]:
-        return (self.replica.shutdown() or {}) if self.replica is not None else {}
-
-
-def engine_actor_options(spec: EngineSpec, config, on_gpu: bool, num_cpus: float, num_gpus: float,
-                         engines: int) -> tuple[dict[str, Any], dict[str, str]]:
-    """Ray options of a process that hosts an engine (a pool's actor, a Serve replica: see
-    engines/serve/), and the secret variables to hand it as an argument (see secret_env.py)."""
-    runtime_env, secret_env = split_runtime_env(getattr(config, "runtime_env", None))
-    runtime_env["env_vars"] = {**ENGINE_PRIORITY_ENV, **_cpu_threads_env(on_gpu, engines), **spec.actor_env(on_gpu),
-                               **runtime_env.get("env_vars", {})}
-    options: dict[str, Any] = {"num_cpus": num_cpus, "num_gpus": num_gpus, "runtime_env": runtime_env}
-    if config.accelerator_type:
-        options["accelerator_type"] = config.accelerator_type
-    return options, secret_env
-
-
-def _cpu_threads_env(on_gpu: bool, engines: int) -> dict[str, str]:
-    """Without a GPU the engine computes on CPU cores. Ray sets an actor's OMP_NUM_THREADS to
-    the CPUs it reserves (1), so the model ran on one thread where vLLM alone uses them all
-    (embeddings on 2 cores: 0.56x raw vLLM's rate with one thread, 0.76x with two). The
-    engines share this machine's cores; the CPU stages run at a lower priority (see above)."""
-    if on_gpu:
-        return {}
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    return {"OMP_NUM_THREADS": str(max(1, cores // max(1, engines)))}
-
-
 @dataclass
 class Replica:
     index: int
@@ -129,6 +57,7 @@ class Replica:
     info: Optional[dict[str, Any]] = None
     load_rows: int = 0
     pending: dict = field(default_factory=dict)  # rows ref -> (tag, batch ref, rows, output ref)
+    group: Any = None  # the replica's placement group, where it reserves one (engines/placement.py)
 
 
 class EnginePool:
@@ -141,8 +70,13 @@ class EnginePool:
         if spec.provision is not None:  # what the replicas connect to, outside the pool (a Serve app)
             self.replica_kwargs.update(spec.provision(config, target, on_gpu, engine_detokenizes, log) or {})
         self.gpus = spec.gpus_per_replica(config, on_gpu)
+        self.placement = spec.placement(config, on_gpu)
+        if self.placement is not None:
+            self.placement = placements.with_accelerator(self.placement, config.accelerator_type)
+            placements.check_fits(self.placement, config.engine_pool_size, f"{spec.label} for {target}")
         log(f"Loading {spec.label} into {config.engine_pool_size} engine actor(s) for {target} "
-            f"({self.gpus:g} GPU(s) each, {'GPU' if on_gpu else 'CPU'} build)")
+            f"({self.gpus:g} GPU(s) each, {'GPU' if on_gpu else 'CPU'} build"
+            + (f"; each reserves a placement group of {self.placement.describe()})" if self.placement else ")"))
         self.replicas = [self._new_replica(i) for i in range(config.engine_pool_size)]
         self.building = False
         self.build_started = 0.0
@@ -153,17 +87,21 @@ class EnginePool:
 
     # --- starting -------------------------------------------------------------------------
     def _new_replica(self, index: int) -> Replica:
-        actor = self._new_actor()
-        return Replica(index, actor, placed_ref=actor.__ray_ready__.remote(), imported_ref=actor.prepare.remote())
+        group, placed = placements.reserve(self.placement, self.num_cpus_per_engine) if self.placement else (None, {})
+        actor = self._new_actor(placed)
+        return Replica(index, actor, placed_ref=actor.__ray_ready__.remote(), imported_ref=actor.prepare.remote(), group=group)
 
     def _start(self, replica: Replica) -> None:
         replica.start_ref, replica.start_asked = replica.actor.start.remote(**self.replica_kwargs), time.monotonic()
 
-    def _new_actor(self):
+    def _new_actor(self, placed: dict[str, Any]):
         import ray
 
         options, secret_env = engine_actor_options(self.spec, self.config, self.on_gpu, self.num_cpus_per_engine, self.gpus,
                                                    self.config.engine_pool_size)
+        if placed:  # in its placement group's first bundle, which carries the accelerator type
+            options.pop("accelerator_type", None)
+            options.update(placed)
         return ray.remote(EngineHost).options(**options, max_concurrency=10_000).remote(self.spec, self.on_gpu, secret_env)
 
     def build(self) -> None:
@@ -186,7 +124,8 @@ class EnginePool:
         replica.info, replica.start_ref = info, None
         self.first_ready = self.first_ready or time.monotonic()
         self.log(f"{self.spec.label} engine {replica.index} started in {info['start_seconds']} s after importing "
-                 f"{self.spec.label} in {info['import_seconds']} s (pid {info['pid']} on {info['host']}{_gpus(info)})")
+                 f"{self.spec.label} in {info['import_seconds']} s (pid {info['pid']} on {info['host']}{_gpus(info)}"
+                 + (f"; its placement group's bundles on Ray nodes {placements.bundle_nodes(replica.group)})" if replica.group else ")"))
         if not self.window_rows:
             # Enough rows in flight that the scheduler always has work queued: 3x the sequences it
             # runs at once (rows of equal length finish in waves), at least max_concurrent_batches.
@@ -260,6 +199,8 @@ class EnginePool:
             ray.kill(replica.actor)
         except ValueError as exc:  # not an actor handle any more: nothing to kill
             self.log(f"(could not kill the dead engine actor: {exc})")
+        if replica.group is not None:
+            placements.release(replica.group, self.log)
         self.replicas[self.replicas.index(replica)] = replica = self._new_replica(replica.index)
         self._start(replica)
         return lost
@@ -295,6 +236,8 @@ class EnginePool:
                 lines.append(f"{name}: {replica.load_rows} rows in flight" if replica.pending else f"{name}: ready, idle")
             elif not done(replica.placed_ref):
                 needs = ", ".join(f"{n:g} {key}" for key, n in (("CPU", self.num_cpus_per_engine), ("GPU", self.gpus)) if n)
+                if self.placement is not None:
+                    needs = f"a placement group of {self.placement.describe()}"
                 lines.append(f"{name} is not placed by Ray yet: it needs {needs or 'no resources'}")
             elif not done(replica.imported_ref):
                 lines.append(f"{name} is importing {self.spec.label}")
@@ -313,7 +256,8 @@ class EnginePool:
         (one per replica per second) and GPU-seconds; and where each engine that started ran."""
         held = (self.held_until or time.monotonic()) - self.held_from
         engines = self.config.engine_pool_size
-        placement = [{"engine": r.index, "host": r.info.get("host"), "node_id": r.info.get("node_id"), "gpu_ids": r.info.get("gpu_ids", [])}
+        placement = [{"engine": r.index, "host": r.info.get("host"), "node_id": r.info.get("node_id"), "gpu_ids": r.info.get("gpu_ids", []),
+                      **({"bundle_nodes": placements.bundle_nodes(r.group)} if r.group is not None else {})}
                      for r in self.replicas if r.info is not None]
         return {"engine_seconds": round(engines * held, 1), "gpu_seconds": round(engines * self.gpus * held, 1), "placement": placement}
 
@@ -348,4 +292,6 @@ class EnginePool:
             self.log(f"({self.spec.label} engine {pending[ref].index} did not shut down within {timeout_s:.0f} s; ending it)")
         for replica in self.replicas:
             ray.kill(replica.actor)
+            if replica.group is not None:
+                placements.release(replica.group, self.log)
         self.replicas = []

@@ -71,7 +71,7 @@ class EngineDeployment:
 
     async def __init__(self, spec, replica_kwargs: dict[str, Any], on_gpu: bool, secret_env: dict[str, str], app_name: str,
                        num_replicas: int):
-        from llm_assets.engines.pool import EngineHost
+        from llm_assets.engines.host import EngineHost
 
         self.host = EngineHost(spec, on_gpu, secret_env)
         self.info = await self.host.start(**replica_kwargs)
@@ -177,7 +177,7 @@ def _deploy(app: ServeEngine, target: str, on_gpu: bool, engine_detokenizes: boo
     from ray import serve
 
     from llm_assets.engines import engine_for
-    from llm_assets.engines.pool import engine_actor_options
+    from llm_assets.engines.host import engine_actor_options
 
     spec = engine_for(app.engine)
     options, secret_env = engine_actor_options(spec, app.engine, on_gpu, app.num_cpus_per_replica,

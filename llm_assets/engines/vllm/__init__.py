@@ -15,6 +15,7 @@ from pydantic import Field, model_validator
 
 from llm_assets.config import OfflineProcessorConfig
 from llm_assets.engines.base import EngineSpec, engine_kwarg_int
+from llm_assets.engines.placement import PlacementGroupConfig, ReplicaPlacement
 
 
 class vLLMEngineProcessorConfig(OfflineProcessorConfig):
@@ -24,6 +25,11 @@ class vLLMEngineProcessorConfig(OfflineProcessorConfig):
     dynamic_lora_loading_path: Optional[str] = Field(
         default=None, description="A local folder or s3://bucket/prefix holding one folder per LoRA adapter: a row whose "
                                   "'model' names one runs with it (needs engine_kwargs.enable_lora).")
+    placement_group_config: Optional[PlacementGroupConfig] = Field(
+        default=None, description="The Ray placement group each engine reserves: {'bundle_per_worker': {...}} (one per "
+                                  "tensor x pipeline parallel worker) or {'bundles': [...]}, and 'strategy' (PACK, "
+                                  "STRICT_PACK, SPREAD, STRICT_SPREAD). Default on a GPU with several workers: one "
+                                  "{'GPU': 1, 'CPU': 1} bundle per worker, PACK.")
 
     @model_validator(mode="after")
     def _no_streaming_from_s3(self):
@@ -39,6 +45,25 @@ class vLLMEngineProcessorConfig(OfflineProcessorConfig):
         check_lora_settings(self.dynamic_lora_loading_path, self.engine_kwargs)
         return self
 
+    @model_validator(mode="after")
+    def _placement_fits_workers(self):
+        if self.placement_group_config is None:
+            return self
+        bundles = self.placement_group_config.bundles_for(self.workers)
+        gpu_bundles = [b for b in bundles if b.get("GPU")]
+        if any(b["GPU"] > 1 for b in gpu_bundles):
+            raise ValueError("placement_group_config: each of vLLM's workers takes one GPU; give one bundle per worker "
+                             "with 'GPU': 1 (bundle_per_worker), not one bundle holding several GPUs")
+        if gpu_bundles and len(gpu_bundles) < self.workers:
+            raise ValueError(f"placement_group_config: {len(gpu_bundles)} bundle(s) with a GPU for {self.workers} vLLM "
+                             "workers (tensor_parallel_size x pipeline_parallel_size)")
+        return self
+
+    @property
+    def workers(self) -> int:
+        """vLLM's workers per engine, one per GPU."""
+        return self.tensor_parallel_size * self.pipeline_parallel_size
+
     @property
     def tensor_parallel_size(self) -> int:
         return int(self.engine_kwargs.get("tensor_parallel_size", 1))
@@ -53,6 +78,9 @@ def _replica_kwargs(config: vLLMEngineProcessorConfig, model_source: str, on_gpu
     from llm_assets.model_store import S3ModelPath
 
     engine_kwargs = dict(config.engine_kwargs)
+    if on_gpu and config.workers > 1:
+        # As ray.data.llm: the workers are Ray actors in the replica's placement group.
+        engine_kwargs.setdefault("distributed_executor_backend", "ray")
     if config.task_type in compat.POOLING_TASKS:
         engine_kwargs.setdefault("runner", "pooling")  # the model's pooler, not its LM head
     return dict(
@@ -70,7 +98,21 @@ def _replica_kwargs(config: vLLMEngineProcessorConfig, model_source: str, on_gpu
 
 
 def _gpus(config: vLLMEngineProcessorConfig, on_gpu: bool) -> float:
-    return config.tensor_parallel_size * config.pipeline_parallel_size if on_gpu else 0
+    return config.workers if on_gpu else 0
+
+
+def _placement(config: vLLMEngineProcessorConfig, on_gpu: bool) -> Optional[ReplicaPlacement]:
+    """One placement group per engine where it has several GPU workers or the user asked for one.
+    Where vLLM's Ray executor runs the workers, they take the bundles' GPUs and the engine actor
+    none; otherwise the model runs in the actor (or the processes it starts), which takes them."""
+    ray_workers = on_gpu and config.engine_kwargs.get("distributed_executor_backend", "ray" if config.workers > 1 else None) == "ray"
+    if config.placement_group_config is not None:
+        bundles, strategy = config.placement_group_config.bundles_for(config.workers), config.placement_group_config.strategy
+    elif ray_workers:
+        bundles, strategy = [{"GPU": 1, "CPU": 1} for _ in range(config.workers)], "PACK"
+    else:
+        return None
+    return ReplicaPlacement.of(bundles, strategy, actor_gpus=0 if ray_workers else _gpus(config, on_gpu))
 
 
 def _actor_env(on_gpu: bool) -> dict[str, str]:
@@ -109,6 +151,7 @@ VLLM = EngineSpec(
                   "llm_assets.engines.vllm.compat", "llm_assets.engines.vllm.lora"),
     replica_kwargs=_replica_kwargs,
     gpus_per_replica=_gpus,
+    placement=_placement,
     actor_env=_actor_env,
     preimport=_preimport,
     output_settings=_output_settings,

@@ -49,11 +49,24 @@ def start_engine(**kwargs: Any):
     from llm_assets.engines.vllm.core_process import forked_core
 
     kwargs.setdefault("disable_log_stats", True)
+    if kwargs.get("distributed_executor_backend") == "ray":
+        share_ray_cluster_with_core()
     if kwargs.get("enable_lora"):
         correct_cpu_lora_ops()
     core_launch = forked_core() if core_from_fork_server() else contextlib.nullcontext()
     with inspect_models_in_process(), core_launch:
         return EngineLoop(EngineArgs(**kwargs), usage_context=UsageContext.LLM_CLASS)
+
+
+def share_ray_cluster_with_core() -> None:
+    """vLLM's Ray executor (several GPUs per engine) runs in the engine core's process, which is
+    not a Ray worker: it calls ``ray.init()`` there, which without an address finds no cluster, or
+    another one, on a machine where several run. The core starts with this process's environment
+    (core_process.py), so the actor's own cluster goes there as RAY_ADDRESS. The placement group
+    vLLM's workers go into is found here, in the actor, when the engine's config is made."""
+    import ray
+
+    os.environ.setdefault("RAY_ADDRESS", ray.get_runtime_context().gcs_address)
 
 
 @contextlib.contextmanager
@@ -205,7 +218,10 @@ def platform_engine_kwargs(engine_kwargs: dict[str, Any], on_gpu: bool) -> dict[
         return dict(engine_kwargs)
     defaults = dict(CPU_ENGINE_KWARGS)
     if engine_kwargs.get("tensor_parallel_size", 1) * engine_kwargs.get("pipeline_parallel_size", 1) > 1:
-        del defaults["distributed_executor_backend"]  # several workers: vLLM's own choice
+        # Several workers: processes of vLLM's own. Inside a Ray placement group vLLM would pick
+        # its Ray executor, which the CPU build does not support ("current platform cpu does not
+        # support ray").
+        defaults["distributed_executor_backend"] = "mp"
     return {**defaults, **engine_kwargs}
 
 
