@@ -78,3 +78,66 @@ def test_a_partition_through_the_sglang_engine(tmp_path, capsys):
         assert row["num_generated_tokens"] == len(row["generated_tokens"]) and 1 <= row["num_generated_tokens"] <= 64
         assert row["finish_reason"] in ("length", "stop") and row["num_input_tokens"] > 0
         assert row["generated_text"] == tokenizer.decode(row["generated_tokens"], skip_special_tokens=True)
+
+
+def gpu_count() -> int:
+    import shutil
+    import subprocess
+
+    if shutil.which("nvidia-smi") is None:
+        return 0
+    return len(subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True).stdout.strip().splitlines())
+
+
+@pytest.mark.skipif(gpu_count() < 2, reason="needs 2 GPUs (the 2- or 4-GPU test machine)")
+def test_a_tensor_parallel_engine_reserves_its_gpus_as_one_placement_group(tmp_path, capsys):
+    """tensor_parallel_size=2: one placement group of two {GPU: 1, CPU: 1} bundles, vLLM's Ray
+    executor puts one worker on each GPU, and the engine stage counts two GPUs' seconds."""
+    model = llama_1b(tmp_path / "llama-1b")
+    pipeline = demo_pipeline(model_source=str(model), engine_kwargs={"load_format": "dummy", "max_model_len": 2048,
+                                                                     "tensor_parallel_size": 2})
+    messages, engine, _ = run_demo_partition(pipeline, tmp_path / "storage", capsys, shown="engine")
+    assert any("2 GPU(s) each, GPU build; each reserves a placement group of 2 x {'CPU': 1, 'GPU': 1} (PACK)" in m for m in messages)
+    assert engine.metadata["rows_out"].value == 20 and engine.metadata["generated_tokens"].value > 0
+    assert engine.metadata["gpu_seconds"].value == pytest.approx(2 * engine.metadata["engine_seconds"].value, abs=0.2)
+    [placement] = engine.metadata["engine_placement"].value
+    assert len(placement["bundle_nodes"]) == 2 and None not in placement["bundle_nodes"]
+
+
+def test_a_serve_app_on_the_gpu_serves_two_pipelines_with_one_engine(tmp_path_factory, capsys):
+    """A vLLM engine deployed as a Ray Serve app on a `ray start` cluster that outlives the runs:
+    the first run deploys it, the second (another pipeline) reuses it and generates seconds after
+    its start; both runs' timelines are printed."""
+    from llm_assets.config import ServeDeploymentProcessorConfig, vLLMEngineProcessorConfig
+    from llm_assets.engines.serve import ServeEngine
+    from llm_assets.pipeline import LLMPipeline
+    from llm_assets.sources import LocalFolderSource
+    from tests.test_serve_engine import cluster as serve_cluster, resources_on, timeline
+
+    tmp_path = tmp_path_factory.mktemp("serve-gpu")
+    address_iter = serve_cluster.__wrapped__(tmp_path_factory)
+    address = next(address_iter)
+    try:
+        model = llama_1b(tmp_path / "llama-1b")
+        chat = ServeEngine(app_name="gpu_chat", engine=vLLMEngineProcessorConfig(
+            model_source=str(model), engine_kwargs={"load_format": "dummy", "max_model_len": 2048}), idle_timeout_s=60)
+        pipelines = [LLMPipeline(name, ServeDeploymentProcessorConfig(engine=chat), LocalFolderSource(str(DATA_DIR)),
+                                 preprocess=to_chat, postprocess=to_answer) for name in ("first", "second")]
+        resources = resources_on(address, tmp_path / "storage")
+        marks = ("Serve app", "Serve engine 0 started", "engine [prompts.jsonl]: committed")
+        with dg.instance_for_test() as instance:
+            runs = [run_job(p, resources, instance, {"dagster/partition": "prompts.jsonl"}) for p in pipelines]
+            assert all(run.success for run in runs)
+            lines = [timeline(instance, run.run_id, marks) for run in runs]
+            logs = [log_messages(instance, run.run_id) for run in runs]
+            engines = [instance.get_latest_materialization_event(dg.AssetKey([p.name, "engine"])).asset_materialization for p in pipelines]
+        with capsys.disabled():
+            for name, run_lines in zip(("run 1 (deploys)", "run 2 (reuses)"), lines):
+                print(f"\n{name}:\n" + "\n".join(f"  {t:6.2f} s  {message}" for t, message in run_lines))
+        assert sum("Serve app 'gpu_chat': deploying 1 vLLM replica(s)" in m for m in logs[0]) == 1
+        assert sum("Serve app 'gpu_chat': reusing the running vLLM engine" in m for m in logs[1]) == 1
+        assert [e.metadata["rows_out"].value for e in engines] == [20, 20]
+        ready_2 = next(t for t, m in lines[1] if "Serve engine 0 started" in m)
+        assert ready_2 < 10.0, lines[1]
+    finally:
+        next(address_iter, None)  # stops the cluster
