@@ -141,8 +141,8 @@ def test_is_openai_batch_line():
         (request(url=CHAT, prompt="x"), "body has 'prompt', but url '/v1/chat/completions' takes 'messages'"),
         (request(tools=[]), (
             "body field 'tools' is not supported for /v1/chat/completions (supported: frequency_penalty, "
-            "max_completion_tokens, max_tokens, messages, metadata, model, presence_penalty, seed, stop, "
-            "temperature, top_p, user; and only at their defaults: n=1, logprobs=false, top_logprobs=0, stream=false)"
+            "logprobs, max_completion_tokens, max_tokens, messages, metadata, model, presence_penalty, seed, stop, "
+            "temperature, top_logprobs, top_p, user; and only at their defaults: n=1, stream=false)"
         )),
         (request(url=RESPONSES, stop="x"), (
             "body field 'stop' is not supported for /v1/responses (supported: input, instructions, "
@@ -151,9 +151,21 @@ def test_is_openai_batch_line():
         )),
         (request(stream=True), "body 'stream' is true: a batch request cannot stream (expected false or absent)"),
         (request(n=3), "body 'n' is 3: expected 1 or absent (one generation per request)"),
-        (request(logprobs=True), "body 'logprobs' is true: log probabilities are not returned by this pipeline (expected false or absent)"),
-        (request(top_logprobs=5), "body 'top_logprobs' is 5: log probabilities are not returned by this pipeline (expected 0 or absent)"),
-        (request(url=COMPLETIONS, logprobs=2), "body 'logprobs' is 2: log probabilities are not returned by this pipeline (expected false or absent)"),
+        (request(top_logprobs=5), "body 'top_logprobs' is 5 but 'logprobs' is absent: set 'logprobs' to true to get them"),
+        (request(logprobs=False, top_logprobs=1), "body 'top_logprobs' is 1 but 'logprobs' is false: set 'logprobs' to true to get them"),
+        (request(logprobs=True, top_logprobs=21), "body 'top_logprobs' is 21: expected an integer from 0 to 20"),
+        (request(logprobs=True, top_logprobs=-1), "body 'top_logprobs' is -1: expected an integer from 0 to 20"),
+        (request(logprobs=True, top_logprobs=2.0), "body 'top_logprobs' is 2.0: expected an integer from 0 to 20"),
+        (request(logprobs=1), "body 'logprobs' is 1: expected true or false"),
+        (request(url=COMPLETIONS, logprobs=6), "body 'logprobs' is 6: expected an integer from 0 to 5"),
+        (request(url=COMPLETIONS, logprobs=True), "body 'logprobs' is true: expected an integer from 0 to 5"),
+        (request(url=COMPLETIONS, logprobs=1, top_logprobs=1), (
+            "body field 'top_logprobs' is not supported for /v1/completions (supported: frequency_penalty, logprobs, "
+            "max_tokens, metadata, model, presence_penalty, prompt, seed, stop, temperature, top_p, user; "
+            "and only at their defaults: n=1, stream=false)"
+        )),
+        (request(url=RESPONSES, top_logprobs=3),
+         "body 'top_logprobs' is 3: log probabilities of /v1/responses are not returned by this pipeline (expected 0 or absent)"),
         (request(max_tokens=10, max_completion_tokens=20), "body 'max_tokens' 10 and 'max_completion_tokens' 20 differ; give one of them"),
         (request(max_completion_tokens=0), "body 'max_completion_tokens' is 0: expected an integer >= 1"),
         (request(url=RESPONSES, max_output_tokens="8"), "body 'max_output_tokens' is '8': expected an integer >= 1"),

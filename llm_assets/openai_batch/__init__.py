@@ -2,7 +2,8 @@
 
 - ``requests``: a batch input file's request lines -> pipeline rows, refusing what the pipeline
   cannot honour (``problems``: the error for one bad line; ``sampling``: the body's sampling params).
-- ``results``: a finished row -> one output or error file line, with the endpoint's own body.
+- ``results``: a finished row -> one output or error file line, with the endpoint's own body
+  (``logprobs``: the engine's logprobs column in OpenAI's chat / completions shapes).
 - ``files``: the output and error files themselves, each written whole or not at all.
 """
 

@@ -76,7 +76,9 @@ def export_openai_batch(
 
 _EXPORT_COLUMNS = (ROW_ID, "generated_text", "num_input_tokens", "num_generated_tokens", "finish_reason")
 _EMBEDDING_COLUMNS = (ROW_ID, "embeddings", "num_input_tokens")
-_OPTIONAL_COLUMNS = (ERROR_COLUMN, "openai_url", "openai_model")
+# sampling_params says whether a row asked for log probabilities; generated_tokens tells the sampled
+# token among each position's logprobs entries.
+_OPTIONAL_COLUMNS = (ERROR_COLUMN, "openai_url", "openai_model", "sampling_params", "generated_tokens", "logprobs")
 
 
 def _rows_for_export(batch: pa.Table) -> list[dict[str, Any]]:

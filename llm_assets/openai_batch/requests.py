@@ -9,9 +9,11 @@ Each line becomes one pipeline row: ``row_id`` (the custom_id), ``messages`` or 
 ``sampling_params`` (vLLM ``SamplingParams`` names) and ``openai_url``/``openai_model`` (echoed by the
 export). Chat and Responses requests become ``messages``: a Responses ``input`` string is a user
 message and ``instructions`` a system message, as the Responses API defines them, so the chat
-template applies as it would at OpenAI. Completions requests become a raw ``prompt``. Anything the
-pipeline cannot honour (tools, response formats, several choices, log probabilities, images) is
-refused with the file, line and field, before any engine starts, rather than silently ignored.
+template applies as it would at OpenAI. Completions requests become a raw ``prompt``. Log
+probabilities (chat ``logprobs``/``top_logprobs``, completions ``logprobs``) become vLLM's
+``logprobs``. Anything the pipeline cannot honour (tools, response formats, several choices, the
+Responses API's log probabilities, images) is refused with the file, line and field, before any
+engine starts, rather than silently ignored.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from typing import Any
 
 from llm_assets.errors import SourceError
 from llm_assets.openai_batch.problems import _Problem, _short
-from llm_assets.openai_batch.sampling import sampling_params
+from llm_assets.openai_batch.sampling import chat_logprobs, completion_logprobs, no_logprobs, sampling_params
 from llm_assets.stages.base import ROW_ID
 from llm_assets.stages.preprocess import ROLES
 
@@ -46,8 +48,12 @@ BODY_FIELDS = {
     EMBEDDINGS: _PASSIVE | {"input", "encoding_format", "dimensions"},
 }
 LINE_FIELDS = ("custom_id", "method", "url", "body")
-# Body fields accepted only at these values (one choice, no log probabilities, no streaming).
-AT_DEFAULT_ONLY = {"n": "1", "logprobs": "false", "top_logprobs": "0", "stream": "false"}
+# Body fields accepted only at these values (one choice, no streaming, no Responses log probabilities).
+_ONE_CHOICE = {"n": "1", "stream": "false"}
+AT_DEFAULT_ONLY = {CHAT: _ONE_CHOICE, COMPLETIONS: _ONE_CHOICE, RESPONSES: {"top_logprobs": "0", "stream": "false"},
+                   EMBEDDINGS: {"stream": "false"}}
+# Each endpoint's way of asking for log probabilities -> vLLM's ``logprobs`` (embeddings: none).
+_LOGPROBS = {CHAT: chat_logprobs, COMPLETIONS: completion_logprobs, RESPONSES: no_logprobs}
 
 # Content parts that carry text: chat's "text", the Responses API's "input_text"/"output_text".
 TEXT_PARTS = {"text", "input_text", "output_text"}
@@ -121,8 +127,9 @@ def request_to_row(obj: Any) -> dict[str, Any]:
         row["messages"] = _messages(body["messages"], "messages")
     else:
         row["messages"] = _responses_messages(body)
+    params = {**sampling_params(body), **_LOGPROBS[url](body)}
     # None rather than {}: Arrow infers an empty dict as a struct without fields, which Parquet cannot store.
-    row["sampling_params"] = sampling_params(body) or None
+    row["sampling_params"] = params or None
     row["openai_url"] = url
     row["openai_model"] = model
     return row
@@ -154,8 +161,8 @@ def _check_body_fields(url: str, body: dict[str, Any]) -> None:
     for key in body:
         if key not in BODY_FIELDS[url]:
             # Name only what is honoured; fields taken only at their default value are said so.
-            honoured = sorted(BODY_FIELDS[url] - set(AT_DEFAULT_ONLY))
-            defaults = ", ".join(f"{field}={value}" for field, value in AT_DEFAULT_ONLY.items() if field in BODY_FIELDS[url])
+            honoured = sorted(BODY_FIELDS[url] - set(AT_DEFAULT_ONLY[url]))
+            defaults = ", ".join(f"{field}={value}" for field, value in AT_DEFAULT_ONLY[url].items())
             raise _Problem(f"body field {key!r} is not supported for {url} (supported: {', '.join(honoured)}; "
                            f"and only at their defaults: {defaults})")
 

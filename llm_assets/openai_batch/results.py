@@ -1,7 +1,8 @@
 """OpenAI Batch output: one output or error file line per finished row.
 
 Both files have the same line shape, OpenAI's: a successful request's body is the endpoint's own
-object (``chat.completion``, ``text_completion``, or a Responses ``response``) with status 200; a
+object (``chat.completion``, ``text_completion``, or a Responses ``response``; ``logprobs`` shapes
+the log probabilities a request asked for) with status 200; a
 failed request's body is ``{"error": {message, type, param, code}}`` with a 400 (the request's
 fault: ``context_length_exceeded``, invalid parameters) or 500 status, its message never echoing
 the prompt. The ``model`` of a body is the model that answered.
@@ -13,6 +14,7 @@ import hashlib
 import re
 from typing import Any
 
+from llm_assets.openai_batch import logprobs
 from llm_assets.openai_batch.requests import CHAT, COMPLETIONS, EMBEDDINGS, RESPONSES, URLS
 from llm_assets.stages.base import ERROR_COLUMN, ROW_ID
 
@@ -30,6 +32,8 @@ def output_line(row: dict[str, Any], default_model: str, created: int, namespace
     finish_reason = row.get("finish_reason") or "stop"
     if error is None and finish_reason not in FINISH_REASONS:
         error = f"the engine stopped the request before it finished (finish_reason {finish_reason!r})"
+    if error is None:
+        error = logprobs.missing(row)
     if error is not None:
         status, body = _failure(str(error))
     else:
@@ -84,7 +88,7 @@ def _chat_completion(row: dict[str, Any], model: str, created: int, body_id: str
         "choices": [{
             "index": 0,
             "message": {"role": "assistant", "content": row.get("generated_text") or "", "refusal": None},
-            "logprobs": None,
+            "logprobs": logprobs.chat_logprobs(row),
             "finish_reason": row.get("finish_reason") or "stop",
         }],
         "usage": _usage(row),
@@ -97,7 +101,7 @@ def _text_completion(row: dict[str, Any], model: str, created: int, body_id: str
         "object": "text_completion",
         "created": created,
         "model": model,
-        "choices": [{"index": 0, "text": row.get("generated_text") or "", "logprobs": None,
+        "choices": [{"index": 0, "text": row.get("generated_text") or "", "logprobs": logprobs.completion_logprobs(row),
                      "finish_reason": row.get("finish_reason") or "stop"}],
         "usage": _usage(row),
     }

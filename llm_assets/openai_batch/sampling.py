@@ -1,5 +1,5 @@
 """vLLM ``SamplingParams`` from an OpenAI Batch request body; fields the pipeline cannot honour
-(several choices, log probabilities) are refused."""
+(several choices, the Responses API's log probabilities) are refused."""
 
 from __future__ import annotations
 
@@ -75,15 +75,7 @@ def _one_choice(field: str, value: Any) -> None:
         raise _Problem(f"body {field!r} is {_short(value)}: expected 1 or absent (one generation per request)")
 
 
-def _no_logprobs(field: str, value: Any) -> None:
-    # The engine stage returns no log probabilities: asking for them would silently get none.
-    if (field == "logprobs" and value is False) or (field == "top_logprobs" and _is_int(value) and value == 0):
-        return
-    expected = "0 or absent" if field == "top_logprobs" else "false or absent"
-    raise _Problem(f"body {field!r} is {_short(value)}: log probabilities are not returned by this pipeline (expected {expected})")
-
-
-_CHECKS: dict[str, Callable[[str, Any], None]] = {"n": _one_choice, "logprobs": _no_logprobs, "top_logprobs": _no_logprobs}
+_CHECKS: dict[str, Callable[[str, Any], None]] = {"n": _one_choice}
 _CONVERTERS: dict[str, Callable[[str, Any], Any]] = {
     "temperature": _number(0, 2),
     "top_p": _number(0, 1, low_open=True),
@@ -92,3 +84,52 @@ _CONVERTERS: dict[str, Callable[[str, Any], Any]] = {
     "seed": _seed,
     "stop": _stop,
 }
+
+
+# --- log probabilities --------------------------------------------------------------------------
+# Each endpoint spells the request its own way; vLLM takes one number, the top tokens per position
+# besides the sampled one (0: the sampled token only). The results module shapes the answer back.
+CHAT_TOP_LOGPROBS_MAX = 20  # OpenAI's limits
+COMPLETION_LOGPROBS_MAX = 5
+
+
+def chat_logprobs(body: dict[str, Any]) -> dict[str, Any]:
+    """Chat completions: ``logprobs: true`` asks, ``top_logprobs`` (0..20, needs ``logprobs: true``)
+    says how many alternatives per position."""
+    asked, top = body.get("logprobs"), body.get("top_logprobs")
+    if asked is not None and not isinstance(asked, bool):
+        raise _Problem(f"body 'logprobs' is {_short(asked)}: expected true or false")
+    if top is not None and (not _is_int(top) or not 0 <= top <= CHAT_TOP_LOGPROBS_MAX):
+        raise _Problem(f"body 'top_logprobs' is {_short(top)}: expected an integer from 0 to {CHAT_TOP_LOGPROBS_MAX}")
+    if not asked:
+        if top:  # as OpenAI and vLLM's server: 0 asks for nothing, more needs logprobs
+            state = "absent" if asked is None else "false"
+            raise _Problem(f"body 'top_logprobs' is {top} but 'logprobs' is {state}: set 'logprobs' to true to get them")
+        return {}
+    return _vllm_logprobs(top or 0)
+
+
+def completion_logprobs(body: dict[str, Any]) -> dict[str, Any]:
+    """Completions: ``logprobs: N`` (0..5) asks for the sampled token and the N most likely."""
+    top = body.get("logprobs")
+    if top is None:
+        return {}
+    if not _is_int(top) or not 0 <= top <= COMPLETION_LOGPROBS_MAX:
+        raise _Problem(f"body 'logprobs' is {_short(top)}: expected an integer from 0 to {COMPLETION_LOGPROBS_MAX}")
+    return _vllm_logprobs(top)
+
+
+def no_logprobs(body: dict[str, Any]) -> dict[str, Any]:
+    """The Responses API: its log probabilities come with ``include``, which is not supported, so a
+    ``top_logprobs`` above 0 would silently get none."""
+    top = body.get("top_logprobs")
+    if top is not None and not (_is_int(top) and top == 0):
+        raise _Problem(f"body 'top_logprobs' is {_short(top)}: log probabilities of /v1/responses are not returned "
+                       "by this pipeline (expected 0 or absent)")
+    return {}
+
+
+def _vllm_logprobs(top: int) -> dict[str, Any]:
+    # detokenize: with a Detokenize stage the engine otherwise skips detokenizing, and vLLM then
+    # leaves each logprob's decoded_token empty: the export needs the token texts.
+    return {"logprobs": top, "detokenize": True}
