@@ -112,12 +112,10 @@ def test_a_serve_app_on_the_gpu_serves_two_pipelines_with_one_engine(tmp_path_fa
     from llm_assets.engines.serve import ServeEngine
     from llm_assets.pipeline import LLMPipeline
     from llm_assets.sources import LocalFolderSource
-    from tests.test_serve_engine import cluster as serve_cluster, resources_on, timeline
+    from tests.test_serve_engine import ray_cluster, resources_on, timeline
 
     tmp_path = tmp_path_factory.mktemp("serve-gpu")
-    address_iter = serve_cluster.__wrapped__(tmp_path_factory)
-    address = next(address_iter)
-    try:
+    with ray_cluster(tmp_path_factory.mktemp("ray")) as address:
         model = llama_1b(tmp_path / "llama-1b")
         chat = ServeEngine(app_name="gpu_chat", engine=vLLMEngineProcessorConfig(
             model_source=str(model), engine_kwargs={"load_format": "dummy", "max_model_len": 2048}), idle_timeout_s=60)
@@ -139,5 +137,3 @@ def test_a_serve_app_on_the_gpu_serves_two_pipelines_with_one_engine(tmp_path_fa
         assert [e.metadata["rows_out"].value for e in engines] == [20, 20]
         ready_2 = next(t for t, m in lines[1] if "Serve engine 0 started" in m)
         assert ready_2 < 10.0, lines[1]
-    finally:
-        next(address_iter, None)  # stops the cluster

@@ -10,6 +10,7 @@ CPU engine and real Dagster runs connected with ``RayDataResource(address=...)``
 """
 
 import asyncio
+import contextlib
 import os
 import signal
 import subprocess
@@ -34,8 +35,8 @@ IDLE_TIMEOUT_S = 15.0
 MAX_TOKENS = 8
 
 
-@pytest.fixture(scope="module")
-def cluster(tmp_path_factory):
+@contextlib.contextmanager
+def ray_cluster(temp_dir):
     """A Ray cluster that outlives the runs. This process connects to it as a run's process does;
     a Ray this process had started (other test modules' session) is shut down meanwhile and
     started again afterwards with the same settings (conftest's ray_session)."""
@@ -51,9 +52,9 @@ def cluster(tmp_path_factory):
     # process sets RAY_AUTH_MODE=token here; before that it is unset, which a driver takes as disabled.
     env = {**os.environ, "PYTHONPATH": str(ROOT), "RAY_AUTH_MODE": os.environ.get("RAY_AUTH_MODE") or "disabled"}
     head = subprocess.Popen(
-        [str(Path(sys.executable).parent / "ray"), "start", "--head", "--block", f"--port={port}", "--num-cpus=4",
+        [sys.executable, "-m", "ray.scripts.scripts", "start", "--head", "--block", f"--port={port}", "--num-cpus=4",
          "--include-dashboard=false", "--disable-usage-stats", f"--ray-client-server-port={free_port()}",
-         f"--temp-dir={tmp_path_factory.mktemp('ray')}"],
+         f"--temp-dir={temp_dir}"],
         cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     address = f"127.0.0.1:{port}"
     deadline = time.monotonic() + 60
@@ -65,7 +66,15 @@ def cluster(tmp_path_factory):
             if head.poll() is not None or time.monotonic() > deadline:
                 raise
             time.sleep(1)
-    yield address
+    try:
+        yield address
+    finally:
+        _stop(head, had_session_ray)
+
+
+def _stop(head, had_session_ray: bool) -> None:
+    import ray
+
     ray.shutdown()
     os.killpg(head.pid, signal.SIGTERM)  # --block: the head stops every Ray process it started
     try:
@@ -75,6 +84,12 @@ def cluster(tmp_path_factory):
         head.wait(timeout=10)
     if had_session_ray:
         ray.init(address="local", num_cpus=4, include_dashboard=False, namespace="llm_assets_tests")
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    with ray_cluster(tmp_path_factory.mktemp("ray")) as address:
+        yield address
 
 
 def resources_on(cluster, storage: Path) -> dict:
