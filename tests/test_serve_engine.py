@@ -50,7 +50,9 @@ def ray_cluster(temp_dir):
     # process that used a Ray with one auth mode and then connects to a cluster with another gets
     # actors that die before they start (measured with Ray 2.60). A local Ray started in this
     # process sets RAY_AUTH_MODE=token here; before that it is unset, which a driver takes as disabled.
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "RAY_AUTH_MODE": os.environ.get("RAY_AUTH_MODE") or "disabled"}
+    # Where packages live on PYTHONPATH (the GPU machine's, installed with --target), they stay on it.
+    python_path = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
+    env = {**os.environ, "PYTHONPATH": python_path, "RAY_AUTH_MODE": os.environ.get("RAY_AUTH_MODE") or "disabled"}
     head = subprocess.Popen(
         [sys.executable, "-m", "ray.scripts.scripts", "start", "--head", "--block", f"--port={port}", "--num-cpus=4",
          "--include-dashboard=false", "--disable-usage-stats", f"--ray-client-server-port={free_port()}",
