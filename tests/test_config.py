@@ -53,7 +53,8 @@ def test_stage_config_inherits_unset_fields_from_the_processor():
         ({"task_type": "translate"}, "task_type"),
         ({"tokenize_stage": {"enabled": True, "batchsize": 3}}, "batchsize"),
         ({"chat_template_stage": {"num_cpus": -1}}, "num_cpus"),
-        ({"prepare_multimodal_stage": True}, "multimodal"),
+        ({"prepare_multimodal_stage": {"chat_template_content_format": "html"}}, "chat_template_content_format"),
+        ({"prepare_multimodal_stage": True, "chat_template_stage": False}, "needs chat_template_stage"),
     ],
 )
 def test_bad_config_fails_naming_the_field(fields, named):
