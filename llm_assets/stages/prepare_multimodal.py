@@ -23,7 +23,7 @@ STAGE = "prepare_multimodal"
 
 
 class PrepareMultimodalStage:
-    NEEDS = ("messages",)
+    NEEDS = ("messages|prompt",)  # rows with a ready prompt pass through
     ADDS = ("messages", media.COLUMN)
     CONFIG_KWARGS = ("model_config_kwargs", "chat_template_content_format", "apply_sys_msg_formatting")
 
