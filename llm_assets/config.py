@@ -13,7 +13,7 @@ this module too (``from llm_assets.config import vLLMEngineProcessorConfig``).
 from __future__ import annotations
 
 import difflib
-from typing import Any, Optional, Tuple, Union
+from typing import Any, Literal, Optional, Tuple, Union
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
@@ -105,8 +105,15 @@ class DetokenizeStageConfig(StageConfig):
 
 
 class PrepareMultimodalStageConfig(StageConfig):
+    """ray.data.llm's fields: ``model_config_kwargs`` for vLLM's ``ModelConfig`` that parses the
+    messages (``limit_mm_per_prompt``, ``mm_processor_kwargs``...; the model is the processor's),
+    how the chat template wants media in the content (``"string"``: placeholders in the text;
+    ``"openai"``: content parts), and whether system messages stay plain strings."""
+
     model_source: Optional[str] = None
-    chat_template_content_format: str = "string"
+    model_config_kwargs: Optional[dict[str, Any]] = None
+    chat_template_content_format: Literal["string", "openai"] = "string"
+    apply_sys_msg_formatting: bool = False
 
 
 StageValue = Union[bool, dict, StageConfig]
@@ -188,10 +195,12 @@ class OfflineProcessorConfig(ProcessorConfig):
         for name in STAGE_CONFIG_CLASSES:
             self.stage(name)
         if self.stage("prepare_multimodal_stage").enabled:
-            raise ValueError(
-                "prepare_multimodal_stage: multimodal inputs are not supported yet "
-                "(see the README's limits); leave it disabled"
-            )
+            # The stage's placeholders become prompt text only through the chat template.
+            if not self.stage("chat_template_stage").enabled:
+                raise ValueError("prepare_multimodal_stage needs chat_template_stage: media placeholders reach the prompt "
+                                 "through the chat template; enable it")
+            if self.task_type != "generate":
+                raise ValueError(f"prepare_multimodal_stage runs with task_type 'generate' only (got {self.task_type!r})")
         return self
 
     def stage(self, name: str) -> StageConfig:

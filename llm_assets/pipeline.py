@@ -148,7 +148,8 @@ class LLMPipeline:
         processor = {"max_prompt_tokens": self.engine.max_prompt_tokens(config), "should_continue_on_error": config.should_continue_on_error,
                      "takes_payload": self.engine.takes_payload, "task_type": config.task_type,
                      "output_schema": self.output_json_schema, "params_check": self.engine.params_check(config),
-                     "row_check": self.engine.row_check(config), "model_check": self.engine.model_check(config)}
+                     "row_check": self.engine.row_check(config), "model_check": self.engine.model_check(config),
+                     "multimodal": "prepare_multimodal" in self.stage_names()}
         kwargs.update({name: processor[name] for name in getattr(udf, "PROCESSOR_KWARGS", ())})
         uses_model = "model_source" in inspect.signature(udf.__init__).parameters
         return StagePlan(stage, upstream, udf, kwargs, settings, getattr(settings, "model_source", None) if uses_model else None)

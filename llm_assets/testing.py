@@ -118,3 +118,43 @@ def build_llama_model(
     (path / "config.json").write_text(json.dumps(config, indent=2))
     (path / "generation_config.json").write_text(json.dumps({"bos_token_id": 0, "eos_token_id": 2}))
     return path
+
+
+# Renders string content (vLLM's "string" format puts "<image>" in the text) and content parts.
+VLM_CHAT_TEMPLATE = (
+    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n{% if message['content'] is string %}{{ message['content'] }}"
+    "{% else %}{% for part in message['content'] %}{% if part['type'] == 'image' %}<image>{% elif part['type'] == 'text' %}"
+    "{{ part['text'] }}{% endif %}{% endfor %}{% endif %}<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+def build_idefics3_model(path: str | Path, *, image_size: int = 64, patch_size: int = 8, seed: int = 0) -> Path:
+    """A tiny Idefics3 (SmolVLM's architecture) vision-language model with random weights: a SigLIP-like
+    vision tower, a Llama text model (hidden 128, 2 layers, head_dim 64) and an Idefics3 processor
+    with PIL image processing (torchvision is not needed). vLLM's CPU build runs it; one image
+    becomes (image_size / patch_size)^2 / 4 image tokens plus its wrapping tokens."""
+    import torch
+    from transformers import AutoTokenizer, Idefics3Config, Idefics3ForConditionalGeneration, Idefics3Processor, LlamaConfig
+    from transformers.models.idefics3.configuration_idefics3 import Idefics3VisionConfig
+    from transformers.models.idefics3.image_processing_pil_idefics3 import Idefics3ImageProcessorPil
+
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    build_tokenizer(path)
+    tokenizer = AutoTokenizer.from_pretrained(str(path))
+    tokenizer.add_special_tokens({"additional_special_tokens": ["<image>", "<fake_token_around_image>", "<global-img>", "<end_of_utterance>"]})
+    images = Idefics3ImageProcessorPil(size={"longest_edge": image_size}, max_image_size={"longest_edge": image_size}, do_image_splitting=False)
+    scale = 2
+    processor = Idefics3Processor(image_processor=images, tokenizer=tokenizer, image_seq_len=(image_size // patch_size) ** 2 // scale ** 2,
+                                  chat_template=VLM_CHAT_TEMPLATE)
+    vocab = (len(tokenizer) + 63) // 64 * 64
+    text = LlamaConfig(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=2, head_dim=64, pad_token_id=0,
+                       vocab_size=vocab, max_position_embeddings=2048, bos_token_id=0, eos_token_id=2, tie_word_embeddings=False)
+    vision = Idefics3VisionConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2, image_size=image_size,
+                                  patch_size=patch_size)
+    config = Idefics3Config(vision_config=vision.to_dict(), text_config=text.to_dict(), image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
+                            scale_factor=scale, vocab_size=vocab, pad_token_id=0)
+    torch.manual_seed(seed)
+    Idefics3ForConditionalGeneration(config).save_pretrained(str(path))
+    processor.save_pretrained(str(path))
+    return path

@@ -53,12 +53,13 @@ def test_stage_config_inherits_unset_fields_from_the_processor():
         ({"task_type": "translate"}, "task_type"),
         ({"tokenize_stage": {"enabled": True, "batchsize": 3}}, "batchsize"),
         ({"chat_template_stage": {"num_cpus": -1}}, "num_cpus"),
-        ({"prepare_multimodal_stage": True}, "multimodal"),
         ({"placement_group_config": {"strategy": "PACK"}}, "exactly one of 'bundle_per_worker'"),
         ({"placement_group_config": {"bundles": [{"GPU": 1}], "bundle_per_worker": {"GPU": 1}}}, "exactly one of"),
         ({"placement_group_config": {"bundle_per_worker": {"GPU": 1}, "strategy": "TIGHT"}}, "strategy"),
         ({"placement_group_config": {"bundles": [{"GPU": 2}]}, "engine_kwargs": {"tensor_parallel_size": 2}}, "one GPU"),
         ({"placement_group_config": {"bundles": [{"GPU": 1}]}, "engine_kwargs": {"tensor_parallel_size": 2}}, "1 bundle(s) with a GPU for 2"),
+        ({"prepare_multimodal_stage": {"chat_template_content_format": "html"}}, "chat_template_content_format"),
+        ({"prepare_multimodal_stage": True, "chat_template_stage": False}, "needs chat_template_stage"),
     ],
 )
 def test_bad_config_fails_naming_the_field(fields, named):

@@ -19,7 +19,12 @@ def pipeline(**config) -> LLMPipeline:
 
 
 def test_the_stage_plan_comes_from_the_task_type_and_the_config():
-    assert pipeline().stage_names() == list(TASKS["generate"].stages)
+    # prepare_multimodal is in the task's stages and off unless the config enables it.
+    assert pipeline().stage_names() == [s for s in TASKS["generate"].stages if s != "prepare_multimodal"]
+    media = pipeline(prepare_multimodal_stage={"model_config_kwargs": {"limit_mm_per_prompt": {"image": 2}}})
+    assert media.stage_names()[:3] == ["preprocess", "prepare_multimodal", "chat_template"]
+    assert media.plan("prepare_multimodal").udf_kwargs["model_config_kwargs"] == {"limit_mm_per_prompt": {"image": 2}}
+    assert media.plan("preprocess").udf_kwargs["multimodal"] and not pipeline().plan("preprocess").udf_kwargs["multimodal"]
     plain = pipeline(chat_template_stage=False, detokenize_stage=False)
     assert plain.stage_names() == ["preprocess", "tokenize", ENGINE, "postprocess"]
     assert plain.plan(ENGINE).upstream == "tokenize" and plain.text_stage() == ENGINE and plain.engine_detokenizes()

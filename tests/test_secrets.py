@@ -27,7 +27,8 @@ def leaked(text: str) -> list[str]:
     "fields, named",
     [
         ({"runtime_env": f"HF_TOKEN={HF_TOKEN}"}, "runtime_env"),  # a string where a dict belongs
-        ({"prepare_multimodal_stage": True, "runtime_env": {"env_vars": {"HF_TOKEN": HF_TOKEN}}}, "prepare_multimodal_stage"),
+        ({"prepare_multimodal_stage": True, "chat_template_stage": False, "runtime_env": {"env_vars": {"HF_TOKEN": HF_TOKEN}}},
+         "prepare_multimodal_stage"),
     ],
 )
 def test_a_config_error_does_not_echo_the_values_given(fields, named):

@@ -29,6 +29,8 @@ warnings.filterwarnings("ignore", message=".*backfill_policy.*", category=dg.Bet
 
 STAGE_DESCRIPTIONS = {
     "preprocess": "Rows of the input file after the pipeline's preprocess function; each gets a stable row_id.",
+    "prepare_multimodal": "Image, audio and video parts of `messages` read and decoded; `messages` with the model's placeholders, "
+                          "`multimodal_data` with each part's bytes (inline media) or reference and digest (URLs, paths).",
     "chat_template": "`messages` rendered to a `prompt` with the model's chat template.",
     "tokenize": "`prompt` tokenized to `tokenized_prompt`.",
     ENGINE: "Each row with the engine's output columns: vLLM's `generated_tokens`, `num_input_tokens`, `num_generated_tokens`, "

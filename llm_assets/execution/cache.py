@@ -39,9 +39,10 @@ KEY = "__response_cache_key__"
 KEY_TYPE = pa.binary(16)
 MODES = ("deterministic", "all", "off")
 # What decides an engine's answer besides the scope: the columns the model engines read.
-REQUEST_COLUMNS = ("tokenized_prompt", "token_type_ids", "prompt", "sampling_params", "pooling_params", "tokenization_kwargs", "model")
-# The model engines leave the token ids out of their output (Tokenize persisted them): so do hits.
-NOT_IN_ENGINE_OUTPUT = ("tokenized_prompt", "token_type_ids")
+REQUEST_COLUMNS = ("tokenized_prompt", "token_type_ids", "prompt", "sampling_params", "pooling_params", "tokenization_kwargs", "model",
+                   "multimodal_data")
+# The model engines leave the token ids and media out of their output (earlier stages persisted them): so do hits.
+NOT_IN_ENGINE_OUTPUT = ("tokenized_prompt", "token_type_ids", "multimodal_data")
 # Per request, not per answer: a hit gets its own.
 NOT_STORED = ("time_taken_llm", "request_id")
 
@@ -79,6 +80,8 @@ def request_keys(table: pa.Table, settings: CacheSettings) -> pa.Array:
         for name in ("sampling_params", "pooling_params"):
             if isinstance(request.get(name), str):  # JSON text: keyed by its content, not its spelling
                 request[name] = loads_params(request[name])
+        if request.get("multimodal_data"):  # the prompt's tokens hold one placeholder per image: key the media by content
+            request["multimodal_data"] = [(item["modality"], item["sha256"]) for item in request["multimodal_data"]]
         if errors[i] is not None or not (settings.pooling or settings.mode == "all" or _deterministic(request.get("sampling_params"))):
             keys.append(None)
             continue

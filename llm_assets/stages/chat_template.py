@@ -51,7 +51,9 @@ class ChatTemplateStage:
                 prompts[i] = self._render(row_ids[i], messages)
         return with_column(batch, "prompt", prompts, pa.string())
 
-    def _render(self, row_id: Any, messages: list[dict[str, Any]]) -> str:
+    def _render(self, row_id: Any, messages: Any) -> str:
+        if isinstance(messages, str):  # JSON text, as PrepareMultimodal writes it (content may be a list of parts)
+            messages = json.loads(messages)
         # Arrow gives every message every key seen in the batch; drop the ones this message lacks.
         messages = [{k: v for k, v in message.items() if v is not None} for message in messages]
         last_role = messages[-1]["role"]

@@ -17,10 +17,11 @@ STAGE = "preprocess"
 ROLES = {"system", "user", "assistant", "tool", "developer"}
 
 
-def _check_messages(row_id: Any, messages: Any) -> list[dict[str, Any]]:
+def _check_messages(row_id: Any, messages: Any, multimodal: bool = False) -> list[dict[str, Any]]:
     expected = "expected a non-empty list of {'role': ..., 'content': '...'} dicts"
     if not isinstance(messages, (list, tuple)) or not messages:
         raise RowError(row_id, STAGE, f"'messages' is {type(messages).__name__}: {expected}")
+    checked = []
     for index, message in enumerate(messages):
         if not isinstance(message, dict) or "role" not in message or "content" not in message:
             raise RowError(row_id, STAGE, f"messages[{index}] is {message!r}: {expected}")
@@ -28,12 +29,35 @@ def _check_messages(row_id: Any, messages: Any) -> list[dict[str, Any]]:
             raise RowError(row_id, STAGE, f"messages[{index}].role is {message['role']!r}: expected one of {sorted(ROLES)}")
         content = message["content"]
         if isinstance(content, (list, tuple)):
-            raise RowError(row_id, STAGE, f"messages[{index}].content is a list of content parts: expected the message's text "
-                                          "as a string (image, audio and video parts are not supported yet)")
-        if not isinstance(content, str):
+            if not multimodal:
+                raise RowError(row_id, STAGE, f"messages[{index}].content is a list of content parts: expected the message's text "
+                                              "as a string (for image, audio and video parts enable prepare_multimodal_stage)")
+            content = [_check_part(row_id, f"messages[{index}].content[{j}]", part) for j, part in enumerate(content)]
+        elif not isinstance(content, str):
             raise RowError(row_id, STAGE, f"messages[{index}].content is {type(content).__name__} {content!r:.40}: "
                                           "expected the message's text as a string")
-    return [dict(message) for message in messages]
+        checked.append({**message, "content": content})
+    return checked
+
+
+def _check_part(row_id: Any, where: str, part: Any) -> dict[str, Any]:
+    """An OpenAI content part; an ``image_pil`` becomes a PNG data URL (Parquet holds bytes, never
+    a pickled object). Parts read from a file come with every key of the file's parts: unset ones are None."""
+    from llm_assets.stages.media import ALL_PART_TYPES, pil_data_url
+
+    if not isinstance(part, dict) or part.get("type") not in ALL_PART_TYPES:
+        raise RowError(row_id, STAGE, f"{where} is {part!r:.80}: expected a dict whose 'type' is one of {list(ALL_PART_TYPES)}")
+    part = {key: value for key, value in part.items() if value is not None}
+    kind = part["type"]
+    if kind not in part:
+        raise RowError(row_id, STAGE, f"{where} has type {kind!r} and no {kind!r} field")
+    if kind == "text" and not isinstance(part["text"], str):
+        raise RowError(row_id, STAGE, f"{where}.text is {type(part['text']).__name__}: expected a string")
+    if kind == "image_pil":
+        if not hasattr(part["image_pil"], "save"):
+            raise RowError(row_id, STAGE, f"{where}.image_pil is {type(part['image_pil']).__name__}: expected a PIL image")
+        return {"type": "image_url", "image_url": {"url": pil_data_url(part["image_pil"])}}
+    return part
 
 
 def _check_sampling_params(row_id: Any, params: Any, output_schema: Optional[dict[str, Any]] = None,
@@ -106,13 +130,13 @@ class PreprocessStage:
     NEEDS: tuple[str, ...] = ()  # whatever the input file has; the user function maps it
     ADDS = ("row_id", "messages|prompt|payload", "sampling_params")
     USER_FN = "preprocess"
-    PROCESSOR_KWARGS = ("takes_payload", "output_schema", "task_type", "params_check", "row_check", "model_check")
+    PROCESSOR_KWARGS = ("takes_payload", "output_schema", "task_type", "params_check", "row_check", "model_check", "multimodal")
 
     def __init__(self, fn: Optional[Callable[[dict[str, Any]], dict[str, Any]]] = None, takes_payload: bool = False,
                  output_schema: Optional[dict[str, Any]] = None, task_type: str = "generate",
                  params_check: Optional[Callable[[dict[str, Any]], None]] = None,
                  row_check: Optional[Callable[[dict[str, Any]], dict[str, Any]]] = None,
-                 model_check: Optional[Callable[[Any], None]] = None):
+                 model_check: Optional[Callable[[Any], None]] = None, multimodal: bool = False):
         from llm_assets.openai_batch.requests import EMBEDDINGS  # here: openai_batch imports stages.base
 
         self.fn = fn
@@ -122,6 +146,9 @@ class PreprocessStage:
         self.params_check = params_check  # the engine's own check of a row's params (EngineSpec.params_check)
         self.row_check = row_check  # an engine's check of rows of its own shape (EngineSpec.row_check)
         self.model_check = model_check  # the engine's check of a row's 'model' (a LoRA adapter: EngineSpec.model_check)
+        # With PrepareMultimodal: content may be a list of parts, and messages are stored as JSON
+        # text (one Parquet column cannot hold both a string and a list of parts as content).
+        self.multimodal = multimodal
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         return table_of([self._one(row) for row in rows_of(batch)])
@@ -154,7 +181,9 @@ class PreprocessStage:
                 "messages=[{'role': 'user', 'content': '...'}] or prompt='...' (return it from preprocess)",
             )
         if has_messages:
-            row["messages"] = _check_messages(row_id, row["messages"])
+            row["messages"] = _check_messages(row_id, row["messages"], self.multimodal)
+            if self.multimodal:
+                row["messages"] = json.dumps(row["messages"])
         elif not row["prompt"]:
             raise RowError(row_id, STAGE, "'prompt' is empty")
         row["sampling_params"] = _check_sampling_params(row_id, row.get("sampling_params"), self.output_schema, self.params_check)

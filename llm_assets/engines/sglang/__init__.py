@@ -12,7 +12,7 @@ from __future__ import annotations
 import functools
 from typing import Any
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 
 from llm_assets.config import OfflineProcessorConfig
 from llm_assets.engines.base import EngineSpec, engine_kwarg_int
@@ -43,6 +43,13 @@ class SGLangEngineProcessorConfig(OfflineProcessorConfig):
             if name in value:
                 raise ValueError(f"engine_kwargs.{name}: the model is model_source; remove it from engine_kwargs")
         return value
+
+    @model_validator(mode="after")
+    def _no_multimodal(self):
+        # The SGLang replica sends token ids only; media would be dropped without a word.
+        if self.stage("prepare_multimodal_stage").enabled:
+            raise ValueError("prepare_multimodal_stage: multimodal rows run on vLLMEngineProcessorConfig only (not SGLang)")
+        return self
 
     def resolved_engine_kwargs(self) -> dict[str, Any]:
         """``engine_kwargs`` over ray.data.llm's defaults; without a Tokenize or Detokenize stage

@@ -25,6 +25,8 @@ import pyarrow as pa
 from llm_assets.engines.vllm import compat as vllm_compat
 from llm_assets.engines.base import generation_columns, no_result, replica_info, with_results
 from llm_assets.engines.vllm.lora import LoraAdapters
+from llm_assets.engines.vllm.multimodal import multi_modal_data
+from llm_assets.stages.media import COLUMN as MEDIA
 from llm_assets.stages.base import ROW_ID, RowError, column_or_none, loads_params, ok_rows
 
 logger = logging.getLogger(__name__)
@@ -82,6 +84,7 @@ class vLLMEngineStage:
         params = column_or_none(batch, "pooling_params" if self.pools else "sampling_params")
         token_types = column_or_none(batch, "token_type_ids")  # a scored pair's segments
         models = column_or_none(batch, "model")  # a LoRA adapter's name, or the base model
+        media_items = column_or_none(batch, MEDIA)  # PrepareMultimodal's stored media
         upstream_ok = ok_rows(batch)
         if "tokenized_prompt" not in batch.column_names and any(column_or_none(batch, "tokenization_kwargs")):
             row = next(i for i, kwargs in enumerate(column_or_none(batch, "tokenization_kwargs")) if kwargs)
@@ -89,14 +92,14 @@ class vLLMEngineStage:
                                                 "without it (tokenize_stage=False): enable it or drop them")
         results = await asyncio.gather(
             *(
-                self._generate(row_ids[i], token_ids[i], prompts[i], params[i], token_types[i], models[i])
+                self._generate(row_ids[i], token_ids[i], prompts[i], params[i], token_types[i], models[i], media_items[i])
                 if upstream_ok[i]
                 else no_result()
                 for i in range(batch.num_rows)
             )
         )
-        # The ids (and a pair's segments) are persisted by the Tokenize stage; not copying them keeps this output small.
-        batch = batch.drop_columns([name for name in ("tokenized_prompt", "token_type_ids") if name in batch.column_names])
+        # The ids (and a pair's segments, the media) are persisted by earlier stages; not copying them keeps this output small.
+        batch = batch.drop_columns([name for name in ("tokenized_prompt", "token_type_ids", MEDIA) if name in batch.column_names])
         return with_results(batch, results, self._columns(), upstream_ok, self.should_continue_on_error)
 
     def _columns(self) -> dict[str, pa.DataType]:
@@ -106,7 +109,8 @@ class vLLMEngineStage:
         return generation_columns(self.engine_detokenizes)
 
     async def _generate(self, row_id: Any, token_ids: Any, prompt: Optional[str], params_json: Optional[str],
-                        token_type_ids: Optional[list] = None, model: Optional[str] = None) -> dict:
+                        token_type_ids: Optional[list] = None, model: Optional[str] = None,
+                        media_items: Optional[list] = None) -> dict:
         started = time.perf_counter()
         try:
             lora_request = await self.adapters.request_for(model)
@@ -119,6 +123,8 @@ class vLLMEngineStage:
                 request = vllm_compat.text_prompt(prompt)
             else:
                 raise ValueError("the row has neither 'tokenized_prompt' nor a non-empty 'prompt'")
+            if media_items:  # decoded off the event loop: other rows' requests keep flowing
+                request["multi_modal_data"] = await asyncio.to_thread(multi_modal_data, media_items, self.engine.vllm_config.model_config)
             request_id = f"{row_id}#{next(self.request_ids)}"
             async with self.semaphore:
                 final = await self.engine.generate(request, params, request_id=request_id, lora_request=lora_request)
