@@ -20,6 +20,8 @@ export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 HF_HUB_OF
 export VLLM_DISABLE_COMPILE_CACHE=1
 [ -f "$out/workload.json" ] || python3 bench/workload.py --out "$out" --size "$size" \
   --partitions "${PARTITIONS:-10}" --rows "${ROWS:-1000}" --max-tokens "${MAX_TOKENS:-128}" | tee "$out/workload.log"
+# TP on the test machines: vLLM's all-reduce paths that need NVLink multicast off (see run_one.py).
+if [ "${TP:-1}" -gt 1 ]; then export VLLM_ALLREDUCE_USE_SYMM_MEM=0 VLLM_ALLREDUCE_USE_FLASHINFER=0; fi
 for system in ${SYSTEMS:-raw_vllm ray_data_llm llm_assets}; do
   echo "== $system"
   # Fresh compile caches per system (vLLM's, inductor's, Triton's): a cache warmed by the system

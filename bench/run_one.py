@@ -33,6 +33,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from monitor import Monitor  # noqa: E402
 from workload import messages, sampling_params  # noqa: E402
 
+# TP on the test machines, where NVLink multicast is off: see llm_assets/testing.py.
+from llm_assets.testing import TP_SAFE_ENGINE_KWARGS, TP_SAFE_ENV  # noqa: E402
+
+
 def has_gpu() -> bool:
     # Not torch.cuda.is_available(): touching CUDA in this process before vLLM forks its engine
     # core makes the fork fail ("Cannot re-initialize CUDA in forked subprocess").
@@ -40,9 +44,9 @@ def has_gpu() -> bool:
 
 
 def tensor_parallel() -> dict:
-    """TP=N: every vLLM engine (raw and llm_assets') spans N GPUs."""
+    """TP=N: every vLLM engine (raw and llm_assets') spans N GPUs, with the settings above."""
     size = int(os.environ.get("TP", "1"))
-    return {"tensor_parallel_size": size} if size > 1 else {}
+    return {"tensor_parallel_size": size, **TP_SAFE_ENGINE_KWARGS} if size > 1 else {}
 
 
 def engine_kwargs() -> dict:
@@ -128,7 +132,8 @@ STAGE_LOG_KEYS = ("committed", "vLLM", "execution of", "partition(s):", "partiti
 def llm_assets(spec: dict, monitor: Monitor, engines: int = 1) -> dict:
     return run_llm_assets(spec, monitor, {"model_source": spec["model"],
                                           "engine_kwargs": {"load_format": "dummy", "max_model_len": 2048, **tensor_parallel()},
-                                          "runtime_env": {"env_vars": engine_env()}, "concurrency": engines})
+                                          "runtime_env": {"env_vars": {**engine_env(), **(TP_SAFE_ENV if tensor_parallel() else {})}},
+                                          "concurrency": engines})
 
 
 def llm_assets_2gpu(spec: dict, monitor: Monitor) -> dict:

@@ -158,3 +158,13 @@ def build_idefics3_model(path: str | Path, *, image_size: int = 64, patch_size: 
     Idefics3ForConditionalGeneration(config).save_pretrained(str(path))
     processor.save_pretrained(str(path))
     return path
+
+
+# What a tensor-parallel engine runs with on the GPU test machines, where NVLink multicast is off
+# (NCCL_NVLS_ENABLE=0, TORCH_SYMM_MEM_DISABLE_MULTICAST=1): vLLM 0.26 picks all-reduce paths there
+# that need it (its symmetric-memory all-reduce crashed raw vLLM's TP=2; the all-reduce + RMSNorm
+# fusion's FlashInfer MNNVL workspace failed llm_assets'; docs/benchmarks.md, sitting 12). NCCL and
+# vLLM's custom all-reduce remain. Used by tests/test_gpu.py and the bench (bench/run.sh exports
+# the same variables for every process of a TP run).
+TP_SAFE_ENV = {"VLLM_ALLREDUCE_USE_SYMM_MEM": "0", "VLLM_ALLREDUCE_USE_FLASHINFER": "0"}
+TP_SAFE_ENGINE_KWARGS = {"compilation_config": {"pass_config": {"fuse_allreduce_rms": False}}}

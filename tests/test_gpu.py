@@ -94,8 +94,11 @@ def test_a_tensor_parallel_engine_reserves_its_gpus_as_one_placement_group(tmp_p
     """tensor_parallel_size=2: one placement group of two {GPU: 1, CPU: 1} bundles, vLLM's Ray
     executor puts one worker on each GPU, and the engine stage counts two GPUs' seconds."""
     model = llama_1b(tmp_path / "llama-1b")
+    from llm_assets.testing import TP_SAFE_ENGINE_KWARGS, TP_SAFE_ENV  # the test machines keep NVLink multicast off
+
     pipeline = demo_pipeline(model_source=str(model), engine_kwargs={"load_format": "dummy", "max_model_len": 2048,
-                                                                     "tensor_parallel_size": 2})
+                                                                     "tensor_parallel_size": 2, **TP_SAFE_ENGINE_KWARGS},
+                             runtime_env={"env_vars": TP_SAFE_ENV})
     messages, engine, _ = run_demo_partition(pipeline, tmp_path / "storage", capsys, shown="engine")
     assert any("2 GPU(s) each, GPU build; each reserves a placement group of 2 x {'CPU': 1, 'GPU': 1} (PACK)" in m for m in messages)
     assert engine.metadata["rows_out"].value == 20 and engine.metadata["generated_tokens"].value > 0
