@@ -133,6 +133,24 @@ def test_keys_follow_the_request_not_its_spelling():
     assert other_scope[0] != keys[0]
 
 
+def test_rows_with_the_same_tokens_and_other_images_get_other_keys():
+    """An image is one placeholder token in the prompt: the key holds each medium's digest, not
+    where it was read from."""
+    from llm_assets.stages import media
+
+    def item(sha, uri):
+        return {"modality": "image", "uri": uri, "mime_type": "image/png", "sha256": sha, "data": None}
+
+    table = pa.table({
+        "tokenized_prompt": [[1, 2, 3]] * 4,
+        "sampling_params": ['{"temperature": 0}'] * 4,
+        media.COLUMN: pa.array([[item("aa", "http://h/red.png")], [item("bb", "http://h/blue.png")],
+                                [item("aa", "/data/red-copy.png")], None], media.COLUMN_TYPE),
+    })
+    keys = request_keys(table, SETTINGS).to_pylist()
+    assert keys[0] == keys[2] and len({keys[0], keys[1], keys[3]}) == 3
+
+
 def test_an_unreadable_answer_file_fails_naming_it(tmp_path):
     import pyarrow.fs as pafs
 
