@@ -129,7 +129,8 @@ def main() -> None:
         print(json.dumps({"system": args.system, "sentences": count, **{k: round(v, 2) for k, v in found.items()},
                           "encode_per_s": round(count / found["encode_s"], 1), "wall_per_s": round(count / found["wall_s"], 1)}))
         return
-    env = {**os.environ, "PYTHONPATH": str(PROJECT), "HF_HUB_OFFLINE": "1"}
+    # Packages on PYTHONPATH (a GPU machine's, installed with --target) stay on it.
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(PROJECT), os.environ.get("PYTHONPATH")])), "HF_HUB_OFFLINE": "1"}
     for count in args.sentences:
         found = {}
         for system in (args.baseline, "llm_assets"):

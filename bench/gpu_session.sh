@@ -1,0 +1,36 @@
+#!/usr/bin/env bash
+# The GPU checks that are still open, for one command on a GPU test machine once the wheels from
+# ../shared/gpu/bundle.sh are installed into /tmp/site (see docs/benchmarks.md). Each step has its
+# own time limit, logs to OUT as it goes, and a failed step does not stop the next.
+#   bash bench/gpu_session.sh OUT STEP...
+# Steps:
+#   tests    pytest tests/test_gpu.py (the demo, TP=2 where 2+ GPUs, the Serve app): ~5 min
+#   embed    bench/embed.py against raw vLLM's LLM.embed, two sizes, one GPU: ~3 min
+#   2gpu     one engine against two on GPUs 0,1, the scale-like shape (20 x 500 x 32): ~4 min
+#   tp       raw vLLM TP=2 against llm_assets TP=2 (GPUs 0,1), then two TP=2 engines on 4 GPUs: ~8 min
+set -uo pipefail
+cd "$(dirname "$0")/.."
+out=$1
+shift
+mkdir -p "$out"
+export PYTHONPATH="/tmp/site:$PWD${PYTHONPATH:+:$PYTHONPATH}" PATH="/tmp/site/bin:$PATH" PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
+# The test machines keep NVLink multicast off; these stay set for every process started here.
+export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
+for step in "$@"; do
+  echo "== $step $(date -u +%T)"
+  case $step in
+    tests) timeout 420 python3 -m pytest -q -s -p no:cacheprovider tests/test_gpu.py > "$out/tests.log" 2>&1 ;;
+    embed) CUDA_VISIBLE_DEVICES=0 timeout 300 python3 bench/embed.py --sentences 20000 100000 --partitions 4 \
+             --baseline raw_vllm > "$out/embed.log" 2>&1 ;;
+    2gpu) CUDA_VISIBLE_DEVICES=0,1 PARTITIONS=20 ROWS=500 MAX_TOKENS=32 SYSTEMS="llm_assets llm_assets_2gpu" \
+            timeout 420 bash bench/run.sh /tmp/bench-2gpu 1b > "$out/2gpu.log" 2>&1
+          tar czf "$out/2gpu.tgz" -C /tmp/bench-2gpu --exclude=landing --exclude='llama-*' . ;;
+    tp) export TP=2 PARTITIONS=4 ROWS=1000 MAX_TOKENS=64
+        CUDA_VISIBLE_DEVICES=0,1 SYSTEMS="raw_vllm llm_assets" timeout 360 bash bench/run.sh /tmp/bench-tp 8b > "$out/tp.log" 2>&1
+        CUDA_VISIBLE_DEVICES=0,1,2,3 SYSTEMS="llm_assets_2gpu" timeout 200 bash bench/run.sh /tmp/bench-tp 8b >> "$out/tp.log" 2>&1
+        unset TP PARTITIONS ROWS MAX_TOKENS
+        tar czf "$out/tp.tgz" -C /tmp/bench-tp --exclude=landing --exclude='llama-*' . ;;
+    *) echo "unknown step $step" ;;
+  esac
+  echo "   $step ended with $? at $(date -u +%T)"
+done
