@@ -8,6 +8,8 @@
 #   embed    bench/embed.py against raw vLLM's LLM.embed, two sizes, one GPU: ~3 min
 #   2gpu     one engine against two on GPUs 0,1, the scale-like shape (20 x 500 x 32): ~4 min
 #   tp       raw vLLM TP=2 against llm_assets TP=2 (GPUs 0,1), then two TP=2 engines on 4 GPUs: ~8 min
+#   sglang   the SGLang GPU tests (a partition, a Serve app), with SGLang's bundle (BUNDLE_KEEP="transformers
+#            tokenizers" ../shared/gpu/bundle.sh sglang==0.5.15) installed in /tmp/site-sglang: ~5 min
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out=$1
@@ -30,6 +32,8 @@ for step in "$@"; do
         CUDA_VISIBLE_DEVICES=0,1,2,3 SYSTEMS="llm_assets_2gpu" timeout 200 bash bench/run.sh /tmp/bench-tp 8b >> "$out/tp.log" 2>&1
         unset TP PARTITIONS ROWS MAX_TOKENS
         tar czf "$out/tp.tgz" -C /tmp/bench-tp --exclude=landing --exclude='llama-*' . ;;
+    sglang) PYTHONPATH="/tmp/site-sglang:$PYTHONPATH" timeout 420 python3 -m pytest -q -s -p no:cacheprovider tests/test_gpu.py \
+              -k sglang > "$out/sglang.log" 2>&1 ;;
     *) echo "unknown step $step" ;;
   esac
   echo "   $step ended with $? at $(date -u +%T)"

@@ -107,11 +107,24 @@ def test_a_tensor_parallel_engine_reserves_its_gpus_as_one_placement_group(tmp_p
     assert len(placement["bundle_nodes"]) == 2 and None not in placement["bundle_nodes"]
 
 
-def test_a_serve_app_on_the_gpu_serves_two_pipelines_with_one_engine(tmp_path_factory, capsys):
-    """A vLLM engine deployed as a Ray Serve app on a `ray start` cluster that outlives the runs:
-    the first run deploys it, the second (another pipeline) reuses it and generates seconds after
-    its start; both runs' timelines are printed."""
-    from llm_assets.config import ServeDeploymentProcessorConfig, vLLMEngineProcessorConfig
+SGLANG = pytest.mark.skipif(importlib.util.find_spec("sglang") is None, reason="SGLang is not installed (pip install sglang==0.5.15)")
+
+
+def serve_engine_config(kind: str, model: str):
+    """The engine a Serve app deploys: vLLM, or SGLang (its own test run: `-k sglang`)."""
+    from llm_assets.config import SGLangEngineProcessorConfig, vLLMEngineProcessorConfig
+
+    if kind == "SGLang":
+        return SGLangEngineProcessorConfig(model_source=model, engine_kwargs={"load_format": "dummy", "context_length": 2048})
+    return vLLMEngineProcessorConfig(model_source=model, engine_kwargs={"load_format": "dummy", "max_model_len": 2048})
+
+
+@pytest.mark.parametrize("kind", ["vLLM", pytest.param("SGLang", marks=SGLANG, id="sglang")])
+def test_a_serve_app_on_the_gpu_serves_two_pipelines_with_one_engine(kind, tmp_path_factory, capsys):
+    """An engine (vLLM, or SGLang) deployed as a Ray Serve app on a `ray start` cluster that
+    outlives the runs: the first run deploys it, the second (another pipeline) reuses it and
+    generates seconds after its start; both runs' timelines are printed."""
+    from llm_assets.config import ServeDeploymentProcessorConfig
     from llm_assets.engines.serve import ServeEngine
     from llm_assets.pipeline import LLMPipeline
     from llm_assets.sources import LocalFolderSource
@@ -120,8 +133,7 @@ def test_a_serve_app_on_the_gpu_serves_two_pipelines_with_one_engine(tmp_path_fa
     tmp_path = tmp_path_factory.mktemp("serve-gpu")
     with ray_cluster(tmp_path_factory.mktemp("ray")) as address:
         model = llama_1b(tmp_path / "llama-1b")
-        chat = ServeEngine(app_name="gpu_chat", engine=vLLMEngineProcessorConfig(
-            model_source=str(model), engine_kwargs={"load_format": "dummy", "max_model_len": 2048}), idle_timeout_s=60)
+        chat = ServeEngine(app_name="gpu_chat", engine=serve_engine_config(kind, str(model)), idle_timeout_s=60)
         pipelines = [LLMPipeline(name, ServeDeploymentProcessorConfig(engine=chat), LocalFolderSource(str(DATA_DIR)),
                                  preprocess=to_chat, postprocess=to_answer) for name in ("first", "second")]
         resources = resources_on(address, tmp_path / "storage")
@@ -135,8 +147,8 @@ def test_a_serve_app_on_the_gpu_serves_two_pipelines_with_one_engine(tmp_path_fa
         with capsys.disabled():
             for name, run_lines in zip(("run 1 (deploys)", "run 2 (reuses)"), lines):
                 print(f"\n{name}:\n" + "\n".join(f"  {t:6.2f} s  {message}" for t, message in run_lines))
-        assert sum("Serve app 'gpu_chat': deploying 1 vLLM replica(s)" in m for m in logs[0]) == 1
-        assert sum("Serve app 'gpu_chat': reusing the running vLLM engine" in m for m in logs[1]) == 1
+        assert sum(f"Serve app 'gpu_chat': deploying 1 {kind} replica(s)" in m for m in logs[0]) == 1
+        assert sum(f"Serve app 'gpu_chat': reusing the running {kind} engine" in m for m in logs[1]) == 1
         assert [e.metadata["rows_out"].value for e in engines] == [20, 20]
         ready_2 = next(t for t, m in lines[1] if "Serve engine 0 started" in m)
         assert ready_2 < 10.0, lines[1]
