@@ -79,6 +79,10 @@ def check_fits(placement: ReplicaPlacement, replicas: int, label: str) -> None:
     cluster's; for STRICT_PACK, one replica's against the largest node."""
     import ray
 
+    first = placement.bundle_dicts()[0]
+    if placement.actor_gpus > first.get("GPU", 0):
+        raise ValueError(f"{label}: the engine runs in the first bundle of its placement group and needs "
+                         f"{placement.actor_gpus:g} GPU there; that bundle is {first}")
     needed: Counter = Counter()
     for bundle in placement.bundle_dicts():
         needed.update(bundle)
