@@ -130,7 +130,7 @@ def test_a_placement_the_cluster_cannot_hold_fails_before_any_engine_starts(tmp_
 def test_an_engine_that_runs_in_its_first_bundle_needs_its_gpu_there():
     from llm_assets.engines.placement import ReplicaPlacement, check_fits
 
-    one_worker = ReplicaPlacement.of([{"CPU": 1}], "PACK", actor_gpus=1)
+    one_worker = ReplicaPlacement([{"CPU": 1}], "PACK", actor_gpus=1)
     with pytest.raises(ValueError, match=r"needs 1 GPU there; that bundle is \{'CPU': 1\}"):
         check_fits(one_worker, 1, "vLLM for m")
 

@@ -48,19 +48,12 @@ class ReplicaPlacement:
     """What one replica reserves. ``actor_gpus``: the GPUs the engine actor itself takes from the
     first bundle (0 where the engine's workers are Ray actors of their own, which take them)."""
 
-    bundles: tuple[tuple[tuple[str, float], ...], ...]
+    bundles: list[Bundle]
     strategy: str
     actor_gpus: float
 
-    @classmethod
-    def of(cls, bundles: list[Bundle], strategy: str, actor_gpus: float) -> "ReplicaPlacement":
-        return cls(tuple(tuple(sorted(b.items())) for b in bundles), strategy, actor_gpus)
-
-    def bundle_dicts(self) -> list[Bundle]:
-        return [dict(b) for b in self.bundles]
-
     def describe(self) -> str:
-        counts = Counter(tuple(b) for b in self.bundles)
+        counts = Counter(tuple(sorted(b.items())) for b in self.bundles)
         shown = ", ".join(f"{n} x {dict(b)}" for b, n in counts.items())
         return f"{shown} ({self.strategy})"
 
@@ -70,7 +63,7 @@ def with_accelerator(placement: ReplicaPlacement, accelerator_type: Optional[str
     if not accelerator_type:
         return placement
     key = f"accelerator_type:{accelerator_type}"
-    return ReplicaPlacement.of([{**b, key: 0.001} for b in placement.bundle_dicts()], placement.strategy, placement.actor_gpus)
+    return ReplicaPlacement([{**b, key: 0.001} for b in placement.bundles], placement.strategy, placement.actor_gpus)
 
 
 def check_fits(placement: ReplicaPlacement, replicas: int, label: str) -> None:
@@ -79,12 +72,12 @@ def check_fits(placement: ReplicaPlacement, replicas: int, label: str) -> None:
     cluster's; for STRICT_PACK, one replica's against the largest node."""
     import ray
 
-    first = placement.bundle_dicts()[0]
+    first = placement.bundles[0]
     if placement.actor_gpus > first.get("GPU", 0):
         raise ValueError(f"{label}: the engine runs in the first bundle of its placement group and needs "
                          f"{placement.actor_gpus:g} GPU there; that bundle is {first}")
     needed: Counter = Counter()
-    for bundle in placement.bundle_dicts():
+    for bundle in placement.bundles:
         needed.update(bundle)
     total = ray.cluster_resources()
     for resource, amount in needed.items():
@@ -106,7 +99,7 @@ def reserve(placement: ReplicaPlacement, num_cpus: float) -> tuple[Any, dict[str
     import ray
     from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-    bundles = placement.bundle_dicts()
+    bundles = [dict(b) for b in placement.bundles]  # Ray's own copies
     group = ray.util.placement_group(bundles, strategy=placement.strategy)
     strategy = PlacementGroupSchedulingStrategy(group, placement_group_bundle_index=0, placement_group_capture_child_tasks=True)
     # The actor must fit in its bundle: a bundle with no CPU (say {"GPU": 1}) takes an actor with none.

@@ -121,11 +121,13 @@ class EnginePool:
         return sum(r.start_ref is not None for r in self.replicas)
 
     def _started(self, replica: Replica, info: dict[str, Any]) -> None:
+        if replica.group is not None:  # where Ray put the group's bundles, for the log and usage()
+            info = {**info, "bundle_nodes": placements.bundle_nodes(replica.group)}
         replica.info, replica.start_ref = info, None
         self.first_ready = self.first_ready or time.monotonic()
         self.log(f"{self.spec.label} engine {replica.index} started in {info['start_seconds']} s after importing "
                  f"{self.spec.label} in {info['import_seconds']} s (pid {info['pid']} on {info['host']}{_gpus(info)}"
-                 + (f"; its placement group's bundles on Ray nodes {placements.bundle_nodes(replica.group)})" if replica.group else ")"))
+                 + (f"; its placement group's bundles on Ray nodes {info['bundle_nodes']})" if "bundle_nodes" in info else ")"))
         if not self.window_rows:
             # Enough rows in flight that the scheduler always has work queued: 3x the sequences it
             # runs at once (rows of equal length finish in waves), at least max_concurrent_batches.
@@ -235,9 +237,10 @@ class EnginePool:
             if replica.info is not None:
                 lines.append(f"{name}: {replica.load_rows} rows in flight" if replica.pending else f"{name}: ready, idle")
             elif not done(replica.placed_ref):
-                needs = ", ".join(f"{n:g} {key}" for key, n in (("CPU", self.num_cpus_per_engine), ("GPU", self.gpus)) if n)
                 if self.placement is not None:
                     needs = f"a placement group of {self.placement.describe()}"
+                else:
+                    needs = ", ".join(f"{n:g} {key}" for key, n in (("CPU", self.num_cpus_per_engine), ("GPU", self.gpus)) if n)
                 lines.append(f"{name} is not placed by Ray yet: it needs {needs or 'no resources'}")
             elif not done(replica.imported_ref):
                 lines.append(f"{name} is importing {self.spec.label}")
@@ -257,7 +260,7 @@ class EnginePool:
         held = (self.held_until or time.monotonic()) - self.held_from
         engines = self.config.engine_pool_size
         placement = [{"engine": r.index, "host": r.info.get("host"), "node_id": r.info.get("node_id"), "gpu_ids": r.info.get("gpu_ids", []),
-                      **({"bundle_nodes": placements.bundle_nodes(r.group)} if r.group is not None else {})}
+                      **({"bundle_nodes": r.info["bundle_nodes"]} if "bundle_nodes" in r.info else {})}
                      for r in self.replicas if r.info is not None]
         return {"engine_seconds": round(engines * held, 1), "gpu_seconds": round(engines * self.gpus * held, 1), "placement": placement}
 

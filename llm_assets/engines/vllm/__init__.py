@@ -78,8 +78,7 @@ def _replica_kwargs(config: vLLMEngineProcessorConfig, model_source: str, on_gpu
     from llm_assets.model_store import S3ModelPath
 
     engine_kwargs = dict(config.engine_kwargs)
-    if on_gpu and config.workers > 1:
-        # As ray.data.llm: the workers are Ray actors in the replica's placement group.
+    if _ray_workers(config, on_gpu):
         engine_kwargs.setdefault("distributed_executor_backend", "ray")
     if config.task_type in compat.POOLING_TASKS:
         engine_kwargs.setdefault("runner", "pooling")  # the model's pooler, not its LM head
@@ -101,18 +100,25 @@ def _gpus(config: vLLMEngineProcessorConfig, on_gpu: bool) -> float:
     return config.workers if on_gpu else 0
 
 
+def _ray_workers(config: vLLMEngineProcessorConfig, on_gpu: bool) -> bool:
+    """Whether vLLM's Ray executor runs the engine's workers: as ray.data.llm, by default where an
+    engine has several GPU workers, unless the user's engine_kwargs choose another executor."""
+    default = "ray" if config.workers > 1 else None
+    return on_gpu and config.engine_kwargs.get("distributed_executor_backend", default) == "ray"
+
+
 def _placement(config: vLLMEngineProcessorConfig, on_gpu: bool) -> Optional[ReplicaPlacement]:
     """One placement group per engine where it has several GPU workers or the user asked for one.
     Where vLLM's Ray executor runs the workers, they take the bundles' GPUs and the engine actor
     none; otherwise the model runs in the actor (or the processes it starts), which takes them."""
-    ray_workers = on_gpu and config.engine_kwargs.get("distributed_executor_backend", "ray" if config.workers > 1 else None) == "ray"
+    ray_workers = _ray_workers(config, on_gpu)
     if config.placement_group_config is not None:
         bundles, strategy = config.placement_group_config.bundles_for(config.workers), config.placement_group_config.strategy
     elif ray_workers:
         bundles, strategy = [{"GPU": 1, "CPU": 1} for _ in range(config.workers)], "PACK"
     else:
         return None
-    return ReplicaPlacement.of(bundles, strategy, actor_gpus=0 if ray_workers else _gpus(config, on_gpu))
+    return ReplicaPlacement(bundles, strategy, actor_gpus=0 if ray_workers else _gpus(config, on_gpu))
 
 
 def _actor_env(on_gpu: bool) -> dict[str, str]:
