@@ -4,7 +4,7 @@
 # own time limit, logs to OUT as it goes, and a failed step does not stop the next.
 #   bash bench/gpu_session.sh OUT STEP...
 # Steps:
-#   tests    pytest tests/test_gpu.py (the demo, TP=2 where 2+ GPUs, the Serve app): ~5 min
+#   tests    pytest tests/test_gpu.py (the demo, TP=2 where 2+ GPUs, the Serve app; GPU_TESTS_K=EXPR picks some): ~5 min
 #   embed    bench/embed.py against raw vLLM's LLM.embed, two sizes, one GPU: ~3 min
 #   2gpu     one engine against two on GPUs 0,1, the scale-like shape (20 x 500 x 32): ~4 min
 #   tp       raw vLLM TP=2 against llm_assets TP=2 (GPUs 0,1), then two TP=2 engines on 4 GPUs: ~8 min
@@ -21,7 +21,7 @@ export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVL
 for step in "$@"; do
   echo "== $step $(date -u +%T)"
   case $step in
-    tests) timeout 420 python3 -m pytest -q -s -p no:cacheprovider tests/test_gpu.py > "$out/tests.log" 2>&1 ;;
+    tests) timeout 420 python3 -m pytest -q -s -p no:cacheprovider tests/test_gpu.py ${GPU_TESTS_K:+-k "$GPU_TESTS_K"} > "$out/tests.log" 2>&1 ;;
     embed) CUDA_VISIBLE_DEVICES=0 timeout 300 python3 bench/embed.py --sentences 20000 100000 --partitions 4 \
              --baseline raw_vllm > "$out/embed.log" 2>&1 ;;
     2gpu) CUDA_VISIBLE_DEVICES=0,1 PARTITIONS=20 ROWS=500 MAX_TOKENS=32 SYSTEMS="llm_assets llm_assets_2gpu" \
