@@ -123,7 +123,8 @@ def serve_engine_config(kind: str, model: str):
 def test_a_serve_app_on_the_gpu_serves_two_pipelines_with_one_engine(kind, tmp_path_factory, capsys):
     """An engine (vLLM, or SGLang) deployed as a Ray Serve app on a `ray start` cluster that
     outlives the runs: the first run deploys it, the second (another pipeline) reuses it and
-    generates seconds after its start; both runs' timelines are printed."""
+    generates seconds after its start; both runs' timelines are printed. The response cache is
+    off: the same prompts would otherwise be answered from it and never reach the engine."""
     from llm_assets.config import ServeDeploymentProcessorConfig
     from llm_assets.engines.serve import ServeEngine
     from llm_assets.pipeline import LLMPipeline
@@ -135,7 +136,7 @@ def test_a_serve_app_on_the_gpu_serves_two_pipelines_with_one_engine(kind, tmp_p
         model = llama_1b(tmp_path / "llama-1b")
         chat = ServeEngine(app_name="gpu_chat", engine=serve_engine_config(kind, str(model)), idle_timeout_s=60)
         pipelines = [LLMPipeline(name, ServeDeploymentProcessorConfig(engine=chat), LocalFolderSource(str(DATA_DIR)),
-                                 preprocess=to_chat, postprocess=to_answer) for name in ("first", "second")]
+                                 preprocess=to_chat, postprocess=to_answer, response_cache="off") for name in ("first", "second")]
         resources = resources_on(address, tmp_path / "storage")
         marks = ("Serve app", "Serve engine 0 started", "engine [prompts.jsonl]: committed")
         with dg.instance_for_test() as instance:
