@@ -106,8 +106,8 @@ def run_llm_assets(count: int, partitions: int) -> dict:
             done = time.time()
             assert result.success
             logs = [(e.timestamp, e.user_message) for e in instance.all_logs(result.run_id)]
-    if os.environ.get("EMBED_BENCH_LOG"):  # the run's timeline, to see where the encode phase goes
-        Path(os.environ["EMBED_BENCH_LOG"]).write_text("\n".join(f"{t - PROCESS_START:7.2f} {m}" for t, m in logs))
+    if os.environ.get("EMBED_BENCH_LOG"):  # the run's timeline, to see where the encode phase goes ({sentences}: the size)
+        Path(os.environ["EMBED_BENCH_LOG"].format(sentences=count)).write_text("\n".join(f"{t - PROCESS_START:7.2f} {m}" for t, m in logs))
     ready = next(t for t, m in logs if "engine(s) ready" in m)
     last_commit = max(t for t, m in logs if m.startswith("engine [") and "committed" in m)
     return {"encode_s": last_commit - ready, "wall_s": done - PROCESS_START}

@@ -22,7 +22,7 @@ for step in "$@"; do
   echo "== $step $(date -u +%T)"
   case $step in
     tests) timeout 420 python3 -m pytest -q -s -p no:cacheprovider tests/test_gpu.py ${GPU_TESTS_K:+-k "$GPU_TESTS_K"} > "$out/tests.log" 2>&1 ;;
-    embed) CUDA_VISIBLE_DEVICES=0 timeout 300 python3 bench/embed.py --sentences 20000 100000 --partitions 4 \
+    embed) CUDA_VISIBLE_DEVICES=0 EMBED_BENCH_LOG="$out/embed-timeline-{sentences}.txt" timeout 300 python3 bench/embed.py --sentences 20000 100000 --partitions 4 \
              --baseline raw_vllm > "$out/embed.log" 2>&1 ;;
     2gpu) CUDA_VISIBLE_DEVICES=0,1 PARTITIONS=20 ROWS=500 MAX_TOKENS=32 SYSTEMS="llm_assets llm_assets_2gpu" \
             timeout 420 bash bench/run.sh /tmp/bench-2gpu 1b > "$out/2gpu.log" 2>&1

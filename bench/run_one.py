@@ -126,7 +126,7 @@ def ray_data_llm(spec: dict, monitor: Monitor) -> dict:
 
 
 # Log lines kept in llm_assets' result: its timeline from process start to the run's end.
-STAGE_LOG_KEYS = ("committed", "vLLM", "execution of", "partition(s):", "partitions committed")
+STAGE_LOG_KEYS = ("committed", "vLLM", "execution of", "partition(s):", "partitions committed", "tasks of")
 
 
 def llm_assets(spec: dict, monitor: Monitor, engines: int = 1) -> dict:

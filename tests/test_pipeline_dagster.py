@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 
 import dagster as dg
 import pyarrow.parquet as pq
@@ -126,6 +127,24 @@ def test_each_stage_records_metadata_per_partition(two_partition_run):
 
 def detokenize_metadata(instance) -> dict:
     return instance.get_latest_materialization_event(dg.AssetKey(["tiny", "detokenize"])).asset_materialization.metadata
+
+
+TASK_TIMES = re.compile(r"tiny: tasks of (.+?): (\d+); per task on average \(longest\): waited ([\d.]+) s \(([\d.]+) s\) to start, "
+                        r"ran ([\d.]+) s \(([\d.]+) s\), ([\d.]+) s of it on CPU, ([\d.]+) s \(([\d.]+) s\) building its stages")
+
+
+def test_the_run_log_tells_how_each_group_of_cpu_tasks_spent_its_time(two_partition_run):
+    """Once the stages are done, one line per group of CPU tasks: how many tasks ran (one per
+    batch of 4 rows: 2 for a's 5 rows, 2 for b's 7) and, per task, how long it waited to start,
+    ran, used the CPU and spent building its stages: what tells a starved task from a cold one."""
+    instance, result = two_partition_run["instance"], two_partition_run["result"]
+    found = {m.group(1): m for m in map(TASK_TIMES.search, log_messages(instance, result.run_id)) if m}
+    assert set(found) == {"preprocess", "chat_template, tokenize", "detokenize, postprocess"}
+    for match in found.values():
+        tasks, waited, longest_wait, ran, longest_run, _, built, longest_build = (float(g) for g in match.groups()[1:])
+        assert tasks == 4
+        assert waited <= longest_wait + 0.05 and ran <= longest_run + 0.05 and built <= longest_build + 0.05
+        assert 0 < ran < 60 and built <= ran
 
 
 def test_gpu_time_is_priced_where_a_price_is_set():

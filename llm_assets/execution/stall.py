@@ -14,7 +14,6 @@ import re
 from typing import Optional
 
 from llm_assets.engines.pool import first_line
-from llm_assets.tasks import ENGINE
 
 
 def stall_report(name: str, silent_s: float, steps: list, pool, queued_rows: int) -> str:
@@ -27,7 +26,7 @@ def stall_report(name: str, silent_s: float, steps: list, pool, queued_rows: int
         parts.append(f"{queued_rows} rows queued for the engines")
     for step in steps:
         if step is not None and (step.in_flight or step.queue):
-            stages = ", ".join(s for s in step.stages if s != ENGINE) or "writing the engine's output"
+            stages = step.label()
             cpus = step.options.get("num_cpus") or 1
             parts.append(f"{stages}: {len(step.in_flight)} task(s) in flight ({cpus:g} CPU each), {len(step.queue)} batch(es) queued")
     store = _object_store()

@@ -43,6 +43,40 @@ def chains(pipeline, selected: list[str]) -> list[list[str]]:
 
 
 @dataclass
+class TaskTimes:
+    """How a group's tasks spent their time, summed over the run: waiting to start (from the
+    driver's submit to the worker's start: a busy cluster, or a worker process being started),
+    running, on CPU (running far longer than on CPU: starved of cores, or waiting on storage),
+    and building the stages (loading a tokenizer: a worker new to the stage)."""
+
+    tasks: int = 0
+    wait_s: float = 0.0
+    run_s: float = 0.0
+    cpu_s: float = 0.0
+    setup_s: float = 0.0
+    longest_wait_s: float = 0.0
+    longest_run_s: float = 0.0
+    longest_setup_s: float = 0.0
+
+    def add(self, submitted: float, report: dict) -> None:
+        wait = max(0.0, report["started"] - submitted)  # clocks of two processes (or nodes)
+        self.tasks += 1
+        self.wait_s += wait
+        self.run_s += report["run_s"]
+        self.cpu_s += report["cpu_s"]
+        self.setup_s += report["setup_s"]
+        self.longest_wait_s = max(self.longest_wait_s, wait)
+        self.longest_run_s = max(self.longest_run_s, report["run_s"])
+        self.longest_setup_s = max(self.longest_setup_s, report["setup_s"])
+
+    def line(self, stages: str) -> str:
+        n = max(self.tasks, 1)
+        return (f"tasks of {stages}: {self.tasks}; per task on average (longest): waited {self.wait_s / n:.3f} s "
+                f"({self.longest_wait_s:.1f} s) to start, ran {self.run_s / n:.3f} s ({self.longest_run_s:.1f} s), "
+                f"{self.cpu_s / n:.3f} s of it on CPU, {self.setup_s / n:.3f} s ({self.longest_setup_s:.1f} s) building its stages")
+
+
+@dataclass
 class Group:
     """Consecutive CPU stages run by one Ray task per unit."""
 
@@ -51,11 +85,15 @@ class Group:
     secret_env: dict[str, str]
     max_in_flight: int
     queue: list = field(default_factory=list)
-    in_flight: dict = field(default_factory=dict)  # written-ref -> (unit, table ref)
+    in_flight: dict = field(default_factory=dict)  # written-ref -> (unit, table ref, submitted at)
     completed: int = 0
+    times: TaskTimes = field(default_factory=TaskTimes)
 
     def room(self) -> bool:
         return len(self.in_flight) < (self.max_in_flight if self.completed else 1)
+
+    def label(self) -> str:
+        return ", ".join(s for s in self.stages if s != ENGINE) or "writing the engine's output"
 
 
 def _resources(pipeline, stage: str) -> tuple:

@@ -15,6 +15,7 @@ partition size and count. Engines are released as soon as the engine stage has c
 
 from __future__ import annotations
 
+import time
 import uuid
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
@@ -173,6 +174,7 @@ class _ChainRun:
                 self._dispatch()
                 refs = self._refs()
                 if not refs:
+                    self._log_task_times()
                     break
                 # Everything finished by now; else wait up to a second for the next.
                 ready, _ = ray.wait(refs, num_returns=len(refs), timeout=0, fetch_local=False)
@@ -215,7 +217,7 @@ class _ChainRun:
 
     def _backlog_rows(self) -> int:
         queued = sum(u.rows for step in self.steps if step for u in step.queue)
-        running = sum(u.rows for step in self.steps if step for u, _ in step.in_flight.values())
+        running = sum(u.rows for step in self.steps if step for u, _, _ in step.in_flight.values())
         looking_up = self.cache.rows_in_flight() if self.cache else 0
         return queued + running + looking_up + self._rows_queued_for_engines()
 
@@ -256,7 +258,7 @@ class _ChainRun:
                 file_name = f"part-{unit.seq:05d}-{self.run_.session}.parquet"
                 table_ref, written_ref = self.remote_unit.options(**step.options).remote(
                     unit.ref, self._calls(step, unit), file_name, self.filesystem, step.secret_env, *self._cached_rows(unit))
-                step.in_flight[written_ref] = (unit, table_ref)
+                step.in_flight[written_ref] = (unit, table_ref, time.time())
 
     def _cached_rows(self, unit: Unit) -> tuple:
         """For a unit back from the engine after a cache lookup: its rows the cache answered, the
@@ -287,13 +289,14 @@ class _ChainRun:
             return
         for position, step in enumerate(self.steps):
             if step is not None and ref in step.in_flight:
-                unit, table_ref = step.in_flight.pop(ref)
+                unit, table_ref, submitted = step.in_flight.pop(ref)
                 step.completed += 1
                 try:
-                    written = ray.get(ref)
+                    report = ray.get(ref)
                 except ray.exceptions.RayTaskError as exc:
                     raise unwrap(exc) from None
-                self.commits.written(unit, written)
+                step.times.add(submitted, report)
+                self.commits.written(unit, report["written"])
                 unit.ref = table_ref
                 self._route(unit, position + 1)
                 self.commits.commit_ready(unit.partition)
@@ -307,6 +310,11 @@ class _ChainRun:
             self.engine_queue.appendleft(unit)
 
     # --- reports --------------------------------------------------------------------------
+    def _log_task_times(self) -> None:
+        for step in self.steps:
+            if step is not None and step.times.tasks:
+                self.log(f"{self.pipeline.name}: {step.times.line(step.label())}")
+
     def _finished(self) -> Iterator[Event]:
         for stage, stats in self.commits.drain_committed():
             yield PartitionCommitted(stage, stats)

@@ -4,7 +4,8 @@ For each stage it applies the stage's UDF in slices of the stage's ``batch_size`
 stage's output for this unit as one Parquet file into the stage's attempt folder, from this task:
 Parquet writing runs on the cluster's CPUs, in parallel, never queued on the driver. It returns
 the last stage's output (left in Ray's object store for the next step) and, separately, what it
-wrote (small: the driver waits on this one only).
+wrote and how the task spent its time (small: the driver waits on this one only): when it
+started, how long it ran, on CPU, and building the stages (a tokenizer loaded: a cold worker).
 
 The stage marked ``udf=None`` writes its input as it is: that is how the engine's output, coming
 back from an engine actor, is written by the first task after the engine.
@@ -13,6 +14,7 @@ back from an engine actor, is written by the first task after the engine.
 from __future__ import annotations
 
 import os
+import time
 from dataclasses import dataclass
 from typing import Any, Optional
 
@@ -43,7 +45,8 @@ def _apply(udf, table: pa.Table, batch_size: int) -> pa.Table:
 
 def run_unit(table: pa.Table, calls: list[StageCall], file_name: str, filesystem, secret_env: dict[str, str],
              cached_rows: Optional[pa.Table] = None, cache: Optional[CacheSettings] = None, order: Optional[list] = None,
-             ) -> tuple[pa.Table, list[dict[str, Any]]]:
+             ) -> tuple[pa.Table, dict[str, Any]]:
+    started, cpu_started, setup_s = time.time(), time.process_time(), 0.0
     _size_tokenizer_threads()
     if cache is not None:  # the engine's output of a unit that passed the response cache
         table = complete(table, cached_rows, cache, order, filesystem)
@@ -52,11 +55,15 @@ def run_unit(table: pa.Table, calls: list[StageCall], file_name: str, filesystem
         for call in calls:
             if call.udf is not None:
                 # Built per task: cheap, since the tokenizer a stage loads is cached per process.
-                table = _apply(call.udf(**call.udf_kwargs), table, call.batch_size)
+                building = time.monotonic()
+                udf = call.udf(**call.udf_kwargs)
+                setup_s += time.monotonic() - building
+                table = _apply(udf, table, call.batch_size)
             name = f"{call.attempt}/{file_name}"
             write_parquet(filesystem, f"{call.partition_dir}/{name}", table)
             written.append({"stage": call.name, "file": name, **batch_counts(table), **batch_summary(table)})
-    return table, written
+    return table, {"written": written, "started": started, "run_s": time.time() - started,
+                   "cpu_s": time.process_time() - cpu_started, "setup_s": setup_s}
 
 
 def _size_tokenizer_threads() -> None:
