@@ -26,6 +26,8 @@ from llm_assets.tasks import ENGINE
 
 # Ray tasks of one group in flight at most, when the stages set no concurrency.
 MAX_TASKS_IN_FLIGHT = 32
+# A task that took longer than this to build its stages loaded a tokenizer (or model files).
+COLD_SETUP_S = 0.5
 
 
 def chains(pipeline, selected: list[str]) -> list[list[str]]:
@@ -57,6 +59,7 @@ class TaskTimes:
     longest_wait_s: float = 0.0
     longest_run_s: float = 0.0
     longest_setup_s: float = 0.0
+    cold: int = 0  # tasks that spent over COLD_SETUP_S building their stages: a worker new to them
 
     def add(self, submitted: float, report: dict) -> None:
         wait = max(0.0, report["started"] - submitted)  # clocks of two processes (or nodes)
@@ -68,12 +71,14 @@ class TaskTimes:
         self.longest_wait_s = max(self.longest_wait_s, wait)
         self.longest_run_s = max(self.longest_run_s, report["run_s"])
         self.longest_setup_s = max(self.longest_setup_s, report["setup_s"])
+        self.cold += report["setup_s"] > COLD_SETUP_S
 
     def line(self, stages: str) -> str:
         n = max(self.tasks, 1)
         return (f"tasks of {stages}: {self.tasks}; per task on average (longest): waited {self.wait_s / n:.3f} s "
                 f"({self.longest_wait_s:.1f} s) to start, ran {self.run_s / n:.3f} s ({self.longest_run_s:.1f} s), "
-                f"{self.cpu_s / n:.3f} s of it on CPU, {self.setup_s / n:.3f} s ({self.longest_setup_s:.1f} s) building its stages")
+                f"{self.cpu_s / n:.3f} s of it on CPU, {self.setup_s / n:.3f} s ({self.longest_setup_s:.1f} s) building its stages; "
+                f"{self.cold} spent over {COLD_SETUP_S:g} s building them (a worker new to the stages)")
 
 
 @dataclass
