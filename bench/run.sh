@@ -9,7 +9,7 @@
 #   PARTITIONS=10 ROWS=1000 MAX_TOKENS=128    the workload's shape (the scale workload: 100, 500, 32)
 #   COLD=1                                    start every system with empty kernel caches
 #   ENGINE_ENV="KEY=VALUE,..."                environment of llm_assets' engine actors
-#   TP=2                                      every vLLM engine spans 2 GPUs (tensor parallel; use its own OUT)
+#   TP=2, PP=2                                every vLLM engine spans TP x PP GPUs (tensor / pipeline parallel; use its own OUT)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 out=${1:-/tmp/llm_assets_bench}
@@ -21,7 +21,7 @@ export VLLM_DISABLE_COMPILE_CACHE=1
 [ -f "$out/workload.json" ] || python3 bench/workload.py --out "$out" --size "$size" \
   --partitions "${PARTITIONS:-10}" --rows "${ROWS:-1000}" --max-tokens "${MAX_TOKENS:-128}" | tee "$out/workload.log"
 # TP on the test machines: vLLM's all-reduce paths that need NVLink multicast off (see run_one.py).
-if [ "${TP:-1}" -gt 1 ]; then export VLLM_ALLREDUCE_USE_SYMM_MEM=0 VLLM_ALLREDUCE_USE_FLASHINFER=0; fi
+if [ $(( ${TP:-1} * ${PP:-1} )) -gt 1 ]; then export VLLM_ALLREDUCE_USE_SYMM_MEM=0 VLLM_ALLREDUCE_USE_FLASHINFER=0; fi
 for system in ${SYSTEMS:-raw_vllm ray_data_llm llm_assets}; do
   echo "== $system"
   # Fresh compile caches per system (vLLM's, inductor's, Triton's): a cache warmed by the system

@@ -43,17 +43,17 @@ def has_gpu() -> bool:
     return shutil.which("nvidia-smi") is not None
 
 
-def tensor_parallel() -> dict:
-    """TP=N: every vLLM engine (raw and llm_assets') spans N GPUs, with the settings above."""
-    size = int(os.environ.get("TP", "1"))
-    return {"tensor_parallel_size": size, **TP_SAFE_ENGINE_KWARGS} if size > 1 else {}
+def model_parallel() -> dict:
+    """TP=N, PP=M: every vLLM engine (raw and llm_assets') spans N x M GPUs, with the settings above."""
+    tp, pp = int(os.environ.get("TP", "1")), int(os.environ.get("PP", "1"))
+    return {"tensor_parallel_size": tp, "pipeline_parallel_size": pp, **TP_SAFE_ENGINE_KWARGS} if tp * pp > 1 else {}
 
 
 def engine_kwargs() -> dict:
     from llm_assets.engines.vllm import compat as vllm_compat
 
     # On a machine without a GPU (a smoke run of the bench), vLLM's CPU build needs its settings.
-    return vllm_compat.platform_engine_kwargs({"load_format": "dummy", "max_model_len": 2048, **tensor_parallel()}, has_gpu())
+    return vllm_compat.platform_engine_kwargs({"load_format": "dummy", "max_model_len": 2048, **model_parallel()}, has_gpu())
 
 
 def engine_env() -> dict:
@@ -131,8 +131,8 @@ STAGE_LOG_KEYS = ("committed", "vLLM", "execution of", "partition(s):", "partiti
 
 def llm_assets(spec: dict, monitor: Monitor, engines: int = 1) -> dict:
     return run_llm_assets(spec, monitor, {"model_source": spec["model"],
-                                          "engine_kwargs": {"load_format": "dummy", "max_model_len": 2048, **tensor_parallel()},
-                                          "runtime_env": {"env_vars": {**engine_env(), **(TP_SAFE_ENV if tensor_parallel() else {})}},
+                                          "engine_kwargs": {"load_format": "dummy", "max_model_len": 2048, **model_parallel()},
+                                          "runtime_env": {"env_vars": {**engine_env(), **(TP_SAFE_ENV if model_parallel() else {})}},
                                           "concurrency": engines})
 
 
@@ -247,7 +247,8 @@ if __name__ == "__main__":
     with Monitor() as monitor:
         result = SYSTEMS[args.system](spec, monitor)
     result.update(system=args.system, host_peak_gib=monitor.host_peak_gib(), model=spec["size"],
-                  tensor_parallel_size=tensor_parallel().get("tensor_parallel_size", 1))
+                  tensor_parallel_size=model_parallel().get("tensor_parallel_size", 1),
+                  pipeline_parallel_size=model_parallel().get("pipeline_parallel_size", 1))
     result["output_tok_s"] = round(result["output_tokens"] / result["generate_s"], 1)
     result["whole_job_tok_s"] = round(result["output_tokens"] / result["wall_s"], 1)
     args.out.write_text(json.dumps(result, indent=1))

@@ -6,6 +6,12 @@ import sys
 ORDER = ["raw_vllm", "ray_data_llm", "llm_assets", "llm_assets_in_process", "llm_assets_2gpu", "raw_sglang", "llm_assets_sglang"]
 
 
+def parallel(result: dict) -> str:
+    """' TP=2', ' PP=2' or ' TP=2 PP=2' after the model, where an engine spans several GPUs."""
+    sizes = (("TP", result.get("tensor_parallel_size", 1)), ("PP", result.get("pipeline_parallel_size", 1)))
+    return "".join(f" {name}={size}" for name, size in sizes if size > 1)
+
+
 def main(paths: list[str]) -> None:
     loaded = (json.load(open(p)) for p in paths)
     results = {r["system"]: r for r in loaded if "system" in r}  # skips workload.json
@@ -23,7 +29,7 @@ def main(paths: list[str]) -> None:
         vs_peer = f"{r['whole_job_tok_s'] / peer['whole_job_tok_s']:.3f}" if peer else "-"
         start_note = "" if "engine_start_s" in r else " (first row out)"
         print(
-            f"| {name} | {r['model']}{' TP=' + str(r['tensor_parallel_size']) if r.get('tensor_parallel_size', 1) > 1 else ''} | {r['rows']} | {start:.1f}{start_note} | {r['generate_s']:.1f} | {r['output_tok_s']:.0f} | {vs_raw} "
+            f"| {name} | {r['model']}{parallel(r)} | {r['rows']} | {start:.1f}{start_note} | {r['generate_s']:.1f} | {r['output_tok_s']:.0f} | {vs_raw} "
             f"| {r['wall_s']:.1f} | {wall_vs_raw} | {r['whole_job_tok_s']:.0f} | {vs_peer} | {r['gpu_busy']} | {r['gpu_util_mean']} | {r['host_peak_gib']} |"
         )
     one, two = results.get("llm_assets"), results.get("llm_assets_2gpu")

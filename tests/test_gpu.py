@@ -90,14 +90,16 @@ def gpu_count() -> int:
 
 
 @pytest.mark.skipif(gpu_count() < 2, reason="needs 2 GPUs (the 2- or 4-GPU test machine)")
-def test_a_tensor_parallel_engine_reserves_its_gpus_as_one_placement_group(tmp_path, capsys):
-    """tensor_parallel_size=2: one placement group of two {GPU: 1, CPU: 1} bundles, vLLM's Ray
-    executor puts one worker on each GPU, and the engine stage counts two GPUs' seconds."""
+@pytest.mark.parametrize("parallel", ["tensor_parallel_size", "pipeline_parallel_size"], ids=["tp2", "pp2"])
+def test_a_model_parallel_engine_reserves_its_gpus_as_one_placement_group(parallel, tmp_path, capsys):
+    """tensor_parallel_size=2 (or pipeline_parallel_size=2): one placement group of two
+    {GPU: 1, CPU: 1} bundles, vLLM's Ray executor puts one worker on each GPU, and the engine
+    stage counts two GPUs' seconds."""
     model = llama_1b(tmp_path / "llama-1b")
     from llm_assets.testing import TP_SAFE_ENGINE_KWARGS, TP_SAFE_ENV  # the test machines keep NVLink multicast off
 
     pipeline = demo_pipeline(model_source=str(model), engine_kwargs={"load_format": "dummy", "max_model_len": 2048,
-                                                                     "tensor_parallel_size": 2, **TP_SAFE_ENGINE_KWARGS},
+                                                                     parallel: 2, **TP_SAFE_ENGINE_KWARGS},
                              runtime_env={"env_vars": TP_SAFE_ENV})
     messages, engine, _ = run_demo_partition(pipeline, tmp_path / "storage", capsys, shown="engine")
     assert any("2 GPU(s) each, GPU build; each reserves a placement group of 2 x {'CPU': 1, 'GPU': 1} (PACK)" in m for m in messages)
