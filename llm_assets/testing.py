@@ -3,7 +3,9 @@
 ``build_llama_model`` trains a byte-level BPE tokenizer on local text, gives it a ChatML chat
 template, and writes a Llama config (plus random weights, unless the caller runs vLLM with
 ``load_format="dummy"``). Tiny ones (hidden 128, 2 layers, head_dim 64) build in seconds and run
-on vLLM's CPU build; large ones describe the benchmark models on the GPU.
+on vLLM's CPU build; large ones describe the benchmark models on the GPU. ``build_idefics3_model``
+(images) and ``build_qwen2_audio_model`` (audio) write tiny random multimodal models with their
+processors, for vLLM's CPU build.
 """
 
 from __future__ import annotations
@@ -158,6 +160,63 @@ def build_idefics3_model(path: str | Path, *, image_size: int = 64, patch_size: 
     Idefics3ForConditionalGeneration(config).save_pretrained(str(path))
     processor.save_pretrained(str(path))
     return path
+
+
+# Renders string content (vLLM's "string" format puts "Audio 1: <|audio_bos|><|AUDIO|><|audio_eos|>"
+# in the text) and content parts: an audio part of any kind becomes that placeholder.
+AUDIO_CHAT_TEMPLATE = (
+    "{% set audio_count = namespace(value=0) %}{% for message in messages %}<|im_start|>{{ message['role'] }}\n"
+    "{% if message['content'] is string %}{{ message['content'] }}{% else %}{% for part in message['content'] %}"
+    "{% if part['type'] in ('audio', 'input_audio', 'audio_url') %}{% set audio_count.value = audio_count.value + 1 %}"
+    "Audio {{ audio_count.value }}: <|audio_bos|><|AUDIO|><|audio_eos|>\n{% elif part['type'] == 'text' %}{{ part['text'] }}{% endif %}"
+    "{% endfor %}{% endif %}<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+def build_qwen2_audio_model(path: str | Path, *, seed: int = 0) -> Path:
+    """A tiny Qwen2-Audio audio-language model with random weights: a Whisper-like audio encoder
+    (d_model 64, 1 layer), a Qwen2 text model (hidden 128, 2 layers, head_dim 64) and a Qwen2-Audio
+    processor with a Whisper feature extractor (80 mel bins, audio cut or padded to 30 s: vLLM's
+    input schema fixes 3000 mel frames). vLLM's CPU build runs it; an audio of n samples
+    at 16 kHz becomes ((n // 160 - 1) // 2 + 1 - 2) // 2 + 1 ``<|AUDIO|>`` tokens (0.5 s: 12)."""
+    import torch
+    from transformers import (AutoTokenizer, Qwen2AudioConfig, Qwen2AudioEncoderConfig, Qwen2AudioForConditionalGeneration,
+                              Qwen2AudioProcessor, Qwen2Config, WhisperFeatureExtractor)
+
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    build_tokenizer(path)
+    tokenizer = AutoTokenizer.from_pretrained(str(path))
+    tokenizer.add_special_tokens({"additional_special_tokens": ["<|audio_bos|>", "<|AUDIO|>", "<|audio_eos|>"]})
+    features = WhisperFeatureExtractor(feature_size=80, sampling_rate=16000, hop_length=160, chunk_length=30)
+    processor = Qwen2AudioProcessor(feature_extractor=features, tokenizer=tokenizer, chat_template=AUDIO_CHAT_TEMPLATE)
+    vocab = (len(tokenizer) + 63) // 64 * 64
+    text = Qwen2Config(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=2,
+                       vocab_size=vocab, max_position_embeddings=2048, bos_token_id=0, eos_token_id=2, pad_token_id=0, tie_word_embeddings=False)
+    # The encoder takes exactly 30 s of mel frames (100 a second), halved by its second convolution.
+    audio = Qwen2AudioEncoderConfig(num_mel_bins=80, encoder_layers=1, encoder_attention_heads=2, encoder_ffn_dim=128, d_model=64,
+                                    max_source_positions=1500)
+    config = Qwen2AudioConfig(audio_config=audio.to_dict(), text_config=text.to_dict(),
+                              audio_token_index=tokenizer.convert_tokens_to_ids("<|AUDIO|>"))
+    torch.manual_seed(seed)
+    Qwen2AudioForConditionalGeneration(config).save_pretrained(str(path))
+    _fix_qwen2_audio_weight_names(path / "model.safetensors")
+    processor.save_pretrained(str(path))
+    return path
+
+
+def _fix_qwen2_audio_weight_names(file: Path) -> None:
+    """transformers 5 saves the text model's weights as ``language_model.model.model.*`` (its
+    reverse key mapping adds a ``model.`` to the checkpoint's ``language_model.model.*``); vLLM
+    loads Qwen2-Audio checkpoints' names and refuses those ("no module or parameter named 'model'
+    in Qwen2Model")."""
+    from safetensors.torch import load_file, save_file
+
+    wrong = "language_model.model.model."
+    weights = load_file(str(file))
+    if any(name.startswith(wrong) for name in weights):
+        fixed = {("language_model.model." + name[len(wrong):] if name.startswith(wrong) else name): t for name, t in weights.items()}
+        save_file(fixed, str(file), metadata={"format": "pt"})
 
 
 # What a tensor-parallel engine runs with on the GPU test machines, where NVLink multicast is off

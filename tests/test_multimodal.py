@@ -1,5 +1,6 @@
 """Multimodal rows: content parts read and decoded by PrepareMultimodal, handed to vLLM's CPU engine
-as multi_modal_data (a tiny random Idefics3 built offline), media served by a local HTTP server."""
+as multi_modal_data (a tiny random Idefics3 and a tiny random Qwen2-Audio, built offline), media
+served by a local HTTP server."""
 
 from __future__ import annotations
 
@@ -26,6 +27,13 @@ def vlm(tmp_path_factory) -> str:
     from llm_assets.testing import build_idefics3_model
 
     return str(build_idefics3_model(tmp_path_factory.mktemp("tiny-idefics3")))
+
+
+@pytest.fixture(scope="module")
+def alm(tmp_path_factory) -> str:
+    from llm_assets.testing import build_qwen2_audio_model
+
+    return str(build_qwen2_audio_model(tmp_path_factory.mktemp("tiny-qwen2-audio")))
 
 
 @pytest.fixture(scope="module")
@@ -174,4 +182,50 @@ def test_image_tokens_reach_the_engine(tmp_path, vlm, media, ray_session, instan
     assert tokens[1] == tokens[2] > tokens[0] and seen[1] == seen[2] >= seen[0] + 16, (tokens, seen)
     assert all(r.get("__inference_error__") is None and r["num_generated_tokens"] == 4 for r in engine)
     assert "multimodal_data" not in engine[0]  # the media stay in the stages before the engine
+    assert [r["generated_text"] is not None for r in rows("postprocess")] == [True] * 3
+
+
+def test_audio_tokens_reach_the_engine(tmp_path, alm, media, ray_session, instance):
+    """One Dagster run on the CPU engine: the same question without audio, with base64 input_audio
+    and with an audio_url. Tokenize's prompt holds one <|AUDIO|> placeholder; the engine's prompt
+    holds as many <|AUDIO|> tokens as the 0.5 s WAV makes: 50 mel frames -> 25 -> 12."""
+    from transformers import AutoTokenizer
+
+    from llm_assets.pipeline import LLMPipeline
+    from llm_assets.sources import LocalFolderSource
+    from tests.test_pipeline_dagster import make_resources, run_job
+
+    folder, base = media
+    wav = base64.b64encode((folder / "tone.wav").read_bytes()).decode()
+    write_jsonl(tmp_path / "landing" / "sounds.jsonl", [{"kind": "a-none"}, {"kind": "b-input_audio"}, {"kind": "c-audio_url"}])
+
+    def to_chat(row):
+        parts = [{"type": "text", "text": "What is in the sound?"}]
+        if row["kind"] == "b-input_audio":
+            parts.insert(0, {"type": "input_audio", "input_audio": {"data": wav, "format": "wav"}})
+        elif row["kind"] == "c-audio_url":
+            parts.insert(0, {"type": "audio_url", "audio_url": {"url": f"{base}/tone.wav"}})
+        return {"kind": row["kind"], "messages": [{"role": "user", "content": parts}], "sampling_params": {"max_tokens": 4, "temperature": 0}}
+
+    pipeline = LLMPipeline("alm", {"model_source": alm, "engine_kwargs": {"max_model_len": 512}, "prepare_multimodal_stage": True},
+                           LocalFolderSource(str(tmp_path / "landing")), preprocess=to_chat)
+    resources = make_resources(tmp_path / "storage")
+    assert run_job(pipeline, resources, instance, {"dagster/partition": "sounds.jsonl"}).success
+    storage = resources["storage"]
+
+    def rows(stage):
+        return sorted((r for t in storage.read_committed("alm", stage, "sounds.jsonl") for r in t.to_pylist()), key=lambda r: r["kind"])
+
+    audio_token = AutoTokenizer.from_pretrained(alm).convert_tokens_to_ids("<|AUDIO|>")
+    prompts = [r["tokenized_prompt"] for r in rows("tokenize")]
+    assert [p.count(audio_token) for p in prompts] == [0, 1, 1]
+    tokens = [len(p) for p in prompts]
+    engine = rows("engine")
+    seen = [r["num_input_tokens"] for r in engine]
+    audio_tokens = 12
+    # The placeholder's wrapping text ("Audio 1: <|audio_bos|>...<|audio_eos|>") is in both counts;
+    # the engine's prompt has the placeholder expanded to the audio's tokens.
+    assert tokens[1] == tokens[2] > tokens[0] and seen[1] == seen[2] == seen[0] + (tokens[1] - tokens[0]) - 1 + audio_tokens, (tokens, seen)
+    assert all(r.get("__inference_error__") is None and r["num_generated_tokens"] == 4 for r in engine), engine
+    assert "multimodal_data" not in engine[0]
     assert [r["generated_text"] is not None for r in rows("postprocess")] == [True] * 3
