@@ -2,10 +2,8 @@
 
 Consecutive CPU stages with the same resources (``num_cpus``, ``memory``, ``runtime_env``,
 ``concurrency``) run in one Ray task per unit (``execution/units.py``), each writing its own
-output; a group whose stages load a tokenizer runs its units on stage workers, Ray actors that
-keep it loaded (``execution/workers.py``), while the cluster has room for them. The engine stage
-is a step of its own, served by the engine pool; the first task after the engine writes the
-engine's output (the engine actor never spends its time on Parquet).
+output; the engine stage is a step of its own, served by the engine pool; the first task after
+the engine writes the engine's output (the engine actor never spends its time on Parquet).
 Preprocess runs in a task of its own (it loads no tokenizer): a bad row fails it within a second
 or two, and its partitions commit while the tokenizer stages' workers are still starting.
 
@@ -19,12 +17,10 @@ unit is not slowed down by a crowd of workers importing the same modules.
 from __future__ import annotations
 
 import json
-import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Optional
+from typing import Any, Optional
 
 from llm_assets.config import max_concurrency
-from llm_assets.execution.workers import StageWorkers
 from llm_assets.secret_env import split_runtime_env
 from llm_assets.tasks import ENGINE
 
@@ -64,14 +60,10 @@ class TaskTimes:
     longest_run_s: float = 0.0
     longest_setup_s: float = 0.0
     cold: int = 0  # tasks that spent over COLD_SETUP_S building their stages: a worker new to them
-    on_workers: int = 0  # run by the group's stage workers (workers.py), not as plain Ray tasks
-    workers: int = 0  # stage workers the group started
-    workers_lost: int = 0  # of them, died during the run
 
-    def add(self, submitted: float, report: dict, on_worker: bool) -> None:
+    def add(self, submitted: float, report: dict) -> None:
         wait = max(0.0, report["started"] - submitted)  # clocks of two processes (or nodes)
         self.tasks += 1
-        self.on_workers += on_worker
         self.wait_s += wait
         self.run_s += report["run_s"]
         self.cpu_s += report["cpu_s"]
@@ -83,9 +75,7 @@ class TaskTimes:
 
     def line(self, stages: str) -> str:
         n = max(self.tasks, 1)
-        lost = f", {self.workers_lost} of them lost" if self.workers_lost else ""
-        where = f" ({self.on_workers} on {self.workers} stage worker(s){lost}, the rest as plain tasks)" if self.workers else ""
-        return (f"tasks of {stages}: {self.tasks}{where}; per task on average (longest): waited {self.wait_s / n:.3f} s "
+        return (f"tasks of {stages}: {self.tasks}; per task on average (longest): waited {self.wait_s / n:.3f} s "
                 f"({self.longest_wait_s:.1f} s) to start, ran {self.run_s / n:.3f} s ({self.longest_run_s:.1f} s), "
                 f"{self.cpu_s / n:.3f} s of it on CPU, {self.setup_s / n:.3f} s ({self.longest_setup_s:.1f} s) building its stages; "
                 f"{self.cold} spent over {COLD_SETUP_S:g} s building them (a worker new to the stages)")
@@ -93,60 +83,22 @@ class TaskTimes:
 
 @dataclass
 class Group:
-    """Consecutive CPU stages run by one Ray task (or stage worker's call) per unit."""
+    """Consecutive CPU stages run by one Ray task per unit."""
 
     stages: list[str]  # chain stage names; ENGINE here means "write the engine's output"
     options: dict[str, Any]
     secret_env: dict[str, str]
     max_in_flight: int
     queue: list = field(default_factory=list)
-    in_flight: dict = field(default_factory=dict)  # written-ref -> (unit, table ref, submitted at, stage worker or None)
+    in_flight: dict = field(default_factory=dict)  # written-ref -> (unit, table ref, submitted at)
     completed: int = 0
     times: TaskTimes = field(default_factory=TaskTimes)
-    workers: Optional[StageWorkers] = None  # for stages that load a tokenizer (workers.py)
 
     def room(self) -> bool:
         return len(self.in_flight) < (self.max_in_flight if self.completed else 1)
 
     def label(self) -> str:
         return ", ".join(s for s in self.stages if s != ENGINE) or "writing the engine's output"
-
-    def submit(self, remote_unit, unit, args: tuple, room: Callable[[float], bool]) -> None:
-        """A unit to one of the group's stage workers, or as a plain Ray task of ``remote_unit``."""
-        worker = self.workers.take(room) if self.workers else None
-        if worker is None:
-            table_ref, written_ref = remote_unit.options(**self.options).remote(*args)
-        else:
-            table_ref, written_ref = self.workers.call(worker, *args)
-        self.in_flight[written_ref] = (unit, table_ref, time.time(), worker, args)
-
-    def settle(self, ref, remote_unit) -> Optional[tuple[Any, dict]]:
-        """A finished unit, its ``ref`` (the next step's input) pointing at its output, and what its
-        task reported; None when its stage worker died: the unit runs again as a plain task."""
-        import ray
-
-        from llm_assets.engines.pool import unwrap
-
-        unit, table_ref, submitted, worker, args = self.in_flight.pop(ref)
-        try:
-            report = ray.get(ref)
-        except ray.exceptions.RayActorError:
-            self.workers.lost(worker)
-            self.submit(remote_unit, unit, args, lambda cpus: False)
-            return None
-        except ray.exceptions.RayTaskError as exc:
-            raise unwrap(exc) from None
-        self.completed += 1
-        if worker is not None:
-            self.workers.done(worker)
-        self.times.add(submitted, report, worker is not None)
-        unit.ref = table_ref
-        return unit, report
-
-    def times_line(self) -> str:
-        if self.workers:
-            self.times.workers, self.times.workers_lost = self.workers.created, self.workers.losses
-        return self.times.line(self.label())
 
 
 def _resources(pipeline, stage: str) -> tuple:
@@ -166,10 +118,7 @@ def _group(pipeline, stages: list[str], cluster_cpus: float) -> Group:
         options["runtime_env"] = runtime_env
     explicit = max_concurrency(settings.concurrency)
     limit = explicit if explicit is not None else min(MAX_TASKS_IN_FLIGHT, max(2, int(cluster_cpus) // 4))
-    group = Group(stages, options, secret_env, limit)
-    if any(pipeline.plan(stage).model_source for stage in cpu_stages if stage != ENGINE):
-        group.workers = StageWorkers(group.label(), options)
-    return group
+    return Group(stages, options, secret_env, limit)
 
 
 def build_steps(pipeline, chain: list[str], cluster_cpus: float) -> list[Optional[Group]]:

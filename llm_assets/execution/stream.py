@@ -15,12 +15,14 @@ partition size and count. Engines are released as soon as the engine stage has c
 
 from __future__ import annotations
 
+import time
 import uuid
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator, Optional, Union
 
+from llm_assets.engines.pool import unwrap
 from llm_assets.execution.cache import RunCache
 from llm_assets.execution.commits import Commits
 from llm_assets.execution.inputs import Entry, Unit, plan_entry, units
@@ -28,7 +30,6 @@ from llm_assets.execution.progress import Progress
 from llm_assets.execution.stats import PartitionStats
 from llm_assets.execution.steps import Group, build_steps, chains, step_of, unschedulable
 from llm_assets.execution.units import StageCall, run_unit
-from llm_assets.execution.workers import room_for_worker, stop_workers
 from llm_assets.models import resolve_model_source
 from llm_assets.tasks import ENGINE
 
@@ -79,7 +80,6 @@ class _ChainRun:
         self.pipeline, self.storage = run.pipeline, run.storage
         self.versions = {stage: self.pipeline.code_version(stage) for stage in chain}
         self.steps: list = []  # built once Ray is up (they take the cluster's CPU count)
-        self.cluster_cpus = self.engine_cpus = 0.0  # the cluster's, and what the engines hold of them
         # Whether the chain starts at the stage that reads the source (Preprocess): its checks
         # come before any engine build.
         self.reads_source = self.pipeline.plan(chain[0]).upstream is None
@@ -141,9 +141,9 @@ class _ChainRun:
         with ThreadPoolExecutor(max_workers=PLANNING_THREADS, thread_name_prefix="plan") as threads:
             planned = [threads.submit(plan_entry, self.pipeline, self.chain, p, self.storage, self.versions, self.run_.recompute, self.log)
                        for p in self.run_.partitions]
-            self.cluster_cpus = self.run_.start_ray()
+            cluster_cpus = self.run_.start_ray()
             entries = [future.result() for future in planned]
-        self.steps = build_steps(self.pipeline, self.chain, self.cluster_cpus)
+        self.steps = build_steps(self.pipeline, self.chain, cluster_cpus)
         for entry in entries:
             self.commits.keep(entry)
         todo = [e for e in entries if e.index is not None]
@@ -153,7 +153,6 @@ class _ChainRun:
                            {self.pipeline.plan(s).model_source for s in self.chain} if source}
             runs_engine = ENGINE in self.chain and any(e.index <= self.chain.index(ENGINE) for e in todo)
             self._check_resources(runs_engine)
-            self.engine_cpus = self.run_.engines.reservation(self.pipeline)["CPU"] if runs_engine else 0.0
             self._check_stages()
             if runs_engine:
                 model = self.pipeline.plan(ENGINE).model_source
@@ -197,7 +196,6 @@ class _ChainRun:
             raise
         finally:
             self._release_engines()
-            stop_workers(self.steps)
 
     def _cancel(self) -> None:
         import ray
@@ -219,7 +217,7 @@ class _ChainRun:
 
     def _backlog_rows(self) -> int:
         queued = sum(u.rows for step in self.steps if step for u in step.queue)
-        running = sum(u.rows for step in self.steps if step for u, *_ in step.in_flight.values())
+        running = sum(u.rows for step in self.steps if step for u, _, _ in step.in_flight.values())
         looking_up = self.cache.rows_in_flight() if self.cache else 0
         return queued + running + looking_up + self._rows_queued_for_engines()
 
@@ -258,8 +256,9 @@ class _ChainRun:
             while step.queue and step.room():
                 unit = step.queue.pop(0)
                 file_name = f"part-{unit.seq:05d}-{self.run_.session}.parquet"
-                args = (unit.ref, self._calls(step, unit), file_name, self.filesystem, step.secret_env, *self._cached_rows(unit))
-                step.submit(self.remote_unit, unit, args, room_for_worker(self.steps, self.cluster_cpus, self.engine_cpus))
+                table_ref, written_ref = self.remote_unit.options(**step.options).remote(
+                    unit.ref, self._calls(step, unit), file_name, self.filesystem, step.secret_env, *self._cached_rows(unit))
+                step.in_flight[written_ref] = (unit, table_ref, time.time())
 
     def _cached_rows(self, unit: Unit) -> tuple:
         """For a unit back from the engine after a cache lookup: its rows the cache answered, the
@@ -276,6 +275,8 @@ class _ChainRun:
         return refs + (self.pool.refs() if self.pool is not None else [])
 
     def _settle(self, ref) -> None:
+        import ray
+
         self.progress.settled()
         if self.cache is not None and ref in self.cache.lookups:
             unit, cached, uncached = self.cache.settle(ref)
@@ -288,11 +289,15 @@ class _ChainRun:
             return
         for position, step in enumerate(self.steps):
             if step is not None and ref in step.in_flight:
-                settled = step.settle(ref, self.remote_unit)
-                if settled is None:  # its stage worker died: the unit runs again
-                    return
-                unit, report = settled
+                unit, table_ref, submitted = step.in_flight.pop(ref)
+                step.completed += 1
+                try:
+                    report = ray.get(ref)
+                except ray.exceptions.RayTaskError as exc:
+                    raise unwrap(exc) from None
+                step.times.add(submitted, report)
                 self.commits.written(unit, report["written"])
+                unit.ref = table_ref
                 self._route(unit, position + 1)
                 self.commits.commit_ready(unit.partition)
                 return
@@ -308,7 +313,7 @@ class _ChainRun:
     def _log_task_times(self) -> None:
         for step in self.steps:
             if step is not None and step.times.tasks:
-                self.log(f"{self.pipeline.name}: {step.times_line()}")
+                self.log(f"{self.pipeline.name}: {step.times.line(step.label())}")
 
     def _finished(self) -> Iterator[Event]:
         for stage, stats in self.commits.drain_committed():
