@@ -223,7 +223,7 @@ def platform_engine_kwargs(engine_kwargs: dict[str, Any], on_gpu: bool) -> dict[
         raise ValueError("pipeline_parallel_size > 1 does not run on vLLM's CPU build (its own LLM class fails at the "
                          "first step); run it on GPUs, or use tensor_parallel_size")
     defaults = dict(CPU_ENGINE_KWARGS)
-    if engine_kwargs.get("tensor_parallel_size", 1) * engine_kwargs.get("pipeline_parallel_size", 1) > 1:
+    if int(engine_kwargs.get("tensor_parallel_size", 1)) > 1:  # (pipeline parallel is refused above)
         # Several workers: processes of vLLM's own. Inside a Ray placement group vLLM would pick
         # its Ray executor, which the CPU build does not support ("current platform cpu does not
         # support ray").
