@@ -5,7 +5,7 @@ template, and writes a Llama config (plus random weights, unless the caller runs
 ``load_format="dummy"``). Tiny ones (hidden 128, 2 layers, head_dim 64) build in seconds and run
 on vLLM's CPU build; large ones describe the benchmark models on the GPU. ``build_idefics3_model``
 (images) and ``build_qwen2_audio_model`` (audio) write tiny random multimodal models with their
-processors, for vLLM's CPU build.
+processors, for vLLM's CPU build; ``build_qwen2_vl_model`` (images and video) needs torchvision.
 """
 
 from __future__ import annotations
@@ -217,6 +217,51 @@ def _fix_qwen2_audio_weight_names(file: Path) -> None:
     if any(name.startswith(wrong) for name in weights):
         fixed = {("language_model.model." + name[len(wrong):] if name.startswith(wrong) else name): t for name, t in weights.items()}
         save_file(fixed, str(file), metadata={"format": "pt"})
+
+
+# Renders string content (vLLM's "string" format puts "<|vision_start|><|video_pad|><|vision_end|>" in
+# the text) and content parts: an image or video part of any kind becomes its placeholder.
+QWEN2_VL_CHAT_TEMPLATE = (
+    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n{% if message['content'] is string %}{{ message['content'] }}"
+    "{% else %}{% for part in message['content'] %}{% if part['type'] in ('image', 'image_url') %}<|vision_start|><|image_pad|><|vision_end|>"
+    "{% elif part['type'] in ('video', 'video_url') %}<|vision_start|><|video_pad|><|vision_end|>{% elif part['type'] == 'text' %}"
+    "{{ part['text'] }}{% endif %}{% endfor %}{% endif %}<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+def build_qwen2_vl_model(path: str | Path, *, max_pixels: int = 112 * 112, seed: int = 0) -> Path:
+    """A tiny Qwen2-VL (images and video) with random bfloat16 weights: a vision tower (embed 32,
+    1 block), a Qwen2 text model (hidden 128, 2 layers, head_dim 64, M-RoPE) and a Qwen2-VL processor.
+    Its video processor needs torchvision, so it builds where torchvision is installed (the GPU test
+    machine), not with vLLM's CPU build. A video of T frames of H x W, resized to multiples of 28,
+    becomes T/2 * H/28 * W/28 ``<|video_pad|>`` tokens (8 frames of 64 x 64: 4 * 2 * 2 = 16)."""
+    import torch
+    from transformers import AutoTokenizer, Qwen2VLConfig, Qwen2VLForConditionalGeneration, Qwen2VLProcessor, Qwen2VLVideoProcessor
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    build_tokenizer(path)
+    tokenizer = AutoTokenizer.from_pretrained(str(path))
+    tokenizer.add_special_tokens({"additional_special_tokens": ["<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>"]})
+    pixels = {"min_pixels": 28 * 28, "max_pixels": max_pixels}
+    processor = Qwen2VLProcessor(image_processor=Qwen2VLImageProcessorPil(**pixels), video_processor=Qwen2VLVideoProcessor(**pixels),
+                                 tokenizer=tokenizer, chat_template=QWEN2_VL_CHAT_TEMPLATE)
+    ids = {name: tokenizer.convert_tokens_to_ids(token) for name, token in [
+        ("image_token_id", "<|image_pad|>"), ("video_token_id", "<|video_pad|>"),
+        ("vision_start_token_id", "<|vision_start|>"), ("vision_end_token_id", "<|vision_end|>")]}
+    vocab = (len(tokenizer) + 63) // 64 * 64
+    # M-RoPE splits head_dim / 2 = 32 rotary frequencies into time, height and width sections.
+    text = {"hidden_size": 128, "intermediate_size": 256, "num_hidden_layers": 2, "num_attention_heads": 2, "num_key_value_heads": 2,
+            "vocab_size": vocab, "max_position_embeddings": 4096, "bos_token_id": 0, "eos_token_id": 2, "pad_token_id": 0,
+            "rope_parameters": {"rope_type": "default", "rope_theta": 1000000.0, "mrope_section": [8, 12, 12]}}
+    vision = {"depth": 1, "embed_dim": 32, "hidden_size": 128, "mlp_ratio": 2, "num_heads": 2, "patch_size": 14,
+              "spatial_merge_size": 2, "temporal_patch_size": 2}
+    config = Qwen2VLConfig(text_config=text, vision_config=vision, vocab_size=vocab, **ids)
+    torch.manual_seed(seed)
+    Qwen2VLForConditionalGeneration(config).to(torch.bfloat16).save_pretrained(str(path))
+    processor.save_pretrained(str(path))
+    return path
 
 
 # What a tensor-parallel engine runs with on the GPU test machines, where NVLink multicast is off

@@ -9,6 +9,9 @@ from __future__ import annotations
 
 import json
 import os
+import threading
+from functools import partial
+from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
@@ -209,3 +212,35 @@ def kill_processes(processes: list, timeout_s: float = 30) -> None:
         except psutil.NoSuchProcess:  # ended by itself meanwhile
             continue
     psutil.wait_procs(processes, timeout=timeout_s)
+
+
+@pytest.fixture(scope="module")
+def media(tmp_path_factory):
+    """A PNG, a corrupt 'PNG', a WAV (0.5 s of 440 Hz at 16 kHz) and an 8-frame MP4, served over HTTP on 127.0.0.1."""
+    import cv2
+    import numpy as np
+    import soundfile
+    from PIL import Image
+
+    folder = tmp_path_factory.mktemp("media")
+    Image.new("RGB", (80, 60), (200, 30, 30)).save(folder / "red.png")
+    (folder / "corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"not really an image")
+    seconds = np.arange(8000) / 16000
+    soundfile.write(folder / "tone.wav", (0.3 * np.sin(2 * np.pi * 440 * seconds)).astype(np.float32), 16000)
+    writer = cv2.VideoWriter(str(folder / "clip.mp4"), cv2.VideoWriter_fourcc(*"mp4v"), 4, (64, 64))
+    for i in range(8):
+        frame = np.zeros((64, 64, 3), np.uint8)
+        frame[:, i * 8:(i + 1) * 8] = 255
+        writer.write(frame)
+    writer.release()
+    server = ThreadingHTTPServer(("127.0.0.1", 0), partial(_QuietHandler, directory=str(folder)))
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield folder, f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+    server.server_close()
+
+
+class _QuietHandler(SimpleHTTPRequestHandler):
+    def log_message(self, *args):  # the test output is not the place for access logs
+        pass

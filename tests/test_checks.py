@@ -119,3 +119,35 @@ def test_a_missing_nan_or_odd_sized_embedding_fails_embeddings_valid(tmp_path):
     assert findings[0].bad_embeddings == ["a:1", "a:2"] and findings[0].dimensions == {2}
     [result] = checks.stage_results(pipeline, stats, findings, names, KEY)
     assert not result.passed and result.metadata["dimensions"].value == "2, 3"
+
+
+def test_media_that_failed_to_read_fails_media_readable_and_the_media_are_counted(tmp_path, tiny_model):
+    from llm_assets.pipeline import LLMPipeline
+    from llm_assets.sources import LocalFolderSource
+    from llm_assets.stages import media
+
+    pipeline = LLMPipeline("tiny", {"model_source": tiny_model, "prepare_multimodal_stage": True}, LocalFolderSource(str(tmp_path)))
+    assert checks.MEDIA in {spec.name for spec in checks.check_specs(pipeline, "prepare_multimodal", KEY)}
+    assert checks.MEDIA not in {spec.name for spec in checks.check_specs(pipeline, "chat_template", KEY)}
+    storage = PartitionStorage(root=str(tmp_path / "storage"))
+
+    def item(modality, data=None):
+        return {"modality": modality, "uri": None if data else "http://x/y", "mime_type": "x/y", "sha256": "0", "data": data}
+
+    commit(storage, "prepare_multimodal", "a.jsonl", {
+        ROW_ID: ["a:0", "a:1", "a:2", "a:3"],
+        media.COLUMN: pa.array([[item("image", b"\x00" * 2**20), item("audio")], None, [item("video")], None], media.COLUMN_TYPE),
+        ERROR_COLUMN: [None, None, None, "MediaError: messages[0].content[0].image_url: GET http://x/gone.png answered HTTP 404 Not Found"],
+    })
+    commit(storage, "prepare_multimodal", "b.jsonl", {ROW_ID: ["b:0"], media.COLUMN: pa.array([[item("image")]], media.COLUMN_TYPE)})
+    names = {checks.MEDIA}
+    stats = [PartitionStats("a.jsonl"), PartitionStats("b.jsonl")]
+    findings = [checks.partition_findings(pipeline, "prepare_multimodal", s, storage, names) for s in stats]
+    assert (findings[0].media_rows, findings[0].media_failed, dict(findings[0].media_items)) == (3, ["a:3"], {"image": 1, "audio": 1, "video": 1})
+    [result] = checks.stage_results(pipeline, stats, findings, names, KEY)
+    metadata = {name: value.value for name, value in result.metadata.items()}
+    assert not result.passed
+    assert metadata == {"rows_with_media": 4, "failed_rows": 1, "failed_rate": 0.25, "image_items": 2, "audio_items": 1,
+                        "video_items": 1, "inline_mib": 1.0, "examples": "a:3"}
+    passing = [checks.partition_findings(pipeline, "prepare_multimodal", stats[1], storage, names)]
+    assert checks.stage_results(pipeline, stats[1:], passing, names, KEY)[0].passed

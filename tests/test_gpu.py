@@ -109,6 +109,60 @@ def test_a_model_parallel_engine_reserves_its_gpus_as_one_placement_group(parall
     assert len(placement["bundle_nodes"]) == 2 and None not in placement["bundle_nodes"]
 
 
+@pytest.mark.skipif(importlib.util.find_spec("torchvision") is None, reason="Qwen2-VL's video processor needs torchvision")
+def test_video_and_image_tokens_reach_the_gpu_engine(tmp_path, media):
+    """A tiny random Qwen2-VL (built here: its processor needs torchvision) on vLLM's CUDA build:
+    one question alone, with an 80 x 60 PNG, and with the 8-frame 64 x 64 MP4 (by URL and by path).
+    Tokenize's prompt holds one placeholder per medium; in the engine it becomes the medium's
+    tokens: the PNG is resized to 56 x 84 (4 x 6 patches, merged 2 x 2: 6 tokens), the clip to
+    56 x 56 (8 frames in pairs: 4 x 2 x 2 = 16 tokens)."""
+    from transformers import AutoTokenizer
+
+    from llm_assets.pipeline import LLMPipeline
+    from llm_assets.sources import LocalFolderSource
+    from llm_assets.testing import build_qwen2_vl_model
+    from tests.conftest import write_jsonl
+
+    model = str(build_qwen2_vl_model(tmp_path / "tiny-qwen2-vl"))
+    folder, base = media
+    parts = {"a-none": None, "b-image": ("image_url", f"{base}/red.png"), "c-video_url": ("video_url", f"{base}/clip.mp4"),
+             "d-video_path": ("video_url", str(folder / "clip.mp4"))}
+    write_jsonl(tmp_path / "landing" / "clips.jsonl", [{"kind": kind} for kind in parts])
+
+    def to_chat(row):
+        content = [{"type": "text", "text": "What happens here?"}]
+        if parts[row["kind"]]:
+            kind, url = parts[row["kind"]]
+            content.insert(0, {"type": kind, kind: {"url": url}})
+        return {"kind": row["kind"], "messages": [{"role": "user", "content": content}], "sampling_params": {"max_tokens": 4, "temperature": 0}}
+
+    limits = {"limit_mm_per_prompt": {"image": 1, "video": 1}}
+    pipeline = LLMPipeline("vlm", {"model_source": model, "engine_kwargs": {"max_model_len": 4096, **limits},
+                                   "prepare_multimodal_stage": {"enabled": True, "model_config_kwargs": limits}},
+                           LocalFolderSource(str(tmp_path / "landing")), preprocess=to_chat)
+    resources = make_resources(tmp_path / "storage")
+    with dg.instance_for_test() as instance:
+        assert run_job(pipeline, resources, instance, {"dagster/partition": "clips.jsonl"}).success
+    storage = resources["storage"]
+
+    def rows(stage):
+        return sorted((r for t in storage.read_committed("vlm", stage, "clips.jsonl") for r in t.to_pylist()), key=lambda r: r["kind"])
+
+    tokenizer = AutoTokenizer.from_pretrained(model)
+    image, video = tokenizer.convert_tokens_to_ids("<|image_pad|>"), tokenizer.convert_tokens_to_ids("<|video_pad|>")
+    prompts = [r["tokenized_prompt"] for r in rows("tokenize")]
+    assert [(p.count(image), p.count(video)) for p in prompts] == [(0, 0), (1, 0), (0, 1), (0, 1)]
+    tokens = [len(p) for p in prompts]
+    engine = rows("engine")
+    seen = [r["num_input_tokens"] for r in engine]
+    # Each medium's placeholder and its wrapping tokens are in both counts; the engine's prompt has
+    # the placeholder expanded to the medium's tokens.
+    expected = [seen[0]] + [seen[0] + (tokens[i] - tokens[0]) - 1 + n for i, n in ((1, 6), (2, 16), (3, 16))]
+    assert seen == expected, (tokens, seen)
+    assert all(r.get("__inference_error__") is None and r["num_generated_tokens"] == 4 for r in engine), engine
+    assert [r["generated_text"] is not None for r in rows("postprocess")] == [True] * 4
+
+
 SGLANG = pytest.mark.skipif(importlib.util.find_spec("sglang") is None, reason="SGLang is not installed (pip install sglang==0.5.15)")
 
 

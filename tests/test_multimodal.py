@@ -1,6 +1,6 @@
 """Multimodal rows: content parts read and decoded by PrepareMultimodal, handed to vLLM's CPU engine
 as multi_modal_data (a tiny random Idefics3 and a tiny random Qwen2-Audio, built offline), media
-served by a local HTTP server."""
+served by a local HTTP server (the ``media`` fixture of conftest.py)."""
 
 from __future__ import annotations
 
@@ -8,10 +8,8 @@ import base64
 import hashlib
 import io
 import json
-import threading
-from functools import partial
-from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 
+import dagster as dg
 import pyarrow as pa
 import pytest
 
@@ -34,38 +32,6 @@ def alm(tmp_path_factory) -> str:
     from llm_assets.testing import build_qwen2_audio_model
 
     return str(build_qwen2_audio_model(tmp_path_factory.mktemp("tiny-qwen2-audio")))
-
-
-@pytest.fixture(scope="module")
-def media(tmp_path_factory):
-    """A PNG, a corrupt 'PNG', a WAV (0.5 s of 440 Hz at 16 kHz) and an 8-frame MP4, served over HTTP on 127.0.0.1."""
-    import cv2
-    import numpy as np
-    import soundfile
-    from PIL import Image
-
-    folder = tmp_path_factory.mktemp("media")
-    Image.new("RGB", (80, 60), (200, 30, 30)).save(folder / "red.png")
-    (folder / "corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"not really an image")
-    seconds = np.arange(8000) / 16000
-    soundfile.write(folder / "tone.wav", (0.3 * np.sin(2 * np.pi * 440 * seconds)).astype(np.float32), 16000)
-    writer = cv2.VideoWriter(str(folder / "clip.mp4"), cv2.VideoWriter_fourcc(*"mp4v"), 4, (64, 64))
-    for i in range(8):
-        frame = np.zeros((64, 64, 3), np.uint8)
-        frame[:, i * 8:(i + 1) * 8] = 255
-        writer.write(frame)
-    writer.release()
-    server = ThreadingHTTPServer(("127.0.0.1", 0), partial(_QuietHandler, directory=str(folder)))
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    yield folder, f"http://127.0.0.1:{server.server_address[1]}"
-    server.shutdown()
-    server.server_close()
-
-
-class _QuietHandler(SimpleHTTPRequestHandler):
-    def log_message(self, *args):  # the test output is not the place for access logs
-        pass
 
 
 @pytest.fixture(scope="module")
@@ -152,13 +118,16 @@ def test_content_parts_need_the_stage_and_a_known_type():
 
 def test_image_tokens_reach_the_engine(tmp_path, vlm, media, ray_session, instance):
     """One Dagster run on the CPU engine: the same question with and without an image; the image
-    row's prompt is one placeholder longer in Tokenize's output and many tokens longer in the engine."""
+    row's prompt is one placeholder longer in Tokenize's output and many tokens longer in the engine.
+    With should_continue_on_error, a row whose image is gone (404) is kept as a failed row and the
+    media_readable check counts it."""
     from llm_assets.pipeline import LLMPipeline
     from llm_assets.sources import LocalFolderSource
     from tests.test_pipeline_dagster import make_resources, run_job
 
     folder, base = media
-    write_jsonl(tmp_path / "landing" / "pictures.jsonl", [{"image": None}, {"image": f"{base}/red.png"}, {"image": str(folder / "red.png")}])
+    write_jsonl(tmp_path / "landing" / "pictures.jsonl",
+                [{"image": None}, {"image": f"{base}/red.png"}, {"image": str(folder / "red.png")}, {"image": f"{base}/gone.png"}])
 
     def to_chat(row):
         parts = [{"type": "text", "text": QUESTION}]
@@ -166,23 +135,32 @@ def test_image_tokens_reach_the_engine(tmp_path, vlm, media, ray_session, instan
             parts.insert(0, {"type": "image_url", "image_url": {"url": row["image"]}})
         return {"image": row["image"], "messages": [{"role": "user", "content": parts}], "sampling_params": {"max_tokens": 4, "temperature": 0}}
 
-    pipeline = LLMPipeline("vlm", {"model_source": vlm, "engine_kwargs": {"max_model_len": 512}, "prepare_multimodal_stage": True},
-                           LocalFolderSource(str(tmp_path / "landing")), preprocess=to_chat)
+    pipeline = LLMPipeline("vlm", {"model_source": vlm, "engine_kwargs": {"max_model_len": 512}, "prepare_multimodal_stage": True,
+                                   "should_continue_on_error": True}, LocalFolderSource(str(tmp_path / "landing")), preprocess=to_chat)
     assert pipeline.stage_names()[:3] == ["preprocess", "prepare_multimodal", "chat_template"]
     resources = make_resources(tmp_path / "storage")
-    assert run_job(pipeline, resources, instance, {"dagster/partition": "pictures.jsonl"}).success
+    result = run_job(pipeline, resources, instance, {"dagster/partition": "pictures.jsonl"})
+    assert result.success  # a failed check warns; it does not fail the run
     storage = resources["storage"]
 
     def rows(stage):
         return sorted((r for t in storage.read_committed("vlm", stage, "pictures.jsonl") for r in t.to_pylist()), key=lambda r: r["row_id"])
 
-    tokens = [len(r["tokenized_prompt"]) for r in rows("tokenize")]
+    tokens = [len(r["tokenized_prompt"]) for r in rows("tokenize")[:3]]
     engine = rows("engine")
-    seen = [r["num_input_tokens"] for r in engine]
+    seen = [r["num_input_tokens"] for r in engine[:3]]
     assert tokens[1] == tokens[2] > tokens[0] and seen[1] == seen[2] >= seen[0] + 16, (tokens, seen)
-    assert all(r.get("__inference_error__") is None and r["num_generated_tokens"] == 4 for r in engine)
+    assert all(r.get("__inference_error__") is None and r["num_generated_tokens"] == 4 for r in engine[:3])
+    assert engine[3]["__inference_error__"].startswith("MediaError: messages[0].content[0].image_url: GET ") and "404" in engine[3]["__inference_error__"]
     assert "multimodal_data" not in engine[0]  # the media stay in the stages before the engine
-    assert [r["generated_text"] is not None for r in rows("postprocess")] == [True] * 3
+    assert [r["generated_text"] is not None for r in rows("postprocess")] == [True, True, True, False]
+    check = next(e.event_specific_data for e in result.all_events
+                 if e.event_type_value == "ASSET_CHECK_EVALUATION" and e.event_specific_data.check_name == "media_readable")
+    metadata = {name: value.value for name, value in check.metadata.items()}
+    assert not check.passed and check.asset_key == dg.AssetKey(["vlm", "prepare_multimodal"])
+    # Media by URL or path are stored as references: no bytes inline.
+    assert metadata == {"rows_with_media": 3, "failed_rows": 1, "failed_rate": 0.333333, "image_items": 2, "audio_items": 0,
+                        "video_items": 0, "inline_mib": 0.0, "examples": "pictures.jsonl:3"}, metadata
 
 
 def test_audio_tokens_reach_the_engine(tmp_path, alm, media, ray_session, instance):

@@ -9,7 +9,11 @@
 - ``embeddings_valid`` (engine, tasks that write ``embeddings``: embed, classify): every row without an error has an
   embedding, all of one dimension, none with NaN;
 - ``schema_valid`` (the same stage, for a pipeline with an ``output_schema``): rows whose text does
-  not parse as the schema's model are at most ``max_error_rate`` of the rows without an error.
+  not parse as the schema's model are at most ``max_error_rate`` of the rows without an error;
+- ``media_readable`` (prepare_multimodal): rows whose media could not be read or decoded, or that
+  the model refuses, are at most ``max_error_rate`` of the rows with media (such rows are kept only
+  with ``should_continue_on_error``; without it the first one fails its partition); the metadata
+  counts the media by modality and the bytes stored inline.
 
 Each partition is checked as soon as the run commits it (``partition_findings``, in a thread
 beside the stream, reading only the columns it needs from the committed Parquet); a stage's
@@ -29,6 +33,7 @@ import pyarrow.compute as pc
 from llm_assets.execution.stats import PartitionStats
 from llm_assets.pipeline import LLMPipeline
 from llm_assets.tasks import ENGINE
+from llm_assets.stages import media, prepare_multimodal
 from llm_assets.stages.base import ERROR_COLUMN, ROW_ID, loads_params
 
 ROW_IDS = "row_ids_conserved"
@@ -36,6 +41,7 @@ ERROR_RATE = "error_rate"
 NOT_EMPTY = "generations_not_empty"
 SCHEMA_VALID = "schema_valid"
 EMBEDDINGS = "embeddings_valid"
+MEDIA = "media_readable"
 LISTED = 20  # row ids / partitions named in a failing check's metadata, at most
 
 
@@ -45,6 +51,9 @@ def check_specs(pipeline: LLMPipeline, stage: str, asset_key: dg.AssetKey) -> li
         specs.append(dg.AssetCheckSpec(ERROR_RATE, asset=asset_key, description=f"Rows with an inference error are at most {pipeline.max_error_rate:.1%} of the rows."))
     if stage == ENGINE and "embeddings" in pipeline.task.engine_columns:
         specs.append(dg.AssetCheckSpec(EMBEDDINGS, asset=asset_key, description="Every row without an error has an embedding, all of one dimension, with no NaN."))
+    if stage == prepare_multimodal.STAGE:
+        specs.append(dg.AssetCheckSpec(MEDIA, asset=asset_key, description=(
+            f"Rows whose images, audio or video could not be read or decoded are at most {pipeline.max_error_rate:.1%} of the rows with media.")))
     if stage == pipeline.text_stage() and pipeline.task.text_column:
         specs.append(dg.AssetCheckSpec(NOT_EMPTY, asset=asset_key, description="No row without an error has an empty generated_text."))
         if pipeline.output_schema is not None:
@@ -67,6 +76,10 @@ class PartitionFindings:
     invalid: list = field(default_factory=list)
     dimensions: set = field(default_factory=set)  # embedding lengths seen
     bad_embeddings: list = field(default_factory=list)  # rows without an error whose embedding is missing or has NaN
+    media_rows: int = 0  # rows with media, failed ones included
+    media_items: Counter = field(default_factory=Counter)  # items read, by modality
+    inline_bytes: int = 0  # media bytes stored in the stage's output (not references)
+    media_failed: list = field(default_factory=list)  # rows whose media failed in prepare_multimodal
 
     @property
     def row_ids_ok(self) -> bool:
@@ -86,7 +99,7 @@ def partition_findings(pipeline: LLMPipeline, stage: str, stats: PartitionStats,
             found.rows_checked += table.num_rows
             ok = _without_errors(table)
             for find, _ in row_checks:
-                find(pipeline, ok, found)
+                find(pipeline, table, ok, found)
     return found
 
 
@@ -114,14 +127,14 @@ def _find_row_ids(pipeline: LLMPipeline, stage: str, stats: PartitionStats, stor
         found.extra = sorted(set(out) - set(expected))
 
 
-def _find_empty(pipeline: LLMPipeline, ok: pa.Table, found: PartitionFindings) -> None:
+def _find_empty(pipeline: LLMPipeline, table: pa.Table, ok: pa.Table, found: PartitionFindings) -> None:
     if "generated_text" not in ok.column_names:
         return
     text = pc.utf8_trim_whitespace(pc.fill_null(ok.column("generated_text"), ""))
     found.empty += ok.filter(pc.equal(pc.utf8_length(text), 0)).column(ROW_ID).to_pylist()
 
 
-def _find_invalid(pipeline: LLMPipeline, ok: pa.Table, found: PartitionFindings) -> None:
+def _find_invalid(pipeline: LLMPipeline, table: pa.Table, ok: pa.Table, found: PartitionFindings) -> None:
     """Parse the rows generated under the pipeline's schema (not those that set a constraint of
     their own)."""
     from pydantic import ValidationError
@@ -139,7 +152,7 @@ def _find_invalid(pipeline: LLMPipeline, ok: pa.Table, found: PartitionFindings)
             found.invalid.append(row_id)
 
 
-def _find_bad_embeddings(pipeline: LLMPipeline, ok: pa.Table, found: PartitionFindings) -> None:
+def _find_bad_embeddings(pipeline: LLMPipeline, table: pa.Table, ok: pa.Table, found: PartitionFindings) -> None:
     ids = ok.column(ROW_ID).to_pylist()
     if "embeddings" not in ok.column_names:
         found.bad_embeddings += ids
@@ -151,11 +164,28 @@ def _find_bad_embeddings(pipeline: LLMPipeline, ok: pa.Table, found: PartitionFi
     found.bad_embeddings += [ids[i] for i in sorted(with_nan | missing)]
 
 
+def _find_media(pipeline: LLMPipeline, table: pa.Table, ok: pa.Table, found: PartitionFindings) -> None:
+    failed_here = f"{prepare_multimodal.ERROR_TYPE}: "
+    errors = table.column(ERROR_COLUMN).to_pylist() if ERROR_COLUMN in table.column_names else [None] * table.num_rows
+    failed = [row_id for row_id, error in zip(table.column(ROW_ID).to_pylist(), errors) if error and error.startswith(failed_here)]
+    found.media_failed += failed
+    found.media_rows += len(failed)
+    if media.COLUMN not in ok.column_names:
+        return
+    lists = ok.column(media.COLUMN).combine_chunks()
+    found.media_rows += pc.sum(pc.greater(pc.fill_null(pc.list_value_length(lists), 0), 0)).as_py() or 0
+    items = pc.list_flatten(lists)
+    for count in pc.value_counts(items.field("modality")).to_pylist():
+        found.media_items[count["values"]] += count["counts"]
+    found.inline_bytes += pc.sum(pc.binary_length(items.field("data"))).as_py() or 0
+
+
 # The checks that look at rows of a stage's output: the finder, and the columns it reads.
 ROW_CHECKS = {
     NOT_EMPTY: (_find_empty, {"generated_text"}),
     SCHEMA_VALID: (_find_invalid, {"generated_text", "sampling_params"}),
     EMBEDDINGS: (_find_bad_embeddings, {"embeddings"}),
+    MEDIA: (_find_media, {media.COLUMN}),
 }
 
 
@@ -173,6 +203,8 @@ def stage_results(pipeline: LLMPipeline, results: list[PartitionStats], findings
         checked.append(_schema_result(pipeline, findings, asset_key))
     if EMBEDDINGS in names:
         checked.append(_embeddings_result(findings, asset_key))
+    if MEDIA in names:
+        checked.append(_media_result(pipeline, findings, asset_key))
     return checked
 
 
@@ -237,4 +269,19 @@ def _embeddings_result(findings: list[PartitionFindings], asset_key: dg.AssetKey
         asset_key=asset_key,
         passed=not bad and len(dimensions) <= 1,
         metadata={"dimensions": ", ".join(map(str, dimensions)), "bad_rows": len(bad), "examples": ", ".join(map(str, bad[:LISTED]))},
+    )
+
+
+def _media_result(pipeline: LLMPipeline, findings: list[PartitionFindings], asset_key: dg.AssetKey) -> dg.AssetCheckResult:
+    failed = [row_id for f in findings for row_id in f.media_failed]
+    rows = sum(f.media_rows for f in findings)
+    items = sum((f.media_items for f in findings), Counter())
+    rate = len(failed) / rows if rows else 0.0
+    return dg.AssetCheckResult(
+        check_name=MEDIA,
+        asset_key=asset_key,
+        passed=rate <= pipeline.max_error_rate,
+        metadata={"rows_with_media": rows, "failed_rows": len(failed), "failed_rate": round(rate, 6),
+                  **{f"{modality}_items": items[modality] for modality in ("image", "audio", "video")},
+                  "inline_mib": round(sum(f.inline_bytes for f in findings) / 2**20, 3), "examples": ", ".join(map(str, failed[:LISTED]))},
     )

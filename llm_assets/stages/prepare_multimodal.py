@@ -6,7 +6,9 @@ from Preprocess) and decoded with vLLM's own loaders, so a 404, an unreadable fi
 fail the row here, naming the part, before any engine starts. Then vLLM's chat-message parser (what
 vLLM's server runs) writes the model's placeholder (``<image>``, ``<|image_pad|>``...) into the
 conversation that the ChatTemplate stage renders, and refuses media the model does not take (audio
-for an image model, more items than ``limit_mm_per_prompt``).
+for an image model, more items than ``limit_mm_per_prompt``). With ``should_continue_on_error`` such a
+row is kept with ``__inference_error__`` set (``MediaError: ...``) and passes by the later stages
+untouched, so one dead URL does not fail its partition; the ``media_readable`` check counts them.
 """
 
 from __future__ import annotations
@@ -17,18 +19,21 @@ from typing import Any, Optional
 import pyarrow as pa
 
 from llm_assets.stages import media
-from llm_assets.stages.base import ROW_ID, RowError, column_or_none, ok_rows, with_column
+from llm_assets.stages.base import ERROR_COLUMN, ROW_ID, RowError, column_or_none, ok_rows, with_column
 
 STAGE = "prepare_multimodal"
+ERROR_TYPE = "MediaError"  # what a row failed here has in __inference_error__: "MediaError: <field>: <problem>"
 
 
 class PrepareMultimodalStage:
     NEEDS = ("messages|prompt",)  # rows with a ready prompt pass through
     ADDS = ("messages", media.COLUMN)
     CONFIG_KWARGS = ("model_config_kwargs", "chat_template_content_format", "apply_sys_msg_formatting")
+    PROCESSOR_KWARGS = ("should_continue_on_error",)
 
     def __init__(self, model_source: str, model_config_kwargs: Optional[dict[str, Any]] = None,
-                 chat_template_content_format: str = "string", apply_sys_msg_formatting: bool = False):
+                 chat_template_content_format: str = "string", apply_sys_msg_formatting: bool = False,
+                 should_continue_on_error: bool = False):
         from vllm.config import ModelConfig
 
         kwargs = {"model": model_source, **(model_config_kwargs or {})}
@@ -40,15 +45,24 @@ class PrepareMultimodalStage:
         self.media_io_kwargs = getattr(self.model_config.multimodal_config, "media_io_kwargs", None)  # None for a text-only model
         self.content_format = chat_template_content_format
         self.apply_sys_msg_formatting = apply_sys_msg_formatting
+        self.should_continue_on_error = should_continue_on_error
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         row_ids = batch.column(ROW_ID).to_pylist()
         messages = column_or_none(batch, "messages")
+        errors = column_or_none(batch, ERROR_COLUMN)
         items: list = [None] * batch.num_rows
         for i, ok in enumerate(ok_rows(batch)):
             if ok and messages[i] is not None:
-                messages[i], items[i] = self._one(row_ids[i], json.loads(messages[i]))
+                try:
+                    messages[i], items[i] = self._one(row_ids[i], json.loads(messages[i]))
+                except RowError as exc:
+                    if not self.should_continue_on_error:
+                        raise
+                    errors[i] = f"{ERROR_TYPE}: {exc.problem}"
         batch = with_column(batch, "messages", messages, pa.string())
+        if any(error is not None for error in errors):
+            batch = with_column(batch, ERROR_COLUMN, errors, pa.string())
         return with_column(batch, media.COLUMN, items, media.COLUMN_TYPE)
 
     def _one(self, row_id: Any, messages: list[dict[str, Any]]) -> tuple[str, list[dict[str, Any]]]:
