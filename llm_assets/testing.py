@@ -230,7 +230,7 @@ QWEN2_VL_CHAT_TEMPLATE = (
 
 
 def build_qwen2_vl_model(path: str | Path, *, max_pixels: int = 112 * 112, seed: int = 0) -> Path:
-    """A tiny Qwen2-VL (images and video) with random bfloat16 weights: a vision tower (embed 32,
+    """A tiny Qwen2-VL (images and video) with random bfloat16 weights: a vision tower (embed 128, head_dim 64,
     1 block), a Qwen2 text model (hidden 128, 2 layers, head_dim 64, M-RoPE) and a Qwen2-VL processor.
     Its video processor needs torchvision, so it builds where torchvision is installed (the GPU test
     machine), not with vLLM's CPU build. A video of T frames of H x W, resized to multiples of 28,
@@ -255,7 +255,7 @@ def build_qwen2_vl_model(path: str | Path, *, max_pixels: int = 112 * 112, seed:
     text = {"hidden_size": 128, "intermediate_size": 256, "num_hidden_layers": 2, "num_attention_heads": 2, "num_key_value_heads": 2,
             "vocab_size": vocab, "max_position_embeddings": 4096, "bos_token_id": 0, "eos_token_id": 2, "pad_token_id": 0,
             "rope_parameters": {"rope_type": "default", "rope_theta": 1000000.0, "mrope_section": [8, 12, 12]}}
-    vision = {"depth": 1, "embed_dim": 32, "hidden_size": 128, "mlp_ratio": 2, "num_heads": 2, "patch_size": 14,
+    vision = {"depth": 1, "embed_dim": 128, "hidden_size": 128, "mlp_ratio": 2, "num_heads": 2, "patch_size": 14,
               "spatial_merge_size": 2, "temporal_patch_size": 2}
     config = Qwen2VLConfig(text_config=text, vision_config=vision, vocab_size=vocab, **ids)
     torch.manual_seed(seed)
