@@ -233,8 +233,8 @@ def build_qwen2_vl_model(path: str | Path, *, max_pixels: int = 112 * 112, seed:
     """A tiny Qwen2-VL (images and video) with random bfloat16 weights: a vision tower (embed 128, head_dim 64,
     1 block), a Qwen2 text model (hidden 128, 2 layers, head_dim 64, M-RoPE) and a Qwen2-VL processor.
     Its video processor needs torchvision, so it builds where torchvision is installed (the GPU test
-    machine), not with vLLM's CPU build. A video of T frames of H x W, resized to multiples of 28,
-    becomes T/2 * H/28 * W/28 ``<|video_pad|>`` tokens (8 frames of 64 x 64: 4 * 2 * 2 = 16)."""
+    machine), not with vLLM's CPU build. A video of T frames (as sampled: vLLM takes 2 a second) of
+    H x W, resized to multiples of 28, becomes T/2 * H/28 * W/28 ``<|video_pad|>`` tokens."""
     import torch
     from transformers import AutoTokenizer, Qwen2VLConfig, Qwen2VLForConditionalGeneration, Qwen2VLProcessor, Qwen2VLVideoProcessor
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil

@@ -114,8 +114,9 @@ def test_video_and_image_tokens_reach_the_gpu_engine(tmp_path, media):
     """A tiny random Qwen2-VL (built here: its processor needs torchvision) on vLLM's CUDA build:
     one question alone, with an 80 x 60 PNG, and with the 8-frame 64 x 64 MP4 (by URL and by path).
     Tokenize's prompt holds one placeholder per medium; in the engine it becomes the medium's
-    tokens: the PNG is resized to 56 x 84 (4 x 6 patches, merged 2 x 2: 6 tokens), the clip to
-    56 x 56 (8 frames in pairs: 4 x 2 x 2 = 16 tokens)."""
+    tokens: the PNG is resized to 56 x 84 (4 x 6 patches, merged 2 x 2: 6 tokens); of the clip
+    (2 s at 4 frames a second) vLLM samples 2 frames a second, resized to 56 x 56 (4 frames in
+    pairs: 2 x 2 x 2 = 8 tokens)."""
     from transformers import AutoTokenizer
 
     from llm_assets.pipeline import LLMPipeline
@@ -137,7 +138,7 @@ def test_video_and_image_tokens_reach_the_gpu_engine(tmp_path, media):
         return {"kind": row["kind"], "messages": [{"role": "user", "content": content}], "sampling_params": {"max_tokens": 4, "temperature": 0}}
 
     limits = {"limit_mm_per_prompt": {"image": 1, "video": 1}}
-    pipeline = LLMPipeline("vlm", {"model_source": model, "engine_kwargs": {"max_model_len": 4096, **limits},
+    pipeline = LLMPipeline("vlm", {"model_source": model, "engine_kwargs": {"max_model_len": 4096, "enforce_eager": True, **limits},
                                    "prepare_multimodal_stage": {"enabled": True, "model_config_kwargs": limits}},
                            LocalFolderSource(str(tmp_path / "landing")), preprocess=to_chat)
     resources = make_resources(tmp_path / "storage")
@@ -157,7 +158,7 @@ def test_video_and_image_tokens_reach_the_gpu_engine(tmp_path, media):
     seen = [r["num_input_tokens"] for r in engine]
     # Each medium's placeholder and its wrapping tokens are in both counts; the engine's prompt has
     # the placeholder expanded to the medium's tokens.
-    expected = [seen[0]] + [seen[0] + (tokens[i] - tokens[0]) - 1 + n for i, n in ((1, 6), (2, 16), (3, 16))]
+    expected = [seen[0]] + [seen[0] + (tokens[i] - tokens[0]) - 1 + n for i, n in ((1, 6), (2, 8), (3, 8))]
     assert seen == expected, (tokens, seen)
     assert all(r.get("__inference_error__") is None and r["num_generated_tokens"] == 4 for r in engine), engine
     assert [r["generated_text"] is not None for r in rows("postprocess")] == [True] * 4

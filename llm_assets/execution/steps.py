@@ -12,6 +12,12 @@ cluster's CPUs (at least 2): the CPU stages only need to stay ahead of the engin
 in flight is a Ray worker process with its own tokenizer, competing with the engine's own loop
 for CPU and memory. Until its first task is back a step sends one task at a time, so the first
 unit is not slowed down by a crowd of workers importing the same modules.
+
+Each group's tasks run on Ray workers of their own: Ray reuses an idle worker only for a task with
+the same runtime_env, and every group's runtime_env names the group (``LLM_ASSETS_STAGE_GROUP``).
+Without that, the tokenizer stages' tasks landed on workers that had only run Preprocess or
+Postprocess and loaded the tokenizer again: 20 of 316 tasks on a 32-core GPU host, up to 17 s each
+(docs/benchmarks.md, sitting 14), while the engine waited.
 """
 
 from __future__ import annotations
@@ -28,6 +34,8 @@ from llm_assets.tasks import ENGINE
 MAX_TASKS_IN_FLIGHT = 32
 # A task that took longer than this to build its stages loaded a tokenizer (or model files).
 COLD_SETUP_S = 0.5
+# Set in every group's runtime_env (the group's stages): each group gets Ray workers of its own.
+GROUP_ENV_VAR = "LLM_ASSETS_STAGE_GROUP"
 
 
 def chains(pipeline, selected: list[str]) -> list[list[str]]:
@@ -114,8 +122,7 @@ def _group(pipeline, stages: list[str], cluster_cpus: float) -> Group:
     if settings.memory:
         options["memory"] = settings.memory
     runtime_env, secret_env = split_runtime_env(settings.runtime_env)
-    if runtime_env:
-        options["runtime_env"] = runtime_env
+    options["runtime_env"] = {**runtime_env, "env_vars": {**(runtime_env.get("env_vars") or {}), GROUP_ENV_VAR: "+".join(stages)}}
     explicit = max_concurrency(settings.concurrency)
     limit = explicit if explicit is not None else min(MAX_TASKS_IN_FLIGHT, max(2, int(cluster_cpus) // 4))
     return Group(stages, options, secret_env, limit)

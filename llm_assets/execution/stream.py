@@ -34,8 +34,11 @@ from llm_assets.models import resolve_model_source
 from llm_assets.tasks import ENGINE
 
 Log = Callable[[str], None]
-# Rows read ahead of the engine at least (the CPU stages' lead while the engine builds).
+# Rows read ahead of the engine at least; more while no engine is ready yet: the engine build takes
+# tens of seconds on a GPU, with the CPU stages otherwise idle, so a job of a few ten thousand short
+# rows is tokenized by the time it is ready (docs/benchmarks.md, sitting 14).
 LOOKAHEAD_MIN_ROWS = 8192
+LOOKAHEAD_STARTING_ROWS = 32768
 PLANNING_THREADS = 16
 
 
@@ -227,7 +230,8 @@ class _ChainRun:
     def _lookahead_rows(self) -> int:
         if self.pool is None:
             return max(2 * step.max_in_flight for step in self.steps if step) * self.pipeline.config.batch_size
-        return max(LOOKAHEAD_MIN_ROWS, 2 * self.pool.window_rows * len(self.pool.replicas))
+        floor = LOOKAHEAD_MIN_ROWS if self.pool.ready else LOOKAHEAD_STARTING_ROWS
+        return max(floor, 2 * self.pool.window_rows * len(self.pool.replicas))
 
     def _route(self, unit: Unit, position: int) -> None:
         if position >= len(self.steps):
