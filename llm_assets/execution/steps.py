@@ -11,13 +11,17 @@ A step keeps at most its stages' ``concurrency`` tasks in flight or, unset, a qu
 cluster's CPUs (at least 2): the CPU stages only need to stay ahead of the engine, and every task
 in flight is a Ray worker process with its own tokenizer, competing with the engine's own loop
 for CPU and memory. Until its first task is back a step sends one task at a time, so the first
-unit is not slowed down by a crowd of workers importing the same modules.
+unit is not slowed down by a crowd of workers importing the same modules, unless the engines are
+still building: the first unit would only wait for them, and loading the tokenizer in every
+worker at once (13-17 s each on a busy GPU host) then overlaps the build instead of following it.
 
-Each group's tasks run on Ray workers of their own: Ray reuses an idle worker only for a task with
-the same runtime_env, and every group's runtime_env names the group (``LLM_ASSETS_STAGE_GROUP``).
-Without that, the tokenizer stages' tasks landed on workers that had only run Preprocess or
-Postprocess and loaded the tokenizer again: 20 of 316 tasks on a 32-core GPU host, up to 17 s each
-(docs/benchmarks.md, sitting 14), while the engine waited.
+The groups after Preprocess run on Ray workers of their own: Ray reuses an idle worker only for a
+task with the same runtime_env, and each such group's runtime_env names the group
+(``LLM_ASSETS_STAGE_GROUP``). Without that, the tokenizer stages' tasks landed on workers that had
+only run Preprocess or Postprocess and loaded the tokenizer again: 20 of 316 tasks on a 32-core GPU
+host, up to 17 s each (docs/benchmarks.md, sitting 14), while the engine waited. Preprocess, which
+loads nothing, keeps the default runtime_env: its first task takes one of the workers Ray starts
+with each run, and the engine build waits for that task.
 """
 
 from __future__ import annotations
@@ -34,7 +38,7 @@ from llm_assets.tasks import ENGINE
 MAX_TASKS_IN_FLIGHT = 32
 # A task that took longer than this to build its stages loaded a tokenizer (or model files).
 COLD_SETUP_S = 0.5
-# Set in every group's runtime_env (the group's stages): each group gets Ray workers of its own.
+# Set in the runtime_env of each group after Preprocess (the group's stages): Ray workers of its own.
 GROUP_ENV_VAR = "LLM_ASSETS_STAGE_GROUP"
 
 
@@ -102,8 +106,8 @@ class Group:
     completed: int = 0
     times: TaskTimes = field(default_factory=TaskTimes)
 
-    def room(self) -> bool:
-        return len(self.in_flight) < (self.max_in_flight if self.completed else 1)
+    def room(self, engines_building: bool = False) -> bool:
+        return len(self.in_flight) < (self.max_in_flight if self.completed or engines_building else 1)
 
     def label(self) -> str:
         return ", ".join(s for s in self.stages if s != ENGINE) or "writing the engine's output"
@@ -122,7 +126,10 @@ def _group(pipeline, stages: list[str], cluster_cpus: float) -> Group:
     if settings.memory:
         options["memory"] = settings.memory
     runtime_env, secret_env = split_runtime_env(settings.runtime_env)
-    options["runtime_env"] = {**runtime_env, "env_vars": {**(runtime_env.get("env_vars") or {}), GROUP_ENV_VAR: "+".join(stages)}}
+    if pipeline.plan(stages[0]).upstream is not None:  # not Preprocess, which reads the source
+        runtime_env = {**runtime_env, "env_vars": {**(runtime_env.get("env_vars") or {}), GROUP_ENV_VAR: "+".join(stages)}}
+    if runtime_env:
+        options["runtime_env"] = runtime_env
     explicit = max_concurrency(settings.concurrency)
     limit = explicit if explicit is not None else min(MAX_TASKS_IN_FLIGHT, max(2, int(cluster_cpus) // 4))
     return Group(stages, options, secret_env, limit)

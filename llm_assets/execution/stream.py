@@ -251,13 +251,14 @@ class _ChainRun:
             step.queue.append(unit)
 
     def _dispatch(self) -> None:
+        engines_building = self.pool is not None and self.pool.building and not self.pool.ready
         for step in self.steps:
             if step is None:
                 while self.engine_queue and (replica := self.pool.free_replica()) is not None:
                     unit = self.engine_queue.popleft()
                     self.pool.submit(replica, unit, unit.ref, unit.rows)
                 continue
-            while step.queue and step.room():
+            while step.queue and step.room(engines_building):
                 unit = step.queue.pop(0)
                 file_name = f"part-{unit.seq:05d}-{self.run_.session}.parquet"
                 table_ref, written_ref = self.remote_unit.options(**step.options).remote(
