@@ -65,11 +65,11 @@ def answer(row):
             "preprocess_node": row["preprocess_node"], "postprocess_node": node_id()}
 
 
-def pipeline(landing: Path, model: str, preprocess=ask, batch_size: int = 4):
-    # Four sequences at a time: rows finish in small waves, so the first checkpoint comes while
+def pipeline(landing: Path, model: str, preprocess=ask, batch_size: int = 4, max_num_seqs: int = 4):
+    # Few sequences at a time: rows finish in small waves, so the first checkpoint comes while
     # most rows are still to do.
     return make_pipeline(landing, model, preprocess=preprocess, postprocess=answer, batch_size=batch_size,
-                         engine_kwargs={"max_model_len": 512, "max_num_seqs": 4})
+                         engine_kwargs={"max_model_len": 512, "max_num_seqs": max_num_seqs})
 
 
 class Busy:
@@ -313,7 +313,10 @@ def test_with_no_restart_left_the_run_fails_naming_the_node_and_a_rerun_resumes(
     worker_id = cluster.add_worker()
     storage_root = tmp_path / "storage"
     write_jsonl(tmp_path / "landing" / PARTITION, questions(ROWS, "c"))
-    tiny = pipeline(tmp_path / "landing", tiny_model, preprocess=ask_at_length, batch_size=LONG_BATCH)
+    # Two sequences at a time: all four batches are tokenized before the engine is ready, and the
+    # first checkpoint must still come well before the last row (in a loaded suite, the task that
+    # writes it waits seconds for a new worker).
+    tiny = pipeline(tmp_path / "landing", tiny_model, preprocess=ask_at_length, batch_size=LONG_BATCH, max_num_seqs=2)
     with dg.instance_for_test() as instance:
         failed, seen = run_losing_the_worker(tiny, on_cluster(cluster, storage_root, max_engine_restarts=0), instance, cluster, storage_root,
                                              after_tokenize=True)
