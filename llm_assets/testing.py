@@ -71,6 +71,23 @@ def build_tokenizer(path: Path, vocab_size: int = 1024, pad_to: int = 0) -> int:
     return len(fast)
 
 
+def _padded_vocab(tokens: int) -> int:
+    """A model's vocab size for ``tokens`` tokens: rounded up to a multiple of 64."""
+    return (tokens + 63) // 64 * 64
+
+
+def _multimodal_tokenizer(path: Path, special_tokens: list[str]):
+    """A new folder ``path`` with the trained tokenizer, loaded and given the model's media tokens
+    (the processor saves it with them)."""
+    from transformers import AutoTokenizer
+
+    path.mkdir(parents=True, exist_ok=True)
+    build_tokenizer(path)
+    tokenizer = AutoTokenizer.from_pretrained(str(path))
+    tokenizer.add_special_tokens({"additional_special_tokens": special_tokens})
+    return tokenizer
+
+
 def build_llama_model(
     path: str | Path,
     *,
@@ -90,7 +107,7 @@ def build_llama_model(
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     n_tokens = build_tokenizer(path, tokenizer_vocab, pad_to=vocab_size or 0)
-    vocab = max(vocab_size or 0, (n_tokens + 63) // 64 * 64)
+    vocab = max(vocab_size or 0, _padded_vocab(n_tokens))
     config = {
         "architectures": ["LlamaForCausalLM"],
         "model_type": "llama",
@@ -136,20 +153,17 @@ def build_idefics3_model(path: str | Path, *, image_size: int = 64, patch_size: 
     with PIL image processing (torchvision is not needed). vLLM's CPU build runs it; one image
     becomes (image_size / patch_size)^2 / 4 image tokens plus its wrapping tokens."""
     import torch
-    from transformers import AutoTokenizer, Idefics3Config, Idefics3ForConditionalGeneration, Idefics3Processor, LlamaConfig
+    from transformers import Idefics3Config, Idefics3ForConditionalGeneration, Idefics3Processor, LlamaConfig
     from transformers.models.idefics3.configuration_idefics3 import Idefics3VisionConfig
     from transformers.models.idefics3.image_processing_pil_idefics3 import Idefics3ImageProcessorPil
 
     path = Path(path)
-    path.mkdir(parents=True, exist_ok=True)
-    build_tokenizer(path)
-    tokenizer = AutoTokenizer.from_pretrained(str(path))
-    tokenizer.add_special_tokens({"additional_special_tokens": ["<image>", "<fake_token_around_image>", "<global-img>", "<end_of_utterance>"]})
+    tokenizer = _multimodal_tokenizer(path, ["<image>", "<fake_token_around_image>", "<global-img>", "<end_of_utterance>"])
     images = Idefics3ImageProcessorPil(size={"longest_edge": image_size}, max_image_size={"longest_edge": image_size}, do_image_splitting=False)
     scale = 2
     processor = Idefics3Processor(image_processor=images, tokenizer=tokenizer, image_seq_len=(image_size // patch_size) ** 2 // scale ** 2,
                                   chat_template=VLM_CHAT_TEMPLATE)
-    vocab = (len(tokenizer) + 63) // 64 * 64
+    vocab = _padded_vocab(len(tokenizer))
     text = LlamaConfig(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=2, head_dim=64, pad_token_id=0,
                        vocab_size=vocab, max_position_embeddings=2048, bos_token_id=0, eos_token_id=2, tie_word_embeddings=False)
     vision = Idefics3VisionConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2, image_size=image_size,
@@ -180,17 +194,14 @@ def build_qwen2_audio_model(path: str | Path, *, seed: int = 0) -> Path:
     input schema fixes 3000 mel frames). vLLM's CPU build runs it; an audio of n samples
     at 16 kHz becomes ((n // 160 - 1) // 2 + 1 - 2) // 2 + 1 ``<|AUDIO|>`` tokens (0.5 s: 12)."""
     import torch
-    from transformers import (AutoTokenizer, Qwen2AudioConfig, Qwen2AudioEncoderConfig, Qwen2AudioForConditionalGeneration,
+    from transformers import (Qwen2AudioConfig, Qwen2AudioEncoderConfig, Qwen2AudioForConditionalGeneration,
                               Qwen2AudioProcessor, Qwen2Config, WhisperFeatureExtractor)
 
     path = Path(path)
-    path.mkdir(parents=True, exist_ok=True)
-    build_tokenizer(path)
-    tokenizer = AutoTokenizer.from_pretrained(str(path))
-    tokenizer.add_special_tokens({"additional_special_tokens": ["<|audio_bos|>", "<|AUDIO|>", "<|audio_eos|>"]})
+    tokenizer = _multimodal_tokenizer(path, ["<|audio_bos|>", "<|AUDIO|>", "<|audio_eos|>"])
     features = WhisperFeatureExtractor(feature_size=80, sampling_rate=16000, hop_length=160, chunk_length=30)
     processor = Qwen2AudioProcessor(feature_extractor=features, tokenizer=tokenizer, chat_template=AUDIO_CHAT_TEMPLATE)
-    vocab = (len(tokenizer) + 63) // 64 * 64
+    vocab = _padded_vocab(len(tokenizer))
     text = Qwen2Config(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=2,
                        vocab_size=vocab, max_position_embeddings=2048, bos_token_id=0, eos_token_id=2, pad_token_id=0, tie_word_embeddings=False)
     # The encoder takes exactly 30 s of mel frames (100 a second), halved by its second convolution.
@@ -236,21 +247,18 @@ def build_qwen2_vl_model(path: str | Path, *, max_pixels: int = 112 * 112, seed:
     machine), not with vLLM's CPU build. A video of T frames (as sampled: vLLM takes 2 a second) of
     H x W, resized to multiples of 28, becomes T/2 * H/28 * W/28 ``<|video_pad|>`` tokens."""
     import torch
-    from transformers import AutoTokenizer, Qwen2VLConfig, Qwen2VLForConditionalGeneration, Qwen2VLProcessor, Qwen2VLVideoProcessor
+    from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration, Qwen2VLProcessor, Qwen2VLVideoProcessor
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
     path = Path(path)
-    path.mkdir(parents=True, exist_ok=True)
-    build_tokenizer(path)
-    tokenizer = AutoTokenizer.from_pretrained(str(path))
-    tokenizer.add_special_tokens({"additional_special_tokens": ["<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>"]})
+    tokenizer = _multimodal_tokenizer(path, ["<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>"])
     pixels = {"min_pixels": 28 * 28, "max_pixels": max_pixels}
     processor = Qwen2VLProcessor(image_processor=Qwen2VLImageProcessorPil(**pixels), video_processor=Qwen2VLVideoProcessor(**pixels),
                                  tokenizer=tokenizer, chat_template=QWEN2_VL_CHAT_TEMPLATE)
     ids = {name: tokenizer.convert_tokens_to_ids(token) for name, token in [
         ("image_token_id", "<|image_pad|>"), ("video_token_id", "<|video_pad|>"),
         ("vision_start_token_id", "<|vision_start|>"), ("vision_end_token_id", "<|vision_end|>")]}
-    vocab = (len(tokenizer) + 63) // 64 * 64
+    vocab = _padded_vocab(len(tokenizer))
     # M-RoPE splits head_dim / 2 = 32 rotary frequencies into time, height and width sections.
     text = {"hidden_size": 128, "intermediate_size": 256, "num_hidden_layers": 2, "num_attention_heads": 2, "num_key_value_heads": 2,
             "vocab_size": vocab, "max_position_embeddings": 4096, "bos_token_id": 0, "eos_token_id": 2, "pad_token_id": 0,

@@ -75,6 +75,12 @@ def write_jsonl(path: Path, rows: list[dict]) -> Path:
     return path
 
 
+def committed_rows(storage, pipeline: str, stage: str, partition: str, order_by: str = "row_id") -> list[dict]:
+    """A stage's committed rows of one partition, as dicts ordered by ``order_by``."""
+    return sorted((row for table in storage.read_committed(pipeline, stage, partition) for row in table.to_pylist()),
+                  key=lambda row: row[order_by])
+
+
 def model_without_chat_template(model: str, folder: Path) -> str:
     """A copy of ``model`` whose tokenizer has no chat template."""
     import shutil

@@ -122,7 +122,7 @@ def test_video_and_image_tokens_reach_the_gpu_engine(tmp_path, media):
     from llm_assets.pipeline import LLMPipeline
     from llm_assets.sources import LocalFolderSource
     from llm_assets.testing import build_qwen2_vl_model
-    from tests.conftest import write_jsonl
+    from tests.conftest import committed_rows, write_jsonl
 
     model = str(build_qwen2_vl_model(tmp_path / "tiny-qwen2-vl"))
     folder, base = media
@@ -147,7 +147,7 @@ def test_video_and_image_tokens_reach_the_gpu_engine(tmp_path, media):
     storage = resources["storage"]
 
     def rows(stage):
-        return sorted((r for t in storage.read_committed("vlm", stage, "clips.jsonl") for r in t.to_pylist()), key=lambda r: r["kind"])
+        return committed_rows(storage, "vlm", stage, "clips.jsonl", "kind")
 
     tokenizer = AutoTokenizer.from_pretrained(model)
     image, video = tokenizer.convert_tokens_to_ids("<|image_pad|>"), tokenizer.convert_tokens_to_ids("<|video_pad|>")

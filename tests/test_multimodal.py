@@ -15,7 +15,7 @@ import pytest
 
 from llm_assets.stages.base import RowError
 from llm_assets.stages.preprocess import PreprocessStage
-from tests.conftest import write_jsonl
+from tests.conftest import committed_rows, write_jsonl
 
 QUESTION = "What is in the picture?"
 
@@ -144,7 +144,7 @@ def test_image_tokens_reach_the_engine(tmp_path, vlm, media, ray_session, instan
     storage = resources["storage"]
 
     def rows(stage):
-        return sorted((r for t in storage.read_committed("vlm", stage, "pictures.jsonl") for r in t.to_pylist()), key=lambda r: r["row_id"])
+        return committed_rows(storage, "vlm", stage, "pictures.jsonl", "row_id")
 
     tokens = [len(r["tokenized_prompt"]) for r in rows("tokenize")[:3]]
     engine = rows("engine")
@@ -192,7 +192,7 @@ def test_audio_tokens_reach_the_engine(tmp_path, alm, media, ray_session, instan
     storage = resources["storage"]
 
     def rows(stage):
-        return sorted((r for t in storage.read_committed("alm", stage, "sounds.jsonl") for r in t.to_pylist()), key=lambda r: r["kind"])
+        return committed_rows(storage, "alm", stage, "sounds.jsonl", "kind")
 
     audio_token = AutoTokenizer.from_pretrained(alm).convert_tokens_to_ids("<|AUDIO|>")
     prompts = [r["tokenized_prompt"] for r in rows("tokenize")]

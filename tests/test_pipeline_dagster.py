@@ -48,10 +48,12 @@ def make_resources(storage_root, **engine_pool_settings) -> dict:
     return build_resources(PartitionStorage(root=str(storage_root)), **engine_pool_settings)
 
 
-def run_job(pipeline, resources, instance, tags, raise_on_error=True):
+def run_job(pipeline, resources, instance, tags, raise_on_error=True, stages=None):
+    """One run of the pipeline's job (``stages``: only those stage assets)."""
     add_partitions_for_new_files(instance, pipeline)
     job = build_definitions([pipeline], resources).resolve_job_def(f"{pipeline.name}_job")
-    return job.execute_in_process(instance=instance, tags=tags, raise_on_error=raise_on_error)
+    selection = [stage_key(pipeline, stage) for stage in stages] if stages else None
+    return job.execute_in_process(instance=instance, tags=tags, raise_on_error=raise_on_error, asset_selection=selection)
 
 
 def log_messages(instance, run_id) -> list[str]:

@@ -67,17 +67,13 @@ def test_an_engine_killed_mid_partition_is_replaced_and_every_row_comes_out_once
 
 
 def test_an_engine_that_does_not_start_in_time_fails_the_run_saying_so(tmp_path, tiny_model, ray_session, instance):
-    from llm_assets.defs.factory import add_partitions_for_new_files, build_definitions, stage_key
-
     write_jsonl(tmp_path / "landing" / "x.jsonl", questions(4, "t"))
     pipeline = make_pipeline(tmp_path / "landing", tiny_model)
     resources = make_resources(tmp_path / "storage", start_timeout_s=0.5)
     # The CPU stages first, in a run of their own (no engine): the failing run then starts from them.
-    cpu_stages = [stage_key(pipeline, stage) for stage in ("preprocess", "chat_template", "tokenize")]
-    add_partitions_for_new_files(instance, pipeline)
-    job = build_definitions([pipeline], resources).resolve_job_def("tiny_job")
-    assert job.execute_in_process(instance=instance, partition_key="x.jsonl", asset_selection=cpu_stages).success
-    result = run_job(pipeline, resources, instance, {"dagster/partition": "x.jsonl"}, raise_on_error=False)
+    tags = {"dagster/partition": "x.jsonl"}
+    assert run_job(pipeline, resources, instance, tags, stages=["preprocess", "chat_template", "tokenize"]).success
+    result = run_job(pipeline, resources, instance, tags, raise_on_error=False)
     assert not result.success
     failure = next(e for e in result.all_events if e.event_type_value == "STEP_FAILURE")
     error = failure.step_failure_data.error

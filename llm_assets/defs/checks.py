@@ -165,9 +165,11 @@ def _find_bad_embeddings(pipeline: LLMPipeline, table: pa.Table, ok: pa.Table, f
 
 
 def _find_media(pipeline: LLMPipeline, table: pa.Table, ok: pa.Table, found: PartitionFindings) -> None:
-    failed_here = f"{prepare_multimodal.ERROR_TYPE}: "
-    errors = table.column(ERROR_COLUMN).to_pylist() if ERROR_COLUMN in table.column_names else [None] * table.num_rows
-    failed = [row_id for row_id, error in zip(table.column(ROW_ID).to_pylist(), errors) if error and error.startswith(failed_here)]
+    if ERROR_COLUMN in table.column_names:
+        failed_here = pc.starts_with(pc.fill_null(table.column(ERROR_COLUMN), ""), f"{prepare_multimodal.ERROR_TYPE}: ")
+        failed = table.filter(failed_here).column(ROW_ID).to_pylist()
+    else:
+        failed = []
     found.media_failed += failed
     found.media_rows += len(failed)
     if media.COLUMN not in ok.column_names:
