@@ -12,6 +12,7 @@ CPU engine and real Dagster runs connected with ``RayDataResource(address=...)``
 import asyncio
 import contextlib
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -213,8 +214,13 @@ def test_the_second_run_generates_seconds_after_its_start_and_the_app_goes_when_
         print(f"\n{name}:\n" + "\n".join(f"  {t:6.2f} s  {message}" for t, message in run_lines))
     ready_1, ready_2 = (next(t for t, m in run_lines if "Serve engine 0 started" in m) for run_lines in lines)
     committed_2 = next(t for t, m in lines[1] if "engine [chat.jsonl]: committed" in m)
-    assert ready_2 < 8.0 and committed_2 < 12.0, lines[1]
-    assert ready_2 < ready_1
+    # The second run loads no model: it connects to the running app, and has its answers
+    # committed before the first run even had its engine (both timed in this test, on this machine).
+    assert "reusing the running vLLM engine" in lines[1][0][1]
+    started_in = [float(re.search(r"Serve engine 0 started in ([\d.]+) s", m).group(1)) for run_lines in lines
+                  for _, m in run_lines if "Serve engine 0 started" in m]
+    assert started_in[1] < 1.0 < started_in[0], started_in
+    assert committed_2 < ready_1, lines
     assert two_turns["app_after_idle"] is None  # deleted by its keeper after IDLE_TIMEOUT_S without runs
 
 

@@ -237,5 +237,13 @@ class RunCache:
             unit.hits, unit.order = (hits_ref if counts["hits"] else None), counts["order"]
         return unit, counts["hits"], counts["misses"]
 
+    def task_args(self, unit) -> tuple:
+        """For a unit back from the engine after a lookup: its rows the cache answered, the cache
+        (to store the new answers) and the unit's row order; the task after the engine puts them
+        together."""
+        args = (unit.hits, self.settings, unit.order)
+        unit.looked_up, unit.hits, unit.order = False, None, None
+        return args
+
     def rows_in_flight(self) -> int:
         return sum(unit.rows for unit, _, _ in self.lookups.values())

@@ -187,3 +187,14 @@ def unschedulable(steps: list[Optional[Group]], nodes: list[dict[str, float]], e
             beside = f", {held:g} of them held by the engines for the whole run" if held else ""
             return f"stage(s) {stages} ask for {need:g} CPU(s) per task; the largest node of the Ray cluster has {largest['CPU']:g}{beside}"
     return None
+
+
+def check_schedulable(name: str, steps: list[Optional[Group]], engines: Optional[dict[str, float]]) -> None:
+    """Fail at once, naming the resource, when the cluster could never run a step or hold the
+    engines (Ray would keep them pending forever)."""
+    import ray
+
+    nodes = [node["Resources"] for node in ray.nodes() if node.get("Alive")]
+    problem = unschedulable(steps, nodes, engines)
+    if problem:
+        raise RuntimeError(f"{name}: this run cannot be scheduled: {problem}. Lower the setting or add resources.")

@@ -24,13 +24,14 @@ from typing import Any, Callable, Iterator, Optional, Union
 
 from llm_assets.engines.pool import unwrap
 from llm_assets.execution.cache import RunCache
+from llm_assets.execution.calls import StageCalls
 from llm_assets.execution.commits import Commits
 from llm_assets.execution.inputs import Entry, Unit, plan_entry, units
 from llm_assets.execution.progress import Progress
 from llm_assets.execution.stats import PartitionStats
-from llm_assets.execution.steps import Group, build_steps, chains, step_of, unschedulable
-from llm_assets.execution.units import StageCall, run_unit
-from llm_assets.models import resolve_model_source
+from llm_assets.execution.steps import build_steps, chains, check_schedulable, step_of
+from llm_assets.execution.units import run_unit
+from llm_assets.execution.warmup import Warmup
 from llm_assets.tasks import ENGINE
 
 Log = Callable[[str], None]
@@ -83,6 +84,7 @@ class _ChainRun:
         self.pipeline, self.storage = run.pipeline, run.storage
         self.versions = {stage: self.pipeline.code_version(stage) for stage in chain}
         self.steps: list = []  # built once Ray is up (they take the cluster's CPU count)
+        self.warmup: Optional[Warmup] = None
         # Whether the chain starts at the stage that reads the source (Preprocess): its checks
         # come before any engine build.
         self.reads_source = self.pipeline.plan(chain[0]).upstream is None
@@ -97,43 +99,6 @@ class _ChainRun:
 
         self.remote_unit = ray.remote(run_unit)
 
-    # --- setup ------------------------------------------------------------------------------
-    def _calls(self, group: Group, unit: Unit) -> list[StageCall]:
-        calls = []
-        for stage in group.stages:
-            if self.chain.index(stage) < unit.entry or (stage == ENGINE and unit.after_engine):
-                continue
-            plan = self.pipeline.plan(stage)
-            batch_size = plan.settings.batch_size or self.pipeline.config.batch_size
-            calls.append(StageCall(stage, plan.udf, self._udf_kwargs(plan), batch_size, *self.commits.target(stage, unit.partition)))
-        return calls
-
-    def _udf_kwargs(self, plan) -> dict:
-        kwargs = dict(plan.udf_kwargs)
-        if plan.model_source:
-            kwargs["model_source"] = self.models[plan.model_source]
-        return kwargs
-
-    def _check_resources(self, runs_engine: bool) -> None:
-        """Fail at once, naming the resource, when the cluster could never run a step or hold the
-        engines (Ray would keep them pending forever)."""
-        import ray
-
-        nodes = [node["Resources"] for node in ray.nodes() if node.get("Alive")]
-        engines = self.run_.engines.reservation(self.pipeline) if runs_engine else None
-        problem = unschedulable(self.steps, nodes, engines)
-        if problem:
-            raise RuntimeError(f"{self.pipeline.name}: this run cannot be scheduled: {problem}. Lower the setting or add resources.")
-
-    def _check_stages(self) -> None:
-        """Each stage's own setup check (a model without a chat template, say), in the driver
-        before any task or engine starts."""
-        for stage in self.chain:
-            plan = self.pipeline.plan(stage)
-            check = getattr(plan.udf, "check_before_run", None)
-            if check is not None:
-                check(**self._udf_kwargs(plan))
-
     # --- the loop ---------------------------------------------------------------------------
     def run(self) -> Iterator[Event]:
         import ray
@@ -147,21 +112,22 @@ class _ChainRun:
             cluster_cpus = self.run_.start_ray()
             entries = [future.result() for future in planned]
         self.steps = build_steps(self.pipeline, self.chain, cluster_cpus)
+        self.warmup = Warmup(self.steps, cluster_cpus, self.log, self.pipeline.name)
         for entry in entries:
             self.commits.keep(entry)
         todo = [e for e in entries if e.index is not None]
         if todo:
             model_s3 = getattr(self.run_.engines, "model_s3", None)  # for s3:// models (model_store.py)
-            self.models = {source: resolve_model_source(source, self.log, model_s3) for source in
-                           {self.pipeline.plan(s).model_source for s in self.chain} if source}
+            self.calls = StageCalls(self.pipeline, self.chain, self.commits, model_s3, self.log)
             runs_engine = ENGINE in self.chain and any(e.index <= self.chain.index(ENGINE) for e in todo)
-            self._check_resources(runs_engine)
-            self._check_stages()
+            reservation = self.run_.engines.reservation(self.pipeline) if runs_engine else None
+            check_schedulable(self.pipeline.name, self.steps, reservation)
+            self.calls.check_before_run()
             if runs_engine:
                 model = self.pipeline.plan(ENGINE).model_source
-                target = self.models[model] if model else self.pipeline.engine.target(self.pipeline.config)
+                target = self.calls.models[model] if model else self.pipeline.engine.target(self.pipeline.config)
                 self.pool = self.run_.engines.pool_for(self.pipeline, target, self.log)
-                self.cache = RunCache.start(self.pipeline, self.models.get(model) if model else None, self.storage,
+                self.cache = RunCache.start(self.pipeline, self.calls.models.get(model) if model else None, self.storage,
                                             self.run_.recompute, self.log)
         yield from self._finished()
         feed = self._feed(todo)
@@ -208,6 +174,8 @@ class _ChainRun:
                 ray.cancel(ref)
         for ref in list(self.cache.lookups if self.cache else ()):
             ray.cancel(ref)
+        if self.warmup is not None:
+            self.warmup.cancel()
 
     def _feed(self, todo: list[Entry]) -> Iterator[Unit]:
         chunk_rows = self.pipeline.plan(self.chain[0]).settings.batch_size or self.pipeline.config.batch_size
@@ -252,37 +220,35 @@ class _ChainRun:
 
     def _dispatch(self) -> None:
         engines_building = self.pool is not None and self.pool.building and not self.pool.ready
+        if engines_building:
+            self.warmup.start(len(self.pool.replicas), self.calls.stages)
         for step in self.steps:
             if step is None:
                 while self.engine_queue and (replica := self.pool.free_replica()) is not None:
                     unit = self.engine_queue.popleft()
                     self.pool.submit(replica, unit, unit.ref, unit.rows)
                 continue
-            while step.queue and step.room(engines_building):
+            while step.queue and step.room(engines_building) and not self.warmup.warming(step):
                 unit = step.queue.pop(0)
                 file_name = f"part-{unit.seq:05d}-{self.run_.session}.parquet"
                 table_ref, written_ref = self.remote_unit.options(**step.options).remote(
-                    unit.ref, self._calls(step, unit), file_name, self.filesystem, step.secret_env, *self._cached_rows(unit))
+                    unit.ref, self.calls.for_unit(step, unit), file_name, self.filesystem, step.secret_env,
+                    *(self.cache.task_args(unit) if unit.looked_up else ()))
                 step.in_flight[written_ref] = (unit, table_ref, time.time())
-
-    def _cached_rows(self, unit: Unit) -> tuple:
-        """For a unit back from the engine after a cache lookup: its rows the cache answered, the
-        cache (to store the new answers) and the unit's row order; the task puts them together."""
-        if not unit.looked_up:
-            return ()
-        args = (unit.hits, self.cache.settings, unit.order)
-        unit.looked_up, unit.hits, unit.order = False, None, None
-        return args
 
     def _refs(self) -> list:
         refs = [ref for step in self.steps if step for ref in step.in_flight]
         refs += list(self.cache.lookups) if self.cache is not None else []
+        refs += list(self.warmup.pending) if self.warmup is not None else []
         return refs + (self.pool.refs() if self.pool is not None else [])
 
     def _settle(self, ref) -> None:
         import ray
 
         self.progress.settled()
+        if ref in self.warmup.pending:
+            self.warmup.settle(ref)
+            return
         if self.cache is not None and ref in self.cache.lookups:
             unit, cached, uncached = self.cache.settle(ref)
             self.commits.add_cached(unit.partition, cached)

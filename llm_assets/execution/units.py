@@ -47,7 +47,7 @@ def run_unit(table: pa.Table, calls: list[StageCall], file_name: str, filesystem
              cached_rows: Optional[pa.Table] = None, cache: Optional[CacheSettings] = None, order: Optional[list] = None,
              ) -> tuple[pa.Table, dict[str, Any]]:
     started, cpu_started, setup_s = time.time(), time.process_time(), 0.0
-    _size_tokenizer_threads()
+    size_tokenizer_threads()
     if cache is not None:  # the engine's output of a unit that passed the response cache
         table = complete(table, cached_rows, cache, order, filesystem)
     written = []
@@ -66,7 +66,7 @@ def run_unit(table: pa.Table, calls: list[StageCall], file_name: str, filesystem
                    "cpu_s": time.process_time() - cpu_started, "setup_s": setup_s}
 
 
-def _size_tokenizer_threads() -> None:
+def size_tokenizer_threads() -> None:
     """Hugging Face tokenizers encode and decode batches on a Rayon pool of one thread per core of
     the machine, whatever CPUs the task reserved: a few stage tasks beside the engine then run
     dozens of threads that compete with the engine's step loop for cores. As Ray sizes OpenMP
