@@ -76,13 +76,12 @@ class Warmup:
 
         group = self.pending.pop(ref)
         label = group.label()
+        took = self.seconds.setdefault(label, [])
         try:
-            self.seconds.setdefault(label, []).append(ray.get(ref))
+            took.append(ray.get(ref))
         except ray.exceptions.RayError as exc:  # its tasks build the stages themselves, and fail there if they must
             self.log(f"{self.name}: a warm-up of {label} failed; its tasks will build the stages themselves: {exc}")
-            return
-        if not self.warming(group):
-            took = self.seconds[label]
+        if took and not self.warming(group):
             self.log(f"{self.name}: {len(took)} Ray worker(s) for {label} ready, their stages built in {max(took):.1f} s at most")
 
     def cancel(self) -> None:
