@@ -1,5 +1,6 @@
 """Whole pipelines through real Dagster runs: local Ray, the real CPU vLLM engine, Parquet outputs."""
 
+import ast
 import json
 import os
 import re
@@ -148,6 +149,17 @@ def test_the_run_log_tells_how_each_group_of_cpu_tasks_spent_its_time(two_partit
         assert tasks == 4 and cold <= tasks
         assert waited <= longest_wait + 0.05 and ran <= longest_run + 0.05 and built <= longest_build + 0.05
         assert 0 < ran < 60 and built <= ran
+
+
+def test_the_engine_reports_where_its_loop_spent_its_time_when_it_shuts_down(two_partition_run):
+    """The engine's shutdown line: its loop's steps and seconds stepping, admitting, handing back
+    and idle, and the window from its first request to its last output that the steps fall in."""
+    instance, result = two_partition_run["instance"], two_partition_run["result"]
+    [line] = [m for m in log_messages(instance, result.run_id) if m.startswith("vLLM engine 0 shut down: ")]
+    report = ast.literal_eval(line.split(": ", 1)[1])
+    assert report["steps"] >= MAX_TOKENS  # one token per sequence a step, at most
+    assert 0 < report["stepping_s"] <= report["working_s"], report
+    assert min(report["admitting_s"], report["handing_back_s"], report["idle_s"]) >= 0
 
 
 def test_gpu_time_is_priced_where_a_price_is_set():

@@ -39,6 +39,10 @@ class EngineLoop:
         # Where the loop's time goes (seconds), reported when the engine shuts down: stepping
         # includes waiting for the GPU; admitting and handing back are the loop's own overhead.
         self.timings = {"steps": 0, "stepping_s": 0.0, "admitting_s": 0.0, "handing_back_s": 0.0, "idle_s": 0.0}
+        # From the first request admitted to the last output handed back: idle_s also counts the
+        # wait before the first batch and after the last, which this window leaves out.
+        self._first_request_at: Optional[float] = None
+        self._last_output_at: Optional[float] = None
         self._thread = threading.Thread(target=self._run, name="vllm-engine-loop", daemon=True)
         self._thread.start()
 
@@ -80,6 +84,8 @@ class EngineLoop:
         self._wake.set()
         self._thread.join(timeout=60)
         self._engine.engine_core.shutdown()
+        if self._first_request_at is not None and self._last_output_at is not None:
+            self.timings["working_s"] = self._last_output_at - self._first_request_at
         return {key: round(value, 2) for key, value in self.timings.items()}
 
     def _run(self) -> None:
@@ -94,6 +100,8 @@ class EngineLoop:
                     finished = [(out.request_id, out) for out in self._engine.step() if out.finished]
                     stepped = clock()
                     self._resolve(finished, failed=False)
+                    if finished:
+                        self._last_output_at = clock()
                     timings["steps"] += 1
                     timings["stepping_s"] += stepped - admitted
                     timings["handing_back_s"] += clock() - stepped
@@ -124,6 +132,8 @@ class EngineLoop:
             self._waiting[request_id] = (loop, future)
             if self.dead is not None:
                 continue
+            if self._first_request_at is None:
+                self._first_request_at = time.perf_counter()
             try:
                 self._engine.add_request(request_id, prompt, params, lora_request=lora_request)
             except Exception as exc:  # this request's problem (too long, bad params): only it fails
