@@ -141,3 +141,34 @@ def test_pipeline_parallel_on_the_cpu_build_is_refused_before_any_engine_starts(
     pipeline = make_pipeline(tmp_path / "landing", tiny_model, engine_kwargs={"max_model_len": 512, "pipeline_parallel_size": 2})
     with pytest.raises(ValueError, match="pipeline_parallel_size > 1 does not run on vLLM's CPU build"):
         resource.pool_for(pipeline, resolve_model_source(tiny_model), print)
+
+
+def test_a_dead_engines_batches_are_handed_back_once_however_many_of_their_references_come_back_together(tmp_path, tiny_model, ray_session):
+    """An engine killed with three batches in flight: the run's wait returns all three failed
+    references at once. The first hands back every batch (to send again) and starts a new engine;
+    the other two settle as nothing, instead of failing the run as references the pool no longer
+    knows (seen in the two-node test when a worker node died)."""
+    import json
+
+    import pyarrow as pa
+
+    resource = EnginePoolResource(ray_data=RayDataResource(), max_engine_restarts=1)
+    pipeline = make_pipeline(tmp_path / "landing", tiny_model)
+    pool = resource.pool_for(pipeline, resolve_model_source(tiny_model), print)
+    pool.build()
+    replica = pool.replicas[0]
+    ray.wait([replica.start_ref], timeout=300)
+    pool.settle(replica.start_ref)  # the engine is ready
+    for tag in ("a", "b", "c"):
+        batch = ray.put(pa.table({"row_id": [f"{tag}0"], "prompt": ["Count: one two"],
+                                  "sampling_params": [json.dumps({"max_tokens": 64, "ignore_eos": True})]}))
+        pool.submit(replica, tag, batch, 1)
+    refs = list(replica.pending)
+    ray.kill(replica.actor)
+    ready, _ = ray.wait(refs, num_returns=3, timeout=60)
+    assert len(ready) == 3
+    settled = [pool.settle(ref) for ref in ready]
+    lost = [tag for _, handed_back in settled for tag, _, _ in handed_back]
+    assert sorted(lost) == ["a", "b", "c"] and all(done == [] for done, _ in settled)
+    assert pool.replicas[0] is not replica and pool.restarts_left == 0  # a new engine is building
+    resource.shutdown_engines()

@@ -84,6 +84,9 @@ class EnginePool:
         self.held_from, self.held_until = time.monotonic(), 0.0  # what the actors hold is theirs from their creation to the release
         self.window_rows = 0
         self._stopping: Optional[dict] = None  # shutdown refs -> replica, once asked
+        # A dead replica's other batches, handed back to be sent again: the run may already hold
+        # their (failed) references from the same wait, and settles them as nothing.
+        self.abandoned: set = set()
 
     # --- starting -------------------------------------------------------------------------
     def _new_replica(self, index: int) -> Replica:
@@ -178,6 +181,9 @@ class EnginePool:
                         raise
                     return [], [(tag, batch_ref, rows), *self._replace(replica, inner)]
                 return [(tag, output_ref)], []
+        if ref in self.abandoned:
+            self.abandoned.discard(ref)
+            return [], []
         raise KeyError(f"not a reference of this engine pool: {ref}")
 
     def _died(self, exc: BaseException, inner: BaseException) -> bool:
@@ -190,6 +196,7 @@ class EnginePool:
         import ray
 
         lost = [(tag, batch_ref, rows) for tag, batch_ref, rows, _ in replica.pending.values()]
+        self.abandoned.update(replica.pending)
         where = self._where(replica)
         if self.restarts_left <= 0:
             raise EngineStartError(f"{self.spec.label} engine {replica.index} died ({first_line(cause)}){where} and no restart "
