@@ -51,12 +51,19 @@ def minilm() -> str:
     return minilm_path()
 
 
+def init_local_ray(num_cpus: int = 4) -> None:
+    """The tests' Ray ("local": a Ray of their own, even while a `ray start` cluster runs on this
+    machine); 4 logical CPUs unless a test asks for more."""
+    import ray
+
+    ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, namespace="llm_assets_tests")
+
+
 @pytest.fixture(scope="session")
 def ray_session():
     import ray
 
-    # "local": a Ray of the tests' own, even while a `ray start` cluster runs on this machine.
-    ray.init(address="local", num_cpus=4, include_dashboard=False, namespace="llm_assets_tests")
+    init_local_ray()
     yield
     ray.shutdown()
 

@@ -26,7 +26,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from resources import PartitionStorage, RayDataResource, make_resources
-from tests.conftest import free_port, kill_processes, questions, write_jsonl
+from tests.conftest import free_port, init_local_ray, kill_processes, questions, write_jsonl
 from tests.test_pipeline_dagster import log_messages, make_pipeline, run_job
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -194,7 +194,7 @@ def cluster(tmp_path_factory):
             ray.shutdown()
         cluster.stop()
         if had_session_ray:
-            ray.init(address="local", num_cpus=4, include_dashboard=False, namespace="llm_assets_tests")
+            init_local_ray()
 
 
 def on_cluster(cluster: Cluster, storage: Path, **engine_pool) -> dict:

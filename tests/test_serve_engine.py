@@ -28,7 +28,7 @@ from llm_assets.engines.serve import ServeEngine
 from llm_assets.pipeline import LLMPipeline
 from llm_assets.sources import LocalFolderSource
 from resources import PartitionStorage, RayDataResource, make_resources
-from tests.conftest import free_port, questions, write_jsonl
+from tests.conftest import free_port, init_local_ray, questions, write_jsonl
 from tests.test_pipeline_dagster import log_messages, run_job, to_chat
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -86,7 +86,7 @@ def _stop(head, had_session_ray: bool) -> None:
         os.killpg(head.pid, signal.SIGKILL)
         head.wait(timeout=10)
     if had_session_ray:
-        ray.init(address="local", num_cpus=4, include_dashboard=False, namespace="llm_assets_tests")
+        init_local_ray()
 
 
 @pytest.fixture(scope="module")

@@ -6,9 +6,8 @@ import re
 import dagster as dg
 import pytest
 
-from tests.conftest import questions, write_jsonl
-from tests.test_pipeline_dagster import RANGE_END, RANGE_START, log_messages, make_pipeline, make_resources, run_job
-from tests.test_pipeline_dagster import TASK_TIMES
+from tests.conftest import init_local_ray, questions, write_jsonl
+from tests.test_pipeline_dagster import RANGE_END, RANGE_START, TASK_TIMES, log_messages, make_pipeline, make_resources, run_job
 
 CPUS = 16
 
@@ -22,13 +21,13 @@ def wide_ray():
     had_session_ray = ray.is_initialized()
     if had_session_ray:
         ray.shutdown()
-    ray.init(address="local", num_cpus=CPUS, include_dashboard=False, namespace="llm_assets_tests")
+    init_local_ray(CPUS)
     try:
         yield
     finally:
         ray.shutdown()
         if had_session_ray:  # the tests' session Ray (conftest), as the other tests expect it
-            ray.init(address="local", num_cpus=4, include_dashboard=False, namespace="llm_assets_tests")
+            init_local_ray()
 
 
 def test_the_stages_after_the_engine_run_on_workers_warmed_while_the_engine_builds(wide_ray, tiny_model, tmp_path):

@@ -174,8 +174,7 @@ class _ChainRun:
                 ray.cancel(ref)
         for ref in list(self.cache.lookups if self.cache else ()):
             ray.cancel(ref)
-        if self.warmup is not None:
-            self.warmup.cancel()
+        self.warmup.cancel()
 
     def _feed(self, todo: list[Entry]) -> Iterator[Unit]:
         chunk_rows = self.pipeline.plan(self.chain[0]).settings.batch_size or self.pipeline.config.batch_size
@@ -239,7 +238,7 @@ class _ChainRun:
     def _refs(self) -> list:
         refs = [ref for step in self.steps if step for ref in step.in_flight]
         refs += list(self.cache.lookups) if self.cache is not None else []
-        refs += list(self.warmup.pending) if self.warmup is not None else []
+        refs += list(self.warmup.pending)
         return refs + (self.pool.refs() if self.pool is not None else [])
 
     def _settle(self, ref) -> None:

@@ -22,14 +22,13 @@ import time
 from typing import Any, Callable, Optional
 
 from llm_assets.execution.steps import Group
+from llm_assets.execution.units import size_tokenizer_threads
 from llm_assets.secret_env import applied as secret_env_applied
 
 
 def build_stages(stages: list[tuple[type, dict[str, Any]]], secret_env: dict[str, str]) -> float:
     """The Ray task: build each stage (a UDF class and its kwargs) once; the stages cache what
     they load per process. Returns the seconds it took."""
-    from llm_assets.execution.units import size_tokenizer_threads
-
     started = time.monotonic()
     size_tokenizer_threads()
     with secret_env_applied(secret_env):
