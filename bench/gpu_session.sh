@@ -9,7 +9,8 @@
 #   embed    bench/embed.py against raw vLLM's LLM.embed, two sizes (or EMBED_SIZES), one GPU (GPU 0, or GPUS): ~5 min
 #   2gpu     one engine against two on GPUs 0,1 (or GPUS), the scale-like shape (20 x 500 x 32): ~4 min
 #   tp       raw vLLM TP=2 against llm_assets TP=2 (GPUs 0,1), the 8B config: ~5 min
-#   tp4      llm_assets TP=2 (GPUs 0,1) against two TP=2 replicas on GPUs 0-3, the 8B config: ~6 min
+#   tp4      raw vLLM TP=2 (GPUs 0,1) against llm_assets' two TP=2 replicas on GPUs 0-3, the 8B config (TP4_SYSTEMS
+#            picks others, e.g. "llm_assets" for one replica, into the same /tmp/bench-tp4): ~5 min
 #   pp       raw vLLM PP=2 against llm_assets PP=2 (GPUs 0,1, or GPUS), the 8B config: ~5 min
 #   sglang   the SGLang GPU tests (a partition, a Serve app), with SGLang's bundle (BUNDLE_KEEP="transformers
 #            tokenizers" ../shared/gpu/bundle.sh sglang==0.5.15) installed in /tmp/site-sglang: ~5 min
@@ -31,9 +32,9 @@ for step in "$@"; do
             timeout 420 bash bench/run.sh /tmp/bench-2gpu 1b > "$out/2gpu.log" 2>&1
           tar czf "$out/2gpu.tgz" -C /tmp/bench-2gpu --exclude=landing --exclude='llama-*' . ;;
     tp|tp4|pp) [ "$step" = pp ] && parallel="PP=2" || parallel="TP=2"
-        [ "$step" = tp4 ] && systems="llm_assets llm_assets_2gpu" gpus=0,1,2,3 || systems="raw_vllm llm_assets" gpus=${GPUS:-0,1}
+        [ "$step" = tp4 ] && systems=${TP4_SYSTEMS:-raw_vllm llm_assets_2gpu} gpus=0,1,2,3 || systems="raw_vllm llm_assets" gpus=${GPUS:-0,1}
         env $parallel PARTITIONS=4 ROWS=1000 MAX_TOKENS=64 CUDA_VISIBLE_DEVICES=$gpus SYSTEMS="$systems" \
-          timeout 400 bash bench/run.sh "/tmp/bench-$step" 8b > "$out/$step.log" 2>&1
+          timeout 560 bash bench/run.sh "/tmp/bench-$step" 8b >> "$out/$step.log" 2>&1
         tar czf "$out/$step.tgz" -C "/tmp/bench-$step" --exclude=landing --exclude='llama-*' . ;;
     sglang) PYTHONPATH="/tmp/site-sglang:$PYTHONPATH" timeout 420 python3 -m pytest -q -s -p no:cacheprovider tests/test_gpu.py \
               -k sglang > "$out/sglang.log" 2>&1 ;;

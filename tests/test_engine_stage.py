@@ -98,3 +98,58 @@ def test_a_dead_engine_is_never_reported_as_row_errors(tiny_model, ray_session):
     assert broken.startswith("EngineDeadError") and "illegal memory access" in broken
     assert ray.get(host.process.remote(batch, False)).startswith("EngineDeadError")  # it stays dead
     ray.kill(host)
+
+
+@pytest.fixture(scope="module")
+def embed_host(minilm, ray_session):
+    """An embedding engine in a Ray actor, as the engine pool hosts one."""
+    import ray
+
+    @ray.remote(num_cpus=1, runtime_env={"env_vars": vllm_compat.engine_actor_env(on_gpu=False)})
+    class Host:
+        def __init__(self):
+            kwargs = vllm_compat.platform_engine_kwargs({"max_model_len": MAX_MODEL_LEN}, on_gpu=False)
+            self.stage = vLLMEngineStage(minilm, kwargs, task_type="embed", should_continue_on_error=True)
+
+        async def process(self, batch, break_engine: bool = False):
+            if break_engine:
+                def broken_step():
+                    raise RuntimeError("CUDA error: an illegal memory access was encountered")
+
+                self.stage.engine._engine.step = broken_step
+            try:
+                output = await self.stage.process(batch)
+            except Exception as exc:
+                return f"{type(exc).__name__}: {exc}"
+            return output.to_pylist()
+
+    host = Host.remote()
+    yield host
+    ray.kill(host)
+
+
+def test_embedding_rows_the_engine_refuses_fail_alone_within_their_batch(embed_host):
+    """Pooling rows reach the engine as one group per batch: a refused row fails alone, in place."""
+    import pyarrow as pa
+    import ray
+
+    tokens = [[101, 7592 + i, 2088, 102] for i in range(6)]
+    tokens[2] = [101] + [7592] * (MAX_MODEL_LEN + 10) + [102]  # too long for the model
+    tokens[4] = []  # empty
+    batch = pa.table({"row_id": [f"r{i}" for i in range(6)], "tokenized_prompt": tokens, "pooling_params": [None] * 6})
+    rows = ray.get(embed_host.process.remote(batch))
+    assert [row["row_id"] for row in rows] == [f"r{i}" for i in range(6)]
+    assert [bool(row[ERROR_COLUMN]) for row in rows] == [False, False, True, False, True, False]
+    assert str(MAX_MODEL_LEN) in rows[2][ERROR_COLUMN] and rows[2]["embeddings"] is None
+    for row in (rows[0], rows[1], rows[3], rows[5]):
+        assert len(row["embeddings"]) == 384 and row["num_input_tokens"] == 4
+    assert rows[0]["embeddings"] != rows[1]["embeddings"]  # each row its own vector, in its own place
+
+
+def test_a_dead_embedding_engine_fails_the_whole_batch(embed_host):
+    import pyarrow as pa
+    import ray
+
+    batch = pa.table({"row_id": ["a", "b"], "tokenized_prompt": [[101, 2088, 102], [101, 7592, 102]], "pooling_params": [None, None]})
+    broken = ray.get(embed_host.process.remote(batch, True))
+    assert broken.startswith("EngineDeadError") and "illegal memory access" in broken

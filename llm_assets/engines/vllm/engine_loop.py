@@ -30,9 +30,10 @@ class EngineLoop:
 
         self._engine = LLMEngine.from_engine_args(engine_args, usage_context=usage_context)
         self.vllm_config = self._engine.vllm_config
-        # (request_id, prompt, params, lora_request, loop, future), an abort (a request id), or an _EngineCall
+        # (request_id, prompt, params, lora_request, loop, future), a _Group, an abort (a request
+        # id), or an _EngineCall
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
-        self._waiting: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Future]] = {}
+        self._waiting: dict[str, Any] = {}  # request id -> (loop, future), or the _Group it belongs to
         self._wake = threading.Event()
         self._stopping = False
         self.dead: Optional[BaseException] = None
@@ -59,6 +60,24 @@ class EngineLoop:
             return await future
         except asyncio.CancelledError:
             self._inbox.put(request_id)  # abort: nobody waits for it any more
+            self._wake.set()
+            raise
+
+    async def generate_all(self, requests: list[tuple[str, Any, Any, Any]]) -> list[Any]:
+        """Each request's final output, or the exception that failed it, in order, for
+        (request_id, prompt, params, lora_request) tuples: one hand-over and one wake-up for the
+        lot. Pooling rows finish in one step, thousands a second, and a task and a future per row
+        cost the actor's event loop as much as the engine's admission did."""
+        if not requests:
+            return []
+        group = _Group(requests, asyncio.get_running_loop(), self._new_future())
+        self._inbox.put(group)
+        self._wake.set()
+        try:
+            return await group.future
+        except asyncio.CancelledError:
+            for request_id, *_ in requests:
+                self._inbox.put(request_id)
             self._wake.set()
             raise
 
@@ -128,30 +147,56 @@ class EngineLoop:
             if isinstance(item, _EngineCall):
                 item.run(self._engine, self.dead)
                 continue
-            request_id, prompt, params, lora_request, loop, future = item
-            self._waiting[request_id] = (loop, future)
-            if self.dead is not None:
+            if isinstance(item, _Group):
+                for request_id, prompt, params, lora_request in item.requests:
+                    self._add(request_id, prompt, params, lora_request, item, refused)
                 continue
-            if self._first_request_at is None:
-                self._first_request_at = time.perf_counter()
-            try:
-                self._engine.add_request(request_id, prompt, params, lora_request=lora_request)
-            except Exception as exc:  # this request's problem (too long, bad params): only it fails
-                refused.append((request_id, exc))
+            request_id, prompt, params, lora_request, loop, future = item
+            self._add(request_id, prompt, params, lora_request, (loop, future), refused)
         self._resolve(refused, failed=True)
+
+    def _add(self, request_id: str, prompt: Any, params: Any, lora_request: Any, waiter: Any, refused: list) -> None:
+        self._waiting[request_id] = waiter
+        if self.dead is not None:
+            return
+        if self._first_request_at is None:
+            self._first_request_at = time.perf_counter()
+        try:
+            self._engine.add_request(request_id, prompt, params, lora_request=lora_request)
+        except Exception as exc:  # this request's problem (too long, bad params): only it fails
+            refused.append((request_id, exc))
 
     def _resolve(self, results: list[tuple[str, Any]], failed: bool) -> None:
         """Hand results to their waiting tasks: one wake-up per event loop, not per request."""
         by_loop: dict[asyncio.AbstractEventLoop, list] = defaultdict(list)
         for request_id, value in results:
             waiter = self._waiting.pop(request_id, None)
-            if waiter is not None:
-                by_loop[waiter[0]].append((waiter[1], value))
+            if isinstance(waiter, _Group):
+                if waiter.take(request_id, value):  # its last request: the group's list is its result
+                    by_loop[waiter.loop].append((waiter.future, waiter.results, False))
+            elif waiter is not None:
+                by_loop[waiter[0]].append((waiter[1], value, failed))
         for loop, items in by_loop.items():
             try:
-                loop.call_soon_threadsafe(_settle, items, failed)
+                loop.call_soon_threadsafe(_settle, items)
             except RuntimeError:  # that event loop is closed: nobody is waiting
                 pass
+
+
+class _Group:
+    """Requests handed over together, answered together (``EngineLoop.generate_all``)."""
+
+    def __init__(self, requests: list, loop: asyncio.AbstractEventLoop, future: asyncio.Future):
+        self.requests, self.loop, self.future = requests, loop, future
+        self.index = {request[0]: i for i, request in enumerate(requests)}
+        self.results: list[Any] = [None] * len(requests)
+        self.left = len(requests)
+
+    def take(self, request_id: str, value: Any) -> bool:
+        """Record one request's output (or exception); True once every request has one."""
+        self.results[self.index[request_id]] = value
+        self.left -= 1
+        return self.left == 0
 
 
 class _EngineCall:
@@ -168,13 +213,13 @@ class _EngineCall:
         except Exception as exc:  # the caller's to report (a refused adapter fails its rows only)
             result, failed = exc, True
         try:
-            self.loop.call_soon_threadsafe(_settle, [(self.future, result)], failed)
+            self.loop.call_soon_threadsafe(_settle, [(self.future, result, failed)])
         except RuntimeError:  # that event loop is closed: nobody is waiting
             pass
 
 
-def _settle(items: list[tuple[asyncio.Future, Any]], failed: bool) -> None:
-    for future, value in items:
+def _settle(items: list[tuple[asyncio.Future, Any, bool]]) -> None:
+    for future, value, failed in items:
         if future.done():  # cancelled meanwhile
             continue
         if failed:

@@ -90,14 +90,14 @@ class vLLMEngineStage:
             row = next(i for i, kwargs in enumerate(column_or_none(batch, "tokenization_kwargs")) if kwargs)
             raise RowError(row_ids[row], STAGE, "has tokenization_kwargs, which the Tokenize stage applies, and this pipeline runs "
                                                 "without it (tokenize_stage=False): enable it or drop them")
-        results = await asyncio.gather(
-            *(
-                self._generate(row_ids[i], token_ids[i], prompts[i], params[i], token_types[i], models[i], media_items[i])
-                if upstream_ok[i]
-                else no_result()
-                for i in range(batch.num_rows)
+        rows = (row_ids, token_ids, prompts, params, token_types, models)
+        if self.pools and not any(media_items) and isinstance(self.semaphore, contextlib.nullcontext):
+            results = await self._pool_all(rows, upstream_ok)
+        else:
+            results = await asyncio.gather(
+                *(self._generate(*(column[i] for column in rows), media_items[i]) if upstream_ok[i] else no_result()
+                  for i in range(batch.num_rows))
             )
-        )
         # The ids (and a pair's segments, the media) are persisted by earlier stages; not copying them keeps this output small.
         batch = batch.drop_columns([name for name in ("tokenized_prompt", "token_type_ids", MEDIA) if name in batch.column_names])
         return with_results(batch, results, self._columns(), upstream_ok, self.should_continue_on_error)
@@ -108,39 +108,71 @@ class vLLMEngineStage:
             return {**score, "embeddings": pa.list_(pa.float32()), "num_input_tokens": pa.int32(), "time_taken_llm": pa.float64()}
         return generation_columns(self.engine_detokenizes)
 
+    async def _request(self, row_id: Any, token_ids: Any, prompt: Optional[str], params_json: Optional[str],
+                       token_type_ids: Optional[list], model: Optional[str]) -> tuple[str, dict, Any, Any]:
+        """The row as one engine request: (request id, prompt, params, LoRA request)."""
+        lora_request = await self.adapters.request_for(model)
+        params = self._params(params_json)
+        if token_type_ids is not None:
+            params = vllm_compat.with_token_types(params, token_type_ids)
+        if token_ids is not None:
+            request = vllm_compat.tokens_prompt(token_ids)
+        elif prompt:
+            request = vllm_compat.text_prompt(prompt)
+        else:
+            raise ValueError("the row has neither 'tokenized_prompt' nor a non-empty 'prompt'")
+        return f"{row_id}#{next(self.request_ids)}", request, params, lora_request
+
+    def _row_failed(self, row_id: Any, prompt: Optional[str], exc: Exception) -> dict:
+        """A row's own failure: the run's error, or with should_continue_on_error the row's."""
+        if self.engine.errored:
+            raise exc  # a dead engine is never one row's problem
+        if not self.should_continue_on_error:
+            raise RowError(row_id, STAGE, f"{type(exc).__name__}: {exc}") from exc
+        return {"error": f"{type(exc).__name__}: {exc} (prompt: {(prompt or '')[:PROMPT_SNIPPET_CHARS]!r})"}
+
+    async def _pool_all(self, rows: tuple[list, ...], upstream_ok: list[bool]) -> list[dict]:
+        """Pooling rows (one vector each, no media), handed to the engine as one group."""
+        results: list[dict] = [{} for _ in upstream_ok]
+        requests, positions = [], []
+        for i, ok in enumerate(upstream_ok):
+            if not ok:
+                continue
+            try:
+                requests.append(await self._request(*(column[i] for column in rows)))
+                positions.append(i)
+            except Exception as exc:
+                results[i] = self._row_failed(rows[0][i], rows[2][i], exc)
+        started = time.perf_counter()
+        outputs = await self.engine.generate_all(requests)
+        taken = time.perf_counter() - started  # the group's: its rows are answered together
+        for i, output in zip(positions, outputs):
+            if isinstance(output, self._fatal):
+                raise output
+            results[i] = self._row_failed(rows[0][i], rows[2][i], output) if isinstance(output, Exception) else self._pooled(output, taken)
+        return results
+
+    def _pooled(self, final: Any, taken: float) -> dict:
+        vector = final.outputs.data.tolist()
+        return {"embeddings": vector, "num_input_tokens": len(final.prompt_token_ids or []), "time_taken_llm": taken,
+                "score": vector[0] if len(vector) == 1 else None}
+
     async def _generate(self, row_id: Any, token_ids: Any, prompt: Optional[str], params_json: Optional[str],
                         token_type_ids: Optional[list] = None, model: Optional[str] = None,
                         media_items: Optional[list] = None) -> dict:
         started = time.perf_counter()
         try:
-            lora_request = await self.adapters.request_for(model)
-            params = self._params(params_json)
-            if token_type_ids is not None:
-                params = vllm_compat.with_token_types(params, token_type_ids)
-            if token_ids is not None:
-                request = vllm_compat.tokens_prompt(token_ids)
-            elif prompt:
-                request = vllm_compat.text_prompt(prompt)
-            else:
-                raise ValueError("the row has neither 'tokenized_prompt' nor a non-empty 'prompt'")
+            request_id, request, params, lora_request = await self._request(row_id, token_ids, prompt, params_json, token_type_ids, model)
             if media_items:  # decoded off the event loop: other rows' requests keep flowing
                 request["multi_modal_data"] = await asyncio.to_thread(multi_modal_data, media_items, self.engine.vllm_config.model_config)
-            request_id = f"{row_id}#{next(self.request_ids)}"
             async with self.semaphore:
                 final = await self.engine.generate(request, params, request_id=request_id, lora_request=lora_request)
         except self._fatal:
-            raise  # a dead engine is never one row's problem
+            raise
         except Exception as exc:
-            if self.engine.errored:
-                raise
-            if not self.should_continue_on_error:
-                raise RowError(row_id, STAGE, f"{type(exc).__name__}: {exc}") from exc
-            snippet = (prompt or "")[:PROMPT_SNIPPET_CHARS]
-            return {"error": f"{type(exc).__name__}: {exc} (prompt: {snippet!r})"}
+            return self._row_failed(row_id, prompt, exc)
         if self.pools:
-            vector = final.outputs.data.tolist()
-            return {"embeddings": vector, "num_input_tokens": len(final.prompt_token_ids or []),
-                    "time_taken_llm": time.perf_counter() - started, "score": vector[0] if len(vector) == 1 else None}
+            return self._pooled(final, time.perf_counter() - started)
         completion = final.outputs[0]
         return {
             "generated_tokens": list(completion.token_ids),
