@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import socket
 from typing import Any, Callable, Iterator
 
 logger = logging.getLogger(__name__)
@@ -51,6 +52,7 @@ def start_engine(**kwargs: Any):
     kwargs.setdefault("disable_log_stats", True)
     if kwargs.get("distributed_executor_backend") == "ray":
         share_ray_cluster_with_core()
+        own_tcpstore_port()
     if kwargs.get("enable_lora"):
         correct_cpu_lora_ops()
     core_launch = forked_core() if core_from_fork_server() else contextlib.nullcontext()
@@ -67,6 +69,19 @@ def share_ray_cluster_with_core() -> None:
     import ray
 
     os.environ.setdefault("RAY_ADDRESS", ray.get_runtime_context().gcs_address)
+
+
+def own_tcpstore_port() -> None:
+    """vLLM's Ray executor (0.26) probes for its torch.distributed TCPStore port from
+    ``VLLM_DP_MASTER_PORT`` + 100, which outside data parallel is port 100 for every engine: two
+    replicas building at once on one node both find it free, and the second fails with EADDRINUSE
+    (seen with two TP=2 replicas on a 4-GPU machine). Each engine starts its probe from a port the
+    OS has just handed it instead. Data parallel sets its own master port; this value is unused there."""
+    if "VLLM_DP_MASTER_PORT" in os.environ:  # the user's choice
+        return
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.bind(("", 0))
+        os.environ["VLLM_DP_MASTER_PORT"] = str(probe.getsockname()[1] - 100)
 
 
 @contextlib.contextmanager
