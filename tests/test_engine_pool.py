@@ -172,3 +172,41 @@ def test_a_dead_engines_batches_are_handed_back_once_however_many_of_their_refer
     assert sorted(lost) == ["a", "b", "c"] and all(done == [] for done, _ in settled)
     assert pool.replicas[0] is not replica and pool.restarts_left == 0  # a new engine is building
     resource.shutdown_engines()
+
+
+def test_an_engine_ready_before_the_others_takes_only_what_it_runs_at_once(tmp_path, tiny_model, ray_session):
+    """Rows queued while engines build are shared: the first engine ready takes its max_num_seqs
+    rows, not its whole window, until the others are ready too (on the 4-GPU machine the first
+    of two TP=2 engines took 3 072 of 4 000 rows and the other idled for 14 s)."""
+    import json
+
+    import pyarrow as pa
+
+    resource = EnginePoolResource(ray_data=RayDataResource())
+    pipeline = make_pipeline(tmp_path / "landing", tiny_model, concurrency=2, batch_size=4,
+                             engine_kwargs={"max_model_len": 512, "max_num_seqs": 8})
+    pool = resource.pool_for(pipeline, resolve_model_source(tiny_model), print)
+    pool.build()
+    batch = ray.put(pa.table({"row_id": [f"r{i}" for i in range(4)], "prompt": ["Count: one two"] * 4,
+                              "sampling_params": [json.dumps({"max_tokens": 1})] * 4}))
+
+    def fill() -> list[int]:
+        """Submit batches as the run does, while the pool has a free engine: the engines chosen."""
+        chosen = []
+        while (replica := pool.free_replica()) is not None:
+            pool.submit(replica, len(chosen), batch, 4)
+            chosen.append(replica.index)
+        return chosen
+
+    (first_ref,), _ = ray.wait([replica.start_ref for replica in pool.replicas], num_returns=1, timeout=300)
+    pool.settle(first_ref)
+    first = next(replica for replica in pool.replicas if replica.info is not None)
+    assert fill() == [first.index] * 2 and first.load_rows == 8  # max_num_seqs, with the other engine building
+    second = next(replica for replica in pool.replicas if replica is not first)
+    ray.wait([second.start_ref], timeout=300)
+    pool.settle(second.start_ref)
+    assert pool.window_rows > 8  # the whole window once every engine is ready
+    chosen = fill()
+    assert chosen[:2] == [second.index] * 2  # the engine with nothing yet comes first
+    assert first.load_rows == second.load_rows == pool.window_rows
+    resource.shutdown_engines()

@@ -141,7 +141,12 @@ class EnginePool:
 
     # --- feeding --------------------------------------------------------------------------
     def free_replica(self) -> Optional[Replica]:
-        live = [r for r in self.ready if r.load_rows < self.window_rows]
+        # While other engines still build, a ready one takes only the rows it runs at once: the
+        # rows queued by then are left for the engines about to be ready. (With its full window
+        # the first of two TP=2 engines, ready 1.4 s before the other, took 3 072 of a run's
+        # 4 000 rows and generated for 23 s while the other finished its 928 in 8 s.)
+        building = self.starting() > 0
+        live = [r for r in self.ready if r.load_rows < (min(self.window_rows, int(r.info["max_num_seqs"])) if building else self.window_rows)]
         return min(live, key=lambda r: r.load_rows) if live else None
 
     def submit(self, replica: Replica, tag: Any, batch_ref: Any, rows: int) -> None:
