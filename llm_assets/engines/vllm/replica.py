@@ -3,7 +3,11 @@
 
 Every row of a batch becomes its own request, submitted at once, so the engine's scheduler sees
 many requests in flight (across batches too: the actor runs several batches concurrently) and the
-GPU never waits on one blocking ``generate`` per batch.
+GPU never waits on one blocking ``generate`` per batch. A batch of pooling rows (embed, classify,
+score) is handed to the engine's loop as one group and answered as one, its rows' ``time_taken_llm``
+the batch's: they finish in one step, thousands a second, where a task per row cost the actor more
+than the engine's own admission did (20 000 sentences on an H200: 0.81x raw vLLM's encode rate per
+row, 1.12x per batch).
 
 Usable as a Ray Data UDF on its own (``ds.map_batches(vLLMEngineStage, fn_constructor_kwargs=...,
 compute=ActorPoolStrategy(size=N), batch_format="pyarrow")``); inside llm_assets the engine pool
