@@ -66,50 +66,18 @@ def test_a_failing_row_is_kept_with_its_error_when_continuing_on_error(engine_ou
     assert [row_id for row_id, row in engine_outputs.items() if row[ERROR_COLUMN]] == ["too-long", "empty", "bad-params"]
 
 
-def test_a_dead_engine_is_never_reported_as_row_errors(tiny_model, ray_session):
-    """Even with should_continue_on_error, an engine that fails (not a request) fails the batch
-    with EngineDeadError. Fault injection: a real engine cannot be made to fail mid-step on
-    demand, so its step function is replaced by one that raises what a GPU fault raises."""
-    import pyarrow as pa
+def engine_host(model: str, task_type: str = "generate"):
+    """A vLLM engine stage in a Ray actor, as the engine pool hosts one (should_continue_on_error).
+    Its ``process(batch, break_engine)`` gives the output rows, or the error that failed the batch.
+    Fault injection with ``break_engine``: a real engine cannot be made to fail mid-step on demand,
+    so its step function is replaced by one that raises what a GPU fault raises."""
     import ray
 
     @ray.remote(num_cpus=1, runtime_env={"env_vars": vllm_compat.engine_actor_env(on_gpu=False)})
     class Host:
         def __init__(self):
             kwargs = vllm_compat.platform_engine_kwargs({"max_model_len": MAX_MODEL_LEN}, on_gpu=False)
-            self.stage = vLLMEngineStage(tiny_model, kwargs, should_continue_on_error=True)
-
-        async def process(self, batch, break_engine: bool):
-            if break_engine:
-                def broken_step():
-                    raise RuntimeError("CUDA error: an illegal memory access was encountered")
-
-                self.stage.engine._engine.step = broken_step
-            try:
-                output = await self.stage.process(batch)
-            except Exception as exc:
-                return f"{type(exc).__name__}: {exc}"
-            return output.column(ERROR_COLUMN).to_pylist()
-
-    batch = pa.table({"row_id": ["a", "b"], "tokenized_prompt": [[5, 6], [7, 8]], "sampling_params": [None, None]})
-    host = Host.remote()
-    assert ray.get(host.process.remote(batch, False)) == [None, None]  # a healthy engine first
-    broken = ray.get(host.process.remote(batch, True))
-    assert broken.startswith("EngineDeadError") and "illegal memory access" in broken
-    assert ray.get(host.process.remote(batch, False)).startswith("EngineDeadError")  # it stays dead
-    ray.kill(host)
-
-
-@pytest.fixture(scope="module")
-def embed_host(minilm, ray_session):
-    """An embedding engine in a Ray actor, as the engine pool hosts one."""
-    import ray
-
-    @ray.remote(num_cpus=1, runtime_env={"env_vars": vllm_compat.engine_actor_env(on_gpu=False)})
-    class Host:
-        def __init__(self):
-            kwargs = vllm_compat.platform_engine_kwargs({"max_model_len": MAX_MODEL_LEN}, on_gpu=False)
-            self.stage = vLLMEngineStage(minilm, kwargs, task_type="embed", should_continue_on_error=True)
+            self.stage = vLLMEngineStage(model, kwargs, task_type=task_type, should_continue_on_error=True)
 
         async def process(self, batch, break_engine: bool = False):
             if break_engine:
@@ -123,7 +91,29 @@ def embed_host(minilm, ray_session):
                 return f"{type(exc).__name__}: {exc}"
             return output.to_pylist()
 
-    host = Host.remote()
+    return Host.remote()
+
+
+def test_a_dead_engine_is_never_reported_as_row_errors(tiny_model, ray_session):
+    """Even with should_continue_on_error, an engine that fails (not a request) fails the batch
+    with EngineDeadError."""
+    import pyarrow as pa
+    import ray
+
+    batch = pa.table({"row_id": ["a", "b"], "tokenized_prompt": [[5, 6], [7, 8]], "sampling_params": [None, None]})
+    host = engine_host(tiny_model)
+    assert [row[ERROR_COLUMN] for row in ray.get(host.process.remote(batch))] == [None, None]  # a healthy engine first
+    broken = ray.get(host.process.remote(batch, True))
+    assert broken.startswith("EngineDeadError") and "illegal memory access" in broken
+    assert ray.get(host.process.remote(batch)).startswith("EngineDeadError")  # it stays dead
+    ray.kill(host)
+
+
+@pytest.fixture(scope="module")
+def embed_host(minilm, ray_session):
+    import ray
+
+    host = engine_host(minilm, task_type="embed")
     yield host
     ray.kill(host)
 
