@@ -60,6 +60,7 @@ class vLLMEngineStage:
         self.engine = vllm_compat.start_engine(model=model_source, **(engine_kwargs or {}))
         self.max_num_seqs = vllm_compat.max_num_seqs(self.engine)
         self.semaphore = asyncio.Semaphore(max_pending_requests) if max_pending_requests else contextlib.nullcontext()
+        self.limits_pending = bool(max_pending_requests)  # then every row waits for its own turn
         self.request_ids = itertools.count()
         self._fatal = vllm_compat.fatal_engine_errors()
         # Rows mostly share their sampling params: one SamplingParams per distinct JSON (vLLM
@@ -95,7 +96,7 @@ class vLLMEngineStage:
             raise RowError(row_ids[row], STAGE, "has tokenization_kwargs, which the Tokenize stage applies, and this pipeline runs "
                                                 "without it (tokenize_stage=False): enable it or drop them")
         rows = (row_ids, token_ids, prompts, params, token_types, models)
-        if self.pools and not any(media_items) and isinstance(self.semaphore, contextlib.nullcontext):
+        if self.pools and not any(media_items) and not self.limits_pending:
             results = await self._pool_all(rows, upstream_ok)
         else:
             results = await asyncio.gather(
@@ -137,6 +138,7 @@ class vLLMEngineStage:
 
     async def _pool_all(self, rows: tuple[list, ...], upstream_ok: list[bool]) -> list[dict]:
         """Pooling rows (one vector each, no media), handed to the engine as one group."""
+        row_ids, _, prompts, *_ = rows
         results: list[dict] = [{} for _ in upstream_ok]
         requests, positions = [], []
         for i, ok in enumerate(upstream_ok):
@@ -146,14 +148,14 @@ class vLLMEngineStage:
                 requests.append(await self._request(*(column[i] for column in rows)))
                 positions.append(i)
             except Exception as exc:
-                results[i] = self._row_failed(rows[0][i], rows[2][i], exc)
+                results[i] = self._row_failed(row_ids[i], prompts[i], exc)
         started = time.perf_counter()
         outputs = await self.engine.generate_all(requests)
         taken = time.perf_counter() - started  # the group's: its rows are answered together
         for i, output in zip(positions, outputs):
             if isinstance(output, self._fatal):
                 raise output
-            results[i] = self._row_failed(rows[0][i], rows[2][i], output) if isinstance(output, Exception) else self._pooled(output, taken)
+            results[i] = self._row_failed(row_ids[i], prompts[i], output) if isinstance(output, Exception) else self._pooled(output, taken)
         return results
 
     def _pooled(self, final: Any, taken: float) -> dict:
