@@ -5,7 +5,8 @@
 #   bash bench/gpu_session.sh OUT STEP...
 # Steps:
 #   tests    pytest tests/test_gpu.py (the demo, TP=2 and PP=2 where 2+ GPUs, the Serve app, video through a
-#            tiny Qwen2-VL; GPU_TESTS_K=EXPR picks some): ~8 min
+#            tiny Qwen2-VL; GPU_TESTS_K=EXPR picks some. The demo, TP=2 and PP=2 alone took 6 min in sitting 17,
+#            so give the video and Serve tests a call of their own with -k): 6 + ~4 min
 #   embed    bench/embed.py against raw vLLM's LLM.embed, two sizes (or EMBED_SIZES), one GPU (GPU 0, or GPUS): ~5 min
 #   2gpu     one engine against two on GPUs 0,1 (or GPUS), the scale-like shape (20 x 500 x 32): ~4 min
 #   tp       raw vLLM TP=2 against llm_assets TP=2 (GPUs 0,1), the 8B config: ~5 min
@@ -25,7 +26,7 @@ export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVL
 for step in "$@"; do
   echo "== $step $(date -u +%T)"
   case $step in
-    tests) timeout 420 python3 -m pytest -q -s -p no:cacheprovider tests/test_gpu.py ${GPU_TESTS_K:+-k "$GPU_TESTS_K"} > "$out/tests.log" 2>&1 ;;
+    tests) timeout 560 python3 -m pytest -q -s -p no:cacheprovider tests/test_gpu.py ${GPU_TESTS_K:+-k "$GPU_TESTS_K"} > "$out/tests.log" 2>&1 ;;
     embed) CUDA_VISIBLE_DEVICES=${GPUS:-0} EMBED_BENCH_LOG="$out/embed-timeline-{sentences}.txt" timeout 560 python3 bench/embed.py --sentences ${EMBED_SIZES:-20000 100000} --partitions 4 \
              --baseline raw_vllm > "$out/embed.log" 2>&1 ;;
     2gpu) CUDA_VISIBLE_DEVICES=${GPUS:-0,1} PARTITIONS=20 ROWS=500 MAX_TOKENS=32 SYSTEMS="llm_assets llm_assets_2gpu" \
