@@ -7,10 +7,7 @@ bash scripts/setup.sh
 . .venv/bin/activate
 export HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 set +e
-# Two pytest workers, each with its own Ray, each taking whole test files: much of a test's time
-# is spent waiting (engine and node starts, Dagster daemons, sensors' ticks), not computing.
-# PYTEST_WORKERS=0 runs in one process.
-python -m pytest -q -p no:cacheprovider -n "${PYTEST_WORKERS:-2}" --dist loadfile "$@"
+python -m pytest -q -p no:cacheprovider "$@"
 status=$?
 set -e
 if [ "$status" -eq 5 ]; then
