@@ -128,9 +128,12 @@ def main() -> None:
         found = run_llm_assets(count, args.partitions) if args.system == "llm_assets" else BASELINES[args.system](count)
         print(json.dumps({"system": args.system, "sentences": count, **{k: round(v, 2) for k, v in found.items()},
                           "encode_per_s": round(count / found["encode_s"], 1), "wall_per_s": round(count / found["wall_s"], 1)}), flush=True)
-        # The measurement is complete; skip interpreter teardown, where raw vLLM 0.26 on a GPU can abort
-        # ("terminate called without an active exception", seen at 100 000 sentences) after printing its result.
-        os._exit(0)
+        if args.system == "raw_vllm":
+            # The measurement is complete; skip interpreter teardown, where raw vLLM 0.26 on a GPU can abort
+            # ("terminate called without an active exception", seen at 100 000 sentences) after printing its
+            # result. (llm_assets exits normally: its atexit hooks stop the Ray it started.)
+            os._exit(0)
+        return
     # Packages on PYTHONPATH (a GPU machine's, installed with --target) stay on it.
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(PROJECT), os.environ.get("PYTHONPATH")])), "HF_HUB_OFFLINE": "1"}
     for count in args.sentences:
