@@ -59,8 +59,8 @@ class vLLMEngineStage:
         self.engine_detokenizes = engine_detokenizes
         self.engine = vllm_compat.start_engine(model=model_source, **(engine_kwargs or {}))
         self.max_num_seqs = vllm_compat.max_num_seqs(self.engine)
-        self.semaphore = asyncio.Semaphore(max_pending_requests) if max_pending_requests else contextlib.nullcontext()
-        self.limits_pending = bool(max_pending_requests)  # then every row waits for its own turn
+        # With max_pending_requests set, every row waits for its own turn (so pooling rows skip the group path).
+        self.pending_limit = asyncio.Semaphore(max_pending_requests) if max_pending_requests else None
         self.request_ids = itertools.count()
         self._fatal = vllm_compat.fatal_engine_errors()
         # Rows mostly share their sampling params: one SamplingParams per distinct JSON (vLLM
@@ -96,7 +96,7 @@ class vLLMEngineStage:
             raise RowError(row_ids[row], STAGE, "has tokenization_kwargs, which the Tokenize stage applies, and this pipeline runs "
                                                 "without it (tokenize_stage=False): enable it or drop them")
         rows = (row_ids, token_ids, prompts, params, token_types, models)
-        if self.pools and not any(media_items) and not self.limits_pending:
+        if self.pools and not any(media_items) and self.pending_limit is None:
             results = await self._pool_all(rows, upstream_ok)
         else:
             results = await asyncio.gather(
@@ -171,7 +171,7 @@ class vLLMEngineStage:
             request_id, request, params, lora_request = await self._request(row_id, token_ids, prompt, params_json, token_type_ids, model)
             if media_items:  # decoded off the event loop: other rows' requests keep flowing
                 request["multi_modal_data"] = await asyncio.to_thread(multi_modal_data, media_items, self.engine.vllm_config.model_config)
-            async with self.semaphore:
+            async with self.pending_limit or contextlib.nullcontext():
                 final = await self.engine.generate(request, params, request_id=request_id, lora_request=lora_request)
         except self._fatal:
             raise
