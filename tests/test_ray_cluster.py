@@ -39,8 +39,12 @@ LONG_MAX_TOKENS = 256
 LONG_BATCH = 16
 PARTITION = "x.jsonl"
 # Ray notices a lost node by its health checks (GCS defaults: about 30 s); checked every half
-# second here, so a run sees its engine's node die within seconds.
-FAST_HEALTH_CHECKS = {"RAY_health_check_period_ms": "500", "RAY_health_check_timeout_ms": "500",
+# second here, so a run sees its engine's node die within seconds: a killed raylet refuses the
+# check's connection at once, and three refusals mark it dead. The timeout stays Ray's default
+# 10 s: a raylet that is alive but starved of CPU on 2 busy cores missed 500 ms deadlines, and
+# three misses in a row once marked the head dead, which ends every driver on it (pytest's own
+# process, exit 1 and no output).
+FAST_HEALTH_CHECKS = {"RAY_health_check_period_ms": "500", "RAY_health_check_timeout_ms": "10000",
                       "RAY_health_check_failure_threshold": "3", "RAY_health_check_initial_delay_ms": "500"}
 
 
