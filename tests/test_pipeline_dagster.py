@@ -203,6 +203,10 @@ def assert_failed_before_any_engine(result, instance, storage_root, expected: st
     if not engine_may_build:
         messages = log_messages(instance, result.run_id)
         assert not any("Starting 1 vLLM engine" in m or "vLLM engine 0 started" in m for m in messages)
+        if any(m.startswith("Loading vLLM into 1 engine actor(s)") for m in messages):  # the actor was created
+            # It ends at once, not after importing vLLM (a shutdown would wait for that import).
+            assert "Ended 1 vLLM engine actor(s) before their engine was built" in messages
+            assert not any("shut down" in m for m in messages)
     assert not (storage_root / "tiny" / "engine").exists()
 
 

@@ -281,11 +281,19 @@ class EnginePool:
         return self._stopping is not None
 
     def begin_shutdown(self) -> None:
-        """Ask every engine to shut down and return at once (idempotent): vLLM's own shutdown waits
-        up to 5 s for its engine-core process, which the run need not wait for."""
+        """Ask every built engine to shut down and return at once (idempotent; vLLM waits seconds
+        for its engine-core process). An actor with no engine yet ends now: a run failed on bad
+        input used to wait up to ``shutdown``'s timeout for a vLLM import nobody needed."""
+        import ray
+
         if self._stopping is None:
             self.held_until = time.monotonic()
-            self._stopping = {replica.actor.shutdown.remote(): replica for replica in self.replicas}
+            unbuilt = [replica for replica in self.replicas if replica.info is None]
+            for replica in unbuilt:
+                ray.kill(replica.actor)
+            if unbuilt:
+                self.log(f"Ended {len(unbuilt)} {self.spec.label} engine actor(s) before their engine was built")
+            self._stopping = {replica.actor.shutdown.remote(): replica for replica in self.replicas if replica.info is not None}
 
     def shutdown(self, timeout_s: float = 15.0) -> None:
         """Shut down (begun by ``begin_shutdown`` or now), wait up to ``timeout_s`` for all the
@@ -295,7 +303,7 @@ class EnginePool:
 
         self.begin_shutdown()
         pending, self._stopping = self._stopping, {}
-        done, late = ray.wait(list(pending), num_returns=len(pending), timeout=timeout_s)
+        done, late = ray.wait(list(pending), num_returns=len(pending), timeout=timeout_s) if pending else ([], [])
         for ref in done:
             try:
                 report = ray.get(ref)
