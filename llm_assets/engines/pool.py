@@ -198,8 +198,6 @@ class EnginePool:
 
     def _replace(self, replica: Replica, cause: BaseException) -> list:
         """Rebuild a dead replica in the background; returns its other in-flight batches."""
-        import ray
-
         lost = [(tag, batch_ref, rows) for tag, batch_ref, rows, _ in replica.pending.values()]
         self.abandoned.update(replica.pending)
         where = self._where(replica)
@@ -209,15 +207,22 @@ class EnginePool:
         self.restarts_left -= 1
         self.log(f"{self.spec.label} engine {replica.index} died ({first_line(cause)}){where}; building a new one in the "
                  f"background, its {len(lost) + 1} batch(es) in flight go to the live engines")
-        try:
-            ray.kill(replica.actor)
-        except ValueError as exc:  # not an actor handle any more: nothing to kill
-            self.log(f"(could not kill the dead engine actor: {exc})")
-        if replica.group is not None:
-            placements.release(replica.group, self.log)
+        self._end(replica)
         self.replicas[self.replicas.index(replica)] = replica = self._new_replica(replica.index)
         self._start(replica)
         return lost
+
+    def _end(self, replica: Replica) -> None:
+        """End a replica's actor and free its placement group (once: the group is forgotten)."""
+        import ray
+
+        try:
+            ray.kill(replica.actor)
+        except ValueError as exc:  # not an actor handle any more: nothing to kill
+            self.log(f"(could not kill the engine actor: {exc})")
+        if replica.group is not None:
+            placements.release(replica.group, self.log)
+            replica.group = None
 
     def _where(self, replica: Replica) -> str:
         """Where a dead replica ran, and whether Ray has lost that node: Ray's own error says only
@@ -284,13 +289,11 @@ class EnginePool:
         """Ask every built engine to shut down and return at once (idempotent; vLLM waits seconds
         for its engine-core process). An actor with no engine yet ends now: a run failed on bad
         input used to wait up to ``shutdown``'s timeout for a vLLM import nobody needed."""
-        import ray
-
         if self._stopping is None:
             self.held_until = time.monotonic()
             unbuilt = [replica for replica in self.replicas if replica.info is None]
             for replica in unbuilt:
-                ray.kill(replica.actor)
+                self._end(replica)
             if unbuilt:
                 self.log(f"Ended {len(unbuilt)} {self.spec.label} engine actor(s) before their engine was built")
             self._stopping = {replica.actor.shutdown.remote(): replica for replica in self.replicas if replica.info is not None}
@@ -314,7 +317,5 @@ class EnginePool:
         for ref in late:
             self.log(f"({self.spec.label} engine {pending[ref].index} did not shut down within {timeout_s:.0f} s; ending it)")
         for replica in self.replicas:
-            ray.kill(replica.actor)
-            if replica.group is not None:
-                placements.release(replica.group, self.log)
+            self._end(replica)
         self.replicas = []
