@@ -28,13 +28,26 @@ FAULTS = {1: "429", 2: "503", 3: "stall", 4: "drop"}  # by row number % 5, first
 ALWAYS_FAILING = "q number 7"  # 503 on every attempt
 
 
+def _table_fault(content: str, attempt: int):
+    if content.startswith(ALWAYS_FAILING + ":"):
+        return "503"
+    number = int(content.split(":")[0].split()[-1])
+    return FAULTS.get(number % 5) if attempt == 1 else None
+
+
 class FaultServer:
     """A chat-completions endpoint that answers ``answer to <content>`` and logs every attempt."""
 
-    def __init__(self, stall_s: float = 3.0):
+    retry_after_s = 1
+
+    def __init__(self, stall_s: float = 3.0, fault_for=None):
+        """``fault_for(content, attempt) -> "429" | "503" | "stall" | "drop" | None``: the fault of
+        one attempt (attempts counted from 1); by default the FAULTS table's."""
         self.stall_s = stall_s
+        self.fault_for = fault_for or _table_fault
         self.attempts: dict[str, int] = defaultdict(int)
         self.arrivals: list[float] = []
+        self.log: list[tuple[str, int, float, str | None]] = []  # (content, attempt, arrival, fault)
         self.authorization: set = set()
         self.port = free_port()
         self.loop = asyncio.new_event_loop()
@@ -74,14 +87,12 @@ class FaultServer:
         self.arrivals.append(time.time())
         self.authorization.add(request.headers.get("Authorization"))
         self.attempts[content] += 1
-        number = int(content.split(":")[0].split()[-1])
-        fault = FAULTS.get(number % 5) if self.attempts[content] == 1 else None
-        if content.startswith(ALWAYS_FAILING + ":"):
-            fault = "503"
+        fault = self.fault_for(content, self.attempts[content])
+        self.log.append((content, self.attempts[content], self.arrivals[-1], fault))
         if fault == "429":
-            return web.Response(status=429, text="slow down", headers={"Retry-After": "1"})
-        if fault == "503":
-            return web.Response(status=503, text="overloaded")
+            return web.Response(status=429, text="slow down", headers={"Retry-After": str(self.retry_after_s)})
+        if fault in ("500", "502", "503", "504"):
+            return web.Response(status=int(fault), text="overloaded")
         if fault == "stall":
             await asyncio.sleep(self.stall_s)
         if fault == "drop":
@@ -231,3 +242,128 @@ def test_config_errors_name_the_field_before_any_request():
     config = HttpRequestProcessorConfig(url="http://h/v1", headers={"Authorization": dg.EnvVar("LLM_ASSETS_UNSET_KEY")})
     with pytest.raises(ValueError, match=r"headers\['Authorization'\]: the environment variable 'LLM_ASSETS_UNSET_KEY' is not set"):
         _headers(config)
+
+
+def _max_in_window(arrivals: list[float], window_s: float) -> int:
+    """The most arrivals in any half-open window [t, t + window_s)."""
+    times = sorted(arrivals)
+    most, first = 0, 0
+    for last, t in enumerate(times):
+        while times[first] <= t - window_s:
+            first += 1
+        most = max(most, last - first + 1)
+    return most
+
+
+def _random_faults(seed: int, always_failing: str, slow_down: str):
+    """First attempts fail at random (about 1 in 4 with a 5xx, 1 in 8 stalled past the timeout), one
+    row gets a 429 with Retry-After, one row fails every attempt; retries succeed."""
+    import random
+
+    chosen = random.Random(seed)
+    first = {}
+
+    def fault_for(content: str, attempt: int):
+        if content.startswith(always_failing + ":"):
+            return "503"
+        if content.startswith(slow_down + ":"):
+            return "429" if attempt == 1 else None
+        if attempt > 1:
+            return None
+        if content not in first:
+            draw = chosen.random()
+            first[content] = chosen.choice(["500", "502", "503", "504"]) if draw < 0.25 else "stall" if draw < 0.375 else None
+        return first[content]
+
+    return fault_for
+
+
+def test_retries_at_a_set_qps_keep_the_rate_honour_retry_after_and_count_exactly(tmp_path, ray_session, instance):
+    """qps and retries together, as the README's own example sets them: 5xx at random, stalls past
+    the timeout and a 429 with Retry-After, over several batches on two engine actors."""
+    qps, rows = 5.0, 48
+    write_jsonl(tmp_path / "landing" / "a.jsonl", questions(rows))
+    with FaultServer(stall_s=2.5, fault_for=_random_faults(7, "q number 11", "q number 30")) as server:
+        server.retry_after_s = 2
+        pipeline = http_pipeline(tmp_path / "landing", url=server.url, qps=qps, max_retries=3, base_retry_wait_time_in_s=0.2,
+                                 request_timeout_s=1.0, should_continue_on_error=True, batch_size=8, concurrency=2)
+        result = run_job(pipeline, make_resources(tmp_path / "storage"), instance, {"dagster/partition": "a.jsonl"})
+    assert result.success
+    storage = make_resources(tmp_path / "storage")["storage"]
+    engine_rows = read_output(storage, "engine", "a.jsonl")
+    assert sorted(r["row_id"] for r in engine_rows) == sorted(f"a.jsonl:{i}" for i in range(rows))  # each row once
+    faults = Counter(fault for *_, fault in server.log)
+    assert faults["stall"] and sum(faults[s] for s in ("500", "502", "503", "504")) > 4 and faults["429"] == 1, faults
+    for row in engine_rows:
+        content = json.loads(row["payload"])["messages"][0]["content"]
+        # Retries counted exactly: every attempt the server saw past the first.
+        assert row["http_retries"] == server.attempts[content] - 1, content
+        if content.startswith("q number 11:"):
+            assert row["generated_text"] is None and "after 4 attempts" in row["__inference_error__"]
+        else:
+            assert row["generated_text"] == f"answer to {content}" and row["__inference_error__"] is None
+    # The limit held through the retries: no 10 s window saw more than qps * 10 requests (5 % slack).
+    assert _max_in_window(server.arrivals, 10.0) <= 1.05 * qps * 10
+    # Retry-After honoured: the 429's row came back no sooner than the server asked.
+    slow_down = sorted(t for content, _, t, _ in server.log if content.startswith("q number 30:"))
+    assert len(slow_down) == 2 and slow_down[1] - slow_down[0] >= server.retry_after_s
+    metadata = next(e for e in instance.all_logs(result.run_id) if e.dagster_event and e.dagster_event.is_step_materialization
+                    and e.dagster_event.asset_key.path[-1] == "engine").dagster_event.materialization.metadata
+    assert metadata["retries"].value == len(server.log) - rows
+
+
+HTTP_DEFINITIONS = """\
+import os
+
+from llm_assets.defs.factory import build_definitions
+from llm_assets.engines.http import HttpRequestProcessorConfig
+from llm_assets.pipeline import LLMPipeline
+from llm_assets.sources import LocalFolderSource
+from resources import PartitionStorage, make_resources
+from tests.test_http_engine import to_answer, to_payload
+
+config = HttpRequestProcessorConfig(url=os.environ["PACING_URL"], qps=float(os.environ["PACING_QPS"]), batch_size=4, concurrency=2)
+PIPELINES = [LLMPipeline("paced", config, LocalFolderSource(os.environ["PACING_LANDING"]), preprocess=to_payload, postprocess=to_answer)]
+defs = build_definitions(PIPELINES, make_resources(PartitionStorage(root=os.environ["PACING_STORAGE"])))
+"""
+
+
+def test_two_runs_against_one_endpoint_share_its_qps(tmp_path):
+    """Two `dagster job execute` processes at once, each with its own Ray and two engine actors,
+    against one server: their requests together keep the endpoint's qps."""
+    from tests.conftest import code_location_env
+
+    qps, rows = 4.0, 40
+    defs = tmp_path / "paced_defs.py"
+    defs.write_text(HTTP_DEFINITIONS)
+    with FaultServer(fault_for=lambda content, attempt: None) as server:
+        processes = []
+        for name in ("one", "two"):
+            folder = tmp_path / name
+            write_jsonl(folder / "landing" / "a.jsonl", questions(rows, name))
+            (folder / "home").mkdir()
+            env = {**os.environ, **code_location_env(folder / "home", "PACING", folder / "landing", folder / "storage", "unused"),
+                   "PACING_URL": server.url, "PACING_QPS": str(qps)}
+            subprocess.run([sys.executable, "-m", "llm_assets.cli", "add-partitions", "-f", str(defs)], env=env, check=True,
+                           capture_output=True, cwd=folder)
+            processes.append((env, folder))
+        running = []
+        for env, folder in processes:  # launched together
+            log = open(folder / "run.log", "w")
+            running.append((subprocess.Popen(
+                ["dagster", "job", "execute", "-f", str(defs), "-j", "paced_job", "--tags", '{"dagster/partition": "a.jsonl"}'],
+                env=env, cwd=folder, stdout=log, stderr=subprocess.STDOUT), folder))
+        for process, folder in running:
+            assert process.wait(timeout=300) == 0, (folder / "run.log").read_text()[-3000:]
+    assert len(server.arrivals) == 2 * rows
+    # Both runs were sending at once (else this would test nothing): each run's engine actors
+    # started (logged to the second) while requests were still being sent.
+    last_request = max(server.arrivals)
+    for _, folder in running:
+        line = next(line for line in (folder / "run.log").read_text().splitlines() if "Starting 2 HTTP engine actor(s)" in line)
+        started = time.mktime(time.strptime(line[:19], "%Y-%m-%d %H:%M:%S")) - time.timezone
+        assert started < last_request - 5, f"{folder.name}'s engines started {last_request - started:.1f} s before the last request"
+    # Unshared, each run sends at qps and the overlap doubles the rate.
+    assert _max_in_window(server.arrivals, 10.0) <= 1.05 * qps * 10
+    rate = (len(server.arrivals) - 1) / (last_request - min(server.arrivals))
+    assert rate <= 1.05 * qps, f"{rate:.2f} requests/s against qps={qps} for both runs together"

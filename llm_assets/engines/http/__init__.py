@@ -3,7 +3,8 @@
 Preprocess makes each row's ``payload`` (the request's JSON body); the replica (``replica.py``)
 POSTs it to ``url``. No chat template, tokenizer or model runs here: the server does all that, so
 the plan is Preprocess -> engine -> Postprocess. ``qps`` is one rate for the whole run, kept by a
-``RequestPacer`` actor (``pacer.py``) that every replica asks for send times.
+``RequestPacer`` actor (``pacer.py``) that every replica asks for send times; runs that send to the
+same URL from the same machine share that rate.
 """
 
 from __future__ import annotations
@@ -25,7 +26,8 @@ class HttpRequestProcessorConfig(ProcessorConfig):
     url: str = Field(description="Where each row's payload is POSTed, e.g. http://host:8000/v1/chat/completions.")
     headers: Optional[dict[str, Any]] = Field(default=None, description="Sent with every request (never logged or hashed); a "
                                               "value may be dg.EnvVar('NAME'), read from the run's environment when it starts.")
-    qps: Optional[float] = Field(default=None, gt=0, description="Requests per second for the whole run, all replicas together; None: no limit.")
+    qps: Optional[float] = Field(default=None, gt=0, description="Requests per second to this URL, for every replica of every run "
+                                 "launched from this machine together; None: no limit.")
     max_retries: int = Field(default=0, ge=0, description="Times a request is sent again after 429, 408, 5xx, a timeout or a dropped connection.")
     base_retry_wait_time_in_s: float = Field(default=1.0, ge=0, description="First backoff; doubles per retry (with jitter). Retry-After wins.")
     session_factory: Optional[Any] = Field(default=None, exclude=True, description="() -> aiohttp.ClientSession, made in the replica.")
@@ -57,8 +59,12 @@ def _replica_kwargs(config: HttpRequestProcessorConfig, target: str, on_gpu: boo
 
         from llm_assets.engines.http.pacer import RequestPacer
 
-        # Owned by the run's driver: it ends with the pool's last reference, so with the run.
-        pacer = ray.remote(RequestPacer).options(num_cpus=0).remote(config.qps)
+        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+        # Owned by the run's driver: it ends with the pool's last reference, so with the run. On
+        # the driver's node: the endpoint's schedule file is that machine's (pacer.py).
+        here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+        pacer = ray.remote(RequestPacer).options(num_cpus=0, scheduling_strategy=here).remote(config.url, config.qps)
     return dict(url=config.url, headers=_headers(config), max_retries=config.max_retries,
                 base_retry_wait_time_in_s=config.base_retry_wait_time_in_s, request_timeout_s=config.request_timeout_s,
                 session_factory=config.session_factory, pacer=pacer, should_continue_on_error=config.should_continue_on_error,

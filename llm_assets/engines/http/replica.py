@@ -108,8 +108,9 @@ class HttpRequestReplica:
                 retry_after_s = exc.retry_after_s
             retries += 1
             await asyncio.sleep(self._wait_s(retries, retry_after_s))
-            if self.pacer is not None:
-                await _sleep_until(await self.pacer.reserve.remote(1))
+            if self.pacer is not None:  # a retry is a request like any other: it takes its own slot
+                (slot,) = await self.pacer.reserve.remote(1)
+                await _sleep_until(slot)
         return {**completion_columns(answer), "http_response": json.dumps(answer), "http_retries": retries,
                 "time_taken_llm": time.perf_counter() - started}
 
