@@ -202,19 +202,15 @@ def _read_chunks(path: Path, display: str, chunk_rows: int, partition_key: str) 
 def _read_jsonl(path: Path, display: str, chunk_rows: int, partition_key: str) -> Iterator[pa.Table]:
     """JSON Lines parsed line by line, so a bad line is reported with its number (1-based, as
     editors show it) and the row id it has (``{file}:{index}``, counted from 0, blank lines
-    skipped). A file whose first object is an OpenAI Batch API request is read as one throughout."""
-    objects = _jsonl_objects(path, display, partition_key)
-    first = next(objects, None)
-    if first is None:
-        return
-    if openai_batch.is_openai_batch_line(first[1]):
-        # Read again from its start with messages naming lines alone: its row ids are the custom_ids.
-        # Its rows are built from checked fields; numbered by row (1-based) for the unlikely message below.
-        objects.close()
+    skipped). A file whose first object is an OpenAI Batch API request is read as one throughout,
+    and every bad line of it is named in one error, lines that are not JSON among them."""
+    if openai_batch.is_openai_batch_line(_first_object(path)):
+        # Its row ids are the custom_ids; its messages name lines alone.
+        lines = _jsonl_objects(path, display, "", keep_going=True)
         partition_key = ""
-        numbered = enumerate(openai_batch.rows_from_openai_batch(_jsonl_objects(path, display, ""), display), start=1)
+        numbered = enumerate(openai_batch.rows_from_openai_batch(lines, display), start=1)
     else:
-        numbered = _chain(first, objects)
+        numbered = _jsonl_objects(path, display, partition_key)
     chunk: list[tuple[int, dict]] = []
     offset = 0
     for line_number, row in numbered:
@@ -225,6 +221,18 @@ def _read_jsonl(path: Path, display: str, chunk_rows: int, partition_key: str) -
             chunk = []
     if chunk:
         yield _table(chunk, display, partition_key, offset)
+
+
+def _first_object(path: Path) -> Any:
+    """The first line that parses as JSON (None if none does): says what kind of file this is."""
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            if line.strip():
+                try:
+                    return json.loads(line)
+                except json.JSONDecodeError:
+                    continue
+    return None
 
 
 def _line(display: str, line_number: int, partition_key: str, index: int, row: Optional[dict] = None) -> str:
@@ -261,12 +269,9 @@ def _json_kind(value: Any) -> str:
     return {str: "a string", list: "a list", dict: "an object"}.get(type(value), type(value).__name__)
 
 
-def _chain(first, rest):
-    yield first
-    yield from rest
-
-
-def _jsonl_objects(path: Path, display: str, partition_key: str) -> Iterator[tuple[int, dict]]:
+def _jsonl_objects(path: Path, display: str, partition_key: str, keep_going: bool = False) -> Iterator[tuple[int, Any]]:
+    """(line number, parsed object) per non-blank line. A bad line raises, or with ``keep_going``
+    comes as (line number, ``openai_batch.BadLine``) for the reader to collect."""
     index = 0  # the row's position: what its row id counts
     with open(path, encoding="utf-8") as f:
         for line_number, line in enumerate(f, start=1):
@@ -275,8 +280,12 @@ def _jsonl_objects(path: Path, display: str, partition_key: str) -> Iterator[tup
             try:
                 row = json.loads(line)
             except json.JSONDecodeError as exc:
-                raise SourceError(f"{_line(display, line_number, partition_key, index)}: invalid JSON: {exc.msg} (column {exc.colno})") from None
-            if not isinstance(row, dict):
+                problem = f"invalid JSON: {exc.msg} (column {exc.colno})"
+                if keep_going:
+                    yield line_number, openai_batch.BadLine(problem)
+                    continue
+                raise SourceError(f"{_line(display, line_number, partition_key, index)}: {problem}") from None
+            if not isinstance(row, dict) and not keep_going:
                 raise SourceError(f"{_line(display, line_number, partition_key, index)}: expected a JSON object, got {type(row).__name__}")
             yield line_number, row
             index += 1

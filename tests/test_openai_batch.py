@@ -457,3 +457,22 @@ def test_every_bad_line_of_a_file_is_named_in_one_error():
     many = [request(f"x{i}", url="/v1/moderations", input="x") for i in range(25)]
     with pytest.raises(SourceError, match="25 bad request lines: .*; and 5 more bad line\\(s\\)$"):
         rows(*many)
+
+
+def test_every_bad_line_of_a_batch_file_in_one_error_a_line_that_is_not_json_among_them(tmp_path):
+    """A repeated custom_id (line 4), a line that is not JSON (line 6), a body without messages
+    (line 9), in a 12-line file: one read names all three."""
+    lines = [json.dumps(request(f"r{i}")) for i in range(12)]
+    lines[3] = json.dumps(request("r0"))
+    lines[5] = '{"custom_id": "r5", "method": "POST", "url": '
+    lines[8] = json.dumps({"custom_id": "r8", "method": "POST", "url": CHAT, "body": {"model": "m"}})
+    (tmp_path / "batch.jsonl").write_text("\n".join(lines) + "\n")
+    with pytest.raises(SourceError) as raised:
+        list(LocalFolderSource(str(tmp_path)).read("batch.jsonl"))
+    message = str(raised.value)
+    assert message.startswith(f"{tmp_path / 'batch.jsonl'}: 3 bad request lines: line 4: 'custom_id' 'r0' repeats line 1"), message
+    assert "; line 6: invalid JSON: " in message and "; line 9: body has neither 'messages', 'prompt' nor 'input'" in message
+    # A first line that is not JSON does not hide what kind of file it is.
+    (tmp_path / "batch.jsonl").write_text("\n".join(["not json", *lines[:3]]) + "\n")
+    with pytest.raises(SourceError, match=r"batch.jsonl: line 1: invalid JSON: "):
+        list(LocalFolderSource(str(tmp_path)).read("batch.jsonl"))

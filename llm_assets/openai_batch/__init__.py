@@ -8,6 +8,6 @@
 """
 
 from llm_assets.openai_batch.files import export_openai_batch
-from llm_assets.openai_batch.requests import is_openai_batch_line, rows_from_openai_batch
+from llm_assets.openai_batch.requests import BadLine, is_openai_batch_line, rows_from_openai_batch
 
-__all__ = ["export_openai_batch", "is_openai_batch_line", "rows_from_openai_batch"]
+__all__ = ["BadLine", "export_openai_batch", "is_openai_batch_line", "rows_from_openai_batch"]

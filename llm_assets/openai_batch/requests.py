@@ -64,18 +64,27 @@ def is_openai_batch_line(obj: Any) -> bool:
     return isinstance(obj, dict) and all(key in obj for key in ("custom_id", "url", "body"))
 
 
+class BadLine:
+    """A line the reader could not parse, passed on so that the scan names it with the others."""
+
+    def __init__(self, problem: str):
+        self.problem = problem
+
+
 # Bad lines named in one error, at most (the count says how many more).
 PROBLEMS_LISTED = 20
 
 
-def rows_from_openai_batch(lines: Iterable[tuple[int, dict]], source_name: str) -> Iterator[dict]:
-    """Pipeline rows from ``(line number, parsed object)`` pairs of a batch input file, lazily, so a
-    reader can chunk them. After a bad line it reads on to the end and raises one ``SourceError``
+def rows_from_openai_batch(lines: Iterable[tuple[int, Any]], source_name: str) -> Iterator[dict]:
+    """Pipeline rows from ``(line number, parsed object or BadLine)`` pairs of a batch input file,
+    lazily, so a reader can chunk them. After a bad line it reads on to the end and raises one ``SourceError``
     naming ``source_name`` and every bad line, so a user fixes the file in one go."""
     first_line_of: dict[str, int] = {}
     problems: list[str] = []
     for line_number, obj in lines:
         try:
+            if isinstance(obj, BadLine):
+                raise _Problem(obj.problem)
             row = request_to_row(obj)
             custom_id = row[ROW_ID]
             if custom_id in first_line_of:
