@@ -13,6 +13,7 @@ column when it has one (it must be unique), else ``"{partition}:{index}"``, the 
 from __future__ import annotations
 
 import fnmatch
+import hashlib
 import json
 import os
 import tempfile
@@ -71,8 +72,8 @@ class LocalFolderSource:
         """Partition key -> fingerprint of every file, from one listing and a stat per file (no reads)."""
         return {key: _stat_fingerprint(path.stat()) for key, path in self.files().items()}
 
-    def read(self, partition_key: str, chunk_rows: int = 1024) -> Iterator[pa.Table]:
-        """The file's rows in chunks, each with a ``row_id`` column."""
+    def read(self, partition_key: str, chunk_rows: int = 1024, copies: Optional[str] = None) -> Iterator[pa.Table]:
+        """The file's rows in chunks, each with a ``row_id`` column (``copies``: unused, the file is local)."""
         path = self.path_for(partition_key)
         yield from read_rows(path, str(path), partition_key, chunk_rows)
 
@@ -132,15 +133,32 @@ class S3PrefixSource:
         """Partition key -> ETag of every object, from one listing (which returns the ETags)."""
         return {key: _etag(entry) for key, entry in self.objects().items()}
 
-    def read(self, partition_key: str, chunk_rows: int = 1024) -> Iterator[pa.Table]:
-        """Downloads the object to a temporary file (Parquet needs random access), then reads it
-        in chunks like a local file; errors name the s3:// URI."""
+    def read(self, partition_key: str, chunk_rows: int = 1024, copies: Optional[str] = None) -> Iterator[pa.Table]:
+        """Downloads the object to a local file (Parquet needs random access), then reads it in
+        chunks like a local file; errors name the s3:// URI. With ``copies`` (a folder the caller
+        keeps, e.g. for one run) the download is kept there and read again from there."""
         key = f"{self._prefix()}{partition_key}"
-        suffix = Path(partition_key).suffix
+        display = f"s3://{self.bucket}/{key}"
+        if copies is not None:
+            local = Path(copies) / f"{hashlib.sha256(key.encode()).hexdigest()[:24]}{Path(partition_key).suffix}"
+            if not local.exists():
+                self._download(key, local)
+            yield from read_rows(local, display, partition_key, chunk_rows)
+            return
         with tempfile.TemporaryDirectory(prefix="llm-assets-s3-") as tmp:
-            local = Path(tmp) / f"object{suffix}"
-            self._client().download_file(self.bucket, key, str(local))
-            yield from read_rows(local, f"s3://{self.bucket}/{key}", partition_key, chunk_rows)
+            local = Path(tmp) / f"object{Path(partition_key).suffix}"
+            self._download(key, local)
+            yield from read_rows(local, display, partition_key, chunk_rows)
+
+    def _download(self, key: str, local: Path) -> None:
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        partial = local.with_name(f".{local.name}.partial")  # complete or absent under its own name
+        try:
+            self._client().download_file(self.bucket, key, str(partial))
+        except (BotoCoreError, ClientError) as exc:  # gone since it was listed, or not ours to read
+            raise SourceError(f"s3://{self.bucket}/{key} cannot be downloaded: {exc}") from None
+        partial.rename(local)
 
 
 def _stat_fingerprint(stat: os.stat_result) -> str:

@@ -81,10 +81,12 @@ def wait_for(condition, timeout_s: float, what: str, explain=lambda: ""):
 class Deployment:
     """A DAGSTER_HOME with the shipped settings, a code location on the tiny pipeline, daemons."""
 
-    def __init__(self, tmp: Path, model: str):
+    def __init__(self, tmp: Path, model: str, definitions: str = DEFINITIONS, files: bool = True):
         self.tmp = tmp
-        write_jsonl(tmp / "landing" / "a.jsonl", questions(3, "a"))
-        (tmp / "defs.py").write_text(DEFINITIONS)
+        if files:
+            write_jsonl(tmp / "landing" / "a.jsonl", questions(3, "a"))
+        (tmp / "landing").mkdir(exist_ok=True)
+        (tmp / "defs.py").write_text(definitions)
         (tmp / "workspace.yaml").write_text(WORKSPACE)
         self.home = tmp / "dagster_home"
         self.home.mkdir()

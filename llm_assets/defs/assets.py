@@ -11,9 +11,10 @@ single-run backfill policy a backfill is one run too, so the model loads once.
 import warnings
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import Any, Iterator, Optional
+from typing import Any, Iterator, Optional, Union
 
 import dagster as dg
+from dagster._core.definitions.data_version import CODE_VERSION_TAG
 
 from llm_assets.defs import checks
 from llm_assets.execution.stats import SAMPLES_KEPT, PartitionStats
@@ -127,14 +128,23 @@ class _Checking:
         futures = [self.partitions.pop((done.stage, r.partition), None) or self._submit(done.stage, r) for r in done.results]
         self.stages.append((done, futures))
 
-    def ready(self, wait: bool = False) -> Iterator[dg.MaterializeResult]:
-        """Materializations of the stages whose checks are done, in stage order."""
+    def ready(self, wait: bool = False) -> Iterator[Union[dg.MaterializeResult, dg.AssetMaterialization, dg.AssetCheckResult]]:
+        """Materializations of the stages whose checks are done, in stage order. A stage of which
+        some partitions failed is recorded per committed partition, each with its own numbers:
+        Dagster attaches a MaterializeResult to every partition of the run, the failed ones too."""
         while self.stages and (wait or all(f.done() for f in self.stages[0][1])):
             done, futures = self.stages.popleft()
             key = stage_key(self.pipeline, done.stage)
             checked = checks.stage_results(self.pipeline, done.results, [f.result() for f in futures], self.names[done.stage], key)
-            yield dg.MaterializeResult(asset_key=key, metadata=metadata(done.results, done.usage, self.price_per_gpu_hour),
-                                       check_results=checked)
+            if not done.failed:
+                yield dg.MaterializeResult(asset_key=key, metadata=metadata(done.results, done.usage, self.price_per_gpu_hour),
+                                           check_results=checked)
+                continue
+            for result in done.results:
+                yield dg.AssetMaterialization(key, partition=result.partition, metadata=metadata([result]),
+                                              tags={CODE_VERSION_TAG: self.pipeline.code_version(done.stage)})
+            if done.results:
+                yield from checked
 
     def _submit(self, stage: str, stats: PartitionStats) -> Future:
         return self.threads.submit(checks.partition_findings, self.pipeline, stage, stats, self.storage, self.names[stage])

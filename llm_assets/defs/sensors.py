@@ -9,15 +9,18 @@ partitions that need one (a partition range: one engine start for the lot, not o
 the new ones, any added some other way (by hand, from the CLI) and never materialized, and the
 materialized ones whose file was rewritten under the same name since their first stage ran (seen
 by this tick, or observed since by "Observe sources"). That run recomputes the stages whose input
-changed. Each run key holds the fingerprints of its files, so the same files are requested once
-(a failed run is not requested again) and a file rewritten again later is requested again. What
-was seen lives in the Dagster instance (the dynamic partitions, the observations, run keys), so a
-restarted daemon neither misses nor repeats a file.
+changed. The sensor's cursor keeps, for each partition requested and not yet materialized, the
+fingerprint its file had then: a partition whose run failed (a bad file) is requested again only
+once its file changes, never at every tick, while the good partitions of that run, committed, are
+done. Each run key also holds the fingerprints of its files. What was seen lives in the Dagster
+instance (the dynamic partitions, the observations, the cursor, run keys), so a restarted daemon
+neither misses nor repeats a file.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 
 import dagster as dg
 
@@ -80,7 +83,10 @@ def new_files_sensor(pipeline: LLMPipeline, job, partitions_def: dg.DynamicParti
         new = [key for key in fingerprints if key not in known_set][:MAX_NEW_PER_TICK]
         # Partitions added some other way (by hand, from the CLI) and never materialized run too.
         done = instance.get_materialized_partitions(last_stage)
-        waiting = {key for key in known if key not in done}
+        # Requested before at the same fingerprint and not materialized since: its run is queued,
+        # running, or failed on that very file; a new version of the file is requested again.
+        requested = {key: version for key, version in json.loads(context.cursor or "{}").items() if key not in done}
+        waiting = {key for key in known if key not in done and key in fingerprints and requested.get(key) != fingerprints[key]}
         observed = observed_versions(instance, pipeline)
         changed = unobserved({key: fingerprints[key] for key in known + new if key in fingerprints}, observed)
         # Rewritten: seen changed now, or observed changed since the partition last ran. A partition
@@ -89,7 +95,11 @@ def new_files_sensor(pipeline: LLMPipeline, job, partitions_def: dg.DynamicParti
                            if key in done and key in fingerprints)[:MAX_NEW_PER_TICK]
         events = observations(pipeline, changed)
         if not new and not waiting and not rewritten:
-            return dg.SensorResult(asset_events=events, skip_reason=f"no new files in {pipeline.source.location}, none rewritten")
+            failed = sorted(key for key in requested if key in fingerprints)
+            reason = f"no new files in {pipeline.source.location}, none rewritten" + (
+                f"; {len(failed)} requested and not materialized, waiting for a new version of their file: {', '.join(failed[:10])}"
+                if failed else "")
+            return dg.SensorResult(asset_events=events, skip_reason=reason, cursor=json.dumps(requested, sort_keys=True))
         if new:
             context.log.info(f"{len(new)} new file(s) in {pipeline.source.location}: {', '.join(new[:10])}")
         if rewritten:
@@ -103,7 +113,8 @@ def new_files_sensor(pipeline: LLMPipeline, job, partitions_def: dg.DynamicParti
             run_key = _run_key(pipeline, keys, fingerprints)
             requests.append(dg.RunRequest(run_key=run_key, partition_key=first) if first == last
                             else dg.RunRequest(run_key=run_key, tags={RANGE_START: first, RANGE_END: last}))
-        return dg.SensorResult(run_requests=requests, asset_events=events,
+        requested.update({key: fingerprints[key] for key in waiting | set(new) | set(rewritten) if key in fingerprints})
+        return dg.SensorResult(run_requests=requests, asset_events=events, cursor=json.dumps(requested, sort_keys=True),
                                dynamic_partitions_requests=[partitions_def.build_add_request(new)] if new else [])
 
     return _sensor

@@ -26,6 +26,15 @@ class EngineStartError(RuntimeError):
     pass
 
 
+class BatchFailed(Exception):
+    """A batch the engine refused because of one of its rows (``error``: the RowError); ``tag``
+    says which batch. The run fails that batch's partition, not the run."""
+
+    def __init__(self, tag: Any, error: BaseException):
+        super().__init__(str(error))
+        self.tag, self.error = tag, error
+
+
 def unwrap(exc: BaseException) -> BaseException:
     """The user-facing error inside a Ray error (a RowError raised in a worker, say)."""
     cause = getattr(exc, "cause", None)
@@ -163,7 +172,8 @@ class EnginePool:
     def settle(self, ref) -> tuple[list, list]:
         """Take one finished reference: returns (done, lost): ``done`` holds (tag, output ref) of a
         finished batch; ``lost`` holds (tag, batch ref, rows) of batches a dead replica had in
-        flight, to send again. Raises a row's error, or EngineStartError."""
+        flight, to send again. Raises BatchFailed for a batch refused because of a row, or
+        EngineStartError."""
         import ray
 
         for replica in self.replicas:
@@ -181,7 +191,7 @@ class EnginePool:
                 except (ray.exceptions.RayActorError, ray.exceptions.RayTaskError) as exc:
                     inner = unwrap(exc)
                     if isinstance(inner, RowError):
-                        raise inner from None
+                        raise BatchFailed(tag, inner) from None
                     if not self._died(exc, inner):
                         raise
                     return [], [(tag, batch_ref, rows), *self._replace(replica, inner)]

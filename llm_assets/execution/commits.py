@@ -40,6 +40,16 @@ class Commits:
         self.just_committed: list[tuple[str, PartitionStats]] = []  # since the last drain
         self.to_commit = dict.fromkeys(chain, 0)  # partitions each stage computes in this run
         self.committed = dict.fromkeys(chain, 0)
+        # Partitions that failed (a bad input file, a row a stage refused) -> the first problem:
+        # none of their stages commits after that; the other partitions go on.
+        self.failed: dict[str, str] = {}
+
+    def fail(self, partition: str, problem: str) -> None:
+        """Fail one partition: what it committed stays, nothing more of it is committed."""
+        if partition in self.failed:
+            return
+        self.failed[partition] = problem
+        self.log(f"[{partition}] failed, the run goes on without it: {problem}")
 
     def keep(self, entry: Entry) -> None:
         """Record the partition's up-to-date stages, and count the ones this run computes."""
@@ -102,7 +112,7 @@ class Commits:
         self.commit_ready(entry.partition)
 
     def commit_ready(self, partition: str) -> None:
-        if partition not in self.fed:
+        if partition not in self.fed or partition in self.failed:
             return
         for stage in self.chain:
             commit = self.open_commits.get((stage, partition))
@@ -132,8 +142,9 @@ class Commits:
         return drained
 
     def newly_finished(self) -> list[str]:
-        """Stages whose every partition is now committed (or was up to date), once each."""
-        finished = [s for s in self.chain if s not in self.reported and len(self.results[s]) == len(self.partitions)]
+        """Stages whose every partition is now committed (or was up to date) or failed, once each."""
+        finished = [s for s in self.chain if s not in self.reported
+                    and all(p in self.results[s] or p in self.failed for p in self.partitions)]
         self.reported.update(finished)
         return finished
 

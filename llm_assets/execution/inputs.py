@@ -97,15 +97,15 @@ def _read_part(path: str, filesystem, exclude: Optional[pa.Array] = None) -> pa.
     return table
 
 
-def units(pipeline, chain: list[str], entry: Entry, storage, chunk_rows: int, log) -> Iterator[Unit]:
-    """The partition's units, lazily, in order."""
+def units(pipeline, chain: list[str], entry: Entry, storage, chunk_rows: int, copies: Optional[str]) -> Iterator[Unit]:
+    """The partition's units, lazily, in order (``copies``: where the run keeps its S3 input objects)."""
     import ray
 
     stage = chain[entry.index]
     seq = 0
     upstream = pipeline.plan(stage).upstream
     if upstream is None:  # from the source file, read here in order
-        for chunk in pipeline.source.read(entry.partition, chunk_rows=chunk_rows):
+        for chunk in pipeline.source.read(entry.partition, chunk_rows=chunk_rows, copies=copies):
             entry.rows += chunk.num_rows
             yield Unit(entry.partition, seq, chunk.num_rows, ray.put(chunk), entry.index)
             seq += 1

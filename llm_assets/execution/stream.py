@@ -15,23 +15,27 @@ partition size and count. Engines are released as soon as the engine stage has c
 
 from __future__ import annotations
 
+import tempfile
 import time
 import uuid
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator, Optional, Union
 
-from llm_assets.engines.pool import unwrap
+from llm_assets.engines.pool import BatchFailed, unwrap
+from llm_assets.errors import SourceError
 from llm_assets.execution.cache import RunCache
 from llm_assets.execution.calls import StageCalls
 from llm_assets.execution.commits import Commits
 from llm_assets.execution.inputs import Entry, Unit, plan_entry, units
+from llm_assets.execution.preflight import check_sources
 from llm_assets.execution.progress import Progress
 from llm_assets.execution.stats import PartitionStats
 from llm_assets.execution.steps import build_steps, chains, check_schedulable, step_of
 from llm_assets.execution.units import run_unit
 from llm_assets.execution.warmup import Warmup
+from llm_assets.stages.base import RowError
 from llm_assets.tasks import ENGINE
 
 Log = Callable[[str], None]
@@ -46,8 +50,21 @@ PLANNING_THREADS = 16
 @dataclass
 class StageDone:
     stage: str
-    results: list[PartitionStats]
+    results: list[PartitionStats]  # of the partitions committed (or up to date), in the run's order
     usage: Optional[dict[str, Any]] = None  # the engine stage's: what its engines held, and where (EnginePool.usage)
+    failed: list[str] = field(default_factory=list)  # partitions that failed before this stage committed them
+
+
+class PartitionsFailed(RuntimeError):
+    """Some partitions of a run failed (bad input files, rows a stage refused); every stage of the
+    others is committed."""
+
+    def __init__(self, failed: dict[str, str], total: int):
+        self.failed = failed
+        problems = "; ".join(f"[{partition}] {problem}" for partition, problem in failed.items())
+        good = total - len(failed)
+        super().__init__(f"{len(failed)} of {total} partition(s) failed"
+                         + (f" (the other {good} committed every stage)" if good else "") + f": {problems}")
 
 
 @dataclass
@@ -69,13 +86,18 @@ class StreamingRun:
         self.start_ray = start_ray
         self.chains = chains(pipeline, selected)
         self.session = uuid.uuid4().hex[:8]
+        self.copies: Optional[str] = None  # where the run keeps its S3 input objects, downloaded once
 
     def run(self) -> Iterator[Event]:
         """Yields each partition of a stage as it is committed, each stage once all its partitions
-        are, and None now and then (the stream does not wait for the caller: keep the work done on
-        each yield short)."""
-        for chain in self.chains:
-            yield from _ChainRun(self, chain).run()
+        are (or failed), and None now and then (the stream does not wait for the caller: keep the
+        work done on each yield short). Raises PartitionsFailed, after the rest is committed,
+        when some partitions failed."""
+        with tempfile.TemporaryDirectory(prefix="llm-assets-inputs-") as copies:
+            self.copies = copies
+            for chain in self.chains:
+                yield from _ChainRun(self, chain).run()
+
 
 
 class _ChainRun:
@@ -107,15 +129,22 @@ class _ChainRun:
         # Threads overlap them, so a run of 1 000 partitions starts its engines in seconds, and
         # Ray starts meanwhile.
         with ThreadPoolExecutor(max_workers=PLANNING_THREADS, thread_name_prefix="plan") as threads:
-            planned = [threads.submit(plan_entry, self.pipeline, self.chain, p, self.storage, self.versions, self.run_.recompute, self.log)
-                       for p in self.run_.partitions]
-            cluster_cpus = self.run_.start_ray()
-            entries = [future.result() for future in planned]
-        self.steps = build_steps(self.pipeline, self.chain, cluster_cpus)
-        self.warmup = Warmup(self.steps, cluster_cpus, self.log, self.pipeline.name)
+            entries = list(threads.map(lambda p: plan_entry(self.pipeline, self.chain, p, self.storage, self.versions,
+                                                            self.run_.recompute, self.log), self.run_.partitions))
         for entry in entries:
             self.commits.keep(entry)
         todo = [e for e in entries if e.index is not None]
+        if todo and self.reads_source:
+            # Every input file this run reads, read whole here before Ray starts: a bad one fails
+            # its partition within seconds, and only it.
+            checked = check_sources(self.pipeline, [e.partition for e in todo if e.index == 0], self.run_.copies)
+            for partition, problem in checked.problems.items():
+                self.commits.fail(partition, problem)
+            todo = [e for e in todo if e.partition not in checked.problems]
+        # A run with nothing left to compute starts no Ray.
+        cluster_cpus = self.run_.start_ray() if todo else 0.0
+        self.steps = build_steps(self.pipeline, self.chain, cluster_cpus)
+        self.warmup = Warmup(self.steps, cluster_cpus, self.log, self.pipeline.name)
         if todo:
             model_s3 = getattr(self.run_.engines, "model_s3", None)  # for s3:// models (model_store.py)
             self.calls = StageCalls(self.pipeline, self.chain, self.commits, model_s3, self.log)
@@ -156,6 +185,10 @@ class _ChainRun:
                 yield from self._finished()
                 yield None  # a tick: the caller may do its own work without holding up the stream
                 self.progress.report(self.commits.summary(), self.pool, self._rows_queued_for_engines(), self.steps)
+            if self.commits.failed:
+                raise PartitionsFailed(self.commits.failed, len(self.run_.partitions))
+        except PartitionsFailed:
+            raise
         except Exception:
             self._cancel()
             yield from self._finished()  # stages whose every partition committed before the failure
@@ -180,9 +213,15 @@ class _ChainRun:
         chunk_rows = self.pipeline.plan(self.chain[0]).settings.batch_size or self.pipeline.config.batch_size
         for entry in todo:
             self.commits.open(entry)
-            for unit in units(self.pipeline, self.chain, entry, self.storage, chunk_rows, self.log):
-                self.commits.expect(unit)
-                yield unit
+            try:
+                for unit in units(self.pipeline, self.chain, entry, self.storage, chunk_rows, self.run_.copies):
+                    if entry.partition in self.commits.failed:
+                        break  # failed by a unit already sent: the rest of its file is not read
+                    self.commits.expect(unit)
+                    yield unit
+            except SourceError as exc:  # changed since the check before the run (an S3 object rewritten)
+                self.commits.fail(entry.partition, str(exc))
+                continue
             self.commits.input_read(entry)
 
     def _backlog_rows(self) -> int:
@@ -201,7 +240,7 @@ class _ChainRun:
         return max(floor, 2 * self.pool.window_rows * len(self.pool.replicas))
 
     def _route(self, unit: Unit, position: int) -> None:
-        if position >= len(self.steps):
+        if position >= len(self.steps) or unit.partition in self.commits.failed:
             return
         # With answers in the response cache, the engine is built once a unit has rows it lacks.
         waits_for_cache = self.cache is not None and self.cache.has_answers()
@@ -225,7 +264,8 @@ class _ChainRun:
             if step is None:
                 while self.engine_queue and (replica := self.pool.free_replica()) is not None:
                     unit = self.engine_queue.popleft()
-                    self.pool.submit(replica, unit, unit.ref, unit.rows)
+                    if unit.partition not in self.commits.failed:
+                        self.pool.submit(replica, unit, unit.ref, unit.rows)
                 continue
             while step.queue and step.room(engines_building) and not self.warmup.warming(step):
                 unit = step.queue.pop(0)
@@ -264,14 +304,22 @@ class _ChainRun:
                 try:
                     report = ray.get(ref)
                 except ray.exceptions.RayTaskError as exc:
-                    raise unwrap(exc) from None
+                    cause = unwrap(exc)
+                    if not isinstance(cause, (RowError, SourceError)):
+                        raise cause from None
+                    self.commits.fail(unit.partition, str(cause))
+                    return
                 step.times.add(submitted, report)
                 self.commits.written(unit, report["written"])
                 unit.ref = table_ref
                 self._route(unit, position + 1)
                 self.commits.commit_ready(unit.partition)
                 return
-        done, lost = self.pool.settle(ref)
+        try:
+            done, lost = self.pool.settle(ref)
+        except BatchFailed as failed:
+            self.commits.fail(failed.tag.partition, str(failed.error))
+            return
         for unit, output_ref in done:
             self.progress.engine_rows_done += unit.rows
             unit.ref = output_ref
@@ -292,7 +340,9 @@ class _ChainRun:
             if stage == ENGINE:
                 self._release_engines()
             usage = self.engine_usage if stage == ENGINE else None
-            yield StageDone(stage, [self.commits.results[stage][p] for p in self.run_.partitions], usage)
+            results = self.commits.results[stage]
+            yield StageDone(stage, [results[p] for p in self.run_.partitions if p in results], usage,
+                            [p for p in self.run_.partitions if p not in results])
 
     def _release_engines(self) -> None:
         if self.pool is not None:

@@ -1,0 +1,59 @@
+"""Before Ray starts: each input file the run reads, read whole by the run's own process.
+
+A bad file (not JSON, empty, a field whose type changes, a repeated row id, bad OpenAI Batch lines)
+is found here, seconds after the run starts, before Ray or any engine does; so is a preprocess
+function that cannot take the file's rows (a missing column), by running Preprocess on the first
+rows of each file. The bad files are left out of the run with their first problem, the good
+ones go on. The row counts found are each partition's total, for the commits.
+
+Preprocess runs here only when its stage has no ``runtime_env`` of its own: what it needs may
+exist only in the Ray workers that env builds.
+"""
+
+from __future__ import annotations
+
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Optional
+
+from llm_assets.errors import SourceError
+from llm_assets.stages.base import RowError
+
+# Rows of each file that Preprocess runs on here: enough for a missing column, few enough that a
+# slow preprocess function costs little.
+PREPROCESS_ROWS = 8
+CHUNK_ROWS = 4096
+THREADS = 8  # S3 downloads overlap; local parsing takes the GIL anyway
+
+
+@dataclass
+class InputCheck:
+    rows: dict[str, int] = field(default_factory=dict)  # partition -> rows of its file
+    problems: dict[str, str] = field(default_factory=dict)  # partition -> its file's first problem
+
+
+def check_sources(pipeline, partitions: list[str], copies: Optional[str]) -> InputCheck:
+    """Read each partition's source file whole (``copies``: where S3 objects are kept for the
+    run's own read) and run Preprocess on its first rows."""
+    plan = pipeline.plan(pipeline.stage_names()[0])
+    preprocess = plan.udf(**plan.udf_kwargs) if plan.udf is not None and not plan.settings.runtime_env else None
+    found = InputCheck()
+    with ThreadPoolExecutor(max_workers=THREADS, thread_name_prefix="input-check") as threads:
+        for partition, rows, problem in threads.map(lambda p: _check(pipeline, p, copies, preprocess), partitions):
+            found.rows[partition] = rows
+            if problem is not None:
+                found.problems[partition] = problem
+    return found
+
+
+def _check(pipeline, partition: str, copies: Optional[str], preprocess) -> tuple[str, int, Optional[str]]:
+    rows, first = 0, None
+    try:
+        for chunk in pipeline.source.read(partition, chunk_rows=CHUNK_ROWS, copies=copies):
+            rows += chunk.num_rows
+            first = chunk.slice(0, PREPROCESS_ROWS) if first is None else first
+        if preprocess is not None and first is not None:
+            preprocess(first)
+    except (SourceError, RowError) as exc:
+        return partition, rows, str(exc)
+    return partition, rows, None
