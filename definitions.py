@@ -12,7 +12,7 @@ from pathlib import Path
 
 import dagster as dg
 
-from llm_assets import LLMPipelineComponent
+from llm_assets.defs.component import load_yaml_pipelines
 from llm_assets.demo import demo_pipeline
 from llm_assets.demo.embed import embed_pipeline
 from llm_assets.defs.factory import build_definitions
@@ -27,8 +27,7 @@ PYTHON_PIPELINES = [demo_pipeline(), embed_pipeline()]
 with warnings.catch_warnings():
     warnings.simplefilter("ignore", dg.PreviewWarning)
     warnings.simplefilter("ignore", dg.BetaWarning)
-    YAML_TREE = dg.ComponentTree.for_project(PROJECT_DIR)
-    YAML_PIPELINES = [component.pipeline for component in YAML_TREE.get_all_components(of_type=LLMPipelineComponent)]
+    YAML_TREE, YAML_PIPELINES = load_yaml_pipelines(PROJECT_DIR)
     # The resources are defined once, here, for the pipelines of both kinds (one Definitions
     # object at module scope: Dagster refuses a module with two).
     defs = dg.Definitions.merge(

@@ -13,6 +13,7 @@ import sys
 
 import dagster as dg
 
+from llm_assets.defs.component import PipelineYamlError
 from llm_assets.defs.factory import add_partitions_for_new_files
 
 
@@ -27,6 +28,11 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         namespace = runpy.run_path(args.file)
+    except PipelineYamlError as exc:  # already `file:line: field: problem` and the lines around it
+        if args.verbose:
+            raise
+        print(f"{exc}\n(while loading {args.file}; --verbose for the traceback)", file=sys.stderr)
+        return 2
     except Exception as exc:
         if args.verbose:
             raise
@@ -43,6 +49,9 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"no pipeline named {sorted(unknown)} in {args.file}; known: {[p.name for p in pipelines]}")
     instance = dg.DagsterInstance.get()
     for pipeline in chosen:
+        missing = pipeline.source.missing()
+        if missing:
+            print(f"warning: {pipeline.name}: {missing}: create it, or fix the pipeline's source", file=sys.stderr)
         new = add_partitions_for_new_files(instance, pipeline)
         known = instance.get_dynamic_partitions(pipeline.name)
         print(f"{pipeline.name}: {len(new)} new partition(s) {new}; {len(known)} in all")

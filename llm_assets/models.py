@@ -14,7 +14,7 @@ import os
 import shutil
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Optional
 
 DONE_MARKER = ".llm_assets_converted"
 
@@ -39,21 +39,9 @@ def resolve_model_source(source: str, log: Callable[[str], None] = print, s3: An
         from llm_assets.model_store import resolve_s3_model
 
         return resolve_s3_model(source, s3, log)
-    expanded = os.path.expanduser(source)
-    if os.path.isdir(expanded):
-        if not os.path.exists(os.path.join(expanded, "config.json")):
-            raise ModelSourceError(f"model_source {source!r} is a folder without config.json: expected a Hugging Face model folder")
-        return os.path.abspath(expanded)
-    if os.path.isfile(expanded):
-        if expanded.endswith(".gguf"):
-            return str(convert_gguf(Path(expanded), log))
-        raise ModelSourceError(f"model_source {source!r} is a file: expected a model folder or a .gguf file")
-    if _looks_like_path(source) or os.path.isdir(source.split("/", 1)[0]):
-        # A path (``models/x`` beside a ``models`` folder is a path with a typo, not a repo id).
-        raise ModelSourceError(
-            f"model_source {source!r} does not exist (relative paths start from {os.getcwd()}): expected a "
-            "local model folder (config.json + tokenizer), a .gguf file, or a Hugging Face repo id"
-        )
+    local = check_local_model_source(source)
+    if local is not None:
+        return str(convert_gguf(Path(local), log)) if local.endswith(".gguf") else os.path.abspath(local)
     if not _in_hub_cache(source):
         from huggingface_hub import constants
 
@@ -63,6 +51,30 @@ def resolve_model_source(source: str, log: Callable[[str], None] = print, s3: An
                 "cache while HF_HUB_OFFLINE is set: pass a local model folder, or download the model first"
             )
     return source  # a hub repo id: vLLM and transformers resolve it
+
+
+def check_local_model_source(source: str, setting: str = "model_source") -> Optional[str]:
+    """The local model folder or .gguf file ``source`` names (``~`` expanded), None for a hub repo id
+    or an S3 URI (checked when a run starts); raises for a local path that is not a model. Cheap:
+    called when definitions load, so a typo in a path fails ``dg check defs``."""
+    if source.startswith("s3://"):
+        return None
+    expanded = os.path.expanduser(source)
+    if os.path.isdir(expanded):
+        if not os.path.exists(os.path.join(expanded, "config.json")):
+            raise ModelSourceError(f"{setting} {source!r} is a folder without config.json: expected a Hugging Face model folder")
+        return expanded
+    if os.path.isfile(expanded):
+        if expanded.endswith(".gguf"):
+            return expanded
+        raise ModelSourceError(f"{setting} {source!r} is a file: expected a model folder or a .gguf file")
+    if _looks_like_path(source) or os.path.isdir(source.split("/", 1)[0]):
+        # A path (``models/x`` beside a ``models`` folder is a path with a typo, not a repo id).
+        raise ModelSourceError(
+            f"{setting} {source!r} does not exist (relative paths start from {os.getcwd()}): expected a "
+            "local model folder (config.json + tokenizer), a .gguf file, or a Hugging Face repo id"
+        )
+    return None
 
 
 def check_s3_load_format(model_source: str, engine_kwargs: dict[str, Any]) -> None:

@@ -30,6 +30,15 @@ RowFn = Callable[[dict[str, Any]], dict[str, Any]]
 SHARED_STAGE_MODULES = ("llm_assets.stages.base", "llm_assets.stages.tokenizer")
 
 
+class ModelPathError(ValueError):
+    """A local model path that is not a model; ``setting`` names the config field
+    (``model_source``, ``tokenize_stage.model_source``...)."""
+
+    def __init__(self, setting: str, message: str):
+        super().__init__(message)
+        self.setting = setting
+
+
 @dataclass(frozen=True)
 class StagePlan:
     """How one stage runs: its UDF class and constructor kwargs (None for the engine), and settings."""
@@ -101,6 +110,25 @@ class LLMPipeline:
             raise ValueError(f"pipeline {self.name!r}: response_cache is {self.response_cache!r}: expected one of {', '.join(CACHE_MODES)}")
         if not 0.0 <= self.max_error_rate <= 1.0:
             raise ValueError(f"pipeline {self.name!r}: max_error_rate is {self.max_error_rate!r}: expected a share between 0 and 1")
+
+    def check_model_paths(self) -> None:
+        """Every local ``model_source`` the pipeline names (the processor's, a stage's own) is a
+        model folder or a .gguf file: checked when definitions load, so a wrong path fails
+        ``dg check defs`` instead of a run. A hub repo id or an S3 URI is checked by the run."""
+        from llm_assets.models import check_local_model_source
+
+        settings = {"model_source": self.engine.model_source(self.config)}
+        for field_name in OPTIONAL_STAGES.values():
+            if field_name in type(self.config).model_fields:
+                value = getattr(self.config, field_name)
+                given = value.get("model_source") if isinstance(value, dict) else getattr(value, "model_source", None)
+                settings[f"{field_name}.model_source"] = given
+        for setting, source in settings.items():
+            if source:
+                try:
+                    check_local_model_source(source, setting)
+                except ValueError as exc:
+                    raise ModelPathError(setting, f"pipeline {self.name!r}: {exc}") from None
 
     @property
     def task(self) -> TaskType:

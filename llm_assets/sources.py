@@ -43,6 +43,11 @@ class LocalFolderSource:
     def location(self) -> str:
         return str(Path(self.folder).expanduser())
 
+    def missing(self) -> Optional[str]:
+        """Why no file can be found here, if the folder itself is missing (a typo, or not created yet)."""
+        folder = Path(self.folder).expanduser()
+        return None if folder.is_dir() else f"the landing folder {folder} does not exist"
+
     def files(self) -> dict[str, Path]:
         folder = Path(self.folder).expanduser()
         if not folder.is_dir():
@@ -92,6 +97,10 @@ class S3PrefixSource:
     @property
     def location(self) -> str:
         return f"s3://{self.bucket}/{self._prefix()}"
+
+    def missing(self) -> Optional[str]:
+        """None: a missing bucket or a refused listing fails the listing itself, naming the bucket."""
+        return None
 
     def _prefix(self) -> str:
         prefix = self.prefix.strip("/")

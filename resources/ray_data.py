@@ -41,9 +41,10 @@ class RayDataResource(dg.ConfigurableResource):
             ray.shutdown()
             self._started_here = False
 
-    def ensure_started(self) -> None:
+    def ensure_started(self, log=None) -> None:
         """Start (or connect to) Ray on first use, not when Dagster builds the resource: Dagster
-        also builds resources for bookkeeping after a run ends, and a Ray start costs seconds."""
+        also builds resources for bookkeeping after a run ends, and a Ray start costs seconds.
+        ``log`` gets one line saying what Ray has (its logical CPUs, which are not the machine's)."""
         import ray
 
         if not ray.is_initialized():
@@ -65,10 +66,23 @@ class RayDataResource(dg.ConfigurableResource):
                     kwargs["num_gpus"] = self.num_gpus
             ray.init(**kwargs)
             self._started_here = True
+            if log is not None:
+                log(self.describe())
 
-    def start(self) -> float:
-        """Start (or connect to) Ray; the cluster's CPUs."""
-        self.ensure_started()
+    def describe(self) -> str:
+        """What the run's Ray has, in numbers a user can check."""
+        import ray
+
+        cpus, gpus = self.cluster_cpus(), self.cluster_gpus()
+        if self.address:
+            return f"Connected to the Ray cluster at {self.address}: {cpus:g} logical CPU(s), {gpus:g} GPU(s) in all"
+        how = ("RayDataResource(num_cpus=...)" if self.num_cpus else
+               f"max({MIN_LOCAL_CPUS}, cores) on this {os.cpu_count()}-core machine; RayDataResource(num_cpus=...) sets another number")
+        return f"Started a local Ray for this run: {cpus:g} logical CPU(s) ({how}), {gpus:g} GPU(s)"
+
+    def start(self, log=None) -> float:
+        """Start (or connect to) Ray; the cluster's logical CPUs."""
+        self.ensure_started(log)
         return self.cluster_cpus()
 
     def cluster_gpus(self) -> float:

@@ -1,6 +1,6 @@
 """A pipeline declared in YAML, as a user makes one: `dg scaffold defs llm_assets.LLMPipelineComponent`,
 its defs.yaml filled in, `dg check defs`, `dg list defs`, then a partition materialized by
-`dagster job execute` with the tiny real model on vLLM's CPU engine.
+`dagster job execute` as scaffolded, on the bundled demo model (SmolLM2) on vLLM's CPU engine.
 
 Each test works on a copy of this repo's code location (definitions.py, pyproject.toml with its
 [tool.dg], workspace.yaml, pipelines/) in a temporary folder, so nothing is left in the repo;
@@ -71,7 +71,7 @@ def committed_rows(project: Path, pipeline: str, stage: str, partition: str) -> 
     return pq.read_table([str(folder / name) for name in manifest["files"]]).to_pylist()
 
 
-def test_a_scaffolded_yaml_pipeline_is_checked_listed_and_materialized(tmp_path, tiny_model):
+def test_a_scaffolded_yaml_pipeline_is_checked_listed_and_materialized(tmp_path):
     project = code_location_copy(tmp_path)
     components = run([str(BIN / "dg"), "list", "components", "--json"], project)
     assert components.returncode == 0, components.stderr
@@ -81,11 +81,11 @@ def test_a_scaffolded_yaml_pipeline_is_checked_listed_and_materialized(tmp_path,
     assert sorted(p.name for p in folder.iterdir()) == ["defs.yaml", "functions.py"]
     defs_yaml = folder / "defs.yaml"
     assert yaml.safe_load(defs_yaml.read_text())["type"] == "llm_assets.LLMPipelineComponent"
-
-    # The scaffolded file names its source folder under the project and the row functions of
-    # functions.py; the user points it at a model and adds a description.
-    set_attributes(defs_yaml, config={"model_source": tiny_model, "engine_kwargs": {"max_model_len": 512}, "batch_size": 4},
-                   description="The tiny model answers each question.")
+    # It names the bundled demo model and a landing folder it created with an example file: it
+    # runs offline as scaffolded. The user adds a description and a file of their own.
+    assert [p.name for p in (project / "data" / "reviews").iterdir()] == ["example.jsonl"]
+    set_attributes(defs_yaml, description="The demo model answers each question.")
+    (project / "data" / "reviews" / "example.jsonl").unlink()
     write_jsonl(project / "data" / "reviews" / "questions.jsonl", QUESTIONS)
 
     checked = run([str(BIN / "dg"), "check", "defs"], project)
@@ -100,7 +100,7 @@ def test_a_scaffolded_yaml_pipeline_is_checked_listed_and_materialized(tmp_path,
     assert {f"reviews/{stage}" for stage in stages} <= assets
     assert {"demo/postprocess", "sentences/postprocess"} <= assets  # the Python pipelines too
     jobs = {job["name"]: job.get("description") for job in listing["jobs"]}
-    assert jobs["reviews_job"] == "The tiny model answers each question."
+    assert jobs["reviews_job"] == "The demo model answers each question."
     assert {"demo_job", "sentences_job"} <= set(jobs)
     assert {"reviews_new_files", "demo_new_files", "sentences_new_files"} <= {s["name"] for s in listing["sensors"]}
     assert {"storage", "ray_data", "engine_pool"} <= {r["name"] for r in listing["resources"]}

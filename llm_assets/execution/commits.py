@@ -42,14 +42,15 @@ class Commits:
         self.committed = dict.fromkeys(chain, 0)
         # Partitions that failed (a bad input file, a row a stage refused) -> the first problem:
         # none of their stages commits after that; the other partitions go on.
-        self.failed: dict[str, str] = {}
+        self.failed: dict[str, Exception] = {}
 
-    def fail(self, partition: str, problem: str) -> None:
+    def fail(self, partition: str, problem: Exception) -> None:
         """Fail one partition: what it committed stays, nothing more of it is committed."""
         if partition in self.failed:
             return
         self.failed[partition] = problem
-        self.log(f"[{partition}] failed, the run goes on without it: {problem}")
+        others = len(self.partitions) - len(self.failed)
+        self.log(f"[{partition}] failed: {problem}" + (f" (the run goes on with the other {others} partition(s))" if others else ""))
 
     def keep(self, entry: Entry) -> None:
         """Record the partition's up-to-date stages, and count the ones this run computes."""

@@ -174,9 +174,9 @@ def unschedulable(steps: list[Optional[Group]], nodes: list[dict[str, float]], e
     if engines:
         for key in ("CPU", "GPU"):
             if engines[f"{key}_each"] > largest[key]:
-                return f"each engine asks for {engines[f'{key}_each']:g} {key}(s); the largest node of the Ray cluster has {largest[key]:g}"
+                return f"each engine asks for {engines[f'{key}_each']:g} {_unit(key)}; the largest node of the Ray cluster has {largest[key]:g}"
             if engines[key] > total[key]:
-                return f"the engines ask for {engines[key]:g} {key}(s) in all; the Ray cluster has {total[key]:g}"
+                return f"the engines ask for {engines[key]:g} {_unit(key)} in all; the Ray cluster has {total[key]:g}"
     held = engines["CPU"] if engines and len(nodes) == 1 else 0.0  # on one node the engines' CPUs are never free
     for step in steps:
         if step is None:
@@ -185,8 +185,12 @@ def unschedulable(steps: list[Optional[Group]], nodes: list[dict[str, float]], e
         if need > largest["CPU"] - held:
             stages = ", ".join(s for s in step.stages if s != ENGINE) or ENGINE
             beside = f", {held:g} of them held by the engines for the whole run" if held else ""
-            return f"stage(s) {stages} ask for {need:g} CPU(s) per task; the largest node of the Ray cluster has {largest['CPU']:g}{beside}"
+            return f"stage(s) {stages} ask for {need:g} logical CPU(s) per task; the largest node of the Ray cluster has {largest['CPU']:g}{beside}"
     return None
+
+
+def _unit(key: str) -> str:
+    return "logical CPU(s)" if key == "CPU" else "GPU(s)"
 
 
 def check_schedulable(name: str, steps: list[Optional[Group]], engines: Optional[dict[str, float]]) -> None:
@@ -197,4 +201,5 @@ def check_schedulable(name: str, steps: list[Optional[Group]], engines: Optional
     nodes = [node["Resources"] for node in ray.nodes() if node.get("Alive")]
     problem = unschedulable(steps, nodes, engines)
     if problem:
-        raise RuntimeError(f"{name}: this run cannot be scheduled: {problem}. Lower the setting or add resources.")
+        raise RuntimeError(f"{name}: this run cannot be scheduled: {problem}. Lower the setting or add resources (Ray's CPUs "
+                           "are logical: a local Ray has max(4, cores) of them unless RayDataResource(num_cpus=...) says).")

@@ -59,7 +59,7 @@ class PartitionsFailed(RuntimeError):
     """Some partitions of a run failed (bad input files, rows a stage refused); every stage of the
     others is committed."""
 
-    def __init__(self, failed: dict[str, str], total: int):
+    def __init__(self, failed: dict[str, Exception], total: int):
         self.failed = failed
         problems = "; ".join(f"[{partition}] {problem}" for partition, problem in failed.items())
         good = total - len(failed)
@@ -139,7 +139,7 @@ class _ChainRun:
             # its partition within seconds, and only it.
             checked = check_sources(self.pipeline, [e.partition for e in todo if e.index == 0], self.run_.copies)
             for partition, problem in checked.problems.items():
-                self.commits.fail(partition, problem)
+                self.commits.fail(partition, SourceError(problem))
             todo = [e for e in todo if e.partition not in checked.problems]
         # A run with nothing left to compute starts no Ray.
         cluster_cpus = self.run_.start_ray() if todo else 0.0
@@ -185,10 +185,6 @@ class _ChainRun:
                 yield from self._finished()
                 yield None  # a tick: the caller may do its own work without holding up the stream
                 self.progress.report(self.commits.summary(), self.pool, self._rows_queued_for_engines(), self.steps)
-            if self.commits.failed:
-                raise PartitionsFailed(self.commits.failed, len(self.run_.partitions))
-        except PartitionsFailed:
-            raise
         except Exception:
             self._cancel()
             yield from self._finished()  # stages whose every partition committed before the failure
@@ -198,6 +194,15 @@ class _ChainRun:
             raise
         finally:
             self._release_engines()
+        if self.commits.failed:  # raised once the other partitions are committed
+            raise self._failure()
+
+    def _failure(self) -> Exception:
+        """The error a run ends with when partitions failed: a run of one partition fails with
+        that partition's own error; a run of several names each failed partition."""
+        if len(self.run_.partitions) == 1:
+            return next(iter(self.commits.failed.values()))
+        return PartitionsFailed(self.commits.failed, len(self.run_.partitions))
 
     def _cancel(self) -> None:
         import ray
@@ -220,7 +225,7 @@ class _ChainRun:
                     self.commits.expect(unit)
                     yield unit
             except SourceError as exc:  # changed since the check before the run (an S3 object rewritten)
-                self.commits.fail(entry.partition, str(exc))
+                self.commits.fail(entry.partition, exc)
                 continue
             self.commits.input_read(entry)
 
@@ -307,7 +312,7 @@ class _ChainRun:
                     cause = unwrap(exc)
                     if not isinstance(cause, (RowError, SourceError)):
                         raise cause from None
-                    self.commits.fail(unit.partition, str(cause))
+                    self.commits.fail(unit.partition, cause)
                     return
                 step.times.add(submitted, report)
                 self.commits.written(unit, report["written"])
@@ -318,7 +323,7 @@ class _ChainRun:
         try:
             done, lost = self.pool.settle(ref)
         except BatchFailed as failed:
-            self.commits.fail(failed.tag.partition, str(failed.error))
+            self.commits.fail(failed.tag.partition, failed.error)
             return
         for unit, output_ref in done:
             self.progress.engine_rows_done += unit.rows
