@@ -123,6 +123,7 @@ def test_dagster_asset_materialize_runs_the_stages_in_one_step_with_one_engine(s
     assert process.returncode == 0, output[-6000:]
     assert "RUN_SUCCESS" in output
     assert output.count(ENGINE_START) >= 1  # the CLI prints the run's events
+    assert "Started a local Ray for this run: 4 logical CPU(s)" in output
 
     with dg.instance_for_test(temp_dir=str(setup["home"])) as instance:
         runs = instance.get_runs()
@@ -135,6 +136,15 @@ def test_dagster_asset_materialize_runs_the_stages_in_one_step_with_one_engine(s
         assert any("stages preprocess, chat_template, tokenize, engine, detokenize, postprocess over 1 partition(s): a.jsonl" in m for m in messages)
     assert_committed(setup["storage"], ["a.jsonl"])
     assert setup["storage"].manifest("tiny", "postprocess", "b.jsonl") is None
+
+    # The same command again: every stage is up to date, so the run starts no Ray at all.
+    again = subprocess.run(
+        [str(dagster), "asset", "materialize", "-f", str(setup["defs"]), "--select", "group:tiny", "--partition", "a.jsonl"],
+        cwd=setup["tmp"], env=env, capture_output=True, text=True, timeout=RUN_WAIT_S)
+    assert again.returncode == 0, (again.stdout + again.stderr)[-6000:]
+    output = again.stdout + again.stderr
+    assert all(f"{stage} [a.jsonl]: up to date" in output for stage in STAGES), output[-6000:]
+    assert "Started a local Ray" not in output and ENGINE_LOAD not in output, output[-6000:]
 
 
 LAUNCH_PARTITION_BACKFILL = """

@@ -11,7 +11,7 @@ import pytest
 from llm_assets.execution.cache import CacheSettings, request_keys
 from llm_assets.stages.base import ERROR_COLUMN
 from tests.conftest import questions, write_jsonl
-from tests.test_pipeline_dagster import log_messages, make_pipeline, make_resources, read_output, run_job
+from tests.test_pipeline_dagster import MAX_TOKENS, log_messages, make_pipeline, make_resources, read_output, run_job
 
 N = 16
 ENGINE_STARTS = "Starting 1 vLLM engine actor(s)"
@@ -22,13 +22,16 @@ def engine_output(resources, partition) -> dict[str, dict]:
     return {row["question"]: row for row in read_output(resources["storage"], "engine", partition)}
 
 
-def rows_cached(instance, run_id) -> int:
+def engine_metadata(instance, run_id) -> dict:
     for event in instance.all_logs(run_id):
         materialization = event.asset_materialization
         if materialization is not None and materialization.asset_key.path[-1] == "engine":
-            value = materialization.metadata.get("rows_cached")
-            return value.value if value is not None else 0
+            return {key: value.value for key, value in materialization.metadata.items()}
     raise AssertionError("the run materialized no engine stage")
+
+
+def rows_cached(instance, run_id) -> int:
+    return engine_metadata(instance, run_id).get("rows_cached", 0)
 
 
 @pytest.fixture(scope="module")
@@ -74,7 +77,15 @@ def test_overlapping_prompts_of_a_later_file_are_answered_from_the_cache(cached_
     # Rows keep the file's order, cached or not.
     ids = [row["row_id"] for row in read_output(cached_runs["resources"]["storage"], "engine", "b.jsonl")]
     assert ids == [f"b.jsonl:{i}" for i in range(N)]
-    assert any(f"{N // 2} of them answered from the response cache" in m for m in log_messages(instance, run.run_id))
+    messages = log_messages(instance, run.run_id)
+    assert any(f"{N // 2} of them answered from the response cache" in m for m in messages)
+    # The file starts with rows the cache answers, and has rows to generate: the engine actors
+    # start with the run, before the first batch's lookup.
+    loading = next(i for i, m in enumerate(messages) if m.startswith("Loading vLLM into 1 engine actor(s)"))
+    looked_up = next(i for i, m in enumerate(messages) if m.startswith("Response cache (deterministic requests):"))
+    assert loading < looked_up
+    # Generated tokens count the generated rows only.
+    assert engine_metadata(instance, run.run_id)["generated_tokens"] == N // 2 * MAX_TOKENS
 
 
 def test_cached_output_equals_an_uncached_run(cached_runs):
@@ -90,8 +101,10 @@ def test_cached_output_equals_an_uncached_run(cached_runs):
 
 def test_a_file_landed_twice_costs_no_engine_at_all(cached_runs):
     instance, run = cached_runs["instance"], cached_runs["runs"]["c"]
-    assert rows_cached(instance, run.run_id) == N
-    assert not any(ENGINE_STARTS in m for m in log_messages(instance, run.run_id))
+    metadata = engine_metadata(instance, run.run_id)
+    assert metadata["rows_cached"] == N and metadata["generated_tokens"] == 0 and metadata["engine_seconds"] == 0
+    # No engine actor at all: none was created, none imported vLLM.
+    assert not any(m.startswith(("Loading vLLM", ENGINE_STARTS)) for m in log_messages(instance, run.run_id))
     assert len(read_output(cached_runs["resources"]["storage"], "postprocess", "c.jsonl")) == N
 
 

@@ -96,6 +96,22 @@ def test_postprocess_passes_failed_rows_through_untouched():
     assert rows[1]["row_id"] == "bad" and rows[1][ERROR_COLUMN] == "ValueError: too long"
 
 
+def test_with_should_continue_on_error_the_output_is_ray_data_llms():
+    """ray.data.llm 2.60, run on one file with a failing row (a prompt past max_model_len): a good
+    row is the function's output with __inference_error__ "", a failed row bypasses the function
+    and keeps every column it had, its input columns and the stages' columns."""
+    batch = table_of([
+        {"row_id": "ok", "id": 0, "prompt": "p", "generated_text": " hi ", "num_generated_tokens": 2, ERROR_COLUMN: None},
+        {"row_id": "bad", "id": 1, "prompt": "long", "generated_text": None, "num_generated_tokens": None,
+         ERROR_COLUMN: "VLLMValidationError: the prompt is too long"},
+    ])
+    good, bad = PostprocessStage(lambda row: {"id": row["id"], "answer": row["generated_text"].strip()},
+                                 should_continue_on_error=True)(batch).to_pylist()
+    assert {k: v for k, v in good.items() if v is not None} == {"id": 0, "answer": "hi", "row_id": "ok", ERROR_COLUMN: ""}
+    assert {k: v for k, v in bad.items() if v is not None} == {
+        "id": 1, "row_id": "bad", "prompt": "long", ERROR_COLUMN: "VLLMValidationError: the prompt is too long"}
+
+
 def test_postprocess_gives_sampling_params_back_as_the_dict_they_were():
     seen = []
 

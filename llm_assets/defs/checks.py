@@ -34,7 +34,7 @@ from llm_assets.execution.stats import PartitionStats
 from llm_assets.pipeline import LLMPipeline
 from llm_assets.tasks import ENGINE
 from llm_assets.stages import media, prepare_multimodal
-from llm_assets.stages.base import ERROR_COLUMN, ROW_ID, loads_params
+from llm_assets.stages.base import ERROR_COLUMN, ROW_ID, failed_mask, loads_params
 
 ROW_IDS = "row_ids_conserved"
 ERROR_RATE = "error_rate"
@@ -105,7 +105,7 @@ def partition_findings(pipeline: LLMPipeline, stage: str, stats: PartitionStats,
 
 def _without_errors(table: pa.Table) -> pa.Table:
     """The rows no stage marked as failed (a failed row is the error_rate check's)."""
-    return table.filter(pc.is_null(table.column(ERROR_COLUMN))) if ERROR_COLUMN in table.column_names else table
+    return table.filter(pc.invert(failed_mask(table.column(ERROR_COLUMN)))) if ERROR_COLUMN in table.column_names else table
 
 
 def _row_ids(storage, pipeline: str, stage: str, partition: str) -> Counter:

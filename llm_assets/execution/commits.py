@@ -99,8 +99,12 @@ class Commits:
             commit.files[unit.seq] = (item["file"], item["rows"])
             commit.stats.add(item)
 
-    def add_cached(self, partition: str, rows: int) -> None:
-        self.open_commits[(ENGINE, partition)].stats.rows_cached += rows
+    def add_cached(self, partition: str, rows: int, tokens: int) -> None:
+        """Rows the response cache answered: counted apart, and their tokens are not this run's
+        generated tokens (the engine stage's output holds them all)."""
+        stats = self.open_commits[(ENGINE, partition)].stats
+        stats.rows_cached += rows
+        stats.generated_tokens -= tokens
 
     def input_read(self, entry: Entry) -> None:
         for stage in self.chain[entry.index:]:

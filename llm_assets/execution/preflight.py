@@ -12,9 +12,12 @@ exist only in the Ray workers that env builds.
 
 from __future__ import annotations
 
+import random
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Optional
+
+import pyarrow as pa
 
 from llm_assets.errors import SourceError
 from llm_assets.stages.base import RowError
@@ -22,6 +25,10 @@ from llm_assets.stages.base import RowError
 # Rows of each file that Preprocess runs on here: enough for a missing column, few enough that a
 # slow preprocess function costs little.
 PREPROCESS_ROWS = 8
+# Rows of each file kept, spread over it, for the response cache to tell whether the run has rows
+# to generate (the first rows of a file are not enough: a new file often starts with old questions).
+SAMPLE_ROWS = 16
+SAMPLED_FILES = 4
 CHUNK_ROWS = 4096
 THREADS = 8  # S3 downloads overlap; local parsing takes the GIL anyway
 
@@ -30,6 +37,13 @@ THREADS = 8  # S3 downloads overlap; local parsing takes the GIL anyway
 class InputCheck:
     rows: dict[str, int] = field(default_factory=dict)  # partition -> rows of its file
     problems: dict[str, str] = field(default_factory=dict)  # partition -> its file's first problem
+    samples: list[pa.Table] = field(default_factory=list)  # rows spread over each good file, as read
+
+    @property
+    def sample(self) -> Optional[pa.Table]:
+        """Rows spread over the run's first good files, or None."""
+        picked = self.samples[:SAMPLED_FILES]
+        return pa.concat_tables(picked, promote_options="permissive") if picked else None
 
 
 def check_sources(pipeline, partitions: list[str], copies: Optional[str]) -> InputCheck:
@@ -39,21 +53,31 @@ def check_sources(pipeline, partitions: list[str], copies: Optional[str]) -> Inp
     preprocess = plan.udf(**plan.udf_kwargs) if plan.udf is not None and not plan.settings.runtime_env else None
     found = InputCheck()
     with ThreadPoolExecutor(max_workers=THREADS, thread_name_prefix="input-check") as threads:
-        for partition, rows, problem in threads.map(lambda p: _check(pipeline, p, copies, preprocess), partitions):
+        for partition, rows, problem, sample in threads.map(lambda p: _check(pipeline, p, copies, preprocess), partitions):
             found.rows[partition] = rows
             if problem is not None:
                 found.problems[partition] = problem
+            else:
+                found.samples.append(sample)
     return found
 
 
-def _check(pipeline, partition: str, copies: Optional[str], preprocess) -> tuple[str, int, Optional[str]]:
+def _check(pipeline, partition: str, copies: Optional[str], preprocess) -> tuple[str, int, Optional[str], Optional[pa.Table]]:
     rows, first = 0, None
+    kept: list[pa.Table] = []  # a reservoir of one-row slices, seeded: the same file gives the same sample
+    chooser = random.Random(partition)
     try:
         for chunk in pipeline.source.read(partition, chunk_rows=CHUNK_ROWS, copies=copies):
-            rows += chunk.num_rows
             first = chunk.slice(0, PREPROCESS_ROWS) if first is None else first
+            for index in range(chunk.num_rows):
+                seen = rows + index
+                if seen < SAMPLE_ROWS:
+                    kept.append(chunk.slice(index, 1))
+                elif (slot := chooser.randrange(seen + 1)) < SAMPLE_ROWS:
+                    kept[slot] = chunk.slice(index, 1)
+            rows += chunk.num_rows
         if preprocess is not None and first is not None:
             preprocess(first)
     except (SourceError, RowError) as exc:
-        return partition, rows, str(exc)
-    return partition, rows, None
+        return partition, rows, str(exc), None
+    return partition, rows, None, pa.concat_tables(kept, promote_options="permissive")

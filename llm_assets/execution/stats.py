@@ -13,7 +13,7 @@ from typing import Any, Optional
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from llm_assets.stages.base import ERROR_COLUMN
+from llm_assets.stages.base import ERROR_COLUMN, failed_mask
 
 
 def _sum(column) -> int:
@@ -31,7 +31,7 @@ def batch_summary(batch: pa.Table) -> dict[str, Any]:
     if "generated_text" in batch.column_names:
         rows = batch.slice(0, 4 * SAMPLES_KEPT).to_pylist()
         summary["samples"] = [{"prompt": _clip(_asked(row)), "generated_text": _clip(row.get("generated_text"))}
-                              for row in rows if row.get(ERROR_COLUMN) is None][:SAMPLES_KEPT]
+                              for row in rows if not row.get(ERROR_COLUMN)][:SAMPLES_KEPT]
     return summary
 
 
@@ -58,7 +58,7 @@ def batch_counts(batch: pa.Table) -> dict[str, int]:
     if "num_generated_tokens" in names:
         counts["generated_tokens"] = _sum(batch.column("num_generated_tokens"))
     if ERROR_COLUMN in names:
-        counts["errors"] = batch.num_rows - batch.column(ERROR_COLUMN).null_count
+        counts["errors"] = _sum(failed_mask(batch.column(ERROR_COLUMN)))
     if "http_retries" in names:  # requests an HTTP engine sent again
         counts["retries"] = _sum(batch.column("http_retries"))
     return counts

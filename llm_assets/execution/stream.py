@@ -23,7 +23,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator, Optional, Union
 
-from llm_assets.engines.pool import BatchFailed, unwrap
+from llm_assets.engines.pool import BatchFailed, first_line, unwrap
 from llm_assets.errors import SourceError
 from llm_assets.execution.cache import RunCache
 from llm_assets.execution.calls import StageCalls
@@ -45,6 +45,8 @@ Log = Callable[[str], None]
 LOOKAHEAD_MIN_ROWS = 8192
 LOOKAHEAD_STARTING_ROWS = 32768
 PLANNING_THREADS = 16
+# What a run's engines held when none was started (the response cache answered every row).
+NO_ENGINE_USAGE = {"engine_seconds": 0.0, "gpu_seconds": 0.0, "placement": []}
 
 
 @dataclass
@@ -115,6 +117,7 @@ class _ChainRun:
         self.pool = None
         self.cache: Optional[RunCache] = None
         self.engine_usage: Optional[dict[str, Any]] = None
+        self.engine_target: Optional[str] = None  # what the engines serve, while the run may still start them
         self.progress = Progress(self.pipeline.name, self.log, run.stall_report_s)
         self.filesystem = self.storage.filesystem()
         import ray
@@ -134,6 +137,7 @@ class _ChainRun:
         for entry in entries:
             self.commits.keep(entry)
         todo = [e for e in entries if e.index is not None]
+        checked = None
         if todo and self.reads_source:
             # Every input file this run reads, read whole here before Ray starts: a bad one fails
             # its partition within seconds, and only it.
@@ -154,10 +158,16 @@ class _ChainRun:
             self.calls.check_before_run()
             if runs_engine:
                 model = self.pipeline.plan(ENGINE).model_source
-                target = self.calls.models[model] if model else self.pipeline.engine.target(self.pipeline.config)
-                self.pool = self.run_.engines.pool_for(self.pipeline, target, self.log)
+                self.engine_target = self.calls.models[model] if model else self.pipeline.engine.target(self.pipeline.config)
                 self.cache = RunCache.start(self.pipeline, self.calls.models.get(model) if model else None, self.storage,
                                             self.run_.recompute, self.log)
+                # The engine actors start now (they import the engine library while the CPU stages
+                # run), unless the response cache answers the run's first rows: then they start
+                # only for a batch with a row the cache lacks, and a run the cache answers whole
+                # starts none.
+                sample = checked.sample if self.reads_source and todo[0].index == 0 else None
+                if self.cache is None or self._first_rows_miss(sample):
+                    self._engine_pool()
         yield from self._finished()
         feed = self._feed(todo)
         exhausted = not todo
@@ -247,9 +257,7 @@ class _ChainRun:
     def _route(self, unit: Unit, position: int) -> None:
         if position >= len(self.steps) or unit.partition in self.commits.failed:
             return
-        # With answers in the response cache, the engine is built once a unit has rows it lacks.
-        waits_for_cache = self.cache is not None and self.cache.has_answers()
-        if self.pool is not None and (position > 0 or not self.reads_source) and not waits_for_cache:
+        if self.pool is not None and (position > 0 or not self.reads_source):
             # The first unit past Preprocess's checks starts the engine build (bad input never
             # reaches a GPU): the engine compiles while the tokenizer stages load and run.
             self.pool.build()
@@ -267,7 +275,7 @@ class _ChainRun:
             self.warmup.start(len(self.pool.replicas), self.calls.stages)
         for step in self.steps:
             if step is None:
-                while self.engine_queue and (replica := self.pool.free_replica()) is not None:
+                while self.engine_queue and self.pool is not None and (replica := self.pool.free_replica()) is not None:
                     unit = self.engine_queue.popleft()
                     if unit.partition not in self.commits.failed:
                         self.pool.submit(replica, unit, unit.ref, unit.rows)
@@ -294,10 +302,10 @@ class _ChainRun:
             self.warmup.settle(ref)
             return
         if self.cache is not None and ref in self.cache.lookups:
-            unit, cached, uncached = self.cache.settle(ref)
-            self.commits.add_cached(unit.partition, cached)
-            if uncached:
-                self.pool.build()
+            unit, counts = self.cache.settle(ref)
+            self.commits.add_cached(unit.partition, counts["hits"], counts["hit_tokens"])
+            if counts["misses"]:
+                self._engine_pool().build()
                 self.engine_queue.append(unit)
             else:
                 self._route(unit, self.steps.index(None) + 1)
@@ -349,8 +357,35 @@ class _ChainRun:
             yield StageDone(stage, [results[p] for p in self.run_.partitions if p in results], usage,
                             [p for p in self.run_.partitions if p not in results])
 
+    def _engine_pool(self):
+        """The run's engine pool, its actors created on first need (they begin importing the engine
+        library at once; ``build()`` starts the engines)."""
+        if self.pool is None and self.engine_target is not None:
+            self.pool = self.run_.engines.pool_for(self.pipeline, self.engine_target, self.log)
+        return self.pool
+
+    def _first_rows_miss(self, sample) -> bool:
+        """Whether the run's first rows, taken through the stages before the engine here in the
+        run's process, ask what the response cache lacks. Without a sample to tell (or stages
+        too heavy to run here: media), assume so."""
+        before_engine = self.chain[:self.chain.index(ENGINE)]
+        plans = [self.pipeline.plan(stage) for stage in before_engine]
+        if sample is None or "prepare_multimodal" in before_engine or any(plan.settings.runtime_env for plan in plans):
+            return True
+        try:
+            for plan in plans:
+                sample = plan.udf(**self.calls.udf_kwargs(plan))(sample)
+        except (RowError, ValueError, OSError) as exc:
+            self.log(f"Response cache: the first rows could not be looked up before the run ({first_line(exc)}); "
+                     "the engines start now")
+            return True
+        return self.cache.misses(sample)
+
     def _release_engines(self) -> None:
+        self.engine_target = None  # none is started after this
         if self.pool is not None:
             self.engine_usage = self.pool.usage()
             self.run_.engines.release(self.pool)
             self.pool = None
+        elif self.engine_usage is None:
+            self.engine_usage = NO_ENGINE_USAGE

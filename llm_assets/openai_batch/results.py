@@ -28,7 +28,7 @@ def output_line(row: dict[str, Any], default_model: str, created: int, namespace
     ``namespace`` (the output path) keeps ids of equal custom_ids in different files apart."""
     custom_id = str(row[ROW_ID])
     line_id = f"batch_req_{_stable_id(namespace, custom_id)}"
-    error = row.get(ERROR_COLUMN)
+    error = row.get(ERROR_COLUMN) or None  # "" is a good row's, as in ray.data.llm
     finish_reason = row.get("finish_reason") or "stop"
     if error is None and finish_reason not in FINISH_REASONS:
         error = f"the engine stopped the request before it finished (finish_reason {finish_reason!r})"

@@ -13,7 +13,8 @@ import pyarrow as pa
 
 # Stable id of a row from the input file to the last stage's output.
 ROW_ID = "row_id"
-# Set on a row whose request failed when should_continue_on_error=True ("Type: message").
+# Set on a row whose request failed when should_continue_on_error=True ("Type: message"). As in
+# ray.data.llm, the final output's good rows carry "" in it: null and "" both mean no error.
 ERROR_COLUMN = "__inference_error__"
 
 
@@ -72,7 +73,14 @@ def column_or_none(batch: pa.Table, name: str) -> list[Any]:
 
 def ok_rows(batch: pa.Table) -> list[bool]:
     """Rows that an earlier stage did not mark as failed; failed rows pass through untouched."""
-    return [error is None for error in column_or_none(batch, ERROR_COLUMN)]
+    return [not error for error in column_or_none(batch, ERROR_COLUMN)]
+
+
+def failed_mask(column: pa.ChunkedArray) -> pa.ChunkedArray:
+    """True where an error column holds an error (not null, not "")."""
+    import pyarrow.compute as pc
+
+    return pc.fill_null(pc.not_equal(column, ""), False)
 
 
 def dumps_params(params: Any) -> str | None:
