@@ -81,7 +81,7 @@ def run_raw_vllm(count: int) -> dict:
 def run_llm_assets(count: int, partitions: int) -> dict:
     import dagster as dg
 
-    from llm_assets.config import vLLMEngineProcessorConfig
+    from llm_assets import vLLMEngineProcessorConfig
     from llm_assets.defs.factory import add_partitions_for_new_files, build_definitions
     from llm_assets.pipeline import LLMPipeline
     from llm_assets.sources import LocalFolderSource

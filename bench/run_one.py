@@ -143,7 +143,7 @@ def llm_assets_2gpu(spec: dict, monitor: Monitor) -> dict:
 
 def llm_assets_sglang(spec: dict, monitor: Monitor) -> dict:
     """llm_assets with the SGLang engine, on the same prompts as raw_sglang."""
-    from llm_assets.config import SGLangEngineProcessorConfig
+    from llm_assets import SGLangEngineProcessorConfig
 
     return run_llm_assets(spec, monitor, SGLangEngineProcessorConfig(
         model_source=spec["model"], engine_kwargs={"load_format": "dummy", "context_length": 2048},

@@ -2,11 +2,15 @@
 of engine replicas. Start with :class:`LLMPipeline` and ``definitions.py``."""
 
 from llm_assets.config import OfflineProcessorConfig, ProcessorConfig
+from llm_assets.engines.http import HttpRequestProcessorConfig
+from llm_assets.engines.serve import ServeDeploymentProcessorConfig, ServeEngine
+from llm_assets.engines.sglang import SGLangEngineProcessorConfig
 from llm_assets.engines.vllm import vLLMEngineProcessorConfig
 from llm_assets.pipeline import LLMPipeline
 from llm_assets.sources import LocalFolderSource, S3PrefixSource
 
-__all__ = ["LLMPipeline", "LLMPipelineComponent", "LocalFolderSource", "OfflineProcessorConfig", "ProcessorConfig", "S3PrefixSource",
+__all__ = ["HttpRequestProcessorConfig", "LLMPipeline", "LLMPipelineComponent", "LocalFolderSource", "OfflineProcessorConfig",
+           "ProcessorConfig", "S3PrefixSource", "SGLangEngineProcessorConfig", "ServeDeploymentProcessorConfig", "ServeEngine",
            "vLLMEngineProcessorConfig"]
 
 

@@ -6,8 +6,8 @@ thing here. Unknown fields and wrong types fail when the config is built (so at 
 with pydantic's message naming the field.
 
 The base classes are here (``ProcessorConfig``, ``OfflineProcessorConfig``, the stage configs); each
-engine's own config class lives with its engine under ``llm_assets/engines/`` and is importable from
-this module too (``from llm_assets.config import vLLMEngineProcessorConfig``).
+engine's own config class lives with its engine under ``llm_assets/engines/``, and every one is
+importable from the package, as from ray.data.llm (``from llm_assets import vLLMEngineProcessorConfig``).
 """
 
 from __future__ import annotations
@@ -220,16 +220,3 @@ class OfflineProcessorConfig(ProcessorConfig):
             raise ValueError(f"{name}: expected bool, dict or {cls.__name__}, got {type(value).__name__}")
         return self.inherit(resolved)
 
-
-def __getattr__(name: str):
-    # Engine config classes live with their engines; importing them from here keeps
-    # ray.data.llm's import shape (``from llm_assets.config import vLLMEngineProcessorConfig``).
-    # Other names (pydantic probes the module while building the classes above) are not ours.
-    if name.startswith("_") or not name.endswith("ProcessorConfig"):
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    from llm_assets.engines import ENGINES
-
-    for config_class in ENGINES:
-        if config_class.__name__ == name:
-            return config_class
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -34,8 +34,8 @@ def export_partitions(pipeline: LLMPipeline, partitions: list[str], storage, log
     fs, root = destination(pipeline.openai_batch_output, storage)
     stage = pipeline.text_stage()
     # The model's folder name; an engine without a model of its own (HTTP) names its URL.
-    model_source = pipeline.engine.model_source(pipeline.config)
-    model = PurePosixPath(model_source).name if model_source else pipeline.engine.target(pipeline.config)
+    model_source = pipeline.engine.model_source()
+    model = PurePosixPath(model_source).name if model_source else pipeline.engine.target()
     results = []
     for partition in partitions:
         stem = posixpath.splitext(partition)[0]

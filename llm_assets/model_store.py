@@ -44,7 +44,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional
 
-from llm_assets.models import ModelSourceError, model_cache_dir
+from llm_assets.model_cache import ModelSourceError, model_cache_dir
 
 Log = Callable[[str], None]
 RECORD = ".llm_assets_s3.json"  # name -> {"etag", "size"} of each complete file

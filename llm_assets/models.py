@@ -16,15 +16,9 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Optional
 
-DONE_MARKER = ".llm_assets_converted"
+from llm_assets.model_cache import DONE_MARKER, ModelSourceError, model_cache_dir
 
-
-class ModelSourceError(ValueError):
-    pass
-
-
-def model_cache_dir() -> Path:
-    return Path(os.environ.get("LLM_ASSETS_MODEL_CACHE", "~/.cache/llm_assets/models")).expanduser()
+__all__ = ["DONE_MARKER", "ModelSourceError", "check_local_model_source", "convert_gguf", "model_cache_dir", "resolve_model_source"]
 
 
 def _looks_like_path(source: str) -> bool:

@@ -8,6 +8,7 @@ the engine stage.
 
 from __future__ import annotations
 
+import functools
 import inspect
 import re
 from dataclasses import dataclass, field
@@ -18,16 +19,39 @@ from pydantic import ValidationError
 
 from llm_assets import versions
 from llm_assets.config import OfflineProcessorConfig, StageConfig, one_line
-from llm_assets.engines import ENGINES, EngineSpec, engine_for
-from llm_assets.execution.cache import MODES as CACHE_MODES
+from llm_assets.engines import ENGINES, Engine, engine_for
 from llm_assets.sources import LocalFolderSource, S3PrefixSource
 from llm_assets.stages import OPTIONAL_STAGES, STAGES
-from llm_assets.stages.structured import json_schema
 from llm_assets.tasks import ENGINE, TASKS, TaskType
+from llm_assets.tasks.requests import RowContext
+from llm_assets.tasks.structured import json_schema
 
 RowFn = Callable[[dict[str, Any]], dict[str, Any]]
 # Modules every CPU stage's output depends on besides its own.
-SHARED_STAGE_MODULES = ("llm_assets.stages.base", "llm_assets.stages.tokenizer")
+SHARED_STAGE_MODULES = ("llm_assets.rows", "llm_assets.stages.base", "llm_assets.stages.tokenizer")
+# The response cache's modes (execution/cache.py): which requests it answers.
+CACHE_MODES = ("deterministic", "all", "off")
+
+
+@dataclass(frozen=True)
+class RowChecks:
+    """Preprocess's check of a row: the task's, within the engine's (an engine taking requests of
+    its own shape checks those instead). Picklable: it travels to the Ray workers."""
+
+    task: TaskType
+    context: RowContext
+
+    def __call__(self, row: dict[str, Any]) -> dict[str, Any]:
+        return self.context.engine.check_row(row, functools.partial(self.task.check_row, context=self.context))
+
+    def fingerprint(self) -> str:
+        """What changes these checks (part of Preprocess's code version): their code, the task,
+        the engine's settings, the pipeline's output schema and whether it reads media."""
+        engine = self.context.engine
+        modules = ["llm_assets.tasks.requests", "llm_assets.tasks.structured", type(self.task).__module__, type(engine).__module__]
+        return versions.digest({"code": [versions.module_code(name) for name in dict.fromkeys(modules)], "task": self.task.name,
+                                "engine": [engine.label, engine.output_settings()], "multimodal": self.context.multimodal,
+                                "output_schema": self.context.output_schema})
 
 
 class ModelPathError(ValueError):
@@ -103,7 +127,7 @@ class LLMPipeline:
             raise ValueError(f"pipeline {self.name!r}: task_type {self.config.task_type!r} generates no text: output_schema does not apply")
         if self.output_schema is not None:
             self.output_json_schema  # a clear error at definition load for anything but a pydantic model
-            if self.engine.takes_payload:
+            if self.engine.model_source() is None:
                 raise ValueError(f"pipeline {self.name!r}: output_schema constrains a model engine's sampling; with "
                                  f"{type(self.config).__name__} put the endpoint's response_format in the payload")
         if self.response_cache not in CACHE_MODES:
@@ -117,7 +141,7 @@ class LLMPipeline:
         ``dg check defs`` instead of a run. A hub repo id or an S3 URI is checked by the run."""
         from llm_assets.models import check_local_model_source
 
-        settings = {"model_source": self.engine.model_source(self.config)}
+        settings = {"model_source": self.engine.model_source()}
         for field_name in OPTIONAL_STAGES.values():
             if field_name in type(self.config).model_fields:
                 value = getattr(self.config, field_name)
@@ -135,7 +159,7 @@ class LLMPipeline:
         return TASKS[self.config.task_type]
 
     @property
-    def engine(self) -> EngineSpec:
+    def engine(self) -> Engine:
         return engine_for(self.config)
 
     def stage_names(self) -> list[str]:
@@ -168,16 +192,14 @@ class LLMPipeline:
         config = self.config
         settings = config.stage(OPTIONAL_STAGES[stage]) if stage in OPTIONAL_STAGES else config.inherit(StageConfig())
         if stage == ENGINE:
-            return StagePlan(stage, upstream, None, {}, settings, self.engine.model_source(config))
+            return StagePlan(stage, upstream, None, {}, settings, self.engine.model_source())
         udf = STAGES[stage]
         kwargs: dict[str, Any] = {name: getattr(settings, name) for name in getattr(udf, "CONFIG_KWARGS", ())}
         if getattr(udf, "USER_FN", None):
             kwargs["fn"] = getattr(self, udf.USER_FN)
-        processor = {"max_prompt_tokens": self.engine.max_prompt_tokens(config), "should_continue_on_error": config.should_continue_on_error,
-                     "takes_payload": self.engine.takes_payload, "task_type": config.task_type,
-                     "output_schema": self.output_json_schema, "params_check": self.engine.params_check(config),
-                     "row_check": self.engine.row_check(config), "model_check": self.engine.model_check(config),
-                     "multimodal": "prepare_multimodal" in self.stage_names()}
+        context = RowContext(self.engine, multimodal="prepare_multimodal" in self.stage_names(), output_schema=self.output_json_schema)
+        processor = {"max_prompt_tokens": self.engine.max_prompt_tokens(), "should_continue_on_error": config.should_continue_on_error,
+                     "check_row": RowChecks(self.task, context), "pair": self.task.tokenize_pair}
         kwargs.update({name: processor[name] for name in getattr(udf, "PROCESSOR_KWARGS", ())})
         uses_model = "model_source" in inspect.signature(udf.__init__).parameters
         return StagePlan(stage, upstream, udf, kwargs, settings, getattr(settings, "model_source", None) if uses_model else None)
@@ -195,7 +217,7 @@ class LLMPipeline:
         output settings (part of the engine stage's code version and of the response cache's scope)."""
         engine = self.engine
         return {"code": [versions.module_code(name) for name in engine.code_modules], "library": engine.library_version(),
-                "engine": {**engine.output_settings(self.config), "task_type": self.config.task_type,
+                "engine": {**engine.output_settings(), "task_type": self.config.task_type,
                            "engine_detokenizes": self.engine_detokenizes()}}
 
     def code_version(self, stage: str) -> str:

@@ -27,7 +27,7 @@ import pyarrow.parquet as pq
 
 from llm_assets import openai_batch
 from llm_assets.errors import SourceError  # also importable from here, as before
-from llm_assets.stages.base import ROW_ID, table_of
+from llm_assets.rows import ROW_ID, table_of
 
 FORMATS = {".jsonl": "jsonl", ".json": "jsonl", ".parquet": "parquet", ".csv": "csv"}
 

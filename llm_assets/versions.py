@@ -46,6 +46,8 @@ def function_fingerprint(fn: Optional[Callable]) -> str:
     """The function's code plus the values it closes over and its defaults."""
     if fn is None:
         return "none"
+    if hasattr(fn, "fingerprint"):  # a callable object that says what changes it (the pipeline's row checks)
+        return fn.fingerprint()
     if isinstance(fn, functools.partial):  # its repr holds an address: the function and its bound arguments instead
         return function_fingerprint(fn.func) + repr(fn.args) + repr(sorted(fn.keywords.items()))
     try:

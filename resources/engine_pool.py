@@ -49,7 +49,7 @@ class EnginePoolResource(dg.ConfigurableResource):
         for released in [p for p in self._pools if p.shutting_down]:
             self._pools.remove(released)
             released.shutdown()
-        pool = EnginePool(pipeline.engine, pipeline.config, target, pipeline.engine_detokenizes(),
+        pool = EnginePool(pipeline.engine, target, pipeline.engine_detokenizes(),
                           self.ray_data.cluster_gpus() > 0, self.num_cpus_per_engine, self.max_engine_restarts, log)
         self._pools.append(pool)
         return pool
@@ -57,7 +57,7 @@ class EnginePoolResource(dg.ConfigurableResource):
     def reservation(self, pipeline) -> dict[str, float]:
         """What the pipeline's engine pool holds for the whole run: CPUs and GPUs, in all and each."""
         self.ray_data.ensure_started()
-        gpus = float(pipeline.engine.gpus_per_replica(pipeline.config, self.ray_data.cluster_gpus() > 0))
+        gpus = float(pipeline.engine.gpus_per_replica(self.ray_data.cluster_gpus() > 0))
         replicas = pipeline.config.engine_pool_size
         return {"CPU": self.num_cpus_per_engine * replicas, "GPU": gpus * replicas, "CPU_each": self.num_cpus_per_engine, "GPU_each": gpus}
 

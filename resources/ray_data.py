@@ -71,8 +71,6 @@ class RayDataResource(dg.ConfigurableResource):
 
     def describe(self) -> str:
         """What the run's Ray has, in numbers a user can check."""
-        import ray
-
         cpus, gpus = self.cluster_cpus(), self.cluster_gpus()
         if self.address:
             return f"Connected to the Ray cluster at {self.address}: {cpus:g} logical CPU(s), {gpus:g} GPU(s) in all"

@@ -8,7 +8,7 @@ import pyarrow.parquet as pq
 
 from llm_assets.defs import checks
 from llm_assets.execution.stats import PartitionStats
-from llm_assets.stages.base import ERROR_COLUMN, ROW_ID
+from llm_assets.rows import ERROR_COLUMN, ROW_ID
 from resources import PartitionStorage
 from resources.storage import new_attempt_name
 from tests.test_pipeline_dagster import make_pipeline
@@ -99,7 +99,7 @@ def test_text_that_does_not_parse_as_the_output_schema_fails_schema_valid(tmp_pa
 
 
 def test_a_missing_nan_or_odd_sized_embedding_fails_embeddings_valid(tmp_path):
-    from llm_assets.config import vLLMEngineProcessorConfig
+    from llm_assets import vLLMEngineProcessorConfig
     from llm_assets.pipeline import LLMPipeline
     from llm_assets.sources import LocalFolderSource
 

@@ -6,7 +6,7 @@ own forward pass and softmax on the same weights."""
 import numpy as np
 import pytest
 
-from llm_assets.config import vLLMEngineProcessorConfig
+from llm_assets import vLLMEngineProcessorConfig
 from llm_assets.pipeline import LLMPipeline
 from llm_assets.sources import LocalFolderSource
 from tests.conftest import tiny_bert_classifier, write_jsonl

@@ -3,7 +3,8 @@
 import pytest
 from pydantic import ValidationError
 
-from llm_assets.config import ChatTemplateStageConfig, vLLMEngineProcessorConfig
+from llm_assets.config import ChatTemplateStageConfig
+from llm_assets import vLLMEngineProcessorConfig
 from llm_assets.pipeline import LLMPipeline
 from llm_assets.sources import LocalFolderSource
 

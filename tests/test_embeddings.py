@@ -7,13 +7,14 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from llm_assets.config import vLLMEngineProcessorConfig
+from llm_assets import vLLMEngineProcessorConfig
 from llm_assets.defs.factory import build_definitions
 from llm_assets.pipeline import LLMPipeline
 from llm_assets.sources import LocalFolderSource
-from llm_assets.stages.base import RowError
+from llm_assets.rows import RowError
 from tests.conftest import write_jsonl
 from tests.test_pipeline_dagster import make_resources, run_job
+from tests.helpers.stages import preprocess_stage
 
 SENTENCES = ["A man is eating food.", "A man is eating a piece of bread.", "The stock market fell sharply today.",
              "Someone is having a meal.", "Quantum computers use qubits."]
@@ -73,12 +74,10 @@ def test_an_openai_batch_embeddings_file_runs_and_exports_embedding_bodies(tmp_p
 
 def test_a_chat_request_in_an_embedding_pipeline_fails_preprocess_naming_the_row():
     from llm_assets.openai_batch.requests import request_to_row
-    from llm_assets.stages.preprocess import PreprocessStage
-
     row = request_to_row({"custom_id": "c-1", "method": "POST", "url": "/v1/chat/completions",
                           "body": {"messages": [{"role": "user", "content": "hi"}]}})
     with pytest.raises(RowError, match="row 'c-1': is a /v1/chat/completions request, and this pipeline's task_type is 'embed'"):
-        PreprocessStage(task_type="embed")(pa.Table.from_pylist([{**row, "messages": row["messages"]}]))
+        preprocess_stage(task_type="embed")(pa.Table.from_pylist([{**row, "messages": row["messages"]}]))
 
 
 def test_the_example_embedding_pipeline_of_definitions_py(tmp_path, ray_session, instance):

@@ -5,7 +5,7 @@ import json
 import pytest
 
 from llm_assets.engines.vllm import compat as vllm_compat
-from llm_assets.stages.base import ERROR_COLUMN
+from llm_assets.rows import ERROR_COLUMN
 from llm_assets.engines.vllm.replica import vLLMEngineStage
 
 MAX_MODEL_LEN = 256

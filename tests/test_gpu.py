@@ -61,7 +61,7 @@ def test_a_partition_through_the_sglang_engine(tmp_path, capsys):
     """Token ids in (Tokenize), token ids out, text from Detokenize: the vLLM engine's columns."""
     from transformers import AutoTokenizer
 
-    from llm_assets.config import SGLangEngineProcessorConfig
+    from llm_assets import SGLangEngineProcessorConfig
     from llm_assets.pipeline import LLMPipeline
     from llm_assets.sources import LocalFolderSource
 
@@ -169,7 +169,7 @@ SGLANG = pytest.mark.skipif(importlib.util.find_spec("sglang") is None, reason="
 
 def serve_engine_config(kind: str, model: str):
     """The engine a Serve app deploys: vLLM, or SGLang (its own test run: `-k sglang`)."""
-    from llm_assets.config import SGLangEngineProcessorConfig, vLLMEngineProcessorConfig
+    from llm_assets import SGLangEngineProcessorConfig, vLLMEngineProcessorConfig
 
     if kind == "SGLang":
         return SGLangEngineProcessorConfig(model_source=model, engine_kwargs={"load_format": "dummy", "context_length": 2048})
@@ -182,7 +182,7 @@ def test_a_serve_app_on_the_gpu_serves_two_pipelines_with_one_engine(kind, tmp_p
     outlives the runs: the first run deploys it, the second (another pipeline) reuses it and
     generates seconds after its start; both runs' timelines are printed. The response cache is
     off: the same prompts would otherwise be answered from it and never reach the engine."""
-    from llm_assets.config import ServeDeploymentProcessorConfig
+    from llm_assets import ServeDeploymentProcessorConfig
     from llm_assets.engines.serve import ServeEngine
     from llm_assets.pipeline import LLMPipeline
     from llm_assets.sources import LocalFolderSource

@@ -15,15 +15,15 @@ import pyarrow as pa
 import pytest
 from pydantic import ValidationError
 
-from llm_assets.config import vLLMEngineProcessorConfig
-from llm_assets.engines.vllm import VLLM
+from llm_assets import vLLMEngineProcessorConfig
+from llm_assets.engines.vllm import vLLMEngine
 from llm_assets.execution.cache import CacheSettings, request_keys
 from llm_assets.pipeline import LLMPipeline
 from llm_assets.sources import LocalFolderSource
-from llm_assets.stages.base import ERROR_COLUMN, RowError
-from llm_assets.stages.preprocess import PreprocessStage
+from llm_assets.rows import ERROR_COLUMN, RowError
 from tests.conftest import write_jsonl
 from tests.test_pipeline_dagster import make_resources, run_job
+from tests.helpers.stages import preprocess_stage
 
 LORA_KWARGS = {"max_model_len": 256, "enable_lora": True, "max_lora_rank": 8, "max_loras": 2}
 PARAMS = {"max_tokens": 6, "temperature": 0, "ignore_eos": True}
@@ -114,7 +114,7 @@ def s3_engine(tiny_model, adapters_folder, s3_endpoint, tmp_path_factory):
     config = vLLMEngineProcessorConfig(model_source="s3://lora-test/models/tiny", engine_kwargs=LORA_KWARGS,
                                        dynamic_lora_loading_path="s3://lora-test/adapters", should_continue_on_error=True)
     target = resolve_model_source(config.model_source, lambda line: None, resource)
-    kwargs = VLLM.replica_kwargs(config, target, False, True)  # the S3 settings travel with the S3 model
+    kwargs = vLLMEngine(config).replica_kwargs(target, False, True)  # the S3 settings travel with the S3 model
     kwargs["model_source"] = model_on_this_node(kwargs["model_source"])
     stage = vLLMEngineStage(**kwargs)
     yield stage, cache
@@ -163,7 +163,7 @@ def test_an_adapter_that_does_not_resolve_or_load_fails_its_rows_only(s3_engine)
 
 
 def check_model(config: vLLMEngineProcessorConfig, model) -> None:
-    stage = PreprocessStage(lambda row: {"prompt": "hi", "model": row["model"]}, model_check=VLLM.model_check(config))
+    stage = preprocess_stage(lambda row: {"prompt": "hi", "model": row["model"]}, config=config)
     stage(pa.table({"row_id": ["r1"], "model": [model]}))
 
 
@@ -190,7 +190,7 @@ def test_lora_settings_are_checked_when_defined(tiny_model):
         vLLMEngineProcessorConfig(model_source=tiny_model, engine_kwargs=LORA_KWARGS, dynamic_lora_loading_path="gs://b/adapters")
     a = vLLMEngineProcessorConfig(model_source=tiny_model, engine_kwargs=LORA_KWARGS, dynamic_lora_loading_path="/adapters/v1")
     b = a.model_copy(update={"dynamic_lora_loading_path": "/adapters/v2"})
-    assert VLLM.output_settings(a) != VLLM.output_settings(b)  # the engine stage's code version and cache scope
+    assert vLLMEngine(a).output_settings() != vLLMEngine(b).output_settings()  # the engine stage's code version and cache scope
 
 
 def test_the_response_cache_keys_a_lora_row_apart_from_the_base_model():

@@ -13,9 +13,9 @@ import dagster as dg
 import pyarrow as pa
 import pytest
 
-from llm_assets.stages.base import RowError
-from llm_assets.stages.preprocess import PreprocessStage
+from llm_assets.rows import RowError
 from tests.conftest import committed_rows, write_jsonl
+from tests.helpers.stages import preprocess_stage
 
 QUESTION = "What is in the picture?"
 
@@ -47,7 +47,7 @@ def image_row(url: str, row_id: str = "r0") -> dict:
 
 
 def prepared(prepare, rows: list[dict], fn=None) -> list[dict]:
-    return prepare(PreprocessStage(fn, multimodal=True)(pa.Table.from_pylist(rows))).to_pylist()
+    return prepare(preprocess_stage(fn, prepare_multimodal_stage=True)(pa.Table.from_pylist(rows))).to_pylist()
 
 
 def test_every_kind_of_image_part_becomes_a_placeholder_and_a_stored_item(prepare, media):
@@ -110,10 +110,10 @@ def test_audio_and_video_are_read_and_decoded_and_refused_by_an_image_model(prep
 def test_content_parts_need_the_stage_and_a_known_type():
     row = image_row("http://127.0.0.1:1/x.png")
     with pytest.raises(RowError, match="enable prepare_multimodal_stage"):
-        PreprocessStage()(pa.Table.from_pylist([row]))
+        preprocess_stage()(pa.Table.from_pylist([row]))
     row["messages"][0]["content"][0] = {"type": "image", "image": "x"}
     with pytest.raises(RowError, match=r"r0.*messages\[0\].content\[0\].*'type' is one of"):
-        PreprocessStage(multimodal=True)(pa.Table.from_pylist([row]))
+        preprocess_stage(prepare_multimodal_stage=True)(pa.Table.from_pylist([row]))
 
 
 def test_image_tokens_reach_the_engine(tmp_path, vlm, media, ray_session, instance):

@@ -15,8 +15,8 @@ from llm_assets.openai_batch import (
     rows_from_openai_batch,
 )
 from llm_assets.sources import LocalFolderSource, SourceError
-from llm_assets.stages.base import loads_params
-from llm_assets.stages.preprocess import PreprocessStage
+from llm_assets.rows import loads_params
+from tests.helpers.stages import preprocess_stage
 
 CHAT = "/v1/chat/completions"
 COMPLETIONS = "/v1/completions"
@@ -227,7 +227,7 @@ def test_a_batch_file_reads_through_the_source_and_passes_preprocess(tmp_path):
     ])
     table = pa.concat_tables(LocalFolderSource(str(tmp_path)).read("batch.jsonl"))
     assert table.column("row_id").to_pylist() == ["chat", "text", "resp"]
-    out = PreprocessStage()(table).to_pylist()
+    out = preprocess_stage()(table).to_pylist()
     # What the engine stage passes to SamplingParams (Arrow filled the fields a row lacks with nulls).
     assert [loads_params(r["sampling_params"]) for r in out] == [
         {"max_tokens": 5, "stop": ["x"]},

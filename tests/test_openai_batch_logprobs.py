@@ -10,8 +10,8 @@ import pytest
 from llm_assets.engines.base import LOGPROB
 from llm_assets.openai_batch import rows_from_openai_batch
 from llm_assets.sources import LocalFolderSource, SourceError
-from llm_assets.stages.base import loads_params
-from llm_assets.stages.preprocess import PreprocessStage
+from llm_assets.rows import loads_params
+from tests.helpers.stages import preprocess_stage
 from tests.test_openai_batch import CHAT, COMPLETIONS, export, finished, request, rows
 
 
@@ -40,7 +40,7 @@ def test_a_logprobs_request_becomes_vllm_logprobs(line, vllm_logprobs):
 def test_logprobs_rows_pass_preprocess_with_their_params(tmp_path):
     lines = [request("c", logprobs=True, top_logprobs=2, max_tokens=4), request("t", url=COMPLETIONS, logprobs=1)]
     (tmp_path / "batch.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
-    out = PreprocessStage()(pa.concat_tables(LocalFolderSource(str(tmp_path)).read("batch.jsonl"))).to_pylist()
+    out = preprocess_stage()(pa.concat_tables(LocalFolderSource(str(tmp_path)).read("batch.jsonl"))).to_pylist()
     assert [loads_params(row["sampling_params"]) for row in out] == [
         {"detokenize": True, "logprobs": 2, "max_tokens": 4},
         {"detokenize": True, "logprobs": 1},

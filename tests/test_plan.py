@@ -24,7 +24,8 @@ def test_the_stage_plan_comes_from_the_task_type_and_the_config():
     media = pipeline(prepare_multimodal_stage={"model_config_kwargs": {"limit_mm_per_prompt": {"image": 2}}})
     assert media.stage_names()[:3] == ["preprocess", "prepare_multimodal", "chat_template"]
     assert media.plan("prepare_multimodal").udf_kwargs["model_config_kwargs"] == {"limit_mm_per_prompt": {"image": 2}}
-    assert media.plan("preprocess").udf_kwargs["multimodal"] and not pipeline().plan("preprocess").udf_kwargs["multimodal"]
+    assert media.plan("preprocess").udf_kwargs["check_row"].context.multimodal
+    assert not pipeline().plan("preprocess").udf_kwargs["check_row"].context.multimodal
     plain = pipeline(chat_template_stage=False, detokenize_stage=False)
     assert plain.stage_names() == ["preprocess", "tokenize", ENGINE, "postprocess"]
     assert plain.plan(ENGINE).upstream == "tokenize" and plain.text_stage() == ENGINE and plain.engine_detokenizes()
@@ -45,9 +46,9 @@ def test_every_stage_declares_what_it_reads_and_adds_and_each_input_is_made_upst
 
 
 def test_engines_are_registered_by_processor_config_class():
-    spec = engine_for(pipeline().config)
-    assert spec.label == "vLLM" and type(pipeline().config) in ENGINES
-    assert spec.gpus_per_replica(pipeline(engine_kwargs={"tensor_parallel_size": 2}).config, True) == 2
+    engine = engine_for(pipeline().config)
+    assert engine.label == "vLLM" and type(pipeline().config) in ENGINES
+    assert engine_for(pipeline(engine_kwargs={"tensor_parallel_size": 2}).config).gpus_per_replica(True) == 2
 
     class OtherProcessorConfig(ProcessorConfig):
         pass

@@ -9,7 +9,7 @@ import pyarrow as pa
 import pytest
 
 from llm_assets.execution.cache import CacheSettings, request_keys
-from llm_assets.stages.base import ERROR_COLUMN
+from llm_assets.rows import ERROR_COLUMN
 from tests.conftest import questions, write_jsonl
 from tests.test_pipeline_dagster import MAX_TOKENS, log_messages, make_pipeline, make_resources, read_output, run_job
 

@@ -13,7 +13,7 @@ import pytest
 import ray
 from dagster._serdes import serialize_value
 
-from llm_assets.config import vLLMEngineProcessorConfig
+from llm_assets import vLLMEngineProcessorConfig
 from llm_assets.model_store import PART_SUFFIX, S3Access, S3ModelPath
 from llm_assets.models import ModelSourceError, resolve_model_source
 from llm_assets.stages.tokenizer import load_tokenizer

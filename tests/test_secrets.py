@@ -9,7 +9,7 @@ import pytest
 import ray
 from pydantic import ValidationError
 
-from llm_assets.config import vLLMEngineProcessorConfig
+from llm_assets import vLLMEngineProcessorConfig
 from tests.conftest import write_jsonl
 from tests.test_pipeline_dagster import make_pipeline, make_resources, run_job, to_chat
 

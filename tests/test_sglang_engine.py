@@ -6,7 +6,7 @@ import re
 
 import pytest
 
-from llm_assets.config import SGLangEngineProcessorConfig
+from llm_assets import SGLangEngineProcessorConfig
 from llm_assets.engines.sglang.params import check_row_params, to_sglang
 from llm_assets.pipeline import LLMPipeline
 from llm_assets.sources import LocalFolderSource

@@ -5,11 +5,11 @@ import json
 import pyarrow as pa
 import pytest
 
-from llm_assets.stages.base import ERROR_COLUMN, RowError, table_of
+from llm_assets.rows import ERROR_COLUMN, RowError, table_of
 from llm_assets.stages.chat_template import ChatTemplateStage
 from llm_assets.stages.detokenize import DetokenizeStage
 from llm_assets.stages.postprocess import PostprocessStage
-from llm_assets.stages.preprocess import PreprocessStage
+from tests.helpers.stages import preprocess_stage
 from llm_assets.stages.tokenize import TokenizeStage
 from tests.conftest import model_without_chat_template
 
@@ -19,7 +19,7 @@ def to_chat(row):
 
 
 def test_preprocess_applies_the_function_and_keeps_row_ids():
-    out = PreprocessStage(to_chat)(pa.table({"row_id": ["a", "b"], "q": ["hi", "there"]}))
+    out = preprocess_stage(to_chat)(pa.table({"row_id": ["a", "b"], "q": ["hi", "there"]}))
     rows = out.to_pylist()
     assert [r["row_id"] for r in rows] == ["a", "b"]
     assert rows[1]["messages"] == [{"role": "user", "content": "there"}]
@@ -41,13 +41,13 @@ def test_preprocess_applies_the_function_and_keeps_row_ids():
 def test_preprocess_rejects_bad_rows_naming_the_row(row, message):
     batch = table_of([{"row_id": "r0", "prompt": "fine"}, {"row_id": "r1", **row}])
     with pytest.raises(RowError, match="preprocess: row 'r1'") as info:
-        PreprocessStage()(batch)
+        preprocess_stage()(batch)
     assert message in str(info.value)
 
 
 def test_preprocess_function_errors_name_the_row():
     with pytest.raises(RowError, match="row 'b': the preprocess function raised KeyError"):
-        PreprocessStage(lambda row: {"prompt": row["missing"]})(pa.table({"row_id": ["b"], "q": ["x"]}))
+        preprocess_stage(lambda row: {"prompt": row["missing"]})(pa.table({"row_id": ["b"], "q": ["x"]}))
 
 
 def test_chat_template_adds_a_generation_prompt_only_after_a_user_message(tiny_model):

@@ -12,10 +12,10 @@ from pydantic import BaseModel, Field
 from llm_assets.demo import smollm2_gguf_path
 from llm_assets.pipeline import LLMPipeline
 from llm_assets.sources import LocalFolderSource
-from llm_assets.stages.base import RowError
-from llm_assets.stages.preprocess import PreprocessStage
+from llm_assets.rows import RowError
 from tests.conftest import write_jsonl
 from tests.test_pipeline_dagster import make_resources, run_job
+from tests.helpers.stages import preprocess_stage
 
 
 class Pick(BaseModel):
@@ -65,7 +65,7 @@ def test_output_schema_and_per_row_constraints(tmp_path, ray_session, instance):
     ({"jsn": {}}, "unknown field(s) ['jsn']"),
 ])
 def test_a_bad_constraint_fails_preprocess_naming_the_row_and_field(constraint, problem):
-    stage = PreprocessStage(lambda row: {"prompt": "hi", "sampling_params": {"structured_outputs": constraint}})
+    stage = preprocess_stage(lambda row: {"prompt": "hi", "sampling_params": {"structured_outputs": constraint}})
     with pytest.raises(RowError) as caught:
         stage(pa.table({"row_id": ["r1"], "q": ["x"]}))
     assert "row 'r1'" in str(caught.value) and problem in str(caught.value)
@@ -74,5 +74,5 @@ def test_a_bad_constraint_fails_preprocess_naming_the_row_and_field(constraint, 
 def test_output_schema_must_be_a_pydantic_model(tmp_path):
     with pytest.raises(TypeError, match="expected a pydantic model class"):
         LLMPipeline("tiny", {"model_source": "m"}, LocalFolderSource(str(tmp_path)), output_schema={"type": "object"})
-    schema = PreprocessStage(output_schema=Pick.model_json_schema())(pa.table({"row_id": ["r1"], "prompt": ["hi"]}))
+    schema = preprocess_stage(output_schema=Pick)(pa.table({"row_id": ["r1"], "prompt": ["hi"]}))
     assert json.loads(schema.column("sampling_params")[0].as_py())["structured_outputs"] == {"json": Pick.model_json_schema()}

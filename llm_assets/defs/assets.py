@@ -71,8 +71,8 @@ def metadata(results: list[PartitionStats], usage: Optional[dict[str, float]] = 
         "partitions": len(results),
         "partitions_recomputed": sum(not r.skipped for r in results),
     }
-    if any(r.retries is not None for r in results):
-        found["retries"] = sum(r.retries or 0 for r in results)
+    for name in sorted({name for r in results for name in r.extra}):  # the engine's own counts: retries, say
+        found[name] = sum(r.extra.get(name, 0) for r in results)
     if any(r.rows_resumed for r in results):
         found["rows_resumed"] = sum(r.rows_resumed for r in results)
     if any(r.rows_cached for r in results):
@@ -177,7 +177,7 @@ def stages_asset(pipeline: LLMPipeline, partitions_def: dg.PartitionsDefinition)
         # Every run of these stages, whoever launched it, holds a slot of the GPU pool while it is
         # active (`granularity: run`, README "GPU limits"); pools are per op, so a subset without
         # the engine holds one too.
-        pool=pipeline.gpu_pool if pipeline.engine.gpus_per_replica(pipeline.config, True) else None,
+        pool=pipeline.gpu_pool if pipeline.engine.gpus_per_replica(True) else None,
     )
     def _stages(context: dg.AssetExecutionContext):
         dead_runs.record_process(context, pipeline.name)  # for the dead-runs sensor, should this process be killed

@@ -34,7 +34,7 @@ from llm_assets.execution.stats import PartitionStats
 from llm_assets.pipeline import LLMPipeline
 from llm_assets.tasks import ENGINE
 from llm_assets.stages import media, prepare_multimodal
-from llm_assets.stages.base import ERROR_COLUMN, ROW_ID, failed_mask, loads_params
+from llm_assets.rows import ERROR_COLUMN, ROW_ID, failed_mask, loads_params
 
 ROW_IDS = "row_ids_conserved"
 ERROR_RATE = "error_rate"

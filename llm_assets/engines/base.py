@@ -1,5 +1,12 @@
 """The engine seam: what an engine replica does, and how an engine plugs into a pipeline.
 
+An engine is a subclass of :class:`Engine`, registered under its processor config class with
+:func:`register_engine` (one line in ``engines/__init__.py``), as ray.data.llm registers a builder
+per config class. It says what a pipeline needs to know of it (the model it runs, its GPUs and
+placement, the settings that change its output, its row checks, its extra count columns) and how
+its replicas are built; every method has a default but ``replica_kwargs``. Nothing outside its own
+package names an engine.
+
 An engine replica is one engine (one vLLM engine, one SGLang engine, one HTTP client...) hosted in
 a long-lived Ray actor by the engine pool (``engines/pool.py``). It implements ``EngineReplica``:
 
@@ -14,17 +21,16 @@ a long-lived Ray actor by the engine pool (``engines/pool.py``). It implements `
 - optionally ``async ready()``, awaited after ``__init__`` by a replica whose engine runs elsewhere
   and may still be starting (a Ray Serve app).
 
-An engine registers an ``EngineSpec`` under its processor config class in ``engines/__init__.py``
-(one line), as ray.data.llm's ``ProcessorBuilder`` does. Nothing under ``engines/`` imports Dagster.
+Nothing under ``engines/`` imports Dagster.
 """
 
 from __future__ import annotations
 
+import abc
 import importlib
 import os
 import socket
-from dataclasses import dataclass, field
-from typing import Any, Callable, Optional, Protocol
+from typing import Any, Callable, ClassVar, Optional, Protocol
 
 import pyarrow as pa
 
@@ -41,63 +47,69 @@ class EngineReplica(Protocol):
     def shutdown(self) -> dict[str, Any]: ...
 
 
-@dataclass(frozen=True)
-class EngineSpec:
-    """How the pool starts an engine of one kind, and what it needs."""
+RowCheck = Callable[[dict[str, Any]], dict[str, Any]]
 
-    label: str  # in log lines and the UI's asset kinds: "vLLM"
-    config_class: type
+
+class Engine(abc.ABC):
+    """One kind of engine, for one processor config. Subclasses set the class attributes and
+    override what differs from the defaults."""
+
+    label: ClassVar[str]  # in log lines and the UI's asset kinds: "vLLM"
+    config_class: ClassVar[type]
     # "module:Class" of the EngineReplica: imported only in the engine actor, so loading the
     # definitions never imports the engine library.
-    replica: str
+    replica: ClassVar[str]
     # The engine library's distributions, first installed one wins; its version is part of the
     # engine stage's code version.
-    distributions: tuple[str, ...]
+    distributions: ClassVar[tuple[str, ...]] = ()
     # Modules whose source changes the engine's output (hashed into the engine stage's code version).
-    code_modules: tuple[str, ...]
-    # (config, target: the resolved model_source or what ``target`` gives, on_gpu, engine_detokenizes) -> the replica's kwargs.
-    replica_kwargs: Callable[..., dict[str, Any]]
-    # (config, on_gpu) -> GPUs one replica needs.
-    gpus_per_replica: Callable[[Any, bool], float]
-    # on_gpu -> environment variables an engine actor needs (the user's runtime_env wins).
-    actor_env: Callable[[bool], dict[str, str]] = lambda on_gpu: {}
-    # on_gpu -> import what an engine start needs, while CPU stages run (best effort).
-    preimport: Callable[[bool], Any] = lambda on_gpu: None
-    # Settings of the config that change the engine's output (hashed into its code version).
-    output_settings: Callable[[Any], dict[str, Any]] = field(default=lambda config: {})
-    # config -> the longest prompt (tokens) the engine takes, when its settings say; Tokenize
-    # then refuses longer prompts before any engine starts.
-    max_prompt_tokens: Callable[[Any], Optional[int]] = field(default=lambda config: None)
-    # config -> what the engine serves, for log lines and exports (a model, a URL).
-    target: Callable[[Any], str] = field(default=lambda config: config.model_source)
-    # config -> the model the run resolves before it starts (a local folder, a .gguf), or None
-    # where the engine runs no model of its own (an HTTP endpoint).
-    model_source: Callable[[Any], Optional[str]] = field(default=lambda config: config.model_source)
-    # config -> a check of one row's decoded ``sampling_params`` that Preprocess runs (a picklable
-    # callable raising ValueError naming the field), where the engine takes fewer than vLLM's.
-    params_check: Callable[[Any], Optional[Callable[[dict], None]]] = field(default=lambda config: None)
-    # config -> None, or a picklable check of a row's ``model`` value that Preprocess runs (raising
-    # ValueError), for an engine that reads it: vLLM serves a LoRA adapter by that name.
-    model_check: Callable[[Any], Optional[Callable[[Any], None]]] = field(default=lambda config: None)
-    # Whether the engine takes each row's ``payload`` (a JSON object) instead of a chat or prompt:
-    # Preprocess then checks for that.
-    takes_payload: bool = False
-    # config -> None, or a picklable check of one row that Preprocess runs instead of its chat /
-    # prompt checks, for an engine taking requests of its own shape (a Serve deployment's
-    # ``method`` and ``request_kwargs``): returns the row as stored, or raises ValueError.
-    row_check: Callable[[Any], Optional[Callable[[dict], dict]]] = field(default=lambda config: None)
-    # (config, target, on_gpu, engine_detokenizes, log) -> more replica kwargs (or None), run by
-    # the pool in the run's process before its replicas start, for an engine whose model lives
-    # outside the pool and may outlive the run (a Ray Serve app): deploy it, or find it and check
-    # it is the one asked for.
-    provision: Optional[Callable[..., Optional[dict[str, Any]]]] = None
-    # (config, on_gpu) -> None, or the placement group each replica reserves (engines/placement.py):
-    # an engine whose workers span several GPUs, or a user's placement_group_config.
-    placement: Callable[[Any, bool], Any] = field(default=lambda config, on_gpu: None)
+    code_modules: ClassVar[tuple[str, ...]] = ()
+    # Output columns of counts the engine adds (column -> the name its sum has in the stage's
+    # metadata): the HTTP engine's retries, say.
+    count_columns: ClassVar[dict[str, str]] = {}
 
-    def replica_class(self) -> type:
-        module, name = self.replica.split(":")
-        return getattr(importlib.import_module(module), name)
+    def __init__(self, config: Any):
+        self.config = config
+
+    # --- what the engine runs, and where ------------------------------------------------------
+    def model_source(self) -> Optional[str]:
+        """The model the run resolves before it starts (a local folder, a .gguf), or None where
+        the engine runs no model of its own (an HTTP endpoint)."""
+        return self.config.model_source
+
+    def target(self) -> str:
+        """What the engine serves, for log lines and exports (a model, a URL)."""
+        return self.config.model_source
+
+    def gpus_per_replica(self, on_gpu: bool) -> float:
+        return 0.0
+
+    def placement(self, on_gpu: bool) -> Any:
+        """None, or the placement group each replica reserves (``engines/placement.py``): an
+        engine whose workers span several GPUs, or a user's placement_group_config."""
+        return None
+
+    def actor_env(self, on_gpu: bool) -> dict[str, str]:
+        """Environment variables an engine actor needs (the user's runtime_env wins)."""
+        return {}
+
+    def preimport(self, on_gpu: bool) -> None:
+        """Import what an engine start needs, in the engine actor while CPU stages run."""
+
+    @abc.abstractmethod
+    def replica_kwargs(self, target: str, on_gpu: bool, engine_detokenizes: bool) -> dict[str, Any]:
+        """The replica's constructor kwargs (``target``: the resolved model_source, or ``target()``)."""
+
+    def provision(self, target: str, on_gpu: bool, engine_detokenizes: bool, log: Callable[[str], None]) -> dict[str, Any]:
+        """Run in the run's process before its replicas start, for an engine whose model lives
+        outside the pool and may outlive the run (a Ray Serve app): deploy it, or find it and check
+        it is the one asked for. Returns more replica kwargs."""
+        return {}
+
+    # --- what changes its output ----------------------------------------------------------------
+    def output_settings(self) -> dict[str, Any]:
+        """Settings of the config that change the engine's output (hashed into its code version)."""
+        return {}
 
     def library_version(self) -> str:
         from importlib import metadata
@@ -108,6 +120,48 @@ class EngineSpec:
             except metadata.PackageNotFoundError:
                 continue
         return "not installed"
+
+    def max_prompt_tokens(self) -> Optional[int]:
+        """The longest prompt (tokens) the engine takes, when its settings say; Tokenize then
+        refuses longer prompts before any engine starts."""
+        return None
+
+    # --- rows ---------------------------------------------------------------------------------------
+    def check_row(self, row: dict[str, Any], task_check: RowCheck) -> dict[str, Any]:
+        """Preprocess's check of one row, after the user's function: the task's check, then the
+        engine's. An engine taking requests of its own shape (an HTTP payload) checks them instead.
+        Raises ValueError naming the field; returns the row as stored."""
+        return task_check(row)
+
+    def check_sampling_params(self, params: dict[str, Any]) -> None:
+        """A row's decoded ``sampling_params``, where the engine takes fewer than vLLM's: raise
+        ValueError naming the field."""
+
+    def check_model(self, model: Any) -> None:
+        """A row's ``model`` value, for an engine that reads it (vLLM serves a LoRA adapter by
+        that name): raise ValueError."""
+
+    def replica_class(self) -> type:
+        module, name = self.replica.split(":")
+        return getattr(importlib.import_module(module), name)
+
+
+# Processor config class -> its engine class.
+ENGINES: dict[type, type[Engine]] = {}
+
+
+def register_engine(engine: type[Engine]) -> type[Engine]:
+    """Register an engine under its processor config class (usable as a class decorator)."""
+    ENGINES[engine.config_class] = engine
+    return engine
+
+
+def engine_for(config: Any) -> Engine:
+    try:
+        return ENGINES[type(config)](config)
+    except KeyError:
+        known = ", ".join(cls.__name__ for cls in ENGINES)
+        raise TypeError(f"no engine is registered for {type(config).__name__}: expected one of {known}") from None
 
 
 # One token's log-probability: vLLM's Logprob with its token id (ray.data.llm keys a dict by the
@@ -152,7 +206,7 @@ def with_results(batch: pa.Table, results: list[dict[str, Any]], columns: dict[s
     """A replica's per-row results (dicts) added to ``batch`` as ``columns``. Each row's ``error``
     goes to ``__inference_error__`` where errors are kept (``should_continue_on_error``) or an
     earlier stage set the column; a row an earlier stage failed keeps that stage's error."""
-    from llm_assets.stages.base import ERROR_COLUMN, column_or_none, with_column
+    from llm_assets.rows import ERROR_COLUMN, column_or_none, with_column
 
     for name, type_ in columns.items():
         batch = with_column(batch, name, [r.get(name) for r in results], type_)

@@ -10,7 +10,7 @@ import os
 import time
 from typing import Any, Optional
 
-from llm_assets.engines.base import EngineSpec
+from llm_assets.engines.base import Engine
 from llm_assets.model_store import model_on_this_node
 from llm_assets.secret_env import split_runtime_env
 
@@ -26,10 +26,10 @@ class EngineHost:
     """The actor hosting one replica. Created when a run starts, it imports the engine library
     while CPU stages run; ``start`` builds the engine (GPU memory, compile) when the run asks."""
 
-    def __init__(self, spec: EngineSpec, on_gpu: bool, secret_env: dict[str, str]):
+    def __init__(self, engine: Engine, on_gpu: bool, secret_env: dict[str, str]):
         # Nothing slow here: the actor's readiness then means "placed", which a stalled run reports.
         os.environ.update(secret_env)  # this process is the engine's alone (see secret_env.py)
-        self.spec, self.on_gpu = spec, on_gpu
+        self.engine, self.on_gpu = engine, on_gpu
         self.import_seconds: Optional[float] = None
         self.replica: Any = None
 
@@ -37,7 +37,7 @@ class EngineHost:
         """Import the engine library (idempotent); its seconds."""
         if self.import_seconds is None:
             started = time.perf_counter()
-            self.spec.preimport(self.on_gpu)
+            self.engine.preimport(self.on_gpu)
             self.import_seconds = time.perf_counter() - started
         return self.import_seconds
 
@@ -45,7 +45,7 @@ class EngineHost:
         await self.prepare()  # already done, unless Ray ran this call first
         if "model_source" in replica_kwargs:  # an S3 model: its files on this node first (model_store.py)
             replica_kwargs["model_source"] = model_on_this_node(replica_kwargs["model_source"])
-        self.replica = self.spec.replica_class()(**replica_kwargs)
+        self.replica = self.engine.replica_class()(**replica_kwargs)
         ready = getattr(self.replica, "ready", None)
         if ready is not None:  # a replica whose engine runs elsewhere waits for it here (a Serve app)
             await ready()
@@ -62,12 +62,12 @@ class EngineHost:
         return (self.replica.shutdown() or {}) if self.replica is not None else {}
 
 
-def engine_actor_options(spec: EngineSpec, config, on_gpu: bool, num_cpus: float, num_gpus: float,
+def engine_actor_options(engine: Engine, config, on_gpu: bool, num_cpus: float, num_gpus: float,
                          engines: int) -> tuple[dict[str, Any], dict[str, str]]:
     """Ray options of a process that hosts an engine (a pool's actor, a Serve replica: see
     engines/serve/), and the secret variables to hand it as an argument (see secret_env.py)."""
     runtime_env, secret_env = split_runtime_env(getattr(config, "runtime_env", None))
-    runtime_env["env_vars"] = {**ENGINE_PRIORITY_ENV, **_cpu_threads_env(on_gpu, engines), **spec.actor_env(on_gpu),
+    runtime_env["env_vars"] = {**ENGINE_PRIORITY_ENV, **_cpu_threads_env(on_gpu, engines), **engine.actor_env(on_gpu),
                                **runtime_env.get("env_vars", {})}
     options: dict[str, Any] = {"num_cpus": num_cpus, "num_gpus": num_gpus, "runtime_env": runtime_env}
     if config.accelerator_type:

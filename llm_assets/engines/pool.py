@@ -15,9 +15,9 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
 
 from llm_assets.engines import placement as placements
-from llm_assets.engines.base import EngineSpec
+from llm_assets.engines.base import Engine
 from llm_assets.engines.host import EngineHost, engine_actor_options
-from llm_assets.stages.base import RowError
+from llm_assets.rows import RowError
 
 IN_FLIGHT_PER_SEQUENCE_SLOT = 3
 
@@ -70,20 +70,21 @@ class Replica:
 
 
 class EnginePool:
-    def __init__(self, spec: EngineSpec, config, target: str, engine_detokenizes: bool, on_gpu: bool,
+    def __init__(self, engine: Engine, target: str, engine_detokenizes: bool, on_gpu: bool,
                  num_cpus_per_engine: float, max_restarts: int, log: Callable[[str], None]):
-        self.spec, self.config, self.target, self.on_gpu, self.log = spec, config, target, on_gpu, log
+        self.engine, self.config, self.target, self.on_gpu, self.log = engine, engine.config, target, on_gpu, log
+        config = engine.config
         self.num_cpus_per_engine = num_cpus_per_engine
         self.restarts_left = max_restarts
-        self.replica_kwargs = spec.replica_kwargs(config, target, on_gpu, engine_detokenizes)
-        if spec.provision is not None:  # what the replicas connect to, outside the pool (a Serve app)
-            self.replica_kwargs.update(spec.provision(config, target, on_gpu, engine_detokenizes, log) or {})
-        self.gpus = spec.gpus_per_replica(config, on_gpu)
-        self.placement = spec.placement(config, on_gpu)
+        self.replica_kwargs = engine.replica_kwargs(target, on_gpu, engine_detokenizes)
+        # What the replicas connect to, outside the pool (a Serve app).
+        self.replica_kwargs.update(engine.provision(target, on_gpu, engine_detokenizes, log))
+        self.gpus = engine.gpus_per_replica(on_gpu)
+        self.placement = engine.placement(on_gpu)
         if self.placement is not None:
             self.placement = placements.with_accelerator(self.placement, config.accelerator_type)
-            placements.check_fits(self.placement, config.engine_pool_size, f"{spec.label} for {target}")
-        log(f"Loading {spec.label} into {config.engine_pool_size} engine actor(s) for {target} "
+            placements.check_fits(self.placement, config.engine_pool_size, f"{engine.label} for {target}")
+        log(f"Loading {engine.label} into {config.engine_pool_size} engine actor(s) for {target} "
             f"({self.gpus:g} GPU(s) each, {'GPU' if on_gpu else 'CPU'} build"
             + (f"; each reserves a placement group of {self.placement.describe()})" if self.placement else ")"))
         self.replicas = [self._new_replica(i) for i in range(config.engine_pool_size)]
@@ -109,19 +110,19 @@ class EnginePool:
     def _new_actor(self, placed: dict[str, Any]):
         import ray
 
-        options, secret_env = engine_actor_options(self.spec, self.config, self.on_gpu, self.num_cpus_per_engine, self.gpus,
+        options, secret_env = engine_actor_options(self.engine, self.config, self.on_gpu, self.num_cpus_per_engine, self.gpus,
                                                    self.config.engine_pool_size)
         if placed:  # in its placement group's first bundle, which carries the accelerator type
             options.pop("accelerator_type", None)
             options.update(placed)
-        return ray.remote(EngineHost).options(**options, max_concurrency=10_000).remote(self.spec, self.on_gpu, secret_env)
+        return ray.remote(EngineHost).options(**options, max_concurrency=10_000).remote(self.engine, self.on_gpu, secret_env)
 
     def build(self) -> None:
         """Begin building every engine (idempotent); ``settle`` takes their start results."""
         if self.building:
             return
         self.building, self.build_started = True, time.monotonic()
-        self.log(f"Starting {len(self.replicas)} {self.spec.label} engine actor(s) for {self.target}")
+        self.log(f"Starting {len(self.replicas)} {self.engine.label} engine actor(s) for {self.target}")
         for replica in self.replicas:
             self._start(replica)
 
@@ -137,8 +138,8 @@ class EnginePool:
             info = {**info, "bundle_nodes": placements.bundle_nodes(replica.group)}
         replica.info, replica.start_ref = info, None
         self.first_ready = self.first_ready or time.monotonic()
-        self.log(f"{self.spec.label} engine {replica.index} started in {info['start_seconds']} s after importing "
-                 f"{self.spec.label} in {info['import_seconds']} s (pid {info['pid']} on {info['host']}{_gpus(info)}"
+        self.log(f"{self.engine.label} engine {replica.index} started in {info['start_seconds']} s after importing "
+                 f"{self.engine.label} in {info['import_seconds']} s (pid {info['pid']} on {info['host']}{_gpus(info)}"
                  + (f"; its placement group's bundles on Ray nodes {info['bundle_nodes']})" if "bundle_nodes" in info else ")"))
         if not self.window_rows:
             # Enough rows in flight that the scheduler always has work queued: 3x the sequences it
@@ -146,7 +147,7 @@ class EnginePool:
             batch = self.config.batch_size
             self.window_rows = max(getattr(self.config, "max_concurrent_batches", 1) * batch, IN_FLIGHT_PER_SEQUENCE_SLOT * int(info["max_num_seqs"]))
         if len(self.ready) == len(self.replicas) and all(r.start_ref is None for r in self.replicas):
-            self.log(f"{len(self.replicas)} {self.spec.label} engine(s) ready; up to {self.window_rows} rows in flight per engine")
+            self.log(f"{len(self.replicas)} {self.engine.label} engine(s) ready; up to {self.window_rows} rows in flight per engine")
 
     # --- feeding --------------------------------------------------------------------------
     def free_replica(self) -> Optional[Replica]:
@@ -181,7 +182,7 @@ class EnginePool:
                 try:
                     self._started(replica, ray.get(ref))
                 except Exception as exc:
-                    raise EngineStartError(f"{self.spec.label} engine {replica.index} for {self.target} failed to start: {unwrap(exc)}") from None
+                    raise EngineStartError(f"{self.engine.label} engine {replica.index} for {self.target} failed to start: {unwrap(exc)}") from None
                 return [], []
             if ref in replica.pending:
                 tag, batch_ref, rows, output_ref = replica.pending.pop(ref)
@@ -212,10 +213,10 @@ class EnginePool:
         self.abandoned.update(replica.pending)
         where = self._where(replica)
         if self.restarts_left <= 0:
-            raise EngineStartError(f"{self.spec.label} engine {replica.index} died ({first_line(cause)}){where} and no restart "
+            raise EngineStartError(f"{self.engine.label} engine {replica.index} died ({first_line(cause)}){where} and no restart "
                                    "is left; the run stops, committed partitions stay") from None
         self.restarts_left -= 1
-        self.log(f"{self.spec.label} engine {replica.index} died ({first_line(cause)}){where}; building a new one in the "
+        self.log(f"{self.engine.label} engine {replica.index} died ({first_line(cause)}){where}; building a new one in the "
                  f"background, its {len(lost) + 1} batch(es) in flight go to the live engines")
         self._end(replica)
         self.replicas[self.replicas.index(replica)] = replica = self._new_replica(replica.index)
@@ -260,7 +261,7 @@ class EnginePool:
 
         now, lines = time.monotonic(), []
         for replica in self.replicas:
-            name = f"{self.spec.label} engine {replica.index}"
+            name = f"{self.engine.label} engine {replica.index}"
             if replica.info is not None:
                 lines.append(f"{name}: {replica.load_rows} rows in flight" if replica.pending else f"{name}: ready, idle")
             elif not done(replica.placed_ref):
@@ -270,7 +271,7 @@ class EnginePool:
                     needs = ", ".join(f"{n:g} {key}" for key, n in (("CPU", self.num_cpus_per_engine), ("GPU", self.gpus)) if n)
                 lines.append(f"{name} is not placed by Ray yet: it needs {needs or 'no resources'}")
             elif not done(replica.imported_ref):
-                lines.append(f"{name} is importing {self.spec.label}")
+                lines.append(f"{name} is importing {self.engine.label}")
             elif replica.start_ref is not None:
                 lines.append(f"{name} is building ({now - replica.start_asked:.0f} s so far)")
             else:
@@ -279,7 +280,7 @@ class EnginePool:
 
     def check_start_timeout(self, timeout_s: float) -> None:
         if self.building and not self.ready and time.monotonic() - self.build_started > timeout_s:
-            raise EngineStartError(f"{self.spec.label} engines for {self.target} did not start within {timeout_s:.0f} s")
+            raise EngineStartError(f"{self.engine.label} engines for {self.target} did not start within {timeout_s:.0f} s")
 
     def usage(self) -> dict[str, Any]:
         """What the run's engines held, from the actors' creation to their release: engine-seconds
@@ -305,7 +306,7 @@ class EnginePool:
             for replica in unbuilt:
                 self._end(replica)
             if unbuilt:
-                self.log(f"Ended {len(unbuilt)} {self.spec.label} engine actor(s) before their engine was built")
+                self.log(f"Ended {len(unbuilt)} {self.engine.label} engine actor(s) before their engine was built")
             self._stopping = {replica.actor.shutdown.remote(): replica for replica in self.replicas if replica.info is not None}
 
     def shutdown(self, timeout_s: float = 15.0) -> None:
@@ -321,11 +322,11 @@ class EnginePool:
             try:
                 report = ray.get(ref)
                 if report:
-                    self.log(f"{self.spec.label} engine {pending[ref].index} shut down: {report}")
+                    self.log(f"{self.engine.label} engine {pending[ref].index} shut down: {report}")
             except (ray.exceptions.RayActorError, ray.exceptions.RayTaskError) as exc:  # already dead, or never built
-                self.log(f"({self.spec.label} engine {pending[ref].index} did not shut down cleanly: {first_line(exc)})")
+                self.log(f"({self.engine.label} engine {pending[ref].index} did not shut down cleanly: {first_line(exc)})")
         for ref in late:
-            self.log(f"({self.spec.label} engine {pending[ref].index} did not shut down within {timeout_s:.0f} s; ending it)")
+            self.log(f"({self.engine.label} engine {pending[ref].index} did not shut down within {timeout_s:.0f} s; ending it)")
         for replica in self.replicas:
             self._end(replica)
         self.replicas = []

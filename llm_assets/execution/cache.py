@@ -33,12 +33,11 @@ from llm_assets import versions
 from llm_assets.atomic import write_parquet
 from llm_assets.engines.pool import unwrap
 from llm_assets.execution.stats import batch_counts
-from llm_assets.stages.base import ERROR_COLUMN, ROW_ID, column_or_none, failed_mask, loads_params
+from llm_assets.rows import ERROR_COLUMN, ROW_ID, column_or_none, failed_mask, loads_params
 
 CACHE_DIR = "_response_cache"
 KEY = "__response_cache_key__"
 KEY_TYPE = pa.binary(16)
-MODES = ("deterministic", "all", "off")
 # What decides an engine's answer besides the scope: the columns the model engines read.
 REQUEST_COLUMNS = ("tokenized_prompt", "token_type_ids", "prompt", "sampling_params", "pooling_params", "tokenization_kwargs", "model",
                    "multimodal_data")

@@ -19,7 +19,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from llm_assets.execution.stats import PartitionStats, batch_counts
-from llm_assets.stages.base import ROW_ID
+from llm_assets.rows import ROW_ID
 from llm_assets.tasks import ENGINE
 
 
@@ -138,13 +138,16 @@ def _resumed_units(pipeline, chain: list[str], entry: Entry, storage):
     filesystem = storage.filesystem()
     base = storage.partition_dir(pipeline.name, ENGINE, entry.partition)
     ids, seq = [], 0
-    counts = {"rows": 0, "input_tokens": 0, "generated_tokens": 0, "errors": 0}
+    counts: dict[str, Any] = {"rows": 0, "input_tokens": 0, "generated_tokens": 0, "errors": 0, "extra": {}}
     continues = chain.index(ENGINE) + 1 < len(chain)
     for name in names:
         table = pq.read_table(f"{base}/{name}", filesystem=filesystem)
         ids.append(table.column(ROW_ID))
-        for key, value in batch_counts(table).items():
-            counts[key] += value
+        found = batch_counts(table, pipeline.engine.count_columns)
+        for key in ("rows", "input_tokens", "generated_tokens", "errors"):
+            counts[key] += found[key]
+        for counted, value in found.get("extra", {}).items():
+            counts["extra"][counted] = counts["extra"].get(counted, 0) + value
         if continues:
             yield Unit(entry.partition, seq, table.num_rows, ray.put(table), chain.index(ENGINE) + 1, after_engine=True)
         seq += 1

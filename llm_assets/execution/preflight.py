@@ -20,7 +20,7 @@ from typing import Optional
 import pyarrow as pa
 
 from llm_assets.errors import SourceError
-from llm_assets.stages.base import RowError
+from llm_assets.rows import RowError
 
 # Rows of each file that Preprocess runs on here: enough for a missing column, few enough that a
 # slow preprocess function costs little.

@@ -46,7 +46,7 @@ class Progress:
         self.last_state, self.last_logged = state, now
         line = f"{self.name}: partitions committed: {summary}"
         if pool is not None and pool.building and not pool.ready:
-            line += (f"; waiting for {pool.starting()} {pool.spec.label} engine(s) to start ({now - pool.build_started:.0f} s "
+            line += (f"; waiting for {pool.starting()} {pool.engine.label} engine(s) to start ({now - pool.build_started:.0f} s "
                      f"so far), {queued_rows} rows queued for them")
         elif pool is not None and pool.ready:
             rate = self.engine_rows_done / max(now - pool.first_ready, 1e-9)

@@ -13,7 +13,7 @@ from typing import Any, Optional
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from llm_assets.stages.base import ERROR_COLUMN, failed_mask
+from llm_assets.rows import ERROR_COLUMN, failed_mask
 
 
 def _sum(column) -> int:
@@ -47,8 +47,9 @@ def _clip(text: Any) -> str:
     return text if len(text) <= SAMPLE_CHARS else text[:SAMPLE_CHARS - 1] + "…"
 
 
-def batch_counts(batch: pa.Table) -> dict[str, int]:
-    """Rows, input and generated tokens, and rows with an error, of one output batch."""
+def batch_counts(batch: pa.Table, count_columns: Optional[dict[str, str]] = None) -> dict[str, Any]:
+    """Rows, input and generated tokens, and rows with an error, of one output batch; and under
+    ``extra``, the sums of the columns an engine declares (``Engine.count_columns``: column -> name)."""
     names = batch.column_names
     counts = {"rows": batch.num_rows, "input_tokens": 0, "generated_tokens": 0, "errors": 0}
     if "num_input_tokens" in names:
@@ -59,8 +60,9 @@ def batch_counts(batch: pa.Table) -> dict[str, int]:
         counts["generated_tokens"] = _sum(batch.column("num_generated_tokens"))
     if ERROR_COLUMN in names:
         counts["errors"] = _sum(failed_mask(batch.column(ERROR_COLUMN)))
-    if "http_retries" in names:  # requests an HTTP engine sent again
-        counts["retries"] = _sum(batch.column("http_retries"))
+    extra = {name: _sum(batch.column(column)) for column, name in (count_columns or {}).items() if column in names}
+    if extra:
+        counts["extra"] = extra
     return counts
 
 
@@ -78,7 +80,7 @@ class PartitionStats:
     input: str = ""  # what it was computed from: the upstream commit's attempt, or the source file's fingerprint
     rows_resumed: int = 0  # rows kept from an interrupted attempt, not computed again
     rows_cached: int = 0  # rows answered from the response cache, not sent to the engine
-    retries: Optional[int] = None  # requests sent again (engines that retry: HTTP)
+    extra: dict = field(default_factory=dict)  # the engine's own counts (Engine.count_columns): retries, say
     skipped: bool = False  # already committed with the same code version and input: not recomputed
     columns: list = field(default_factory=list)  # [name, Arrow type] of the output
     samples: list = field(default_factory=list)  # a few {prompt, generated_text} rows, where the output has text
@@ -89,8 +91,8 @@ class PartitionStats:
         self.input_tokens += counts["input_tokens"]
         self.generated_tokens += counts["generated_tokens"]
         self.errors += counts["errors"]
-        if "retries" in counts:
-            self.retries = (self.retries or 0) + counts["retries"]
+        for name, value in counts.get("extra", {}).items():
+            self.extra[name] = self.extra.get(name, 0) + value
         if counts.get("columns") and not self.columns:
             self.columns = counts["columns"]
         self.samples = (self.samples + counts.get("samples", []))[:SAMPLES_KEPT]

@@ -35,7 +35,7 @@ from llm_assets.execution.stats import PartitionStats
 from llm_assets.execution.steps import build_steps, chains, check_schedulable, step_of
 from llm_assets.execution.units import run_unit
 from llm_assets.execution.warmup import Warmup
-from llm_assets.stages.base import RowError
+from llm_assets.rows import RowError
 from llm_assets.tasks import ENGINE
 
 Log = Callable[[str], None]
@@ -158,7 +158,7 @@ class _ChainRun:
             self.calls.check_before_run()
             if runs_engine:
                 model = self.pipeline.plan(ENGINE).model_source
-                self.engine_target = self.calls.models[model] if model else self.pipeline.engine.target(self.pipeline.config)
+                self.engine_target = self.calls.models[model] if model else self.pipeline.engine.target()
                 self.cache = RunCache.start(self.pipeline, self.calls.models.get(model) if model else None, self.storage,
                                             self.run_.recompute, self.log)
                 # The engine actors start now (they import the engine library while the CPU stages

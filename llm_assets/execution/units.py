@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Optional
 
 import pyarrow as pa
@@ -34,6 +34,7 @@ class StageCall:
     batch_size: int
     partition_dir: str  # where this stage's output of the unit's partition goes
     attempt: str
+    count_columns: dict = field(default_factory=dict)  # the engine's own count columns (Engine.count_columns)
 
 
 def _apply(udf, table: pa.Table, batch_size: int) -> pa.Table:
@@ -61,7 +62,7 @@ def run_unit(table: pa.Table, calls: list[StageCall], file_name: str, filesystem
                 table = _apply(udf, table, call.batch_size)
             name = f"{call.attempt}/{file_name}"
             write_parquet(filesystem, f"{call.partition_dir}/{name}", table)
-            written.append({"stage": call.name, "file": name, **batch_counts(table), **batch_summary(table)})
+            written.append({"stage": call.name, "file": name, **batch_counts(table, call.count_columns), **batch_summary(table)})
     return table, {"written": written, "started": started, "run_s": time.time() - started,
                    "cpu_s": time.process_time() - cpu_started, "setup_s": setup_s}
 

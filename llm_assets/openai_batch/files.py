@@ -24,7 +24,7 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 
 from llm_assets.openai_batch.results import output_line
-from llm_assets.stages.base import ERROR_COLUMN, ROW_ID
+from llm_assets.rows import ERROR_COLUMN, ROW_ID
 
 logger = logging.getLogger(__name__)
 

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from llm_assets.stages.base import ROW_ID, loads_params
+from llm_assets.rows import ROW_ID, loads_params
 
 # What OpenAI (and vLLM's server) write for a log-probability of -inf, which JSON cannot hold.
 MIN_LOGPROB = -9999.0

@@ -24,14 +24,9 @@ from typing import Any
 from llm_assets.errors import SourceError
 from llm_assets.openai_batch.problems import _Problem, _short
 from llm_assets.openai_batch.sampling import chat_logprobs, completion_logprobs, no_logprobs, sampling_params
-from llm_assets.stages.base import ROW_ID
-from llm_assets.stages.preprocess import ROLES
+from llm_assets.rows import ROLES, ROW_ID
+from llm_assets.openai_batch.urls import CHAT, COMPLETIONS, EMBEDDINGS, RESPONSES, URLS
 
-CHAT = "/v1/chat/completions"
-COMPLETIONS = "/v1/completions"
-RESPONSES = "/v1/responses"
-EMBEDDINGS = "/v1/embeddings"
-URLS = (CHAT, COMPLETIONS, RESPONSES, EMBEDDINGS)
 
 # The body field that carries the input, per endpoint.
 INPUT_FIELD = {CHAT: "messages", COMPLETIONS: "prompt", RESPONSES: "input", EMBEDDINGS: "input"}

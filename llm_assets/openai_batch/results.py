@@ -15,8 +15,8 @@ import re
 from typing import Any
 
 from llm_assets.openai_batch import logprobs
-from llm_assets.openai_batch.requests import CHAT, COMPLETIONS, EMBEDDINGS, RESPONSES, URLS
-from llm_assets.stages.base import ERROR_COLUMN, ROW_ID
+from llm_assets.openai_batch.urls import CHAT, COMPLETIONS, EMBEDDINGS, RESPONSES, URLS
+from llm_assets.rows import ERROR_COLUMN, ROW_ID
 
 # The engine's finish reasons that OpenAI's objects have; any other ("abort") is not a finished
 # answer and exports as an error. A row without one (an engine that did not report it) counts as "stop".

@@ -8,7 +8,7 @@ from typing import Any, Optional
 
 import pyarrow as pa
 
-from llm_assets.stages.base import ROW_ID, RowError, column_or_none, ok_rows, with_column
+from llm_assets.rows import ROW_ID, RowError, column_or_none, ok_rows, with_column
 from llm_assets.stages.tokenizer import load_tokenizer
 
 STAGE = "chat_template"

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pyarrow as pa
 
-from llm_assets.stages.base import ok_rows, with_column
+from llm_assets.rows import ok_rows, with_column
 from llm_assets.stages.tokenizer import load_tokenizer
 
 

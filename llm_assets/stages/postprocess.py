@@ -11,7 +11,8 @@ from typing import Any, Callable, Optional
 
 import pyarrow as pa
 
-from llm_assets.stages.base import ERROR_COLUMN, apply_row_fn, rows_of, table_of
+from llm_assets.rows import ERROR_COLUMN, rows_of, table_of
+from llm_assets.stages.base import apply_row_fn
 
 STAGE = "postprocess"
 

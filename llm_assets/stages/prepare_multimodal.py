@@ -19,7 +19,7 @@ from typing import Any, Optional
 import pyarrow as pa
 
 from llm_assets.stages import media
-from llm_assets.stages.base import ERROR_COLUMN, ROW_ID, RowError, column_or_none, ok_rows, with_column
+from llm_assets.rows import ERROR_COLUMN, ROW_ID, RowError, column_or_none, ok_rows, with_column
 
 STAGE = "prepare_multimodal"
 ERROR_TYPE = "MediaError"  # what a row failed here has in __inference_error__: "MediaError: <field>: <problem>"

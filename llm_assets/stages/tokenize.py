@@ -1,7 +1,8 @@
 """Tokenize: ``prompt`` -> ``tokenized_prompt`` token ids for the engine, with each row's
 ``tokenization_kwargs`` (``add_special_tokens``, ``truncation``, ``max_length``) when it has them.
-For ``task_type="score"``: the row's (``query``, ``document``) pair -> ``tokenized_prompt`` and,
-where the tokenizer gives them, ``token_type_ids`` (which segment each token is in)."""
+With ``pair`` (a task that scores pairs, e.g. ``("query", "document")``): the row's pair ->
+``tokenized_prompt`` and, where the tokenizer gives them, ``token_type_ids`` (which segment each
+token is in)."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ from typing import Optional
 
 import pyarrow as pa
 
-from llm_assets.stages.base import ERROR_COLUMN, ROW_ID, RowError, column_or_none, ok_rows, with_column
+from llm_assets.rows import ERROR_COLUMN, ROW_ID, RowError, column_or_none, ok_rows, with_column
 from llm_assets.stages.tokenizer import load_tokenizer
 
 STAGE = "tokenize"
@@ -22,19 +23,19 @@ class TokenizeStage:
     when the engine's settings say it) is found here, before any engine: the row fails naming it,
     or with ``should_continue_on_error`` is kept with ``__inference_error__`` set."""
 
-    NEEDS = ("prompt|query,document",)
+    NEEDS = ("prompt|<pair>",)
     ADDS = ("tokenized_prompt", "token_type_ids")
-    PROCESSOR_KWARGS = ("max_prompt_tokens", "should_continue_on_error", "task_type")
+    PROCESSOR_KWARGS = ("max_prompt_tokens", "should_continue_on_error", "pair")
 
     def __init__(self, model_source: str, max_prompt_tokens: Optional[int] = None, should_continue_on_error: bool = False,
-                 task_type: str = "generate"):
+                 pair: Optional[tuple[str, str]] = None):
         self.tokenizer = load_tokenizer(model_source)
         self.max_prompt_tokens = max_prompt_tokens
         self.should_continue_on_error = should_continue_on_error
-        self.task_type = task_type
+        self.pair = pair
 
     def __call__(self, batch: pa.Table) -> pa.Table:
-        if self.task_type == "score":
+        if self.pair is not None:
             return self._pairs(batch)
         prompts = batch.column("prompt").to_pylist()
         templated = [m is not None for m in column_or_none(batch, "messages")]
@@ -57,11 +58,9 @@ class TokenizeStage:
         return self._too_long(batch, ids) if self.max_prompt_tokens else batch
 
     def _pairs(self, batch: pa.Table) -> pa.Table:
-        from llm_assets.tasks.score import PAIR
-
         ok = ok_rows(batch)
         index = [i for i in range(batch.num_rows) if ok[i]]
-        first, second = (batch.column(name).to_pylist() for name in PAIR)
+        first, second = (batch.column(name).to_pylist() for name in self.pair)
         encoded = self.tokenizer([first[i] for i in index], [second[i] for i in index]) if index else {"input_ids": []}
         ids: list = [None] * batch.num_rows
         types: list = [None] * batch.num_rows

@@ -8,11 +8,12 @@ import os
 
 @functools.lru_cache(maxsize=4)
 def load_tokenizer(model_source: str):
+    """``model_source``: a local folder, a hub id, or a path whose files live elsewhere and that
+    brings them to this node itself (``on_this_node()``: an S3 model, ``model_store.py``)."""
     from transformers import AutoTokenizer
 
-    from llm_assets.model_store import model_on_this_node
-
-    model_source = model_on_this_node(model_source)  # an S3 model: its files on this node first
+    if hasattr(model_source, "on_this_node"):
+        model_source = model_source.on_this_node(print)
     try:
         return AutoTokenizer.from_pretrained(model_source, trust_remote_code=False)
     except Exception as exc:  # transformers' errors name neither the stage nor what to do

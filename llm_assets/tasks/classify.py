@@ -6,4 +6,4 @@ import dataclasses
 
 from llm_assets.tasks.embed import EMBED
 
-CLASSIFY = dataclasses.replace(EMBED, name="classify")
+CLASSIFY = dataclasses.replace(EMBED, name="classify", openai_urls=())

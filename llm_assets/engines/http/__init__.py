@@ -9,12 +9,13 @@ same URL from the same machine share that rate.
 
 from __future__ import annotations
 
+import json
 from typing import Any, Optional
 
 from pydantic import Field, field_validator
 
 from llm_assets.config import ProcessorConfig
-from llm_assets.engines.base import EngineSpec
+from llm_assets.engines.base import Engine, RowCheck
 
 
 class HttpRequestProcessorConfig(ProcessorConfig):
@@ -52,23 +53,57 @@ class HttpRequestProcessorConfig(ProcessorConfig):
         return value
 
 
-def _replica_kwargs(config: HttpRequestProcessorConfig, target: str, on_gpu: bool, engine_detokenizes: bool) -> dict[str, Any]:
-    pacer = None
-    if config.qps:
-        import ray
+class HttpRequestEngine(Engine):
+    label = "HTTP"
+    config_class = HttpRequestProcessorConfig
+    replica = "llm_assets.engines.http.replica:HttpRequestReplica"
+    distributions = ("aiohttp",)
+    code_modules = ("llm_assets.engines.base", "llm_assets.engines.http.replica")
+    count_columns = {"http_retries": "retries"}  # requests sent again
+    config: HttpRequestProcessorConfig
 
-        from llm_assets.engines.http.pacer import RequestPacer
+    def model_source(self) -> Optional[str]:
+        return None  # the endpoint runs the model
 
-        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+    def target(self) -> str:
+        return self.config.url
 
-        # Owned by the run's driver: it ends with the pool's last reference, so with the run. On
-        # the driver's node: the endpoint's schedule file is that machine's (pacer.py).
-        here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
-        pacer = ray.remote(RequestPacer).options(num_cpus=0, scheduling_strategy=here).remote(config.url, config.qps)
-    return dict(url=config.url, headers=_headers(config), max_retries=config.max_retries,
-                base_retry_wait_time_in_s=config.base_retry_wait_time_in_s, request_timeout_s=config.request_timeout_s,
-                session_factory=config.session_factory, pacer=pacer, should_continue_on_error=config.should_continue_on_error,
-                max_in_flight=config.batch_size)
+    def replica_kwargs(self, target: str, on_gpu: bool, engine_detokenizes: bool) -> dict[str, Any]:
+        config = self.config
+        pacer = None
+        if config.qps:
+            import ray
+            from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+            from llm_assets.engines.http.pacer import RequestPacer
+
+            # Owned by the run's driver: it ends with the pool's last reference, so with the run. On
+            # the driver's node: the endpoint's schedule file is that machine's (pacer.py).
+            here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+            pacer = ray.remote(RequestPacer).options(num_cpus=0, scheduling_strategy=here).remote(config.url, config.qps)
+        return dict(url=config.url, headers=_headers(config), max_retries=config.max_retries,
+                    base_retry_wait_time_in_s=config.base_retry_wait_time_in_s, request_timeout_s=config.request_timeout_s,
+                    session_factory=config.session_factory, pacer=pacer, should_continue_on_error=config.should_continue_on_error,
+                    max_in_flight=config.batch_size)
+
+    def output_settings(self) -> dict[str, Any]:
+        # The URL and error handling change the output; headers may hold keys and are left out, and
+        # the pace and retries change only when rows are answered.
+        return {"url": self.config.url, "should_continue_on_error": self.config.should_continue_on_error}
+
+    def check_row(self, row: dict[str, Any], task_check: RowCheck) -> dict[str, Any]:
+        """The request body replaces the task's request (no chat template or tokenizer runs here):
+        stored as JSON text (rows' bodies differ; one Parquet schema cannot hold them)."""
+        payload = row.get("payload")
+        if not isinstance(payload, dict):
+            got = "missing" if payload is None else f"{type(payload).__name__}"
+            raise ValueError(f"'payload' is {got} (columns: {sorted(row)}): expected the request's JSON body as a dict, "
+                             "e.g. {'model': ..., 'messages': [...]} (return it from preprocess)")
+        try:
+            row["payload"] = json.dumps(payload)
+        except (TypeError, ValueError) as exc:
+            raise ValueError(f"'payload' is not JSON-serializable: {exc}") from None
+        return row
 
 
 def _headers(config: HttpRequestProcessorConfig) -> dict[str, str]:
@@ -85,24 +120,3 @@ def _headers(config: HttpRequestProcessorConfig) -> dict[str, str]:
             value = resolved
         headers[name] = str(value)
     return headers
-
-
-def _output_settings(config: HttpRequestProcessorConfig) -> dict[str, Any]:
-    # The URL and error handling change the output; headers may hold keys and are left out, and
-    # the pace and retries change only when rows are answered.
-    return {"url": config.url, "should_continue_on_error": config.should_continue_on_error}
-
-
-HTTP = EngineSpec(
-    label="HTTP",
-    config_class=HttpRequestProcessorConfig,
-    replica="llm_assets.engines.http.replica:HttpRequestReplica",
-    distributions=("aiohttp",),
-    code_modules=("llm_assets.engines.base", "llm_assets.engines.http.replica"),
-    replica_kwargs=_replica_kwargs,
-    gpus_per_replica=lambda config, on_gpu: 0,
-    output_settings=_output_settings,
-    target=lambda config: config.url,
-    model_source=lambda config: None,
-    takes_payload=True,
-)

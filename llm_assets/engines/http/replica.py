@@ -21,7 +21,7 @@ from typing import Any, Callable, Optional
 import pyarrow as pa
 
 from llm_assets.engines.base import no_result, replica_info, with_results
-from llm_assets.stages.base import ROW_ID, RowError, column_or_none, ok_rows
+from llm_assets.rows import ROW_ID, RowError, column_or_none, ok_rows
 
 STAGE = "engine"
 RETRY_STATUSES = frozenset({408, 429, 500, 502, 503, 504})

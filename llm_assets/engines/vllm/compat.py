@@ -47,8 +47,6 @@ def start_engine(**kwargs: Any):
 
     from llm_assets.engines.vllm.engine_loop import EngineLoop
 
-    from llm_assets.engines.vllm.core_process import forked_core
-
     kwargs.setdefault("disable_log_stats", True)
     if kwargs.get("distributed_executor_backend") == "ray":
         share_ray_cluster_with_core()
@@ -108,6 +106,28 @@ def replaced(module: str, name: str, make: Callable[[Any], Any], otherwise: str)
         setattr(target, name, original)
 
 
+def forked_core() -> contextlib.AbstractContextManager:
+    """While an engine is built here, vLLM's core process comes from the fork server.
+
+    Replaces ``get_mp_context`` in vLLM's core launcher (``vllm.v1.engine.utils``, not a public
+    API); vLLM's own function still runs first, for what it sets up for the child. If that name
+    moves, vLLM spawns its core as before and says so in a warning."""
+    from multiprocessing import forkserver
+
+    from llm_assets.engines.vllm.core_process import CoreContext
+
+    forkserver.ensure_running()  # restarts the server if it died
+
+    def make(original):
+        def core_context():
+            original()  # vLLM's own setup for a child (it also logs that it must spawn: it is overruled)
+            logger.info("vLLM's engine core process is forked from this actor's fork server, not spawned")
+            return CoreContext()
+        return core_context
+
+    return replaced("vllm.v1.engine.utils", "get_mp_context", make, "the engine core is spawned (slower start)")
+
+
 def inspect_models_in_process() -> contextlib.AbstractContextManager:
     """vLLM's model registry inspects the model's class (multimodal? pooling?) in a subprocess that
     imports vLLM and torch again, unless ``VLLM_CACHE_ROOT/modelinfos`` already has the answer: ~21 s
@@ -148,7 +168,7 @@ def sampling_params(**kwargs: Any):
     from vllm.sampling_params import RequestOutputKind
 
     kwargs.setdefault("output_kind", RequestOutputKind.FINAL_ONLY)
-    if isinstance(kwargs.get("structured_outputs"), dict):  # checked by Preprocess (stages/structured.py)
+    if isinstance(kwargs.get("structured_outputs"), dict):  # checked by Preprocess (tasks/structured.py)
         from vllm.sampling_params import StructuredOutputsParams
 
         kwargs["structured_outputs"] = StructuredOutputsParams(**kwargs["structured_outputs"])

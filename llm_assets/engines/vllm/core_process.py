@@ -13,16 +13,11 @@ moment; the server ends with the actor, and Ray ends the core with the actor's o
 
 from __future__ import annotations
 
-import contextlib
-import logging
 import multiprocessing
 import os
 from multiprocessing import context as mp_context
 from multiprocessing import forkserver
 from typing import Iterable
-
-logger = logging.getLogger(__name__)
-
 
 def start_server(modules: Iterable[str]) -> None:
     """Start this process's fork server; it imports ``modules`` in the background (returns at once)."""
@@ -56,24 +51,3 @@ class CoreContext:
 
     def __getattr__(self, name: str):
         return getattr(self._base, name)
-
-
-def forked_core() -> contextlib.AbstractContextManager:
-    """While an engine is built here, vLLM's core process comes from the fork server.
-
-    Replaces ``get_mp_context`` in vLLM's core launcher (``vllm.v1.engine.utils``, not a public
-    API); vLLM's own function still runs first, for what it sets up for the child. If that name
-    moves, vLLM spawns its core as before and says so in a warning."""
-    from llm_assets.engines.vllm.compat import replaced
-
-    forkserver.ensure_running()  # restarts the server if it died
-
-    def make(original):
-        def core_context():
-            original()  # vLLM's own setup for a child (it also logs that it must spawn: it is overruled)
-            logger.info("vLLM's engine core process is forked from this actor's fork server, not spawned")
-            return CoreContext()
-        return core_context
-
-    return replaced("vllm.v1.engine.utils", "get_mp_context", make, "the engine core is spawned (slower start)")
-

@@ -49,7 +49,7 @@ def check_lora_settings(dynamic_lora_loading_path: Optional[str], engine_kwargs:
 
 
 def check_row_model(model: Any, *, base_model: str, lora_enabled: bool, dynamic_lora_loading_path: Optional[str]) -> None:
-    """Preprocess's check of a row's ``model`` (``EngineSpec.model_check``): raises ValueError
+    """Preprocess's check of a row's ``model`` (``vLLMEngine.check_model``): raises ValueError
     before any engine starts for a LoRA row this pipeline cannot serve."""
     if model is None or model == "" or model == base_model:
         return

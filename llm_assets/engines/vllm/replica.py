@@ -31,7 +31,7 @@ from llm_assets.engines.base import generation_columns, no_result, replica_info,
 from llm_assets.engines.vllm.lora import LoraAdapters
 from llm_assets.engines.vllm.multimodal import multi_modal_data
 from llm_assets.stages.media import COLUMN as MEDIA
-from llm_assets.stages.base import ROW_ID, RowError, column_or_none, loads_params, ok_rows
+from llm_assets.rows import ROW_ID, RowError, column_or_none, loads_params, ok_rows
 
 logger = logging.getLogger(__name__)
 STAGE = "engine"
