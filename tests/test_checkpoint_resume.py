@@ -20,8 +20,9 @@ import pytest
 
 from resources import PartitionStorage, make_resources
 from llm_assets.atomic import write_parquet
-from tests.conftest import kill_processes, questions, write_attempt, write_jsonl
-from tests.test_pipeline_dagster import log_messages, make_pipeline, run_job
+from tests.helpers.data import questions, write_attempt, write_jsonl
+from tests.helpers.processes import kill_processes
+from tests.helpers.pipelines import log_messages, make_pipeline, run_job
 
 ROWS = 160
 REPO = Path(__file__).resolve().parent.parent

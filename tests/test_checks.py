@@ -11,7 +11,7 @@ from llm_assets.execution.stats import PartitionStats
 from llm_assets.rows import ERROR_COLUMN, ROW_ID
 from resources import PartitionStorage
 from resources.storage import new_attempt_name
-from tests.test_pipeline_dagster import make_pipeline
+from tests.helpers.pipelines import make_pipeline
 
 KEY = dg.AssetKey(["tiny", "x"])
 

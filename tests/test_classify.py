@@ -9,8 +9,9 @@ import pytest
 from llm_assets import vLLMEngineProcessorConfig
 from llm_assets.pipeline import LLMPipeline
 from llm_assets.sources import LocalFolderSource
-from tests.conftest import tiny_bert_classifier, write_jsonl
-from tests.test_pipeline_dagster import make_resources, run_job
+from tests.helpers.data import write_jsonl
+from tests.helpers.models import tiny_bert_classifier
+from tests.helpers.pipelines import make_resources, run_job
 
 TEXTS = ["The film was wonderful.", "A dull and tiring evening.", "It rained in the afternoon.", "Best meal of my life!"]
 LABELS = 3

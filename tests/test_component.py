@@ -8,11 +8,9 @@ llm_assets and resources come from the installed package.
 """
 
 import json
-import os
-import shutil
-import subprocess
 import sys
 from pathlib import Path
+from tests.helpers.project import BIN, code_location_copy, run, scaffold, set_attributes
 
 import dagster as dg
 import pyarrow.parquet as pq
@@ -21,48 +19,9 @@ import yaml
 
 from llm_assets import LLMPipelineComponent
 from llm_assets.defs.component import LLMPipelineScaffolder
-from tests.conftest import write_jsonl
+from tests.helpers.data import write_jsonl
 
-PROJECT = Path(__file__).resolve().parent.parent
-BIN = Path(sys.executable).parent
 QUESTIONS = [{"text": f"question {i}: say something about the number {i}"} for i in range(6)]
-
-
-def code_location_copy(tmp_path: Path) -> Path:
-    project = tmp_path / "project"
-    project.mkdir()
-    for name in ("definitions.py", "pyproject.toml", "workspace.yaml"):
-        shutil.copy(PROJECT / name, project / name)
-    shutil.copytree(PROJECT / "pipelines", project / "pipelines", ignore=shutil.ignore_patterns("__pycache__"))
-    return project
-
-
-def run(command: list, project: Path, timeout: int = 180) -> subprocess.CompletedProcess:
-    env = {
-        **os.environ,
-        "DAGSTER_HOME": str(project / "dagster_home"),
-        "LLM_ASSETS_STORAGE": str(project / "storage"),
-        "HF_HUB_OFFLINE": "1",
-        "TOKENIZERS_PARALLELISM": "false",
-    }
-    Path(env["DAGSTER_HOME"]).mkdir(exist_ok=True)
-    return subprocess.run(command, cwd=project, env=env, capture_output=True, text=True, timeout=timeout)
-
-
-def scaffold(project: Path, name: str) -> Path:
-    done = run([str(BIN / "dg"), "scaffold", "defs", "llm_assets.LLMPipelineComponent", name], project, timeout=120)
-    assert done.returncode == 0, done.stdout + done.stderr
-    return project / "pipelines" / name
-
-
-def set_attributes(defs_yaml: Path, **attributes) -> None:
-    document = yaml.safe_load(defs_yaml.read_text())
-    for key, value in attributes.items():
-        if isinstance(value, dict) and isinstance(document["attributes"].get(key), dict):
-            document["attributes"][key].update(value)
-        else:
-            document["attributes"][key] = value
-    defs_yaml.write_text(yaml.safe_dump(document, sort_keys=False))
 
 
 def committed_rows(project: Path, pipeline: str, stage: str, partition: str) -> list[dict]:

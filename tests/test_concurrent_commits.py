@@ -8,7 +8,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from resources import PartitionStorage
-from tests.conftest import write_attempt
+from tests.helpers.data import write_attempt
 
 ROUNDS = 10
 

@@ -2,6 +2,7 @@
 once and leave committed partitions alone, stale stages after a code change, asset checks."""
 
 import os
+from tests.helpers.pipelines import tick, engine_starts
 
 import dagster as dg
 import pytest
@@ -10,27 +11,8 @@ from dagster._core.definitions.data_version import CachingStaleStatusResolver, S
 from dagster._time import get_current_datetime
 
 from llm_assets.defs.factory import add_partitions_for_new_files, build_definitions, stage_key
-from tests.conftest import questions, write_jsonl
-from tests.test_pipeline_dagster import RANGE_END, RANGE_START, log_messages, make_pipeline, make_resources, to_chat
-
-SENSOR = "tiny_new_files"
-
-
-def tick(defs: dg.Definitions, instance) -> dg.SensorResult | dg.SkipReason:
-    """One sensor tick, applied as the daemon applies it (observations recorded, partitions added, runs returned)."""
-    # With an instance ref, as the daemon builds it: run requests may then name the partitions
-    # that the same tick adds.
-    context = dg.build_sensor_context(instance=instance, instance_ref=instance.get_ref(), definitions=defs)
-    data = defs.get_sensor_def(SENSOR).evaluate_tick(context)
-    for event in data.asset_events:  # the landing files' data versions
-        instance.report_runless_asset_event(event)
-    for request in data.dynamic_partitions_requests or []:
-        instance.add_dynamic_partitions(request.partitions_def_name, list(request.partition_keys))
-    return data
-
-
-def engine_starts(instance, run_id) -> int:
-    return sum("Starting 1 vLLM engine actor(s)" in m for m in log_messages(instance, run_id))
+from tests.helpers.data import questions, write_jsonl
+from tests.helpers.pipelines import RANGE_END, RANGE_START, log_messages, make_pipeline, make_resources, to_chat
 
 
 @pytest.fixture(scope="module")

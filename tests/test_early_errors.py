@@ -17,9 +17,9 @@ import pytest
 
 from llm_assets.defs.factory import build_definitions
 from llm_assets.pipeline import ModelPathError
-from tests.conftest import code_location_env
-from tests.test_component import code_location_copy, run, scaffold, set_attributes
-from tests.test_pipeline_dagster import make_pipeline, make_resources
+from tests.helpers.deployment import code_location_env
+from tests.helpers.project import code_location_copy, run, scaffold, set_attributes
+from tests.helpers.pipelines import make_pipeline, make_resources
 
 BIN = Path(sys.executable).parent
 DEFINITIONS = textwrap.dedent(
@@ -28,7 +28,7 @@ DEFINITIONS = textwrap.dedent(
 
     from llm_assets.defs.factory import build_definitions
     from resources import PartitionStorage, make_resources
-    from tests.test_pipeline_dagster import make_pipeline
+    from tests.helpers.pipelines import make_pipeline
 
     PIPELINES = [make_pipeline(os.environ["EARLY_LANDING"], os.environ["EARLY_MODEL"])]
     defs = build_definitions(PIPELINES, make_resources(PartitionStorage(root=os.environ["EARLY_STORAGE"])))

@@ -12,8 +12,8 @@ from llm_assets.defs.factory import build_definitions
 from llm_assets.pipeline import LLMPipeline
 from llm_assets.sources import LocalFolderSource
 from llm_assets.rows import RowError
-from tests.conftest import write_jsonl
-from tests.test_pipeline_dagster import make_resources, run_job
+from tests.helpers.data import write_jsonl
+from tests.helpers.pipelines import make_resources, run_job
 from tests.helpers.stages import preprocess_stage
 
 SENTENCES = ["A man is eating food.", "A man is eating a piece of bread.", "The stock market fell sharply today.",

@@ -6,7 +6,7 @@ import ray
 from llm_assets.models import resolve_model_source
 from resources import RayDataResource
 from resources.engine_pool import EnginePoolResource
-from tests.test_pipeline_dagster import make_pipeline
+from tests.helpers.pipelines import make_pipeline
 
 
 def test_engines_released_by_one_step_are_ended_before_the_next_step_gets_its_own(tmp_path, tiny_model, ray_session):

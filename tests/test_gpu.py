@@ -7,7 +7,7 @@ import pytest
 
 from llm_assets.demo import DATA_DIR, demo_pipeline, to_answer, to_chat
 from llm_assets.testing import build_llama_model
-from tests.test_pipeline_dagster import log_messages, make_resources, run_job
+from tests.helpers.pipelines import log_messages, make_resources, run_job
 
 pytestmark = pytest.mark.gpu
 
@@ -122,7 +122,7 @@ def test_video_and_image_tokens_reach_the_gpu_engine(tmp_path, media):
     from llm_assets.pipeline import LLMPipeline
     from llm_assets.sources import LocalFolderSource
     from llm_assets.testing import build_qwen2_vl_model
-    from tests.conftest import committed_rows, write_jsonl
+    from tests.helpers.data import committed_rows, write_jsonl
 
     model = str(build_qwen2_vl_model(tmp_path / "tiny-qwen2-vl"))
     folder, base = media
@@ -186,7 +186,7 @@ def test_a_serve_app_on_the_gpu_serves_two_pipelines_with_one_engine(kind, tmp_p
     from llm_assets.engines.serve import ServeEngine
     from llm_assets.pipeline import LLMPipeline
     from llm_assets.sources import LocalFolderSource
-    from tests.test_serve_engine import ray_cluster, resources_on, timeline
+    from tests.helpers.serve import ray_cluster, resources_on, timeline
 
     tmp_path = tmp_path_factory.mktemp("serve-gpu")
     with ray_cluster(tmp_path_factory.mktemp("ray")) as address:

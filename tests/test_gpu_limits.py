@@ -17,32 +17,22 @@ on the pool caps the engine pools built at once, whoever launched the runs.
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
-import textwrap
 import time
-from pathlib import Path
 
 import dagster as dg
-import psutil
 import pyarrow.parquet as pq
 import pytest
-import yaml
 from dagster._core.instance.config import PoolGranularity
-from dagster._core.instance.ref import InstanceRef
 
 from llm_assets.defs.factory import build_definitions, stage_key
 from llm_assets.engines.http import HttpRequestProcessorConfig
 from llm_assets.pipeline import LLMPipeline
 from llm_assets.sources import LocalFolderSource
 from resources import PartitionStorage
-from tests.conftest import code_location_env, kill_processes, questions, write_jsonl
-from tests.test_pipeline_dagster import make_pipeline, make_resources
+from tests.helpers.data import questions
+from tests.helpers.deployment import INSTANCE_SETTINGS, Deployment, open_instance
+from tests.helpers.pipelines import make_pipeline, make_resources
 
-PROJECT = Path(__file__).resolve().parent.parent
-INSTANCE_SETTINGS = PROJECT / ".dagster_home" / "dagster.yaml"
 POOL = "llm_assets/gpu"
 STEP = "tiny_stages"
 ROWS = {"a.jsonl": 3, "b.jsonl": 4}
@@ -50,25 +40,7 @@ ENGINE_LOAD = "Loading vLLM into 1 engine actor(s)"
 ENGINE_START = "Starting 1 vLLM engine actor(s)"
 ENGINE_DOWN = "vLLM engine 0 shut down"
 
-DEFINITIONS = textwrap.dedent(
-    """\
-    import os
-
-    from llm_assets.defs.factory import build_definitions
-    from resources import PartitionStorage, make_resources
-    from tests.test_pipeline_dagster import make_pipeline
-
-    PIPELINES = [make_pipeline(os.environ["GPU_LIMITS_LANDING"], os.environ["GPU_LIMITS_MODEL"])]
-    defs = build_definitions(PIPELINES, make_resources(PartitionStorage(root=os.environ["GPU_LIMITS_STORAGE"])))
-    """
-)
-WORKSPACE = "load_from:\n  - python_file:\n      relative_path: defs.py\n      working_directory: .\n"
-
-pytestmark = pytest.mark.timeout(300)
-
-
-def open_instance(home: Path) -> dg.DagsterInstance:
-    return dg.DagsterInstance.from_ref(InstanceRef.from_dir(str(home)))
+pytestmark = [pytest.mark.timeout(300), pytest.mark.slow]
 
 
 def stages_pool(pipeline: LLMPipeline):
@@ -102,56 +74,15 @@ def test_the_stages_op_holds_the_pipelines_gpu_pool_and_the_shipped_settings_lim
             assert run.run_op_concurrency.all_pools == {POOL}, stage
 
 
-class Deployment:
-    """A DAGSTER_HOME with the shipped settings but room for two runs, a code location on the tiny
-    pipeline, a daemon; everything started is killed by PID at the end."""
-
-    def __init__(self, tmp: Path, model: str):
-        self.tmp = tmp
-        for name, n in ROWS.items():
-            write_jsonl(tmp / "landing" / name, questions(n, name[0]))
-        (tmp / "defs.py").write_text(DEFINITIONS)
-        (tmp / "workspace.yaml").write_text(WORKSPACE)
-        self.home = tmp / "dagster_home"
-        self.home.mkdir()
-        settings = yaml.safe_load(INSTANCE_SETTINGS.read_text())
-        # Room for both runs, so that only the GPU pool can hold one back; the queue looked at every second.
-        settings["concurrency"]["runs"]["max_concurrent_runs"] = 2
-        settings["run_queue"] = {"dequeue_interval_seconds": 1}
-        (self.home / "dagster.yaml").write_text(yaml.safe_dump(settings))
-        self.env = {**os.environ, **code_location_env(self.home, "GPU_LIMITS", tmp / "landing", tmp / "storage", model)}
-        self.bin = Path(sys.executable).parent
-        self.daemon = None
-        self.storage = PartitionStorage(root=str(tmp / "storage"))
-
-    def dagster(self, *args: str) -> None:
-        result = subprocess.run([str(self.bin / "dagster"), *args], cwd=self.tmp, env=self.env, capture_output=True, text=True, timeout=120)
-        assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-
-    def launch(self, partition: str) -> None:
-        """`dagster job launch` on the workspace: the run is queued for the daemon, as the UI queues it."""
-        self.dagster("job", "launch", "-w", "workspace.yaml", "-j", "tiny_job", "--tags", json.dumps({"dagster/partition": partition}))
-
-    def start_daemon(self) -> None:
-        self.daemon = subprocess.Popen(
-            [str(self.bin / "dagster-daemon"), "run", "-w", "workspace.yaml"],
-            cwd=self.tmp, env=self.env, stdout=open(self.tmp / "daemon.log", "w"), stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-
-    def daemon_log(self) -> str:
-        return (self.tmp / "daemon.log").read_text()
-
-    def teardown(self) -> None:
-        if self.daemon is not None:
-            root = psutil.Process(self.daemon.pid)
-            kill_processes([root, *root.children(recursive=True)], timeout_s=10)
-            self.daemon.wait(timeout=10)
+def room_for_two_runs(settings: dict) -> None:
+    """Room for both runs, so that only the GPU pool can hold one back; the queue looked at every second."""
+    settings["concurrency"]["runs"]["max_concurrent_runs"] = 2
+    settings["run_queue"] = {"dequeue_interval_seconds": 1}
 
 
 @pytest.fixture()
 def deployment(tmp_path, tiny_model):
-    deployment = Deployment(tmp_path, tiny_model)
+    deployment = Deployment(tmp_path, tiny_model, files=ROWS, adjust=room_for_two_runs)
     yield deployment
     deployment.teardown()
 
@@ -182,7 +113,7 @@ def test_with_a_pool_limit_of_one_the_second_run_builds_its_engine_after_the_fir
         deployment.dagster("instance", "concurrency", "set", POOL, "1")
         # Both queued before the daemon starts: a burst, as two sensor ticks or two backfills make.
         for partition in ROWS:
-            deployment.launch(partition)
+            deployment.launch({"dagster/partition": partition})
         second, first = instance.get_runs()  # newest first
         assert first.tags["dagster/partition"] == "a.jsonl" and second.tags["dagster/partition"] == "b.jsonl"
         # Dagster counted both against the pool when it created them (from the stages step's op).
@@ -196,7 +127,7 @@ def test_with_a_pool_limit_of_one_the_second_run_builds_its_engine_after_the_fir
         def explain():
             lines = [f"{name}: {status(run)} " + " | ".join((r.user_message or "")[:200] for r in instance.all_logs(run.run_id)[-15:])
                      for name, run in (("first", first), ("second", second))]
-            return "\n".join(lines) + "\n--- daemon.log:\n" + deployment.daemon_log()[-4000:]
+            return "\n".join(lines) + "\n" + deployment.daemon_logs()
 
         # While the first run is active, the second stays QUEUED (read before the first's status, so
         # that the first was still active when it was read).
@@ -218,8 +149,8 @@ def test_with_a_pool_limit_of_one_the_second_run_builds_its_engine_after_the_fir
         assert second_while_first_active and set(second_while_first_active) == {dg.DagsterRunStatus.QUEUED}, second_while_first_active
         assert limits == {1}
         # Held by the pool, as the daemon's log says (not by max_concurrent_runs: there was room for two).
-        assert f"Run {second.run_id} is blocked by global concurrency limits: {{\"{POOL}\"" in deployment.daemon_log(), explain()
-        assert f"Run {first.run_id} is blocked" not in deployment.daemon_log()
+        assert f"Run {second.run_id} is blocked by global concurrency limits: {{\"{POOL}\"" in deployment.daemon_logs(), explain()
+        assert f"Run {first.run_id} is blocked" not in deployment.daemon_logs()
 
         # The engines never overlapped: the second run's step, and so its engine, started after the first
         # run had ended, its stages step and its engine's shutdown (at the run's resource teardown,
@@ -231,14 +162,15 @@ def test_with_a_pool_limit_of_one_the_second_run_builds_its_engine_after_the_fir
         assert first_end <= second_start <= logged_at(instance, second.run_id, ENGINE_LOAD) < logged_at(instance, second.run_id, ENGINE_START)
 
         # The second run computed its own partition with its own engine: nothing reused from the first.
+        storage = PartitionStorage(root=str(deployment.tmp / "storage"))
         for run, partition in ((first, "a.jsonl"), (second, "b.jsonl")):
             metadata = engine_metadata(instance, run.run_id)
             assert metadata["partitions_recomputed"] == 1 and metadata["rows_out"] == ROWS[partition], metadata
             assert "rows_cached" not in metadata and "rows_resumed" not in metadata, metadata
-            rows = pq.read_table(deployment.storage.committed_files("tiny", "postprocess", partition)).to_pylist()
+            rows = pq.read_table(storage.committed_files("tiny", "postprocess", partition)).to_pylist()
             assert sorted(r["question"] for r in rows) == sorted(q["question"] for q in questions(ROWS[partition], partition[0]))
             assert all(r["answer"] for r in rows)
-        assert deployment.storage.manifest("tiny", "engine", "b.jsonl").committed_at > first_end
+        assert storage.manifest("tiny", "engine", "b.jsonl").committed_at > first_end
 
         created = instance.get_run_record_by_id(second.run_id).create_timestamp.timestamp()
         print(f"both launched in {launched_s:.1f} s, both done {done_s:.1f} s after the daemon started; the second run's step started "

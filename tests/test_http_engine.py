@@ -3,121 +3,30 @@ that injects faults on demand (429 with Retry-After, 503, stalls past the timeou
 connections: faults a real model server cannot be made to produce when asked), and vLLM's own
 OpenAI-compatible server (`vllm serve`, the CPU build)."""
 
-import asyncio
 import json
 import os
 import subprocess
 import sys
-import threading
 import time
 import urllib.request
-from collections import Counter, defaultdict
+from collections import Counter
 from pathlib import Path
 
 import dagster as dg
 import pytest
-from aiohttp import web
 
 from llm_assets.engines.http import HttpRequestProcessorConfig
 from llm_assets.pipeline import LLMPipeline
 from llm_assets.sources import LocalFolderSource
-from tests.conftest import free_port, questions, write_jsonl
-from tests.test_pipeline_dagster import log_messages, make_resources, read_output, run_job
-
-FAULTS = {1: "429", 2: "503", 3: "stall", 4: "drop"}  # by row number % 5, first attempt only
-ALWAYS_FAILING = "q number 7"  # 503 on every attempt
-
-
-def _table_fault(content: str, attempt: int):
-    if content.startswith(ALWAYS_FAILING + ":"):
-        return "503"
-    number = int(content.split(":")[0].split()[-1])
-    return FAULTS.get(number % 5) if attempt == 1 else None
-
-
-class FaultServer:
-    """A chat-completions endpoint that answers ``answer to <content>`` and logs every attempt."""
-
-    retry_after_s = 1
-
-    def __init__(self, stall_s: float = 3.0, fault_for=None):
-        """``fault_for(content, attempt) -> "429" | "503" | "stall" | "drop" | None``: the fault of
-        one attempt (attempts counted from 1); by default the FAULTS table's."""
-        self.stall_s = stall_s
-        self.fault_for = fault_for or _table_fault
-        self.attempts: dict[str, int] = defaultdict(int)
-        self.arrivals: list[float] = []
-        self.log: list[tuple[str, int, float, str | None]] = []  # (content, attempt, arrival, fault)
-        self.authorization: set = set()
-        self.port = free_port()
-        self.loop = asyncio.new_event_loop()
-        self.thread = threading.Thread(target=self._serve, daemon=True)
-
-    def __enter__(self):
-        self.thread.start()
-        deadline = time.time() + 10
-        while time.time() < deadline:
-            try:
-                urllib.request.urlopen(f"http://127.0.0.1:{self.port}/health", timeout=1)
-                return self
-            except OSError:
-                time.sleep(0.05)
-        raise RuntimeError("the fault server did not start")
-
-    def __exit__(self, *exc):
-        self.loop.call_soon_threadsafe(self.loop.stop)
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}/v1/chat/completions"
-
-    def _serve(self):
-        asyncio.set_event_loop(self.loop)
-        app = web.Application()
-        app.router.add_get("/health", lambda request: web.Response(text="ok"))
-        app.router.add_post("/v1/chat/completions", self._chat)
-        runner = web.AppRunner(app)
-        self.loop.run_until_complete(runner.setup())
-        self.loop.run_until_complete(web.TCPSite(runner, "127.0.0.1", self.port).start())
-        self.loop.run_forever()
-
-    async def _chat(self, request):
-        body = await request.json()
-        content = body["messages"][0]["content"]
-        self.arrivals.append(time.time())
-        self.authorization.add(request.headers.get("Authorization"))
-        self.attempts[content] += 1
-        fault = self.fault_for(content, self.attempts[content])
-        self.log.append((content, self.attempts[content], self.arrivals[-1], fault))
-        if fault == "429":
-            return web.Response(status=429, text="slow down", headers={"Retry-After": str(self.retry_after_s)})
-        if fault in ("500", "502", "503", "504"):
-            return web.Response(status=int(fault), text="overloaded")
-        if fault == "stall":
-            await asyncio.sleep(self.stall_s)
-        if fault == "drop":
-            request.transport.close()
-            return web.Response(status=500)
-        return web.json_response({
-            "model": body["model"],
-            "choices": [{"message": {"role": "assistant", "content": f"answer to {content}"}, "finish_reason": "stop"}],
-            "usage": {"prompt_tokens": 5, "completion_tokens": 3},
-        })
-
-
-def to_payload(row):
-    return {"question": row["question"],
-            "payload": {"model": "served", "messages": [{"role": "user", "content": row["question"]}], "max_tokens": 4}}
-
-
-def to_answer(row):
-    return {"question": row["question"], "answer": row["generated_text"], "tokens": row["num_generated_tokens"],
-            "error": row.get("__inference_error__")}
-
+from tests.helpers.data import questions, write_jsonl
+from tests.helpers.deployment import code_location_env
+from tests.helpers.pipelines import log_messages, make_resources, read_output, run_job
+from tests.helpers.processes import free_port
+from tests.helpers.servers import ALWAYS_FAILING, FAULTS, FaultServer, http_answer, to_payload
 
 def http_pipeline(folder, **config) -> LLMPipeline:
     return LLMPipeline("tiny", HttpRequestProcessorConfig(**config), LocalFolderSource(str(folder)),
-                       preprocess=to_payload, postprocess=to_answer)
+                       preprocess=to_payload, postprocess=http_answer)
 
 
 def test_every_row_once_through_retries_and_a_row_that_exhausts_them_kept_with_its_error(tmp_path, ray_session, instance):
@@ -219,7 +128,7 @@ def test_a_partition_through_vllms_openai_server(tmp_path, ray_session, instance
             "max_tokens": 4, "temperature": 0, "ignore_eos": True}}
 
     pipeline = LLMPipeline("tiny", HttpRequestProcessorConfig(url=f"{vllm_server}/v1/chat/completions", batch_size=4),
-                           LocalFolderSource(str(tmp_path / "landing")), preprocess=to_request, postprocess=to_answer)
+                           LocalFolderSource(str(tmp_path / "landing")), preprocess=to_request, postprocess=http_answer)
     result = run_job(pipeline, make_resources(tmp_path / "storage"), instance, {"dagster/partition": "a.jsonl"})
     assert result.success
     storage = make_resources(tmp_path / "storage")["storage"]
@@ -320,10 +229,10 @@ from llm_assets.engines.http import HttpRequestProcessorConfig
 from llm_assets.pipeline import LLMPipeline
 from llm_assets.sources import LocalFolderSource
 from resources import PartitionStorage, make_resources
-from tests.test_http_engine import to_answer, to_payload
+from tests.helpers.servers import http_answer, to_payload
 
 config = HttpRequestProcessorConfig(url=os.environ["PACING_URL"], qps=float(os.environ["PACING_QPS"]), batch_size=4, concurrency=2)
-PIPELINES = [LLMPipeline("paced", config, LocalFolderSource(os.environ["PACING_LANDING"]), preprocess=to_payload, postprocess=to_answer)]
+PIPELINES = [LLMPipeline("paced", config, LocalFolderSource(os.environ["PACING_LANDING"]), preprocess=to_payload, postprocess=http_answer)]
 defs = build_definitions(PIPELINES, make_resources(PartitionStorage(root=os.environ["PACING_STORAGE"])))
 """
 
@@ -331,8 +240,7 @@ defs = build_definitions(PIPELINES, make_resources(PartitionStorage(root=os.envi
 def test_two_runs_against_one_endpoint_share_its_qps(tmp_path):
     """Two `dagster job execute` processes at once, each with its own Ray and two engine actors,
     against one server: their requests together keep the endpoint's qps."""
-    from tests.conftest import code_location_env
-
+    
     qps, rows = 4.0, 40
     defs = tmp_path / "paced_defs.py"
     defs.write_text(HTTP_DEFINITIONS)

@@ -10,8 +10,8 @@ from dagster._core.definitions.data_version import CachingStaleStatusResolver, S
 from dagster._time import get_current_datetime
 
 from llm_assets.defs.factory import build_definitions, landing_key, stage_key
-from tests.conftest import questions, write_jsonl
-from tests.test_pipeline_dagster import RANGE_END, RANGE_START, make_pipeline, make_resources, read_output
+from tests.helpers.data import questions, write_jsonl
+from tests.helpers.pipelines import RANGE_END, RANGE_START, make_pipeline, make_resources, read_output
 
 SENSOR = "tiny_new_files"
 

@@ -31,7 +31,9 @@ import pyarrow.parquet as pq
 import pytest
 
 from resources import PartitionStorage
-from tests.conftest import code_location_env, kill_processes, questions, write_jsonl
+from tests.helpers.data import questions, write_jsonl
+from tests.helpers.deployment import code_location_env
+from tests.helpers.processes import kill_processes, new_descendants
 
 PROJECT = Path(__file__).resolve().parent.parent
 STAGES = ["preprocess", "chat_template", "tokenize", "engine", "detokenize", "postprocess"]
@@ -46,7 +48,7 @@ DEFINITIONS = textwrap.dedent(
 
     from llm_assets.defs.factory import build_definitions
     from resources import PartitionStorage, make_resources
-    from tests.test_pipeline_dagster import make_pipeline
+    from tests.helpers.pipelines import make_pipeline
 
     PIPELINES = [make_pipeline(os.environ["LAUNCH_PATHS_LANDING"], os.environ["LAUNCH_PATHS_MODEL"])]
     defs = build_definitions(PIPELINES, make_resources(PartitionStorage(root=os.environ["LAUNCH_PATHS_STORAGE"])))
@@ -69,16 +71,12 @@ def setup(tmp_path, tiny_model):
     return {"tmp": tmp_path, "defs": defs_file, "home": home, "env": env, "storage": PartitionStorage(root=str(tmp_path / "storage"))}
 
 
-def _kill_new_descendants(before: set[int]) -> None:
-    """Kill, by PID, what this test started under the pytest process and left running."""
-    kill_processes([p for p in psutil.Process().children(recursive=True) if p.pid not in before], timeout_s=10)
-
-
 @pytest.fixture()
 def reaper():
+    """Kills, by PID, what the test started under the pytest process and left running."""
     before = {p.pid for p in psutil.Process().children(recursive=True)}
     yield
-    _kill_new_descendants(before)
+    kill_processes(new_descendants(before), timeout_s=10)
 
 
 def assert_one_step_one_engine(instance: dg.DagsterInstance, run_id: str) -> list[str]:

@@ -21,8 +21,8 @@ from llm_assets.execution.cache import CacheSettings, request_keys
 from llm_assets.pipeline import LLMPipeline
 from llm_assets.sources import LocalFolderSource
 from llm_assets.rows import ERROR_COLUMN, RowError
-from tests.conftest import write_jsonl
-from tests.test_pipeline_dagster import make_resources, run_job
+from tests.helpers.data import write_jsonl
+from tests.helpers.pipelines import make_resources, run_job
 from tests.helpers.stages import preprocess_stage
 
 LORA_KWARGS = {"max_model_len": 256, "enable_lora": True, "max_lora_rank": 8, "max_loras": 2}

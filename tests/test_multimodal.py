@@ -14,7 +14,7 @@ import pyarrow as pa
 import pytest
 
 from llm_assets.rows import RowError
-from tests.conftest import committed_rows, write_jsonl
+from tests.helpers.data import committed_rows, write_jsonl
 from tests.helpers.stages import preprocess_stage
 
 QUESTION = "What is in the picture?"
@@ -123,7 +123,7 @@ def test_image_tokens_reach_the_engine(tmp_path, vlm, media, ray_session, instan
     media_readable check counts it."""
     from llm_assets.pipeline import LLMPipeline
     from llm_assets.sources import LocalFolderSource
-    from tests.test_pipeline_dagster import make_resources, run_job
+    from tests.helpers.pipelines import make_resources, run_job
 
     folder, base = media
     write_jsonl(tmp_path / "landing" / "pictures.jsonl",
@@ -171,7 +171,7 @@ def test_audio_tokens_reach_the_engine(tmp_path, alm, media, ray_session, instan
 
     from llm_assets.pipeline import LLMPipeline
     from llm_assets.sources import LocalFolderSource
-    from tests.test_pipeline_dagster import make_resources, run_job
+    from tests.helpers.pipelines import make_resources, run_job
 
     folder, base = media
     wav = base64.b64encode((folder / "tone.wav").read_bytes()).decode()

@@ -3,6 +3,7 @@ Pure Python (no engine); the S3 test uses the local moto server."""
 
 import json
 from pathlib import Path
+from tests.helpers.openai_batch import CHAT, COMPLETIONS, RESPONSES, CREATED, request, rows, finished, export, read_lines
 
 import pyarrow as pa
 import pyarrow.fs as pafs
@@ -17,25 +18,6 @@ from llm_assets.openai_batch import (
 from llm_assets.sources import LocalFolderSource, SourceError
 from llm_assets.rows import loads_params
 from tests.helpers.stages import preprocess_stage
-
-CHAT = "/v1/chat/completions"
-COMPLETIONS = "/v1/completions"
-RESPONSES = "/v1/responses"
-CREATED = 1_760_000_000
-
-
-def request(custom_id="a", url=CHAT, **body):
-    if not {"messages", "prompt", "input"} & body.keys():
-        body = {{CHAT: "messages", COMPLETIONS: "prompt", RESPONSES: "input"}[url]: _default_input(url), **body}
-    return {"custom_id": custom_id, "method": "POST", "url": url, "body": body}
-
-
-def _default_input(url):
-    return "Say hi" if url != CHAT else [{"role": "user", "content": "Say hi"}]
-
-
-def rows(*objects, name="batch.jsonl"):
-    return list(rows_from_openai_batch(enumerate(objects, start=1), name))
 
 
 def one_row(obj):
@@ -245,33 +227,6 @@ def test_a_bad_line_in_a_batch_file_fails_the_read_with_its_path_and_line(tmp_pa
 
 
 # --- output -------------------------------------------------------------------------------------
-
-
-def finished(row_id, text="Hi!", url=CHAT, model="served-model", error=None, finish_reason="stop", tokens=(5, 2)):
-    """A row as the final stage writes it."""
-    return {
-        "row_id": row_id,
-        "generated_text": None if error else text,
-        "num_input_tokens": None if error else tokens[0],
-        "num_generated_tokens": None if error else tokens[1],
-        "finish_reason": None if error else finish_reason,
-        "__inference_error__": error,
-        "openai_url": url,
-        "openai_model": model,
-    }
-
-
-def export(tmp_path, batches, **kwargs):
-    output, errors = tmp_path / "out" / "output.jsonl", tmp_path / "out" / "errors.jsonl"
-    counts = export_openai_batch(
-        batches, pafs.LocalFileSystem(), str(output), str(errors), kwargs.pop("default_model", "default-model"),
-        created=CREATED, **kwargs,
-    )
-    return counts, read_lines(output), read_lines(errors)
-
-
-def read_lines(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text().splitlines()]
 
 
 def test_export_writes_openai_output_lines(tmp_path):

@@ -12,7 +12,7 @@ from llm_assets.openai_batch import rows_from_openai_batch
 from llm_assets.sources import LocalFolderSource, SourceError
 from llm_assets.rows import loads_params
 from tests.helpers.stages import preprocess_stage
-from tests.test_openai_batch import CHAT, COMPLETIONS, export, finished, request, rows
+from tests.helpers.openai_batch import CHAT, COMPLETIONS, export, finished, request, rows
 
 
 # --- requests -----------------------------------------------------------------------------------

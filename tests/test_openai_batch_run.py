@@ -9,7 +9,7 @@ import dagster as dg
 from llm_assets.defs.factory import build_definitions
 from llm_assets.pipeline import LLMPipeline
 from llm_assets.sources import LocalFolderSource
-from tests.test_pipeline_dagster import make_resources
+from tests.helpers.pipelines import make_resources
 
 
 def request(custom_id: str, content: str, max_tokens: int, **body) -> dict:

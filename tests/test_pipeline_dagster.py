@@ -3,67 +3,18 @@
 import ast
 import json
 import os
-import re
 
 import dagster as dg
-import pyarrow.parquet as pq
 import pytest
 
-from llm_assets.defs.factory import (
-    add_partitions_for_new_files,
-    build_definitions,
-    stage_key,
-)
+from llm_assets.defs.factory import build_definitions, stage_key
 from llm_assets.defs.assets import metadata
 from llm_assets.execution.stats import PartitionStats
-from llm_assets.pipeline import LLMPipeline
 from llm_assets.sources import LocalFolderSource
-from resources import PartitionStorage
-from resources import make_resources as build_resources
-from tests.conftest import model_without_chat_template, questions, write_jsonl
-
-RANGE_START = "dagster/asset_partition_range_start"
-RANGE_END = "dagster/asset_partition_range_end"
-MAX_TOKENS = 8
-
-
-def to_chat(row):
-    return {
-        "question": row["question"],
-        "messages": [{"role": "user", "content": row["question"]}],
-        "sampling_params": {"max_tokens": MAX_TOKENS, "ignore_eos": True, "temperature": 0},
-    }
-
-
-def to_answer(row):
-    return {"question": row["question"], "answer": row["generated_text"], "tokens": row["num_generated_tokens"]}
-
-
-def make_pipeline(folder, model, postprocess=to_answer, preprocess=to_chat, **config) -> LLMPipeline:
-    settings = {"model_source": model, "engine_kwargs": {"max_model_len": 512}, "batch_size": 4}
-    settings.update(config)
-    return LLMPipeline("tiny", settings, LocalFolderSource(str(folder)), preprocess=preprocess, postprocess=postprocess)
-
-
-def make_resources(storage_root, **engine_pool_settings) -> dict:
-    return build_resources(PartitionStorage(root=str(storage_root)), **engine_pool_settings)
-
-
-def run_job(pipeline, resources, instance, tags, raise_on_error=True, stages=None):
-    """One run of the pipeline's job (``stages``: only those stage assets)."""
-    add_partitions_for_new_files(instance, pipeline)
-    job = build_definitions([pipeline], resources).resolve_job_def(f"{pipeline.name}_job")
-    selection = [stage_key(pipeline, stage) for stage in stages] if stages else None
-    return job.execute_in_process(instance=instance, tags=tags, raise_on_error=raise_on_error, asset_selection=selection)
-
-
-def log_messages(instance, run_id) -> list[str]:
-    return [event.user_message for event in instance.all_logs(run_id)]
-
-
-def read_output(storage, stage, partition) -> list[dict]:
-    return pq.read_table(storage.committed_files("tiny", stage, partition)).to_pylist()
-
+from tests.helpers.data import questions, write_jsonl
+from tests.helpers.models import model_without_chat_template
+from tests.helpers.pipelines import (MAX_TOKENS, RANGE_END, RANGE_START, TASK_TIMES, assert_failed_before_any_engine, log_messages,
+                                     make_pipeline, make_resources, read_output, run_job, to_answer, to_chat)
 
 def answer_and_niceness(row):
     return {**to_answer(row), "worker_nice": os.nice(0)}
@@ -132,11 +83,6 @@ def detokenize_metadata(instance) -> dict:
     return instance.get_latest_materialization_event(dg.AssetKey(["tiny", "detokenize"])).asset_materialization.metadata
 
 
-TASK_TIMES = re.compile(r"tiny: tasks of (.+?): (\d+); per task on average \(longest\): waited ([\d.]+) s \(([\d.]+) s\) to start, "
-                        r"ran ([\d.]+) s \(([\d.]+) s\), ([\d.]+) s of it on CPU, ([\d.]+) s \(([\d.]+) s\) building its stages; "
-                        r"(\d+) spent over 0.5 s building them")
-
-
 def test_the_run_log_tells_how_each_group_of_cpu_tasks_spent_its_time(two_partition_run):
     """Once the stages are done, one line per group of CPU tasks: how many tasks ran (one per
     batch of 4 rows: 2 for a's 5 rows, 2 for b's 7) and, per task, how long it waited to start,
@@ -190,24 +136,6 @@ def test_rerunning_postprocess_reads_persisted_output_and_never_starts_an_engine
     detokenized = {r["row_id"]: r["generated_text"] for r in read_output(storage, "detokenize", "a.jsonl")}
     assert {r["row_id"]: r["answer"] for r in rows} == {k: v.upper() for k, v in detokenized.items()}
     assert storage.manifest("tiny", "engine", "a.jsonl") == engine_before
-
-
-def assert_failed_before_any_engine(result, instance, storage_root, expected: str, engine_may_build: bool = False) -> None:
-    """The run failed with ``expected`` in its step failure, and no engine started (or, where the
-    error can only be found after Preprocess, when the engine build begins: no engine took a row)."""
-    assert not result.success
-    failure = next(e for e in result.all_events if e.event_type_value == "STEP_FAILURE")
-    error = failure.step_failure_data.error
-    headline = (error.cause or error).message.splitlines()[0]  # what the UI shows first
-    assert expected in headline, headline
-    if not engine_may_build:
-        messages = log_messages(instance, result.run_id)
-        assert not any("Starting 1 vLLM engine" in m or "vLLM engine 0 started" in m for m in messages)
-        if any(m.startswith("Loading vLLM into 1 engine actor(s)") for m in messages):  # the actor was created
-            # It ends at once, not after importing vLLM (a shutdown would wait for that import).
-            assert "Ended 1 vLLM engine actor(s) before their engine was built" in messages
-            assert not any("shut down" in m for m in messages)
-    assert not (storage_root / "tiny" / "engine").exists()
 
 
 @pytest.mark.parametrize(

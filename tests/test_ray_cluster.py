@@ -26,8 +26,10 @@ import pyarrow.parquet as pq
 import pytest
 
 from resources import PartitionStorage, RayDataResource, make_resources
-from tests.conftest import free_port, init_local_ray, kill_processes, questions, write_jsonl
-from tests.test_pipeline_dagster import log_messages, make_pipeline, run_job
+from tests.helpers.data import questions, write_jsonl
+from tests.helpers.local_ray import init_local_ray
+from tests.helpers.processes import free_port, kill_processes
+from tests.helpers.pipelines import log_messages, make_pipeline, run_job
 
 ROOT = Path(__file__).resolve().parents[1]
 ROWS = 64

@@ -10,8 +10,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from tests.conftest import questions, write_jsonl
-from tests.test_pipeline_dagster import log_messages, make_pipeline, make_resources, run_job
+from tests.helpers.data import questions, write_jsonl
+from tests.helpers.pipelines import log_messages, make_pipeline, make_resources, run_job
 
 ROWS = 128
 # Long enough that the engine is still generating when the killer strikes (the whole partition

@@ -10,8 +10,8 @@ import pytest
 
 from llm_assets.execution.cache import CacheSettings, request_keys
 from llm_assets.rows import ERROR_COLUMN
-from tests.conftest import questions, write_jsonl
-from tests.test_pipeline_dagster import MAX_TOKENS, log_messages, make_pipeline, make_resources, read_output, run_job
+from tests.helpers.data import questions, write_jsonl
+from tests.helpers.pipelines import MAX_TOKENS, log_messages, make_pipeline, make_resources, read_output, run_job
 
 N = 16
 ENGINE_STARTS = "Starting 1 vLLM engine actor(s)"

@@ -2,8 +2,8 @@
 ``logprobs`` / ``prompt_logprobs`` columns for the rows that ask, ``request_id``, and each row's
 ``tokenization_kwargs`` applied by Tokenize."""
 
-from tests.conftest import write_jsonl
-from tests.test_pipeline_dagster import make_pipeline, make_resources, run_job
+from tests.helpers.data import write_jsonl
+from tests.helpers.pipelines import make_pipeline, make_resources, run_job
 
 
 def ask(row):

@@ -18,164 +18,37 @@ the first has failed: a killed run frees its slot.
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import signal
-import subprocess
-import sys
-import textwrap
 import time
-from pathlib import Path
 
 import dagster as dg
 import psutil
 import pytest
-import yaml
-from dagster._core.instance.ref import InstanceRef
 
-from tests.conftest import code_location_env, kill_processes, questions, write_jsonl
+from tests.helpers.deployment import INSTANCE_SETTINGS, Deployment, messages, open_instance
+from tests.helpers.processes import alive, describe, kill_processes, name, wait_for
 
-PROJECT = Path(__file__).resolve().parent.parent
-INSTANCE_SETTINGS = PROJECT / ".dagster_home" / "dagster.yaml"
+
 MAX_RUNTIME_S = 10
 # Ray's dashboard and runtime-env agents outlive their raylet by about 75 s on this machine (they
 # block reporting its death to the GCS, which died with it) and then exit; measured, not waited for.
 RAY_AGENTS = ("ray::DashboardAgent", "ray::RuntimeEnvAgent")
 
-DEFINITIONS = textwrap.dedent(
-    """\
-    import os
-
-    from llm_assets.defs.factory import build_definitions
-    from resources import PartitionStorage, make_resources
-    from tests.test_pipeline_dagster import make_pipeline
-
-    PIPELINES = [make_pipeline(os.environ["RUN_MONITORING_LANDING"], os.environ["RUN_MONITORING_MODEL"])]
-    defs = build_definitions(PIPELINES, make_resources(PartitionStorage(root=os.environ["RUN_MONITORING_STORAGE"])))
-    """
-)
-WORKSPACE = "load_from:\n  - python_file:\n      relative_path: defs.py\n      working_directory: .\n"
-
-pytestmark = pytest.mark.timeout(300)
+pytestmark = [pytest.mark.timeout(300), pytest.mark.slow]
 
 
-def message(record) -> str:
-    return (record.dagster_event.message or "") if record.is_dagster_event else record.user_message
-
-
-def messages(instance: dg.DagsterInstance, run_id: str) -> list[str]:
-    return [message(r) for r in instance.all_logs(run_id)]
-
-
-def wait_for(condition, timeout_s: float, what: str, explain=lambda: ""):
-    deadline = time.monotonic() + timeout_s
-    while True:
-        value = condition()
-        if value:
-            return value
-        assert time.monotonic() < deadline, f"{what}: not within {timeout_s} s\n{explain()}"
-        time.sleep(0.3)
-
-
-class Deployment:
-    """A DAGSTER_HOME with the shipped settings, a code location on the tiny pipeline, daemons."""
-
-    def __init__(self, tmp: Path, model: str, definitions: str = DEFINITIONS, files: bool = True):
-        self.tmp = tmp
-        if files:
-            write_jsonl(tmp / "landing" / "a.jsonl", questions(3, "a"))
-        (tmp / "landing").mkdir(exist_ok=True)
-        (tmp / "defs.py").write_text(definitions)
-        (tmp / "workspace.yaml").write_text(WORKSPACE)
-        self.home = tmp / "dagster_home"
-        self.home.mkdir()
-        settings = yaml.safe_load(INSTANCE_SETTINGS.read_text())
-        # The only change to the shipped settings: the daemon looks every second, not every 30.
-        settings["run_monitoring"]["poll_interval_seconds"] = 1
-        (self.home / "dagster.yaml").write_text(yaml.safe_dump(settings))
-        self.env = {**os.environ, **code_location_env(self.home, "RUN_MONITORING", tmp / "landing", tmp / "storage", model)}
-        self.bin = Path(sys.executable).parent
-        self.daemons: list[subprocess.Popen] = []
-        self.started: list[psutil.Process] = []  # every process seen under a daemon, for teardown
-
-    def start_daemon(self) -> subprocess.Popen:
-        n = len(self.daemons)
-        daemon = subprocess.Popen(
-            [str(self.bin / "dagster-daemon"), "run", "-w", "workspace.yaml"],
-            cwd=self.tmp, env=self.env, stdout=open(self.tmp / f"daemon-{n}.log", "w"), stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-        self.daemons.append(daemon)
-        return daemon
-
-    def daemon_logs(self) -> str:
-        return "\n".join(f"--- daemon-{n}.log:\n{(self.tmp / f'daemon-{n}.log').read_text()[-3000:]}" for n in range(len(self.daemons)))
-
-    def execute(self, tags: dict) -> subprocess.Popen:
-        """`dagster job execute` on the definitions file: the run executes in that command's own
-        process (the README's command), with no run launcher behind it."""
-        n = len(list(self.tmp.glob("execute-*.log")))
-        return subprocess.Popen(
-            [str(self.bin / "dagster"), "job", "execute", "-f", "defs.py", "-j", "tiny_job", "--tags", json.dumps(tags)],
-            cwd=self.tmp, env=self.env, stdout=open(self.tmp / f"execute-{n}.log", "w"), stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-
-    def launch(self, tags: dict) -> None:
-        """`dagster job launch` on the workspace: the run is queued for the daemon, as the UI queues it."""
-        result = subprocess.run(
-            [str(self.bin / "dagster"), "job", "launch", "-w", "workspace.yaml", "-j", "tiny_job", "--tags", json.dumps(tags)],
-            cwd=self.tmp, env=self.env, capture_output=True, text=True, timeout=120,
-        )
-        assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-
-    def tree(self, pid: int) -> list[psutil.Process]:
-        root = psutil.Process(pid)
-        processes = [root, *root.children(recursive=True)]
-        self.started.extend(processes)
-        return processes
-
-    def teardown(self) -> None:
-        for daemon in self.daemons:
-            if daemon.poll() is None:
-                self.tree(daemon.pid)
-        kill_processes(self.started, timeout_s=10)
-        for daemon in self.daemons:
-            daemon.wait(timeout=10)
+def poll_every_second(settings: dict) -> None:
+    """The only change to the shipped settings: the daemon looks every second, not every 30."""
+    settings["run_monitoring"]["poll_interval_seconds"] = 1
 
 
 @pytest.fixture()
 def deployment(tmp_path, tiny_model):
-    deployment = Deployment(tmp_path, tiny_model)
+    deployment = Deployment(tmp_path, tiny_model, files={"a.jsonl": 3}, adjust=poll_every_second)
     yield deployment
     deployment.teardown()
-
-
-def alive(processes: list[psutil.Process]) -> list[psutil.Process]:
-    running = []
-    for process in processes:
-        try:
-            if process.is_running() and process.status() != psutil.STATUS_ZOMBIE:
-                running.append(process)
-        except psutil.NoSuchProcess:  # ended between the two calls
-            continue
-    return running
-
-
-def name(process: psutil.Process) -> str:
-    try:
-        return process.name()
-    except psutil.NoSuchProcess:  # ended since it was listed
-        return "(gone)"
-
-
-def describe(processes: list[psutil.Process]) -> list[str]:
-    return [f"{process.pid} {name(process)}" for process in processes]
-
-
-def open_instance(home: Path) -> dg.DagsterInstance:
-    return dg.DagsterInstance.from_ref(InstanceRef.from_dir(str(home)))
 
 
 def test_the_shipped_instance_settings_enable_run_monitoring_for_the_default_launcher(tmp_path):

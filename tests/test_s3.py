@@ -13,9 +13,9 @@ from llm_assets.pipeline import LLMPipeline
 from llm_assets.sources import S3PrefixSource, SourceError
 from resources import PartitionStorage, make_resources
 from resources.storage import NotMaterializedError
-from tests.conftest import write_attempt, questions
-from tests.test_data_arrival import engine_starts, tick
-from tests.test_pipeline_dagster import RANGE_END, RANGE_START, to_answer, to_chat
+from tests.helpers.data import write_attempt, questions
+from tests.helpers.pipelines import engine_starts, tick
+from tests.helpers.pipelines import RANGE_END, RANGE_START, to_answer, to_chat
 
 
 def put_jsonl(client, bucket: str, key: str, rows: list[dict]) -> None:

@@ -19,8 +19,8 @@ from llm_assets.models import ModelSourceError, resolve_model_source
 from llm_assets.stages.tokenizer import load_tokenizer
 from llm_assets.upload_model import upload
 from llm_assets.versions import folder_fingerprint
-from tests.conftest import questions, write_jsonl
-from tests.test_pipeline_dagster import log_messages, make_pipeline, make_resources, read_output, run_job
+from tests.helpers.data import questions, write_jsonl
+from tests.helpers.pipelines import log_messages, make_pipeline, make_resources, read_output, run_job
 
 SECRET = "test-secret-key-not-for-logs"  # the s3 fixture's secret key
 

@@ -10,8 +10,9 @@ import pytest
 from llm_assets import vLLMEngineProcessorConfig
 from llm_assets.pipeline import LLMPipeline
 from llm_assets.sources import LocalFolderSource
-from tests.conftest import tiny_bert_classifier, write_jsonl
-from tests.test_pipeline_dagster import log_messages, make_resources, run_job
+from tests.helpers.data import write_jsonl
+from tests.helpers.models import tiny_bert_classifier
+from tests.helpers.pipelines import log_messages, make_resources, run_job
 
 PAIRS = [
     ("What is the capital of France?", "Paris is the capital and largest city of France."),

@@ -10,8 +10,8 @@ import ray
 from pydantic import ValidationError
 
 from llm_assets import vLLMEngineProcessorConfig
-from tests.conftest import write_jsonl
-from tests.test_pipeline_dagster import make_pipeline, make_resources, run_job, to_chat
+from tests.helpers.data import write_jsonl
+from tests.helpers.pipelines import make_pipeline, make_resources, run_job, to_chat
 
 HF_TOKEN = "hf_configSecret8c41e0d7"
 API_KEY = "sk-apiSecret5b2f9aa1"

@@ -4,32 +4,21 @@ shipped instance settings: files landed together, some of them bad."""
 from __future__ import annotations
 
 import json
-import textwrap
 import time
 
 import dagster as dg
 import pytest
 
-from tests.conftest import questions, write_jsonl
-from tests.test_run_monitoring import Deployment, messages, open_instance, wait_for
+from tests.helpers.data import questions, write_jsonl
+from tests.helpers.deployment import Deployment, definitions, messages, open_instance
+from tests.helpers.processes import wait_for
 
 SENSOR_INTERVAL_S = 2
-DEFINITIONS = textwrap.dedent(
-    f"""\
-    import os
+# On the fake engine: what is tested is which runs the sensor asks for and what they commit.
+DEFINITIONS = definitions(f"sensed(fake_pipeline(landing, model), {SENSOR_INTERVAL_S})",
+                          "from tests.helpers.pipelines import fake_pipeline, sensed")
 
-    from llm_assets.defs.factory import build_definitions
-    from resources import PartitionStorage, make_resources
-    from tests.test_pipeline_dagster import make_pipeline
-
-    pipeline = make_pipeline(os.environ["RUN_MONITORING_LANDING"], os.environ["RUN_MONITORING_MODEL"])
-    pipeline.sensor_running_by_default, pipeline.sensor_interval_s = True, {SENSOR_INTERVAL_S}
-    PIPELINES = [pipeline]
-    defs = build_definitions(PIPELINES, make_resources(PartitionStorage(root=os.environ["RUN_MONITORING_STORAGE"])))
-    """
-)
-
-pytestmark = pytest.mark.timeout(600)
+pytestmark = [pytest.mark.timeout(600), pytest.mark.slow]
 
 
 def sensor_ticks(instance: dg.DagsterInstance) -> list:
@@ -37,11 +26,11 @@ def sensor_ticks(instance: dg.DagsterInstance) -> list:
     return instance.get_ticks(state.instigator_origin_id, state.selector_id)
 
 
-def test_one_bad_file_never_blocks_the_good_ones(tmp_path, tiny_model):
+def test_one_bad_file_never_blocks_the_good_ones(tmp_path, fake_model):
     """Three files land at once (one empty, one with a bad line, one good): the sensor's one run
     commits the good one and fails naming both bad files; later ticks request nothing until a bad
     file changes, and then only that file."""
-    deployment = Deployment(tmp_path, tiny_model, DEFINITIONS, files=False)
+    deployment = Deployment(tmp_path, fake_model, DEFINITIONS)
     landing = tmp_path / "landing"
     (landing / "a-empty.jsonl").write_text("")
     (landing / "b-badline.jsonl").write_text(json.dumps({"question": "fine"}) + "\n{not json\n")

@@ -10,8 +10,10 @@ from llm_assets import SGLangEngineProcessorConfig
 from llm_assets.engines.sglang.params import check_row_params, to_sglang
 from llm_assets.pipeline import LLMPipeline
 from llm_assets.sources import LocalFolderSource
-from tests.conftest import questions, write_jsonl
-from tests.test_pipeline_dagster import assert_failed_before_any_engine, make_resources, run_job, stage_key, to_answer, to_chat
+from tests.helpers.data import questions, write_jsonl
+from llm_assets.defs.factory import stage_key
+from tests.helpers.pipelines import assert_failed_before_any_engine
+from tests.helpers.pipelines import make_resources, run_job, to_answer, to_chat
 
 
 def test_config_takes_ray_data_llm_fields_and_defaults():

@@ -6,7 +6,7 @@ import pytest
 
 from llm_assets.sources import LocalFolderSource, SourceError
 from resources.storage import NotMaterializedError, PartitionStorage
-from tests.conftest import write_attempt, write_jsonl
+from tests.helpers.data import write_attempt, write_jsonl
 
 
 def test_each_file_is_a_partition_and_rows_get_stable_ids(tmp_path):

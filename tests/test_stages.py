@@ -11,7 +11,7 @@ from llm_assets.stages.detokenize import DetokenizeStage
 from llm_assets.stages.postprocess import PostprocessStage
 from tests.helpers.stages import preprocess_stage
 from llm_assets.stages.tokenize import TokenizeStage
-from tests.conftest import model_without_chat_template
+from tests.helpers.models import model_without_chat_template
 
 
 def to_chat(row):

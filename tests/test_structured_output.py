@@ -13,8 +13,8 @@ from llm_assets.demo import smollm2_gguf_path
 from llm_assets.pipeline import LLMPipeline
 from llm_assets.sources import LocalFolderSource
 from llm_assets.rows import RowError
-from tests.conftest import write_jsonl
-from tests.test_pipeline_dagster import make_resources, run_job
+from tests.helpers.data import write_jsonl
+from tests.helpers.pipelines import make_resources, run_job
 from tests.helpers.stages import preprocess_stage
 
 

@@ -21,8 +21,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -33,6 +31,8 @@ from pathlib import Path
 import psutil
 import pyarrow.parquet as pq
 import pytest
+
+from tests.helpers.processes import free_port, stop_group, tree
 
 PROJECT = Path(__file__).resolve().parent.parent
 CHROMIUM = Path("/usr/bin/chromium")
@@ -52,65 +52,6 @@ pytestmark = [
     ),
     pytest.mark.timeout(480),
 ]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _tree(pid: int) -> list[psutil.Process]:
-    """The process and all its descendants, plus anything else in its process group."""
-    try:
-        root = psutil.Process(pid)
-        procs = {p.pid: p for p in [root, *root.children(recursive=True)]}
-    except psutil.NoSuchProcess:
-        procs = {}
-    for p in psutil.process_iter():
-        try:
-            if p.pid not in procs and os.getpgid(p.pid) == pid:
-                procs[p.pid] = p
-        except (ProcessLookupError, psutil.Error):
-            pass
-    return list(procs.values())
-
-
-def _alive(procs: list[psutil.Process]) -> list[str]:
-    left = []
-    for p in procs:
-        try:
-            if p.is_running() and p.status() != psutil.STATUS_ZOMBIE:
-                left.append(f"{p.pid} {' '.join(p.cmdline())[:120]}")
-        except psutil.NoSuchProcess:
-            pass
-    return left
-
-
-def _stop_group(popen: subprocess.Popen, procs: list[psutil.Process], timeout: float = 30) -> list[str]:
-    """SIGTERM the process group that `popen` leads, SIGKILL whatever is left after `timeout`;
-    return the processes of `procs` still alive (should be none)."""
-    procs = {p.pid: p for p in [*procs, *_tree(popen.pid)]}.values()
-    try:
-        os.killpg(popen.pid, signal.SIGTERM)
-    except ProcessLookupError:
-        pass
-    _, alive = psutil.wait_procs(list(procs), timeout=timeout)
-    for p in [*alive, *_tree(popen.pid)]:
-        try:
-            p.kill()
-        except psutil.NoSuchProcess:
-            pass
-    try:
-        os.killpg(popen.pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
-    try:
-        popen.wait(timeout=10)
-    except subprocess.TimeoutExpired:
-        pass
-    psutil.wait_procs(list(procs), timeout=10)
-    return _alive(list(procs))
 
 
 @pytest.fixture(scope="module")
@@ -147,7 +88,7 @@ def demo_run(tmp_path_factory):
 def webserver(demo_run):
     """`dagster dev -w workspace.yaml` on 127.0.0.1 (its own process group), stopped by PID."""
     env, _, _, tmp = demo_run
-    port = _free_port()
+    port = free_port()
     url = f"http://127.0.0.1:{port}"
     log_path = tmp / "dagster-dev.log"
     with open(log_path, "wb") as log:
@@ -170,11 +111,11 @@ def webserver(demo_run):
             if dev.poll() is not None or time.monotonic() > deadline:
                 raise AssertionError(f"dagster dev did not answer on {url}:\n{log_path.read_text()[-3000:]}")
             time.sleep(0.5)
-        seen = _tree(dev.pid)  # webserver, daemon, code server(s)
+        seen = tree(dev.pid)  # webserver, daemon, code server(s)
         yield url
     finally:
-        seen += _tree(dev.pid)  # code servers started after the pages loaded
-        left = _stop_group(dev, seen)
+        seen += tree(dev.pid)  # code servers started after the pages loaded
+        left = stop_group(dev, seen)
     assert len({p.pid for p in seen}) >= 3, f"expected dagster dev with its children, saw {seen}"
     assert not left, f"dagster dev processes left running: {left}"
 
@@ -196,16 +137,16 @@ def browser(tmp_path_factory):
     service = Service(executable_path=str(CHROMEDRIVER), log_output=str(tmp / "chromedriver.log"),
                       popen_kw={"start_new_session": True})
     driver = webdriver.Chrome(service=service, options=options)
-    seen = _tree(service.process.pid)  # chromedriver, chromium and its helpers
+    seen = tree(service.process.pid)  # chromedriver, chromium and its helpers
     try:
         driver.set_page_load_timeout(WAIT_S)
         yield driver
     finally:
-        seen += _tree(service.process.pid)
+        seen += tree(service.process.pid)
         try:
             driver.quit()
         finally:
-            left = _stop_group(service.process, seen, timeout=10)
+            left = stop_group(service.process, seen, timeout=10)
     assert not left, f"chromedriver/chromium processes left running: {left}"
 
 

@@ -6,8 +6,10 @@ import re
 import dagster as dg
 import pytest
 
-from tests.conftest import init_local_ray, questions, write_jsonl
-from tests.test_pipeline_dagster import RANGE_END, RANGE_START, TASK_TIMES, log_messages, make_pipeline, make_resources, run_job
+from tests.helpers.data import questions, write_jsonl
+from tests.helpers.local_ray import init_local_ray
+from tests.helpers.pipelines import TASK_TIMES
+from tests.helpers.pipelines import RANGE_END, RANGE_START, log_messages, make_pipeline, make_resources, run_job
 
 CPUS = 16
 
