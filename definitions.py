@@ -13,9 +13,9 @@ from pathlib import Path
 import dagster as dg
 
 from llm_assets.defs.component import load_yaml_pipelines
+from llm_assets.defs.factory import build_definitions
 from llm_assets.demo import demo_pipeline
 from llm_assets.demo.embed import embed_pipeline
-from llm_assets.defs.factory import build_definitions
 from resources import default_resources
 
 PROJECT_DIR = Path(__file__).resolve().parent

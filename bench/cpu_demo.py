@@ -44,17 +44,41 @@ def tree_pss(root: psutil.Process) -> dict[str, int]:
 
 def run_once() -> dict:
     with tempfile.TemporaryDirectory(prefix="llm-assets-demo-") as tmp:
-        env = {**os.environ, "DAGSTER_HOME": f"{tmp}/home", "LLM_ASSETS_STORAGE": f"{tmp}/storage",
-               "PYTHONPATH": str(PROJECT), "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+        env = {
+            **os.environ,
+            "DAGSTER_HOME": f"{tmp}/home",
+            "LLM_ASSETS_STORAGE": f"{tmp}/storage",
+            "PYTHONPATH": str(PROJECT),
+            "HF_HUB_OFFLINE": "1",
+            "TOKENIZERS_PARALLELISM": "false",
+        }
         Path(env["DAGSTER_HOME"]).mkdir()
         bin_dir = Path(sys.executable).parent
-        subprocess.run([sys.executable, "-m", "llm_assets.cli", "add-partitions", "-f", "definitions.py"],
-                       cwd=PROJECT, env=env, check=True, capture_output=True)
+        subprocess.run(
+            [sys.executable, "-m", "llm_assets.cli", "add-partitions", "-f", "definitions.py"],
+            cwd=PROJECT,
+            env=env,
+            check=True,
+            capture_output=True,
+        )
         started = time.monotonic()
         command = subprocess.Popen(
-            [str(bin_dir / "dagster"), "job", "execute", "-f", "definitions.py", "-j", "demo_job",
-             "--tags", json.dumps({"dagster/partition": "prompts.jsonl"})],
-            cwd=PROJECT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+            [
+                str(bin_dir / "dagster"),
+                "job",
+                "execute",
+                "-f",
+                "definitions.py",
+                "-j",
+                "demo_job",
+                "--tags",
+                json.dumps({"dagster/partition": "prompts.jsonl"}),
+            ],
+            cwd=PROJECT,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
         )
         peak: dict = {"pss": 0, "processes": {}}
 
@@ -77,7 +101,9 @@ def run_once() -> dict:
             "peak_pss_gib": round(peak["pss"] / 2**30, 2),
             "processes_at_peak": len(peak["processes"]),
             # The largest processes at the peak, MiB: where the memory is.
-            "largest_mib": {name: round(pss / 2**20) for name, pss in sorted(peak["processes"].items(), key=lambda kv: -kv[1])[:8]},
+            "largest_mib": {
+                name: round(pss / 2**20) for name, pss in sorted(peak["processes"].items(), key=lambda kv: -kv[1])[:8]
+            },
         }
 
 

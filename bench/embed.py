@@ -34,8 +34,10 @@ from pathlib import Path
 
 PROCESS_START = time.time()
 PROJECT = Path(__file__).resolve().parent.parent
-WORDS = ("river stone market quietly bright engine garden winter letter mountain signal coffee paper "
-         "window orange travel silver number morning forest city music simple ancient harbor").split()
+WORDS = (
+    "river stone market quietly bright engine garden winter letter mountain signal coffee paper "
+    "window orange travel silver number morning forest city music simple ancient harbor"
+).split()
 
 
 def minilm() -> str:
@@ -93,21 +95,31 @@ def run_llm_assets(count: int, partitions: int) -> dict:
         landing.mkdir()
         size = -(-count // partitions)
         for index in range(partitions):
-            chunk = texts[index * size:(index + 1) * size]
+            chunk = texts[index * size : (index + 1) * size]
             (landing / f"part-{index:03d}.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in chunk))
-        config = vLLMEngineProcessorConfig(model_source=minilm(), task_type="embed", engine_kwargs={"max_model_len": 256}, batch_size=64)
-        pipeline = LLMPipeline("embed_bench", config, LocalFolderSource(str(landing)), preprocess=lambda row: {"prompt": row["text"]})
+        config = vLLMEngineProcessorConfig(
+            model_source=minilm(), task_type="embed", engine_kwargs={"max_model_len": 256}, batch_size=64
+        )
+        pipeline = LLMPipeline(
+            "embed_bench", config, LocalFolderSource(str(landing)), preprocess=lambda row: {"prompt": row["text"]}
+        )
         defs = build_definitions([pipeline], make_resources(PartitionStorage(root=f"{tmp}/storage")))
         with dg.instance_for_test() as instance:
             keys = add_partitions_for_new_files(instance, pipeline)
             job = defs.resolve_job_def("embed_bench_job")
-            result = job.execute_in_process(instance=instance, tags={"dagster/asset_partition_range_start": keys[0],
-                                                                     "dagster/asset_partition_range_end": keys[-1]})
+            result = job.execute_in_process(
+                instance=instance,
+                tags={"dagster/asset_partition_range_start": keys[0], "dagster/asset_partition_range_end": keys[-1]},
+            )
             done = time.time()
             assert result.success
             logs = [(e.timestamp, e.user_message) for e in instance.all_logs(result.run_id)]
-    if os.environ.get("EMBED_BENCH_LOG"):  # the run's timeline, to see where the encode phase goes ({sentences}: the size)
-        Path(os.environ["EMBED_BENCH_LOG"].format(sentences=count)).write_text("\n".join(f"{t - PROCESS_START:7.2f} {m}" for t, m in logs))
+    if os.environ.get(
+        "EMBED_BENCH_LOG"
+    ):  # the run's timeline, to see where the encode phase goes ({sentences}: the size)
+        Path(os.environ["EMBED_BENCH_LOG"].format(sentences=count)).write_text(
+            "\n".join(f"{t - PROCESS_START:7.2f} {m}" for t, m in logs)
+        )
     ready = next(t for t, m in logs if "engine(s) ready" in m)
     last_commit = max(t for t, m in logs if m.startswith("engine [") and "committed" in m)
     return {"encode_s": last_commit - ready, "wall_s": done - PROCESS_START}
@@ -126,8 +138,18 @@ def main() -> None:
     if args.system:
         count = args.sentences[0]
         found = run_llm_assets(count, args.partitions) if args.system == "llm_assets" else BASELINES[args.system](count)
-        print(json.dumps({"system": args.system, "sentences": count, **{k: round(v, 2) for k, v in found.items()},
-                          "encode_per_s": round(count / found["encode_s"], 1), "wall_per_s": round(count / found["wall_s"], 1)}), flush=True)
+        print(
+            json.dumps(
+                {
+                    "system": args.system,
+                    "sentences": count,
+                    **{k: round(v, 2) for k, v in found.items()},
+                    "encode_per_s": round(count / found["encode_s"], 1),
+                    "wall_per_s": round(count / found["wall_s"], 1),
+                }
+            ),
+            flush=True,
+        )
         if args.system == "raw_vllm":
             # The measurement is complete; skip interpreter teardown, where raw vLLM 0.26 on a GPU can abort
             # ("terminate called without an active exception", seen at 100 000 sentences) after printing its
@@ -135,19 +157,46 @@ def main() -> None:
             os._exit(0)
         return
     # Packages on PYTHONPATH (a GPU machine's, installed with --target) stay on it.
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(PROJECT), os.environ.get("PYTHONPATH")])), "HF_HUB_OFFLINE": "1"}
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join(filter(None, [str(PROJECT), os.environ.get("PYTHONPATH")])),
+        "HF_HUB_OFFLINE": "1",
+    }
     for count in args.sentences:
         found = {}
         for system in (args.baseline, "llm_assets"):
-            out = subprocess.run([sys.executable, __file__, "--system", system, "--sentences", str(count),
-                                  "--partitions", str(args.partitions)], env=env, cwd=PROJECT, capture_output=True, text=True)
+            out = subprocess.run(
+                [
+                    sys.executable,
+                    __file__,
+                    "--system",
+                    system,
+                    "--sentences",
+                    str(count),
+                    "--partitions",
+                    str(args.partitions),
+                ],
+                env=env,
+                cwd=PROJECT,
+                capture_output=True,
+                text=True,
+            )
             if out.returncode != 0:
                 raise SystemExit(f"{system} failed:\n{out.stdout[-3000:]}\n{out.stderr[-3000:]}")
             found[system] = json.loads(out.stdout.strip().splitlines()[-1])
             print(json.dumps(found[system]), flush=True)
         ours, theirs = found["llm_assets"], found[args.baseline]
-        print(json.dumps({"sentences": count, "baseline": args.baseline, "encode_ratio": round(ours["encode_per_s"] / theirs["encode_per_s"], 3),
-                          "wall_ratio": round(ours["wall_s"] / theirs["wall_s"], 3)}), flush=True)
+        print(
+            json.dumps(
+                {
+                    "sentences": count,
+                    "baseline": args.baseline,
+                    "encode_ratio": round(ours["encode_per_s"] / theirs["encode_per_s"], 3),
+                    "wall_ratio": round(ours["wall_s"] / theirs["wall_s"], 3),
+                }
+            ),
+            flush=True,
+        )
 
 
 if __name__ == "__main__":

@@ -1,6 +1,7 @@
 """Run one system over the benchmark workload and write its measurements as JSON.
 
-    python bench/run_one.py {raw_vllm,ray_data_llm,llm_assets,raw_sglang,llm_assets_sglang} --workload DIR/workload.json --out result.json
+    python bench/run_one.py {raw_vllm,ray_data_llm,llm_assets,raw_sglang,llm_assets_sglang}
+        --workload DIR/workload.json --out result.json
 
 Each system runs in its own process (fresh GPU) on the same prompts, model config and card:
 - raw_vllm:     vLLM's offline ``LLM.generate`` on the chat-templated token ids (the ceiling);
@@ -53,7 +54,9 @@ def engine_kwargs() -> dict:
     from llm_assets.engines.vllm import compat as vllm_compat
 
     # On a machine without a GPU (a smoke run of the bench), vLLM's CPU build needs its settings.
-    return vllm_compat.platform_engine_kwargs({"load_format": "dummy", "max_model_len": 2048, **model_parallel()}, has_gpu())
+    return vllm_compat.platform_engine_kwargs(
+        {"load_format": "dummy", "max_model_len": 2048, **model_parallel()}, has_gpu()
+    )
 
 
 def engine_env() -> dict:
@@ -79,7 +82,11 @@ def raw_vllm(spec: dict, monitor: Monitor) -> dict:
 
     tokenizer = AutoTokenizer.from_pretrained(spec["model"])
     prompts = [
-        {"prompt_token_ids": tokenizer.apply_chat_template(messages(row), add_generation_prompt=True, tokenize=True, return_dict=False)}
+        {
+            "prompt_token_ids": tokenizer.apply_chat_template(
+                messages(row), add_generation_prompt=True, tokenize=True, return_dict=False
+            )
+        }
         for row in read_rows(spec)
     ]
     generating = time.time()
@@ -88,9 +95,13 @@ def raw_vllm(spec: dict, monitor: Monitor) -> dict:
     tokens = sum(len(o.outputs[0].token_ids) for o in outputs)
     return {
         # Engine start from the process's start: import vllm, then LLM(...).
-        "rows": len(outputs), "output_tokens": tokens, "engine_start_s": ready - PROCESS_START,
-        "generate_s": done - generating, "wall_s": done - PROCESS_START,
-        "gpu_busy": monitor.gpu_busy_fraction(generating, done), "gpu_util_mean": monitor.mean_gpu_util(generating, done),
+        "rows": len(outputs),
+        "output_tokens": tokens,
+        "engine_start_s": ready - PROCESS_START,
+        "generate_s": done - generating,
+        "wall_s": done - PROCESS_START,
+        "gpu_busy": monitor.gpu_busy_fraction(generating, done),
+        "gpu_util_mean": monitor.mean_gpu_util(generating, done),
     }
 
 
@@ -117,11 +128,15 @@ def ray_data_llm(spec: dict, monitor: Monitor) -> dict:
     times = sorted(table.column("t").to_pylist())
     tokens = sum(table.column("n").to_pylist())
     return {
-        "rows": table.num_rows, "output_tokens": tokens, "first_output_s": times[0] - PROCESS_START,
+        "rows": table.num_rows,
+        "output_tokens": tokens,
+        "first_output_s": times[0] - PROCESS_START,
         # From the first row out to the last: slightly flatters the peer (the first batch's
         # generation time is outside the window).
-        "generate_s": times[-1] - times[0], "wall_s": done - PROCESS_START,
-        "gpu_busy": monitor.gpu_busy_fraction(times[0], times[-1]), "gpu_util_mean": monitor.mean_gpu_util(times[0], times[-1]),
+        "generate_s": times[-1] - times[0],
+        "wall_s": done - PROCESS_START,
+        "gpu_busy": monitor.gpu_busy_fraction(times[0], times[-1]),
+        "gpu_util_mean": monitor.mean_gpu_util(times[0], times[-1]),
     }
 
 
@@ -130,10 +145,16 @@ STAGE_LOG_KEYS = ("committed", "vLLM", "execution of", "partition(s):", "partiti
 
 
 def llm_assets(spec: dict, monitor: Monitor, engines: int = 1) -> dict:
-    return run_llm_assets(spec, monitor, {"model_source": spec["model"],
-                                          "engine_kwargs": {"load_format": "dummy", "max_model_len": 2048, **model_parallel()},
-                                          "runtime_env": {"env_vars": {**engine_env(), **(TP_SAFE_ENV if model_parallel() else {})}},
-                                          "concurrency": engines})
+    return run_llm_assets(
+        spec,
+        monitor,
+        {
+            "model_source": spec["model"],
+            "engine_kwargs": {"load_format": "dummy", "max_model_len": 2048, **model_parallel()},
+            "runtime_env": {"env_vars": {**engine_env(), **(TP_SAFE_ENV if model_parallel() else {})}},
+            "concurrency": engines,
+        },
+    )
 
 
 def llm_assets_2gpu(spec: dict, monitor: Monitor) -> dict:
@@ -145,9 +166,15 @@ def llm_assets_sglang(spec: dict, monitor: Monitor) -> dict:
     """llm_assets with the SGLang engine, on the same prompts as raw_sglang."""
     from llm_assets import SGLangEngineProcessorConfig
 
-    return run_llm_assets(spec, monitor, SGLangEngineProcessorConfig(
-        model_source=spec["model"], engine_kwargs={"load_format": "dummy", "context_length": 2048},
-        runtime_env={"env_vars": engine_env()}))
+    return run_llm_assets(
+        spec,
+        monitor,
+        SGLangEngineProcessorConfig(
+            model_source=spec["model"],
+            engine_kwargs={"load_format": "dummy", "context_length": 2048},
+            runtime_env={"env_vars": engine_env()},
+        ),
+    )
 
 
 def run_llm_assets(spec: dict, monitor: Monitor, config) -> dict:
@@ -161,9 +188,15 @@ def run_llm_assets(spec: dict, monitor: Monitor, config) -> dict:
 
     params = sampling_params(spec["max_tokens"])
     pipeline = LLMPipeline(
-        "bench", config, LocalFolderSource(spec["landing"]),
+        "bench",
+        config,
+        LocalFolderSource(spec["landing"]),
         preprocess=lambda row: {"id": row["id"], "messages": messages(row), "sampling_params": params},
-        postprocess=lambda row: {"id": row["id"], "generated_text": row["generated_text"], "n": row["num_generated_tokens"]},
+        postprocess=lambda row: {
+            "id": row["id"],
+            "generated_text": row["generated_text"],
+            "n": row["num_generated_tokens"],
+        },
     )
     label = engine_for(pipeline.config).label
     resources = make_resources(PartitionStorage(root=tempfile.mkdtemp(prefix="llm-assets-out-")))
@@ -188,16 +221,25 @@ def run_llm_assets(spec: dict, monitor: Monitor, config) -> dict:
     generated = stamp("engine [", last=True)
     tokens = engine.metadata["generated_tokens"].value
     return {
-        "rows": engine.metadata["rows_out"].value, "output_tokens": tokens,
+        "rows": engine.metadata["rows_out"].value,
+        "output_tokens": tokens,
         # From the engine actor's creation (it imports the engine library while the CPU stages run) to ready.
-        "engine_start_s": ready - launched, "run_s": run_end - run_start,
+        "engine_start_s": ready - launched,
+        "run_s": run_end - run_start,
         # When the engine build began, from the run's start (the target: <= 15 s at any partition count).
         "engine_build_after_run_start_s": build - run_start,
-        "generate_s": generated - ready, "wall_s": run_end - PROCESS_START,
-        "engine_starts": sum(f"Starting {engines} {label} engine" in m for _, m in logs), "engines": engines,
-        "engine_placement": engine.metadata["engine_placement"].value if "engine_placement" in engine.metadata else None,
-        "gpu_busy": monitor.gpu_busy_fraction(ready, generated), "gpu_util_mean": monitor.mean_gpu_util(ready, generated),
-        "stage_log": [f"{t - PROCESS_START:7.1f} {m}" for t, m in logs if any(k in m for k in (*STAGE_LOG_KEYS, label))],
+        "generate_s": generated - ready,
+        "wall_s": run_end - PROCESS_START,
+        "engine_starts": sum(f"Starting {engines} {label} engine" in m for _, m in logs),
+        "engines": engines,
+        "engine_placement": engine.metadata["engine_placement"].value
+        if "engine_placement" in engine.metadata
+        else None,
+        "gpu_busy": monitor.gpu_busy_fraction(ready, generated),
+        "gpu_util_mean": monitor.mean_gpu_util(ready, generated),
+        "stage_log": [
+            f"{t - PROCESS_START:7.1f} {m}" for t, m in logs if any(k in m for k in (*STAGE_LOG_KEYS, label))
+        ],
     }
 
 
@@ -209,15 +251,24 @@ def raw_sglang(spec: dict, monitor: Monitor) -> dict:
     engine = sglang.Engine(model_path=spec["model"], load_format="dummy", context_length=2048, skip_tokenizer_init=True)
     ready = time.time()
     tokenizer = AutoTokenizer.from_pretrained(spec["model"])
-    ids = [tokenizer.apply_chat_template(messages(row), add_generation_prompt=True, tokenize=True, return_dict=False) for row in read_rows(spec)]
+    ids = [
+        tokenizer.apply_chat_template(messages(row), add_generation_prompt=True, tokenize=True, return_dict=False)
+        for row in read_rows(spec)
+    ]
     generating = time.time()
-    outputs = engine.generate(input_ids=ids, sampling_params={"max_new_tokens": spec["max_tokens"], "ignore_eos": True, "temperature": 0})
+    outputs = engine.generate(
+        input_ids=ids, sampling_params={"max_new_tokens": spec["max_tokens"], "ignore_eos": True, "temperature": 0}
+    )
     done = time.time()
     engine.shutdown()
     return {
-        "rows": len(outputs), "output_tokens": sum(o["meta_info"]["completion_tokens"] for o in outputs),
-        "engine_start_s": ready - PROCESS_START, "generate_s": done - generating, "wall_s": done - PROCESS_START,
-        "gpu_busy": monitor.gpu_busy_fraction(generating, done), "gpu_util_mean": monitor.mean_gpu_util(generating, done),
+        "rows": len(outputs),
+        "output_tokens": sum(o["meta_info"]["completion_tokens"] for o in outputs),
+        "engine_start_s": ready - PROCESS_START,
+        "generate_s": done - generating,
+        "wall_s": done - PROCESS_START,
+        "gpu_busy": monitor.gpu_busy_fraction(generating, done),
+        "gpu_util_mean": monitor.mean_gpu_util(generating, done),
     }
 
 
@@ -225,12 +276,21 @@ def llm_assets_in_process(spec: dict, monitor: Monitor) -> dict:
     """llm_assets with vLLM's engine core in the engine actor's process (the default up to
     sitting 7 and on the CPU build) instead of a process of its own, to compare both with raw
     vLLM in one sitting."""
-    os.environ["ENGINE_ENV"] = ",".join(filter(None, [os.environ.get("ENGINE_ENV", ""), "VLLM_ENABLE_V1_MULTIPROCESSING=0"]))
+    os.environ["ENGINE_ENV"] = ",".join(
+        filter(None, [os.environ.get("ENGINE_ENV", ""), "VLLM_ENABLE_V1_MULTIPROCESSING=0"])
+    )
     return llm_assets(spec, monitor)
 
 
-SYSTEMS = {"raw_vllm": raw_vllm, "ray_data_llm": ray_data_llm, "llm_assets": llm_assets, "llm_assets_2gpu": llm_assets_2gpu,
-           "llm_assets_in_process": llm_assets_in_process, "raw_sglang": raw_sglang, "llm_assets_sglang": llm_assets_sglang}
+SYSTEMS = {
+    "raw_vllm": raw_vllm,
+    "ray_data_llm": ray_data_llm,
+    "llm_assets": llm_assets,
+    "llm_assets_2gpu": llm_assets_2gpu,
+    "llm_assets_in_process": llm_assets_in_process,
+    "raw_sglang": raw_sglang,
+    "llm_assets_sglang": llm_assets_sglang,
+}
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser()
@@ -246,9 +306,13 @@ if __name__ == "__main__":
     os.environ.update(vllm_compat.platform_env(has_gpu()))
     with Monitor() as monitor:
         result = SYSTEMS[args.system](spec, monitor)
-    result.update(system=args.system, host_peak_gib=monitor.host_peak_gib(), model=spec["size"],
-                  tensor_parallel_size=model_parallel().get("tensor_parallel_size", 1),
-                  pipeline_parallel_size=model_parallel().get("pipeline_parallel_size", 1))
+    result.update(
+        system=args.system,
+        host_peak_gib=monitor.host_peak_gib(),
+        model=spec["size"],
+        tensor_parallel_size=model_parallel().get("tensor_parallel_size", 1),
+        pipeline_parallel_size=model_parallel().get("pipeline_parallel_size", 1),
+    )
     result["output_tok_s"] = round(result["output_tokens"] / result["generate_s"], 1)
     result["whole_job_tok_s"] = round(result["output_tokens"] / result["wall_s"], 1)
     args.out.write_text(json.dumps(result, indent=1))

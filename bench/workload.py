@@ -1,8 +1,8 @@
 """The benchmark workload, built offline: a Llama-architecture config run with dummy weights, a
 tokenizer, and chat prompts of about 400 input tokens split into partition files.
 
-    python bench/workload.py --out /tmp/bench --size 1b --partitions 10 --rows 1000                  # the base workload
-    python bench/workload.py --out /tmp/scale --size 1b --partitions 100 --rows 500 --max-tokens 32  # the scale workload
+    python bench/workload.py --out /tmp/bench --size 1b --partitions 10 --rows 1000                 # the base workload
+    python bench/workload.py --out /tmp/scale --size 1b --partitions 100 --rows 500 --max-tokens 32 # the scale workload
 """
 
 from __future__ import annotations
@@ -34,8 +34,15 @@ def build(out: Path, size: str, partitions: int, rows: int, max_tokens: int = MA
 
     model = out / f"llama-{size}"
     if not (model / "config.json").exists():
-        build_llama_model(model, **MODELS[size], vocab_size=VOCAB, tokenizer_vocab=8192, dtype="bfloat16",
-                          max_position_embeddings=4096, with_weights=False)
+        build_llama_model(
+            model,
+            **MODELS[size],
+            vocab_size=VOCAB,
+            tokenizer_vocab=8192,
+            dtype="bfloat16",
+            max_position_embeddings=4096,
+            with_weights=False,
+        )
     tokenizer = AutoTokenizer.from_pretrained(str(model))
     words = [w for w in (tokenizer.convert_ids_to_tokens(i) for i in range(300, 8000)) if w.isalpha()]
     rng = random.Random(seed)
@@ -47,16 +54,28 @@ def build(out: Path, size: str, partitions: int, rows: int, max_tokens: int = MA
     n_words = int(INPUT_TOKENS / tokens_per_word)
     # Rescale once on real templated prompts (the chat template adds tokens, words vary).
     sample = [" ".join(rng.choice(words) for _ in range(n_words)) for _ in range(32)]
-    lengths = [len(tokenizer.apply_chat_template(messages({"text": t}), add_generation_prompt=True, tokenize=True,
-                                                 return_dict=False)) for t in sample]
+    lengths = [
+        len(
+            tokenizer.apply_chat_template(
+                messages({"text": t}), add_generation_prompt=True, tokenize=True, return_dict=False
+            )
+        )
+        for t in sample
+    ]
     n_words = int(n_words * INPUT_TOKENS / (sum(lengths) / len(lengths)))
     for p in range(partitions):
         with open(landing / f"part-{p:03d}.jsonl", "w") as f:
             for r in range(rows):
                 text = " ".join(rng.choice(words) for _ in range(n_words))
                 f.write(json.dumps({"id": f"{p}-{r}", "text": text}) + "\n")
-    spec = {"model": str(model), "landing": str(landing), "partitions": partitions, "rows": rows,
-            "max_tokens": max_tokens, "size": size}
+    spec = {
+        "model": str(model),
+        "landing": str(landing),
+        "partitions": partitions,
+        "rows": rows,
+        "max_tokens": max_tokens,
+        "size": size,
+    }
     (out / "workload.json").write_text(json.dumps(spec, indent=1))
     return spec
 

@@ -9,9 +9,19 @@ from llm_assets.engines.vllm import vLLMEngineProcessorConfig
 from llm_assets.pipeline import LLMPipeline
 from llm_assets.sources import LocalFolderSource, S3PrefixSource
 
-__all__ = ["HttpRequestProcessorConfig", "LLMPipeline", "LLMPipelineComponent", "LocalFolderSource", "OfflineProcessorConfig",
-           "ProcessorConfig", "S3PrefixSource", "SGLangEngineProcessorConfig", "ServeDeploymentProcessorConfig", "ServeEngine",
-           "vLLMEngineProcessorConfig"]
+__all__ = [
+    "HttpRequestProcessorConfig",
+    "LLMPipeline",
+    "LLMPipelineComponent",
+    "LocalFolderSource",
+    "OfflineProcessorConfig",
+    "ProcessorConfig",
+    "S3PrefixSource",
+    "SGLangEngineProcessorConfig",
+    "ServeDeploymentProcessorConfig",
+    "ServeEngine",
+    "vLLMEngineProcessorConfig",
+]
 
 
 def __getattr__(name: str):

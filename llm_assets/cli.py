@@ -38,7 +38,11 @@ def main(argv: list[str] | None = None) -> int:
             raise
         # The user's mistake in one line (an unknown config field says which field it meant),
         # not the import machinery's traceback around it.
-        print(f"error: {args.file} failed to load: {type(exc).__name__}: {exc}{_causes(exc)} (--verbose for the traceback)", file=sys.stderr)
+        print(
+            f"error: {args.file} failed to load: {type(exc).__name__}: {exc}{_causes(exc)} "
+            "(--verbose for the traceback)",
+            file=sys.stderr,
+        )
         return 2
     if "PIPELINES" not in namespace:
         parser.error(f"{args.file} defines no PIPELINES list (the pipelines whose input files become partitions)")
@@ -61,6 +65,7 @@ def main(argv: list[str] | None = None) -> int:
 def _causes(exc: BaseException) -> str:
     """What a wrapped error says underneath (a YAML pipeline's located mistake inside Dagster's
     "Error while loading component")."""
+
     def underneath(error: BaseException):  # as Python's traceback shows it: `raise ... from None` hides the context
         return error.__cause__ or (None if error.__suppress_context__ else error.__context__)
 

@@ -32,7 +32,10 @@ class _StrictModel(BaseModel):
         if isinstance(data, dict):
             unknown = [key for key in data if key not in cls.model_fields]
             if unknown:
-                raise ValueError(f"{cls.__name__} has no field {'; no field '.join(_with_hint(key, cls.model_fields) for key in unknown)}")
+                raise ValueError(
+                    f"{cls.__name__} has no field "
+                    f"{'; no field '.join(_with_hint(key, cls.model_fields) for key in unknown)}"
+                )
         return data
 
 
@@ -169,7 +172,9 @@ class OfflineProcessorConfig(ProcessorConfig):
     """A processor whose engine runs inside the run's Ray cluster (ray.data.llm's
     ``OfflineProcessorConfig``): a model, stage settings, error handling."""
 
-    model_source: str = Field(description="Local model folder, .gguf file, s3://bucket/prefix folder, or Hugging Face repo id.")
+    model_source: str = Field(
+        description="Local model folder, .gguf file, s3://bucket/prefix folder, or Hugging Face repo id."
+    )
     task_type: str = "generate"
     runtime_env: Optional[dict[str, Any]] = None
     max_pending_requests: Optional[int] = Field(default=None, ge=1)
@@ -197,10 +202,14 @@ class OfflineProcessorConfig(ProcessorConfig):
         if self.stage("prepare_multimodal_stage").enabled:
             # The stage's placeholders become prompt text only through the chat template.
             if not self.stage("chat_template_stage").enabled:
-                raise ValueError("prepare_multimodal_stage needs chat_template_stage: media placeholders reach the prompt "
-                                 "through the chat template; enable it")
+                raise ValueError(
+                    "prepare_multimodal_stage needs chat_template_stage: media placeholders reach the prompt "
+                    "through the chat template; enable it"
+                )
             if self.task_type != "generate":
-                raise ValueError(f"prepare_multimodal_stage runs with task_type 'generate' only (got {self.task_type!r})")
+                raise ValueError(
+                    f"prepare_multimodal_stage runs with task_type 'generate' only (got {self.task_type!r})"
+                )
         return self
 
     def stage(self, name: str) -> StageConfig:
@@ -219,4 +228,3 @@ class OfflineProcessorConfig(ProcessorConfig):
         else:
             raise ValueError(f"{name}: expected bool, dict or {cls.__name__}, got {type(value).__name__}")
         return self.inherit(resolved)
-

@@ -42,7 +42,9 @@ def export_partitions(pipeline: LLMPipeline, partitions: list[str], storage, log
         output, errors = f"{root}/{stem}.output.jsonl", f"{root}/{stem}.errors.jsonl"
         if isinstance(fs, pafs.LocalFileSystem):  # object stores need no folders
             fs.create_dir(posixpath.dirname(output), recursive=True)
-        counts = openai_batch.export_openai_batch(storage.read_committed(pipeline.name, stage, partition), fs, output, errors, model)
+        counts = openai_batch.export_openai_batch(
+            storage.read_committed(pipeline.name, stage, partition), fs, output, errors, model
+        )
         uri = storage.uri(output) if pipeline.openai_batch_output.startswith("s3://") else output
         log(f"{EXPORT} [{partition}]: {counts['completed']} completed, {counts['failed']} failed -> {uri}")
         results.append({**counts, "partition": partition, "path": uri})

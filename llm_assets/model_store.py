@@ -69,16 +69,27 @@ class S3Access:
         """From a dagster-aws ``S3Resource`` (or None: the AWS configuration of each node)."""
         if s3 is None:
             return cls()
-        return cls(s3.endpoint_url, s3.region_name, s3.aws_access_key_id, s3.aws_secret_access_key,
-                   s3.aws_session_token, bool(s3.use_unsigned_session))
+        return cls(
+            s3.endpoint_url,
+            s3.region_name,
+            s3.aws_access_key_id,
+            s3.aws_secret_access_key,
+            s3.aws_session_token,
+            bool(s3.use_unsigned_session),
+        )
 
     def client(self):
         import boto3
         from botocore import UNSIGNED
         from botocore.config import Config
 
-        kwargs = {"endpoint_url": self.endpoint_url, "region_name": self.region_name, "aws_access_key_id": self.access_key_id,
-                  "aws_secret_access_key": self.secret_access_key, "aws_session_token": self.session_token}
+        kwargs = {
+            "endpoint_url": self.endpoint_url,
+            "region_name": self.region_name,
+            "aws_access_key_id": self.access_key_id,
+            "aws_secret_access_key": self.secret_access_key,
+            "aws_session_token": self.session_token,
+        }
         config = Config(signature_version=UNSIGNED) if self.unsigned else None
         return boto3.client("s3", config=config, **{k: v for k, v in kwargs.items() if v})
 
@@ -107,7 +118,9 @@ class S3Model:
     @property
     def folder_name(self) -> str:
         bucket, prefix = split_s3_uri(self.uri)
-        version = hashlib.sha256(json.dumps([bucket, prefix, sorted((o.name, o.etag) for o in self.objects)]).encode()).hexdigest()
+        version = hashlib.sha256(
+            json.dumps([bucket, prefix, sorted((o.name, o.etag) for o in self.objects)]).encode()
+        ).hexdigest()
         return f"s3-{bucket}-{prefix.rsplit('/', 1)[-1] or 'root'}-{version[:12]}"
 
     @property
@@ -130,8 +143,10 @@ def list_model(uri: str, access: S3Access) -> S3Model:
     objects = model.objects
     if not any(o.name == "config.json" for o in objects):
         found = f"{len(objects)} objects, none named config.json" if objects else "no objects"
-        raise ModelSourceError(f"model_source {uri!r}: {found} under it: expected a Hugging Face model folder "
-                               "(upload one with `python -m llm_assets.upload_model`)")
+        raise ModelSourceError(
+            f"model_source {uri!r}: {found} under it: expected a Hugging Face model folder "
+            "(upload one with `python -m llm_assets.upload_model`)"
+        )
     return model
 
 
@@ -146,9 +161,17 @@ def list_folder(uri: str, access: S3Access, setting: str = "model_source") -> S3
     try:
         for page in access.client().get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=start):
             for entry in page.get("Contents", []):
-                name = entry["Key"][len(start):]
+                name = entry["Key"][len(start) :]
                 if name and not name.endswith("/"):  # "folder" marker objects hold nothing
-                    objects.append(S3Object(name, entry["Key"], entry["Size"], entry["ETag"].strip('"'), entry["LastModified"].timestamp()))
+                    objects.append(
+                        S3Object(
+                            name,
+                            entry["Key"],
+                            entry["Size"],
+                            entry["ETag"].strip('"'),
+                            entry["LastModified"].timestamp(),
+                        )
+                    )
     except (BotoCoreError, ClientError) as exc:
         raise ModelSourceError(f"{setting} {uri!r}: cannot list it: {exc}") from exc
     bad = [o.name for o in objects if ".." in o.name.split("/")]
@@ -213,7 +236,10 @@ def _download(model: S3Model, folder: Path, log: Log) -> None:
     done = {o.name for o in _complete_files(folder, model)}
     todo = [o for o in model.objects if o.name not in done]
     if done:
-        log(f"{model.uri}: resuming the download into {folder}: {len(done)} of {len(model.objects)} files are here already")
+        log(
+            f"{model.uri}: resuming the download into {folder}: "
+            f"{len(done)} of {len(model.objects)} files are here already"
+        )
     else:
         log(f"Downloading {model.uri} ({len(todo)} files, {model.size / MB:.1f} MB) into {folder}")
     record = _record(folder)
@@ -228,15 +254,18 @@ def _download(model: S3Model, folder: Path, log: Log) -> None:
             etag = client.head_object(Bucket=model.bucket, Key=obj.key)["ETag"].strip('"')
             if etag != obj.etag or part.stat().st_size != obj.size:
                 part.unlink()
-                raise ModelSourceError(f"{model.uri}: {obj.name} changed in S3 while it was being downloaded; run again")
+                raise ModelSourceError(
+                    f"{model.uri}: {obj.name} changed in S3 while it was being downloaded; run again"
+                )
             os.utime(part, (obj.modified, obj.modified))  # the same fingerprint on every node (see above)
             os.replace(part, path)
             record[obj.name] = {"etag": obj.etag, "size": obj.size}
             _write_record(folder, record, model)
             progress.file_done()
     except (BotoCoreError, ClientError) as exc:
-        raise ModelSourceError(f"{model.uri}: the download stopped ({exc}); the files already complete are kept, "
-                               "the next run resumes") from exc
+        raise ModelSourceError(
+            f"{model.uri}: the download stopped ({exc}); the files already complete are kept, the next run resumes"
+        ) from exc
     progress.finish(f"into {folder}")
 
 
@@ -272,8 +301,10 @@ class TransferProgress:
 
     def _line(self, now: float) -> str:
         rate = self.bytes / MB / max(now - self.started, 1e-6)
-        return (f"{self.bytes / MB:.1f} of {self.total / MB:.1f} MB, {self.files_done} of {self.files} files, "
-                f"{rate:.1f} MB/s")
+        return (
+            f"{self.bytes / MB:.1f} of {self.total / MB:.1f} MB, {self.files_done} of {self.files} files, "
+            f"{rate:.1f} MB/s"
+        )
 
     def finish(self, where: str) -> None:
         now = time.monotonic()
@@ -311,4 +342,3 @@ def resolve_s3_model(uri: str, s3: Any = None, log: Log = print) -> S3ModelPath:
     """Run by the driver: list the model, download it on this node, and hand out its path."""
     model = list_model(uri, S3Access.of(s3))
     return S3ModelPath(str(fetch(model, log)), model)
-

@@ -18,7 +18,14 @@ from typing import Any, Callable, Optional
 
 from llm_assets.model_cache import DONE_MARKER, ModelSourceError, model_cache_dir
 
-__all__ = ["DONE_MARKER", "ModelSourceError", "check_local_model_source", "convert_gguf", "model_cache_dir", "resolve_model_source"]
+__all__ = [
+    "DONE_MARKER",
+    "ModelSourceError",
+    "check_local_model_source",
+    "convert_gguf",
+    "model_cache_dir",
+    "resolve_model_source",
+]
 
 
 def _looks_like_path(source: str) -> bool:
@@ -56,7 +63,9 @@ def check_local_model_source(source: str, setting: str = "model_source") -> Opti
     expanded = os.path.expanduser(source)
     if os.path.isdir(expanded):
         if not os.path.exists(os.path.join(expanded, "config.json")):
-            raise ModelSourceError(f"{setting} {source!r} is a folder without config.json: expected a Hugging Face model folder")
+            raise ModelSourceError(
+                f"{setting} {source!r} is a folder without config.json: expected a Hugging Face model folder"
+            )
         return expanded
     if os.path.isfile(expanded):
         if expanded.endswith(".gguf"):
@@ -80,9 +89,11 @@ def check_s3_load_format(model_source: str, engine_kwargs: dict[str, Any]) -> No
 
     installed = importlib.util.find_spec("runai_model_streamer") is not None
     raise ValueError(
-        f"engine_kwargs.load_format='runai_streamer' with model_source {model_source!r}: streaming weights from S3 is not "
+        f"engine_kwargs.load_format='runai_streamer' with model_source {model_source!r}: "
+        "streaming weights from S3 is not "
         f"supported by llm_assets yet (runai-model-streamer is {'installed' if installed else 'not installed'}); "
-        "remove load_format: the model is then downloaded once per node into the model cache")
+        "remove load_format: the model is then downloaded once per node into the model cache"
+    )
 
 
 def _in_hub_cache(repo_id: str) -> bool:

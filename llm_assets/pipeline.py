@@ -48,10 +48,21 @@ class RowChecks:
         """What changes these checks (part of Preprocess's code version): their code, the task,
         the engine's settings, the pipeline's output schema and whether it reads media."""
         engine = self.context.engine
-        modules = ["llm_assets.tasks.requests", "llm_assets.tasks.structured", type(self.task).__module__, type(engine).__module__]
-        return versions.digest({"code": [versions.module_code(name) for name in dict.fromkeys(modules)], "task": self.task.name,
-                                "engine": [engine.label, engine.output_settings()], "multimodal": self.context.multimodal,
-                                "output_schema": self.context.output_schema})
+        modules = [
+            "llm_assets.tasks.requests",
+            "llm_assets.tasks.structured",
+            type(self.task).__module__,
+            type(engine).__module__,
+        ]
+        return versions.digest(
+            {
+                "code": [versions.module_code(name) for name in dict.fromkeys(modules)],
+                "task": self.task.name,
+                "engine": [engine.label, engine.output_settings()],
+                "multimodal": self.context.multimodal,
+                "output_schema": self.context.output_schema,
+            }
+        )
 
 
 class ModelPathError(ValueError):
@@ -108,7 +119,9 @@ class LLMPipeline:
 
     def __post_init__(self) -> None:
         if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", self.name):
-            raise ValueError(f"pipeline name {self.name!r}: use letters, digits and underscores (it names assets and a job)")
+            raise ValueError(
+                f"pipeline name {self.name!r}: use letters, digits and underscores (it names assets and a job)"
+            )
         if isinstance(self.config, dict):
             # A dict means vLLM, the default engine (as ray.data.llm's examples use it).
             from llm_assets.engines.vllm import vLLMEngineProcessorConfig
@@ -124,16 +137,26 @@ class LLMPipeline:
             known = ", ".join(cls.__name__ for cls in ENGINES)
             raise TypeError(f"pipeline {self.name!r}: config must be one of {known} (or a dict of vLLM settings)")
         if self.task.text_column is None and self.output_schema is not None:
-            raise ValueError(f"pipeline {self.name!r}: task_type {self.config.task_type!r} generates no text: output_schema does not apply")
+            raise ValueError(
+                f"pipeline {self.name!r}: task_type {self.config.task_type!r} generates no text: "
+                "output_schema does not apply"
+            )
         if self.output_schema is not None:
             self.output_json_schema  # a clear error at definition load for anything but a pydantic model
             if self.engine.model_source() is None:
-                raise ValueError(f"pipeline {self.name!r}: output_schema constrains a model engine's sampling; with "
-                                 f"{type(self.config).__name__} put the endpoint's response_format in the payload")
+                raise ValueError(
+                    f"pipeline {self.name!r}: output_schema constrains a model engine's sampling; with "
+                    f"{type(self.config).__name__} put the endpoint's response_format in the payload"
+                )
         if self.response_cache not in CACHE_MODES:
-            raise ValueError(f"pipeline {self.name!r}: response_cache is {self.response_cache!r}: expected one of {', '.join(CACHE_MODES)}")
+            raise ValueError(
+                f"pipeline {self.name!r}: response_cache is {self.response_cache!r}: "
+                f"expected one of {', '.join(CACHE_MODES)}"
+            )
         if not 0.0 <= self.max_error_rate <= 1.0:
-            raise ValueError(f"pipeline {self.name!r}: max_error_rate is {self.max_error_rate!r}: expected a share between 0 and 1")
+            raise ValueError(
+                f"pipeline {self.name!r}: max_error_rate is {self.max_error_rate!r}: expected a share between 0 and 1"
+            )
 
     def check_model_paths(self) -> None:
         """Every local ``model_source`` the pipeline names (the processor's, a stage's own) is a
@@ -163,7 +186,9 @@ class LLMPipeline:
         return engine_for(self.config)
 
     def stage_names(self) -> list[str]:
-        return [name for name in self.task.stages if name not in OPTIONAL_STAGES or self._enabled(OPTIONAL_STAGES[name])]
+        return [
+            name for name in self.task.stages if name not in OPTIONAL_STAGES or self._enabled(OPTIONAL_STAGES[name])
+        ]
 
     def _enabled(self, field_name: str) -> bool:
         stage = field_name.removesuffix("_stage")
@@ -197,12 +222,20 @@ class LLMPipeline:
         kwargs: dict[str, Any] = {name: getattr(settings, name) for name in getattr(udf, "CONFIG_KWARGS", ())}
         if getattr(udf, "USER_FN", None):
             kwargs["fn"] = getattr(self, udf.USER_FN)
-        context = RowContext(self.engine, multimodal="prepare_multimodal" in self.stage_names(), output_schema=self.output_json_schema)
-        processor = {"max_prompt_tokens": self.engine.max_prompt_tokens(), "should_continue_on_error": config.should_continue_on_error,
-                     "check_row": RowChecks(self.task, context), "pair": self.task.tokenize_pair}
+        context = RowContext(
+            self.engine, multimodal="prepare_multimodal" in self.stage_names(), output_schema=self.output_json_schema
+        )
+        processor = {
+            "max_prompt_tokens": self.engine.max_prompt_tokens(),
+            "should_continue_on_error": config.should_continue_on_error,
+            "check_row": RowChecks(self.task, context),
+            "pair": self.task.tokenize_pair,
+        }
         kwargs.update({name: processor[name] for name in getattr(udf, "PROCESSOR_KWARGS", ())})
         uses_model = "model_source" in inspect.signature(udf.__init__).parameters
-        return StagePlan(stage, upstream, udf, kwargs, settings, getattr(settings, "model_source", None) if uses_model else None)
+        return StagePlan(
+            stage, upstream, udf, kwargs, settings, getattr(settings, "model_source", None) if uses_model else None
+        )
 
     def text_stage(self) -> str:
         """The first stage whose output has the task's text column (generated_text)."""
@@ -216,9 +249,15 @@ class LLMPipeline:
         """What changes the engine's answer to a request besides the model: its code, library and
         output settings (part of the engine stage's code version and of the response cache's scope)."""
         engine = self.engine
-        return {"code": [versions.module_code(name) for name in engine.code_modules], "library": engine.library_version(),
-                "engine": {**engine.output_settings(), "task_type": self.config.task_type,
-                           "engine_detokenizes": self.engine_detokenizes()}}
+        return {
+            "code": [versions.module_code(name) for name in engine.code_modules],
+            "library": engine.library_version(),
+            "engine": {
+                **engine.output_settings(),
+                "task_type": self.config.task_type,
+                "engine_detokenizes": self.engine_detokenizes(),
+            },
+        }
 
     def code_version(self, stage: str) -> str:
         """A hash of everything that changes this stage's output (see llm_assets.versions)."""

@@ -53,9 +53,7 @@ class LocalFolderSource:
         if not folder.is_dir():
             return {}
         return {
-            path.name: path
-            for path in sorted(folder.iterdir())
-            if path.is_file() and _wanted(path.name, self.pattern)
+            path.name: path for path in sorted(folder.iterdir()) if path.is_file() and _wanted(path.name, self.pattern)
         }
 
     def partition_keys(self) -> list[str]:
@@ -194,7 +192,10 @@ def read_rows(path: Path, display: str, partition_key: str, chunk_rows: int) -> 
             for index, row_id in enumerate(ids):
                 if row_id is None or row_id in seen:
                     problem = "is empty" if row_id is None else f"repeats {row_id!r}"
-                    raise SourceError(f"{display}: row {offset + index} (counted from 0): column {ROW_ID!r} {problem}; row ids must be unique")
+                    raise SourceError(
+                        f"{display}: row {offset + index} (counted from 0): column {ROW_ID!r} {problem}; "
+                        "row ids must be unique"
+                    )
                 seen.add(row_id)
             chunk = chunk.set_column(chunk.schema.get_field_index(ROW_ID), ROW_ID, pa.array([str(i) for i in ids]))
         else:
@@ -283,8 +284,10 @@ def _table(numbered_rows: list[tuple[int, dict]], display: str, partition_key: s
                 kind = _json_kind(value)
                 expected = kinds.setdefault(name, kind)
                 if kind != expected:
-                    raise SourceError(f"{_line(display, line_number, partition_key, index, row)}: field {name!r} is {kind} "
-                                      f"({value!r:.40}): expected {expected}, as on the lines before it") from None
+                    raise SourceError(
+                        f"{_line(display, line_number, partition_key, index, row)}: field {name!r} is {kind} "
+                        f"({value!r:.40}): expected {expected}, as on the lines before it"
+                    ) from None
         raise SourceError(f"{display}: rows that cannot form one table: {exc}") from None
 
 
@@ -313,6 +316,9 @@ def _jsonl_objects(path: Path, display: str, partition_key: str, keep_going: boo
                     continue
                 raise SourceError(f"{_line(display, line_number, partition_key, index)}: {problem}") from None
             if not isinstance(row, dict) and not keep_going:
-                raise SourceError(f"{_line(display, line_number, partition_key, index)}: expected a JSON object, got {type(row).__name__}")
+                raise SourceError(
+                    f"{_line(display, line_number, partition_key, index)}: expected a JSON object, "
+                    f"got {type(row).__name__}"
+                )
             yield line_number, row
             index += 1

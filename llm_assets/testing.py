@@ -141,9 +141,12 @@ def build_llama_model(
 
 # Renders string content (vLLM's "string" format puts "<image>" in the text) and content parts.
 VLM_CHAT_TEMPLATE = (
-    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n{% if message['content'] is string %}{{ message['content'] }}"
-    "{% else %}{% for part in message['content'] %}{% if part['type'] == 'image' %}<image>{% elif part['type'] == 'text' %}"
-    "{{ part['text'] }}{% endif %}{% endfor %}{% endif %}<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n"
+    "{% if message['content'] is string %}{{ message['content'] }}"
+    "{% else %}{% for part in message['content'] %}{% if part['type'] == 'image' %}<image>"
+    "{% elif part['type'] == 'text' %}"
+    "{{ part['text'] }}{% endif %}{% endfor %}{% endif %}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
 )
 
 
@@ -158,18 +161,50 @@ def build_idefics3_model(path: str | Path, *, image_size: int = 64, patch_size: 
     from transformers.models.idefics3.image_processing_pil_idefics3 import Idefics3ImageProcessorPil
 
     path = Path(path)
-    tokenizer = _multimodal_tokenizer(path, ["<image>", "<fake_token_around_image>", "<global-img>", "<end_of_utterance>"])
-    images = Idefics3ImageProcessorPil(size={"longest_edge": image_size}, max_image_size={"longest_edge": image_size}, do_image_splitting=False)
+    tokenizer = _multimodal_tokenizer(
+        path, ["<image>", "<fake_token_around_image>", "<global-img>", "<end_of_utterance>"]
+    )
+    images = Idefics3ImageProcessorPil(
+        size={"longest_edge": image_size}, max_image_size={"longest_edge": image_size}, do_image_splitting=False
+    )
     scale = 2
-    processor = Idefics3Processor(image_processor=images, tokenizer=tokenizer, image_seq_len=(image_size // patch_size) ** 2 // scale ** 2,
-                                  chat_template=VLM_CHAT_TEMPLATE)
+    processor = Idefics3Processor(
+        image_processor=images,
+        tokenizer=tokenizer,
+        image_seq_len=(image_size // patch_size) ** 2 // scale**2,
+        chat_template=VLM_CHAT_TEMPLATE,
+    )
     vocab = _padded_vocab(len(tokenizer))
-    text = LlamaConfig(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=2, head_dim=64, pad_token_id=0,
-                       vocab_size=vocab, max_position_embeddings=2048, bos_token_id=0, eos_token_id=2, tie_word_embeddings=False)
-    vision = Idefics3VisionConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2, image_size=image_size,
-                                  patch_size=patch_size)
-    config = Idefics3Config(vision_config=vision.to_dict(), text_config=text.to_dict(), image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
-                            scale_factor=scale, vocab_size=vocab, pad_token_id=0)
+    text = LlamaConfig(
+        hidden_size=128,
+        intermediate_size=256,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        head_dim=64,
+        pad_token_id=0,
+        vocab_size=vocab,
+        max_position_embeddings=2048,
+        bos_token_id=0,
+        eos_token_id=2,
+        tie_word_embeddings=False,
+    )
+    vision = Idefics3VisionConfig(
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        image_size=image_size,
+        patch_size=patch_size,
+    )
+    config = Idefics3Config(
+        vision_config=vision.to_dict(),
+        text_config=text.to_dict(),
+        image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
+        scale_factor=scale,
+        vocab_size=vocab,
+        pad_token_id=0,
+    )
     torch.manual_seed(seed)
     Idefics3ForConditionalGeneration(config).save_pretrained(str(path))
     processor.save_pretrained(str(path))
@@ -182,7 +217,8 @@ AUDIO_CHAT_TEMPLATE = (
     "{% set audio_count = namespace(value=0) %}{% for message in messages %}<|im_start|>{{ message['role'] }}\n"
     "{% if message['content'] is string %}{{ message['content'] }}{% else %}{% for part in message['content'] %}"
     "{% if part['type'] in ('audio', 'input_audio', 'audio_url') %}{% set audio_count.value = audio_count.value + 1 %}"
-    "Audio {{ audio_count.value }}: <|audio_bos|><|AUDIO|><|audio_eos|>\n{% elif part['type'] == 'text' %}{{ part['text'] }}{% endif %}"
+    "Audio {{ audio_count.value }}: <|audio_bos|><|AUDIO|><|audio_eos|>\n"
+    "{% elif part['type'] == 'text' %}{{ part['text'] }}{% endif %}"
     "{% endfor %}{% endif %}<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
 )
 
@@ -194,21 +230,47 @@ def build_qwen2_audio_model(path: str | Path, *, seed: int = 0) -> Path:
     input schema fixes 3000 mel frames). vLLM's CPU build runs it; an audio of n samples
     at 16 kHz becomes ((n // 160 - 1) // 2 + 1 - 2) // 2 + 1 ``<|AUDIO|>`` tokens (0.5 s: 12)."""
     import torch
-    from transformers import (Qwen2AudioConfig, Qwen2AudioEncoderConfig, Qwen2AudioForConditionalGeneration,
-                              Qwen2AudioProcessor, Qwen2Config, WhisperFeatureExtractor)
+    from transformers import (
+        Qwen2AudioConfig,
+        Qwen2AudioEncoderConfig,
+        Qwen2AudioForConditionalGeneration,
+        Qwen2AudioProcessor,
+        Qwen2Config,
+        WhisperFeatureExtractor,
+    )
 
     path = Path(path)
     tokenizer = _multimodal_tokenizer(path, ["<|audio_bos|>", "<|AUDIO|>", "<|audio_eos|>"])
     features = WhisperFeatureExtractor(feature_size=80, sampling_rate=16000, hop_length=160, chunk_length=30)
     processor = Qwen2AudioProcessor(feature_extractor=features, tokenizer=tokenizer, chat_template=AUDIO_CHAT_TEMPLATE)
     vocab = _padded_vocab(len(tokenizer))
-    text = Qwen2Config(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=2,
-                       vocab_size=vocab, max_position_embeddings=2048, bos_token_id=0, eos_token_id=2, pad_token_id=0, tie_word_embeddings=False)
+    text = Qwen2Config(
+        hidden_size=128,
+        intermediate_size=256,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        vocab_size=vocab,
+        max_position_embeddings=2048,
+        bos_token_id=0,
+        eos_token_id=2,
+        pad_token_id=0,
+        tie_word_embeddings=False,
+    )
     # The encoder takes exactly 30 s of mel frames (100 a second), halved by its second convolution.
-    audio = Qwen2AudioEncoderConfig(num_mel_bins=80, encoder_layers=1, encoder_attention_heads=2, encoder_ffn_dim=128, d_model=64,
-                                    max_source_positions=1500)
-    config = Qwen2AudioConfig(audio_config=audio.to_dict(), text_config=text.to_dict(),
-                              audio_token_index=tokenizer.convert_tokens_to_ids("<|AUDIO|>"))
+    audio = Qwen2AudioEncoderConfig(
+        num_mel_bins=80,
+        encoder_layers=1,
+        encoder_attention_heads=2,
+        encoder_ffn_dim=128,
+        d_model=64,
+        max_source_positions=1500,
+    )
+    config = Qwen2AudioConfig(
+        audio_config=audio.to_dict(),
+        text_config=text.to_dict(),
+        audio_token_index=tokenizer.convert_tokens_to_ids("<|AUDIO|>"),
+    )
     torch.manual_seed(seed)
     Qwen2AudioForConditionalGeneration(config).save_pretrained(str(path))
     _fix_qwen2_audio_weight_names(path / "model.safetensors")
@@ -226,17 +288,24 @@ def _fix_qwen2_audio_weight_names(file: Path) -> None:
     wrong = "language_model.model.model."
     weights = load_file(str(file))
     if any(name.startswith(wrong) for name in weights):
-        fixed = {("language_model.model." + name[len(wrong):] if name.startswith(wrong) else name): t for name, t in weights.items()}
+        fixed = {
+            ("language_model.model." + name[len(wrong) :] if name.startswith(wrong) else name): t
+            for name, t in weights.items()
+        }
         save_file(fixed, str(file), metadata={"format": "pt"})
 
 
 # Renders string content (vLLM's "string" format puts "<|vision_start|><|video_pad|><|vision_end|>" in
 # the text) and content parts: an image or video part of any kind becomes its placeholder.
 QWEN2_VL_CHAT_TEMPLATE = (
-    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n{% if message['content'] is string %}{{ message['content'] }}"
-    "{% else %}{% for part in message['content'] %}{% if part['type'] in ('image', 'image_url') %}<|vision_start|><|image_pad|><|vision_end|>"
-    "{% elif part['type'] in ('video', 'video_url') %}<|vision_start|><|video_pad|><|vision_end|>{% elif part['type'] == 'text' %}"
-    "{{ part['text'] }}{% endif %}{% endfor %}{% endif %}<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n"
+    "{% if message['content'] is string %}{{ message['content'] }}"
+    "{% else %}{% for part in message['content'] %}{% if part['type'] in ('image', 'image_url') %}"
+    "<|vision_start|><|image_pad|><|vision_end|>"
+    "{% elif part['type'] in ('video', 'video_url') %}<|vision_start|><|video_pad|><|vision_end|>"
+    "{% elif part['type'] == 'text' %}"
+    "{{ part['text'] }}{% endif %}{% endfor %}{% endif %}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
 )
 
 
@@ -253,18 +322,46 @@ def build_qwen2_vl_model(path: str | Path, *, max_pixels: int = 112 * 112, seed:
     path = Path(path)
     tokenizer = _multimodal_tokenizer(path, ["<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>"])
     pixels = {"min_pixels": 28 * 28, "max_pixels": max_pixels}
-    processor = Qwen2VLProcessor(image_processor=Qwen2VLImageProcessorPil(**pixels), video_processor=Qwen2VLVideoProcessor(**pixels),
-                                 tokenizer=tokenizer, chat_template=QWEN2_VL_CHAT_TEMPLATE)
-    ids = {name: tokenizer.convert_tokens_to_ids(token) for name, token in [
-        ("image_token_id", "<|image_pad|>"), ("video_token_id", "<|video_pad|>"),
-        ("vision_start_token_id", "<|vision_start|>"), ("vision_end_token_id", "<|vision_end|>")]}
+    processor = Qwen2VLProcessor(
+        image_processor=Qwen2VLImageProcessorPil(**pixels),
+        video_processor=Qwen2VLVideoProcessor(**pixels),
+        tokenizer=tokenizer,
+        chat_template=QWEN2_VL_CHAT_TEMPLATE,
+    )
+    ids = {
+        name: tokenizer.convert_tokens_to_ids(token)
+        for name, token in [
+            ("image_token_id", "<|image_pad|>"),
+            ("video_token_id", "<|video_pad|>"),
+            ("vision_start_token_id", "<|vision_start|>"),
+            ("vision_end_token_id", "<|vision_end|>"),
+        ]
+    }
     vocab = _padded_vocab(len(tokenizer))
     # M-RoPE splits head_dim / 2 = 32 rotary frequencies into time, height and width sections.
-    text = {"hidden_size": 128, "intermediate_size": 256, "num_hidden_layers": 2, "num_attention_heads": 2, "num_key_value_heads": 2,
-            "vocab_size": vocab, "max_position_embeddings": 4096, "bos_token_id": 0, "eos_token_id": 2, "pad_token_id": 0,
-            "rope_parameters": {"rope_type": "default", "rope_theta": 1000000.0, "mrope_section": [8, 12, 12]}}
-    vision = {"depth": 1, "embed_dim": 128, "hidden_size": 128, "mlp_ratio": 2, "num_heads": 2, "patch_size": 14,
-              "spatial_merge_size": 2, "temporal_patch_size": 2}
+    text = {
+        "hidden_size": 128,
+        "intermediate_size": 256,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 2,
+        "num_key_value_heads": 2,
+        "vocab_size": vocab,
+        "max_position_embeddings": 4096,
+        "bos_token_id": 0,
+        "eos_token_id": 2,
+        "pad_token_id": 0,
+        "rope_parameters": {"rope_type": "default", "rope_theta": 1000000.0, "mrope_section": [8, 12, 12]},
+    }
+    vision = {
+        "depth": 1,
+        "embed_dim": 128,
+        "hidden_size": 128,
+        "mlp_ratio": 2,
+        "num_heads": 2,
+        "patch_size": 14,
+        "spatial_merge_size": 2,
+        "temporal_patch_size": 2,
+    }
     config = Qwen2VLConfig(text_config=text, vision_config=vision, vocab_size=vocab, **ids)
     torch.manual_seed(seed)
     Qwen2VLForConditionalGeneration(config).to(torch.bfloat16).save_pretrained(str(path))

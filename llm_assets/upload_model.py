@@ -41,7 +41,9 @@ def local_etag(path: Path) -> str:
 
 
 def model_files(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.rglob("*") if p.is_file() and p.name not in OWN_FILES and not p.name.endswith(PART_SUFFIX))
+    return sorted(
+        p for p in folder.rglob("*") if p.is_file() and p.name not in OWN_FILES and not p.name.endswith(PART_SUFFIX)
+    )
 
 
 def upload(folder: Path, bucket_uri: str, access: S3Access, log=print) -> dict[str, int]:
@@ -62,8 +64,10 @@ def upload(folder: Path, bucket_uri: str, access: S3Access, log=print) -> dict[s
         if there.get(key, (None, None))[0] == size and there[key][1] == local_etag(path):
             continue
         todo.append((path, key, size))
-    log(f"{bucket_uri}: {len(files) - len(todo)} of {len(files)} files already there with the same size and ETag; "
-        f"uploading {len(todo)} ({sum(size for _, _, size in todo) / MB:.1f} MB)")
+    log(
+        f"{bucket_uri}: {len(files) - len(todo)} of {len(files)} files already there with the same size and ETag; "
+        f"uploading {len(todo)} ({sum(size for _, _, size in todo) / MB:.1f} MB)"
+    )
     progress = TransferProgress("Uploading", bucket_uri, len(todo), sum(size for _, _, size in todo), log)
     config = TransferConfig(multipart_threshold=PART_BYTES, multipart_chunksize=PART_BYTES)
     for path, key, _ in todo:
@@ -86,14 +90,18 @@ def main(argv: Optional[list[str]] = None) -> int:
     try:
         folder = Path(resolve_model_source(args.model_source, log=print))
         if not folder.is_dir():
-            raise ModelSourceError(f"--model-source {args.model_source!r}: expected a local model folder or a .gguf file")
+            raise ModelSourceError(
+                f"--model-source {args.model_source!r}: expected a local model folder or a .gguf file"
+            )
         started = time.monotonic()
         counts = upload(folder, args.bucket_uri, S3Access(endpoint_url=args.endpoint_url, region_name=args.region))
     except (ModelSourceError, ValueError, BotoCoreError, ClientError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    print(f"{args.bucket_uri}: {counts['uploaded']} files uploaded, {counts['skipped']} already there "
-          f"({time.monotonic() - started:.1f} s); use model_source={args.bucket_uri!r}")
+    print(
+        f"{args.bucket_uri}: {counts['uploaded']} files uploaded, {counts['skipped']} already there "
+        f"({time.monotonic() - started:.1f} s); use model_source={args.bucket_uri!r}"
+    )
     return 0
 
 

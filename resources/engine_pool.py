@@ -29,11 +29,18 @@ class EnginePoolResource(dg.ConfigurableResource):
     ray_data: RayDataResource
     num_cpus_per_engine: float = Field(default=1.0, description="Logical CPUs each engine actor reserves.")
     start_timeout_s: float = Field(default=1800.0, description="How long an engine may take to start.")
-    max_engine_restarts: int = Field(default=3, ge=0, description="Engines that die mid-run are rebuilt this many times per run, at most.")
+    max_engine_restarts: int = Field(
+        default=3, ge=0, description="Engines that die mid-run are rebuilt this many times per run, at most."
+    )
     model_s3: Optional[S3Resource] = Field(
-        default=None, description="Endpoint, region and credentials for s3:// model sources (default: each node's AWS environment).")
+        default=None,
+        description="Endpoint, region and credentials for s3:// model sources (default: each node's AWS environment).",
+    )
     price_per_gpu_hour: Optional[float] = Field(
-        default=None, ge=0, description="What a GPU-hour costs (any currency): the engine stage's metadata then shows estimated_cost.")
+        default=None,
+        ge=0,
+        description="What a GPU-hour costs (any currency): the engine stage's metadata then shows estimated_cost.",
+    )
     _pools: list = PrivateAttr(default_factory=list)
 
     def teardown_after_execution(self, context: dg.InitResourceContext) -> None:
@@ -49,8 +56,15 @@ class EnginePoolResource(dg.ConfigurableResource):
         for released in [p for p in self._pools if p.shutting_down]:
             self._pools.remove(released)
             released.shutdown()
-        pool = EnginePool(pipeline.engine, target, pipeline.engine_detokenizes(),
-                          self.ray_data.cluster_gpus() > 0, self.num_cpus_per_engine, self.max_engine_restarts, log)
+        pool = EnginePool(
+            pipeline.engine,
+            target,
+            pipeline.engine_detokenizes(),
+            self.ray_data.cluster_gpus() > 0,
+            self.num_cpus_per_engine,
+            self.max_engine_restarts,
+            log,
+        )
         self._pools.append(pool)
         return pool
 
@@ -59,7 +73,12 @@ class EnginePoolResource(dg.ConfigurableResource):
         self.ray_data.ensure_started()
         gpus = float(pipeline.engine.gpus_per_replica(self.ray_data.cluster_gpus() > 0))
         replicas = pipeline.config.engine_pool_size
-        return {"CPU": self.num_cpus_per_engine * replicas, "GPU": gpus * replicas, "CPU_each": self.num_cpus_per_engine, "GPU_each": gpus}
+        return {
+            "CPU": self.num_cpus_per_engine * replicas,
+            "GPU": gpus * replicas,
+            "CPU_each": self.num_cpus_per_engine,
+            "GPU_each": gpus,
+        }
 
     def release(self, pool: EnginePool) -> None:
         """The run is done with the pool: its engines begin to shut down now, and the run goes on

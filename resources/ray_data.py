@@ -24,12 +24,20 @@ def before_ray_shutdown(callback) -> None:
 
 
 class RayDataResource(dg.ConfigurableResource):
-    address: Optional[str] = Field(default=None, description="Ray cluster address ('auto', 'ray://host:10001'); None starts a local Ray for the run.")
+    address: Optional[str] = Field(
+        default=None,
+        description="Ray cluster address ('auto', 'ray://host:10001'); None starts a local Ray for the run.",
+    )
     num_cpus: Optional[int] = Field(default=None, description="Logical CPUs of a local Ray (default: max(4, cores)).")
     num_gpus: Optional[int] = Field(default=None, description="GPUs of a local Ray (default: detected).")
     namespace: str = "llm_assets"
     runtime_env: Optional[dict[str, Any]] = None
-    stall_report_s: float = Field(default=120.0, ge=0, description="A run that finishes no batch for this long logs what it waits for (engines, tasks, free resources, object store), and again as long as that lasts; 0: never.")
+    stall_report_s: float = Field(
+        default=120.0,
+        ge=0,
+        description="A run that finishes no batch for this long logs what it waits for (engines, tasks, "
+        "free resources, object store), and again as long as that lasts; 0: never.",
+    )
     _started_here: bool = PrivateAttr(default=False)
 
     def teardown_after_execution(self, context: dg.InitResourceContext) -> None:
@@ -74,8 +82,12 @@ class RayDataResource(dg.ConfigurableResource):
         cpus, gpus = self.cluster_cpus(), self.cluster_gpus()
         if self.address:
             return f"Connected to the Ray cluster at {self.address}: {cpus:g} logical CPU(s), {gpus:g} GPU(s) in all"
-        how = ("RayDataResource(num_cpus=...)" if self.num_cpus else
-               f"max({MIN_LOCAL_CPUS}, cores) on this {os.cpu_count()}-core machine; RayDataResource(num_cpus=...) sets another number")
+        how = (
+            "RayDataResource(num_cpus=...)"
+            if self.num_cpus
+            else f"max({MIN_LOCAL_CPUS}, cores) on this {os.cpu_count()}-core machine; "
+            "RayDataResource(num_cpus=...) sets another number"
+        )
         return f"Started a local Ray for this run: {cpus:g} logical CPU(s) ({how}), {gpus:g} GPU(s)"
 
     def start(self, log=None) -> float:

@@ -90,7 +90,9 @@ class PartitionStorage(dg.ConfigurableResource):
     """Stage outputs as Parquet, per pipeline, stage and partition, under ``root``."""
 
     root: str = Field(description="A local folder, or s3://bucket/prefix, for stage outputs.")
-    s3: Optional[S3Resource] = Field(default=None, description="Endpoint, region and credentials for an s3:// root (default: the AWS environment).")
+    s3: Optional[S3Resource] = Field(
+        default=None, description="Endpoint, region and credentials for an s3:// root (default: the AWS environment)."
+    )
 
     def _fs(self) -> tuple[pafs.FileSystem, str]:
         if self.root.startswith("s3://"):
@@ -119,7 +121,9 @@ class PartitionStorage(dg.ConfigurableResource):
     def manifest(self, pipeline: str, stage: str, partition: str) -> Optional[Manifest]:
         return read_manifest(self.filesystem(), self.partition_dir(pipeline, stage, partition))
 
-    def committed(self, pipeline: str, stage: str, partition: str, manifest: Optional[Manifest] = None) -> tuple[Manifest, list[str]]:
+    def committed(
+        self, pipeline: str, stage: str, partition: str, manifest: Optional[Manifest] = None
+    ) -> tuple[Manifest, list[str]]:
         """The partition's manifest and the paths of its committed Parquet files (one manifest
         read, none when the caller has read ``manifest`` already); raises if the partition was
         never committed."""
@@ -135,7 +139,9 @@ class PartitionStorage(dg.ConfigurableResource):
     def committed_files(self, pipeline: str, stage: str, partition: str) -> list[str]:
         return self.committed(pipeline, stage, partition)[1]
 
-    def read_committed(self, pipeline: str, stage: str, partition: str, columns: Optional[list[str]] = None) -> Iterator[pa.Table]:
+    def read_committed(
+        self, pipeline: str, stage: str, partition: str, columns: Optional[list[str]] = None
+    ) -> Iterator[pa.Table]:
         """The partition's committed rows, streamed in record batches (a file at a time, never
         the whole partition); ``columns``: only those of them a file has."""
         fs = self.filesystem()
@@ -146,7 +152,9 @@ class PartitionStorage(dg.ConfigurableResource):
                 for batch in parquet.iter_batches(columns=present):
                     yield pa.Table.from_batches([batch])
 
-    def create_attempt(self, pipeline: str, stage: str, partition: str, attempt: str, info: Optional[dict[str, Any]] = None) -> None:
+    def create_attempt(
+        self, pipeline: str, stage: str, partition: str, attempt: str, info: Optional[dict[str, Any]] = None
+    ) -> None:
         """Create the attempt folder (named by ``new_attempt_name()``) for the partition's output;
         ``info`` (what it computes from) is recorded in it so that a later run may adopt it."""
         fs = self.filesystem()
@@ -156,13 +164,29 @@ class PartitionStorage(dg.ConfigurableResource):
             body = json.dumps(info).encode()
             write_atomically(fs, f"{base}/{attempt}/{ATTEMPT_INFO}", lambda out: out.write(body))
 
-    def commit(self, pipeline: str, stage: str, partition: str, attempt: str, files: list[str], file_rows: list[int], stats: dict[str, Any]) -> Manifest:
+    def commit(
+        self,
+        pipeline: str,
+        stage: str,
+        partition: str,
+        attempt: str,
+        files: list[str],
+        file_rows: list[int],
+        stats: dict[str, Any],
+    ) -> Manifest:
         """Make the attempt's ``files`` (names relative to the partition folder) the partition's
         committed output, then delete the attempt it replaced."""
         fs = self.filesystem()
         base = self.partition_dir(pipeline, stage, partition)
         previous = read_manifest(fs, base)
-        manifest = Manifest(files=list(files), rows=sum(file_rows), attempt=attempt, committed_at=time.time(), stats=stats, file_rows=list(file_rows))
+        manifest = Manifest(
+            files=list(files),
+            rows=sum(file_rows),
+            attempt=attempt,
+            committed_at=time.time(),
+            stats=stats,
+            file_rows=list(file_rows),
+        )
         body = json.dumps(manifest.__dict__, indent=1).encode()
         write_atomically(fs, f"{base}/{MANIFEST}", lambda out: out.write(body))
         # A concurrent writer's commit may have replaced ours already; its files are never the
@@ -174,7 +198,9 @@ class PartitionStorage(dg.ConfigurableResource):
                 pass
         return manifest
 
-    def resumable_attempt(self, pipeline: str, stage: str, partition: str, info: dict[str, Any]) -> Optional[tuple[str, list[str], list[int]]]:
+    def resumable_attempt(
+        self, pipeline: str, stage: str, partition: str, info: dict[str, Any]
+    ) -> Optional[tuple[str, list[str], list[int]]]:
         """The newest uncommitted attempt of the partition computed from ``info``, with its
         complete part files (names relative to the partition folder, in order) and their rows."""
         fs = self.filesystem()
@@ -195,7 +221,11 @@ class PartitionStorage(dg.ConfigurableResource):
             except FileNotFoundError:  # an attempt that records nothing cannot be adopted
                 continue
             files = fs.get_file_info(pafs.FileSelector(f"{base}/{attempt}"))
-            names = sorted(f"{attempt}/{e.base_name}" for e in files if e.base_name.startswith("part-") and e.base_name.endswith(".parquet"))
+            names = sorted(
+                f"{attempt}/{e.base_name}"
+                for e in files
+                if e.base_name.startswith("part-") and e.base_name.endswith(".parquet")
+            )
             rows = [pq.ParquetFile(f"{base}/{name}", filesystem=fs).metadata.num_rows for name in names]
             return attempt, names, rows
         return None

@@ -148,7 +148,7 @@ def media(tmp_path_factory):
     writer = cv2.VideoWriter(str(folder / "clip.mp4"), cv2.VideoWriter_fourcc(*"mp4v"), 4, (64, 64))
     for i in range(8):
         frame = np.zeros((64, 64, 3), np.uint8)
-        frame[:, i * 8:(i + 1) * 8] = 255
+        frame[:, i * 8 : (i + 1) * 8] = 255
         writer.write(frame)
     writer.release()
     server = ThreadingHTTPServer(("127.0.0.1", 0), partial(_QuietHandler, directory=str(folder)))

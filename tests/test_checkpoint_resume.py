@@ -2,9 +2,9 @@
 run again: committed stages are not recomputed, the engine's complete checkpoint files are kept,
 and only the rows they lack go to the engine. Every row id comes out exactly once.
 
-The first run is a real Dagster run in a subprocess (its own local Ray and vLLM CPU engine); the
-test kills that process tree once the engine stage has written its first batch's file and the
-stages before it have committed.
+The first run is a real Dagster run in a subprocess (its own local Ray, on the fake engine, whose
+batches take a quarter of a second each); the test kills that process tree once the engine stage has
+written its first batch's file and the stages before it have committed.
 """
 
 import os
@@ -18,11 +18,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from resources import PartitionStorage, make_resources
 from llm_assets.atomic import write_parquet
+from resources import PartitionStorage, make_resources
 from tests.helpers.data import questions, write_attempt, write_jsonl
+from tests.helpers.pipelines import fake_pipeline, log_messages, run_job
 from tests.helpers.processes import kill_processes
-from tests.helpers.pipelines import log_messages, make_pipeline, run_job
 
 ROWS = 160
 REPO = Path(__file__).resolve().parent.parent
@@ -37,9 +37,8 @@ def answer_at_length(row):
 
 
 def resumable_pipeline(landing, model):
-    # Four sequences at a time: rows finish in small waves, so checkpoints come while most rows
-    # are still to do.
-    return make_pipeline(landing, model, preprocess=answer_at_length, engine_kwargs={"max_model_len": 512, "max_num_seqs": 4})
+    # A quarter of a second a batch, one batch at a time: checkpoints come while most rows are still to do.
+    return fake_pipeline(landing, model, preprocess=answer_at_length, batch_delay_s=0.25)
 
 
 def resumable_resources(storage_root) -> dict:
@@ -57,23 +56,31 @@ def kill_tree(process: subprocess.Popen) -> None:
     kill_processes([root, *root.children(recursive=True)])
 
 
-def test_a_run_killed_mid_engine_resumes_from_its_checkpoints(tmp_path, tiny_model, ray_session, instance):
+def test_a_run_killed_mid_engine_resumes_from_its_checkpoints(tmp_path, fake_model, ray_session, instance):
     landing, storage_root = tmp_path / "landing", tmp_path / "storage"
     write_jsonl(landing / "x.jsonl", questions(ROWS, "r"))
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     with open(tmp_path / "first-run.log", "w") as log:
         first = subprocess.Popen(
-            [sys.executable, "-m", "tests.test_checkpoint_resume", str(landing), tiny_model, str(storage_root)],
-            cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT,
+            [sys.executable, "-m", "tests.test_checkpoint_resume", str(landing), fake_model, str(storage_root)],
+            cwd=REPO,
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
         )
         # Killed once the engine has checkpointed and the CPU stages before it have committed (in
         # a streaming run the engine's first batch can finish before Tokenize's last one).
         tokenize_committed = storage_root / "tiny" / "tokenize" / "x.jsonl" / "_manifest.json"
         deadline = time.monotonic() + 600
-        while not (complete_checkpoints(storage_root) and tokenize_committed.exists()) and first.poll() is None \
-                and time.monotonic() < deadline:
+        while (
+            not (complete_checkpoints(storage_root) and tokenize_committed.exists())
+            and first.poll() is None
+            and time.monotonic() < deadline
+        ):
             time.sleep(0.1)
-        assert first.poll() is None, f"the first run ended before any checkpoint: {(tmp_path / 'first-run.log').read_text()[-3000:]}"
+        assert first.poll() is None, (
+            f"the first run ended before any checkpoint: {(tmp_path / 'first-run.log').read_text()[-3000:]}"
+        )
         kill_tree(first)
     engine_dir = storage_root / "tiny" / "engine" / "x.jsonl"
     assert not (engine_dir / "_manifest.json").exists()  # killed before the engine committed
@@ -82,13 +89,16 @@ def test_a_run_killed_mid_engine_resumes_from_its_checkpoints(tmp_path, tiny_mod
     assert 0 < rows_kept < ROWS
 
     resources = resumable_resources(storage_root)
-    result = run_job(resumable_pipeline(landing, tiny_model), resources, instance, {"dagster/partition": "x.jsonl"})
+    result = run_job(resumable_pipeline(landing, fake_model), resources, instance, {"dagster/partition": "x.jsonl"})
 
     assert result.success
     messages = log_messages(instance, result.run_id)
     for stage in ("preprocess", "chat_template", "tokenize"):  # committed by the first run
         assert any(m.startswith(f"{stage} [x.jsonl]: up to date") for m in messages), stage
-    assert any(f"{rows_kept} of {ROWS} rows already written are kept; the other {ROWS - rows_kept} go to the engine" in m for m in messages)
+    assert any(
+        f"{rows_kept} of {ROWS} rows already written are kept; the other {ROWS - rows_kept} go to the engine" in m
+        for m in messages
+    )
     manifest = resources["storage"].manifest("tiny", "engine", "x.jsonl")
     assert manifest.stats["rows_resumed"] == rows_kept
     # The checkpoint files are part of the output as they were written; the rest is new.
@@ -98,7 +108,9 @@ def test_a_run_killed_mid_engine_resumes_from_its_checkpoints(tmp_path, tiny_mod
     rows_generated_now = sum(pq.ParquetFile(engine_dir / name).metadata.num_rows for name in new_files)
     # Columns by name: a kept checkpoint file and a new one may list the engine's columns in another
     # order (seen once in the suite: time_taken_llm and request_id before or after the logprobs).
-    engine = pa.concat_tables((pq.read_table(engine_dir / name) for name in manifest.files), promote_options="permissive")
+    engine = pa.concat_tables(
+        (pq.read_table(engine_dir / name) for name in manifest.files), promote_options="permissive"
+    )
     row_ids = engine.column("row_id").to_pylist()
     print(
         f"rows in {ROWS}, kept from the killed run {rows_kept}, generated by the re-run {rows_generated_now}, "
@@ -131,7 +143,11 @@ def test_an_uncommitted_attempt_is_adopted_only_with_the_same_code_version_and_i
     attempt, names, rows = storage.resumable_attempt("p", "engine", "part", info)
     assert attempt == interrupted and rows == [5, 5] and len(names) == 2
     third = f"{attempt}/part-00002-rerun.parquet"
-    write_parquet(storage.filesystem(), f"{storage.partition_dir('p', 'engine', 'part')}/{third}", pa.table({"row_id": [f"2-{i}" for i in range(5)]}))
+    write_parquet(
+        storage.filesystem(),
+        f"{storage.partition_dir('p', 'engine', 'part')}/{third}",
+        pa.table({"row_id": [f"2-{i}" for i in range(5)]}),
+    )
     manifest = storage.commit("p", "engine", "part", attempt, [*names, third], [*rows, 5], {})
     _, files = storage.committed("p", "engine", "part")
     table = pa.concat_tables(pq.read_table(f, filesystem=storage.filesystem()) for f in files)
@@ -145,4 +161,9 @@ if __name__ == "__main__":  # the first run, in a process of its own
 
     landing_arg, model_arg, storage_arg = sys.argv[1:4]
     with dg.instance_for_test() as run_instance:
-        run_job(resumable_pipeline(landing_arg, model_arg), resumable_resources(storage_arg), run_instance, {"dagster/partition": "x.jsonl"})
+        run_job(
+            resumable_pipeline(landing_arg, model_arg),
+            resumable_resources(storage_arg),
+            run_instance,
+            {"dagster/partition": "x.jsonl"},
+        )

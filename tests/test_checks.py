@@ -31,12 +31,18 @@ def test_row_id_faults_are_found_per_partition_and_added_up_per_stage(tmp_path, 
         commit(storage, "preprocess", partition, {ROW_ID: [f"{partition}:{i}" for i in range(4)]})
     commit(storage, "chat_template", "good.jsonl", {ROW_ID: [f"good.jsonl:{i}" for i in range(4)]})
     # one row twice, two rows lost, one row from nowhere
-    commit(storage, "chat_template", "bad.jsonl", {ROW_ID: ["bad.jsonl:0", "bad.jsonl:1", "bad.jsonl:1", "bad.jsonl:9"]})
+    commit(
+        storage, "chat_template", "bad.jsonl", {ROW_ID: ["bad.jsonl:0", "bad.jsonl:1", "bad.jsonl:1", "bad.jsonl:9"]}
+    )
 
     names = {checks.ROW_IDS}
-    source_side = checks.partition_findings(pipeline, "preprocess", PartitionStats("bad.jsonl", rows_in=4), storage, names)
+    source_side = checks.partition_findings(
+        pipeline, "preprocess", PartitionStats("bad.jsonl", rows_in=4), storage, names
+    )
     assert source_side.row_ids_ok
-    fewer_than_read = checks.partition_findings(pipeline, "preprocess", PartitionStats("bad.jsonl", rows_in=6), storage, names)
+    fewer_than_read = checks.partition_findings(
+        pipeline, "preprocess", PartitionStats("bad.jsonl", rows_in=6), storage, names
+    )
     assert fewer_than_read.missing == ["2 row(s)"]
 
     stats = [PartitionStats("good.jsonl"), PartitionStats("bad.jsonl")]
@@ -56,11 +62,16 @@ def test_row_id_faults_are_found_per_partition_and_added_up_per_stage(tmp_path, 
 def test_an_empty_generation_fails_its_check_unless_the_row_has_an_error(tmp_path, tiny_model):
     pipeline = make_pipeline(tmp_path / "landing", tiny_model)
     storage = PartitionStorage(root=str(tmp_path / "storage"))
-    commit(storage, "detokenize", "a.jsonl", {
-        ROW_ID: ["a.jsonl:0", "a.jsonl:1", "a.jsonl:2"],
-        "generated_text": ["fine", "  ", None],
-        ERROR_COLUMN: [None, None, "prompt too long"],
-    })
+    commit(
+        storage,
+        "detokenize",
+        "a.jsonl",
+        {
+            ROW_ID: ["a.jsonl:0", "a.jsonl:1", "a.jsonl:2"],
+            "generated_text": ["fine", "  ", None],
+            ERROR_COLUMN: [None, None, "prompt too long"],
+        },
+    )
     names = {checks.NOT_EMPTY, checks.ERROR_RATE}
     stats = [PartitionStats("a.jsonl", rows_out=3, errors=1)]
     findings = [checks.partition_findings(pipeline, "detokenize", stats[0], storage, names)]
@@ -84,12 +95,17 @@ def test_text_that_does_not_parse_as_the_output_schema_fails_schema_valid(tmp_pa
     ours = json.dumps({"structured_outputs": {"json": Answer.model_json_schema()}})
     own = json.dumps({"structured_outputs": {"regex": "[a-z]+"}})
     storage = PartitionStorage(root=str(tmp_path / "storage"))
-    commit(storage, "detokenize", "a.jsonl", {
-        ROW_ID: ["a:0", "a:1", "a:2", "a:3"],
-        "generated_text": ['{"answer": "x"}', '{"answer": ', "abc", '{"answer": '],
-        "sampling_params": [ours, ours, own, ours],
-        ERROR_COLUMN: [None, None, None, "ValueError: cut"],  # a failed row is the error_rate check's
-    })
+    commit(
+        storage,
+        "detokenize",
+        "a.jsonl",
+        {
+            ROW_ID: ["a:0", "a:1", "a:2", "a:3"],
+            "generated_text": ['{"answer": "x"}', '{"answer": ', "abc", '{"answer": '],
+            "sampling_params": [ours, ours, own, ours],
+            ERROR_COLUMN: [None, None, None, "ValueError: cut"],  # a failed row is the error_rate check's
+        },
+    )
     names = {checks.SCHEMA_VALID}
     assert checks.SCHEMA_VALID in {spec.name for spec in checks.check_specs(pipeline, "detokenize", KEY)}
     found = checks.partition_findings(pipeline, "detokenize", PartitionStats("a.jsonl"), storage, names)
@@ -103,14 +119,26 @@ def test_a_missing_nan_or_odd_sized_embedding_fails_embeddings_valid(tmp_path):
     from llm_assets.pipeline import LLMPipeline
     from llm_assets.sources import LocalFolderSource
 
-    pipeline = LLMPipeline("tiny", vLLMEngineProcessorConfig(model_source="m", task_type="embed"), LocalFolderSource(str(tmp_path)))
+    pipeline = LLMPipeline(
+        "tiny", vLLMEngineProcessorConfig(model_source="m", task_type="embed"), LocalFolderSource(str(tmp_path))
+    )
     storage = PartitionStorage(root=str(tmp_path / "storage"))
-    commit(storage, "engine", "a.jsonl", {
-        ROW_ID: ["a:0", "a:1", "a:2", "a:3"],
-        "embeddings": pa.array([[0.1, 0.2], [float("nan"), 0.2], None, [0.3, 0.4]], pa.list_(pa.float32())),
-        ERROR_COLUMN: [None, None, None, "ValueError: refused"],
-    })
-    commit(storage, "engine", "b.jsonl", {ROW_ID: ["b:0"], "embeddings": pa.array([[0.1, 0.2, 0.3]], pa.list_(pa.float32()))})
+    commit(
+        storage,
+        "engine",
+        "a.jsonl",
+        {
+            ROW_ID: ["a:0", "a:1", "a:2", "a:3"],
+            "embeddings": pa.array([[0.1, 0.2], [float("nan"), 0.2], None, [0.3, 0.4]], pa.list_(pa.float32())),
+            ERROR_COLUMN: [None, None, None, "ValueError: refused"],
+        },
+    )
+    commit(
+        storage,
+        "engine",
+        "b.jsonl",
+        {ROW_ID: ["b:0"], "embeddings": pa.array([[0.1, 0.2, 0.3]], pa.list_(pa.float32()))},
+    )
     names = {checks.EMBEDDINGS}
     assert checks.EMBEDDINGS in {spec.name for spec in checks.check_specs(pipeline, "engine", KEY)}
     assert checks.NOT_EMPTY not in {spec.name for spec in checks.check_specs(pipeline, "engine", KEY)}
@@ -126,28 +154,65 @@ def test_media_that_failed_to_read_fails_media_readable_and_the_media_are_counte
     from llm_assets.sources import LocalFolderSource
     from llm_assets.stages import media
 
-    pipeline = LLMPipeline("tiny", {"model_source": tiny_model, "prepare_multimodal_stage": True}, LocalFolderSource(str(tmp_path)))
+    pipeline = LLMPipeline(
+        "tiny", {"model_source": tiny_model, "prepare_multimodal_stage": True}, LocalFolderSource(str(tmp_path))
+    )
     assert checks.MEDIA in {spec.name for spec in checks.check_specs(pipeline, "prepare_multimodal", KEY)}
     assert checks.MEDIA not in {spec.name for spec in checks.check_specs(pipeline, "chat_template", KEY)}
     storage = PartitionStorage(root=str(tmp_path / "storage"))
 
     def item(modality, data=None):
-        return {"modality": modality, "uri": None if data else "http://x/y", "mime_type": "x/y", "sha256": "0", "data": data}
+        return {
+            "modality": modality,
+            "uri": None if data else "http://x/y",
+            "mime_type": "x/y",
+            "sha256": "0",
+            "data": data,
+        }
 
-    commit(storage, "prepare_multimodal", "a.jsonl", {
-        ROW_ID: ["a:0", "a:1", "a:2", "a:3"],
-        media.COLUMN: pa.array([[item("image", b"\x00" * 2**20), item("audio")], None, [item("video")], None], media.COLUMN_TYPE),
-        ERROR_COLUMN: [None, None, None, "MediaError: messages[0].content[0].image_url: GET http://x/gone.png answered HTTP 404 Not Found"],
-    })
-    commit(storage, "prepare_multimodal", "b.jsonl", {ROW_ID: ["b:0"], media.COLUMN: pa.array([[item("image")]], media.COLUMN_TYPE)})
+    commit(
+        storage,
+        "prepare_multimodal",
+        "a.jsonl",
+        {
+            ROW_ID: ["a:0", "a:1", "a:2", "a:3"],
+            media.COLUMN: pa.array(
+                [[item("image", b"\x00" * 2**20), item("audio")], None, [item("video")], None], media.COLUMN_TYPE
+            ),
+            ERROR_COLUMN: [
+                None,
+                None,
+                None,
+                "MediaError: messages[0].content[0].image_url: GET http://x/gone.png answered HTTP 404 Not Found",
+            ],
+        },
+    )
+    commit(
+        storage,
+        "prepare_multimodal",
+        "b.jsonl",
+        {ROW_ID: ["b:0"], media.COLUMN: pa.array([[item("image")]], media.COLUMN_TYPE)},
+    )
     names = {checks.MEDIA}
     stats = [PartitionStats("a.jsonl"), PartitionStats("b.jsonl")]
     findings = [checks.partition_findings(pipeline, "prepare_multimodal", s, storage, names) for s in stats]
-    assert (findings[0].media_rows, findings[0].media_failed, dict(findings[0].media_items)) == (3, ["a:3"], {"image": 1, "audio": 1, "video": 1})
+    assert (findings[0].media_rows, findings[0].media_failed, dict(findings[0].media_items)) == (
+        3,
+        ["a:3"],
+        {"image": 1, "audio": 1, "video": 1},
+    )
     [result] = checks.stage_results(pipeline, stats, findings, names, KEY)
     metadata = {name: value.value for name, value in result.metadata.items()}
     assert not result.passed
-    assert metadata == {"rows_with_media": 4, "failed_rows": 1, "failed_rate": 0.25, "image_items": 2, "audio_items": 1,
-                        "video_items": 1, "inline_mib": 1.0, "examples": "a:3"}
+    assert metadata == {
+        "rows_with_media": 4,
+        "failed_rows": 1,
+        "failed_rate": 0.25,
+        "image_items": 2,
+        "audio_items": 1,
+        "video_items": 1,
+        "inline_mib": 1.0,
+        "examples": "a:3",
+    }
     passing = [checks.partition_findings(pipeline, "prepare_multimodal", stats[1], storage, names)]
     assert checks.stage_results(pipeline, stats[1:], passing, names, KEY)[0].passed

@@ -2,7 +2,6 @@
 offline (random weights, all-MiniLM-L6-v2's WordPiece tokenizer), checked against transformers'
 own forward pass and softmax on the same weights."""
 
-
 import numpy as np
 import pytest
 
@@ -13,7 +12,12 @@ from tests.helpers.data import write_jsonl
 from tests.helpers.models import tiny_bert_classifier
 from tests.helpers.pipelines import make_resources, run_job
 
-TEXTS = ["The film was wonderful.", "A dull and tiring evening.", "It rained in the afternoon.", "Best meal of my life!"]
+TEXTS = [
+    "The film was wonderful.",
+    "A dull and tiring evening.",
+    "It rained in the afternoon.",
+    "Best meal of my life!",
+]
 LABELS = 3
 
 
@@ -26,7 +30,10 @@ def reference(model_dir: str) -> np.ndarray:
     import torch
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-    tokenizer, model = AutoTokenizer.from_pretrained(model_dir), AutoModelForSequenceClassification.from_pretrained(model_dir)
+    tokenizer, model = (
+        AutoTokenizer.from_pretrained(model_dir),
+        AutoModelForSequenceClassification.from_pretrained(model_dir),
+    )
     with torch.no_grad():
         logits = model(**tokenizer(TEXTS, padding=True, return_tensors="pt")).logits
     return torch.softmax(logits, dim=-1).numpy()
@@ -34,9 +41,15 @@ def reference(model_dir: str) -> np.ndarray:
 
 def test_class_probabilities_match_transformers(tmp_path, ray_session, instance, classifier):
     write_jsonl(tmp_path / "landing" / "t.jsonl", [{"text": t} for t in TEXTS])
-    config = vLLMEngineProcessorConfig(model_source=classifier, task_type="classify", engine_kwargs={"max_model_len": 128})
-    pipeline = LLMPipeline("cls", config, LocalFolderSource(str(tmp_path / "landing")),
-                           preprocess=lambda row: {"text": row["text"], "prompt": row["text"]})
+    config = vLLMEngineProcessorConfig(
+        model_source=classifier, task_type="classify", engine_kwargs={"max_model_len": 128}
+    )
+    pipeline = LLMPipeline(
+        "cls",
+        config,
+        LocalFolderSource(str(tmp_path / "landing")),
+        preprocess=lambda row: {"text": row["text"], "prompt": row["text"]},
+    )
     result = run_job(pipeline, make_resources(tmp_path / "storage"), instance, {"dagster/partition": "t.jsonl"})
     assert result.success
     storage = make_resources(tmp_path / "storage")["storage"]

@@ -10,7 +10,6 @@ llm_assets and resources come from the installed package.
 import json
 import sys
 from pathlib import Path
-from tests.helpers.project import BIN, code_location_copy, run, scaffold, set_attributes
 
 import dagster as dg
 import pyarrow.parquet as pq
@@ -20,6 +19,7 @@ import yaml
 from llm_assets import LLMPipelineComponent
 from llm_assets.defs.component import LLMPipelineScaffolder
 from tests.helpers.data import write_jsonl
+from tests.helpers.project import BIN, code_location_copy, run, scaffold, set_attributes
 
 QUESTIONS = [{"text": f"question {i}: say something about the number {i}"} for i in range(6)]
 
@@ -64,12 +64,28 @@ def test_a_scaffolded_yaml_pipeline_is_checked_listed_and_materialized(tmp_path)
     assert {"reviews_new_files", "demo_new_files", "sentences_new_files"} <= {s["name"] for s in listing["sensors"]}
     assert {"storage", "ray_data", "engine_pool"} <= {r["name"] for r in listing["resources"]}
 
-    added = run([sys.executable, "-m", "llm_assets.cli", "add-partitions", "-f", "definitions.py", "--pipeline", "reviews"], project)
+    added = run(
+        [sys.executable, "-m", "llm_assets.cli", "add-partitions", "-f", "definitions.py", "--pipeline", "reviews"],
+        project,
+    )
     assert added.returncode == 0, added.stderr
     assert "reviews: 1 new partition(s) ['questions.jsonl']" in added.stdout
 
-    executed = run([str(BIN / "dagster"), "job", "execute", "-f", "definitions.py", "-j", "reviews_job",
-                    "--tags", json.dumps({"dagster/partition": "questions.jsonl"})], project, timeout=600)
+    executed = run(
+        [
+            str(BIN / "dagster"),
+            "job",
+            "execute",
+            "-f",
+            "definitions.py",
+            "-j",
+            "reviews_job",
+            "--tags",
+            json.dumps({"dagster/partition": "questions.jsonl"}),
+        ],
+        project,
+        timeout=600,
+    )
     log = executed.stdout + executed.stderr
     assert executed.returncode == 0, log[-4000:]
     assert "RUN_SUCCESS" in log
@@ -84,7 +100,9 @@ def test_a_scaffolded_yaml_pipeline_is_checked_listed_and_materialized(tmp_path)
 
 
 def line_of(path: Path, key: str) -> int:
-    return next(number for number, line in enumerate(path.read_text().splitlines(), 1) if line.strip().startswith(f"{key}:"))
+    return next(
+        number for number, line in enumerate(path.read_text().splitlines(), 1) if line.strip().startswith(f"{key}:")
+    )
 
 
 def test_a_bad_defs_yaml_fails_dg_check_naming_the_file_line_and_field(tmp_path):
@@ -94,8 +112,10 @@ def test_a_bad_defs_yaml_fails_dg_check_naming_the_file_line_and_field(tmp_path)
 
     checked = run([str(BIN / "dg"), "check", "defs"], project)
     assert checked.returncode == 1
-    assert (f"{defs_yaml}:{line_of(defs_yaml, 'batchsize')}: attributes.config.batchsize: vLLMEngineProcessorConfig has "
-            "no field 'batchsize' (did you mean 'batch_size'?)") in checked.stdout + checked.stderr
+    assert (
+        f"{defs_yaml}:{line_of(defs_yaml, 'batchsize')}: attributes.config.batchsize: vLLMEngineProcessorConfig has "
+        "no field 'batchsize' (did you mean 'batch_size'?)"
+    ) in checked.stdout + checked.stderr
 
 
 @pytest.fixture()
@@ -129,20 +149,47 @@ def error_chain(exc: BaseException) -> str:
     [
         ({"processor": "vLLM"}, "processor", "Input should be 'vLLMEngineProcessorConfig', "),
         ({"max_error_rate": "lots"}, "max_error_rate", "Input should be a valid number"),
-        ({"max_error_rate": 2}, "max_error_rate", "pipeline 'reviews': max_error_rate is 2.0: expected a share between 0 and 1"),
+        (
+            {"max_error_rate": 2},
+            "max_error_rate",
+            "pipeline 'reviews': max_error_rate is 2.0: expected a share between 0 and 1",
+        ),
         ({"config": {"batch_size": "many"}}, "config.batch_size", "Input should be a valid integer"),
-        ({"preprocess": ".functions.to_chat"}, "preprocess",
-         "cannot import 'pipelines.reviews.functions.to_chat': module 'pipelines.reviews.functions' has no 'to_chat'"),
-        ({"postprocess": "no_such_package.answers.fn"}, "postprocess", "cannot import 'no_such_package.answers.fn': No module named"),
-        ({"source": {"bucket": "landing"}}, "source", "give either folder (a local folder) or bucket (and prefix) for S3"),
-        ({"response_cache": "sometimes"}, "response_cache", "pipeline 'reviews': response_cache is 'sometimes': expected one of deterministic, all, off"),
+        (
+            {"preprocess": ".functions.to_chat"},
+            "preprocess",
+            "cannot import 'pipelines.reviews.functions.to_chat': "
+            "module 'pipelines.reviews.functions' has no 'to_chat'",
+        ),
+        (
+            {"postprocess": "no_such_package.answers.fn"},
+            "postprocess",
+            "cannot import 'no_such_package.answers.fn': No module named",
+        ),
+        (
+            {"source": {"bucket": "landing"}},
+            "source",
+            "give either folder (a local folder) or bucket (and prefix) for S3",
+        ),
+        (
+            {"response_cache": "sometimes"},
+            "response_cache",
+            "pipeline 'reviews': response_cache is 'sometimes': expected one of deterministic, all, off",
+        ),
     ],
 )
 def test_each_mistake_in_a_defs_yaml_names_its_line_and_field(tmp_path, load_components, attributes, field, problem):
     project = code_location_copy(tmp_path)
     folder = project / "pipelines" / "reviews"
-    LLMPipelineScaffolder().scaffold(dg.ScaffoldRequest(type_name="llm_assets.LLMPipelineComponent", target_path=folder,
-                                                        scaffold_format="yaml", project_root=project, params=None))
+    LLMPipelineScaffolder().scaffold(
+        dg.ScaffoldRequest(
+            type_name="llm_assets.LLMPipelineComponent",
+            target_path=folder,
+            scaffold_format="yaml",
+            project_root=project,
+            params=None,
+        )
+    )
     assert [component.pipeline.name for component in load_components(project)] == ["reviews"]  # as scaffolded: valid
 
     set_attributes(folder / "defs.yaml", **attributes)
@@ -156,8 +203,15 @@ def test_each_mistake_in_a_defs_yaml_names_its_line_and_field(tmp_path, load_com
 def test_an_unknown_attribute_is_refused_by_dagsters_yaml_schema(tmp_path, load_components):
     project = code_location_copy(tmp_path)
     folder = project / "pipelines" / "reviews"
-    LLMPipelineScaffolder().scaffold(dg.ScaffoldRequest(type_name="llm_assets.LLMPipelineComponent", target_path=folder,
-                                                        scaffold_format="yaml", project_root=project, params=None))
+    LLMPipelineScaffolder().scaffold(
+        dg.ScaffoldRequest(
+            type_name="llm_assets.LLMPipelineComponent",
+            target_path=folder,
+            scaffold_format="yaml",
+            project_root=project,
+            params=None,
+        )
+    )
     set_attributes(folder / "defs.yaml", sensor_intervall_s=5)
     with pytest.raises(Exception) as raised:
         load_components(project)

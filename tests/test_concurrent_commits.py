@@ -15,7 +15,10 @@ ROUNDS = 10
 
 def write_and_commit(storage, writer_name: str, rows: int, barrier: threading.Barrier, errors: list) -> None:
     try:
-        tables = [pa.table({"row_id": [f"{writer_name}-{chunk}-{i}" for i in range(rows)], "writer": [writer_name] * rows}) for chunk in range(3)]
+        tables = [
+            pa.table({"row_id": [f"{writer_name}-{chunk}-{i}" for i in range(rows)], "writer": [writer_name] * rows})
+            for chunk in range(3)
+        ]
         attempt = write_attempt(storage, "p", "stage", "part", tables, commit=False)
         barrier.wait()  # both finish writing, then commit at the same moment
         names = [f"{attempt}/part-{i:05d}-test.parquet" for i in range(3)]
@@ -34,7 +37,10 @@ def test_two_concurrent_commits_of_one_partition_leave_one_complete_output(where
     expected = {"a": 3 * 10, "b": 3 * 7}
     for _ in range(ROUNDS):
         barrier, errors = threading.Barrier(2), []
-        threads = [threading.Thread(target=write_and_commit, args=(storage, name, rows // 3, barrier, errors)) for name, rows in expected.items()]
+        threads = [
+            threading.Thread(target=write_and_commit, args=(storage, name, rows // 3, barrier, errors))
+            for name, rows in expected.items()
+        ]
         for thread in threads:
             thread.start()
         for thread in threads:

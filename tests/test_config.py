@@ -3,8 +3,8 @@
 import pytest
 from pydantic import ValidationError
 
-from llm_assets.config import ChatTemplateStageConfig
 from llm_assets import vLLMEngineProcessorConfig
+from llm_assets.config import ChatTemplateStageConfig
 from llm_assets.pipeline import LLMPipeline
 from llm_assets.sources import LocalFolderSource
 
@@ -57,8 +57,14 @@ def test_stage_config_inherits_unset_fields_from_the_processor():
         ({"placement_group_config": {"strategy": "PACK"}}, "exactly one of 'bundle_per_worker'"),
         ({"placement_group_config": {"bundles": [{"GPU": 1}], "bundle_per_worker": {"GPU": 1}}}, "exactly one of"),
         ({"placement_group_config": {"bundle_per_worker": {"GPU": 1}, "strategy": "TIGHT"}}, "strategy"),
-        ({"placement_group_config": {"bundles": [{"GPU": 2}]}, "engine_kwargs": {"tensor_parallel_size": 2}}, "one GPU"),
-        ({"placement_group_config": {"bundles": [{"GPU": 1}]}, "engine_kwargs": {"tensor_parallel_size": 2}}, "1 bundle(s) with a GPU for 2"),
+        (
+            {"placement_group_config": {"bundles": [{"GPU": 2}]}, "engine_kwargs": {"tensor_parallel_size": 2}},
+            "one GPU",
+        ),
+        (
+            {"placement_group_config": {"bundles": [{"GPU": 1}]}, "engine_kwargs": {"tensor_parallel_size": 2}},
+            "1 bundle(s) with a GPU for 2",
+        ),
         ({"prepare_multimodal_stage": {"chat_template_content_format": "html"}}, "chat_template_content_format"),
         ({"prepare_multimodal_stage": True, "chat_template_stage": False}, "needs chat_template_stage"),
     ],
@@ -77,10 +83,16 @@ def test_pipeline_takes_a_dict_config_and_rejects_bad_names(tmp_path):
     # One line naming the closest valid field, as a user reads it at definition load.
     with pytest.raises(ValueError) as info:
         LLMPipeline("p", {"model_source": "/m", "engine_kwarg": {}}, LocalFolderSource(str(tmp_path)))
-    assert str(info.value) == "pipeline 'p': vLLMEngineProcessorConfig has no field 'engine_kwarg' (did you mean 'engine_kwargs'?)"
+    assert (
+        str(info.value)
+        == "pipeline 'p': vLLMEngineProcessorConfig has no field 'engine_kwarg' (did you mean 'engine_kwargs'?)"
+    )
     with pytest.raises(ValueError) as info:
         LLMPipeline("p", {"model_source": "/m", "tokenize_stage": {"batchsize": 3}}, LocalFolderSource(str(tmp_path)))
-    assert str(info.value) == "pipeline 'p': tokenize_stage: TokenizerStageConfig has no field 'batchsize' (did you mean 'batch_size'?)"
+    assert (
+        str(info.value)
+        == "pipeline 'p': tokenize_stage: TokenizerStageConfig has no field 'batchsize' (did you mean 'batch_size'?)"
+    )
     assert info.value.__cause__ is None and info.value.__suppress_context__  # no chained pydantic block
 
 
@@ -97,8 +109,13 @@ def test_the_cli_reports_a_bad_config_in_one_line(tmp_path):
         "PIPELINES = [LLMPipeline('mine', {'model_source': '/m', 'batchsize': 64}, LocalFolderSource('/in'))]\n"
     )
     root = str(Path(__file__).resolve().parent.parent)
-    done = subprocess.run([sys.executable, "-m", "llm_assets.cli", "add-partitions", "-f", "definitions.py"],
-                          cwd=tmp_path, env={"PYTHONPATH": root, "PATH": "/usr/bin:/bin"}, capture_output=True, text=True)
+    done = subprocess.run(
+        [sys.executable, "-m", "llm_assets.cli", "add-partitions", "-f", "definitions.py"],
+        cwd=tmp_path,
+        env={"PYTHONPATH": root, "PATH": "/usr/bin:/bin"},
+        capture_output=True,
+        text=True,
+    )
     assert done.returncode == 2
     assert done.stderr.strip().splitlines() == [
         "error: definitions.py failed to load: ValueError: pipeline 'mine': vLLMEngineProcessorConfig has no field "

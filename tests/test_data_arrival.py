@@ -1,8 +1,8 @@
-"""Data arrival through real Dagster runs: the new-files sensor, backfills that load the engine
-once and leave committed partitions alone, stale stages after a code change, asset checks."""
+"""Data arrival through real Dagster runs on the fake engine: the new-files sensor, backfills that
+load the engine once and leave committed partitions alone, stale stages after a code change,
+asset checks."""
 
 import os
-from tests.helpers.pipelines import tick, engine_starts
 
 import dagster as dg
 import pytest
@@ -12,18 +12,34 @@ from dagster._time import get_current_datetime
 
 from llm_assets.defs.factory import add_partitions_for_new_files, build_definitions, stage_key
 from tests.helpers.data import questions, write_jsonl
-from tests.helpers.pipelines import RANGE_END, RANGE_START, log_messages, make_pipeline, make_resources, to_chat
+from tests.helpers.pipelines import (
+    RANGE_END,
+    RANGE_START,
+    engine_starts,
+    fake_pipeline,
+    log_messages,
+    make_resources,
+    tick,
+    to_chat,
+)
 
 
 @pytest.fixture(scope="module")
-def arrival(tmp_path_factory, tiny_model, ray_session):
+def arrival(tmp_path_factory, fake_model, ray_session):
     root = tmp_path_factory.mktemp("arrival")
     landing = root / "landing"
     landing.mkdir()
-    pipeline = make_pipeline(landing, tiny_model)
+    pipeline = fake_pipeline(landing, fake_model)
     resources = make_resources(root / "storage")
     with dg.instance_for_test() as instance:
-        yield {"root": root, "landing": landing, "pipeline": pipeline, "resources": resources, "instance": instance, "model": tiny_model}
+        yield {
+            "root": root,
+            "landing": landing,
+            "pipeline": pipeline,
+            "resources": resources,
+            "instance": instance,
+            "model": fake_model,
+        }
 
 
 def test_a_landed_file_becomes_a_partition_and_a_run_and_is_never_seen_twice(arrival):
@@ -37,7 +53,9 @@ def test_a_landed_file_becomes_a_partition_and_a_run_and_is_never_seen_twice(arr
     assert instance.get_dynamic_partitions("tiny") == ["day-1.jsonl"]
 
     run = data.run_requests[0]
-    result = defs.resolve_job_def("tiny_job").execute_in_process(instance=instance, partition_key=run.partition_key, tags=run.tags)
+    result = defs.resolve_job_def("tiny_job").execute_in_process(
+        instance=instance, partition_key=run.partition_key, tags=run.tags
+    )
     assert result.success
     rows = dg.AssetKey(["tiny", "postprocess"])
     assert instance.get_latest_materialization_event(rows).asset_materialization.metadata["rows_out"].value == 3
@@ -48,7 +66,7 @@ def test_a_landed_file_becomes_a_partition_and_a_run_and_is_never_seen_twice(arr
     stat = path.stat()
     write_jsonl(path, questions(3, "d1"))
     os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns))
-    again = tick(build_definitions([make_pipeline(arrival["landing"], arrival["model"])], resources), instance)
+    again = tick(build_definitions([fake_pipeline(arrival["landing"], arrival["model"])], resources), instance)
     assert not again.run_requests and "no new files" in again.skip_message
     assert instance.get_dynamic_partitions("tiny") == ["day-1.jsonl"]
 
@@ -80,9 +98,15 @@ def test_a_backfill_of_five_partitions_starts_the_engine_once_and_a_rerun_recomp
         assert storage.manifest("tiny", "postprocess", key).rows == rows
     evaluations = [e for e in backfill.all_events if e.event_type_value == "ASSET_CHECK_EVALUATION"]
     assert evaluations and all(e.event_specific_data.passed for e in evaluations)
-    assert {e.event_specific_data.check_name for e in evaluations} == {"row_ids_conserved", "error_rate", "generations_not_empty"}
+    assert {e.event_specific_data.check_name for e in evaluations} == {
+        "row_ids_conserved",
+        "error_rate",
+        "generations_not_empty",
+    }
 
-    attempts = {(stage, key): storage.manifest("tiny", stage, key).attempt for stage in pipeline.stage_names() for key in keys}
+    attempts = {
+        (stage, key): storage.manifest("tiny", stage, key).attempt for stage in pipeline.stage_names() for key in keys
+    }
     rerun = job.execute_in_process(instance=instance, tags={RANGE_START: keys[0], RANGE_END: keys[-1]})
     assert rerun.success
     assert engine_starts(instance, rerun.run_id) == 0
@@ -98,26 +122,37 @@ def test_a_partition_added_by_hand_is_run_by_the_sensor_and_a_materialized_one_i
     defs = build_definitions([pipeline], resources)
     data = tick(defs, instance)
     fingerprint = pipeline.source.fingerprint("manual.jsonl")
-    assert [(r.partition_key, r.run_key) for r in data.run_requests] == [("manual.jsonl", f"tiny:manual.jsonl@{fingerprint}")]
+    assert [(r.partition_key, r.run_key) for r in data.run_requests] == [
+        ("manual.jsonl", f"tiny:manual.jsonl@{fingerprint}")
+    ]
 
 
 def test_code_versions_mark_exactly_the_changed_stage_and_its_downstream_stale(arrival):
-    instance, resources, landing, model = arrival["instance"], arrival["resources"], arrival["landing"], arrival["model"]
+    instance, resources, landing, model = (
+        arrival["instance"],
+        arrival["resources"],
+        arrival["landing"],
+        arrival["model"],
+    )
     if not instance.get_latest_materialization_event(dg.AssetKey(["tiny", "postprocess"])):
         pytest.skip("needs the runs of the tests above")
 
     def stale(pipeline) -> dict[str, StaleStatus]:
         graph = build_definitions([pipeline], resources).resolve_asset_graph()
-        view = AssetGraphView(temporal_context=TemporalContext(effective_dt=get_current_datetime(), last_event_id=None), instance=instance, asset_graph=graph)
+        view = AssetGraphView(
+            temporal_context=TemporalContext(effective_dt=get_current_datetime(), last_event_id=None),
+            instance=instance,
+            asset_graph=graph,
+        )
         resolver = CachingStaleStatusResolver(instance=instance, asset_graph=graph, loading_context=view)
         return {s: resolver.get_status(stage_key(pipeline, s), "day-1.jsonl") for s in pipeline.stage_names()}
 
-    assert set(stale(make_pipeline(landing, model)).values()) == {StaleStatus.FRESH}
+    assert set(stale(fake_pipeline(landing, model)).values()) == {StaleStatus.FRESH}
 
     def new_answer(row):
         return {"question": row["question"], "answer": row["generated_text"].upper()}
 
-    after_postprocess_change = stale(make_pipeline(landing, model, postprocess=new_answer))
+    after_postprocess_change = stale(fake_pipeline(landing, model, postprocess=new_answer))
     assert [s for s, status in after_postprocess_change.items() if status == StaleStatus.STALE] == ["postprocess"]
 
     def longer(row):
@@ -125,18 +160,22 @@ def test_code_versions_mark_exactly_the_changed_stage_and_its_downstream_stale(a
         chat["sampling_params"] = {**chat["sampling_params"], "max_tokens": 16}
         return chat
 
-    after_params_change = stale(make_pipeline(landing, model, preprocess=longer))
+    after_params_change = stale(fake_pipeline(landing, model, preprocess=longer))
     assert all(status == StaleStatus.STALE for status in after_params_change.values())
 
 
-def test_the_error_rate_check_fails_when_too_many_rows_fail(tmp_path, tiny_model, ray_session, instance):
+def test_the_error_rate_check_fails_when_too_many_rows_fail(tmp_path, fake_model, ray_session, instance):
     write_jsonl(tmp_path / "landing" / "x.jsonl", [{"question": "fine"}, {"question": "word " * 600}])
-    pipeline = make_pipeline(tmp_path / "landing", tiny_model, should_continue_on_error=True)
+    pipeline = fake_pipeline(tmp_path / "landing", fake_model, should_continue_on_error=True)
     defs = build_definitions([pipeline], make_resources(tmp_path / "storage"))
     instance.add_dynamic_partitions("tiny", ["x.jsonl"])
     result = defs.resolve_job_def("tiny_job").execute_in_process(instance=instance, partition_key="x.jsonl")
     assert result.success  # a failed check warns in the UI; it does not fail the run
-    checks = {e.event_specific_data.check_name: e.event_specific_data for e in result.all_events if e.event_type_value == "ASSET_CHECK_EVALUATION"}
+    checks = {
+        e.event_specific_data.check_name: e.event_specific_data
+        for e in result.all_events
+        if e.event_type_value == "ASSET_CHECK_EVALUATION"
+    }
     assert not checks["error_rate"].passed
     assert checks["error_rate"].metadata["error_rate"].value == 0.5
     assert checks["row_ids_conserved"].passed

@@ -22,14 +22,31 @@ def test_dagster_job_execute_runs_the_demo_and_smollm2_answers(tmp_path):
     bin_dir = Path(sys.executable).parent
     added = subprocess.run(
         [sys.executable, "-m", "llm_assets.cli", "add-partitions", "-f", "definitions.py"],
-        cwd=PROJECT, env=env, capture_output=True, text=True, timeout=120,
+        cwd=PROJECT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert added.returncode == 0, added.stderr
     assert "demo: 1 new partition(s) ['prompts.jsonl']" in added.stdout
     run = subprocess.run(
-        [str(bin_dir / "dagster"), "job", "execute", "-f", "definitions.py", "-j", "demo_job",
-         "--tags", json.dumps({"dagster/partition": "prompts.jsonl"})],
-        cwd=PROJECT, env=env, capture_output=True, text=True, timeout=900,
+        [
+            str(bin_dir / "dagster"),
+            "job",
+            "execute",
+            "-f",
+            "definitions.py",
+            "-j",
+            "demo_job",
+            "--tags",
+            json.dumps({"dagster/partition": "prompts.jsonl"}),
+        ],
+        cwd=PROJECT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
     )
     log = run.stdout + run.stderr
     assert run.returncode == 0, log[-4000:]

@@ -18,8 +18,8 @@ import pytest
 from llm_assets.defs.factory import build_definitions
 from llm_assets.pipeline import ModelPathError
 from tests.helpers.deployment import code_location_env
-from tests.helpers.project import code_location_copy, run, scaffold, set_attributes
 from tests.helpers.pipelines import make_pipeline, make_resources
+from tests.helpers.project import code_location_copy, run, scaffold, set_attributes
 
 BIN = Path(sys.executable).parent
 DEFINITIONS = textwrap.dedent(
@@ -43,12 +43,32 @@ def test_a_bad_input_file_is_named_seconds_after_the_command_starts_and_no_ray_s
     (tmp_path / "defs.py").write_text(DEFINITIONS)
     (tmp_path / "home").mkdir()
     env = {**os.environ, **code_location_env(tmp_path / "home", "EARLY", landing, tmp_path / "storage", tiny_model)}
-    subprocess.run([sys.executable, "-m", "llm_assets.cli", "add-partitions", "-f", "defs.py"], cwd=tmp_path, env=env, check=True,
-                   capture_output=True)
+    subprocess.run(
+        [sys.executable, "-m", "llm_assets.cli", "add-partitions", "-f", "defs.py"],
+        cwd=tmp_path,
+        env=env,
+        check=True,
+        capture_output=True,
+    )
     started = time.monotonic()
-    command = subprocess.Popen([str(BIN / "dagster"), "job", "execute", "-f", "defs.py", "-j", "tiny_job",
-                                "--tags", json.dumps({"dagster/partition": "x.jsonl"})],
-                               cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    command = subprocess.Popen(
+        [
+            str(BIN / "dagster"),
+            "job",
+            "execute",
+            "-f",
+            "defs.py",
+            "-j",
+            "tiny_job",
+            "--tags",
+            json.dumps({"dagster/partition": "x.jsonl"}),
+        ],
+        cwd=tmp_path,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     lines = []
     cause_at = None
     for line in command.stdout:
@@ -65,13 +85,17 @@ def test_a_bad_input_file_is_named_seconds_after_the_command_starts_and_no_ray_s
 def test_a_local_model_path_that_does_not_exist_fails_when_definitions_load(tmp_path):
     (tmp_path / "landing").mkdir()
     pipeline = make_pipeline(tmp_path / "landing", "/no/such/model")
-    with pytest.raises(ModelPathError, match=r"^pipeline 'tiny': model_source '/no/such/model' does not exist \(relative paths"):
+    with pytest.raises(
+        ModelPathError, match=r"^pipeline 'tiny': model_source '/no/such/model' does not exist \(relative paths"
+    ):
         build_definitions([pipeline], make_resources(tmp_path / "storage"))
     # A stage's own model too; a hub id or an S3 URI is the run's to check.
     folder = tmp_path / "not-a-model"
     folder.mkdir()
     pipeline = make_pipeline(tmp_path / "landing", "org/some-model", tokenize_stage={"model_source": str(folder)})
-    with pytest.raises(ModelPathError, match=r"tokenize_stage.model_source '.*not-a-model' is a folder without config.json"):
+    with pytest.raises(
+        ModelPathError, match=r"tokenize_stage.model_source '.*not-a-model' is a folder without config.json"
+    ):
         build_definitions([pipeline], make_resources(tmp_path / "storage"))
     build_definitions([make_pipeline(tmp_path / "landing", "org/some-model")], make_resources(tmp_path / "storage"))
 
@@ -79,25 +103,32 @@ def test_a_local_model_path_that_does_not_exist_fails_when_definitions_load(tmp_
 def test_a_yaml_mistake_is_the_first_line_with_its_file_line_and_the_caret_at_the_value(tmp_path):
     project = code_location_copy(tmp_path)
     defs_yaml = scaffold(project, "reviews") / "defs.yaml"
-    text = defs_yaml.read_text().replace('model_source: "{{ demo_model }}"', "model_source: ./models/mine    # my model, a comment")
+    text = defs_yaml.read_text().replace(
+        'model_source: "{{ demo_model }}"', "model_source: ./models/mine    # my model, a comment"
+    )
     defs_yaml.write_text(text)
     line = next(n for n, row in enumerate(text.splitlines(), 1) if "model_source: ./models/mine" in row)
-    located = (f"{defs_yaml}:{line}: attributes.config.model_source: model_source './models/mine' does not exist "
-               f"(relative paths start from {project})")
+    located = (
+        f"{defs_yaml}:{line}: attributes.config.model_source: model_source './models/mine' does not exist "
+        f"(relative paths start from {project})"
+    )
 
     added = run([sys.executable, "-m", "llm_assets.cli", "add-partitions", "-f", "definitions.py"], project)
     assert added.returncode == 2
     assert added.stderr.startswith(located), added.stderr
     # The caret stands under the value, not in the comment after it.
-    source_line, caret_line = next((a, b) for a, b in zip(added.stderr.splitlines(), added.stderr.splitlines()[1:])
-                                   if "model_source: ./models/mine" in a)
+    source_line, caret_line = next(
+        (a, b)
+        for a, b in zip(added.stderr.splitlines(), added.stderr.splitlines()[1:])
+        if "model_source: ./models/mine" in a
+    )
     assert caret_line.index("^") == source_line.index("./models/mine"), f"{source_line}\n{caret_line}"
 
     checked = run([str(BIN / "dg"), "check", "defs"], project)
     assert checked.returncode == 1
     output = checked.stdout + checked.stderr
     # dg's own YAML schema check passes first; the load error it then prints starts with the located line.
-    error = output[output.index("Validation failed for code location"):]
+    error = output[output.index("Validation failed for code location") :]
     assert error.splitlines()[2].startswith(f"llm_assets.defs.component.PipelineYamlError: {located}"), error[:2000]
 
 
@@ -105,9 +136,15 @@ def test_a_landing_folder_that_does_not_exist_is_named_by_the_cli_and_the_sensor
     project = code_location_copy(tmp_path)
     defs_yaml = scaffold(project, "reviews") / "defs.yaml"
     set_attributes(defs_yaml, source={"folder": str(tmp_path / "typo"), "pattern": "*.jsonl"})
-    added = run([sys.executable, "-m", "llm_assets.cli", "add-partitions", "-f", "definitions.py", "--pipeline", "reviews"], project)
+    added = run(
+        [sys.executable, "-m", "llm_assets.cli", "add-partitions", "-f", "definitions.py", "--pipeline", "reviews"],
+        project,
+    )
     assert added.returncode == 0
-    assert f"warning: reviews: the landing folder {tmp_path / 'typo'} does not exist: create it, or fix the pipeline's source" in added.stderr
+    assert (
+        f"warning: reviews: the landing folder {tmp_path / 'typo'} does not exist: "
+        "create it, or fix the pipeline's source" in added.stderr
+    )
     assert "reviews: 0 new partition(s)" in added.stdout
 
     pipeline = make_pipeline(tmp_path / "typo", "org/some-model")

@@ -31,7 +31,9 @@ def test_engines_released_by_one_step_are_ended_before_the_next_step_gets_its_ow
     assert second.replicas == []
 
 
-def test_an_engine_core_in_its_own_process_is_forked_from_the_actors_server_and_ends_with_the_actor(tmp_path, tiny_model, ray_session):
+def test_an_engine_core_in_its_own_process_is_forked_from_the_actors_server_and_ends_with_the_actor(
+    tmp_path, tiny_model, ray_session
+):
     """The GPU default, exercised on the CPU build by asking for it: vLLM's engine core runs in a
     process of its own, forked from the fork server the engine actor started while importing vLLM
     (not spawned), generates, and is gone soon after its actor is killed (no orphan holding a GPU)."""
@@ -41,14 +43,20 @@ def test_an_engine_core_in_its_own_process_is_forked_from_the_actors_server_and_
     import pyarrow as pa
 
     resource = EnginePoolResource(ray_data=RayDataResource())
-    pipeline = make_pipeline(tmp_path / "landing", tiny_model,
-                             runtime_env={"env_vars": {"VLLM_ENABLE_V1_MULTIPROCESSING": "1"}})
+    pipeline = make_pipeline(
+        tmp_path / "landing", tiny_model, runtime_env={"env_vars": {"VLLM_ENABLE_V1_MULTIPROCESSING": "1"}}
+    )
     pool = resource.pool_for(pipeline, resolve_model_source(tiny_model), print)
     pool.build()
     replica = pool.replicas[0]
     info = ray.get(replica.start_ref, timeout=300)
-    batch = pa.table({"row_id": ["r0", "r1"], "prompt": ["Hello", "Count: one two"],
-                      "sampling_params": [json.dumps({"max_tokens": 4, "temperature": 0})] * 2})
+    batch = pa.table(
+        {
+            "row_id": ["r0", "r1"],
+            "prompt": ["Hello", "Count: one two"],
+            "sampling_params": [json.dumps({"max_tokens": 4, "temperature": 0})] * 2,
+        }
+    )
     output, rows = ray.get(replica.actor.process.remote(batch), timeout=120)
     assert rows == 2 and all(n == 4 for n in output.column("num_generated_tokens").to_pylist())
 
@@ -80,13 +88,20 @@ def _first_tokens(pool, prompts: list[str]) -> list[list[int]]:
     pool.build()
     replica = pool.replicas[0]
     pool.settle(replica.start_ref)  # records where the engine started (usage's placement)
-    batch = pa.table({"row_id": [f"r{i}" for i in range(len(prompts))], "prompt": prompts,
-                      "sampling_params": [json.dumps({"max_tokens": 6, "temperature": 0})] * len(prompts)})
+    batch = pa.table(
+        {
+            "row_id": [f"r{i}" for i in range(len(prompts))],
+            "prompt": prompts,
+            "sampling_params": [json.dumps({"max_tokens": 6, "temperature": 0})] * len(prompts),
+        }
+    )
     output, _ = ray.get(replica.actor.process.remote(batch), timeout=180)
     return output.column("generated_tokens").to_pylist()
 
 
-def test_an_engine_with_two_workers_reserves_one_placement_group_and_generates_as_one_worker_does(tmp_path, tiny_model, ray_session):
+def test_an_engine_with_two_workers_reserves_one_placement_group_and_generates_as_one_worker_does(
+    tmp_path, tiny_model, ray_session
+):
     """tensor_parallel_size=2 with placement_group_config (ray.data.llm's field): the replica's
     two bundles are reserved as one group before the engine actor starts in it, vLLM's two
     workers run the model (the CPU build's own worker processes: it has no Ray executor), the
@@ -102,9 +117,13 @@ def test_an_engine_with_two_workers_reserves_one_placement_group_and_generates_a
 
     lines = []
     # vLLM's CPU workers need their cores named where the machine has one NUMA node (vLLM's message says so).
-    pipeline = make_pipeline(tmp_path / "landing", tiny_model, engine_kwargs={"max_model_len": 512, "tensor_parallel_size": 2},
-                             placement_group_config={"bundle_per_worker": {"CPU": 1}, "strategy": "STRICT_PACK"},
-                             runtime_env={"env_vars": {"VLLM_CPU_OMP_THREADS_BIND": "0|1"}})
+    pipeline = make_pipeline(
+        tmp_path / "landing",
+        tiny_model,
+        engine_kwargs={"max_model_len": 512, "tensor_parallel_size": 2},
+        placement_group_config={"bundle_per_worker": {"CPU": 1}, "strategy": "STRICT_PACK"},
+        runtime_env={"env_vars": {"VLLM_CPU_OMP_THREADS_BIND": "0|1"}},
+    )
     pool = resource.pool_for(pipeline, model, lines.append)
     group = pool.replicas[0].group
     assert placement_group_table(group)["bundles"] == {0: {"CPU": 1.0}, 1: {"CPU": 1.0}}
@@ -120,9 +139,13 @@ def test_an_engine_with_two_workers_reserves_one_placement_group_and_generates_a
 def test_a_placement_the_cluster_cannot_hold_fails_before_any_engine_starts(tmp_path, tiny_model, ray_session):
     """Ray would leave such a group pending for ever; the run is told what is missing instead."""
     resource = EnginePoolResource(ray_data=RayDataResource())
-    pipeline = make_pipeline(tmp_path / "landing", tiny_model, concurrency=2,
-                             engine_kwargs={"max_model_len": 512, "tensor_parallel_size": 2},
-                             placement_group_config={"bundle_per_worker": {"GPU": 1, "CPU": 1}})
+    pipeline = make_pipeline(
+        tmp_path / "landing",
+        tiny_model,
+        concurrency=2,
+        engine_kwargs={"max_model_len": 512, "tensor_parallel_size": 2},
+        placement_group_config={"bundle_per_worker": {"GPU": 1, "CPU": 1}},
+    )
     with pytest.raises(ValueError, match=r"2 engine\(s\) each reserving 2 x .*need 4 GPU; the Ray cluster has 0"):
         resource.pool_for(pipeline, resolve_model_source(tiny_model), print)
 
@@ -138,12 +161,16 @@ def test_an_engine_that_runs_in_its_first_bundle_needs_its_gpu_there():
 def test_pipeline_parallel_on_the_cpu_build_is_refused_before_any_engine_starts(tmp_path, tiny_model, ray_session):
     """vLLM's CPU build fails PP=2 in its own LLM class (measured with 0.32): the run is told at once."""
     resource = EnginePoolResource(ray_data=RayDataResource())
-    pipeline = make_pipeline(tmp_path / "landing", tiny_model, engine_kwargs={"max_model_len": 512, "pipeline_parallel_size": 2})
+    pipeline = make_pipeline(
+        tmp_path / "landing", tiny_model, engine_kwargs={"max_model_len": 512, "pipeline_parallel_size": 2}
+    )
     with pytest.raises(ValueError, match="pipeline_parallel_size > 1 does not run on vLLM's CPU build"):
         resource.pool_for(pipeline, resolve_model_source(tiny_model), print)
 
 
-def test_a_dead_engines_batches_are_handed_back_once_however_many_of_their_references_come_back_together(tmp_path, tiny_model, ray_session):
+def test_a_dead_engines_batches_are_handed_back_once_however_many_of_their_references_come_back_together(
+    tmp_path, tiny_model, ray_session
+):
     """An engine killed with three batches in flight: the run's wait returns all three failed
     references at once. The first hands back every batch (to send again) and starts a new engine;
     the other two settle as nothing, instead of failing the run as references the pool no longer
@@ -160,8 +187,15 @@ def test_a_dead_engines_batches_are_handed_back_once_however_many_of_their_refer
     ray.wait([replica.start_ref], timeout=300)
     pool.settle(replica.start_ref)  # the engine is ready
     for tag in ("a", "b", "c"):
-        batch = ray.put(pa.table({"row_id": [f"{tag}0"], "prompt": ["Count: one two"],
-                                  "sampling_params": [json.dumps({"max_tokens": 64, "ignore_eos": True})]}))
+        batch = ray.put(
+            pa.table(
+                {
+                    "row_id": [f"{tag}0"],
+                    "prompt": ["Count: one two"],
+                    "sampling_params": [json.dumps({"max_tokens": 64, "ignore_eos": True})],
+                }
+            )
+        )
         pool.submit(replica, tag, batch, 1)
     refs = list(replica.pending)
     ray.kill(replica.actor)
@@ -183,12 +217,24 @@ def test_an_engine_ready_before_the_others_takes_only_what_it_runs_at_once(tmp_p
     import pyarrow as pa
 
     resource = EnginePoolResource(ray_data=RayDataResource())
-    pipeline = make_pipeline(tmp_path / "landing", tiny_model, concurrency=2, batch_size=4,
-                             engine_kwargs={"max_model_len": 512, "max_num_seqs": 8})
+    pipeline = make_pipeline(
+        tmp_path / "landing",
+        tiny_model,
+        concurrency=2,
+        batch_size=4,
+        engine_kwargs={"max_model_len": 512, "max_num_seqs": 8},
+    )
     pool = resource.pool_for(pipeline, resolve_model_source(tiny_model), print)
     pool.build()
-    batch = ray.put(pa.table({"row_id": [f"r{i}" for i in range(4)], "prompt": ["Count: one two"] * 4,
-                              "sampling_params": [json.dumps({"max_tokens": 1})] * 4}))
+    batch = ray.put(
+        pa.table(
+            {
+                "row_id": [f"r{i}" for i in range(4)],
+                "prompt": ["Count: one two"] * 4,
+                "sampling_params": [json.dumps({"max_tokens": 1})] * 4,
+            }
+        )
+    )
 
     def fill() -> list[int]:
         """Submit batches as the run does, while the pool has a free engine: the engines chosen."""

@@ -5,8 +5,8 @@ import json
 import pytest
 
 from llm_assets.engines.vllm import compat as vllm_compat
-from llm_assets.rows import ERROR_COLUMN
 from llm_assets.engines.vllm.replica import vLLMEngineStage
+from llm_assets.rows import ERROR_COLUMN
 
 MAX_MODEL_LEN = 256
 
@@ -26,7 +26,9 @@ def engine_outputs(tiny_model, ray_session):
     # Requests vLLM refuses, one row each: too long for the model, empty, invalid sampling params.
     rows.append({"row_id": "too-long", "tokenized_prompt": [7] * (MAX_MODEL_LEN + 10), "sampling_params": None})
     rows.append({"row_id": "empty", "tokenized_prompt": [], "sampling_params": None})
-    rows.append({"row_id": "bad-params", "tokenized_prompt": [5, 6, 7], "sampling_params": json.dumps({"temperature": -1.0})})
+    rows.append(
+        {"row_id": "bad-params", "tokenized_prompt": [5, 6, 7], "sampling_params": json.dumps({"temperature": -1.0})}
+    )
     dataset = ray.data.from_items(rows).map_batches(
         vLLMEngineStage,
         fn_constructor_kwargs={
@@ -63,7 +65,11 @@ def test_a_failing_row_is_kept_with_its_error_when_continuing_on_error(engine_ou
     assert failed["generated_tokens"] is None
     assert "empty" in engine_outputs["empty"][ERROR_COLUMN].lower()
     assert "temperature" in engine_outputs["bad-params"][ERROR_COLUMN]
-    assert [row_id for row_id, row in engine_outputs.items() if row[ERROR_COLUMN]] == ["too-long", "empty", "bad-params"]
+    assert [row_id for row_id, row in engine_outputs.items() if row[ERROR_COLUMN]] == [
+        "too-long",
+        "empty",
+        "bad-params",
+    ]
 
 
 def engine_host(model: str, task_type: str = "generate"):
@@ -81,6 +87,7 @@ def engine_host(model: str, task_type: str = "generate"):
 
         async def process(self, batch, break_engine: bool = False):
             if break_engine:
+
                 def broken_step():
                     raise RuntimeError("CUDA error: an illegal memory access was encountered")
 
@@ -140,6 +147,8 @@ def test_a_dead_embedding_engine_fails_the_whole_batch(embed_host):
     import pyarrow as pa
     import ray
 
-    batch = pa.table({"row_id": ["a", "b"], "tokenized_prompt": [[101, 2088, 102], [101, 7592, 102]], "pooling_params": [None, None]})
+    batch = pa.table(
+        {"row_id": ["a", "b"], "tokenized_prompt": [[101, 2088, 102], [101, 7592, 102]], "pooling_params": [None, None]}
+    )
     broken = ray.get(embed_host.process.remote(batch, True))
     assert broken.startswith("EngineDeadError") and "illegal memory access" in broken

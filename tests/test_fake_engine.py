@@ -18,14 +18,19 @@ from tests.helpers.pipelines import make_resources, read_output, run_job, to_ans
 
 
 def batch(*params: str, tokens=((5, 6, 7),)) -> pa.Table:
-    rows = [{"row_id": f"r{i}", "tokenized_prompt": list(tokens[i % len(tokens)]), "sampling_params": p} for i, p in enumerate(params)]
+    rows = [
+        {"row_id": f"r{i}", "tokenized_prompt": list(tokens[i % len(tokens)]), "sampling_params": p}
+        for i, p in enumerate(params)
+    ]
     return pa.Table.from_pylist(rows)
 
 
 def test_answers_are_deterministic_honour_max_tokens_and_decode(fake_model):
     replica = FakeEngineReplica(fake_model, max_model_len=16)
     table = batch('{"max_tokens": 3}', '{"max_tokens": 5}', None, tokens=((5, 6, 7), (5, 6, 7), (8,)))
-    first, second = (asyncio.run(replica.process(table)).drop_columns(["request_id"]).to_pylist() for _ in range(2))
+    first, second = (
+        asyncio.run(replica.process(table)).drop_columns(["request_id", "time_taken_llm"]).to_pylist() for _ in range(2)
+    )
     assert first == second  # the same prompt and params: the same answer, whatever the run
     assert [row["num_generated_tokens"] for row in first] == [3, 5, 16]  # 16: vLLM's default max_tokens
     assert first[0]["generated_tokens"] == first[1]["generated_tokens"][:3]
@@ -37,17 +42,23 @@ def test_answers_are_deterministic_honour_max_tokens_and_decode(fake_model):
     assert all(isinstance(tokenizer.decode(row["generated_tokens"]), str) for row in first)
 
 
-@pytest.mark.parametrize("params, tokens, problem", [
-    ('{"top_p": 5}', (1, 2), "top_p must be in (0, 1], got 5"),
-    ('{"n": 2}', (1, 2), "n is 2"),
-    ('{"temperature": -1}', (1, 2), "temperature must be >= 0"),
-    (None, tuple(range(20)), "the prompt has 20 tokens, more than max_model_len 16"),
-])
+@pytest.mark.parametrize(
+    "params, tokens, problem",
+    [
+        ('{"top_p": 5}', (1, 2), "top_p must be in (0, 1], got 5"),
+        ('{"n": 2}', (1, 2), "n is 2"),
+        ('{"temperature": -1}', (1, 2), "temperature must be >= 0"),
+        (None, tuple(range(20)), "the prompt has 20 tokens, more than max_model_len 16"),
+    ],
+)
 def test_rows_vllm_refuses_are_refused(fake_model, params, tokens, problem):
     with pytest.raises(RowError, match=re.escape(f"engine: row 'r0': FakeEngineError: {problem}")):
         asyncio.run(FakeEngineReplica(fake_model, max_model_len=16).process(batch(params, tokens=(tokens,))))
-    kept = asyncio.run(FakeEngineReplica(fake_model, max_model_len=16, should_continue_on_error=True).process(
-        batch(params, None, tokens=(tokens, (1, 2)))))
+    kept = asyncio.run(
+        FakeEngineReplica(fake_model, max_model_len=16, should_continue_on_error=True).process(
+            batch(params, None, tokens=(tokens, (1, 2)))
+        )
+    )
     assert problem in kept.column(ERROR_COLUMN)[0].as_py() and kept.column(ERROR_COLUMN)[1].as_py() is None
 
 
@@ -64,7 +75,9 @@ def test_pooling_tasks_get_a_vector_and_delays_hold_the_start_and_each_batch(fak
 def test_a_pipeline_on_the_fake_engine_runs_every_stage_through_dagster(tmp_path, fake_model, ray_session, instance):
     write_jsonl(tmp_path / "landing" / "a.jsonl", questions(6))
     config = FakeEngineProcessorConfig(model_source=fake_model, batch_size=4, engine_kwargs={"max_model_len": 512})
-    pipeline = LLMPipeline("tiny", config, LocalFolderSource(str(tmp_path / "landing")), preprocess=to_chat, postprocess=to_answer)
+    pipeline = LLMPipeline(
+        "tiny", config, LocalFolderSource(str(tmp_path / "landing")), preprocess=to_chat, postprocess=to_answer
+    )
     result = run_job(pipeline, make_resources(tmp_path / "storage"), instance, {"dagster/partition": "a.jsonl"})
     assert result.success
     rows = read_output(make_resources(tmp_path / "storage")["storage"], "postprocess", "a.jsonl")

@@ -56,7 +56,9 @@ def test_demo_pipeline_runs_its_engine_on_the_gpu_with_a_dummy_weight_llama(tmp_
     assert len(placement["gpu_ids"]) == 1 and any(f"GPU {placement['gpu_ids'][0]})" in m for m in messages)
 
 
-@pytest.mark.skipif(importlib.util.find_spec("sglang") is None, reason="SGLang is not installed (pip install sglang==0.5.15)")
+@pytest.mark.skipif(
+    importlib.util.find_spec("sglang") is None, reason="SGLang is not installed (pip install sglang==0.5.15)"
+)
 def test_a_partition_through_the_sglang_engine(tmp_path, capsys):
     """Token ids in (Tokenize), token ids out, text from Detokenize: the vLLM engine's columns."""
     from transformers import AutoTokenizer
@@ -66,7 +68,9 @@ def test_a_partition_through_the_sglang_engine(tmp_path, capsys):
     from llm_assets.sources import LocalFolderSource
 
     model = llama_1b(tmp_path / "llama-1b")
-    config = SGLangEngineProcessorConfig(model_source=str(model), engine_kwargs={"load_format": "dummy", "context_length": 2048})
+    config = SGLangEngineProcessorConfig(
+        model_source=str(model), engine_kwargs={"load_format": "dummy", "context_length": 2048}
+    )
     pipeline = LLMPipeline("demo", config, LocalFolderSource(str(DATA_DIR)), preprocess=to_chat, postprocess=to_answer)
     messages, engine, storage = run_demo_partition(pipeline, tmp_path / "storage", capsys, shown="SGLang")
     assert sum("SGLang engine 0 started in" in m for m in messages) == 1
@@ -98,18 +102,25 @@ def test_a_model_parallel_engine_reserves_its_gpus_as_one_placement_group(parall
     model = llama_1b(tmp_path / "llama-1b")
     from llm_assets.testing import TP_SAFE_ENGINE_KWARGS, TP_SAFE_ENV  # the test machines keep NVLink multicast off
 
-    pipeline = demo_pipeline(model_source=str(model), engine_kwargs={"load_format": "dummy", "max_model_len": 2048,
-                                                                     parallel: 2, **TP_SAFE_ENGINE_KWARGS},
-                             runtime_env={"env_vars": TP_SAFE_ENV})
+    pipeline = demo_pipeline(
+        model_source=str(model),
+        engine_kwargs={"load_format": "dummy", "max_model_len": 2048, parallel: 2, **TP_SAFE_ENGINE_KWARGS},
+        runtime_env={"env_vars": TP_SAFE_ENV},
+    )
     messages, engine, _ = run_demo_partition(pipeline, tmp_path / "storage", capsys, shown="engine")
-    assert any("2 GPU(s) each, GPU build; each reserves a placement group of 2 x {'CPU': 1, 'GPU': 1} (PACK)" in m for m in messages)
+    assert any(
+        "2 GPU(s) each, GPU build; each reserves a placement group of 2 x {'CPU': 1, 'GPU': 1} (PACK)" in m
+        for m in messages
+    )
     assert engine.metadata["rows_out"].value == 20 and engine.metadata["generated_tokens"].value > 0
     assert engine.metadata["gpu_seconds"].value == pytest.approx(2 * engine.metadata["engine_seconds"].value, abs=0.2)
     [placement] = engine.metadata["engine_placement"].value
     assert len(placement["bundle_nodes"]) == 2 and None not in placement["bundle_nodes"]
 
 
-@pytest.mark.skipif(importlib.util.find_spec("torchvision") is None, reason="Qwen2-VL's video processor needs torchvision")
+@pytest.mark.skipif(
+    importlib.util.find_spec("torchvision") is None, reason="Qwen2-VL's video processor needs torchvision"
+)
 def test_video_and_image_tokens_reach_the_gpu_engine(tmp_path, media):
     """A tiny random Qwen2-VL (built here: its processor needs torchvision) on vLLM's CUDA build:
     one question alone, with an 80 x 60 PNG, and with the 8-frame 64 x 64 MP4 (by URL and by path).
@@ -126,8 +137,12 @@ def test_video_and_image_tokens_reach_the_gpu_engine(tmp_path, media):
 
     model = str(build_qwen2_vl_model(tmp_path / "tiny-qwen2-vl"))
     folder, base = media
-    parts = {"a-none": None, "b-image": ("image_url", f"{base}/red.png"), "c-video_url": ("video_url", f"{base}/clip.mp4"),
-             "d-video_path": ("video_url", str(folder / "clip.mp4"))}
+    parts = {
+        "a-none": None,
+        "b-image": ("image_url", f"{base}/red.png"),
+        "c-video_url": ("video_url", f"{base}/clip.mp4"),
+        "d-video_path": ("video_url", str(folder / "clip.mp4")),
+    }
     write_jsonl(tmp_path / "landing" / "clips.jsonl", [{"kind": kind} for kind in parts])
 
     def to_chat(row):
@@ -135,12 +150,23 @@ def test_video_and_image_tokens_reach_the_gpu_engine(tmp_path, media):
         if parts[row["kind"]]:
             kind, url = parts[row["kind"]]
             content.insert(0, {"type": kind, kind: {"url": url}})
-        return {"kind": row["kind"], "messages": [{"role": "user", "content": content}], "sampling_params": {"max_tokens": 4, "temperature": 0}}
+        return {
+            "kind": row["kind"],
+            "messages": [{"role": "user", "content": content}],
+            "sampling_params": {"max_tokens": 4, "temperature": 0},
+        }
 
     limits = {"limit_mm_per_prompt": {"image": 1, "video": 1}}
-    pipeline = LLMPipeline("vlm", {"model_source": model, "engine_kwargs": {"max_model_len": 4096, "enforce_eager": True, **limits},
-                                   "prepare_multimodal_stage": {"enabled": True, "model_config_kwargs": limits}},
-                           LocalFolderSource(str(tmp_path / "landing")), preprocess=to_chat)
+    pipeline = LLMPipeline(
+        "vlm",
+        {
+            "model_source": model,
+            "engine_kwargs": {"max_model_len": 4096, "enforce_eager": True, **limits},
+            "prepare_multimodal_stage": {"enabled": True, "model_config_kwargs": limits},
+        },
+        LocalFolderSource(str(tmp_path / "landing")),
+        preprocess=to_chat,
+    )
     resources = make_resources(tmp_path / "storage")
     with dg.instance_for_test() as instance:
         assert run_job(pipeline, resources, instance, {"dagster/partition": "clips.jsonl"}).success
@@ -164,7 +190,9 @@ def test_video_and_image_tokens_reach_the_gpu_engine(tmp_path, media):
     assert [r["generated_text"] is not None for r in rows("postprocess")] == [True] * 4
 
 
-SGLANG = pytest.mark.skipif(importlib.util.find_spec("sglang") is None, reason="SGLang is not installed (pip install sglang==0.5.15)")
+SGLANG = pytest.mark.skipif(
+    importlib.util.find_spec("sglang") is None, reason="SGLang is not installed (pip install sglang==0.5.15)"
+)
 
 
 def serve_engine_config(kind: str, model: str):
@@ -172,7 +200,9 @@ def serve_engine_config(kind: str, model: str):
     from llm_assets import SGLangEngineProcessorConfig, vLLMEngineProcessorConfig
 
     if kind == "SGLang":
-        return SGLangEngineProcessorConfig(model_source=model, engine_kwargs={"load_format": "dummy", "context_length": 2048})
+        return SGLangEngineProcessorConfig(
+            model_source=model, engine_kwargs={"load_format": "dummy", "context_length": 2048}
+        )
     return vLLMEngineProcessorConfig(model_source=model, engine_kwargs={"load_format": "dummy", "max_model_len": 2048})
 
 
@@ -192,8 +222,17 @@ def test_a_serve_app_on_the_gpu_serves_two_pipelines_with_one_engine(kind, tmp_p
     with ray_cluster(tmp_path_factory.mktemp("ray")) as address:
         model = llama_1b(tmp_path / "llama-1b")
         chat = ServeEngine(app_name="gpu_chat", engine=serve_engine_config(kind, str(model)), idle_timeout_s=60)
-        pipelines = [LLMPipeline(name, ServeDeploymentProcessorConfig(engine=chat), LocalFolderSource(str(DATA_DIR)),
-                                 preprocess=to_chat, postprocess=to_answer, response_cache="off") for name in ("first", "second")]
+        pipelines = [
+            LLMPipeline(
+                name,
+                ServeDeploymentProcessorConfig(engine=chat),
+                LocalFolderSource(str(DATA_DIR)),
+                preprocess=to_chat,
+                postprocess=to_answer,
+                response_cache="off",
+            )
+            for name in ("first", "second")
+        ]
         resources = resources_on(address, tmp_path / "storage")
         marks = ("Serve app", "Serve engine 0 started", "engine [prompts.jsonl]: committed")
         with dg.instance_for_test() as instance:
@@ -201,7 +240,10 @@ def test_a_serve_app_on_the_gpu_serves_two_pipelines_with_one_engine(kind, tmp_p
             assert all(run.success for run in runs)
             lines = [timeline(instance, run.run_id, marks) for run in runs]
             logs = [log_messages(instance, run.run_id) for run in runs]
-            engines = [instance.get_latest_materialization_event(dg.AssetKey([p.name, "engine"])).asset_materialization for p in pipelines]
+            engines = [
+                instance.get_latest_materialization_event(dg.AssetKey([p.name, "engine"])).asset_materialization
+                for p in pipelines
+            ]
         with capsys.disabled():
             for name, run_lines in zip(("run 1 (deploys)", "run 2 (reuses)"), lines):
                 print(f"\n{name}:\n" + "\n".join(f"  {t:6.2f} s  {message}" for t, message in run_lines))

@@ -51,10 +51,18 @@ def stages_pool(pipeline: LLMPipeline):
 def test_the_stages_op_holds_the_pipelines_gpu_pool_and_the_shipped_settings_limit_it_to_one(tmp_path, tiny_model):
     folder = tmp_path / "landing"
     assert stages_pool(make_pipeline(folder, tiny_model)) == POOL  # the default, shared by pipelines
-    assert stages_pool(LLMPipeline("tiny", {"model_source": tiny_model}, LocalFolderSource(str(folder)), gpu_pool="h100s")) == "h100s"
-    assert stages_pool(LLMPipeline("tiny", {"model_source": tiny_model}, LocalFolderSource(str(folder)), gpu_pool=None)) is None
+    assert (
+        stages_pool(LLMPipeline("tiny", {"model_source": tiny_model}, LocalFolderSource(str(folder)), gpu_pool="h100s"))
+        == "h100s"
+    )
+    assert (
+        stages_pool(LLMPipeline("tiny", {"model_source": tiny_model}, LocalFolderSource(str(folder)), gpu_pool=None))
+        is None
+    )
     http = HttpRequestProcessorConfig(url="http://127.0.0.1:9/v1/chat/completions")
-    assert stages_pool(LLMPipeline("tiny", http, LocalFolderSource(str(folder)), gpu_pool="h100s")) is None  # no GPU of ours
+    assert (
+        stages_pool(LLMPipeline("tiny", http, LocalFolderSource(str(folder)), gpu_pool="h100s")) is None
+    )  # no GPU of ours
 
     (tmp_path / "home").mkdir()
     (tmp_path / "home" / "dagster.yaml").write_text(INSTANCE_SETTINGS.read_text())
@@ -88,7 +96,9 @@ def deployment(tmp_path, tiny_model):
 
 
 def events(instance, run_id, event_type: str) -> list:
-    return [r for r in instance.all_logs(run_id) if r.is_dagster_event and r.dagster_event.event_type_value == event_type]
+    return [
+        r for r in instance.all_logs(run_id) if r.is_dagster_event and r.dagster_event.event_type_value == event_type
+    ]
 
 
 def logged_at(instance, run_id, text: str) -> float:
@@ -98,8 +108,11 @@ def logged_at(instance, run_id, text: str) -> float:
 
 
 def engine_metadata(instance, run_id) -> dict:
-    [materialization] = [r.dagster_event.event_specific_data.materialization for r in events(instance, run_id, "ASSET_MATERIALIZATION")
-                         if r.dagster_event.asset_key == dg.AssetKey(["tiny", "engine"])]
+    [materialization] = [
+        r.dagster_event.event_specific_data.materialization
+        for r in events(instance, run_id, "ASSET_MATERIALIZATION")
+        if r.dagster_event.asset_key == dg.AssetKey(["tiny", "engine"])
+    ]
     return {key: value.value for key, value in materialization.metadata.items()}
 
 
@@ -125,8 +138,11 @@ def test_with_a_pool_limit_of_one_the_second_run_builds_its_engine_after_the_fir
             return instance.get_run_by_id(run.run_id).status
 
         def explain():
-            lines = [f"{name}: {status(run)} " + " | ".join((r.user_message or "")[:200] for r in instance.all_logs(run.run_id)[-15:])
-                     for name, run in (("first", first), ("second", second))]
+            lines = [
+                f"{name}: {status(run)} "
+                + " | ".join((r.user_message or "")[:200] for r in instance.all_logs(run.run_id)[-15:])
+                for name, run in (("first", first), ("second", second))
+            ]
             return "\n".join(lines) + "\n" + deployment.daemon_logs()
 
         # While the first run is active, the second stays QUEUED (read before the first's status, so
@@ -138,7 +154,9 @@ def test_with_a_pool_limit_of_one_the_second_run_builds_its_engine_after_the_fir
             if first_status in (dg.DagsterRunStatus.STARTING, dg.DagsterRunStatus.STARTED):
                 second_while_first_active.append(second_status)
                 limits.add(instance.event_log_storage.get_concurrency_info(POOL).slot_count)
-            if all(s in (dg.DagsterRunStatus.SUCCESS, dg.DagsterRunStatus.FAILURE) for s in (first_status, second_status)):
+            if all(
+                s in (dg.DagsterRunStatus.SUCCESS, dg.DagsterRunStatus.FAILURE) for s in (first_status, second_status)
+            ):
                 break
             assert time.monotonic() < deadline, "both runs done: not within 240 s\n" + explain()
             time.sleep(0.5)
@@ -146,20 +164,33 @@ def test_with_a_pool_limit_of_one_the_second_run_builds_its_engine_after_the_fir
 
         for run in (first, second):
             assert status(run) == dg.DagsterRunStatus.SUCCESS, explain()
-        assert second_while_first_active and set(second_while_first_active) == {dg.DagsterRunStatus.QUEUED}, second_while_first_active
+        assert second_while_first_active and set(second_while_first_active) == {dg.DagsterRunStatus.QUEUED}, (
+            second_while_first_active
+        )
         assert limits == {1}
         # Held by the pool, as the daemon's log says (not by max_concurrent_runs: there was room for two).
-        assert f"Run {second.run_id} is blocked by global concurrency limits: {{\"{POOL}\"" in deployment.daemon_logs(), explain()
+        assert f'Run {second.run_id} is blocked by global concurrency limits: {{"{POOL}"' in deployment.daemon_logs(), (
+            explain()
+        )
         assert f"Run {first.run_id} is blocked" not in deployment.daemon_logs()
 
         # The engines never overlapped: the second run's step, and so its engine, started after the first
         # run had ended, its stages step and its engine's shutdown (at the run's resource teardown,
         # after the step) included.
-        [first_step_end] = [r.timestamp for r in events(instance, first.run_id, "STEP_SUCCESS") if r.dagster_event.step_key == STEP]
+        [first_step_end] = [
+            r.timestamp for r in events(instance, first.run_id, "STEP_SUCCESS") if r.dagster_event.step_key == STEP
+        ]
         first_end = instance.get_run_record_by_id(first.run_id).end_time
-        [second_start] = [r.timestamp for r in events(instance, second.run_id, "STEP_START") if r.dagster_event.step_key == STEP]
+        [second_start] = [
+            r.timestamp for r in events(instance, second.run_id, "STEP_START") if r.dagster_event.step_key == STEP
+        ]
         assert first_step_end <= first_end and logged_at(instance, first.run_id, ENGINE_DOWN) <= first_end
-        assert first_end <= second_start <= logged_at(instance, second.run_id, ENGINE_LOAD) < logged_at(instance, second.run_id, ENGINE_START)
+        assert (
+            first_end
+            <= second_start
+            <= logged_at(instance, second.run_id, ENGINE_LOAD)
+            < logged_at(instance, second.run_id, ENGINE_START)
+        )
 
         # The second run computed its own partition with its own engine: nothing reused from the first.
         storage = PartitionStorage(root=str(deployment.tmp / "storage"))
@@ -168,10 +199,15 @@ def test_with_a_pool_limit_of_one_the_second_run_builds_its_engine_after_the_fir
             assert metadata["partitions_recomputed"] == 1 and metadata["rows_out"] == ROWS[partition], metadata
             assert "rows_cached" not in metadata and "rows_resumed" not in metadata, metadata
             rows = pq.read_table(storage.committed_files("tiny", "postprocess", partition)).to_pylist()
-            assert sorted(r["question"] for r in rows) == sorted(q["question"] for q in questions(ROWS[partition], partition[0]))
+            assert sorted(r["question"] for r in rows) == sorted(
+                q["question"] for q in questions(ROWS[partition], partition[0])
+            )
             assert all(r["answer"] for r in rows)
         assert storage.manifest("tiny", "engine", "b.jsonl").committed_at > first_end
 
         created = instance.get_run_record_by_id(second.run_id).create_timestamp.timestamp()
-        print(f"both launched in {launched_s:.1f} s, both done {done_s:.1f} s after the daemon started; the second run's step started "
-              f"{second_start - created:.1f} s after it was queued, {second_start - first_end:.1f} s after the first run ended")
+        print(
+            f"both launched in {launched_s:.1f} s, both done {done_s:.1f} s after the daemon started; "
+            f"the second run's step started {second_start - created:.1f} s after it was queued, "
+            f"{second_start - first_end:.1f} s after the first run ended"
+        )

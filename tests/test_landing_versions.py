@@ -1,5 +1,5 @@
 """Landing files carry data versions: a file rewritten under the same name makes its partition
-stale in Dagster, and the sensor reruns that partition alone. Real Dagster runs, real engine."""
+stale in Dagster, and the sensor reruns that partition alone. Real Dagster runs on the fake engine."""
 
 import os
 
@@ -11,7 +11,7 @@ from dagster._time import get_current_datetime
 
 from llm_assets.defs.factory import build_definitions, landing_key, stage_key
 from tests.helpers.data import questions, write_jsonl
-from tests.helpers.pipelines import RANGE_END, RANGE_START, make_pipeline, make_resources, read_output
+from tests.helpers.pipelines import RANGE_END, RANGE_START, fake_pipeline, make_resources, read_output
 
 SENSOR = "tiny_new_files"
 
@@ -28,7 +28,9 @@ def tick(defs: dg.Definitions, instance) -> dg.SensorResult | dg.SkipReason:
 
 
 def run(defs: dg.Definitions, instance, request: dg.RunRequest) -> dg.ExecuteInProcessResult:
-    result = defs.resolve_job_def("tiny_job").execute_in_process(instance=instance, partition_key=request.partition_key, tags=request.tags)
+    result = defs.resolve_job_def("tiny_job").execute_in_process(
+        instance=instance, partition_key=request.partition_key, tags=request.tags
+    )
     assert result.success
     return result
 
@@ -36,11 +38,19 @@ def run(defs: dg.Definitions, instance, request: dg.RunRequest) -> dg.ExecuteInP
 def stale(defs: dg.Definitions, instance, pipeline, partition: str) -> dict[str, tuple[StaleStatus, list[str]]]:
     """Each stage's stale status and causes for the partition, as the UI computes them."""
     graph = defs.resolve_asset_graph()
-    view = AssetGraphView(temporal_context=TemporalContext(effective_dt=get_current_datetime(), last_event_id=None), instance=instance, asset_graph=graph)
+    view = AssetGraphView(
+        temporal_context=TemporalContext(effective_dt=get_current_datetime(), last_event_id=None),
+        instance=instance,
+        asset_graph=graph,
+    )
     resolver = CachingStaleStatusResolver(instance=instance, asset_graph=graph, loading_context=view)
-    return {stage: (resolver.get_status(stage_key(pipeline, stage), partition),
-                    [cause.reason for cause in resolver.get_stale_causes(stage_key(pipeline, stage), partition)])
-            for stage in pipeline.stage_names()}
+    return {
+        stage: (
+            resolver.get_status(stage_key(pipeline, stage), partition),
+            [cause.reason for cause in resolver.get_stale_causes(stage_key(pipeline, stage), partition)],
+        )
+        for stage in pipeline.stage_names()
+    }
 
 
 def rewrite(path, rows) -> None:
@@ -51,26 +61,34 @@ def rewrite(path, rows) -> None:
 
 
 @pytest.fixture(scope="module")
-def landed(tmp_path_factory, tiny_model, ray_session):
+def landed(tmp_path_factory, fake_model, ray_session):
     root = tmp_path_factory.mktemp("landing_versions")
     landing = root / "landing"
     write_jsonl(landing / "a.jsonl", questions(2, "first a"))
     write_jsonl(landing / "b.jsonl", questions(2, "first b"))
-    pipeline = make_pipeline(landing, tiny_model)
+    pipeline = fake_pipeline(landing, fake_model)
     resources = make_resources(root / "storage")
     defs = build_definitions([pipeline], resources)
     with dg.instance_for_test() as instance:
         first = tick(defs, instance)  # both files: one run over both
         assert [(r.tags[RANGE_START], r.tags[RANGE_END]) for r in first.run_requests] == [("a.jsonl", "b.jsonl")]
         run(defs, instance, first.run_requests[0])
-        yield {"landing": landing, "pipeline": pipeline, "storage": resources["storage"], "defs": defs, "instance": instance}
+        yield {
+            "landing": landing,
+            "pipeline": pipeline,
+            "storage": resources["storage"],
+            "defs": defs,
+            "instance": instance,
+        }
 
 
 def test_each_file_is_observed_with_its_fingerprint_and_every_stage_is_fresh(landed):
     pipeline, instance, defs = landed["pipeline"], landed["instance"], landed["defs"]
     for key in ("a.jsonl", "b.jsonl"):
         observation = instance.get_latest_data_version_record(landing_key(pipeline), True, key)
-        assert observation.event_log_entry.asset_observation.tags["dagster/data_version"] == pipeline.source.fingerprint(key)
+        assert observation.event_log_entry.asset_observation.tags[
+            "dagster/data_version"
+        ] == pipeline.source.fingerprint(key)
         assert {status for status, _ in stale(defs, instance, pipeline, key).values()} == {StaleStatus.FRESH}
     again = tick(defs, instance)
     assert not again.run_requests and again.skip_message.startswith("no new files")
@@ -79,7 +97,11 @@ def test_each_file_is_observed_with_its_fingerprint_and_every_stage_is_fresh(lan
 
 def test_a_rewritten_file_makes_its_partition_stale_and_the_sensor_reruns_that_partition_alone(landed):
     pipeline, instance, defs, storage = landed["pipeline"], landed["instance"], landed["defs"], landed["storage"]
-    attempts = {(stage, key): storage.manifest("tiny", stage, key).attempt for stage in pipeline.stage_names() for key in ("a.jsonl", "b.jsonl")}
+    attempts = {
+        (stage, key): storage.manifest("tiny", stage, key).attempt
+        for stage in pipeline.stage_names()
+        for key in ("a.jsonl", "b.jsonl")
+    }
     rewrite(landed["landing"] / "a.jsonl", questions(3, "second a"))
 
     # "Observe sources" in the UI: the observation job of the landing asset.
@@ -94,13 +116,17 @@ def test_a_rewritten_file_makes_its_partition_stale_and_the_sensor_reruns_that_p
     data = tick(defs, instance)
     fingerprint = pipeline.source.fingerprint("a.jsonl")
     assert [(r.partition_key, r.run_key) for r in data.run_requests] == [("a.jsonl", f"tiny:a.jsonl@{fingerprint}")]
-    assert tick(defs, instance).run_requests[0].run_key == data.run_requests[0].run_key  # not yet run: the daemon skips a used run key
+    assert (
+        tick(defs, instance).run_requests[0].run_key == data.run_requests[0].run_key
+    )  # not yet run: the daemon skips a used run key
 
     run(defs, instance, data.run_requests[0])
     for stage in pipeline.stage_names():  # every stage of a recomputed, b left alone
         assert storage.manifest("tiny", stage, "a.jsonl").attempt != attempts[(stage, "a.jsonl")]
         assert storage.manifest("tiny", stage, "b.jsonl").attempt == attempts[(stage, "b.jsonl")]
-    assert sorted(row["question"] for row in read_output(storage, "postprocess", "a.jsonl")) == sorted(q["question"] for q in questions(3, "second a"))
+    assert sorted(row["question"] for row in read_output(storage, "postprocess", "a.jsonl")) == sorted(
+        q["question"] for q in questions(3, "second a")
+    )
     assert {status for status, _ in stale(defs, instance, pipeline, "a.jsonl").values()} == {StaleStatus.FRESH}
     assert not tick(defs, instance).run_requests
 
@@ -114,5 +140,7 @@ def test_a_file_rewritten_again_is_seen_by_the_sensor_itself_and_requested_again
     data = tick(defs, instance)  # no observation before it: the tick compares with the last observed version
     assert [(r.partition_key, r.run_key) for r in data.run_requests] == [("a.jsonl", f"tiny:a.jsonl@{fingerprint}")]
     assert [(e.partition, e.tags["dagster/data_version"]) for e in data.asset_events] == [("a.jsonl", fingerprint)]
-    assert stale(defs, instance, pipeline, "a.jsonl")["preprocess"][0] == StaleStatus.STALE  # the tick's observation recorded
+    assert (
+        stale(defs, instance, pipeline, "a.jsonl")["preprocess"][0] == StaleStatus.STALE
+    )  # the tick's observation recorded
     assert tick(defs, instance).run_requests[0].run_key == data.run_requests[0].run_key  # once, until it has run

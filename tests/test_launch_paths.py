@@ -68,7 +68,13 @@ def setup(tmp_path, tiny_model):
     home = tmp_path / "dagster_home"
     home.mkdir()
     env = code_location_env(home, "LAUNCH_PATHS", tmp_path / "landing", tmp_path / "storage", tiny_model)
-    return {"tmp": tmp_path, "defs": defs_file, "home": home, "env": env, "storage": PartitionStorage(root=str(tmp_path / "storage"))}
+    return {
+        "tmp": tmp_path,
+        "defs": defs_file,
+        "home": home,
+        "env": env,
+        "storage": PartitionStorage(root=str(tmp_path / "storage")),
+    }
 
 
 @pytest.fixture()
@@ -85,7 +91,11 @@ def assert_one_step_one_engine(instance: dg.DagsterInstance, run_id: str) -> lis
     records = instance.all_logs(run_id)
     messages = [r.user_message for r in records]
     assert run.status == dg.DagsterRunStatus.SUCCESS, "\n".join(messages[-40:])
-    steps = [r.dagster_event.step_key for r in records if r.is_dagster_event and r.dagster_event.event_type_value == "STEP_START"]
+    steps = [
+        r.dagster_event.step_key
+        for r in records
+        if r.is_dagster_event and r.dagster_event.event_type_value == "STEP_START"
+    ]
     assert steps == ["tiny_stages"], steps
     starts = [m for m in messages if ENGINE_START in m]
     assert len(starts) == 1, starts
@@ -97,7 +107,9 @@ def assert_one_step_one_engine(instance: dg.DagsterInstance, run_id: str) -> lis
 def assert_committed(storage: PartitionStorage, partitions: list[str]) -> None:
     for partition in partitions:
         rows = pq.read_table(storage.committed_files("tiny", "postprocess", partition)).to_pylist()
-        assert sorted(r["row_id"] for r in rows) == sorted(f"{partition}:{i}" for i in range(ROWS[partition])), partition
+        assert sorted(r["row_id"] for r in rows) == sorted(f"{partition}:{i}" for i in range(ROWS[partition])), (
+            partition
+        )
         assert all(isinstance(r["answer"], str) for r in rows)
 
 
@@ -109,8 +121,23 @@ def test_dagster_asset_materialize_runs_the_stages_in_one_step_with_one_engine(s
         instance.add_dynamic_partitions("tiny", sorted(ROWS))
     dagster = Path(sys.executable).parent / "dagster"
     process = subprocess.Popen(
-        [str(dagster), "asset", "materialize", "-f", str(setup["defs"]), "--select", "group:tiny", "--partition", "a.jsonl"],
-        cwd=setup["tmp"], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
+        [
+            str(dagster),
+            "asset",
+            "materialize",
+            "-f",
+            str(setup["defs"]),
+            "--select",
+            "group:tiny",
+            "--partition",
+            "a.jsonl",
+        ],
+        cwd=setup["tmp"],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
     )
     try:
         output, _ = process.communicate(timeout=RUN_WAIT_S)
@@ -131,14 +158,33 @@ def test_dagster_asset_materialize_runs_the_stages_in_one_step_with_one_engine(s
         assert run.tags.get("dagster/partition") == "a.jsonl"
         messages = assert_one_step_one_engine(instance, run.run_id)
         assert any("multiprocess executor" in m for m in messages), "not the default multiprocess executor"
-        assert any("stages preprocess, chat_template, tokenize, engine, detokenize, postprocess over 1 partition(s): a.jsonl" in m for m in messages)
+        assert any(
+            "stages preprocess, chat_template, tokenize, engine, detokenize, postprocess over 1 partition(s): a.jsonl"
+            in m
+            for m in messages
+        )
     assert_committed(setup["storage"], ["a.jsonl"])
     assert setup["storage"].manifest("tiny", "postprocess", "b.jsonl") is None
 
     # The same command again: every stage is up to date, so the run starts no Ray at all.
     again = subprocess.run(
-        [str(dagster), "asset", "materialize", "-f", str(setup["defs"]), "--select", "group:tiny", "--partition", "a.jsonl"],
-        cwd=setup["tmp"], env=env, capture_output=True, text=True, timeout=RUN_WAIT_S)
+        [
+            str(dagster),
+            "asset",
+            "materialize",
+            "-f",
+            str(setup["defs"]),
+            "--select",
+            "group:tiny",
+            "--partition",
+            "a.jsonl",
+        ],
+        cwd=setup["tmp"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=RUN_WAIT_S,
+    )
     assert again.returncode == 0, (again.stdout + again.stderr)[-6000:]
     output = again.stdout + again.stderr
     assert all(f"{stage} [a.jsonl]: up to date" in output for stage in STAGES), output[-6000:]
@@ -163,7 +209,11 @@ def test_asset_backfill_from_the_asset_page_is_one_run_one_step_one_engine(setup
     run by the backfill and run-queue daemons' iterations and the default run launcher: one run
     for both partitions, one step, one engine start, both partitions committed."""
     from dagster._core.execution.backfill import BulkActionStatus
-    from dagster._core.storage.tags import ASSET_PARTITION_RANGE_END_TAG, ASSET_PARTITION_RANGE_START_TAG, BACKFILL_ID_TAG
+    from dagster._core.storage.tags import (
+        ASSET_PARTITION_RANGE_END_TAG,
+        ASSET_PARTITION_RANGE_START_TAG,
+        BACKFILL_ID_TAG,
+    )
     from dagster._daemon.backfill import execute_backfill_iteration
     from dagster._daemon.run_coordinator.queued_run_coordinator_daemon import QueuedRunCoordinatorDaemon
     from dagster_graphql.test.utils import define_out_of_process_workspace, execute_dagster_graphql
@@ -180,12 +230,14 @@ def test_asset_backfill_from_the_asset_page_is_one_run_one_step_one_engine(setup
             result = execute_dagster_graphql(
                 workspace.create_request_context(),
                 LAUNCH_PARTITION_BACKFILL,
-                {"backfillParams": {
-                    "assetSelection": [{"path": ["tiny", stage]} for stage in STAGES],
-                    "partitionNames": sorted(ROWS),
-                    "fromFailure": False,
-                    "tags": [],
-                }},
+                {
+                    "backfillParams": {
+                        "assetSelection": [{"path": ["tiny", stage]} for stage in STAGES],
+                        "partitionNames": sorted(ROWS),
+                        "fromFailure": False,
+                        "tags": [],
+                    }
+                },
             )
             assert not result.errors, result.errors
             launched = result.data["launchPartitionBackfill"]
@@ -202,7 +254,9 @@ def test_asset_backfill_from_the_asset_page_is_one_run_one_step_one_engine(setup
 
             deadline = time.monotonic() + 120
             while not instance.get_runs(backfill_runs):
-                assert time.monotonic() < deadline, f"the backfill launched no run: {instance.get_backfill(backfill_id)}"
+                assert time.monotonic() < deadline, (
+                    f"the backfill launched no run: {instance.get_backfill(backfill_id)}"
+                )
                 daemons_tick()
             deadline = time.monotonic() + RUN_WAIT_S
             while True:
@@ -223,7 +277,10 @@ def test_asset_backfill_from_the_asset_page_is_one_run_one_step_one_engine(setup
         assert len(runs) == 1, [(r.run_id, r.tags) for r in runs]
         run = runs[0]
         assert run.job_name.startswith("__ASSET_JOB"), run.job_name
-        assert (run.tags.get(ASSET_PARTITION_RANGE_START_TAG), run.tags.get(ASSET_PARTITION_RANGE_END_TAG)) == ("a.jsonl", "b.jsonl"), run.tags
+        assert (run.tags.get(ASSET_PARTITION_RANGE_START_TAG), run.tags.get(ASSET_PARTITION_RANGE_END_TAG)) == (
+            "a.jsonl",
+            "b.jsonl",
+        ), run.tags
         messages = assert_one_step_one_engine(instance, run.run_id)
         assert any("over 2 partition(s): a.jsonl, b.jsonl" in m for m in messages)
         assert backfill.status == BulkActionStatus.COMPLETED_SUCCESS, backfill.status

@@ -19,8 +19,8 @@ from llm_assets import vLLMEngineProcessorConfig
 from llm_assets.engines.vllm import vLLMEngine
 from llm_assets.execution.cache import CacheSettings, request_keys
 from llm_assets.pipeline import LLMPipeline
-from llm_assets.sources import LocalFolderSource
 from llm_assets.rows import ERROR_COLUMN, RowError
+from llm_assets.sources import LocalFolderSource
 from tests.helpers.data import write_jsonl
 from tests.helpers.pipelines import make_resources, run_job
 from tests.helpers.stages import preprocess_stage
@@ -48,9 +48,21 @@ def build_adapter(folder: Path, model: str, seed: int, rank: int = 8) -> Path:
             tensors[f"{prefix}.lora_B.weight"] = torch.randn(hidden, rank, generator=generator) * 0.5
     folder.mkdir(parents=True, exist_ok=True)
     save_file(tensors, str(folder / "adapter_model.safetensors"))
-    (folder / "adapter_config.json").write_text(json.dumps({
-        "peft_type": "LORA", "task_type": "CAUSAL_LM", "r": rank, "lora_alpha": 16, "lora_dropout": 0.0, "bias": "none",
-        "target_modules": ["q_proj", "v_proj"], "base_model_name_or_path": model, "fan_in_fan_out": False}))
+    (folder / "adapter_config.json").write_text(
+        json.dumps(
+            {
+                "peft_type": "LORA",
+                "task_type": "CAUSAL_LM",
+                "r": rank,
+                "lora_alpha": 16,
+                "lora_dropout": 0.0,
+                "bias": "none",
+                "target_modules": ["q_proj", "v_proj"],
+                "base_model_name_or_path": model,
+                "fan_in_fan_out": False,
+            }
+        )
+    )
     return folder
 
 
@@ -64,8 +76,12 @@ def adapters_folder(tmp_path_factory, tiny_model) -> Path:
 
 
 def to_chat(row):
-    return {"question": row["question"], "model": row["model"], "messages": [{"role": "user", "content": row["question"]}],
-            "sampling_params": PARAMS}
+    return {
+        "question": row["question"],
+        "model": row["model"],
+        "messages": [{"role": "user", "content": row["question"]}],
+        "sampling_params": PARAMS,
+    }
 
 
 def lora_pipeline(landing: Path, model: str, **config) -> LLMPipeline:
@@ -102,8 +118,12 @@ def s3_engine(tiny_model, adapters_folder, s3_endpoint, tmp_path_factory):
     from llm_assets.models import resolve_model_source
     from llm_assets.upload_model import upload
 
-    resource = S3Resource(endpoint_url=s3_endpoint, region_name="us-east-1", aws_access_key_id="test-key-id",
-                          aws_secret_access_key="test-secret-key-not-for-logs")
+    resource = S3Resource(
+        endpoint_url=s3_endpoint,
+        region_name="us-east-1",
+        aws_access_key_id="test-key-id",
+        aws_secret_access_key="test-secret-key-not-for-logs",
+    )
     resource.get_client().create_bucket(Bucket="lora-test")
     for name in (*ADAPTERS, "too-wide"):
         upload(adapters_folder / name, f"s3://lora-test/adapters/{name}", S3Access.of(resource), log=lambda line: None)
@@ -111,8 +131,12 @@ def s3_engine(tiny_model, adapters_folder, s3_endpoint, tmp_path_factory):
     cache = tmp_path_factory.mktemp("model-cache")
     saved = {key: os.environ.get(key) for key in ("LLM_ASSETS_MODEL_CACHE", *compat.platform_env(False))}
     os.environ.update({"LLM_ASSETS_MODEL_CACHE": str(cache), **compat.platform_env(False)})
-    config = vLLMEngineProcessorConfig(model_source="s3://lora-test/models/tiny", engine_kwargs=LORA_KWARGS,
-                                       dynamic_lora_loading_path="s3://lora-test/adapters", should_continue_on_error=True)
+    config = vLLMEngineProcessorConfig(
+        model_source="s3://lora-test/models/tiny",
+        engine_kwargs=LORA_KWARGS,
+        dynamic_lora_loading_path="s3://lora-test/adapters",
+        should_continue_on_error=True,
+    )
     target = resolve_model_source(config.model_source, lambda line: None, resource)
     kwargs = vLLMEngine(config).replica_kwargs(target, False, True)  # the S3 settings travel with the S3 model
     kwargs["model_source"] = model_on_this_node(kwargs["model_source"])
@@ -125,8 +149,14 @@ def s3_engine(tiny_model, adapters_folder, s3_endpoint, tmp_path_factory):
 
 def alone(stage, rows: list[dict], model) -> dict:
     """The rows run with one adapter (or the base model) alone: nothing else in the engine."""
-    batch = pa.table({"row_id": [r["row_id"] for r in rows], "tokenized_prompt": [r["tokenized_prompt"] for r in rows],
-                      "sampling_params": [r["sampling_params"] for r in rows], "model": [model] * len(rows)})
+    batch = pa.table(
+        {
+            "row_id": [r["row_id"] for r in rows],
+            "tokenized_prompt": [r["tokenized_prompt"] for r in rows],
+            "sampling_params": [r["sampling_params"] for r in rows],
+            "model": [model] * len(rows),
+        }
+    )
     output = asyncio.run(stage.process(batch)).to_pylist()
     assert all(r[ERROR_COLUMN] is None for r in output), [r[ERROR_COLUMN] for r in output]
     return {r["row_id"]: r["generated_tokens"] for r in output}
@@ -152,11 +182,22 @@ def test_two_adapters_in_one_partition_each_answer_as_alone(mixed_run, s3_engine
 
 def test_an_adapter_that_does_not_resolve_or_load_fails_its_rows_only(s3_engine):
     stage, _ = s3_engine
-    batch = pa.table({"row_id": ["lost", "wide", "base", "a"], "tokenized_prompt": [[5, 6, 7]] * 4,
-                      "sampling_params": [json.dumps(PARAMS)] * 4, "model": ["no-such-adapter", "too-wide", None, "style-a"]})
+    batch = pa.table(
+        {
+            "row_id": ["lost", "wide", "base", "a"],
+            "tokenized_prompt": [[5, 6, 7]] * 4,
+            "sampling_params": [json.dumps(PARAMS)] * 4,
+            "model": ["no-such-adapter", "too-wide", None, "style-a"],
+        }
+    )
     lost, wide, base, a = asyncio.run(stage.process(batch)).to_pylist()
-    assert "LoRA adapter 'no-such-adapter' was not found under dynamic_lora_loading_path 's3://lora-test/adapters'" in lost[ERROR_COLUMN]
-    assert "LoRA adapter 'too-wide'" in wide[ERROR_COLUMN] and "vLLM did not load it" in wide[ERROR_COLUMN], wide[ERROR_COLUMN]
+    assert (
+        "LoRA adapter 'no-such-adapter' was not found under dynamic_lora_loading_path 's3://lora-test/adapters'"
+        in lost[ERROR_COLUMN]
+    )
+    assert "LoRA adapter 'too-wide'" in wide[ERROR_COLUMN] and "vLLM did not load it" in wide[ERROR_COLUMN], wide[
+        ERROR_COLUMN
+    ]
     assert "16" in wide[ERROR_COLUMN]  # vLLM's words: the rank it was given
     for row in (base, a):  # the engine lives on and serves the others
         assert row[ERROR_COLUMN] is None and len(row["generated_tokens"]) == 6
@@ -175,9 +216,13 @@ def test_an_adapter_row_without_enable_lora_fails_preprocess_naming_the_row_and_
         check_model(plain, "style-a")
     assert "row 'r1'" in str(caught.value) and "LoRA adapter 'style-a'" in str(caught.value)
     assert "engine_kwargs.enable_lora is not set" in str(caught.value)
-    local = vLLMEngineProcessorConfig(model_source=tiny_model, engine_kwargs=LORA_KWARGS, dynamic_lora_loading_path=str(adapters_folder))
+    local = vLLMEngineProcessorConfig(
+        model_source=tiny_model, engine_kwargs=LORA_KWARGS, dynamic_lora_loading_path=str(adapters_folder)
+    )
     check_model(local, "style-b")
-    with pytest.raises(RowError, match=f"LoRA adapter 'style-c', and {adapters_folder}/style-c has no adapter_config.json"):
+    with pytest.raises(
+        RowError, match=f"LoRA adapter 'style-c', and {adapters_folder}/style-c has no adapter_config.json"
+    ):
         check_model(local, "style-c")
     with pytest.raises(RowError, match="cannot be a remote path"):
         check_model(local, "s3://bucket/style-a")
@@ -187,15 +232,27 @@ def test_lora_settings_are_checked_when_defined(tiny_model):
     with pytest.raises(ValidationError, match="dynamic_lora_loading_path is set and engine_kwargs.enable_lora is not"):
         vLLMEngineProcessorConfig(model_source=tiny_model, dynamic_lora_loading_path="/adapters")
     with pytest.raises(ValidationError, match="expected a local folder or an s3://bucket/prefix"):
-        vLLMEngineProcessorConfig(model_source=tiny_model, engine_kwargs=LORA_KWARGS, dynamic_lora_loading_path="gs://b/adapters")
-    a = vLLMEngineProcessorConfig(model_source=tiny_model, engine_kwargs=LORA_KWARGS, dynamic_lora_loading_path="/adapters/v1")
+        vLLMEngineProcessorConfig(
+            model_source=tiny_model, engine_kwargs=LORA_KWARGS, dynamic_lora_loading_path="gs://b/adapters"
+        )
+    a = vLLMEngineProcessorConfig(
+        model_source=tiny_model, engine_kwargs=LORA_KWARGS, dynamic_lora_loading_path="/adapters/v1"
+    )
     b = a.model_copy(update={"dynamic_lora_loading_path": "/adapters/v2"})
-    assert vLLMEngine(a).output_settings() != vLLMEngine(b).output_settings()  # the engine stage's code version and cache scope
+    assert (
+        vLLMEngine(a).output_settings() != vLLMEngine(b).output_settings()
+    )  # the engine stage's code version and cache scope
 
 
 def test_the_response_cache_keys_a_lora_row_apart_from_the_base_model():
     settings = CacheSettings("scope", "folder", "deterministic", False, ("generated_tokens",), ())
-    table = pa.table({"row_id": ["a", "b", "base", "none"], "tokenized_prompt": [[5, 6]] * 4,
-                      "sampling_params": [json.dumps(PARAMS)] * 4, "model": ["style-a", "style-b", "/m/tiny", None]})
+    table = pa.table(
+        {
+            "row_id": ["a", "b", "base", "none"],
+            "tokenized_prompt": [[5, 6]] * 4,
+            "sampling_params": [json.dumps(PARAMS)] * 4,
+            "model": ["style-a", "style-b", "/m/tiny", None],
+        }
+    )
     keys = request_keys(table, settings).to_pylist()
     assert None not in keys and len(set(keys)) == 4

@@ -42,8 +42,15 @@ def prepare(vlm):
 
 
 def image_row(url: str, row_id: str = "r0") -> dict:
-    return {"row_id": row_id, "messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": url}},
-                                                                          {"type": "text", "text": QUESTION}]}]}
+    return {
+        "row_id": row_id,
+        "messages": [
+            {
+                "role": "user",
+                "content": [{"type": "image_url", "image_url": {"url": url}}, {"type": "text", "text": QUESTION}],
+            }
+        ],
+    }
 
 
 def prepared(prepare, rows: list[dict], fn=None) -> list[dict]:
@@ -60,11 +67,21 @@ def test_every_kind_of_image_part_becomes_a_placeholder_and_a_stored_item(prepar
     def pil_in_preprocess(row):  # a PIL image exists only inside the user's function, never in a file
         if row["row_id"] != "pil":
             return row
-        return {"messages": [{"role": "user", "content": [{"type": "image_pil", "image_pil": Image.open(io.BytesIO(png))}]}]}
+        return {
+            "messages": [{"role": "user", "content": [{"type": "image_pil", "image_pil": Image.open(io.BytesIO(png))}]}]
+        }
 
-    rows = prepared(prepare, [image_row(f"{base}/red.png", "http"), image_row(str(folder / "red.png"), "path"),
-                              image_row((folder / "red.png").as_uri(), "file"), image_row(data, "data"), {"row_id": "pil"}],
-                    pil_in_preprocess)
+    rows = prepared(
+        prepare,
+        [
+            image_row(f"{base}/red.png", "http"),
+            image_row(str(folder / "red.png"), "path"),
+            image_row((folder / "red.png").as_uri(), "file"),
+            image_row(data, "data"),
+            {"row_id": "pil"},
+        ],
+        pil_in_preprocess,
+    )
     for row in rows:
         assert "<image>" in json.loads(row["messages"])[0]["content"], row["row_id"]
         [item] = row["multimodal_data"]
@@ -76,15 +93,22 @@ def test_every_kind_of_image_part_becomes_a_placeholder_and_a_stored_item(prepar
     assert pa.Table.from_pylist(rows).schema.field("multimodal_data").type.value_type.field("data").type == pa.binary()
 
 
-@pytest.mark.parametrize("name, expected", [
-    ("missing.png", "HTTP 404"),
-    ("corrupt.png", "does not decode"),
-])
+@pytest.mark.parametrize(
+    "name, expected",
+    [
+        ("missing.png", "HTTP 404"),
+        ("corrupt.png", "does not decode"),
+    ],
+)
 def test_a_bad_image_fails_its_row_naming_the_part(prepare, media, name, expected):
     folder, base = media
     with pytest.raises(RowError) as error:
         prepared(prepare, [image_row(f"{base}/{name}", "bad-row")])
-    assert "bad-row" in str(error.value) and "messages[0].content[0].image_url" in str(error.value) and expected in str(error.value)
+    assert (
+        "bad-row" in str(error.value)
+        and "messages[0].content[0].image_url" in str(error.value)
+        and expected in str(error.value)
+    )
     with pytest.raises(RowError, match="cannot read"):
         prepared(prepare, [image_row(str(folder / "nowhere" / name))])
 
@@ -97,7 +121,9 @@ def test_audio_and_video_are_read_and_decoded_and_refused_by_an_image_model(prep
     samples, rate = media_module.decode("audio", "audio/wav", wav)
     assert (samples.shape, rate) == ((8000,), 16000)
     item, data = media_module.read_item("video", f"{base}/clip.mp4")
-    frames, info = getattr(media_module.decode("video", item["mime_type"], data), "media", None) or media_module.decode("video", item["mime_type"], data)
+    frames, info = getattr(media_module.decode("video", item["mime_type"], data), "media", None) or media_module.decode(
+        "video", item["mime_type"], data
+    )
     assert frames.shape == (8, 64, 64, 3) and item["data"] is None
     audio = {"type": "input_audio", "input_audio": {"data": base64.b64encode(wav).decode(), "format": "wav"}}
     with pytest.raises(RowError, match=r"audio.*may be provided"):  # decoded, then this model takes no audio
@@ -126,17 +152,37 @@ def test_image_tokens_reach_the_engine(tmp_path, vlm, media, ray_session, instan
     from tests.helpers.pipelines import make_resources, run_job
 
     folder, base = media
-    write_jsonl(tmp_path / "landing" / "pictures.jsonl",
-                [{"image": None}, {"image": f"{base}/red.png"}, {"image": str(folder / "red.png")}, {"image": f"{base}/gone.png"}])
+    write_jsonl(
+        tmp_path / "landing" / "pictures.jsonl",
+        [
+            {"image": None},
+            {"image": f"{base}/red.png"},
+            {"image": str(folder / "red.png")},
+            {"image": f"{base}/gone.png"},
+        ],
+    )
 
     def to_chat(row):
         parts = [{"type": "text", "text": QUESTION}]
         if row["image"]:
             parts.insert(0, {"type": "image_url", "image_url": {"url": row["image"]}})
-        return {"image": row["image"], "messages": [{"role": "user", "content": parts}], "sampling_params": {"max_tokens": 4, "temperature": 0}}
+        return {
+            "image": row["image"],
+            "messages": [{"role": "user", "content": parts}],
+            "sampling_params": {"max_tokens": 4, "temperature": 0},
+        }
 
-    pipeline = LLMPipeline("vlm", {"model_source": vlm, "engine_kwargs": {"max_model_len": 512}, "prepare_multimodal_stage": True,
-                                   "should_continue_on_error": True}, LocalFolderSource(str(tmp_path / "landing")), preprocess=to_chat)
+    pipeline = LLMPipeline(
+        "vlm",
+        {
+            "model_source": vlm,
+            "engine_kwargs": {"max_model_len": 512},
+            "prepare_multimodal_stage": True,
+            "should_continue_on_error": True,
+        },
+        LocalFolderSource(str(tmp_path / "landing")),
+        preprocess=to_chat,
+    )
     assert pipeline.stage_names()[:3] == ["preprocess", "prepare_multimodal", "chat_template"]
     resources = make_resources(tmp_path / "storage")
     result = run_job(pipeline, resources, instance, {"dagster/partition": "pictures.jsonl"})
@@ -151,16 +197,30 @@ def test_image_tokens_reach_the_engine(tmp_path, vlm, media, ray_session, instan
     seen = [r["num_input_tokens"] for r in engine[:3]]
     assert tokens[1] == tokens[2] > tokens[0] and seen[1] == seen[2] >= seen[0] + 16, (tokens, seen)
     assert all(r.get("__inference_error__") is None and r["num_generated_tokens"] == 4 for r in engine[:3])
-    assert engine[3]["__inference_error__"].startswith("MediaError: messages[0].content[0].image_url: GET ") and "404" in engine[3]["__inference_error__"]
+    assert (
+        engine[3]["__inference_error__"].startswith("MediaError: messages[0].content[0].image_url: GET ")
+        and "404" in engine[3]["__inference_error__"]
+    )
     assert "multimodal_data" not in engine[0]  # the media stay in the stages before the engine
     assert [r["generated_text"] is not None for r in rows("postprocess")] == [True, True, True, False]
-    check = next(e.event_specific_data for e in result.all_events
-                 if e.event_type_value == "ASSET_CHECK_EVALUATION" and e.event_specific_data.check_name == "media_readable")
+    check = next(
+        e.event_specific_data
+        for e in result.all_events
+        if e.event_type_value == "ASSET_CHECK_EVALUATION" and e.event_specific_data.check_name == "media_readable"
+    )
     metadata = {name: value.value for name, value in check.metadata.items()}
     assert not check.passed and check.asset_key == dg.AssetKey(["vlm", "prepare_multimodal"])
     # Media by URL or path are stored as references: no bytes inline.
-    assert metadata == {"rows_with_media": 3, "failed_rows": 1, "failed_rate": 0.333333, "image_items": 2, "audio_items": 0,
-                        "video_items": 0, "inline_mib": 0.0, "examples": "pictures.jsonl:3"}, metadata
+    assert metadata == {
+        "rows_with_media": 3,
+        "failed_rows": 1,
+        "failed_rate": 0.333333,
+        "image_items": 2,
+        "audio_items": 0,
+        "video_items": 0,
+        "inline_mib": 0.0,
+        "examples": "pictures.jsonl:3",
+    }, metadata
 
 
 def test_audio_tokens_reach_the_engine(tmp_path, alm, media, ray_session, instance):
@@ -175,7 +235,9 @@ def test_audio_tokens_reach_the_engine(tmp_path, alm, media, ray_session, instan
 
     folder, base = media
     wav = base64.b64encode((folder / "tone.wav").read_bytes()).decode()
-    write_jsonl(tmp_path / "landing" / "sounds.jsonl", [{"kind": "a-none"}, {"kind": "b-input_audio"}, {"kind": "c-audio_url"}])
+    write_jsonl(
+        tmp_path / "landing" / "sounds.jsonl", [{"kind": "a-none"}, {"kind": "b-input_audio"}, {"kind": "c-audio_url"}]
+    )
 
     def to_chat(row):
         parts = [{"type": "text", "text": "What is in the sound?"}]
@@ -183,10 +245,18 @@ def test_audio_tokens_reach_the_engine(tmp_path, alm, media, ray_session, instan
             parts.insert(0, {"type": "input_audio", "input_audio": {"data": wav, "format": "wav"}})
         elif row["kind"] == "c-audio_url":
             parts.insert(0, {"type": "audio_url", "audio_url": {"url": f"{base}/tone.wav"}})
-        return {"kind": row["kind"], "messages": [{"role": "user", "content": parts}], "sampling_params": {"max_tokens": 4, "temperature": 0}}
+        return {
+            "kind": row["kind"],
+            "messages": [{"role": "user", "content": parts}],
+            "sampling_params": {"max_tokens": 4, "temperature": 0},
+        }
 
-    pipeline = LLMPipeline("alm", {"model_source": alm, "engine_kwargs": {"max_model_len": 512}, "prepare_multimodal_stage": True},
-                           LocalFolderSource(str(tmp_path / "landing")), preprocess=to_chat)
+    pipeline = LLMPipeline(
+        "alm",
+        {"model_source": alm, "engine_kwargs": {"max_model_len": 512}, "prepare_multimodal_stage": True},
+        LocalFolderSource(str(tmp_path / "landing")),
+        preprocess=to_chat,
+    )
     resources = make_resources(tmp_path / "storage")
     assert run_job(pipeline, resources, instance, {"dagster/partition": "sounds.jsonl"}).success
     storage = resources["storage"]
@@ -203,7 +273,10 @@ def test_audio_tokens_reach_the_engine(tmp_path, alm, media, ray_session, instan
     audio_tokens = 12
     # The placeholder's wrapping text ("Audio 1: <|audio_bos|>...<|audio_eos|>") is in both counts;
     # the engine's prompt has the placeholder expanded to the audio's tokens.
-    assert tokens[1] == tokens[2] > tokens[0] and seen[1] == seen[2] == seen[0] + (tokens[1] - tokens[0]) - 1 + audio_tokens, (tokens, seen)
+    assert (
+        tokens[1] == tokens[2] > tokens[0]
+        and seen[1] == seen[2] == seen[0] + (tokens[1] - tokens[0]) - 1 + audio_tokens
+    ), (tokens, seen)
     assert all(r.get("__inference_error__") is None and r["num_generated_tokens"] == 4 for r in engine), engine
     assert "multimodal_data" not in engine[0]
     assert [r["generated_text"] is not None for r in rows("postprocess")] == [True] * 3

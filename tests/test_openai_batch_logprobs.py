@@ -9,11 +9,10 @@ import pytest
 
 from llm_assets.engines.base import LOGPROB
 from llm_assets.openai_batch import rows_from_openai_batch
-from llm_assets.sources import LocalFolderSource, SourceError
 from llm_assets.rows import loads_params
-from tests.helpers.stages import preprocess_stage
+from llm_assets.sources import LocalFolderSource, SourceError
 from tests.helpers.openai_batch import CHAT, COMPLETIONS, export, finished, request, rows
-
+from tests.helpers.stages import preprocess_stage
 
 # --- requests -----------------------------------------------------------------------------------
 
@@ -49,11 +48,19 @@ def test_logprobs_rows_pass_preprocess_with_their_params(tmp_path):
 
 def test_bad_logprobs_lines_are_all_named_with_their_line_and_field():
     with pytest.raises(SourceError) as raised:
-        list(rows_from_openai_batch(enumerate([
-            request("ok", logprobs=True, top_logprobs=1),
-            request("a", top_logprobs=2),
-            request("b", url=COMPLETIONS, logprobs=9),
-        ], start=1), "batch.jsonl"))
+        list(
+            rows_from_openai_batch(
+                enumerate(
+                    [
+                        request("ok", logprobs=True, top_logprobs=1),
+                        request("a", top_logprobs=2),
+                        request("b", url=COMPLETIONS, logprobs=9),
+                    ],
+                    start=1,
+                ),
+                "batch.jsonl",
+            )
+        )
     assert str(raised.value) == (
         "batch.jsonl: 2 bad request lines: line 2: body 'top_logprobs' is 2 but 'logprobs' is absent: set 'logprobs' "
         "to true to get them; line 3: body 'logprobs' is 9: expected an integer from 0 to 5"
@@ -77,8 +84,13 @@ LOGPROBS = [
 
 
 def logprob_row(row_id, url, top=2, **overrides):
-    row = {**finished(row_id, " Parisé", url=url, tokens=(5, 2)), "generated_tokens": TOKENS, "logprobs": LOGPROBS,
-           "sampling_params": json.dumps({"logprobs": top, "detokenize": True}), **overrides}
+    row = {
+        **finished(row_id, " Parisé", url=url, tokens=(5, 2)),
+        "generated_tokens": TOKENS,
+        "logprobs": LOGPROBS,
+        "sampling_params": json.dumps({"logprobs": top, "detokenize": True}),
+        **overrides,
+    }
     return row
 
 
@@ -93,15 +105,21 @@ def table(*rows_):
 
 
 def test_chat_logprobs_have_openai_content_entries(tmp_path):
-    _, output, errors = export(tmp_path, [table(logprob_row("c", CHAT), logprob_row("plain", CHAT, sampling_params=None, logprobs=None))])
+    _, output, errors = export(
+        tmp_path, [table(logprob_row("c", CHAT), logprob_row("plain", CHAT, sampling_params=None, logprobs=None))]
+    )
     assert errors == []
     choice = output[0]["response"]["body"]["choices"][0]
     content = choice["logprobs"]["content"]
     assert choice["logprobs"]["refusal"] is None
     assert content[0] == {
-        "token": " Paris", "logprob": -0.25, "bytes": list(b" Paris"),
-        "top_logprobs": [{"token": " Paris", "logprob": -0.25, "bytes": list(b" Paris")},
-                         {"token": " Lyon", "logprob": -1.5, "bytes": list(b" Lyon")}],
+        "token": " Paris",
+        "logprob": -0.25,
+        "bytes": list(b" Paris"),
+        "top_logprobs": [
+            {"token": " Paris", "logprob": -0.25, "bytes": list(b" Paris")},
+            {"token": " Lyon", "logprob": -1.5, "bytes": list(b" Lyon")},
+        ],
     }
     # The sampled token outside the top 2 is the position's token, not one of its top_logprobs;
     # -inf (which JSON cannot hold) is OpenAI's -9999.0; bytes are UTF-8 ("é" is two bytes).
@@ -143,11 +161,14 @@ def test_a_row_that_asked_and_got_no_logprobs_is_a_failed_request(tmp_path):
     assert counts == {"total": 2, "completed": 1, "failed": 1}
     assert errors[0]["custom_id"] == "c" and errors[0]["response"]["status_code"] == 500
     assert errors[0]["response"]["body"]["error"]["message"] == (
-        "the request asked for log probabilities, but the engine returned no logprobs")
+        "the request asked for log probabilities, but the engine returned no logprobs"
+    )
 
 
 def test_logprobs_that_do_not_match_the_tokens_fail_the_export_naming_the_row(tmp_path):
-    with pytest.raises(ValueError, match=r"^row 'c': the logprobs of generated token 1 do not include it \(token id 12\)"):
+    with pytest.raises(
+        ValueError, match=r"^row 'c': the logprobs of generated token 1 do not include it \(token id 12\)"
+    ):
         export(tmp_path, [table(logprob_row("c", CHAT, generated_tokens=[7, 12]))])
     with pytest.raises(ValueError, match=r"^row 'c': 1 logprobs positions for 2 generated tokens"):
         export(tmp_path, [table(logprob_row("c", CHAT, logprobs=LOGPROBS[:1]))])

@@ -17,23 +17,36 @@ def request(custom_id: str, content: str, max_tokens: int, **body) -> dict:
         "custom_id": custom_id,
         "method": "POST",
         "url": "/v1/chat/completions",
-        "body": {"model": "tiny", "messages": [{"role": "user", "content": content}], "max_completion_tokens": max_tokens,
-                 "temperature": 0, **body},
+        "body": {
+            "model": "tiny",
+            "messages": [{"role": "user", "content": content}],
+            "max_completion_tokens": max_tokens,
+            "temperature": 0,
+            **body,
+        },
     }
 
 
 def completion_request(custom_id: str, prompt: str, max_tokens: int, **body) -> dict:
-    return {"custom_id": custom_id, "method": "POST", "url": "/v1/completions",
-            "body": {"model": "tiny", "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, **body}}
+    return {
+        "custom_id": custom_id,
+        "method": "POST",
+        "url": "/v1/completions",
+        "body": {"model": "tiny", "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, **body},
+    }
 
 
 def test_an_openai_batch_file_runs_and_exports_openai_batch_output(tmp_path, tiny_model, ray_session, instance):
     landing = tmp_path / "landing"
     landing.mkdir()
-    lines = [request("req-1", "hello there", 5), request("req-2", "word " * 600, 5), request("req-3", "how are you", 3),
-             request("chat-lp", "hello there", 5, logprobs=True, top_logprobs=3),
-             request("chat-lp0", "tell me more", 4, logprobs=True),
-             completion_request("text-lp", "Once upon a time", 4, logprobs=2)]
+    lines = [
+        request("req-1", "hello there", 5),
+        request("req-2", "word " * 600, 5),
+        request("req-3", "how are you", 3),
+        request("chat-lp", "hello there", 5, logprobs=True, top_logprobs=3),
+        request("chat-lp0", "tell me more", 4, logprobs=True),
+        completion_request("text-lp", "Once upon a time", 4, logprobs=2),
+    ]
     (landing / "batch.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
     pipeline = LLMPipeline(
         "tiny",
@@ -62,7 +75,9 @@ def test_an_openai_batch_file_runs_and_exports_openai_batch_output(tmp_path, tin
     assert failure["body"]["error"]["code"] == "context_length_exceeded"
     assert "word" not in failure["body"]["error"]["message"]  # the prompt is never echoed
     assert body["model"] == Path(tiny_model).name  # the model that answered, not the request's "tiny"
-    exported = instance.get_latest_materialization_event(dg.AssetKey(["tiny", "openai_batch_output"])).asset_materialization
+    exported = instance.get_latest_materialization_event(
+        dg.AssetKey(["tiny", "openai_batch_output"])
+    ).asset_materialization
     assert exported.metadata["completed"].value == 5 and exported.metadata["failed"].value == 1
     assert body["choices"][0]["logprobs"] is None  # a request that did not ask
     bodies = {line["custom_id"]: line["response"]["body"] for line in output}
@@ -82,11 +97,20 @@ def assert_logprobs(bodies: dict[str, dict]) -> None:
             assert len(position["top_logprobs"]) == top_n
             if top_n:  # greedy: the sampled token is the first of the top ones
                 assert position["top_logprobs"][0]["token"] == position["token"]
-                assert [top["logprob"] for top in position["top_logprobs"]] == sorted((top["logprob"] for top in position["top_logprobs"]), reverse=True)
-        assert_joined_tokens_give_the_text([position["token"] for position in content], choice["message"]["content"], choice["finish_reason"])
+                assert [top["logprob"] for top in position["top_logprobs"]] == sorted(
+                    (top["logprob"] for top in position["top_logprobs"]), reverse=True
+                )
+        assert_joined_tokens_give_the_text(
+            [position["token"] for position in content], choice["message"]["content"], choice["finish_reason"]
+        )
     choice = bodies["text-lp"]["choices"][0]
     logprobs = choice["logprobs"]
-    assert len(logprobs["tokens"]) == len(logprobs["token_logprobs"]) == len(logprobs["top_logprobs"]) == bodies["text-lp"]["usage"]["completion_tokens"]
+    assert (
+        len(logprobs["tokens"])
+        == len(logprobs["token_logprobs"])
+        == len(logprobs["top_logprobs"])
+        == bodies["text-lp"]["usage"]["completion_tokens"]
+    )
     assert all(value <= 0 for value in logprobs["token_logprobs"])
     for token, logprob, top in zip(logprobs["tokens"], logprobs["token_logprobs"], logprobs["top_logprobs"]):
         assert 1 <= len(top) <= 3 and top[token] == logprob  # the top 2 and the sampled token (one of them when greedy)

@@ -7,14 +7,27 @@ import os
 import dagster as dg
 import pytest
 
-from llm_assets.defs.factory import build_definitions, stage_key
 from llm_assets.defs.assets import metadata
+from llm_assets.defs.factory import build_definitions, stage_key
 from llm_assets.execution.stats import PartitionStats
 from llm_assets.sources import LocalFolderSource
 from tests.helpers.data import questions, write_jsonl
 from tests.helpers.models import model_without_chat_template
-from tests.helpers.pipelines import (MAX_TOKENS, RANGE_END, RANGE_START, TASK_TIMES, assert_failed_before_any_engine, log_messages,
-                                     make_pipeline, make_resources, read_output, run_job, to_answer, to_chat)
+from tests.helpers.pipelines import (
+    MAX_TOKENS,
+    RANGE_END,
+    RANGE_START,
+    TASK_TIMES,
+    assert_failed_before_any_engine,
+    log_messages,
+    make_pipeline,
+    make_resources,
+    read_output,
+    run_job,
+    to_answer,
+    to_chat,
+)
+
 
 def answer_and_niceness(row):
     return {**to_answer(row), "worker_nice": os.nice(0)}
@@ -91,7 +104,9 @@ def test_the_run_log_tells_how_each_group_of_cpu_tasks_spent_its_time(two_partit
     found = {m.group(1): m for m in map(TASK_TIMES.search, log_messages(instance, result.run_id)) if m}
     assert set(found) == {"preprocess", "chat_template, tokenize", "detokenize, postprocess"}
     for match in found.values():
-        tasks, waited, longest_wait, ran, longest_run, _, built, longest_build, cold = (float(g) for g in match.groups()[1:])
+        tasks, waited, longest_wait, ran, longest_run, _, built, longest_build, cold = (
+            float(g) for g in match.groups()[1:]
+        )
         assert tasks == 4 and cold <= tasks
         assert waited <= longest_wait + 0.05 and ran <= longest_run + 0.05 and built <= longest_build + 0.05
         assert 0 < ran < 60 and built <= ran
@@ -141,7 +156,11 @@ def test_rerunning_postprocess_reads_persisted_output_and_never_starts_an_engine
 @pytest.mark.parametrize(
     "landing, pipeline_kwargs, expected",
     [
-        ({"x.jsonl": [{"question": "hi"}]}, {"preprocess": None}, "row 'x.jsonl:0': has neither 'messages' nor 'prompt'"),
+        (
+            {"x.jsonl": [{"question": "hi"}]},
+            {"preprocess": None},
+            "row 'x.jsonl:0': has neither 'messages' nor 'prompt'",
+        ),
         ({"x.jsonl": []}, {}, "x.jsonl has no rows"),
         ({"x.jsonl": [{"q": "hi"}]}, {}, "row 'x.jsonl:0': the preprocess function raised KeyError: 'question'"),
         (
@@ -152,7 +171,8 @@ def test_rerunning_postprocess_reads_persisted_output_and_never_starts_an_engine
         (
             {"x.jsonl": [{"question": "hi"}]},
             {"model_source": "models/SmolLM2-135M"},  # a relative path with a typo looks like a hub id
-            "model_source 'models/SmolLM2-135M' is no local path, and as a Hugging Face repo id it is not in the local cache",
+            "model_source 'models/SmolLM2-135M' is no local path, and as a Hugging Face repo id "
+            "it is not in the local cache",
         ),
         (
             {"x.jsonl": [{"question": "hi"}]},
@@ -178,7 +198,9 @@ def test_bad_input_fails_the_run_with_a_clear_message_before_any_engine_starts(
         write_jsonl(tmp_path / "landing" / name, rows)
     model = pipeline_kwargs.pop("model_source", tiny_model)
     pipeline = make_pipeline(tmp_path / "landing", model, **pipeline_kwargs)
-    result = run_job(pipeline, make_resources(tmp_path / "storage"), instance, {"dagster/partition": "x.jsonl"}, raise_on_error=False)
+    result = run_job(
+        pipeline, make_resources(tmp_path / "storage"), instance, {"dagster/partition": "x.jsonl"}, raise_on_error=False
+    )
     assert_failed_before_any_engine(result, instance, tmp_path / "storage", expected)
 
 
@@ -199,7 +221,9 @@ def test_a_bad_file_or_model_fails_the_run_before_any_engine_starts(tmp_path, ti
         write_jsonl(landing / partition, [{"question": "hi"}])
     pipeline = make_pipeline(landing, model)
     pipeline.source = LocalFolderSource(str(landing), pattern="x.*")
-    result = run_job(pipeline, make_resources(tmp_path / "storage"), instance, {"dagster/partition": partition}, raise_on_error=False)
+    result = run_job(
+        pipeline, make_resources(tmp_path / "storage"), instance, {"dagster/partition": partition}, raise_on_error=False
+    )
     assert_failed_before_any_engine(result, instance, tmp_path / "storage", expected)
     if case == "model without a chat template":  # nothing after Preprocess is committed
         committed = {p.parent.parent.name for p in (tmp_path / "storage" / "tiny").rglob("_manifest.json")}
@@ -216,22 +240,35 @@ def test_the_run_fails_naming_the_row_when_a_request_fails(tmp_path, tiny_model,
         return chat
 
     pipeline = make_pipeline(tmp_path / "landing", tiny_model, preprocess=odd_params)
-    result = run_job(pipeline, make_resources(tmp_path / "storage"), instance, {"dagster/partition": "x.jsonl"}, raise_on_error=False)
+    result = run_job(
+        pipeline, make_resources(tmp_path / "storage"), instance, {"dagster/partition": "x.jsonl"}, raise_on_error=False
+    )
     assert not result.success
     failure = next(e for e in result.all_events if e.event_type_value == "STEP_FAILURE")
     assert failure.step_key == "tiny_stages"
     error = failure.step_failure_data.error
     headline = (error.cause or error).message.splitlines()[0]  # what the UI shows first
     assert "RowError: engine: row 'x.jsonl:1'" in headline and "top_p" in headline, headline
-    assert json.loads((tmp_path / "storage" / "tiny" / "tokenize" / "x.jsonl" / "_manifest.json").read_text())["rows"] == 2
+    assert (
+        json.loads((tmp_path / "storage" / "tiny" / "tokenize" / "x.jsonl" / "_manifest.json").read_text())["rows"] == 2
+    )
 
 
-def test_a_prompt_longer_than_the_context_fails_before_the_engine_takes_a_row(tmp_path, tiny_model, ray_session, instance):
+def test_a_prompt_longer_than_the_context_fails_before_the_engine_takes_a_row(
+    tmp_path, tiny_model, ray_session, instance
+):
     write_jsonl(tmp_path / "landing" / "x.jsonl", [{"question": "fine"}, {"question": "word " * 600}])
     pipeline = make_pipeline(tmp_path / "landing", tiny_model)  # max_model_len 512
-    result = run_job(pipeline, make_resources(tmp_path / "storage"), instance, {"dagster/partition": "x.jsonl"}, raise_on_error=False)
-    assert_failed_before_any_engine(result, instance, tmp_path / "storage", "RowError: tokenize: row 'x.jsonl:1': the prompt has",
-                                    engine_may_build=True)
+    result = run_job(
+        pipeline, make_resources(tmp_path / "storage"), instance, {"dagster/partition": "x.jsonl"}, raise_on_error=False
+    )
+    assert_failed_before_any_engine(
+        result,
+        instance,
+        tmp_path / "storage",
+        "RowError: tokenize: row 'x.jsonl:1': the prompt has",
+        engine_may_build=True,
+    )
     failure = next(e for e in result.all_events if e.event_type_value == "STEP_FAILURE")
     assert "this model's maximum context length is 512 tokens" in failure.step_failure_data.error.to_string()
     # What committed before the failure is reported as materialized.

@@ -29,8 +29,12 @@ def test_the_stage_plan_comes_from_the_task_type_and_the_config():
     plain = pipeline(chat_template_stage=False, detokenize_stage=False)
     assert plain.stage_names() == ["preprocess", "tokenize", ENGINE, "postprocess"]
     assert plain.plan(ENGINE).upstream == "tokenize" and plain.text_stage() == ENGINE and plain.engine_detokenizes()
-    chat = pipeline(chat_template_stage={"chat_template": "{{ x }}", "chat_template_kwargs": {"a": 1}}).plan("chat_template")
-    assert chat.udf_kwargs == {"chat_template": "{{ x }}", "chat_template_kwargs": {"a": 1}} and chat.model_source == "/m"
+    chat = pipeline(chat_template_stage={"chat_template": "{{ x }}", "chat_template_kwargs": {"a": 1}}).plan(
+        "chat_template"
+    )
+    assert (
+        chat.udf_kwargs == {"chat_template": "{{ x }}", "chat_template_kwargs": {"a": 1}} and chat.model_source == "/m"
+    )
     assert pipeline().plan("preprocess").model_source is None  # the user function needs no tokenizer
 
 
@@ -53,19 +57,35 @@ def test_engines_are_registered_by_processor_config_class():
     class OtherProcessorConfig(ProcessorConfig):
         pass
 
-    with pytest.raises(TypeError, match="no engine is registered for OtherProcessorConfig: expected one of vLLMEngineProcessorConfig"):
+    with pytest.raises(
+        TypeError, match="no engine is registered for OtherProcessorConfig: expected one of vLLMEngineProcessorConfig"
+    ):
         engine_for(OtherProcessorConfig())
-    with pytest.raises(ValueError, match="task_type 'rerank' is not supported: expected one of \\['classify', 'embed', 'generate', 'score'\\]"):
+    with pytest.raises(
+        ValueError,
+        match="task_type 'rerank' is not supported: expected one of \\['classify', 'embed', 'generate', 'score'\\]",
+    ):
         pipeline(task_type="rerank")
     assert pipeline(task_type="embed").stage_names() == ["preprocess", "tokenize", "engine", "postprocess"]
-    assert pipeline(task_type="embed", chat_template_stage=True).stage_names() == ["preprocess", "chat_template", "tokenize", "engine", "postprocess"]
+    assert pipeline(task_type="embed", chat_template_stage=True).stage_names() == [
+        "preprocess",
+        "chat_template",
+        "tokenize",
+        "engine",
+        "postprocess",
+    ]
 
 
 def test_a_run_groups_cpu_stages_by_resources_and_the_engine_output_is_written_after_it():
     p = pipeline()
     chain = p.stage_names()
     steps = build_steps(p, chain, cluster_cpus=4)
-    assert [s.stages if s else ENGINE for s in steps] == [["preprocess"], ["chat_template", "tokenize"], ENGINE, [ENGINE, "detokenize", "postprocess"]]
+    assert [s.stages if s else ENGINE for s in steps] == [
+        ["preprocess"],
+        ["chat_template", "tokenize"],
+        ENGINE,
+        [ENGINE, "detokenize", "postprocess"],
+    ]
     assert step_of(steps, chain, chain.index("tokenize")) == 1 and step_of(steps, chain, chain.index(ENGINE)) == 2
     assert step_of(steps, chain, chain.index("detokenize")) == 3
     assert steps[1].max_in_flight == 2 and build_steps(p, chain, cluster_cpus=16)[1].max_in_flight == 4
@@ -73,7 +93,11 @@ def test_a_run_groups_cpu_stages_by_resources_and_the_engine_output_is_written_a
     steps = build_steps(heavy, heavy.stage_names(), cluster_cpus=4)
     assert [s.stages if s else ENGINE for s in steps][:3] == [["preprocess"], ["chat_template"], ["tokenize"]]
     assert steps[2].max_in_flight == 3 and steps[2].options["num_cpus"] == 2
-    assert chains(p, ["preprocess", "tokenize", ENGINE, "postprocess"]) == [["preprocess"], ["tokenize", ENGINE], ["postprocess"]]
+    assert chains(p, ["preprocess", "tokenize", ENGINE, "postprocess"]) == [
+        ["preprocess"],
+        ["tokenize", ENGINE],
+        ["postprocess"],
+    ]
 
 
 def test_code_versions_ignore_comments_docstrings_and_layout_but_not_code():
@@ -101,8 +125,16 @@ def test_a_run_the_cluster_could_never_schedule_is_named_before_it_starts():
     one_engine = {"CPU": 1, "GPU": 0, "CPU_each": 1, "GPU_each": 0}
     assert unschedulable(steps, [{"CPU": 4}], one_engine) is None
     assert unschedulable(steps, [{"CPU": 3}], one_engine) == (
-        "stage(s) tokenize ask for 3 logical CPU(s) per task; the largest node of the Ray cluster has 3, 1 of them held by the engines for the whole run")
+        "stage(s) tokenize ask for 3 logical CPU(s) per task; the largest node of the Ray cluster has 3, "
+        "1 of them held by the engines for the whole run"
+    )
     assert unschedulable(steps, [{"CPU": 3}, {"CPU": 3}], one_engine) is None  # the engine may sit on the other node
     two_gpu_engines = {"CPU": 2, "GPU": 4, "CPU_each": 1, "GPU_each": 2}
-    assert unschedulable(steps, [{"CPU": 8, "GPU": 1}], two_gpu_engines) == "each engine asks for 2 GPU(s); the largest node of the Ray cluster has 1"
-    assert unschedulable(steps, [{"CPU": 8, "GPU": 2}], two_gpu_engines) == "the engines ask for 4 GPU(s) in all; the Ray cluster has 2"
+    assert (
+        unschedulable(steps, [{"CPU": 8, "GPU": 1}], two_gpu_engines)
+        == "each engine asks for 2 GPU(s); the largest node of the Ray cluster has 1"
+    )
+    assert (
+        unschedulable(steps, [{"CPU": 8, "GPU": 2}], two_gpu_engines)
+        == "the engines ask for 4 GPU(s) in all; the Ray cluster has 2"
+    )

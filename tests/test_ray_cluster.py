@@ -28,8 +28,8 @@ import pytest
 from resources import PartitionStorage, RayDataResource, make_resources
 from tests.helpers.data import questions, write_jsonl
 from tests.helpers.local_ray import init_local_ray
-from tests.helpers.processes import free_port, kill_processes
 from tests.helpers.pipelines import log_messages, make_pipeline, run_job
+from tests.helpers.processes import free_port, kill_processes
 
 ROOT = Path(__file__).resolve().parents[1]
 ROWS = 64
@@ -46,8 +46,12 @@ PARTITION = "x.jsonl"
 # 10 s: a raylet that is alive but starved of CPU on 2 busy cores missed 500 ms deadlines, and
 # three misses in a row once marked the head dead, which ends every driver on it (pytest's own
 # process, exit 1 and no output).
-FAST_HEALTH_CHECKS = {"RAY_health_check_period_ms": "500", "RAY_health_check_timeout_ms": "10000",
-                      "RAY_health_check_failure_threshold": "3", "RAY_health_check_initial_delay_ms": "500"}
+FAST_HEALTH_CHECKS = {
+    "RAY_health_check_period_ms": "500",
+    "RAY_health_check_timeout_ms": "10000",
+    "RAY_health_check_failure_threshold": "3",
+    "RAY_health_check_initial_delay_ms": "500",
+}
 
 
 def node_id() -> str:
@@ -57,9 +61,12 @@ def node_id() -> str:
 
 
 def ask(row, max_tokens: int = MAX_TOKENS):
-    return {"question": row["question"], "preprocess_node": node_id(),
-            "messages": [{"role": "user", "content": row["question"]}],
-            "sampling_params": {"max_tokens": max_tokens, "ignore_eos": True, "temperature": 0}}
+    return {
+        "question": row["question"],
+        "preprocess_node": node_id(),
+        "messages": [{"role": "user", "content": row["question"]}],
+        "sampling_params": {"max_tokens": max_tokens, "ignore_eos": True, "temperature": 0},
+    }
 
 
 def ask_at_length(row):
@@ -67,15 +74,26 @@ def ask_at_length(row):
 
 
 def answer(row):
-    return {"question": row["question"], "answer": row["generated_text"], "tokens": row["num_generated_tokens"],
-            "preprocess_node": row["preprocess_node"], "postprocess_node": node_id()}
+    return {
+        "question": row["question"],
+        "answer": row["generated_text"],
+        "tokens": row["num_generated_tokens"],
+        "preprocess_node": row["preprocess_node"],
+        "postprocess_node": node_id(),
+    }
 
 
 def pipeline(landing: Path, model: str, preprocess=ask, batch_size: int = 4, max_num_seqs: int = 4):
     # Few sequences at a time: rows finish in small waves, so the first checkpoint comes while
     # most rows are still to do.
-    return make_pipeline(landing, model, preprocess=preprocess, postprocess=answer, batch_size=batch_size,
-                         engine_kwargs={"max_model_len": 512, "max_num_seqs": max_num_seqs})
+    return make_pipeline(
+        landing,
+        model,
+        preprocess=preprocess,
+        postprocess=answer,
+        batch_size=batch_size,
+        engine_kwargs={"max_model_len": 512, "max_num_seqs": max_num_seqs},
+    )
 
 
 class Busy:
@@ -95,12 +113,29 @@ class Node:
         # token), and a process that used a Ray with one mode and then connects to a cluster with
         # another gets actors that die before they start. The tests' session Ray (conftest), once
         # started, has set RAY_AUTH_MODE=token in this process; before that it is unset: disabled.
-        env = {**os.environ, **FAST_HEALTH_CHECKS, "PYTHONPATH": str(ROOT),
-               "RAY_AUTH_MODE": os.environ.get("RAY_AUTH_MODE") or "disabled"}
+        env = {
+            **os.environ,
+            **FAST_HEALTH_CHECKS,
+            "PYTHONPATH": str(ROOT),
+            "RAY_AUTH_MODE": os.environ.get("RAY_AUTH_MODE") or "disabled",
+        }
         with open(log, "w") as out:
-            self.process = subprocess.Popen([str(Path(sys.executable).parent / "ray"), "start", "--block", "--disable-usage-stats",
-                                             "--object-store-memory=300000000", f"--dashboard-agent-listen-port={free_port()}", *args],
-                                            cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+            self.process = subprocess.Popen(
+                [
+                    str(Path(sys.executable).parent / "ray"),
+                    "start",
+                    "--block",
+                    "--disable-usage-stats",
+                    "--object-store-memory=300000000",
+                    f"--dashboard-agent-listen-port={free_port()}",
+                    *args,
+                ],
+                cwd=ROOT,
+                env=env,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
 
     def processes(self) -> list:
         try:
@@ -119,9 +154,19 @@ class Cluster:
     def __init__(self, tmp: Path):
         self.tmp, self.port = tmp, free_port()
         self.address = f"127.0.0.1:{self.port}"
-        self.head = Node(["--head", f"--port={self.port}", "--num-cpus=2", "--resources", json.dumps({"head_node": 1}),
-                          "--include-dashboard=false", f"--ray-client-server-port={free_port()}", f"--temp-dir={tmp / 'ray'}"],
-                         tmp / "head.log")
+        self.head = Node(
+            [
+                "--head",
+                f"--port={self.port}",
+                "--num-cpus=2",
+                "--resources",
+                json.dumps({"head_node": 1}),
+                "--include-dashboard=false",
+                f"--ray-client-server-port={free_port()}",
+                f"--temp-dir={tmp / 'ray'}",
+            ],
+            tmp / "head.log",
+        )
         self.workers: list[Node] = []
         try:
             self.head_id = self._wait_for_node("head_node")
@@ -132,8 +177,12 @@ class Cluster:
     def add_worker(self) -> str:
         """A worker node (3 logical CPUs; the 2 real cores are shared by every process here)."""
         name = f"worker_{len(self.workers)}"
-        self.workers.append(Node([f"--address={self.address}", "--num-cpus=3", "--resources", json.dumps({name: 1})],
-                                 self.tmp / f"{name}.log"))
+        self.workers.append(
+            Node(
+                [f"--address={self.address}", "--num-cpus=3", "--resources", json.dumps({name: 1})],
+                self.tmp / f"{name}.log",
+            )
+        )
         return self._wait_for_node(name)  # the fixture stops it, joined or not
 
     def _wait_for_node(self, resource: str) -> str:
@@ -154,7 +203,9 @@ class Cluster:
             except ConnectionError:
                 pass  # the head's GCS is not up yet
             if time.monotonic() > deadline:
-                raise RuntimeError(f"the Ray node with resource {resource} did not join: {(self.tmp / 'head.log').read_text()[-2000:]}")
+                raise RuntimeError(
+                    f"the Ray node with resource {resource} did not join: {(self.tmp / 'head.log').read_text()[-2000:]}"
+                )
             time.sleep(1)
 
     def stop(self) -> None:
@@ -173,7 +224,11 @@ def hold_the_head(cluster: Cluster) -> None:
 
     ray.init(address=cluster.address, namespace="llm_assets")
     try:
-        busy = ray.remote(Busy).options(name=BUSY, lifetime="detached", num_cpus=1.5, resources={"head_node": 0.01}).remote()
+        busy = (
+            ray.remote(Busy)
+            .options(name=BUSY, lifetime="detached", num_cpus=1.5, resources={"head_node": 0.01})
+            .remote()
+        )
         assert ray.get(busy.ready.remote(), timeout=60)
     finally:
         ray.shutdown()
@@ -215,13 +270,19 @@ def engine_rows(storage: PartitionStorage) -> list[str]:
     """Row ids of the engine's committed output, as written (a duplicate would show twice)."""
     manifest = storage.manifest("tiny", "engine", PARTITION)
     base = storage.partition_dir("tiny", "engine", PARTITION)
-    return [row_id for name in manifest.files for row_id in pq.read_table(f"{base}/{name}").column("row_id").to_pylist()]
+    return [
+        row_id for name in manifest.files for row_id in pq.read_table(f"{base}/{name}").column("row_id").to_pylist()
+    ]
 
 
 def count_rows(storage: PartitionStorage) -> dict[str, int]:
     row_ids = engine_rows(storage)
-    counts = {"in": ROWS, "out": len(row_ids), "duplicated": len(row_ids) - len(set(row_ids)),
-              "lost": len({f"{PARTITION}:{i}" for i in range(ROWS)} - set(row_ids))}
+    counts = {
+        "in": ROWS,
+        "out": len(row_ids),
+        "duplicated": len(row_ids) - len(set(row_ids)),
+        "lost": len({f"{PARTITION}:{i}" for i in range(ROWS)} - set(row_ids)),
+    }
     print(f"rows {counts}")
     return counts
 
@@ -236,7 +297,9 @@ def checkpoints(storage_root: Path) -> list[Path]:
     return list((storage_root / "tiny" / "engine" / PARTITION).glob("attempt-*/part-*.parquet"))
 
 
-def lose_worker_while_it_generates(instance, cluster: Cluster, storage_root: Path, seen: dict, after_tokenize: bool) -> None:
+def lose_worker_while_it_generates(
+    instance, cluster: Cluster, storage_root: Path, seen: dict, after_tokenize: bool
+) -> None:
     """Once the run's engine has started on the worker node, ends the job that held the head; once
     the engine stage has written its first batch (the engine is mid-partition), and Tokenize has
     committed if ``after_tokenize``, SIGKILLs every process of the worker node."""
@@ -247,19 +310,29 @@ def lose_worker_while_it_generates(instance, cluster: Cluster, storage_root: Pat
         messages = log_messages(instance, runs[0].run_id) if runs else []
         started = re.search(r"vLLM engine 0 started in .* \(pid (\d+) ", "\n".join(m for m in messages if m))
         if started and "pid" not in seen:
-            seen.update(pid=int(started.group(1)), on_worker=int(started.group(1)) in {p.pid for p in worker.processes()})
+            seen.update(
+                pid=int(started.group(1)), on_worker=int(started.group(1)) in {p.pid for p in worker.processes()}
+            )
             release_the_head()
         tokenized = (storage_root / "tiny" / "tokenize" / PARTITION / "_manifest.json").exists() or not after_tokenize
         if started and checkpoints(storage_root) and tokenized:
-            seen.update(killed=len(worker.stop()), killed_at=time.time(), rows_written=sum(pq.ParquetFile(p).metadata.num_rows for p in checkpoints(storage_root)))
+            seen.update(
+                killed=len(worker.stop()),
+                killed_at=time.time(),
+                rows_written=sum(pq.ParquetFile(p).metadata.num_rows for p in checkpoints(storage_root)),
+            )
             return
         time.sleep(0.2)
 
 
-def run_losing_the_worker(pipeline_, resources, instance, cluster: Cluster, storage_root: Path, after_tokenize: bool = False) -> tuple:
+def run_losing_the_worker(
+    pipeline_, resources, instance, cluster: Cluster, storage_root: Path, after_tokenize: bool = False
+) -> tuple:
     hold_the_head(cluster)
     seen: dict = {}
-    killer = threading.Thread(target=lose_worker_while_it_generates, args=(instance, cluster, storage_root, seen, after_tokenize), daemon=True)
+    killer = threading.Thread(
+        target=lose_worker_while_it_generates, args=(instance, cluster, storage_root, seen, after_tokenize), daemon=True
+    )
     killer.start()
     result = run_job(pipeline_, resources, instance, {"dagster/partition": PARTITION}, raise_on_error=False)
     killer.join(timeout=5)
@@ -273,18 +346,29 @@ def local_answers(tiny_model, tmp_path_factory) -> dict[str, str]:
     """The same pipeline on a local Ray (no address), in a process of its own, as a user's run."""
     root = tmp_path_factory.mktemp("local")
     write_jsonl(root / "landing" / PARTITION, questions(ROWS, "c"))
-    subprocess.run([sys.executable, "-m", "tests.test_ray_cluster", str(root / "landing"), tiny_model, str(root / "storage")],
-                   cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)}, check=True, capture_output=True)
+    subprocess.run(
+        [sys.executable, "-m", "tests.test_ray_cluster", str(root / "landing"), tiny_model, str(root / "storage")],
+        cwd=ROOT,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        check=True,
+        capture_output=True,
+    )
     return {row["row_id"]: row["answer"] for row in answers(PartitionStorage(root=str(root / "storage")))}
 
 
-def test_a_lost_worker_node_costs_its_engine_which_is_rebuilt_on_the_head(local_answers, cluster, tiny_model, tmp_path, instance):
+def test_a_lost_worker_node_costs_its_engine_which_is_rebuilt_on_the_head(
+    local_answers, cluster, tiny_model, tmp_path, instance
+):
     worker_id = cluster.add_worker()
     write_jsonl(tmp_path / "landing" / PARTITION, questions(ROWS, "c"))
     resources = on_cluster(cluster, tmp_path / "storage", max_engine_restarts=1)
-    result, seen = run_losing_the_worker(pipeline(tmp_path / "landing", tiny_model), resources, instance, cluster, tmp_path / "storage")
-    print(f"engine started on the worker node (pid {seen['pid']}); {seen['killed']} processes of the worker node killed "
-          f"once the engine stage had written {seen['rows_written']} of {ROWS} rows")
+    result, seen = run_losing_the_worker(
+        pipeline(tmp_path / "landing", tiny_model), resources, instance, cluster, tmp_path / "storage"
+    )
+    print(
+        f"engine started on the worker node (pid {seen['pid']}); {seen['killed']} processes of the worker node killed "
+        f"once the engine stage had written {seen['rows_written']} of {ROWS} rows"
+    )
     assert result.success
     messages = log_messages(instance, result.run_id)
     for line in timeline(instance, result.run_id, ("vLLM engine 0", "engine [", "Starting"), seen["killed_at"]):
@@ -298,7 +382,9 @@ def test_a_lost_worker_node_costs_its_engine_which_is_rebuilt_on_the_head(local_
     rows = answers(resources["storage"])
     nodes = {cluster.head_id: "head", worker_id: "worker"}
     cpu_nodes = {nodes.get(r[key], r[key]) for r in rows for key in ("preprocess_node", "postprocess_node")}
-    placement = [(p["engine"], nodes.get(p["node_id"], p["node_id"])) for p in engine_metadata(instance)["engine_placement"]]
+    placement = [
+        (p["engine"], nodes.get(p["node_id"], p["node_id"])) for p in engine_metadata(instance)["engine_placement"]
+    ]
     print(f"CPU-stage tasks ran on {sorted(cpu_nodes)}; engine at the end: {placement}")
     assert cpu_nodes == {"head", "worker"}
     assert placement == [(0, "head")]
@@ -311,8 +397,15 @@ def test_a_lost_worker_node_costs_its_engine_which_is_rebuilt_on_the_head(local_
 def timeline(instance, run_id, marks: tuple[str, ...], killed_at: float) -> list[str]:
     """Seconds from the run's start to each log line that contains one of ``marks``, and to the kill."""
     events = instance.all_logs(run_id)
-    lines = [(e.timestamp, e.user_message[:150]) for e in events if e.user_message and any(mark in e.user_message for mark in marks)]
-    return [f"{at - events[0].timestamp:6.1f} s  {text}" for at, text in sorted([*lines, (killed_at, "(every process of the worker node killed)")])]
+    lines = [
+        (e.timestamp, e.user_message[:150])
+        for e in events
+        if e.user_message and any(mark in e.user_message for mark in marks)
+    ]
+    return [
+        f"{at - events[0].timestamp:6.1f} s  {text}"
+        for at, text in sorted([*lines, (killed_at, "(every process of the worker node killed)")])
+    ]
 
 
 def test_with_no_restart_left_the_run_fails_naming_the_node_and_a_rerun_resumes(cluster, tiny_model, tmp_path):
@@ -324,14 +417,23 @@ def test_with_no_restart_left_the_run_fails_naming_the_node_and_a_rerun_resumes(
     # writes it waits seconds for a new worker).
     tiny = pipeline(tmp_path / "landing", tiny_model, preprocess=ask_at_length, batch_size=LONG_BATCH, max_num_seqs=2)
     with dg.instance_for_test() as instance:
-        failed, seen = run_losing_the_worker(tiny, on_cluster(cluster, storage_root, max_engine_restarts=0), instance, cluster, storage_root,
-                                             after_tokenize=True)
+        failed, seen = run_losing_the_worker(
+            tiny,
+            on_cluster(cluster, storage_root, max_engine_restarts=0),
+            instance,
+            cluster,
+            storage_root,
+            after_tokenize=True,
+        )
         assert not failed.success
         failure = next(e for e in failed.all_events if e.event_type_value == "STEP_FAILURE").step_failure_data.error
         headline = (failure.cause or failure).message.splitlines()[0]
         print(headline)
-        assert re.search(rf"vLLM engine 0 died \(.*\) on Ray node {worker_id} \(host .*, lost by the Ray cluster\) "
-                         "and no restart is left", headline), headline
+        assert re.search(
+            rf"vLLM engine 0 died \(.*\) on Ray node {worker_id} \(host .*, lost by the Ray cluster\) "
+            "and no restart is left",
+            headline,
+        ), headline
         kept = checkpoints(storage_root)
         rows_kept = sum(pq.ParquetFile(path).metadata.num_rows for path in kept)
         assert 0 < rows_kept < ROWS
@@ -342,11 +444,15 @@ def test_with_no_restart_left_the_run_fails_naming_the_node_and_a_rerun_resumes(
         rerun = run_job(tiny, resources, instance, {"dagster/partition": PARTITION})
         assert rerun.success
         messages = log_messages(instance, rerun.run_id)
-        assert any(f"{rows_kept} of {ROWS} rows already written are kept; the other {ROWS - rows_kept} go to the engine" in m
-                   for m in messages), [m for m in messages if "kept" in (m or "")]
+        assert any(
+            f"{rows_kept} of {ROWS} rows already written are kept; the other {ROWS - rows_kept} go to the engine" in m
+            for m in messages
+        ), [m for m in messages if "kept" in (m or "")]
         manifest = resources["storage"].manifest("tiny", "engine", PARTITION)
         assert manifest.stats["rows_resumed"] == rows_kept
-        assert all(str(path.relative_to(storage_root / "tiny" / "engine" / PARTITION)) in manifest.files for path in kept)
+        assert all(
+            str(path.relative_to(storage_root / "tiny" / "engine" / PARTITION)) in manifest.files for path in kept
+        )
     print(f"rows kept from the failed run {rows_kept}, generated by the re-run {ROWS - rows_kept}")
     assert count_rows(resources["storage"]) == {"in": ROWS, "out": ROWS, "duplicated": 0, "lost": 0}
     assert sorted(r["tokens"] for r in answers(resources["storage"])) == [LONG_MAX_TOKENS] * ROWS
@@ -355,5 +461,9 @@ def test_with_no_restart_left_the_run_fails_naming_the_node_and_a_rerun_resumes(
 if __name__ == "__main__":  # the local run of local_answers, in a process of its own
     landing_arg, model_arg, storage_arg = sys.argv[1:4]
     with dg.instance_for_test() as local_instance:
-        run_job(pipeline(Path(landing_arg), model_arg), make_resources(PartitionStorage(root=storage_arg)), local_instance,
-                {"dagster/partition": PARTITION})
+        run_job(
+            pipeline(Path(landing_arg), model_arg),
+            make_resources(PartitionStorage(root=storage_arg)),
+            local_instance,
+            {"dagster/partition": PARTITION},
+        )

@@ -11,7 +11,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from tests.helpers.data import questions, write_jsonl
-from tests.helpers.pipelines import log_messages, make_pipeline, make_resources, run_job
+from tests.helpers.pipelines import fake_pipeline, log_messages, make_pipeline, make_resources, run_job
 
 ROWS = 128
 # Long enough that the engine is still generating when the killer strikes (the whole partition
@@ -44,7 +44,9 @@ def kill_engine_once_generating(instance, killed: dict) -> None:
         time.sleep(0.2)
 
 
-def test_an_engine_killed_mid_partition_is_replaced_and_every_row_comes_out_once(tmp_path, tiny_model, ray_session, instance):
+def test_an_engine_killed_mid_partition_is_replaced_and_every_row_comes_out_once(
+    tmp_path, tiny_model, ray_session, instance
+):
     write_jsonl(tmp_path / "landing" / "x.jsonl", questions(ROWS, "k"))
     pipeline = make_pipeline(tmp_path / "landing", tiny_model, preprocess=long_answers, batch_size=8)
     resources = make_resources(tmp_path / "storage")
@@ -61,14 +63,17 @@ def test_an_engine_killed_mid_partition_is_replaced_and_every_row_comes_out_once
     files = resources["storage"].committed_files("tiny", "engine", "x.jsonl")
     engine = pa.concat_tables(pq.read_table(f) for f in files)
     row_ids = engine.column("row_id").to_pylist()
-    print(f"rows in {ROWS}, rows out {len(row_ids)}, duplicates {len(row_ids) - len(set(row_ids))}, lost {ROWS - len(set(row_ids))}")
+    print(
+        f"rows in {ROWS}, rows out {len(row_ids)}, duplicates {len(row_ids) - len(set(row_ids))}, "
+        f"lost {ROWS - len(set(row_ids))}"
+    )
     assert sorted(row_ids) == sorted(f"x.jsonl:{i}" for i in range(ROWS))
     assert set(engine.column("num_generated_tokens").to_pylist()) == {MAX_TOKENS}
 
 
-def test_an_engine_that_does_not_start_in_time_fails_the_run_saying_so(tmp_path, tiny_model, ray_session, instance):
+def test_an_engine_that_does_not_start_in_time_fails_the_run_saying_so(tmp_path, fake_model, ray_session, instance):
     write_jsonl(tmp_path / "landing" / "x.jsonl", questions(4, "t"))
-    pipeline = make_pipeline(tmp_path / "landing", tiny_model)
+    pipeline = fake_pipeline(tmp_path / "landing", fake_model, start_delay_s=30)
     resources = make_resources(tmp_path / "storage", start_timeout_s=0.5)
     # The CPU stages first, in a run of their own (no engine): the failing run then starts from them.
     tags = {"dagster/partition": "x.jsonl"}
@@ -77,7 +82,7 @@ def test_an_engine_that_does_not_start_in_time_fails_the_run_saying_so(tmp_path,
     assert not result.success
     failure = next(e for e in result.all_events if e.event_type_value == "STEP_FAILURE")
     error = failure.step_failure_data.error
-    assert "EngineStartError: vLLM engines for" in (error.cause or error).message.splitlines()[0]
+    assert "EngineStartError: Fake engines for" in (error.cause or error).message.splitlines()[0]
     assert "did not start within" in error.to_string()
     assert resources["storage"].manifest("tiny", "tokenize", "x.jsonl").rows == 4  # what was committed stays
 
@@ -85,15 +90,23 @@ def test_an_engine_that_does_not_start_in_time_fails_the_run_saying_so(tmp_path,
 @pytest.mark.parametrize(
     "settings, expected",
     [
-        ({"tokenize_stage": {"num_cpus": 4}}, "stage(s) tokenize ask for 4 logical CPU(s) per task; the largest node of the Ray cluster has 4, 1 of them held by the engines"),
+        (
+            {"tokenize_stage": {"num_cpus": 4}},
+            "stage(s) tokenize ask for 4 logical CPU(s) per task; the largest node of the Ray cluster has 4, "
+            "1 of them held by the engines",
+        ),
         ({"concurrency": 5}, "the engines ask for 5 logical CPU(s) in all; the Ray cluster has 4"),
     ],
 )
-def test_a_run_the_cluster_can_never_schedule_fails_at_once_naming_the_resource(tmp_path, tiny_model, ray_session, instance, settings, expected):
+def test_a_run_the_cluster_can_never_schedule_fails_at_once_naming_the_resource(
+    tmp_path, fake_model, ray_session, instance, settings, expected
+):
     write_jsonl(tmp_path / "landing" / "x.jsonl", questions(2, "s"))
-    pipeline = make_pipeline(tmp_path / "landing", tiny_model, **settings)
+    pipeline = fake_pipeline(tmp_path / "landing", fake_model, **settings)
     started = time.monotonic()
-    result = run_job(pipeline, make_resources(tmp_path / "storage"), instance, {"dagster/partition": "x.jsonl"}, raise_on_error=False)
+    result = run_job(
+        pipeline, make_resources(tmp_path / "storage"), instance, {"dagster/partition": "x.jsonl"}, raise_on_error=False
+    )
     assert not result.success and time.monotonic() - started < 60
     failure = next(e for e in result.all_events if e.event_type_value == "STEP_FAILURE")
     error = failure.step_failure_data.error
@@ -102,7 +115,9 @@ def test_a_run_the_cluster_can_never_schedule_fails_at_once_naming_the_resource(
     assert "a local Ray has max(4, cores) of them" in (error.cause or error).message
 
 
-def test_a_run_waiting_on_a_busy_cluster_says_what_it_waits_for_and_goes_on_when_it_frees(tmp_path, tiny_model, ray_session, instance):
+def test_a_run_waiting_on_a_busy_cluster_says_what_it_waits_for_and_goes_on_when_it_frees(
+    tmp_path, fake_model, ray_session, instance
+):
     """Another job holds every CPU of the cluster: the run's engine cannot be placed and its first
     task cannot run. The run reports that from Ray's state instead of hanging silently, and
     finishes once the CPUs are free."""
@@ -118,25 +133,29 @@ def test_a_run_waiting_on_a_busy_cluster_says_what_it_waits_for_and_goes_on_when
     other = OtherJob.remote()
     ray.get(other.ping.remote())  # placed: it holds all 4 CPUs now
     write_jsonl(tmp_path / "landing" / "x.jsonl", questions(3, "b"))
-    pipeline = make_pipeline(tmp_path / "landing", tiny_model)
+    pipeline = fake_pipeline(tmp_path / "landing", fake_model)
     resources = make_resources(tmp_path / "storage")
     resources["ray_data"] = RayDataResource(stall_report_s=2)
     resources["engine_pool"] = resources["engine_pool"].model_copy(update={"ray_data": resources["ray_data"]})
     outcome: dict = {}
-    runner = threading.Thread(target=lambda: outcome.update(result=run_job(pipeline, resources, instance, {"dagster/partition": "x.jsonl"})))
+    runner = threading.Thread(
+        target=lambda: outcome.update(result=run_job(pipeline, resources, instance, {"dagster/partition": "x.jsonl"}))
+    )
     runner.start()
     report = None
     deadline = time.monotonic() + 120
     while report is None and time.monotonic() < deadline:
         runs = instance.get_runs(limit=1)
-        report = next((m for m in (log_messages(instance, runs[0].run_id) if runs else []) if "no batch finished for" in m), None)
+        report = next(
+            (m for m in (log_messages(instance, runs[0].run_id) if runs else []) if "no batch finished for" in m), None
+        )
         time.sleep(0.5)
     ray.kill(other)  # the other job ends
     runner.join(timeout=600)
     assert report is not None, "no stall report within 120 s"
     print(report)
     assert "free in the Ray cluster: 0 of 4 CPU(s)" in report
-    assert "vLLM engine 0 is not placed by Ray yet: it needs 1 CPU" in report
+    assert "Fake engine 0 is not placed by Ray yet: it needs 1 CPU" in report
     assert "preprocess: 1 task(s) in flight (0.5 CPU each)" in report
     assert outcome["result"].success
     assert resources["storage"].manifest("tiny", "postprocess", "x.jsonl").rows == 3

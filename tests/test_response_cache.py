@@ -1,6 +1,7 @@
 """The response cache: a request answered before (same model, engine settings, prompt tokens and
 sampling params) is answered from the pipeline's storage, across partitions and runs, and the
-output equals an uncached run's. Real Dagster runs on the real vLLM CPU engine."""
+output equals an uncached run's. Real Dagster runs on the fake engine: what is tested is which
+requests the cache answers and that its answers are the engine's, whatever the engine computes."""
 
 import shutil
 from pathlib import Path
@@ -11,10 +12,10 @@ import pytest
 from llm_assets.execution.cache import CacheSettings, request_keys
 from llm_assets.rows import ERROR_COLUMN
 from tests.helpers.data import questions, write_jsonl
-from tests.helpers.pipelines import MAX_TOKENS, log_messages, make_pipeline, make_resources, read_output, run_job
+from tests.helpers.pipelines import MAX_TOKENS, fake_pipeline, log_messages, make_resources, read_output, run_job
 
 N = 16
-ENGINE_STARTS = "Starting 1 vLLM engine actor(s)"
+ENGINE_STARTS = "Starting 1 Fake engine actor(s)"
 
 
 def engine_output(resources, partition) -> dict[str, dict]:
@@ -35,18 +36,18 @@ def rows_cached(instance, run_id) -> int:
 
 
 @pytest.fixture(scope="module")
-def cached_runs(tmp_path_factory, tiny_model, ray_session):
+def cached_runs(tmp_path_factory, fake_model, ray_session):
     """a.jsonl, then b.jsonl sharing half its questions, then c.jsonl: a.jsonl landed again."""
     import dagster as dg
 
     root = tmp_path_factory.mktemp("cache")
     landing = root / "landing"
     write_jsonl(landing / "a.jsonl", questions(N, "q"))
-    pipeline = make_pipeline(landing, tiny_model)
+    pipeline = fake_pipeline(landing, fake_model)
     resources = make_resources(root / "storage")
     with dg.instance_for_test() as instance:
         runs = {"a": run_job(pipeline, resources, instance, {"dagster/partition": "a.jsonl"})}
-        shared, new = questions(N, "q")[N // 2:], questions(N // 2, "new")
+        shared, new = questions(N, "q")[N // 2 :], questions(N // 2, "new")
         write_jsonl(landing / "b.jsonl", shared + new)
         runs["b"] = run_job(pipeline, resources, instance, {"dagster/partition": "b.jsonl"})
         shutil.copy(landing / "a.jsonl", landing / "c.jsonl")
@@ -55,8 +56,14 @@ def cached_runs(tmp_path_factory, tiny_model, ray_session):
         uncached = make_resources(root / "uncached")
         pipeline.response_cache = "off"
         runs["b_uncached"] = run_job(pipeline, uncached, instance, {"dagster/partition": "b.jsonl"})
-        yield {"instance": instance, "runs": runs, "resources": resources, "uncached": uncached,
-               "shared": {q["question"] for q in shared}, "new": {q["question"] for q in new}}
+        yield {
+            "instance": instance,
+            "runs": runs,
+            "resources": resources,
+            "uncached": uncached,
+            "shared": {q["question"] for q in shared},
+            "new": {q["question"] for q in new},
+        }
 
 
 def test_the_first_run_answers_everything_with_the_engine(cached_runs):
@@ -81,7 +88,7 @@ def test_overlapping_prompts_of_a_later_file_are_answered_from_the_cache(cached_
     assert any(f"{N // 2} of them answered from the response cache" in m for m in messages)
     # The file starts with rows the cache answers, and has rows to generate: the engine actors
     # start with the run, before the first batch's lookup.
-    loading = next(i for i, m in enumerate(messages) if m.startswith("Loading vLLM into 1 engine actor(s)"))
+    loading = next(i for i, m in enumerate(messages) if m.startswith("Loading Fake into 1 engine actor(s)"))
     looked_up = next(i for i, m in enumerate(messages) if m.startswith("Response cache (deterministic requests):"))
     assert loading < looked_up
     # Generated tokens count the generated rows only.
@@ -93,7 +100,10 @@ def test_cached_output_equals_an_uncached_run(cached_runs):
     uncached = {r["question"]: r for r in read_output(cached_runs["uncached"]["storage"], "postprocess", "b.jsonl")}
     assert cached.keys() == uncached.keys() and len(cached) == N
     assert cached == uncached
-    cached_engine, uncached_engine = engine_output(cached_runs["resources"], "b.jsonl"), engine_output(cached_runs["uncached"], "b.jsonl")
+    cached_engine, uncached_engine = (
+        engine_output(cached_runs["resources"], "b.jsonl"),
+        engine_output(cached_runs["uncached"], "b.jsonl"),
+    )
     for question, row in cached_engine.items():
         assert row["generated_tokens"] == uncached_engine[question]["generated_tokens"], question
         assert row["num_input_tokens"] == uncached_engine[question]["num_input_tokens"], question
@@ -103,8 +113,8 @@ def test_a_file_landed_twice_costs_no_engine_at_all(cached_runs):
     instance, run = cached_runs["instance"], cached_runs["runs"]["c"]
     metadata = engine_metadata(instance, run.run_id)
     assert metadata["rows_cached"] == N and metadata["generated_tokens"] == 0 and metadata["engine_seconds"] == 0
-    # No engine actor at all: none was created, none imported vLLM.
-    assert not any(m.startswith(("Loading vLLM", ENGINE_STARTS)) for m in log_messages(instance, run.run_id))
+    # No engine actor at all: none was created (none would have imported an engine library).
+    assert not any(m.startswith(("Loading Fake", ENGINE_STARTS)) for m in log_messages(instance, run.run_id))
     assert len(read_output(cached_runs["resources"]["storage"], "postprocess", "c.jsonl")) == N
 
 
@@ -130,16 +140,24 @@ SETTINGS = CacheSettings("scope", "/nowhere", "deterministic", pooling=False, an
     ],
 )
 def test_only_deterministic_requests_get_a_key(params, error, settings, cached):
-    table = pa.table({"tokenized_prompt": [[1, 2, 3]], "sampling_params": [params], ERROR_COLUMN: pa.array([error], pa.string())})
+    table = pa.table(
+        {"tokenized_prompt": [[1, 2, 3]], "sampling_params": [params], ERROR_COLUMN: pa.array([error], pa.string())}
+    )
     assert request_keys(table, settings)[0].is_valid == cached
 
 
 def test_keys_follow_the_request_not_its_spelling():
-    table = pa.table({
-        "tokenized_prompt": [[1, 2, 3], [1, 2, 3], [1, 2, 4], [1, 2, 3]],
-        "sampling_params": ['{"temperature": 0, "max_tokens": 8}', '{"max_tokens": 8, "temperature": 0}',
-                            '{"temperature": 0, "max_tokens": 8}', '{"temperature": 0, "max_tokens": 9}'],
-    })
+    table = pa.table(
+        {
+            "tokenized_prompt": [[1, 2, 3], [1, 2, 3], [1, 2, 4], [1, 2, 3]],
+            "sampling_params": [
+                '{"temperature": 0, "max_tokens": 8}',
+                '{"max_tokens": 8, "temperature": 0}',
+                '{"temperature": 0, "max_tokens": 8}',
+                '{"temperature": 0, "max_tokens": 9}',
+            ],
+        }
+    )
     keys = request_keys(table, SETTINGS).to_pylist()
     assert keys[0] == keys[1] and len({keys[0], keys[2], keys[3]}) == 3
     other_scope = request_keys(table, CacheSettings(**{**SETTINGS.__dict__, "scope": "another model"})).to_pylist()
@@ -154,12 +172,21 @@ def test_rows_with_the_same_tokens_and_other_images_get_other_keys():
     def item(sha, uri):
         return {"modality": "image", "uri": uri, "mime_type": "image/png", "sha256": sha, "data": None}
 
-    table = pa.table({
-        "tokenized_prompt": [[1, 2, 3]] * 4,
-        "sampling_params": ['{"temperature": 0}'] * 4,
-        media.COLUMN: pa.array([[item("aa", "http://h/red.png")], [item("bb", "http://h/blue.png")],
-                                [item("aa", "/data/red-copy.png")], None], media.COLUMN_TYPE),
-    })
+    table = pa.table(
+        {
+            "tokenized_prompt": [[1, 2, 3]] * 4,
+            "sampling_params": ['{"temperature": 0}'] * 4,
+            media.COLUMN: pa.array(
+                [
+                    [item("aa", "http://h/red.png")],
+                    [item("bb", "http://h/blue.png")],
+                    [item("aa", "/data/red-copy.png")],
+                    None,
+                ],
+                media.COLUMN_TYPE,
+            ),
+        }
+    )
     keys = request_keys(table, SETTINGS).to_pylist()
     assert keys[0] == keys[2] and len({keys[0], keys[1], keys[3]}) == 3
 

@@ -8,7 +8,11 @@ from tests.helpers.pipelines import make_pipeline, make_resources, run_job
 
 def ask(row):
     params = {"max_tokens": 4, "temperature": 0, "ignore_eos": True}
-    out = {"question": row["question"], "messages": [{"role": "user", "content": row["question"]}], "sampling_params": params}
+    out = {
+        "question": row["question"],
+        "messages": [{"role": "user", "content": row["question"]}],
+        "sampling_params": params,
+    }
     if row["kind"] == "logprobs":
         params.update(logprobs=2, prompt_logprobs=1)
     if row["kind"] == "truncated":
@@ -17,19 +21,26 @@ def ask(row):
 
 
 def keep(row):
-    return {key: row[key] for key in ("question", "generated_tokens", "num_input_tokens", "logprobs", "prompt_logprobs", "request_id")}
+    return {
+        key: row[key]
+        for key in ("question", "generated_tokens", "num_input_tokens", "logprobs", "prompt_logprobs", "request_id")
+    }
 
 
 def test_logprobs_request_ids_and_tokenization_kwargs(tmp_path, tiny_model, ray_session, instance):
     kinds = ["logprobs", "plain", "truncated", "logprobs", "plain"]
-    write_jsonl(tmp_path / "landing" / "a.jsonl", [{"question": f"Question {i}: count the words one two three four", "kind": k}
-                                                   for i, k in enumerate(kinds)])
+    write_jsonl(
+        tmp_path / "landing" / "a.jsonl",
+        [{"question": f"Question {i}: count the words one two three four", "kind": k} for i, k in enumerate(kinds)],
+    )
     pipeline = make_pipeline(tmp_path / "landing", tiny_model, preprocess=ask, postprocess=keep)
     resources = make_resources(tmp_path / "storage")
     assert run_job(pipeline, resources, instance, {"dagster/partition": "a.jsonl"}).success
     storage = resources["storage"]
-    rows = sorted((r for t in storage.read_committed("tiny", "postprocess", "a.jsonl") for r in t.to_pylist()),
-                  key=lambda r: int(r["row_id"].split(":")[1]))
+    rows = sorted(
+        (r for t in storage.read_committed("tiny", "postprocess", "a.jsonl") for r in t.to_pylist()),
+        key=lambda r: int(r["row_id"].split(":")[1]),
+    )
     assert len({r["request_id"] for r in rows}) == len(rows) and all(r["request_id"] for r in rows)
     for row, kind in zip(rows, kinds):
         if kind != "logprobs":

@@ -30,7 +30,6 @@ import pytest
 from tests.helpers.deployment import INSTANCE_SETTINGS, Deployment, messages, open_instance
 from tests.helpers.processes import alive, describe, kill_processes, name, wait_for
 
-
 MAX_RUNTIME_S = 10
 # Ray's dashboard and runtime-env agents outlive their raylet by about 75 s on this machine (they
 # block reporting its death to the GCS, which died with it) and then exit; measured, not waited for.
@@ -116,7 +115,10 @@ def test_killed_runs_end_failed_saying_why(deployment):
         detected_s = time.monotonic() - killed_at
         mark("failed")
         log = messages(instance, first.run_id)
-        assert f"Run execution process for {first.run_id} was terminated by signal 9 (SIGKILL)." in "\n".join(log), log[-10:]
+        assert f"Run execution process for {first.run_id} was terminated by signal 9 (SIGKILL)." in "\n".join(log), log[
+            -10:
+        ]
+
         # Everything the run started goes with it: its Ray (gcs_server, raylet, workers) and the engine.
         def survivors():
             return [p for p in alive(run_processes) if name(p) not in RAY_AGENTS]
@@ -124,8 +126,12 @@ def test_killed_runs_end_failed_saying_why(deployment):
         wait_for(lambda: not survivors(), 30, "the killed run's processes exit", lambda: describe(survivors()))
 
         # 2. The second run, dequeued now that the slot is free, is lost with the whole deployment.
-        wait_for(lambda: started(second.run_id), 60, "the queued run STARTED once the killed one freed its slot",
-                 explain(second.run_id))
+        wait_for(
+            lambda: started(second.run_id),
+            60,
+            "the queued run STARTED once the killed one freed its slot",
+            explain(second.run_id),
+        )
         mark("second started")
         deployment_processes = deployment.tree(first_daemon.pid)
         second_pid = worker_pid(second.run_id)
@@ -145,7 +151,10 @@ def test_killed_runs_end_failed_saying_why(deployment):
         assert any(m.startswith("This job is being forcibly marked as failed.") for m in log), log[-10:]
         assert failed_after_s >= MAX_RUNTIME_S
 
-    print(f"timeline (s): {marks}; killed worker -> FAILURE in {detected_s:.1f} s; lost run FAILURE {failed_after_s:.1f} s after its start")
+    print(
+        f"timeline (s): {marks}; killed worker -> FAILURE in {detected_s:.1f} s; "
+        f"lost run FAILURE {failed_after_s:.1f} s after its start"
+    )
 
 
 def test_a_killed_dagster_job_execute_run_ends_failed_and_the_queue_moves(deployment):
@@ -161,7 +170,12 @@ def test_a_killed_dagster_job_execute_run_ends_failed_and_the_queue_moves(deploy
         def engine_started():
             return [p for p in deployment.tree(command.pid) if name(p).startswith("ray::") and "Engine" in name(p)]
 
-        wait_for(engine_started, 180, "the command's engine actor process", lambda: (deployment.tmp / "execute-0.log").read_text()[-3000:])
+        wait_for(
+            engine_started,
+            180,
+            "the command's engine actor process",
+            lambda: (deployment.tmp / "execute-0.log").read_text()[-3000:],
+        )
         assert instance.get_run_by_id(run.run_id).status == dg.DagsterRunStatus.STARTED
         deployment.launch({"dagster/partition": "a.jsonl"})  # queued behind it: one run at a time
         queued = next(r for r in instance.get_runs() if r.run_id != run.run_id)
@@ -176,16 +190,32 @@ def test_a_killed_dagster_job_execute_run_ends_failed_and_the_queue_moves(deploy
         def status(run_id):
             return instance.get_run_by_id(run_id).status
 
-        wait_for(lambda: status(run.run_id) == dg.DagsterRunStatus.FAILURE, 120, "the killed command's run FAILURE",
-                 lambda: "\n".join(messages(instance, run.run_id)[-20:]) + deployment.daemon_logs())
+        wait_for(
+            lambda: status(run.run_id) == dg.DagsterRunStatus.FAILURE,
+            120,
+            "the killed command's run FAILURE",
+            lambda: "\n".join(messages(instance, run.run_id)[-20:]) + deployment.daemon_logs(),
+        )
         detected_s = time.monotonic() - killed_at
         log = "\n".join(messages(instance, run.run_id))
         assert f"The process that ran this run (pid {command.pid} on " in log and "is gone" in log, log[-2000:]
         # Its Ray and engine actors ended with the process.
-        wait_for(lambda: not [p for p in alive(run_processes) if name(p) not in RAY_AGENTS], 60, "the killed run's processes exit",
-                 lambda: describe(alive(run_processes)))
-        wait_for(lambda: status(queued.run_id) in (dg.DagsterRunStatus.STARTED, dg.DagsterRunStatus.SUCCESS), 60,
-                 "the queued run starting once the dead one freed its slot", deployment.daemon_logs)
-        wait_for(lambda: status(queued.run_id) == dg.DagsterRunStatus.SUCCESS, 240, "the queued run to succeed",
-                 lambda: "\n".join(messages(instance, queued.run_id)[-20:]))
+        wait_for(
+            lambda: not [p for p in alive(run_processes) if name(p) not in RAY_AGENTS],
+            60,
+            "the killed run's processes exit",
+            lambda: describe(alive(run_processes)),
+        )
+        wait_for(
+            lambda: status(queued.run_id) in (dg.DagsterRunStatus.STARTED, dg.DagsterRunStatus.SUCCESS),
+            60,
+            "the queued run starting once the dead one freed its slot",
+            deployment.daemon_logs,
+        )
+        wait_for(
+            lambda: status(queued.run_id) == dg.DagsterRunStatus.SUCCESS,
+            240,
+            "the queued run to succeed",
+            lambda: "\n".join(messages(instance, queued.run_id)[-20:]),
+        )
     print(f"killed dagster job execute -> FAILURE in {detected_s:.1f} s")

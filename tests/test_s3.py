@@ -1,5 +1,5 @@
 """S3 through a local S3 server over real HTTP (moto_server): landing prefixes, stage outputs,
-atomic commits without renames."""
+atomic commits without renames; the runs on the fake engine."""
 
 import json
 
@@ -9,13 +9,13 @@ import pyarrow.parquet as pq
 import pytest
 
 from llm_assets.defs.factory import build_definitions
+from llm_assets.engines.fake import FakeEngineProcessorConfig
 from llm_assets.pipeline import LLMPipeline
 from llm_assets.sources import S3PrefixSource, SourceError
 from resources import PartitionStorage, make_resources
 from resources.storage import NotMaterializedError
-from tests.helpers.data import write_attempt, questions
-from tests.helpers.pipelines import engine_starts, tick
-from tests.helpers.pipelines import RANGE_END, RANGE_START, to_answer, to_chat
+from tests.helpers.data import questions, write_attempt
+from tests.helpers.pipelines import RANGE_END, RANGE_START, engine_starts, tick, to_answer, to_chat
 
 
 def put_jsonl(client, bucket: str, key: str, rows: list[dict]) -> None:
@@ -31,7 +31,7 @@ def s3_definitions(resource, buckets, model, **pipeline_options):
     """The tiny pipeline landing on s3://landing/in/, its stage outputs under s3://outputs/runs/."""
     pipeline = LLMPipeline(
         "tiny",
-        {"model_source": model, "engine_kwargs": {"max_model_len": 512}, "batch_size": 4},
+        FakeEngineProcessorConfig(model_source=model, engine_kwargs={"max_model_len": 512}, batch_size=4),
         S3PrefixSource(buckets["landing"], prefix="in", s3=resource),
         preprocess=to_chat,
         postprocess=to_answer,
@@ -41,13 +41,13 @@ def s3_definitions(resource, buckets, model, **pipeline_options):
     return build_definitions([pipeline], make_resources(storage)), storage
 
 
-def test_files_landing_on_s3_run_through_every_stage_into_s3_storage(s3, tiny_model, ray_session, instance):
+def test_files_landing_on_s3_run_through_every_stage_into_s3_storage(s3, fake_model, ray_session, instance):
     resource, buckets = s3
     client = resource.get_client()
     put_jsonl(client, buckets["landing"], "in/a.jsonl", questions(3, "a"))
     put_jsonl(client, buckets["landing"], "in/2026/b.jsonl", questions(4, "b"))
     client.put_object(Bucket=buckets["landing"], Key="in/notes.txt", Body=b"not an input file")
-    defs, storage = s3_definitions(resource, buckets, tiny_model)
+    defs, storage = s3_definitions(resource, buckets, fake_model)
 
     data = tick(defs, instance)
     keys = instance.get_dynamic_partitions("tiny")
@@ -74,9 +74,13 @@ def test_files_landing_on_s3_run_through_every_stage_into_s3_storage(s3, tiny_mo
 
 def test_a_malformed_line_on_s3_names_the_object_and_the_line(s3):
     resource, buckets = s3
-    resource.get_client().put_object(Bucket=buckets["landing"], Key="in/bad.jsonl", Body=b'{"question": "ok"}\n{"question": \n')
+    resource.get_client().put_object(
+        Bucket=buckets["landing"], Key="in/bad.jsonl", Body=b'{"question": "ok"}\n{"question": \n'
+    )
     source = S3PrefixSource(buckets["landing"], prefix="in", s3=resource)
-    with pytest.raises(SourceError, match=rf"s3://{buckets['landing']}/in/bad.jsonl: line 2 \(row 'bad.jsonl:1'\): invalid JSON"):
+    with pytest.raises(
+        SourceError, match=rf"s3://{buckets['landing']}/in/bad.jsonl: line 2 \(row 'bad.jsonl:1'\): invalid JSON"
+    ):
         list(source.read("bad.jsonl"))
 
 
@@ -86,7 +90,9 @@ def test_an_s3_commit_is_one_manifest_object_and_a_failed_attempt_keeps_the_last
     first_attempt = write_attempt(storage, "p", "stage", "part", [pa.table({"row_id": ["a", "b"]})], commit=False)
     with pytest.raises(NotMaterializedError):
         storage.committed("p", "stage", "part")  # written, not committed: invisible
-    storage.commit("p", "stage", "part", first_attempt, [f"{first_attempt}/part-00000-test.parquet"], [2], {"rows_out": 2})
+    storage.commit(
+        "p", "stage", "part", first_attempt, [f"{first_attempt}/part-00000-test.parquet"], [2], {"rows_out": 2}
+    )
     first = storage.manifest("p", "stage", "part")
     assert first.rows == 2
 
@@ -101,13 +107,13 @@ def test_an_s3_commit_is_one_manifest_object_and_a_failed_attempt_keeps_the_last
     assert storage.manifest("p", "stage", "part").rows == 1
 
 
-def test_the_s3_secret_key_appears_in_no_log_metadata_or_output(s3, tiny_model, ray_session, instance):
+def test_the_s3_secret_key_appears_in_no_log_metadata_or_output(s3, fake_model, ray_session, instance):
     """Credentials given through the S3Resource never reach logs, metadata or written files."""
     resource, buckets = s3
     secret = resource.aws_secret_access_key
     client = resource.get_client()
     put_jsonl(client, buckets["landing"], "in/a.jsonl", questions(2, "a"))
-    defs, _ = s3_definitions(resource, buckets, tiny_model, openai_batch_output=f"s3://{buckets['outputs']}/export")
+    defs, _ = s3_definitions(resource, buckets, fake_model, openai_batch_output=f"s3://{buckets['outputs']}/export")
     tick(defs, instance)
     result = defs.resolve_job_def("tiny_job").execute_in_process(instance=instance, partition_key="a.jsonl")
     assert result.success

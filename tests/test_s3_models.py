@@ -41,36 +41,65 @@ def model_cache(tmp_path, monkeypatch) -> Path:
 
 
 def upload_command(model: str, uri: str, endpoint: str) -> subprocess.CompletedProcess:
-    env = {**os.environ, "AWS_ACCESS_KEY_ID": "test-key-id", "AWS_SECRET_ACCESS_KEY": SECRET, "AWS_DEFAULT_REGION": "us-east-1"}
-    command = [sys.executable, "-m", "llm_assets.upload_model", "--model-source", model, "--bucket-uri", uri, "--endpoint-url", endpoint]
+    env = {
+        **os.environ,
+        "AWS_ACCESS_KEY_ID": "test-key-id",
+        "AWS_SECRET_ACCESS_KEY": SECRET,
+        "AWS_DEFAULT_REGION": "us-east-1",
+    }
+    command = [
+        sys.executable,
+        "-m",
+        "llm_assets.upload_model",
+        "--model-source",
+        model,
+        "--bucket-uri",
+        uri,
+        "--endpoint-url",
+        endpoint,
+    ]
     return subprocess.run(command, env=env, capture_output=True, text=True, timeout=120)
 
 
 def test_a_model_uploaded_to_s3_answers_as_the_local_folder_and_downloads_once(
-        models_bucket, s3_endpoint, tiny_model, model_cache, tmp_path, ray_session, instance):
+    models_bucket, s3_endpoint, tiny_model, model_cache, tmp_path, ray_session, instance
+):
     resource, bucket = models_bucket
     uri = f"s3://{bucket}/models/tiny"
     files = len([p for p in Path(tiny_model).rglob("*") if p.is_file()])
     uploaded = upload_command(tiny_model, uri, s3_endpoint)
     assert uploaded.returncode == 0, uploaded.stderr
     assert f"{files} files uploaded, 0 already there" in uploaded.stdout
-    assert upload(Path(tiny_model), uri, S3Access.of(resource), log=lambda line: None) == {"uploaded": 0, "skipped": files}
+    assert upload(Path(tiny_model), uri, S3Access.of(resource), log=lambda line: None) == {
+        "uploaded": 0,
+        "skipped": files,
+    }
 
     write_jsonl(tmp_path / "landing" / "a.jsonl", questions(4, "a"))
     on_s3 = make_pipeline(tmp_path / "landing", uri)
-    first = run_job(on_s3, make_resources(tmp_path / "s3-run", model_s3=resource), instance, {"dagster/partition": "a.jsonl"})
+    first = run_job(
+        on_s3, make_resources(tmp_path / "s3-run", model_s3=resource), instance, {"dagster/partition": "a.jsonl"}
+    )
     local = make_pipeline(tmp_path / "landing", tiny_model)
     run_job(local, make_resources(tmp_path / "local-run"), instance, {"dagster/partition": "a.jsonl"})
 
-    answers = {r["row_id"]: r["answer"] for r in read_output(make_resources(tmp_path / "s3-run")["storage"], "postprocess", "a.jsonl")}
-    expected = {r["row_id"]: r["answer"] for r in read_output(make_resources(tmp_path / "local-run")["storage"], "postprocess", "a.jsonl")}
+    answers = {
+        r["row_id"]: r["answer"]
+        for r in read_output(make_resources(tmp_path / "s3-run")["storage"], "postprocess", "a.jsonl")
+    }
+    expected = {
+        r["row_id"]: r["answer"]
+        for r in read_output(make_resources(tmp_path / "local-run")["storage"], "postprocess", "a.jsonl")
+    }
     assert answers == expected and len(answers) == 4  # greedy: the same model gives the same answers
     logged = log_messages(instance, first.run_id)
     assert len([m for m in logged if m.startswith(f"Downloaded {uri} into {model_cache}")]) == 1
 
     # A later run (a new file: only its partition runs) finds the node's copy.
     write_jsonl(tmp_path / "landing" / "b.jsonl", questions(2, "b"))
-    second = run_job(on_s3, make_resources(tmp_path / "s3-run", model_s3=resource), instance, {"dagster/partition": "b.jsonl"})
+    second = run_job(
+        on_s3, make_resources(tmp_path / "s3-run", model_s3=resource), instance, {"dagster/partition": "b.jsonl"}
+    )
     logged = log_messages(instance, second.run_id)
     assert any(m.startswith(f"{uri}: using the copy in {model_cache}") for m in logged)
     assert not [m for m in logged if m.startswith("Download")]
@@ -101,7 +130,10 @@ def test_a_download_that_stopped_resumes_with_the_missing_files_only(models_buck
 
 def test_a_prefix_without_a_model_folder_fails_naming_it(models_bucket, model_cache):
     resource, bucket = models_bucket
-    with pytest.raises(ModelSourceError, match=rf"s3://{bucket}/nothing-here': no objects under it: expected a Hugging Face model folder"):
+    with pytest.raises(
+        ModelSourceError,
+        match=rf"s3://{bucket}/nothing-here': no objects under it: expected a Hugging Face model folder",
+    ):
         resolve_model_source(f"s3://{bucket}/nothing-here", print, resource)
 
 
@@ -116,7 +148,9 @@ def tokenizer_on_another_node(model: S3ModelPath) -> list[str]:
     return lines
 
 
-def test_another_node_downloads_its_own_copy_once_for_concurrent_processes(models_bucket, tiny_model, model_cache, tmp_path, ray_session):
+def test_another_node_downloads_its_own_copy_once_for_concurrent_processes(
+    models_bucket, tiny_model, model_cache, tmp_path, ray_session
+):
     resource, bucket = models_bucket
     uri = f"s3://{bucket}/tiny"
     upload(Path(tiny_model), uri, S3Access.of(resource), log=lambda line: None)
@@ -125,7 +159,9 @@ def test_another_node_downloads_its_own_copy_once_for_concurrent_processes(model
     os.rename(on_driver, tmp_path / "moved")  # what a node without the driver's files sees
 
     other_cache = tmp_path / "other-node-cache"
-    other_node = tokenizer_on_another_node.options(runtime_env={"env_vars": {"LLM_ASSETS_MODEL_CACHE": str(other_cache)}})
+    other_node = tokenizer_on_another_node.options(
+        runtime_env={"env_vars": {"LLM_ASSETS_MODEL_CACHE": str(other_cache)}}
+    )
     logs = ray.get([other_node.remote(on_driver) for _ in range(2)])
     downloads = [line for lines in logs for line in lines if line.startswith(f"Downloaded {uri} into {other_cache}")]
     assert len(downloads) == 1  # the other process waited for it, then used its files

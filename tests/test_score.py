@@ -32,7 +32,10 @@ def reference(model_dir: str) -> np.ndarray:
     import torch
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-    tokenizer, model = AutoTokenizer.from_pretrained(model_dir), AutoModelForSequenceClassification.from_pretrained(model_dir)
+    tokenizer, model = (
+        AutoTokenizer.from_pretrained(model_dir),
+        AutoModelForSequenceClassification.from_pretrained(model_dir),
+    )
     queries, documents = zip(*PAIRS)
     with torch.no_grad():
         logits = model(**tokenizer(list(queries), list(documents), padding=True, return_tensors="pt")).logits
@@ -41,8 +44,12 @@ def reference(model_dir: str) -> np.ndarray:
 
 def score_pipeline(landing: Path, model: str) -> LLMPipeline:
     config = vLLMEngineProcessorConfig(model_source=model, task_type="score", engine_kwargs={"max_model_len": 128})
-    return LLMPipeline("rank", config, LocalFolderSource(str(landing)),
-                       preprocess=lambda row: {"query": row["q"], "document": row["d"]})
+    return LLMPipeline(
+        "rank",
+        config,
+        LocalFolderSource(str(landing)),
+        preprocess=lambda row: {"query": row["q"], "document": row["d"]},
+    )
 
 
 def test_pair_scores_match_transformers(tmp_path, ray_session, instance, cross_encoder):
@@ -65,9 +72,18 @@ def test_pair_scores_match_transformers(tmp_path, ray_session, instance, cross_e
 
 
 def test_a_row_without_its_document_fails_before_any_engine(tmp_path, ray_session, instance, cross_encoder):
-    write_jsonl(tmp_path / "landing" / "pairs.jsonl", [{"q": "a question", "d": "a document"}, {"q": "another question", "d": ""}])
+    write_jsonl(
+        tmp_path / "landing" / "pairs.jsonl",
+        [{"q": "a question", "d": "a document"}, {"q": "another question", "d": ""}],
+    )
     pipeline = score_pipeline(tmp_path / "landing", cross_encoder)
-    result = run_job(pipeline, make_resources(tmp_path / "storage"), instance, {"dagster/partition": "pairs.jsonl"}, raise_on_error=False)
+    result = run_job(
+        pipeline,
+        make_resources(tmp_path / "storage"),
+        instance,
+        {"dagster/partition": "pairs.jsonl"},
+        raise_on_error=False,
+    )
     assert not result.success
     failure = next(e for e in result.all_events if e.event_type_value == "STEP_FAILURE")
     headline = (failure.step_failure_data.error.cause or failure.step_failure_data.error).message.splitlines()[0]

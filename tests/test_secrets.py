@@ -11,7 +11,7 @@ from pydantic import ValidationError
 
 from llm_assets import vLLMEngineProcessorConfig
 from tests.helpers.data import write_jsonl
-from tests.helpers.pipelines import make_pipeline, make_resources, run_job, to_chat
+from tests.helpers.pipelines import fake_pipeline, make_resources, run_job, to_chat
 
 HF_TOKEN = "hf_configSecret8c41e0d7"
 API_KEY = "sk-apiSecret5b2f9aa1"
@@ -27,8 +27,14 @@ def leaked(text: str) -> list[str]:
     "fields, named",
     [
         ({"runtime_env": f"HF_TOKEN={HF_TOKEN}"}, "runtime_env"),  # a string where a dict belongs
-        ({"prepare_multimodal_stage": True, "chat_template_stage": False, "runtime_env": {"env_vars": {"HF_TOKEN": HF_TOKEN}}},
-         "prepare_multimodal_stage"),
+        (
+            {
+                "prepare_multimodal_stage": True,
+                "chat_template_stage": False,
+                "runtime_env": {"env_vars": {"HF_TOKEN": HF_TOKEN}},
+            },
+            "prepare_multimodal_stage",
+        ),
     ],
 )
 def test_a_config_error_does_not_echo_the_values_given(fields, named):
@@ -39,7 +45,9 @@ def test_a_config_error_does_not_echo_the_values_given(fields, named):
     assert named in str(error.value) and not leaked(str(error.value))
 
 
-def test_tokens_and_api_keys_reach_no_log_metadata_failure_or_output(tmp_path, tiny_model, ray_session, instance, monkeypatch):
+def test_tokens_and_api_keys_reach_no_log_metadata_failure_or_output(
+    tmp_path, fake_model, ray_session, instance, monkeypatch
+):
     from dagster._serdes import serialize_value
 
     monkeypatch.setenv("HUGGING_FACE_HUB_TOKEN", ENV_TOKEN)
@@ -53,9 +61,15 @@ def test_tokens_and_api_keys_reach_no_log_metadata_failure_or_output(tmp_path, t
             chat["sampling_params"] = {**chat["sampling_params"], "top_p": 5}
         return chat
 
-    pipeline = make_pipeline(tmp_path / "landing", tiny_model, preprocess=odd_params,
-                             runtime_env={"env_vars": {"HF_TOKEN": HF_TOKEN, "OPENAI_API_KEY": API_KEY}})
-    result = run_job(pipeline, make_resources(tmp_path / "storage"), instance, {"dagster/partition": "x.jsonl"}, raise_on_error=False)
+    pipeline = fake_pipeline(
+        tmp_path / "landing",
+        fake_model,
+        preprocess=odd_params,
+        runtime_env={"env_vars": {"HF_TOKEN": HF_TOKEN, "OPENAI_API_KEY": API_KEY}},
+    )
+    result = run_job(
+        pipeline, make_resources(tmp_path / "storage"), instance, {"dagster/partition": "x.jsonl"}, raise_on_error=False
+    )
 
     assert not result.success
     records = instance.all_logs(result.run_id)

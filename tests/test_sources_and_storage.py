@@ -24,7 +24,9 @@ def test_a_row_id_column_in_the_file_is_kept_and_must_be_unique(tmp_path):
     source = LocalFolderSource(str(tmp_path), pattern="*.parquet")
     assert next(source.read("in.parquet")).column("row_id").to_pylist() == ["7", "8"]
     pq.write_table(pa.table({"row_id": [7, 7], "q": ["a", "b"]}), tmp_path / "in.parquet")
-    with pytest.raises(SourceError, match="row 1 \(counted from 0\): column 'row_id' repeats 7; row ids must be unique"):
+    with pytest.raises(
+        SourceError, match=r"row 1 \(counted from 0\): column 'row_id' repeats 7; row ids must be unique"
+    ):
         list(source.read("in.parquet"))
 
 
@@ -44,7 +46,10 @@ def test_bad_input_files_name_the_file_and_line(tmp_path):
     with pytest.raises(SourceError) as info:
         list(LocalFolderSource(str(tmp_path)).read("mixed.jsonl"))
     # Line numbers count from 1 as editors do; the row id named is the one the row gets (blank lines skipped).
-    assert str(info.value).endswith("mixed.jsonl: line 4 (row 'mixed.jsonl:2'): field 'prompt' is a number (3): expected a string, as on the lines before it")
+    assert str(info.value).endswith(
+        "mixed.jsonl: line 4 (row 'mixed.jsonl:2'): field 'prompt' is a number (3): "
+        "expected a string, as on the lines before it"
+    )
     (tmp_path / "ids.jsonl").write_text('{"row_id": "q-7", "prompt": "a"}\n{"row_id": "q-8", "prompt": ["b"]}\n')
     with pytest.raises(SourceError, match=r"ids.jsonl: line 2 \(row 'q-8'\): field 'prompt' is a list"):
         list(LocalFolderSource(str(tmp_path)).read("ids.jsonl"))
@@ -62,7 +67,14 @@ def test_output_is_visible_only_once_committed_and_a_failed_attempt_keeps_the_la
     with pytest.raises(NotMaterializedError, match="materialize pipe/stage"):
         storage.committed_files("pipe", "stage", "p/1")
 
-    first = write_attempt(storage, "pipe", "stage", "p/1", [pa.table({"row_id": ["a", "b", "c"]}), pa.table({"row_id": ["d"]})], commit=False)
+    first = write_attempt(
+        storage,
+        "pipe",
+        "stage",
+        "p/1",
+        [pa.table({"row_id": ["a", "b", "c"]}), pa.table({"row_id": ["d"]})],
+        commit=False,
+    )
     with pytest.raises(NotMaterializedError):  # written, not committed: invisible
         storage.committed_files("pipe", "stage", "p/1")
     names = [f"{first}/part-{i:05d}-test.parquet" for i in range(2)]

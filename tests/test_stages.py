@@ -9,9 +9,9 @@ from llm_assets.rows import ERROR_COLUMN, RowError, table_of
 from llm_assets.stages.chat_template import ChatTemplateStage
 from llm_assets.stages.detokenize import DetokenizeStage
 from llm_assets.stages.postprocess import PostprocessStage
-from tests.helpers.stages import preprocess_stage
 from llm_assets.stages.tokenize import TokenizeStage
 from tests.helpers.models import model_without_chat_template
+from tests.helpers.stages import preprocess_stage
 
 
 def to_chat(row):
@@ -34,8 +34,14 @@ def test_preprocess_applies_the_function_and_keeps_row_ids():
         ({"messages": [{"role": "robot", "content": "x"}]}, "messages[0].role is 'robot'"),
         ({"prompt": "x", "sampling_params": {"max_tokens": 0}}, "max_tokens is 0: expected an integer >= 1"),
         ({"prompt": ""}, "'prompt' is empty"),
-        ({"messages": [{"role": "user", "content": 7}]}, "messages[0].content is int 7: expected the message's text as a string"),
-        ({"messages": [{"role": "user", "content": [{"type": "text", "text": "x"}]}]}, "a list of content parts: expected the message's text"),
+        (
+            {"messages": [{"role": "user", "content": 7}]},
+            "messages[0].content is int 7: expected the message's text as a string",
+        ),
+        (
+            {"messages": [{"role": "user", "content": [{"type": "text", "text": "x"}]}]},
+            "a list of content parts: expected the message's text",
+        ),
     ],
 )
 def test_preprocess_rejects_bad_rows_naming_the_row(row, message):
@@ -100,16 +106,41 @@ def test_with_should_continue_on_error_the_output_is_ray_data_llms():
     """ray.data.llm 2.60, run on one file with a failing row (a prompt past max_model_len): a good
     row is the function's output with __inference_error__ "", a failed row bypasses the function
     and keeps every column it had, its input columns and the stages' columns."""
-    batch = table_of([
-        {"row_id": "ok", "id": 0, "prompt": "p", "generated_text": " hi ", "num_generated_tokens": 2, ERROR_COLUMN: None},
-        {"row_id": "bad", "id": 1, "prompt": "long", "generated_text": None, "num_generated_tokens": None,
-         ERROR_COLUMN: "VLLMValidationError: the prompt is too long"},
-    ])
-    good, bad = PostprocessStage(lambda row: {"id": row["id"], "answer": row["generated_text"].strip()},
-                                 should_continue_on_error=True)(batch).to_pylist()
-    assert {k: v for k, v in good.items() if v is not None} == {"id": 0, "answer": "hi", "row_id": "ok", ERROR_COLUMN: ""}
+    batch = table_of(
+        [
+            {
+                "row_id": "ok",
+                "id": 0,
+                "prompt": "p",
+                "generated_text": " hi ",
+                "num_generated_tokens": 2,
+                ERROR_COLUMN: None,
+            },
+            {
+                "row_id": "bad",
+                "id": 1,
+                "prompt": "long",
+                "generated_text": None,
+                "num_generated_tokens": None,
+                ERROR_COLUMN: "VLLMValidationError: the prompt is too long",
+            },
+        ]
+    )
+    good, bad = PostprocessStage(
+        lambda row: {"id": row["id"], "answer": row["generated_text"].strip()}, should_continue_on_error=True
+    )(batch).to_pylist()
+    assert {k: v for k, v in good.items() if v is not None} == {
+        "id": 0,
+        "answer": "hi",
+        "row_id": "ok",
+        ERROR_COLUMN: "",
+    }
     assert {k: v for k, v in bad.items() if v is not None} == {
-        "id": 1, "row_id": "bad", "prompt": "long", ERROR_COLUMN: "VLLMValidationError: the prompt is too long"}
+        "id": 1,
+        "row_id": "bad",
+        "prompt": "long",
+        ERROR_COLUMN: "VLLMValidationError: the prompt is too long",
+    }
 
 
 def test_postprocess_gives_sampling_params_back_as_the_dict_they_were():

@@ -70,13 +70,32 @@ def demo_run(tmp_path_factory):
     (Path(env["DAGSTER_HOME"]) / "dagster.yaml").write_text("telemetry:\n  enabled: false\n")
     added = subprocess.run(
         [sys.executable, "-m", "llm_assets.cli", "add-partitions", "-f", "definitions.py", "--pipeline", "demo"],
-        check=False, cwd=PROJECT, env=env, capture_output=True, text=True, timeout=180,
+        check=False,
+        cwd=PROJECT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=180,
     )
     assert added.returncode == 0, added.stdout + added.stderr
     run = subprocess.run(
-        [str(Path(sys.executable).parent / "dagster"), "job", "execute", "-f", "definitions.py", "-j", "demo_job",
-         "--tags", json.dumps({"dagster/partition": PARTITION})],
-        check=False, cwd=PROJECT, env=env, capture_output=True, text=True, timeout=420,
+        [
+            str(Path(sys.executable).parent / "dagster"),
+            "job",
+            "execute",
+            "-f",
+            "definitions.py",
+            "-j",
+            "demo_job",
+            "--tags",
+            json.dumps({"dagster/partition": PARTITION}),
+        ],
+        check=False,
+        cwd=PROJECT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=420,
     )
     log = run.stdout + run.stderr
     assert run.returncode == 0 and "RUN_SUCCESS" in log, log[-4000:]
@@ -93,9 +112,21 @@ def webserver(demo_run):
     log_path = tmp / "dagster-dev.log"
     with open(log_path, "wb") as log:
         dev = subprocess.Popen(
-            [str(Path(sys.executable).parent / "dagster"), "dev", "-w", "workspace.yaml", "-h", "127.0.0.1",
-             "-p", str(port)],
-            cwd=PROJECT, env=env, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+            [
+                str(Path(sys.executable).parent / "dagster"),
+                "dev",
+                "-w",
+                "workspace.yaml",
+                "-h",
+                "127.0.0.1",
+                "-p",
+                str(port),
+            ],
+            cwd=PROJECT,
+            env=env,
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=subprocess.STDOUT,
             start_new_session=True,
         )
     seen: list[psutil.Process] = []
@@ -130,12 +161,25 @@ def browser(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("chromium")
     options = webdriver.ChromeOptions()
     options.binary_location = str(CHROMIUM)
-    for flag in ["--headless=new", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                 "--disable-background-networking", "--disable-component-update", "--disable-sync",
-                 "--disable-dev-shm-usage", "--window-size=1600,1000", f"--user-data-dir={tmp / 'profile'}"]:
+    for flag in [
+        "--headless=new",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-quic",
+        "--no-first-run",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        "--disable-dev-shm-usage",
+        "--window-size=1600,1000",
+        f"--user-data-dir={tmp / 'profile'}",
+    ]:
         options.add_argument(flag)
-    service = Service(executable_path=str(CHROMEDRIVER), log_output=str(tmp / "chromedriver.log"),
-                      popen_kw={"start_new_session": True})
+    service = Service(
+        executable_path=str(CHROMEDRIVER),
+        log_output=str(tmp / "chromedriver.log"),
+        popen_kw={"start_new_session": True},
+    )
     driver = webdriver.Chrome(service=service, options=options)
     seen = tree(service.process.pid)  # chromedriver, chromium and its helpers
     try:
@@ -164,13 +208,13 @@ def _wait(driver, condition, what: str):
 def _dialog_buttons(driver):
     from selenium.webdriver.common.by import By
 
-    return [b for b in driver.find_elements(By.XPATH, "//button[normalize-space()='Skip']")
-            if b.is_displayed()]
+    return [b for b in driver.find_elements(By.XPATH, "//button[normalize-space()='Skip']") if b.is_displayed()]
 
 
 def _graphql(url: str, query: str) -> dict:
-    request = urllib.request.Request(f"{url}/graphql", data=json.dumps({"query": query}).encode(),
-                                     headers={"Content-Type": "application/json"})
+    request = urllib.request.Request(
+        f"{url}/graphql", data=json.dumps({"query": query}).encode(), headers={"Content-Type": "application/json"}
+    )
     with urllib.request.urlopen(request, timeout=30) as response:
         return json.load(response)["data"]
 
@@ -220,31 +264,43 @@ def test_engine_partition_is_materialized_with_its_metadata(demo_run, ui, browse
 
     _, run_id, storage, _ = demo_run
     browser.get(f"{ui}/assets/demo/engine?view=partitions")
-    _wait(browser, lambda d: "Materialized (1)" in d.find_element(By.TAG_NAME, "body").text,
-          "the partition status counts")
+    _wait(
+        browser, lambda d: "Materialized (1)" in d.find_element(By.TAG_NAME, "body").text, "the partition status counts"
+    )
     body = browser.find_element(By.TAG_NAME, "body").text
     for status in ("Materialized (1)", "Missing (0)", "Failed (0)", "Materializing (0)"):
         assert status in body, body[:2000]
 
     # choose the partition in the list, as a user does
-    item = _wait(browser, lambda d: next(
-        (e for e in d.find_elements(By.XPATH, f"//*[normalize-space(text())='{PARTITION}']") if e.is_displayed()),
-        None,
-    ), f"partition {PARTITION} in the list")
+    item = _wait(
+        browser,
+        lambda d: next(
+            (e for e in d.find_elements(By.XPATH, f"//*[normalize-space(text())='{PARTITION}']") if e.is_displayed()),
+            None,
+        ),
+        f"partition {PARTITION} in the list",
+    )
     item.click()
 
     def metadata(d) -> dict[str, str]:
-        return dict(d.execute_script(
-            "return Array.from(document.querySelectorAll('table tr'))"
-            ".map(tr => Array.from(tr.querySelectorAll('td')).map(td => td.innerText.trim()))"
-            ".filter(cells => cells.length >= 2).map(cells => [cells[0], cells[1]])"
-        ))
+        return dict(
+            d.execute_script(
+                "return Array.from(document.querySelectorAll('table tr'))"
+                ".map(tr => Array.from(tr.querySelectorAll('td')).map(td => td.innerText.trim()))"
+                ".filter(cells => cells.length >= 2).map(cells => [cells[0], cells[1]])"
+            )
+        )
 
-    _wait(browser, lambda d: "rows_out" in metadata(d) and "generated_tokens" in metadata(d),
-          "the materialization's metadata table")
+    _wait(
+        browser,
+        lambda d: "rows_out" in metadata(d) and "generated_tokens" in metadata(d),
+        "the materialization's metadata table",
+    )
     assert "partition=" in browser.current_url and PARTITION in browser.current_url, browser.current_url
     # the partition's header: its name with a "Materialized" tag
-    tags = [e for e in browser.find_elements(By.XPATH, "//*[normalize-space(text())='Materialized']") if e.is_displayed()]
+    tags = [
+        e for e in browser.find_elements(By.XPATH, "//*[normalize-space(text())='Materialized']") if e.is_displayed()
+    ]
     assert len(tags) == 1, [t.text for t in tags]
     header = tags[0].find_element(By.XPATH, f"./ancestor::*[contains(normalize-space(.), '{PARTITION}')][1]")
     assert set(header.text.split("\n")) == {PARTITION, "Materialized"}, header.text
@@ -281,13 +337,22 @@ def test_text_stage_shows_its_columns_and_sample_rows(demo_run, ui, browser):
     _screenshot(browser, "detokenize-columns.png")
 
     browser.get(f"{ui}/assets/demo/detokenize?view=partitions")
-    item = _wait(browser, lambda d: next(
-        (e for e in d.find_elements(By.XPATH, f"//*[normalize-space(text())='{PARTITION}']") if e.is_displayed()),
-        None,
-    ), f"partition {PARTITION} in the list")
+    item = _wait(
+        browser,
+        lambda d: next(
+            (e for e in d.find_elements(By.XPATH, f"//*[normalize-space(text())='{PARTITION}']") if e.is_displayed()),
+            None,
+        ),
+        f"partition {PARTITION} in the list",
+    )
     item.click()
-    key = _wait(browser, lambda d: next((e for e in d.find_elements(By.XPATH, "//td[normalize-space()='sample']") if e.is_displayed()), None),
-                "the sample metadata")
+    key = _wait(
+        browser,
+        lambda d: next(
+            (e for e in d.find_elements(By.XPATH, "//td[normalize-space()='sample']") if e.is_displayed()), None
+        ),
+        "the sample metadata",
+    )
     browser.execute_script("arguments[0].scrollIntoView({block: 'center'})", key)
     sample = key.find_element(By.XPATH, "./following-sibling::td[1]").text
     assert sample.startswith("prompt generated_text"), sample

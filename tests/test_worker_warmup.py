@@ -8,8 +8,15 @@ import pytest
 
 from tests.helpers.data import questions, write_jsonl
 from tests.helpers.local_ray import init_local_ray
-from tests.helpers.pipelines import TASK_TIMES
-from tests.helpers.pipelines import RANGE_END, RANGE_START, log_messages, make_pipeline, make_resources, run_job
+from tests.helpers.pipelines import (
+    RANGE_END,
+    RANGE_START,
+    TASK_TIMES,
+    log_messages,
+    make_pipeline,
+    make_resources,
+    run_job,
+)
 
 CPUS = 16
 
@@ -37,7 +44,9 @@ def test_the_stages_after_the_engine_run_on_workers_warmed_while_the_engine_buil
         write_jsonl(tmp_path / "landing" / f"{name}.jsonl", questions(8, name))
     pipeline = make_pipeline(tmp_path / "landing", tiny_model)
     with dg.instance_for_test() as instance:
-        result = run_job(pipeline, make_resources(tmp_path / "storage"), instance, {RANGE_START: "a.jsonl", RANGE_END: "c.jsonl"})
+        result = run_job(
+            pipeline, make_resources(tmp_path / "storage"), instance, {RANGE_START: "a.jsonl", RANGE_END: "c.jsonl"}
+        )
         messages = log_messages(instance, result.run_id)
     slots = CPUS // 4  # a group's tasks in flight: a quarter of the cluster's CPUs
     assert f"tiny: starting {slots} Ray worker(s) for detokenize, postprocess while the engines build" in messages

@@ -7,7 +7,6 @@ one process, one Ray, one engine pool, one streaming run (``execution/stream.py`
 single-run backfill policy a backfill is one run too, so the model loads once.
 """
 
-
 import warnings
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -30,12 +29,14 @@ warnings.filterwarnings("ignore", message=".*backfill_policy.*", category=dg.Bet
 
 STAGE_DESCRIPTIONS = {
     "preprocess": "Rows of the input file after the pipeline's preprocess function; each gets a stable row_id.",
-    "prepare_multimodal": "Image, audio and video parts of `messages` read and decoded; `messages` with the model's placeholders, "
-                          "`multimodal_data` with each part's bytes (inline media) or reference and digest (URLs, paths).",
+    "prepare_multimodal": "Image, audio and video parts of `messages` read and decoded; "
+    "`messages` with the model's placeholders, "
+    "`multimodal_data` with each part's bytes (inline media) or reference and digest (URLs, paths).",
     "chat_template": "`messages` rendered to a `prompt` with the model's chat template.",
     "tokenize": "`prompt` tokenized to `tokenized_prompt`.",
-    ENGINE: "Each row with the engine's output columns: vLLM's `generated_tokens`, `num_input_tokens`, `num_generated_tokens`, "
-            "`time_taken_llm`; an HTTP endpoint's `http_response`, `generated_text` and the token counts.",
+    ENGINE: "Each row with the engine's output columns: vLLM's `generated_tokens`, `num_input_tokens`, "
+    "`num_generated_tokens`, "
+    "`time_taken_llm`; an HTTP endpoint's `http_response`, `generated_text` and the token counts.",
     "detokenize": "`generated_tokens` decoded to `generated_text`.",
     "postprocess": "Rows after the pipeline's postprocess function: the pipeline's output.",
 }
@@ -49,8 +50,9 @@ def stage_key(pipeline: LLMPipeline, stage: str) -> dg.AssetKey:
     return dg.AssetKey([pipeline.name, stage])
 
 
-def metadata(results: list[PartitionStats], usage: Optional[dict[str, float]] = None,
-             price_per_gpu_hour: Optional[float] = None) -> dict[str, Any]:
+def metadata(
+    results: list[PartitionStats], usage: Optional[dict[str, float]] = None, price_per_gpu_hour: Optional[float] = None
+) -> dict[str, Any]:
     """Numeric metadata, so the asset page plots it across materializations. A multi-partition
     run (a backfill) records the run's totals on each of its partitions (Dagster attaches one
     result to all partitions of a run); each partition's own numbers are in its manifest.
@@ -88,11 +90,15 @@ def metadata(results: list[PartitionStats], usage: Optional[dict[str, float]] = 
     # Dagster's own keys: the UI shows them as the asset's row count, columns and location.
     found["dagster/row_count"] = dg.MetadataValue.int(rows_out)
     if results[0].path:
-        uri = results[0].path if len(results) == 1 else results[0].path.rsplit("/", 1)[0]  # a run's partitions: the stage's folder
+        uri = (
+            results[0].path if len(results) == 1 else results[0].path.rsplit("/", 1)[0]
+        )  # a run's partitions: the stage's folder
         found["dagster/uri"] = dg.MetadataValue.path(uri)
     columns = next((r.columns for r in results if r.columns), None)
     if columns:
-        found["dagster/column_schema"] = dg.MetadataValue.table_schema(dg.TableSchema(columns=[dg.TableColumn(n, t) for n, t in columns]))
+        found["dagster/column_schema"] = dg.MetadataValue.table_schema(
+            dg.TableSchema(columns=[dg.TableColumn(n, t) for n, t in columns])
+        )
     samples = [sample for r in results for sample in r.samples][:SAMPLES_KEPT]
     if samples:
         found["sample"] = dg.MetadataValue.md(_sample_table(samples))
@@ -111,12 +117,29 @@ class _Checking:
     """The data-reading checks, in threads beside the stream: each partition as soon as it is
     committed; a stage's materialization is yielded once all its partitions are checked."""
 
-    def __init__(self, pipeline: LLMPipeline, storage, wanted: set, threads: ThreadPoolExecutor, price_per_gpu_hour: Optional[float]):
-        self.pipeline, self.storage, self.threads, self.price_per_gpu_hour = pipeline, storage, threads, price_per_gpu_hour
+    def __init__(
+        self,
+        pipeline: LLMPipeline,
+        storage,
+        wanted: set,
+        threads: ThreadPoolExecutor,
+        price_per_gpu_hour: Optional[float],
+    ):
+        self.pipeline, self.storage, self.threads, self.price_per_gpu_hour = (
+            pipeline,
+            storage,
+            threads,
+            price_per_gpu_hour,
+        )
         # The checks of each stage the run was asked for (looked up for every committed partition).
-        self.names = {stage: {spec.name for spec in checks.check_specs(pipeline, stage, stage_key(pipeline, stage))
-                              if dg.AssetCheckKey(stage_key(pipeline, stage), spec.name) in wanted}
-                      for stage in pipeline.stage_names()}
+        self.names = {
+            stage: {
+                spec.name
+                for spec in checks.check_specs(pipeline, stage, stage_key(pipeline, stage))
+                if dg.AssetCheckKey(stage_key(pipeline, stage), spec.name) in wanted
+            }
+            for stage in pipeline.stage_names()
+        }
         self.partitions: dict[tuple[str, str], Future] = {}
         self.stages: deque[tuple[StageDone, list[Future]]] = deque()
 
@@ -125,29 +148,44 @@ class _Checking:
 
     def stage_done(self, done: StageDone) -> None:
         # Partitions up to date before the run (not committed by it) are checked now.
-        futures = [self.partitions.pop((done.stage, r.partition), None) or self._submit(done.stage, r) for r in done.results]
+        futures = [
+            self.partitions.pop((done.stage, r.partition), None) or self._submit(done.stage, r) for r in done.results
+        ]
         self.stages.append((done, futures))
 
-    def ready(self, wait: bool = False) -> Iterator[Union[dg.MaterializeResult, dg.AssetMaterialization, dg.AssetCheckResult]]:
+    def ready(
+        self, wait: bool = False
+    ) -> Iterator[Union[dg.MaterializeResult, dg.AssetMaterialization, dg.AssetCheckResult]]:
         """Materializations of the stages whose checks are done, in stage order. A stage of which
         some partitions failed is recorded per committed partition, each with its own numbers:
         Dagster attaches a MaterializeResult to every partition of the run, the failed ones too."""
         while self.stages and (wait or all(f.done() for f in self.stages[0][1])):
             done, futures = self.stages.popleft()
             key = stage_key(self.pipeline, done.stage)
-            checked = checks.stage_results(self.pipeline, done.results, [f.result() for f in futures], self.names[done.stage], key)
+            checked = checks.stage_results(
+                self.pipeline, done.results, [f.result() for f in futures], self.names[done.stage], key
+            )
             if not done.failed:
-                yield dg.MaterializeResult(asset_key=key, metadata=metadata(done.results, done.usage, self.price_per_gpu_hour),
-                                           check_results=checked)
+                yield dg.MaterializeResult(
+                    asset_key=key,
+                    metadata=metadata(done.results, done.usage, self.price_per_gpu_hour),
+                    check_results=checked,
+                )
                 continue
             for result in done.results:
-                yield dg.AssetMaterialization(key, partition=result.partition, metadata=metadata([result]),
-                                              tags={CODE_VERSION_TAG: self.pipeline.code_version(done.stage)})
+                yield dg.AssetMaterialization(
+                    key,
+                    partition=result.partition,
+                    metadata=metadata([result]),
+                    tags={CODE_VERSION_TAG: self.pipeline.code_version(done.stage)},
+                )
             if done.results:
                 yield from checked
 
     def _submit(self, stage: str, stats: PartitionStats) -> Future:
-        return self.threads.submit(checks.partition_findings, self.pipeline, stage, stats, self.storage, self.names[stage])
+        return self.threads.submit(
+            checks.partition_findings, self.pipeline, stage, stats, self.storage, self.names[stage]
+        )
 
 
 def stages_asset(pipeline: LLMPipeline, partitions_def: dg.PartitionsDefinition) -> dg.AssetsDefinition:
@@ -155,7 +193,11 @@ def stages_asset(pipeline: LLMPipeline, partitions_def: dg.PartitionsDefinition)
     specs = [
         dg.AssetSpec(
             stage_key(pipeline, stage),
-            deps=[stage_key(pipeline, pipeline.plan(stage).upstream) if pipeline.plan(stage).upstream else landing_key(pipeline)],
+            deps=[
+                stage_key(pipeline, pipeline.plan(stage).upstream)
+                if pipeline.plan(stage).upstream
+                else landing_key(pipeline)
+            ],
             group_name=pipeline.name,
             description=STAGE_DESCRIPTIONS[stage],
             kinds={"ray", pipeline.engine.label.lower()} if stage == ENGINE else {"ray"},
@@ -189,19 +231,32 @@ def stages_asset(pipeline: LLMPipeline, partitions_def: dg.PartitionsDefinition)
     def _run_stages(context: dg.AssetExecutionContext):
         selected = [stage for stage in names if stage_key(pipeline, stage) in context.selected_asset_keys]
         partitions = list(context.partition_keys)
-        context.log.info(f"{pipeline.name}: stages {', '.join(selected)} over {len(partitions)} partition(s): {', '.join(partitions[:10])}")
+        context.log.info(
+            f"{pipeline.name}: stages {', '.join(selected)} over {len(partitions)} partition(s): "
+            f"{', '.join(partitions[:10])}"
+        )
         ray_data = context.resources.ray_data
         run = StreamingRun(
-            pipeline, selected, partitions, context.resources.storage, context.resources.engine_pool,
+            pipeline,
+            selected,
+            partitions,
+            context.resources.storage,
+            context.resources.engine_pool,
             lambda: ray_data.start(context.log.info),
-            log=context.log.info, recompute=context.run.tags.get(RECOMPUTE_TAG, "").lower() in ("1", "true", "yes"),
+            log=context.log.info,
+            recompute=context.run.tags.get(RECOMPUTE_TAG, "").lower() in ("1", "true", "yes"),
             stall_report_s=ray_data.stall_report_s,
         )
         # Checks read committed Parquet: in threads, so that the stream (and the engine it feeds)
         # never waits on them; results are reported in stage order.
         with ThreadPoolExecutor(max_workers=2, thread_name_prefix="asset-checks") as threads:
-            checking = _Checking(pipeline, context.resources.storage, set(context.selected_asset_check_keys), threads,
-                                 context.resources.engine_pool.price_per_gpu_hour)
+            checking = _Checking(
+                pipeline,
+                context.resources.storage,
+                set(context.selected_asset_check_keys),
+                threads,
+                context.resources.engine_pool.price_per_gpu_hour,
+            )
             failure = None
             try:
                 for event in run.run():

@@ -32,9 +32,9 @@ import pyarrow.compute as pc
 
 from llm_assets.execution.stats import PartitionStats
 from llm_assets.pipeline import LLMPipeline
-from llm_assets.tasks import ENGINE
-from llm_assets.stages import media, prepare_multimodal
 from llm_assets.rows import ERROR_COLUMN, ROW_ID, failed_mask, loads_params
+from llm_assets.stages import media, prepare_multimodal
+from llm_assets.tasks import ENGINE
 
 ROW_IDS = "row_ids_conserved"
 ERROR_RATE = "error_rate"
@@ -46,19 +46,57 @@ LISTED = 20  # row ids / partitions named in a failing check's metadata, at most
 
 
 def check_specs(pipeline: LLMPipeline, stage: str, asset_key: dg.AssetKey) -> list[dg.AssetCheckSpec]:
-    specs = [dg.AssetCheckSpec(ROW_IDS, asset=asset_key, description="Every input row id appears exactly once in this stage's output (error rows included).")]
+    specs = [
+        dg.AssetCheckSpec(
+            ROW_IDS,
+            asset=asset_key,
+            description="Every input row id appears exactly once in this stage's output (error rows included).",
+        )
+    ]
     if stage == ENGINE:
-        specs.append(dg.AssetCheckSpec(ERROR_RATE, asset=asset_key, description=f"Rows with an inference error are at most {pipeline.max_error_rate:.1%} of the rows."))
+        specs.append(
+            dg.AssetCheckSpec(
+                ERROR_RATE,
+                asset=asset_key,
+                description=f"Rows with an inference error are at most {pipeline.max_error_rate:.1%} of the rows.",
+            )
+        )
     if stage == ENGINE and "embeddings" in pipeline.task.engine_columns:
-        specs.append(dg.AssetCheckSpec(EMBEDDINGS, asset=asset_key, description="Every row without an error has an embedding, all of one dimension, with no NaN."))
+        specs.append(
+            dg.AssetCheckSpec(
+                EMBEDDINGS,
+                asset=asset_key,
+                description="Every row without an error has an embedding, all of one dimension, with no NaN.",
+            )
+        )
     if stage == prepare_multimodal.STAGE:
-        specs.append(dg.AssetCheckSpec(MEDIA, asset=asset_key, description=(
-            f"Rows whose images, audio or video could not be read or decoded are at most {pipeline.max_error_rate:.1%} of the rows with media.")))
+        specs.append(
+            dg.AssetCheckSpec(
+                MEDIA,
+                asset=asset_key,
+                description=(
+                    "Rows whose images, audio or video could not be read or decoded are at most "
+                    f"{pipeline.max_error_rate:.1%} of the rows with media."
+                ),
+            )
+        )
     if stage == pipeline.text_stage() and pipeline.task.text_column:
-        specs.append(dg.AssetCheckSpec(NOT_EMPTY, asset=asset_key, description="No row without an error has an empty generated_text."))
+        specs.append(
+            dg.AssetCheckSpec(
+                NOT_EMPTY, asset=asset_key, description="No row without an error has an empty generated_text."
+            )
+        )
         if pipeline.output_schema is not None:
-            specs.append(dg.AssetCheckSpec(SCHEMA_VALID, asset=asset_key, description=(
-                f"generated_text parses as {pipeline.output_schema.__name__} in at least {1 - pipeline.max_error_rate:.1%} of the rows without an error.")))
+            specs.append(
+                dg.AssetCheckSpec(
+                    SCHEMA_VALID,
+                    asset=asset_key,
+                    description=(
+                        f"generated_text parses as {pipeline.output_schema.__name__} in at least "
+                        f"{1 - pipeline.max_error_rate:.1%} of the rows without an error."
+                    ),
+                )
+            )
     return specs
 
 
@@ -86,7 +124,9 @@ class PartitionFindings:
         return not (self.duplicates or self.missing or self.extra)
 
 
-def partition_findings(pipeline: LLMPipeline, stage: str, stats: PartitionStats, storage, names: set[str]) -> PartitionFindings:
+def partition_findings(
+    pipeline: LLMPipeline, stage: str, stats: PartitionStats, storage, names: set[str]
+) -> PartitionFindings:
     """Read the partition's committed output for the checks named in ``names``: the row checks
     share one read of the columns they need."""
     found = PartitionFindings(stats.partition)
@@ -105,7 +145,11 @@ def partition_findings(pipeline: LLMPipeline, stage: str, stats: PartitionStats,
 
 def _without_errors(table: pa.Table) -> pa.Table:
     """The rows no stage marked as failed (a failed row is the error_rate check's)."""
-    return table.filter(pc.invert(failed_mask(table.column(ERROR_COLUMN)))) if ERROR_COLUMN in table.column_names else table
+    return (
+        table.filter(pc.invert(failed_mask(table.column(ERROR_COLUMN))))
+        if ERROR_COLUMN in table.column_names
+        else table
+    )
 
 
 def _row_ids(storage, pipeline: str, stage: str, partition: str) -> Counter:
@@ -191,14 +235,21 @@ ROW_CHECKS = {
 }
 
 
-def stage_results(pipeline: LLMPipeline, results: list[PartitionStats], findings: list[PartitionFindings],
-                  names: set[str], asset_key: dg.AssetKey) -> list[dg.AssetCheckResult]:
+def stage_results(
+    pipeline: LLMPipeline,
+    results: list[PartitionStats],
+    findings: list[PartitionFindings],
+    names: set[str],
+    asset_key: dg.AssetKey,
+) -> list[dg.AssetCheckResult]:
     """The stage's check results over the run's partitions (``findings`` in the same order)."""
     checked = []
     if ROW_IDS in names:
         checked.append(_row_ids_result(findings, asset_key))
     if ERROR_RATE in names:
-        checked.append(_error_rate_result(pipeline, sum(r.rows_out for r in results), sum(r.errors for r in results), asset_key))
+        checked.append(
+            _error_rate_result(pipeline, sum(r.rows_out for r in results), sum(r.errors for r in results), asset_key)
+        )
     if NOT_EMPTY in names:
         checked.append(_not_empty_result(findings, asset_key))
     if SCHEMA_VALID in names:
@@ -236,7 +287,12 @@ def _error_rate_result(pipeline: LLMPipeline, rows: int, errors: int, asset_key:
         check_name=ERROR_RATE,
         asset_key=asset_key,
         passed=rate <= pipeline.max_error_rate,
-        metadata={"error_rate": round(rate, 6), "errors": errors, "rows": rows, "max_error_rate": pipeline.max_error_rate},
+        metadata={
+            "error_rate": round(rate, 6),
+            "errors": errors,
+            "rows": rows,
+            "max_error_rate": pipeline.max_error_rate,
+        },
     )
 
 
@@ -246,11 +302,17 @@ def _not_empty_result(findings: list[PartitionFindings], asset_key: dg.AssetKey)
         check_name=NOT_EMPTY,
         asset_key=asset_key,
         passed=not empty,
-        metadata={"rows_checked": sum(f.rows_checked for f in findings), "empty_generations": len(empty), "examples": ", ".join(map(str, empty[:LISTED]))},
+        metadata={
+            "rows_checked": sum(f.rows_checked for f in findings),
+            "empty_generations": len(empty),
+            "examples": ", ".join(map(str, empty[:LISTED])),
+        },
     )
 
 
-def _schema_result(pipeline: LLMPipeline, findings: list[PartitionFindings], asset_key: dg.AssetKey) -> dg.AssetCheckResult:
+def _schema_result(
+    pipeline: LLMPipeline, findings: list[PartitionFindings], asset_key: dg.AssetKey
+) -> dg.AssetCheckResult:
     invalid = [row_id for f in findings for row_id in f.invalid]
     parsed = sum(f.parsed for f in findings)
     rate = len(invalid) / parsed if parsed else 0.0
@@ -258,8 +320,13 @@ def _schema_result(pipeline: LLMPipeline, findings: list[PartitionFindings], ass
         check_name=SCHEMA_VALID,
         asset_key=asset_key,
         passed=rate <= pipeline.max_error_rate,
-        metadata={"rows_parsed": parsed, "invalid_rows": len(invalid), "valid_rate": round(1 - rate, 6),
-                  "schema": pipeline.output_schema.__name__, "examples": ", ".join(map(str, invalid[:LISTED]))},
+        metadata={
+            "rows_parsed": parsed,
+            "invalid_rows": len(invalid),
+            "valid_rate": round(1 - rate, 6),
+            "schema": pipeline.output_schema.__name__,
+            "examples": ", ".join(map(str, invalid[:LISTED])),
+        },
     )
 
 
@@ -270,11 +337,17 @@ def _embeddings_result(findings: list[PartitionFindings], asset_key: dg.AssetKey
         check_name=EMBEDDINGS,
         asset_key=asset_key,
         passed=not bad and len(dimensions) <= 1,
-        metadata={"dimensions": ", ".join(map(str, dimensions)), "bad_rows": len(bad), "examples": ", ".join(map(str, bad[:LISTED]))},
+        metadata={
+            "dimensions": ", ".join(map(str, dimensions)),
+            "bad_rows": len(bad),
+            "examples": ", ".join(map(str, bad[:LISTED])),
+        },
     )
 
 
-def _media_result(pipeline: LLMPipeline, findings: list[PartitionFindings], asset_key: dg.AssetKey) -> dg.AssetCheckResult:
+def _media_result(
+    pipeline: LLMPipeline, findings: list[PartitionFindings], asset_key: dg.AssetKey
+) -> dg.AssetCheckResult:
     failed = [row_id for f in findings for row_id in f.media_failed]
     rows = sum(f.media_rows for f in findings)
     items = sum((f.media_items for f in findings), Counter())
@@ -283,7 +356,12 @@ def _media_result(pipeline: LLMPipeline, findings: list[PartitionFindings], asse
         check_name=MEDIA,
         asset_key=asset_key,
         passed=rate <= pipeline.max_error_rate,
-        metadata={"rows_with_media": rows, "failed_rows": len(failed), "failed_rate": round(rate, 6),
-                  **{f"{modality}_items": items[modality] for modality in ("image", "audio", "video")},
-                  "inline_mib": round(sum(f.inline_bytes for f in findings) / 2**20, 3), "examples": ", ".join(map(str, failed[:LISTED]))},
+        metadata={
+            "rows_with_media": rows,
+            "failed_rows": len(failed),
+            "failed_rate": round(rate, 6),
+            **{f"{modality}_items": items[modality] for modality in ("image", "audio", "video")},
+            "inline_mib": round(sum(f.inline_bytes for f in findings) / 2**20, 3),
+            "examples": ", ".join(map(str, failed[:LISTED])),
+        },
     )

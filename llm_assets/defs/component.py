@@ -31,7 +31,9 @@ __all__ = ["LLMPipelineComponent", "LLMPipelineScaffolder", "PipelineSource"]
 PROCESSORS: dict[str, type] = {cls.__name__: cls for cls in ENGINES}
 ProcessorName = Literal[tuple(PROCESSORS)]  # type: ignore[valid-type]
 DEFAULT_PROCESSOR = "vLLMEngineProcessorConfig"
-_PIPELINE_DEFAULTS = {f.name: f.default for f in dataclasses.fields(LLMPipeline) if f.default is not dataclasses.MISSING}
+_PIPELINE_DEFAULTS = {
+    f.name: f.default for f in dataclasses.fields(LLMPipeline) if f.default is not dataclasses.MISSING
+}
 
 
 class PipelineYamlError(ValueError):
@@ -41,12 +43,16 @@ class PipelineYamlError(ValueError):
 class PipelineSource(dg.Resolvable, dg.Model):
     """Where the input files land: a local ``folder``, or an S3 ``bucket`` (and ``prefix``)."""
 
-    folder: Optional[str] = Field(None, description="A local folder; '{{ context.project_root }}/data/x' for one in the project.")
+    folder: Optional[str] = Field(
+        None, description="A local folder; '{{ context.project_root }}/data/x' for one in the project."
+    )
     bucket: Optional[str] = Field(None, description="An S3 bucket (any S3-compatible store).")
     prefix: str = Field("", description="The key prefix within the bucket.")
     pattern: str = Field("*.jsonl", description="Which files are input: *.jsonl, *.parquet, *.csv.")
     s3: Optional[dict[str, Any]] = Field(
-        None, description="dagster-aws S3Resource fields (endpoint_url, region_name, ...); without them boto3's defaults apply."
+        None,
+        description="dagster-aws S3Resource fields (endpoint_url, region_name, ...); "
+        "without them boto3's defaults apply.",
     )
 
     def build(self) -> Union[LocalFolderSource, S3PrefixSource]:
@@ -125,8 +131,11 @@ class LLMPipelineScaffolder(dg.Scaffolder):
         folder = Path(request.target_path)
         folder.mkdir(parents=True, exist_ok=True)
         # Template, not str.format: the YAML holds Dagster's own {{ ... }} templates.
-        (folder / "defs.yaml").write_text(Template(DEFS_TEMPLATE).substitute(
-            type=request.type_name, name=folder.name, processors=", ".join(PROCESSORS)))
+        (folder / "defs.yaml").write_text(
+            Template(DEFS_TEMPLATE).substitute(
+                type=request.type_name, name=folder.name, processors=", ".join(PROCESSORS)
+            )
+        )
         (folder / "functions.py").write_text(FUNCTIONS_TEMPLATE)
         # The landing folder the file names, with an example input file: the scaffolded pipeline
         # runs as it is (`python -m llm_assets.cli add-partitions`, then its job).
@@ -142,26 +151,41 @@ class LLMPipelineComponent(dg.Component, dg.Resolvable, dg.Model):
     """A batch LLM inference pipeline (llm_assets.LLMPipeline) from YAML: its stages as partitioned
     assets, a job and a new-files sensor. The code location provides the resources."""
 
-    name: Optional[str] = Field(None, description="Names the assets, job and sensor (letters, digits, _); default: the folder's name.")
+    name: Optional[str] = Field(
+        None, description="Names the assets, job and sensor (letters, digits, _); default: the folder's name."
+    )
     processor: ProcessorName = Field(DEFAULT_PROCESSOR, description="The engine, by its processor config class.")
     config: dict[str, Any] = Field(
         description="The processor config's fields, as in ray.data.llm: model_source, engine_kwargs, batch_size, "
         "concurrency, task_type, chat_template_stage, tokenize_stage, should_continue_on_error, ..."
     )
     source: PipelineSource
-    preprocess: Optional[str] = Field(None, description="Import path of the row -> request function; '.module.fn' is relative to this folder.")
+    preprocess: Optional[str] = Field(
+        None, description="Import path of the row -> request function; '.module.fn' is relative to this folder."
+    )
     postprocess: Optional[str] = Field(None, description="Import path of the generated row -> output row function.")
-    output_schema: Optional[str] = Field(None, description="Import path of a pydantic model: every row generates JSON of its schema.")
+    output_schema: Optional[str] = Field(
+        None, description="Import path of a pydantic model: every row generates JSON of its schema."
+    )
     description: str = _PIPELINE_DEFAULTS["description"]
     extra_tags: dict[str, str] = Field(default_factory=dict, description="Tags of the pipeline's job.")
-    max_error_rate: float = Field(_PIPELINE_DEFAULTS["max_error_rate"], description="The engine's error_rate check fails above this share of rows.")
+    max_error_rate: float = Field(
+        _PIPELINE_DEFAULTS["max_error_rate"],
+        description="The engine's error_rate check fails above this share of rows.",
+    )
     sensor_interval_s: int = _PIPELINE_DEFAULTS["sensor_interval_s"]
     sensor_running_by_default: bool = _PIPELINE_DEFAULTS["sensor_running_by_default"]
-    openai_batch_output: Optional[str] = Field(None, description="A folder or s3:// URI for OpenAI Batch API output/error files.")
-    gpu_pool: Optional[str] = Field(_PIPELINE_DEFAULTS["gpu_pool"],
-                                    description="The Dagster concurrency pool of runs that build engines on GPUs; null: no limit.")
-    response_cache: str = Field(_PIPELINE_DEFAULTS["response_cache"],
-                                description="Reuse answers to identical requests: 'deterministic' (greedy, seeded, pooling), 'all' or 'off'.")
+    openai_batch_output: Optional[str] = Field(
+        None, description="A folder or s3:// URI for OpenAI Batch API output/error files."
+    )
+    gpu_pool: Optional[str] = Field(
+        _PIPELINE_DEFAULTS["gpu_pool"],
+        description="The Dagster concurrency pool of runs that build engines on GPUs; null: no limit.",
+    )
+    response_cache: str = Field(
+        _PIPELINE_DEFAULTS["response_cache"],
+        description="Reuse answers to identical requests: 'deterministic' (greedy, seeded, pooling), 'all' or 'off'.",
+    )
 
     _pipeline: Optional[LLMPipeline] = PrivateAttr(None)
 
@@ -192,7 +216,9 @@ class LLMPipelineComponent(dg.Component, dg.Resolvable, dg.Model):
     @property
     def pipeline(self) -> LLMPipeline:
         if self._pipeline is None:
-            raise RuntimeError("LLMPipelineComponent.pipeline: the component has not been loaded (build_pipeline(context) builds it)")
+            raise RuntimeError(
+                "LLMPipelineComponent.pipeline: the component has not been loaded (build_pipeline(context) builds it)"
+            )
         return self._pipeline
 
     def build_pipeline(self, context: dg.ComponentLoadContext) -> LLMPipeline:
@@ -201,7 +227,9 @@ class LLMPipelineComponent(dg.Component, dg.Resolvable, dg.Model):
         where = _Locator(context)
         config = self._processor_config(where)
         source = where.checked(("source",), self.source.build)
-        functions = {field: self._imported(where, field, context) for field in ("preprocess", "postprocess", "output_schema")}
+        functions = {
+            field: self._imported(where, field, context) for field in ("preprocess", "postprocess", "output_schema")
+        }
         pipeline = where.checked(
             None,
             lambda: LLMPipeline(

@@ -80,8 +80,8 @@ def dead_runs_sensor(pipeline_name: str) -> dg.SensorDefinition:
         name=f"{pipeline_name}_dead_runs",
         minimum_interval_seconds=CHECK_EVERY_S,
         default_status=dg.DefaultSensorStatus.RUNNING,
-        description=f"Fails each STARTED run of the {pipeline_name} stages whose process on this machine is gone (killed, "
-        "out of memory), whoever launched it, so that the run queue moves on.",
+        description=f"Fails each STARTED run of the {pipeline_name} stages whose process on this machine is gone "
+        "(killed, out of memory), whoever launched it, so that the run queue moves on.",
     )
     def _sensor(context: dg.SensorEvaluationContext):
         instance = context.instance
@@ -95,8 +95,11 @@ def dead_runs_sensor(pipeline_name: str) -> dg.SensorDefinition:
             if instance.get_run_by_id(run.run_id).status != dg.DagsterRunStatus.STARTED:
                 continue
             pid = identity.split("/")[1]
-            instance.report_run_failed(run, f"The process that ran this run (pid {pid} on {socket.gethostname()}) is gone: "
-                                            "killed or out of memory. Committed partitions are kept; a re-run computes the rest.")
+            instance.report_run_failed(
+                run,
+                f"The process that ran this run (pid {pid} on {socket.gethostname()}) is gone: "
+                "killed or out of memory. Committed partitions are kept; a re-run computes the rest.",
+            )
             failed.append(run.run_id)
         if not failed:
             return dg.SkipReason(f"{len(started)} run(s) STARTED, none whose process is gone")

@@ -5,7 +5,6 @@ optional OpenAI Batch export asset, a job and a sensor.
 All of them share the pipeline's dynamic partitions (one per input file).
 """
 
-
 from typing import Any, Sequence
 
 import dagster as dg
@@ -17,7 +16,14 @@ from llm_assets.defs.landing import landing_asset
 from llm_assets.defs.sensors import new_files_sensor, new_partition_keys
 from llm_assets.pipeline import LLMPipeline
 
-__all__ = ["RECOMPUTE_TAG", "add_partitions_for_new_files", "build_definitions", "build_pipeline", "landing_key", "stage_key"]
+__all__ = [
+    "RECOMPUTE_TAG",
+    "add_partitions_for_new_files",
+    "build_definitions",
+    "build_pipeline",
+    "landing_key",
+    "stage_key",
+]
 
 
 def _export_asset(pipeline: LLMPipeline, partitions_def: dg.PartitionsDefinition) -> dg.AssetsDefinition:
@@ -32,7 +38,9 @@ def _export_asset(pipeline: LLMPipeline, partitions_def: dg.PartitionsDefinition
         kinds={"openai"},
     )
     def _asset(context: dg.AssetExecutionContext) -> dg.MaterializeResult:
-        results = export.export_partitions(pipeline, list(context.partition_keys), context.resources.storage, context.log.info)
+        results = export.export_partitions(
+            pipeline, list(context.partition_keys), context.resources.storage, context.log.info
+        )
         metadata: dict[str, Any] = {key: sum(r[key] for r in results) for key in ("total", "completed", "failed")}
         if len(results) == 1:
             metadata["path"] = dg.MetadataValue.path(results[0]["path"])

@@ -31,7 +31,9 @@ from llm_assets.pipeline import LLMPipeline
 
 # The only Dagster API that observes versions per partition (multi_observable_source_asset cannot:
 # dagster-io/dagster#32653); Dagster flags it beta.
-warnings.filterwarnings("ignore", message=".*(observable_source_asset|DataVersionsByPartition).*", category=dg.BetaWarning)
+warnings.filterwarnings(
+    "ignore", message=".*(observable_source_asset|DataVersionsByPartition).*", category=dg.BetaWarning
+)
 
 
 def landing_asset(pipeline: LLMPipeline, partitions_def: dg.DynamicPartitionsDefinition) -> dg.SourceAsset:
@@ -39,16 +41,20 @@ def landing_asset(pipeline: LLMPipeline, partitions_def: dg.DynamicPartitionsDef
         key=landing_key(pipeline),
         partitions_def=partitions_def,
         group_name=pipeline.name,
-        description=f"Input files matching {pipeline.source.pattern!r} in {pipeline.source.location}; one partition per file. "
-        "Data version: the file's fingerprint, so a file rewritten under the same name makes its partition's stages stale.",
+        description=f"Input files matching {pipeline.source.pattern!r} in {pipeline.source.location}; "
+        "one partition per file. "
+        "Data version: the file's fingerprint, so a file rewritten under the same name makes its partition's "
+        "stages stale.",
     )
     def _observe(context) -> dg.DataVersionsByPartition:
         # Files that are not partitions yet are the sensor's to add (and observe).
         known = set(context.instance.get_dynamic_partitions(pipeline.name))
         current = {key: version for key, version in pipeline.source.fingerprints().items() if key in known}
         changed = unobserved(current, observed_versions(context.instance, pipeline))
-        context.log.info(f"{len(current)} file(s) in {pipeline.source.location}; {len(changed)} with a new version: "
-                         f"{', '.join(list(changed)[:10])}")
+        context.log.info(
+            f"{len(current)} file(s) in {pipeline.source.location}; {len(changed)} with a new version: "
+            f"{', '.join(list(changed)[:10])}"
+        )
         return dg.DataVersionsByPartition(changed)
 
     return _observe
@@ -57,7 +63,8 @@ def landing_asset(pipeline: LLMPipeline, partitions_def: dg.DynamicPartitionsDef
 def observed_versions(instance: dg.DagsterInstance, pipeline: LLMPipeline) -> dict[str, str]:
     """Partition -> the data version of its newest observation (one query for all partitions)."""
     tags = instance.event_log_storage.get_latest_tags_by_partition(
-        landing_key(pipeline), dg.DagsterEventType.ASSET_OBSERVATION, [DATA_VERSION_TAG])
+        landing_key(pipeline), dg.DagsterEventType.ASSET_OBSERVATION, [DATA_VERSION_TAG]
+    )
     return {partition: found[DATA_VERSION_TAG] for partition, found in tags.items() if DATA_VERSION_TAG in found}
 
 
@@ -68,8 +75,10 @@ def unobserved(fingerprints: Mapping[str, str], observed: Mapping[str, str]) -> 
 
 def observations(pipeline: LLMPipeline, versions: Mapping[str, str]) -> list[dg.AssetObservation]:
     """What an observation run records, for a sensor to report."""
-    return [dg.AssetObservation(asset_key=landing_key(pipeline), partition=key, tags={DATA_VERSION_TAG: version})
-            for key, version in versions.items()]
+    return [
+        dg.AssetObservation(asset_key=landing_key(pipeline), partition=key, tags={DATA_VERSION_TAG: version})
+        for key, version in versions.items()
+    ]
 
 
 def stale_partitions(instance: dg.DagsterInstance, pipeline: LLMPipeline, observed: Mapping[str, str]) -> set[str]:
@@ -82,7 +91,9 @@ def stale_partitions(instance: dg.DagsterInstance, pipeline: LLMPipeline, observ
     landing = landing_key(pipeline)
     first_stage = stage_key(pipeline, pipeline.stage_names()[0])
     newest_observation = instance.get_latest_storage_id_by_partition(landing, dg.DagsterEventType.ASSET_OBSERVATION)
-    last_materialization = instance.get_latest_storage_id_by_partition(first_stage, dg.DagsterEventType.ASSET_MATERIALIZATION)
+    last_materialization = instance.get_latest_storage_id_by_partition(
+        first_stage, dg.DagsterEventType.ASSET_MATERIALIZATION
+    )
     stale = set()
     for partition, materialized in last_materialization.items():
         if newest_observation.get(partition, 0) <= materialized:

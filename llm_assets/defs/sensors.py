@@ -59,7 +59,9 @@ def _run_key(pipeline: LLMPipeline, keys: list[str], fingerprints: dict[str, str
     """Names the partitions and their files' contents: the same request is made once."""
     if len(keys) == 1:
         return f"{pipeline.name}:{keys[0]}@{fingerprints.get(keys[0], 'missing')}"
-    digest = hashlib.sha256("\n".join(f"{key}@{fingerprints.get(key, 'missing')}" for key in keys).encode()).hexdigest()[:16]
+    digest = hashlib.sha256(
+        "\n".join(f"{key}@{fingerprints.get(key, 'missing')}" for key in keys).encode()
+    ).hexdigest()[:16]
     return f"{pipeline.name}:{keys[0]}..{keys[-1]}@{digest}"
 
 
@@ -70,8 +72,11 @@ def new_files_sensor(pipeline: LLMPipeline, job, partitions_def: dg.DynamicParti
         name=f"{pipeline.name}_new_files",
         job=job,
         minimum_interval_seconds=pipeline.sensor_interval_s,
-        default_status=dg.DefaultSensorStatus.RUNNING if pipeline.sensor_running_by_default else dg.DefaultSensorStatus.STOPPED,
-        description=f"Adds a partition for each new file in {pipeline.source.location} (pattern {pipeline.source.pattern!r}), "
+        default_status=dg.DefaultSensorStatus.RUNNING
+        if pipeline.sensor_running_by_default
+        else dg.DefaultSensorStatus.STOPPED,
+        description=f"Adds a partition for each new file in {pipeline.source.location} "
+        f"(pattern {pipeline.source.pattern!r}), "
         "records each file's fingerprint as its partition's data version, and requests one run over every partition "
         "never materialized or whose file was rewritten.",
     )
@@ -86,25 +91,41 @@ def new_files_sensor(pipeline: LLMPipeline, job, partitions_def: dg.DynamicParti
         # Requested before at the same fingerprint and not materialized since: its run is queued,
         # running, or failed on that very file; a new version of the file is requested again.
         requested = {key: version for key, version in json.loads(context.cursor or "{}").items() if key not in done}
-        waiting = {key for key in known if key not in done and key in fingerprints and requested.get(key) != fingerprints[key]}
+        waiting = {
+            key for key in known if key not in done and key in fingerprints and requested.get(key) != fingerprints[key]
+        }
         observed = observed_versions(instance, pipeline)
         changed = unobserved({key: fingerprints[key] for key in known + new if key in fingerprints}, observed)
         # Rewritten: seen changed now, or observed changed since the partition last ran. A partition
         # whose file is gone is left alone (a run could only fail).
-        rewritten = sorted(key for key in {key for key in changed if key in observed} | stale_partitions(instance, pipeline, observed)
-                           if key in done and key in fingerprints)[:MAX_NEW_PER_TICK]
+        rewritten = sorted(
+            key
+            for key in {key for key in changed if key in observed} | stale_partitions(instance, pipeline, observed)
+            if key in done and key in fingerprints
+        )[:MAX_NEW_PER_TICK]
         events = observations(pipeline, changed)
         if not new and not waiting and not rewritten:
             failed = sorted(key for key in requested if key in fingerprints)
             missing = pipeline.source.missing()
-            reason = (f"{missing}: create it, or fix the pipeline's source" if missing else f"no new files in {pipeline.source.location}, none rewritten") + (
-                f"; {len(failed)} requested and not materialized, waiting for a new version of their file: {', '.join(failed[:10])}"
-                if failed else "")
-            return dg.SensorResult(asset_events=events, skip_reason=reason, cursor=json.dumps(requested, sort_keys=True))
+            reason = (
+                f"{missing}: create it, or fix the pipeline's source"
+                if missing
+                else f"no new files in {pipeline.source.location}, none rewritten"
+            ) + (
+                f"; {len(failed)} requested and not materialized, waiting for a new version of their file: "
+                f"{', '.join(failed[:10])}"
+                if failed
+                else ""
+            )
+            return dg.SensorResult(
+                asset_events=events, skip_reason=reason, cursor=json.dumps(requested, sort_keys=True)
+            )
         if new:
             context.log.info(f"{len(new)} new file(s) in {pipeline.source.location}: {', '.join(new[:10])}")
         if rewritten:
-            context.log.info(f"{len(rewritten)} file(s) rewritten since their partition ran: {', '.join(rewritten[:10])}")
+            context.log.info(
+                f"{len(rewritten)} file(s) rewritten since their partition ran: {', '.join(rewritten[:10])}"
+            )
         # New partitions are added after every known one, in this order.
         order = known + new
         position = {key: index for index, key in enumerate(order)}
@@ -112,10 +133,17 @@ def new_files_sensor(pipeline: LLMPipeline, job, partitions_def: dg.DynamicParti
         for first, last in _ranges(order, waiting | set(new) | set(rewritten)):
             keys = order[position[first] : position[last] + 1]
             run_key = _run_key(pipeline, keys, fingerprints)
-            requests.append(dg.RunRequest(run_key=run_key, partition_key=first) if first == last
-                            else dg.RunRequest(run_key=run_key, tags={RANGE_START: first, RANGE_END: last}))
+            requests.append(
+                dg.RunRequest(run_key=run_key, partition_key=first)
+                if first == last
+                else dg.RunRequest(run_key=run_key, tags={RANGE_START: first, RANGE_END: last})
+            )
         requested.update({key: fingerprints[key] for key in waiting | set(new) | set(rewritten) if key in fingerprints})
-        return dg.SensorResult(run_requests=requests, asset_events=events, cursor=json.dumps(requested, sort_keys=True),
-                               dynamic_partitions_requests=[partitions_def.build_add_request(new)] if new else [])
+        return dg.SensorResult(
+            run_requests=requests,
+            asset_events=events,
+            cursor=json.dumps(requested, sort_keys=True),
+            dynamic_partitions_requests=[partitions_def.build_add_request(new)] if new else [],
+        )
 
     return _sensor

@@ -25,10 +25,15 @@ from llm_assets.sources import LocalFolderSource
 def to_chat(row: dict[str, Any]) -> dict[str, Any]:
     return {
         "image": row["image"],
-        "messages": [{"role": "user", "content": [
-            {"type": "image_url", "image_url": {"url": row["image"]}},
-            {"type": "text", "text": row.get("question") or "Describe the image in one sentence."},
-        ]}],
+        "messages": [
+            {
+                "role": "user",
+                "content": [
+                    {"type": "image_url", "image_url": {"url": row["image"]}},
+                    {"type": "text", "text": row.get("question") or "Describe the image in one sentence."},
+                ],
+            }
+        ],
         "sampling_params": {"max_tokens": 16, "temperature": 0},
     }
 
@@ -44,9 +49,14 @@ def captions_pipeline(model_source: str, landing: str, **engine_kwargs: Any) -> 
         prepare_multimodal_stage={"enabled": True, "model_config_kwargs": {"limit_mm_per_prompt": {"image": 1}}},
         batch_size=16,
     )
-    return LLMPipeline(name="captions", config=config, source=LocalFolderSource(landing, pattern="*.jsonl"),
-                       preprocess=to_chat, postprocess=to_caption,
-                       description="A vision-language model answers a question about each landed image.")
+    return LLMPipeline(
+        name="captions",
+        config=config,
+        source=LocalFolderSource(landing, pattern="*.jsonl"),
+        preprocess=to_chat,
+        postprocess=to_caption,
+        description="A vision-language model answers a question about each landed image.",
+    )
 
 
 def main() -> None:

@@ -100,7 +100,9 @@ class Engine(abc.ABC):
     def replica_kwargs(self, target: str, on_gpu: bool, engine_detokenizes: bool) -> dict[str, Any]:
         """The replica's constructor kwargs (``target``: the resolved model_source, or ``target()``)."""
 
-    def provision(self, target: str, on_gpu: bool, engine_detokenizes: bool, log: Callable[[str], None]) -> dict[str, Any]:
+    def provision(
+        self, target: str, on_gpu: bool, engine_detokenizes: bool, log: Callable[[str], None]
+    ) -> dict[str, Any]:
         """Run in the run's process before its replicas start, for an engine whose model lives
         outside the pool and may outlive the run (a Ray Serve app): deploy it, or find it and check
         it is the one asked for. Returns more replica kwargs."""
@@ -166,16 +168,25 @@ def engine_for(config: Any) -> Engine:
 
 # One token's log-probability: vLLM's Logprob with its token id (ray.data.llm keys a dict by the
 # id; a Parquet map cannot hold that shape, a list of structs can).
-LOGPROB = pa.struct([("token_id", pa.int32()), ("logprob", pa.float32()), ("rank", pa.int32()), ("decoded_token", pa.string())])
+LOGPROB = pa.struct(
+    [("token_id", pa.int32()), ("logprob", pa.float32()), ("rank", pa.int32()), ("decoded_token", pa.string())]
+)
 
 
 def generation_columns(engine_detokenizes: bool) -> dict[str, pa.DataType]:
     """The columns a generating engine adds (ray.data.llm's names), whatever the engine.
     ``logprobs`` (per generated token) and ``prompt_logprobs`` (per prompt token; the first is
     null) are null in rows whose sampling params do not ask for them."""
-    columns = {"generated_tokens": pa.list_(pa.int32()), "num_input_tokens": pa.int32(), "num_generated_tokens": pa.int32(),
-               "time_taken_llm": pa.float64(), "finish_reason": pa.string(), "request_id": pa.string(),
-               "logprobs": pa.list_(pa.list_(LOGPROB)), "prompt_logprobs": pa.list_(pa.list_(LOGPROB))}
+    columns = {
+        "generated_tokens": pa.list_(pa.int32()),
+        "num_input_tokens": pa.int32(),
+        "num_generated_tokens": pa.int32(),
+        "time_taken_llm": pa.float64(),
+        "finish_reason": pa.string(),
+        "request_id": pa.string(),
+        "logprobs": pa.list_(pa.list_(LOGPROB)),
+        "prompt_logprobs": pa.list_(pa.list_(LOGPROB)),
+    }
     if engine_detokenizes:
         columns["generated_text"] = pa.string()
     return columns
@@ -186,8 +197,14 @@ def replica_info(start_seconds: float, max_num_seqs: int) -> dict[str, Any]:
     GPUs Ray gave it), how long it took to build, how many requests it runs at once."""
     import ray
 
-    return {"pid": os.getpid(), "host": socket.gethostname(), "node_id": ray.get_runtime_context().get_node_id(),
-            "gpu_ids": [str(gpu) for gpu in ray.get_gpu_ids()], "start_seconds": round(start_seconds, 2), "max_num_seqs": max_num_seqs}
+    return {
+        "pid": os.getpid(),
+        "host": socket.gethostname(),
+        "node_id": ray.get_runtime_context().get_node_id(),
+        "gpu_ids": [str(gpu) for gpu in ray.get_gpu_ids()],
+        "start_seconds": round(start_seconds, 2),
+        "max_num_seqs": max_num_seqs,
+    }
 
 
 async def no_result() -> dict[str, Any]:
@@ -201,8 +218,13 @@ def engine_kwarg_int(config: Any, name: str) -> Optional[int]:
     return int(value) if value else None
 
 
-def with_results(batch: pa.Table, results: list[dict[str, Any]], columns: dict[str, pa.DataType],
-                 upstream_ok: list[bool], keep_errors: bool) -> pa.Table:
+def with_results(
+    batch: pa.Table,
+    results: list[dict[str, Any]],
+    columns: dict[str, pa.DataType],
+    upstream_ok: list[bool],
+    keep_errors: bool,
+) -> pa.Table:
     """A replica's per-row results (dicts) added to ``batch`` as ``columns``. Each row's ``error``
     goes to ``__inference_error__`` where errors are kept (``should_continue_on_error``) or an
     earlier stage set the column; a row an earlier stage failed keeps that stage's error."""

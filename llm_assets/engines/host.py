@@ -62,13 +62,18 @@ class EngineHost:
         return (self.replica.shutdown() or {}) if self.replica is not None else {}
 
 
-def engine_actor_options(engine: Engine, config, on_gpu: bool, num_cpus: float, num_gpus: float,
-                         engines: int) -> tuple[dict[str, Any], dict[str, str]]:
+def engine_actor_options(
+    engine: Engine, config, on_gpu: bool, num_cpus: float, num_gpus: float, engines: int
+) -> tuple[dict[str, Any], dict[str, str]]:
     """Ray options of a process that hosts an engine (a pool's actor, a Serve replica: see
     engines/serve/), and the secret variables to hand it as an argument (see secret_env.py)."""
     runtime_env, secret_env = split_runtime_env(getattr(config, "runtime_env", None))
-    runtime_env["env_vars"] = {**ENGINE_PRIORITY_ENV, **_cpu_threads_env(on_gpu, engines), **engine.actor_env(on_gpu),
-                               **runtime_env.get("env_vars", {})}
+    runtime_env["env_vars"] = {
+        **ENGINE_PRIORITY_ENV,
+        **_cpu_threads_env(on_gpu, engines),
+        **engine.actor_env(on_gpu),
+        **runtime_env.get("env_vars", {}),
+    }
     options: dict[str, Any] = {"num_cpus": num_cpus, "num_gpus": num_gpus, "runtime_env": runtime_env}
     if config.accelerator_type:
         options["accelerator_type"] = config.accelerator_type

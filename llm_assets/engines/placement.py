@@ -32,15 +32,23 @@ class PlacementGroupConfig(BaseModel):
     @model_validator(mode="after")
     def _one_bundle_option(self):
         if (self.bundle_per_worker is None) == (self.bundles is None):
-            raise ValueError("placement_group_config needs exactly one of 'bundle_per_worker' (repeated once per engine "
-                             "worker) and 'bundles' (the full list)")
+            raise ValueError(
+                "placement_group_config needs exactly one of 'bundle_per_worker' (repeated once per engine "
+                "worker) and 'bundles' (the full list)"
+            )
         for bundle in self.bundles or [self.bundle_per_worker]:
             if not bundle or any(amount < 0 for amount in bundle.values()):
-                raise ValueError(f"placement_group_config: a bundle needs resources >= 0 and at least one, got {bundle}")
+                raise ValueError(
+                    f"placement_group_config: a bundle needs resources >= 0 and at least one, got {bundle}"
+                )
         return self
 
     def bundles_for(self, workers: int) -> list[Bundle]:
-        return [dict(b) for b in self.bundles] if self.bundles is not None else [dict(self.bundle_per_worker) for _ in range(workers)]
+        return (
+            [dict(b) for b in self.bundles]
+            if self.bundles is not None
+            else [dict(self.bundle_per_worker) for _ in range(workers)]
+        )
 
 
 @dataclass(frozen=True)
@@ -74,23 +82,32 @@ def check_fits(placement: ReplicaPlacement, replicas: int, label: str) -> None:
 
     first = placement.bundles[0]
     if placement.actor_gpus > first.get("GPU", 0):
-        raise ValueError(f"{label}: the engine runs in the first bundle of its placement group and needs "
-                         f"{placement.actor_gpus:g} GPU there; that bundle is {first}")
+        raise ValueError(
+            f"{label}: the engine runs in the first bundle of its placement group and needs "
+            f"{placement.actor_gpus:g} GPU there; that bundle is {first}"
+        )
     needed: Counter = Counter()
     for bundle in placement.bundles:
         needed.update(bundle)
     total = ray.cluster_resources()
     for resource, amount in needed.items():
         if amount * replicas > total.get(resource, 0) + 1e-9:
-            raise ValueError(f"{label}: {replicas} engine(s) each reserving {placement.describe()} need {amount * replicas:g} "
-                             f"{resource}; the Ray cluster has {total.get(resource, 0):g}")
+            raise ValueError(
+                f"{label}: {replicas} engine(s) each reserving {placement.describe()} need {amount * replicas:g} "
+                f"{resource}; the Ray cluster has {total.get(resource, 0):g}"
+            )
     if placement.strategy == "STRICT_PACK":
-        largest = max((node.get("Resources", {}) for node in ray.nodes() if node.get("Alive")),
-                      key=lambda r: r.get("GPU", 0), default={})
+        largest = max(
+            (node.get("Resources", {}) for node in ray.nodes() if node.get("Alive")),
+            key=lambda r: r.get("GPU", 0),
+            default={},
+        )
         short = [r for r, amount in needed.items() if amount > largest.get(r, 0) + 1e-9]
         if short:
-            raise ValueError(f"{label}: STRICT_PACK puts one engine's bundles {placement.describe()} on one node; no node "
-                             f"has enough {', '.join(short)}")
+            raise ValueError(
+                f"{label}: STRICT_PACK puts one engine's bundles {placement.describe()} on one node; no node "
+                f"has enough {', '.join(short)}"
+            )
 
 
 def reserve(placement: ReplicaPlacement, num_cpus: float) -> tuple[Any, dict[str, Any]]:
@@ -101,10 +118,15 @@ def reserve(placement: ReplicaPlacement, num_cpus: float) -> tuple[Any, dict[str
 
     bundles = [dict(b) for b in placement.bundles]  # Ray's own copies
     group = ray.util.placement_group(bundles, strategy=placement.strategy)
-    strategy = PlacementGroupSchedulingStrategy(group, placement_group_bundle_index=0, placement_group_capture_child_tasks=True)
+    strategy = PlacementGroupSchedulingStrategy(
+        group, placement_group_bundle_index=0, placement_group_capture_child_tasks=True
+    )
     # The actor must fit in its bundle: a bundle with no CPU (say {"GPU": 1}) takes an actor with none.
-    options = {"scheduling_strategy": strategy, "num_cpus": min(num_cpus, bundles[0].get("CPU", 0)),
-               "num_gpus": placement.actor_gpus}
+    options = {
+        "scheduling_strategy": strategy,
+        "num_cpus": min(num_cpus, bundles[0].get("CPU", 0)),
+        "num_gpus": placement.actor_gpus,
+    }
     return group, options
 
 

@@ -70,8 +70,16 @@ class Replica:
 
 
 class EnginePool:
-    def __init__(self, engine: Engine, target: str, engine_detokenizes: bool, on_gpu: bool,
-                 num_cpus_per_engine: float, max_restarts: int, log: Callable[[str], None]):
+    def __init__(
+        self,
+        engine: Engine,
+        target: str,
+        engine_detokenizes: bool,
+        on_gpu: bool,
+        num_cpus_per_engine: float,
+        max_restarts: int,
+        log: Callable[[str], None],
+    ):
         self.engine, self.config, self.target, self.on_gpu, self.log = engine, engine.config, target, on_gpu, log
         config = engine.config
         self.num_cpus_per_engine = num_cpus_per_engine
@@ -84,14 +92,19 @@ class EnginePool:
         if self.placement is not None:
             self.placement = placements.with_accelerator(self.placement, config.accelerator_type)
             placements.check_fits(self.placement, config.engine_pool_size, f"{engine.label} for {target}")
-        log(f"Loading {engine.label} into {config.engine_pool_size} engine actor(s) for {target} "
+        log(
+            f"Loading {engine.label} into {config.engine_pool_size} engine actor(s) for {target} "
             f"({self.gpus:g} GPU(s) each, {'GPU' if on_gpu else 'CPU'} build"
-            + (f"; each reserves a placement group of {self.placement.describe()})" if self.placement else ")"))
+            + (f"; each reserves a placement group of {self.placement.describe()})" if self.placement else ")")
+        )
         self.replicas = [self._new_replica(i) for i in range(config.engine_pool_size)]
         self.building = False
         self.build_started = 0.0
         self.first_ready = 0.0  # when the first engine became ready (monotonic)
-        self.held_from, self.held_until = time.monotonic(), 0.0  # what the actors hold is theirs from their creation to the release
+        self.held_from, self.held_until = (
+            time.monotonic(),
+            0.0,
+        )  # what the actors hold is theirs from their creation to the release
         self.window_rows = 0
         self._stopping: Optional[dict] = None  # shutdown refs -> replica, once asked
         # A dead replica's other batches, handed back to be sent again: the run may already hold
@@ -102,7 +115,9 @@ class EnginePool:
     def _new_replica(self, index: int) -> Replica:
         group, placed = placements.reserve(self.placement, self.num_cpus_per_engine) if self.placement else (None, {})
         actor = self._new_actor(placed)
-        return Replica(index, actor, placed_ref=actor.__ray_ready__.remote(), imported_ref=actor.prepare.remote(), group=group)
+        return Replica(
+            index, actor, placed_ref=actor.__ray_ready__.remote(), imported_ref=actor.prepare.remote(), group=group
+        )
 
     def _start(self, replica: Replica) -> None:
         replica.start_ref, replica.start_asked = replica.actor.start.remote(**self.replica_kwargs), time.monotonic()
@@ -110,12 +125,17 @@ class EnginePool:
     def _new_actor(self, placed: dict[str, Any]):
         import ray
 
-        options, secret_env = engine_actor_options(self.engine, self.config, self.on_gpu, self.num_cpus_per_engine, self.gpus,
-                                                   self.config.engine_pool_size)
+        options, secret_env = engine_actor_options(
+            self.engine, self.config, self.on_gpu, self.num_cpus_per_engine, self.gpus, self.config.engine_pool_size
+        )
         if placed:  # in its placement group's first bundle, which carries the accelerator type
             options.pop("accelerator_type", None)
             options.update(placed)
-        return ray.remote(EngineHost).options(**options, max_concurrency=10_000).remote(self.engine, self.on_gpu, secret_env)
+        return (
+            ray.remote(EngineHost)
+            .options(**options, max_concurrency=10_000)
+            .remote(self.engine, self.on_gpu, secret_env)
+        )
 
     def build(self) -> None:
         """Begin building every engine (idempotent); ``settle`` takes their start results."""
@@ -138,16 +158,28 @@ class EnginePool:
             info = {**info, "bundle_nodes": placements.bundle_nodes(replica.group)}
         replica.info, replica.start_ref = info, None
         self.first_ready = self.first_ready or time.monotonic()
-        self.log(f"{self.engine.label} engine {replica.index} started in {info['start_seconds']} s after importing "
-                 f"{self.engine.label} in {info['import_seconds']} s (pid {info['pid']} on {info['host']}{_gpus(info)}"
-                 + (f"; its placement group's bundles on Ray nodes {info['bundle_nodes']})" if "bundle_nodes" in info else ")"))
+        self.log(
+            f"{self.engine.label} engine {replica.index} started in {info['start_seconds']} s after importing "
+            f"{self.engine.label} in {info['import_seconds']} s (pid {info['pid']} on {info['host']}{_gpus(info)}"
+            + (
+                f"; its placement group's bundles on Ray nodes {info['bundle_nodes']})"
+                if "bundle_nodes" in info
+                else ")"
+            )
+        )
         if not self.window_rows:
             # Enough rows in flight that the scheduler always has work queued: 3x the sequences it
             # runs at once (rows of equal length finish in waves), at least max_concurrent_batches.
             batch = self.config.batch_size
-            self.window_rows = max(getattr(self.config, "max_concurrent_batches", 1) * batch, IN_FLIGHT_PER_SEQUENCE_SLOT * int(info["max_num_seqs"]))
+            self.window_rows = max(
+                getattr(self.config, "max_concurrent_batches", 1) * batch,
+                IN_FLIGHT_PER_SEQUENCE_SLOT * int(info["max_num_seqs"]),
+            )
         if len(self.ready) == len(self.replicas) and all(r.start_ref is None for r in self.replicas):
-            self.log(f"{len(self.replicas)} {self.engine.label} engine(s) ready; up to {self.window_rows} rows in flight per engine")
+            self.log(
+                f"{len(self.replicas)} {self.engine.label} engine(s) ready; "
+                f"up to {self.window_rows} rows in flight per engine"
+            )
 
     # --- feeding --------------------------------------------------------------------------
     def free_replica(self) -> Optional[Replica]:
@@ -156,7 +188,11 @@ class EnginePool:
         # the first of two TP=2 engines, ready 1.4 s before the other, took 3 072 of a run's
         # 4 000 rows and generated for 23 s while the other finished its 928 in 8 s.)
         building = self.starting() > 0
-        live = [r for r in self.ready if r.load_rows < (min(self.window_rows, int(r.info["max_num_seqs"])) if building else self.window_rows)]
+        live = [
+            r
+            for r in self.ready
+            if r.load_rows < (min(self.window_rows, int(r.info["max_num_seqs"])) if building else self.window_rows)
+        ]
         return min(live, key=lambda r: r.load_rows) if live else None
 
     def submit(self, replica: Replica, tag: Any, batch_ref: Any, rows: int) -> None:
@@ -182,7 +218,9 @@ class EnginePool:
                 try:
                     self._started(replica, ray.get(ref))
                 except Exception as exc:
-                    raise EngineStartError(f"{self.engine.label} engine {replica.index} for {self.target} failed to start: {unwrap(exc)}") from None
+                    raise EngineStartError(
+                        f"{self.engine.label} engine {replica.index} for {self.target} failed to start: {unwrap(exc)}"
+                    ) from None
                 return [], []
             if ref in replica.pending:
                 tag, batch_ref, rows, output_ref = replica.pending.pop(ref)
@@ -213,11 +251,15 @@ class EnginePool:
         self.abandoned.update(replica.pending)
         where = self._where(replica)
         if self.restarts_left <= 0:
-            raise EngineStartError(f"{self.engine.label} engine {replica.index} died ({first_line(cause)}){where} and no restart "
-                                   "is left; the run stops, committed partitions stay") from None
+            raise EngineStartError(
+                f"{self.engine.label} engine {replica.index} died ({first_line(cause)}){where} and no restart "
+                "is left; the run stops, committed partitions stay"
+            ) from None
         self.restarts_left -= 1
-        self.log(f"{self.engine.label} engine {replica.index} died ({first_line(cause)}){where}; building a new one in the "
-                 f"background, its {len(lost) + 1} batch(es) in flight go to the live engines")
+        self.log(
+            f"{self.engine.label} engine {replica.index} died ({first_line(cause)}){where}; building a new one in the "
+            f"background, its {len(lost) + 1} batch(es) in flight go to the live engines"
+        )
         self._end(replica)
         self.replicas[self.replicas.index(replica)] = replica = self._new_replica(replica.index)
         self._start(replica)
@@ -247,7 +289,9 @@ class EnginePool:
         # The actor's error can arrive before Ray's health check has declared its node dead: ask
         # again for a moment before saying the node is still there.
         deadline = time.monotonic() + NODE_VERDICT_WAIT_S
-        while (alive := {n["NodeID"]: n["Alive"] for n in ray.nodes()}.get(node)) is not False and time.monotonic() < deadline:
+        while (
+            alive := {n["NodeID"]: n["Alive"] for n in ray.nodes()}.get(node)
+        ) is not False and time.monotonic() < deadline:
             time.sleep(0.25)
         state = "lost by the Ray cluster" if alive is False else "still in the Ray cluster"
         return f" on Ray node {node} (host {replica.info.get('host')}, {state})"
@@ -263,12 +307,16 @@ class EnginePool:
         for replica in self.replicas:
             name = f"{self.engine.label} engine {replica.index}"
             if replica.info is not None:
-                lines.append(f"{name}: {replica.load_rows} rows in flight" if replica.pending else f"{name}: ready, idle")
+                lines.append(
+                    f"{name}: {replica.load_rows} rows in flight" if replica.pending else f"{name}: ready, idle"
+                )
             elif not done(replica.placed_ref):
                 if self.placement is not None:
                     needs = f"a placement group of {self.placement.describe()}"
                 else:
-                    needs = ", ".join(f"{n:g} {key}" for key, n in (("CPU", self.num_cpus_per_engine), ("GPU", self.gpus)) if n)
+                    needs = ", ".join(
+                        f"{n:g} {key}" for key, n in (("CPU", self.num_cpus_per_engine), ("GPU", self.gpus)) if n
+                    )
                 lines.append(f"{name} is not placed by Ray yet: it needs {needs or 'no resources'}")
             elif not done(replica.imported_ref):
                 lines.append(f"{name} is importing {self.engine.label}")
@@ -280,17 +328,31 @@ class EnginePool:
 
     def check_start_timeout(self, timeout_s: float) -> None:
         if self.building and not self.ready and time.monotonic() - self.build_started > timeout_s:
-            raise EngineStartError(f"{self.engine.label} engines for {self.target} did not start within {timeout_s:.0f} s")
+            raise EngineStartError(
+                f"{self.engine.label} engines for {self.target} did not start within {timeout_s:.0f} s"
+            )
 
     def usage(self) -> dict[str, Any]:
         """What the run's engines held, from the actors' creation to their release: engine-seconds
         (one per replica per second) and GPU-seconds; and where each engine that started ran."""
         held = (self.held_until or time.monotonic()) - self.held_from
         engines = self.config.engine_pool_size
-        placement = [{"engine": r.index, "host": r.info.get("host"), "node_id": r.info.get("node_id"), "gpu_ids": r.info.get("gpu_ids", []),
-                      **({"bundle_nodes": r.info["bundle_nodes"]} if "bundle_nodes" in r.info else {})}
-                     for r in self.replicas if r.info is not None]
-        return {"engine_seconds": round(engines * held, 1), "gpu_seconds": round(engines * self.gpus * held, 1), "placement": placement}
+        placement = [
+            {
+                "engine": r.index,
+                "host": r.info.get("host"),
+                "node_id": r.info.get("node_id"),
+                "gpu_ids": r.info.get("gpu_ids", []),
+                **({"bundle_nodes": r.info["bundle_nodes"]} if "bundle_nodes" in r.info else {}),
+            }
+            for r in self.replicas
+            if r.info is not None
+        ]
+        return {
+            "engine_seconds": round(engines * held, 1),
+            "gpu_seconds": round(engines * self.gpus * held, 1),
+            "placement": placement,
+        }
 
     @property
     def shutting_down(self) -> bool:
@@ -307,7 +369,9 @@ class EnginePool:
                 self._end(replica)
             if unbuilt:
                 self.log(f"Ended {len(unbuilt)} {self.engine.label} engine actor(s) before their engine was built")
-            self._stopping = {replica.actor.shutdown.remote(): replica for replica in self.replicas if replica.info is not None}
+            self._stopping = {
+                replica.actor.shutdown.remote(): replica for replica in self.replicas if replica.info is not None
+            }
 
     def shutdown(self, timeout_s: float = 15.0) -> None:
         """Shut down (begun by ``begin_shutdown`` or now), wait up to ``timeout_s`` for all the
@@ -324,9 +388,14 @@ class EnginePool:
                 if report:
                     self.log(f"{self.engine.label} engine {pending[ref].index} shut down: {report}")
             except (ray.exceptions.RayActorError, ray.exceptions.RayTaskError) as exc:  # already dead, or never built
-                self.log(f"({self.engine.label} engine {pending[ref].index} did not shut down cleanly: {first_line(exc)})")
+                self.log(
+                    f"({self.engine.label} engine {pending[ref].index} did not shut down cleanly: {first_line(exc)})"
+                )
         for ref in late:
-            self.log(f"({self.engine.label} engine {pending[ref].index} did not shut down within {timeout_s:.0f} s; ending it)")
+            self.log(
+                f"({self.engine.label} engine {pending[ref].index} did not shut down within {timeout_s:.0f} s; "
+                "ending it)"
+            )
         for replica in self.replicas:
             self._end(replica)
         self.replicas = []

@@ -39,8 +39,16 @@ CACHE_DIR = "_response_cache"
 KEY = "__response_cache_key__"
 KEY_TYPE = pa.binary(16)
 # What decides an engine's answer besides the scope: the columns the model engines read.
-REQUEST_COLUMNS = ("tokenized_prompt", "token_type_ids", "prompt", "sampling_params", "pooling_params", "tokenization_kwargs", "model",
-                   "multimodal_data")
+REQUEST_COLUMNS = (
+    "tokenized_prompt",
+    "token_type_ids",
+    "prompt",
+    "sampling_params",
+    "pooling_params",
+    "tokenization_kwargs",
+    "model",
+    "multimodal_data",
+)
 # The model engines leave the token ids and media out of their output (earlier stages persisted them): so do hits.
 NOT_IN_ENGINE_OUTPUT = ("tokenized_prompt", "token_type_ids", "multimodal_data")
 # Per request, not per answer: a hit gets its own.
@@ -64,9 +72,14 @@ def cache_settings(pipeline, model_path: Optional[str], storage) -> Optional[Cac
         return None
     scope = versions.digest({"model": versions.folder_fingerprint(model_path), "engine": pipeline.engine_identity()})
     columns = [*pipeline.task.engine_columns, *(["generated_text"] if pipeline.engine_detokenizes() else [])]
-    return CacheSettings(scope, storage.response_cache_dir(scope), pipeline.response_cache,
-                         pipeline.config.task_type != "generate", tuple(c for c in columns if c not in NOT_STORED),
-                         tuple(c for c in columns if c in NOT_STORED))
+    return CacheSettings(
+        scope,
+        storage.response_cache_dir(scope),
+        pipeline.response_cache,
+        pipeline.config.task_type != "generate",
+        tuple(c for c in columns if c not in NOT_STORED),
+        tuple(c for c in columns if c in NOT_STORED),
+    )
 
 
 def request_keys(table: pa.Table, settings: CacheSettings) -> pa.Array:
@@ -80,9 +93,13 @@ def request_keys(table: pa.Table, settings: CacheSettings) -> pa.Array:
         for name in ("sampling_params", "pooling_params"):
             if isinstance(request.get(name), str):  # JSON text: keyed by its content, not its spelling
                 request[name] = loads_params(request[name])
-        if request.get("multimodal_data"):  # the prompt's tokens hold one placeholder per image: key the media by content
+        if request.get(
+            "multimodal_data"
+        ):  # the prompt's tokens hold one placeholder per image: key the media by content
             request["multimodal_data"] = [(item["modality"], item["sha256"]) for item in request["multimodal_data"]]
-        if errors[i] or not (settings.pooling or settings.mode == "all" or _deterministic(request.get("sampling_params"))):
+        if errors[i] or not (
+            settings.pooling or settings.mode == "all" or _deterministic(request.get("sampling_params"))
+        ):
             keys.append(None)
             continue
         blob = json.dumps([settings.scope, request], sort_keys=True, separators=(",", ":"), default=str)
@@ -105,16 +122,26 @@ def load_index(settings: CacheSettings, filesystem, read: bool = True) -> pa.Tab
         if info.is_file and info.base_name.startswith("seg-") and info.base_name.endswith(".parquet"):
             keys = pq.read_table(info.path, columns=[KEY], filesystem=filesystem).column(KEY)
             tables.append(pa.table({KEY: keys, "segment": pa.array([info.path] * len(keys), pa.string())}))
-    return pa.concat_tables(tables) if tables else pa.table({KEY: pa.array([], KEY_TYPE), "segment": pa.array([], pa.string())})
+    return (
+        pa.concat_tables(tables)
+        if tables
+        else pa.table({KEY: pa.array([], KEY_TYPE), "segment": pa.array([], pa.string())})
+    )
 
 
-def lookup(table: pa.Table, index: pa.Table, settings: CacheSettings, filesystem) -> tuple[Optional[pa.Table], Optional[pa.Table], dict]:
+def lookup(
+    table: pa.Table, index: pa.Table, settings: CacheSettings, filesystem
+) -> tuple[Optional[pa.Table], Optional[pa.Table], dict]:
     """A Ray task before the engine: (the rows answered from the cache, in the engine's output
     shape; the rows for the engine, with their key; counts and, when both, the rows' order)."""
     keys = request_keys(table, settings)
     with_keys = table.append_column(KEY, keys)
     found = pc.fill_null(pc.is_in(keys, value_set=index.column(KEY)), False) if index.num_rows else None
-    answers = _stored_answers(keys.filter(found), index, settings, filesystem) if found is not None and pc.any(found).as_py() else None
+    answers = (
+        _stored_answers(keys.filter(found), index, settings, filesystem)
+        if found is not None and pc.any(found).as_py()
+        else None
+    )
     if answers is None:
         return None, with_keys, {"hits": 0, "misses": table.num_rows, "order": None, "hit_tokens": 0}
     # A key whose segment is gone since the run started (the cache was cleared) is a miss.
@@ -127,13 +154,18 @@ def lookup(table: pa.Table, index: pa.Table, settings: CacheSettings, filesystem
     if "time_taken_llm" in settings.per_request_columns:
         hits = hits.append_column("time_taken_llm", pa.array([0.0] * hits.num_rows, pa.float64()))
     if "request_id" in settings.per_request_columns:
-        hits = hits.append_column("request_id", pa.array([f"{row_id}#cached" for row_id in hits.column(ROW_ID).to_pylist()], pa.string()))
+        hits = hits.append_column(
+            "request_id", pa.array([f"{row_id}#cached" for row_id in hits.column(ROW_ID).to_pylist()], pa.string())
+        )
     misses = with_keys.filter(pc.invert(hit))
     order = table.column(ROW_ID).to_pylist() if misses.num_rows else None
     # Tokens the cached rows carry: not generated by this run.
     hit_tokens = batch_counts(hits)["generated_tokens"]
-    return hits, (misses if misses.num_rows else None), {"hits": hits.num_rows, "misses": misses.num_rows, "order": order,
-                                                         "hit_tokens": hit_tokens}
+    return (
+        hits,
+        (misses if misses.num_rows else None),
+        {"hits": hits.num_rows, "misses": misses.num_rows, "order": order, "hit_tokens": hit_tokens},
+    )
 
 
 def _stored_answers(keys: pa.Array, index: pa.Table, settings: CacheSettings, filesystem) -> Optional[pa.Table]:
@@ -146,14 +178,17 @@ def _stored_answers(keys: pa.Array, index: pa.Table, settings: CacheSettings, fi
         except FileNotFoundError:  # cleared since the run started: its rows go to the engine
             continue
         except (pa.ArrowInvalid, OSError) as exc:
-            raise RuntimeError(f"the response cache's file {segment} cannot be read ({exc}): delete it, or run the pipeline "
-                               f"with response_cache='off'") from exc
+            raise RuntimeError(
+                f"the response cache's file {segment} cannot be read ({exc}): delete it, or run the pipeline "
+                f"with response_cache='off'"
+            ) from exc
         parts.append(stored.filter(pc.is_in(stored.column(KEY), value_set=keys)))
     return pa.concat_tables(parts, promote_options="permissive") if parts else None
 
 
-def complete(table: pa.Table, hits: Optional[pa.Table], settings: Optional[CacheSettings], order: Optional[list],
-             filesystem) -> pa.Table:
+def complete(
+    table: pa.Table, hits: Optional[pa.Table], settings: Optional[CacheSettings], order: Optional[list], filesystem
+) -> pa.Table:
     """In the first task after the engine: store the engine's new answers (rows with a key and no
     error), drop the key, and put the unit's cached rows back among them, in the unit's order."""
     if KEY in table.column_names:
@@ -207,8 +242,10 @@ class RunCache:
         if self._index_ref is None:
             index = self._index.result()
             self.stored, self._index_ref = index.num_rows, ray.put(index)
-            self.log(f"Response cache ({self.settings.mode} requests): {self.stored} answers stored for this model and engine "
-                     f"settings in {self.settings.folder}")
+            self.log(
+                f"Response cache ({self.settings.mode} requests): {self.stored} answers stored for this model "
+                f"and engine settings in {self.settings.folder}"
+            )
         return self._index_ref
 
     def misses(self, sample: pa.Table) -> bool:
@@ -220,8 +257,11 @@ class RunCache:
     def submit(self, unit) -> None:
         import ray
 
-        hits_ref, misses_ref, counts_ref = ray.remote(lookup).options(num_cpus=0.25, num_returns=3).remote(
-            unit.ref, self._ref(), self.settings, self.filesystem)
+        hits_ref, misses_ref, counts_ref = (
+            ray.remote(lookup)
+            .options(num_cpus=0.25, num_returns=3)
+            .remote(unit.ref, self._ref(), self.settings, self.filesystem)
+        )
         self.lookups[counts_ref] = (unit, hits_ref, misses_ref)
 
     def settle(self, ref) -> tuple[Any, dict[str, int]]:

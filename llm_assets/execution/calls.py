@@ -33,7 +33,16 @@ class StageCalls:
             plan = self.pipeline.plan(stage)
             batch_size = plan.settings.batch_size or self.pipeline.config.batch_size
             counted = self.pipeline.engine.count_columns if stage == ENGINE else {}
-            calls.append(StageCall(stage, plan.udf, self.udf_kwargs(plan), batch_size, *self.commits.target(stage, unit.partition), counted))
+            calls.append(
+                StageCall(
+                    stage,
+                    plan.udf,
+                    self.udf_kwargs(plan),
+                    batch_size,
+                    *self.commits.target(stage, unit.partition),
+                    counted,
+                )
+            )
         return calls
 
     def stages(self, group: Group) -> list[tuple[type, dict]]:

@@ -31,8 +31,23 @@ class Commit:
 
 
 class Commits:
-    def __init__(self, pipeline, chain: list[str], storage, versions: dict[str, str], partitions: list[str], log: Callable[[str], None]):
-        self.pipeline, self.chain, self.storage, self.versions, self.partitions, self.log = pipeline, chain, storage, versions, partitions, log
+    def __init__(
+        self,
+        pipeline,
+        chain: list[str],
+        storage,
+        versions: dict[str, str],
+        partitions: list[str],
+        log: Callable[[str], None],
+    ):
+        self.pipeline, self.chain, self.storage, self.versions, self.partitions, self.log = (
+            pipeline,
+            chain,
+            storage,
+            versions,
+            partitions,
+            log,
+        )
         self.open_commits: dict[tuple[str, str], Commit] = {}
         self.results: dict[str, dict[str, PartitionStats]] = {stage: {} for stage in chain}
         self.fed: set[str] = set()  # partitions whose input is fully read
@@ -50,30 +65,38 @@ class Commits:
             return
         self.failed[partition] = problem
         others = len(self.partitions) - len(self.failed)
-        self.log(f"[{partition}] failed: {problem}" + (f" (the run goes on with the other {others} partition(s))" if others else ""))
+        self.log(
+            f"[{partition}] failed: {problem}"
+            + (f" (the run goes on with the other {others} partition(s))" if others else "")
+        )
 
     def keep(self, entry: Entry) -> None:
         """Record the partition's up-to-date stages, and count the ones this run computes."""
         for stage, stats in entry.kept.items():
             self.results[stage][entry.partition] = stats
         if entry.index is not None:
-            for stage in self.chain[entry.index:]:
+            for stage in self.chain[entry.index :]:
                 self.to_commit[stage] += 1
 
     def open(self, entry: Entry) -> None:
         """Name the partition's attempts for every stage it computes (the engine's may be adopted)."""
         upstream_attempt = None
-        for stage in self.chain[entry.index:]:
+        for stage in self.chain[entry.index :]:
             # The entry stage's input was found when the partition was planned; a source file that
             # could not be read then is read again here, failing with its own message.
-            identity = upstream_attempt or entry.input or input_identity(self.pipeline, stage, entry.partition, self.storage)
+            identity = (
+                upstream_attempt or entry.input or input_identity(self.pipeline, stage, entry.partition, self.storage)
+            )
             stats = PartitionStats(entry.partition, code_version=self.versions[stage], input=identity)
             if stage == ENGINE and entry.resumed is not None:
                 attempt, names, rows = entry.resumed
                 files, created = dict(enumerate(zip(names, rows))), True
                 total = entry.upstream.rows
-                self.log(f"engine [{entry.partition}]: resuming an interrupted attempt ({attempt}): {sum(rows)} of {total} rows "
-                         f"already written are kept; the other {total - sum(rows)} go to the engine")
+                self.log(
+                    f"engine [{entry.partition}]: resuming an interrupted attempt ({attempt}): "
+                    f"{sum(rows)} of {total} rows "
+                    f"already written are kept; the other {total - sum(rows)} go to the engine"
+                )
             else:
                 attempt, files, created = new_attempt_name(), {}, False
             info = {"code_version": self.versions[stage], "input": identity} if stage == ENGINE else None
@@ -89,7 +112,7 @@ class Commits:
         return self.storage.partition_dir(self.pipeline.name, stage, partition), commit.attempt
 
     def expect(self, unit: Unit) -> None:
-        for stage in self.chain[unit.entry:]:
+        for stage in self.chain[unit.entry :]:
             if not (stage == ENGINE and unit.after_engine):
                 self.open_commits[(stage, unit.partition)].expected += 1
 
@@ -107,7 +130,7 @@ class Commits:
         stats.generated_tokens -= tokens
 
     def input_read(self, entry: Entry) -> None:
-        for stage in self.chain[entry.index:]:
+        for stage in self.chain[entry.index :]:
             self.open_commits[(stage, entry.partition)].stats.rows_in = entry.rows
         if entry.resumed is not None:
             engine = self.open_commits[(ENGINE, entry.partition)].stats
@@ -127,15 +150,24 @@ class Commits:
             stats = commit.stats
             stats.seconds = round(time.monotonic() - stats.started, 3)
             stats.path = self.storage.uri(self.storage.partition_dir(self.pipeline.name, stage, partition))
-            self.storage.commit(self.pipeline.name, stage, partition, commit.attempt,
-                                [n for n, _ in names], [r for _, r in names], stats.as_dict())
+            self.storage.commit(
+                self.pipeline.name,
+                stage,
+                partition,
+                commit.attempt,
+                [n for n, _ in names],
+                [r for _, r in names],
+                stats.as_dict(),
+            )
             self.results[stage][partition] = stats
             self.committed[stage] += 1
             self.just_committed.append((stage, stats))
             done, total = self.counts(stage)
             cached = f", {stats.rows_cached} of them answered from the response cache" if stats.rows_cached else ""
-            self.log(f"{stage} [{partition}]: committed {stats.rows_out} rows in {stats.seconds:.1f} s{cached} "
-                     f"({done}/{total} partitions) -> {stats.path}")
+            self.log(
+                f"{stage} [{partition}]: committed {stats.rows_out} rows in {stats.seconds:.1f} s{cached} "
+                f"({done}/{total} partitions) -> {stats.path}"
+            )
 
     def counts(self, stage: str) -> tuple[int, int]:
         """Partitions of the stage committed by this run, and to commit in all."""
@@ -148,8 +180,11 @@ class Commits:
 
     def newly_finished(self) -> list[str]:
         """Stages whose every partition is now committed (or was up to date) or failed, once each."""
-        finished = [s for s in self.chain if s not in self.reported
-                    and all(p in self.results[s] or p in self.failed for p in self.partitions)]
+        finished = [
+            s
+            for s in self.chain
+            if s not in self.reported and all(p in self.results[s] or p in self.failed for p in self.partitions)
+        ]
         self.reported.update(finished)
         return finished
 

@@ -62,7 +62,9 @@ def input_identity(pipeline, stage: str, partition: str, storage) -> str:
     return manifest.attempt if manifest is not None else ""
 
 
-def plan_entry(pipeline, chain: list[str], partition: str, storage, versions: dict[str, str], recompute: bool, log) -> Entry:
+def plan_entry(
+    pipeline, chain: list[str], partition: str, storage, versions: dict[str, str], recompute: bool, log
+) -> Entry:
     """Where the partition enters the chain. Each manifest is read once (on S3 each read is a
     request, and a run plans every partition before its engines start)."""
     entry = Entry(partition, None)
@@ -77,8 +79,12 @@ def plan_entry(pipeline, chain: list[str], partition: str, storage, versions: di
                 entry.input = pipeline.source.fingerprint(partition)
             except (OSError, ValueError):  # the source file is gone or unreadable: recompute, and fail there clearly
                 entry.input = ""
-        if (manifest is None or manifest.stats.get("code_version") != versions[stage]
-                or not entry.input or manifest.stats.get("input") != entry.input):
+        if (
+            manifest is None
+            or manifest.stats.get("code_version") != versions[stage]
+            or not entry.input
+            or manifest.stats.get("input") != entry.input
+        ):
             entry.index = index
             break
         entry.kept[stage] = PartitionStats.from_manifest(manifest.stats)

@@ -53,7 +53,9 @@ def check_sources(pipeline, partitions: list[str], copies: Optional[str]) -> Inp
     preprocess = plan.udf(**plan.udf_kwargs) if plan.udf is not None and not plan.settings.runtime_env else None
     found = InputCheck()
     with ThreadPoolExecutor(max_workers=THREADS, thread_name_prefix="input-check") as threads:
-        for partition, rows, problem, sample in threads.map(lambda p: _check(pipeline, p, copies, preprocess), partitions):
+        for partition, rows, problem, sample in threads.map(
+            lambda p: _check(pipeline, p, copies, preprocess), partitions
+        ):
             found.rows[partition] = rows
             if problem is not None:
                 found.problems[partition] = problem
@@ -62,7 +64,9 @@ def check_sources(pipeline, partitions: list[str], copies: Optional[str]) -> Inp
     return found
 
 
-def _check(pipeline, partition: str, copies: Optional[str], preprocess) -> tuple[str, int, Optional[str], Optional[pa.Table]]:
+def _check(
+    pipeline, partition: str, copies: Optional[str], preprocess
+) -> tuple[str, int, Optional[str], Optional[pa.Table]]:
     rows, first = 0, None
     kept: list[pa.Table] = []  # a reservoir of one-row slices, seeded: the same file gives the same sample
     chooser = random.Random(partition)

@@ -46,8 +46,11 @@ class Progress:
         self.last_state, self.last_logged = state, now
         line = f"{self.name}: partitions committed: {summary}"
         if pool is not None and pool.building and not pool.ready:
-            line += (f"; waiting for {pool.starting()} {pool.engine.label} engine(s) to start ({now - pool.build_started:.0f} s "
-                     f"so far), {queued_rows} rows queued for them")
+            line += (
+                f"; waiting for {pool.starting()} {pool.engine.label} engine(s) to start "
+                f"({now - pool.build_started:.0f} s "
+                f"so far), {queued_rows} rows queued for them"
+            )
         elif pool is not None and pool.ready:
             rate = self.engine_rows_done / max(now - pool.first_ready, 1e-9)
             line += f"; engine: {self.engine_rows_done} rows done, {rate:.1f} rows/s since it was ready"

@@ -28,7 +28,10 @@ def stall_report(name: str, silent_s: float, steps: list, pool, queued_rows: int
         if step is not None and (step.in_flight or step.queue):
             stages = step.label()
             cpus = step.options.get("num_cpus") or 1
-            parts.append(f"{stages}: {len(step.in_flight)} task(s) in flight ({cpus:g} CPU each), {len(step.queue)} batch(es) queued")
+            parts.append(
+                f"{stages}: {len(step.in_flight)} task(s) in flight ({cpus:g} CPU each), "
+                f"{len(step.queue)} batch(es) queued"
+            )
     store = _object_store()
     if store:
         parts.append(store)
@@ -36,7 +39,10 @@ def stall_report(name: str, silent_s: float, steps: list, pool, queued_rows: int
 
 
 def _free(free: dict, total: dict) -> str:
-    return ", ".join(f"{free.get(key, 0):g} of {total[key]:g} {key}(s)" for key in ("CPU", "GPU") if total.get(key)) or "nothing"
+    return (
+        ", ".join(f"{free.get(key, 0):g} of {total[key]:g} {key}(s)" for key in ("CPU", "GPU") if total.get(key))
+        or "nothing"
+    )
 
 
 def _object_store() -> Optional[str]:

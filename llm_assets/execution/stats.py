@@ -30,8 +30,11 @@ def batch_summary(batch: pa.Table) -> dict[str, Any]:
     summary: dict[str, Any] = {"columns": [[f.name, str(f.type)] for f in batch.schema]}
     if "generated_text" in batch.column_names:
         rows = batch.slice(0, 4 * SAMPLES_KEPT).to_pylist()
-        summary["samples"] = [{"prompt": _clip(_asked(row)), "generated_text": _clip(row.get("generated_text"))}
-                              for row in rows if not row.get(ERROR_COLUMN)][:SAMPLES_KEPT]
+        summary["samples"] = [
+            {"prompt": _clip(_asked(row)), "generated_text": _clip(row.get("generated_text"))}
+            for row in rows
+            if not row.get(ERROR_COLUMN)
+        ][:SAMPLES_KEPT]
     return summary
 
 
@@ -44,7 +47,7 @@ def _asked(row: dict[str, Any]) -> Any:
 
 def _clip(text: Any) -> str:
     text = " ".join(str(text or "").split())
-    return text if len(text) <= SAMPLE_CHARS else text[:SAMPLE_CHARS - 1] + "…"
+    return text if len(text) <= SAMPLE_CHARS else text[: SAMPLE_CHARS - 1] + "…"
 
 
 def batch_counts(batch: pa.Table, count_columns: Optional[dict[str, str]] = None) -> dict[str, Any]:

@@ -87,10 +87,13 @@ class TaskTimes:
 
     def line(self, stages: str) -> str:
         n = max(self.tasks, 1)
-        return (f"tasks of {stages}: {self.tasks}; per task on average (longest): waited {self.wait_s / n:.3f} s "
-                f"({self.longest_wait_s:.1f} s) to start, ran {self.run_s / n:.3f} s ({self.longest_run_s:.1f} s), "
-                f"{self.cpu_s / n:.3f} s of it on CPU, {self.setup_s / n:.3f} s ({self.longest_setup_s:.1f} s) building its stages; "
-                f"{self.cold} spent over {COLD_SETUP_S:g} s building them (a worker new to the stages)")
+        return (
+            f"tasks of {stages}: {self.tasks}; per task on average (longest): waited {self.wait_s / n:.3f} s "
+            f"({self.longest_wait_s:.1f} s) to start, ran {self.run_s / n:.3f} s ({self.longest_run_s:.1f} s), "
+            f"{self.cpu_s / n:.3f} s of it on CPU, {self.setup_s / n:.3f} s ({self.longest_setup_s:.1f} s) "
+            "building its stages; "
+            f"{self.cold} spent over {COLD_SETUP_S:g} s building them (a worker new to the stages)"
+        )
 
 
 @dataclass
@@ -127,7 +130,10 @@ def _group(pipeline, stages: list[str], cluster_cpus: float) -> Group:
         options["memory"] = settings.memory
     runtime_env, secret_env = split_runtime_env(settings.runtime_env)
     if pipeline.plan(stages[0]).upstream is not None:  # not Preprocess, which reads the source
-        runtime_env = {**runtime_env, "env_vars": {**(runtime_env.get("env_vars") or {}), GROUP_ENV_VAR: "+".join(stages)}}
+        runtime_env = {
+            **runtime_env,
+            "env_vars": {**(runtime_env.get("env_vars") or {}), GROUP_ENV_VAR: "+".join(stages)},
+        }
     if runtime_env:
         options["runtime_env"] = runtime_env
     explicit = max_concurrency(settings.concurrency)
@@ -147,7 +153,11 @@ def build_steps(pipeline, chain: list[str], cluster_cpus: float) -> list[Optiona
             current = [ENGINE]  # the next task writes the engine's output
             continue
         first_stage = current and pipeline.plan(current[-1]).upstream is None
-        if current and current != [ENGINE] and (first_stage or _resources(pipeline, current[-1]) != _resources(pipeline, stage)):
+        if (
+            current
+            and current != [ENGINE]
+            and (first_stage or _resources(pipeline, current[-1]) != _resources(pipeline, stage))
+        ):
             steps.append(_group(pipeline, current, cluster_cpus))
             current = []
         current.append(stage)
@@ -165,7 +175,9 @@ def step_of(steps: list[Optional[Group]], chain: list[str], index: int) -> int:
     raise ValueError(f"stage {stage!r} is in no step of {chain}")
 
 
-def unschedulable(steps: list[Optional[Group]], nodes: list[dict[str, float]], engines: Optional[dict[str, float]]) -> Optional[str]:
+def unschedulable(
+    steps: list[Optional[Group]], nodes: list[dict[str, float]], engines: Optional[dict[str, float]]
+) -> Optional[str]:
     """Why this run could never be scheduled on these nodes (their total resources), if it could
     not: Ray would otherwise keep its tasks or actors pending forever. ``engines``: what the
     engine pool reserves in all (``CPU``, ``GPU``) and per replica (``CPU_each``, ``GPU_each``)."""
@@ -174,7 +186,10 @@ def unschedulable(steps: list[Optional[Group]], nodes: list[dict[str, float]], e
     if engines:
         for key in ("CPU", "GPU"):
             if engines[f"{key}_each"] > largest[key]:
-                return f"each engine asks for {engines[f'{key}_each']:g} {_unit(key)}; the largest node of the Ray cluster has {largest[key]:g}"
+                return (
+                    f"each engine asks for {engines[f'{key}_each']:g} {_unit(key)}; "
+                    f"the largest node of the Ray cluster has {largest[key]:g}"
+                )
             if engines[key] > total[key]:
                 return f"the engines ask for {engines[key]:g} {_unit(key)} in all; the Ray cluster has {total[key]:g}"
     held = engines["CPU"] if engines and len(nodes) == 1 else 0.0  # on one node the engines' CPUs are never free
@@ -185,7 +200,10 @@ def unschedulable(steps: list[Optional[Group]], nodes: list[dict[str, float]], e
         if need > largest["CPU"] - held:
             stages = ", ".join(s for s in step.stages if s != ENGINE) or ENGINE
             beside = f", {held:g} of them held by the engines for the whole run" if held else ""
-            return f"stage(s) {stages} ask for {need:g} logical CPU(s) per task; the largest node of the Ray cluster has {largest['CPU']:g}{beside}"
+            return (
+                f"stage(s) {stages} ask for {need:g} logical CPU(s) per task; "
+                f"the largest node of the Ray cluster has {largest['CPU']:g}{beside}"
+            )
     return None
 
 
@@ -201,5 +219,7 @@ def check_schedulable(name: str, steps: list[Optional[Group]], engines: Optional
     nodes = [node["Resources"] for node in ray.nodes() if node.get("Alive")]
     problem = unschedulable(steps, nodes, engines)
     if problem:
-        raise RuntimeError(f"{name}: this run cannot be scheduled: {problem}. Lower the setting or add resources (Ray's CPUs "
-                           "are logical: a local Ray has max(4, cores) of them unless RayDataResource(num_cpus=...) says).")
+        raise RuntimeError(
+            f"{name}: this run cannot be scheduled: {problem}. Lower the setting or add resources (Ray's CPUs "
+            "are logical: a local Ray has max(4, cores) of them unless RayDataResource(num_cpus=...) says)."
+        )

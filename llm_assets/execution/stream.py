@@ -65,8 +65,11 @@ class PartitionsFailed(RuntimeError):
         self.failed = failed
         problems = "; ".join(f"[{partition}] {problem}" for partition, problem in failed.items())
         good = total - len(failed)
-        super().__init__(f"{len(failed)} of {total} partition(s) failed"
-                         + (f" (the other {good} committed every stage)" if good else "") + f": {problems}")
+        super().__init__(
+            f"{len(failed)} of {total} partition(s) failed"
+            + (f" (the other {good} committed every stage)" if good else "")
+            + f": {problems}"
+        )
 
 
 @dataclass
@@ -79,11 +82,27 @@ Event = Optional[Union[PartitionCommitted, StageDone]]
 
 
 class StreamingRun:
-    def __init__(self, pipeline, selected: list[str], partitions: list[str], storage, engines, start_ray: Callable[[], float],
-                 log: Log = print, recompute: bool = False, stall_report_s: float = 120.0):
+    def __init__(
+        self,
+        pipeline,
+        selected: list[str],
+        partitions: list[str],
+        storage,
+        engines,
+        start_ray: Callable[[], float],
+        log: Log = print,
+        recompute: bool = False,
+        stall_report_s: float = 120.0,
+    ):
         """``start_ray`` starts (or connects to) Ray and returns the cluster's CPUs: the run calls
         it while its partitions are being planned, since a Ray start takes seconds."""
-        self.pipeline, self.partitions, self.storage, self.engines, self.log = pipeline, partitions, storage, engines, log
+        self.pipeline, self.partitions, self.storage, self.engines, self.log = (
+            pipeline,
+            partitions,
+            storage,
+            engines,
+            log,
+        )
         self.recompute, self.stall_report_s = recompute, stall_report_s
         self.start_ray = start_ray
         self.chains = chains(pipeline, selected)
@@ -99,7 +118,6 @@ class StreamingRun:
             self.copies = copies
             for chain in self.chains:
                 yield from _ChainRun(self, chain).run()
-
 
 
 class _ChainRun:
@@ -132,8 +150,14 @@ class _ChainRun:
         # Threads overlap them, so a run of 1 000 partitions starts its engines in seconds, and
         # Ray starts meanwhile.
         with ThreadPoolExecutor(max_workers=PLANNING_THREADS, thread_name_prefix="plan") as threads:
-            entries = list(threads.map(lambda p: plan_entry(self.pipeline, self.chain, p, self.storage, self.versions,
-                                                            self.run_.recompute, self.log), self.run_.partitions))
+            entries = list(
+                threads.map(
+                    lambda p: plan_entry(
+                        self.pipeline, self.chain, p, self.storage, self.versions, self.run_.recompute, self.log
+                    ),
+                    self.run_.partitions,
+                )
+            )
         for entry in entries:
             self.commits.keep(entry)
         todo = [e for e in entries if e.index is not None]
@@ -159,8 +183,13 @@ class _ChainRun:
             if runs_engine:
                 model = self.pipeline.plan(ENGINE).model_source
                 self.engine_target = self.calls.models[model] if model else self.pipeline.engine.target()
-                self.cache = RunCache.start(self.pipeline, self.calls.models.get(model) if model else None, self.storage,
-                                            self.run_.recompute, self.log)
+                self.cache = RunCache.start(
+                    self.pipeline,
+                    self.calls.models.get(model) if model else None,
+                    self.storage,
+                    self.run_.recompute,
+                    self.log,
+                )
                 # The engine actors start now (they import the engine library while the CPU stages
                 # run), unless the response cache answers the run's first rows: then they start
                 # only for a batch with a row the cache lacks, and a run the cache answers whole
@@ -284,8 +313,13 @@ class _ChainRun:
                 unit = step.queue.pop(0)
                 file_name = f"part-{unit.seq:05d}-{self.run_.session}.parquet"
                 table_ref, written_ref = self.remote_unit.options(**step.options).remote(
-                    unit.ref, self.calls.for_unit(step, unit), file_name, self.filesystem, step.secret_env,
-                    *(self.cache.task_args(unit) if unit.looked_up else ()))
+                    unit.ref,
+                    self.calls.for_unit(step, unit),
+                    file_name,
+                    self.filesystem,
+                    step.secret_env,
+                    *(self.cache.task_args(unit) if unit.looked_up else ()),
+                )
                 step.in_flight[written_ref] = (unit, table_ref, time.time())
 
     def _refs(self) -> list:
@@ -354,8 +388,12 @@ class _ChainRun:
                 self._release_engines()
             usage = self.engine_usage if stage == ENGINE else None
             results = self.commits.results[stage]
-            yield StageDone(stage, [results[p] for p in self.run_.partitions if p in results], usage,
-                            [p for p in self.run_.partitions if p not in results])
+            yield StageDone(
+                stage,
+                [results[p] for p in self.run_.partitions if p in results],
+                usage,
+                [p for p in self.run_.partitions if p not in results],
+            )
 
     def _engine_pool(self):
         """The run's engine pool, its actors created on first need (they begin importing the engine
@@ -368,7 +406,7 @@ class _ChainRun:
         """Whether the run's first rows, taken through the stages before the engine here in the
         run's process, ask what the response cache lacks. Without a sample to tell (or stages
         too heavy to run here: media), assume so."""
-        before_engine = self.chain[:self.chain.index(ENGINE)]
+        before_engine = self.chain[: self.chain.index(ENGINE)]
         plans = [self.pipeline.plan(stage) for stage in before_engine]
         if sample is None or "prepare_multimodal" in before_engine or any(plan.settings.runtime_env for plan in plans):
             return True
@@ -376,8 +414,10 @@ class _ChainRun:
             for plan in plans:
                 sample = plan.udf(**self.calls.udf_kwargs(plan))(sample)
         except (RowError, ValueError, OSError) as exc:
-            self.log(f"Response cache: the first rows could not be looked up before the run ({first_line(exc)}); "
-                     "the engines start now")
+            self.log(
+                f"Response cache: the first rows could not be looked up before the run ({first_line(exc)}); "
+                "the engines start now"
+            )
             return True
         return self.cache.misses(sample)
 

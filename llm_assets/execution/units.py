@@ -44,9 +44,16 @@ def _apply(udf, table: pa.Table, batch_size: int) -> pa.Table:
     return pa.concat_tables(outputs, promote_options="permissive")
 
 
-def run_unit(table: pa.Table, calls: list[StageCall], file_name: str, filesystem, secret_env: dict[str, str],
-             cached_rows: Optional[pa.Table] = None, cache: Optional[CacheSettings] = None, order: Optional[list] = None,
-             ) -> tuple[pa.Table, dict[str, Any]]:
+def run_unit(
+    table: pa.Table,
+    calls: list[StageCall],
+    file_name: str,
+    filesystem,
+    secret_env: dict[str, str],
+    cached_rows: Optional[pa.Table] = None,
+    cache: Optional[CacheSettings] = None,
+    order: Optional[list] = None,
+) -> tuple[pa.Table, dict[str, Any]]:
     started, cpu_started, setup_s = time.time(), time.process_time(), 0.0
     size_tokenizer_threads()
     if cache is not None:  # the engine's output of a unit that passed the response cache
@@ -62,9 +69,16 @@ def run_unit(table: pa.Table, calls: list[StageCall], file_name: str, filesystem
                 table = _apply(udf, table, call.batch_size)
             name = f"{call.attempt}/{file_name}"
             write_parquet(filesystem, f"{call.partition_dir}/{name}", table)
-            written.append({"stage": call.name, "file": name, **batch_counts(table, call.count_columns), **batch_summary(table)})
-    return table, {"written": written, "started": started, "run_s": time.time() - started,
-                   "cpu_s": time.process_time() - cpu_started, "setup_s": setup_s}
+            written.append(
+                {"stage": call.name, "file": name, **batch_counts(table, call.count_columns), **batch_summary(table)}
+            )
+    return table, {
+        "written": written,
+        "started": started,
+        "run_s": time.time() - started,
+        "cpu_s": time.process_time() - cpu_started,
+        "setup_s": setup_s,
+    }
 
 
 def size_tokenizer_threads() -> None:

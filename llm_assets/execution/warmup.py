@@ -40,7 +40,7 @@ def build_stages(stages: list[tuple[type, dict[str, Any]]], secret_env: dict[str
 class Warmup:
     def __init__(self, steps: list[Optional[Group]], cluster_cpus: float, log: Callable[[str], None], name: str):
         # None in the steps is the engine; the groups after it wait for its first output.
-        self.groups = [group for group in steps[steps.index(None) + 1:] if group is not None] if None in steps else []
+        self.groups = [group for group in steps[steps.index(None) + 1 :] if group is not None] if None in steps else []
         self.slots = sum(step.max_in_flight for step in steps if step is not None)
         self.cluster_cpus, self.log, self.name = cluster_cpus, log, name
         self.started = False
@@ -63,7 +63,9 @@ class Warmup:
             stages = stages_of(group)
             for _ in range(group.max_in_flight):
                 self.pending[remote.options(**options).remote(stages, group.secret_env)] = group
-            self.log(f"{self.name}: starting {group.max_in_flight} Ray worker(s) for {group.label()} while the engines build")
+            self.log(
+                f"{self.name}: starting {group.max_in_flight} Ray worker(s) for {group.label()} while the engines build"
+            )
 
     def warming(self, group: Group) -> bool:
         """Whether the group's workers are still warming: its tasks wait for them, as they started
@@ -81,7 +83,10 @@ class Warmup:
         except ray.exceptions.RayError as exc:  # its tasks build the stages themselves, and fail there if they must
             self.log(f"{self.name}: a warm-up of {label} failed; its tasks will build the stages themselves: {exc}")
         if took and not self.warming(group):
-            self.log(f"{self.name}: {len(took)} Ray worker(s) for {label} ready, their stages built in {max(took):.1f} s at most")
+            self.log(
+                f"{self.name}: {len(took)} Ray worker(s) for {label} ready, "
+                f"their stages built in {max(took):.1f} s at most"
+            )
 
     def cancel(self) -> None:
         import ray

@@ -85,9 +85,12 @@ def _rows_for_export(batch: pa.Table) -> list[dict[str, Any]]:
     needed = _EMBEDDING_COLUMNS if "embeddings" in batch.column_names else _EXPORT_COLUMNS
     missing = [name for name in needed if name not in batch.column_names]
     if missing:
-        raise ValueError(f"cannot export an OpenAI batch file: the rows have no {missing} column(s) (columns: {batch.column_names})")
+        raise ValueError(
+            f"cannot export an OpenAI batch file: the rows have no {missing} column(s) (columns: {batch.column_names})"
+        )
     present = [name for name in needed + _OPTIONAL_COLUMNS if name in batch.column_names]
     return batch.select(present).to_pylist()
+
 
 # Object stores have no rename, but an object written through open_output_stream appears only
 # when the stream closes, complete: there the file is staged locally and uploaded in one stream.

@@ -69,7 +69,12 @@ def completion_logprobs(row: dict[str, Any]) -> dict[str, Any] | None:
         top_logprobs.append(alternatives)
         text_offset.append(offset)
         offset += len(token)
-    return {"tokens": tokens, "token_logprobs": token_logprobs, "top_logprobs": top_logprobs, "text_offset": text_offset}
+    return {
+        "tokens": tokens,
+        "token_logprobs": token_logprobs,
+        "top_logprobs": top_logprobs,
+        "text_offset": text_offset,
+    }
 
 
 def _positions(row: dict[str, Any]) -> list[tuple[dict, list[dict]]] | None:
@@ -86,7 +91,9 @@ def _positions(row: dict[str, Any]) -> list[tuple[dict, list[dict]]] | None:
     for index, (token_id, entries) in enumerate(zip(tokens, column)):
         sampled = next((entry for entry in entries or () if entry["token_id"] == token_id), None)
         if sampled is None:
-            raise ValueError(f"row {row[ROW_ID]!r}: the logprobs of generated token {index} do not include it (token id {token_id})")
+            raise ValueError(
+                f"row {row[ROW_ID]!r}: the logprobs of generated token {index} do not include it (token id {token_id})"
+            )
         # vLLM ranks ties alike, so a sampled token outside the top N can share the Nth rank: cut at N.
         ranked = sorted(entries, key=lambda entry: (entry["rank"], -entry["logprob"]))
         top = ranked if top_n < 0 else [entry for entry in ranked if entry["rank"] <= top_n][:top_n]
@@ -108,5 +115,8 @@ def _logprob(entry: dict[str, Any]) -> float:
 def _token(entry: dict[str, Any]) -> dict[str, Any]:
     text = entry.get("decoded_token")
     # bytes: the token's UTF-8 bytes; null (as OpenAI allows) when there is no decoded text.
-    return {"token": _text(entry), "logprob": _logprob(entry),
-            "bytes": list(text.encode("utf-8")) if text is not None else None}
+    return {
+        "token": _text(entry),
+        "logprob": _logprob(entry),
+        "bytes": list(text.encode("utf-8")) if text is not None else None,
+    }

@@ -24,9 +24,8 @@ from typing import Any
 from llm_assets.errors import SourceError
 from llm_assets.openai_batch.problems import _Problem, _short
 from llm_assets.openai_batch.sampling import chat_logprobs, completion_logprobs, no_logprobs, sampling_params
-from llm_assets.rows import ROLES, ROW_ID
 from llm_assets.openai_batch.urls import CHAT, COMPLETIONS, EMBEDDINGS, RESPONSES, URLS
-
+from llm_assets.rows import ROLES, ROW_ID
 
 # The body field that carries the input, per endpoint.
 INPUT_FIELD = {CHAT: "messages", COMPLETIONS: "prompt", RESPONSES: "input", EMBEDDINGS: "input"}
@@ -35,18 +34,46 @@ INPUT_FIELD = {CHAT: "messages", COMPLETIONS: "prompt", RESPONSES: "input", EMBE
 # and user/metadata are bookkeeping for OpenAI.
 _PASSIVE = {"model", "stream", "user", "metadata"}
 BODY_FIELDS = {
-    CHAT: _PASSIVE | {"messages", "max_tokens", "max_completion_tokens", "temperature", "top_p", "n", "stop", "seed",
-                      "presence_penalty", "frequency_penalty", "logprobs", "top_logprobs"},
-    COMPLETIONS: _PASSIVE | {"prompt", "max_tokens", "temperature", "top_p", "n", "stop", "seed", "presence_penalty",
-                             "frequency_penalty", "logprobs"},
+    CHAT: _PASSIVE
+    | {
+        "messages",
+        "max_tokens",
+        "max_completion_tokens",
+        "temperature",
+        "top_p",
+        "n",
+        "stop",
+        "seed",
+        "presence_penalty",
+        "frequency_penalty",
+        "logprobs",
+        "top_logprobs",
+    },
+    COMPLETIONS: _PASSIVE
+    | {
+        "prompt",
+        "max_tokens",
+        "temperature",
+        "top_p",
+        "n",
+        "stop",
+        "seed",
+        "presence_penalty",
+        "frequency_penalty",
+        "logprobs",
+    },
     RESPONSES: _PASSIVE | {"input", "instructions", "max_output_tokens", "temperature", "top_p", "top_logprobs"},
     EMBEDDINGS: _PASSIVE | {"input", "encoding_format", "dimensions"},
 }
 LINE_FIELDS = ("custom_id", "method", "url", "body")
 # Body fields accepted only at these values (one choice, no streaming, no Responses log probabilities).
 _ONE_CHOICE = {"n": "1", "stream": "false"}
-AT_DEFAULT_ONLY = {CHAT: _ONE_CHOICE, COMPLETIONS: _ONE_CHOICE, RESPONSES: {"top_logprobs": "0", "stream": "false"},
-                   EMBEDDINGS: {"stream": "false"}}
+AT_DEFAULT_ONLY = {
+    CHAT: _ONE_CHOICE,
+    COMPLETIONS: _ONE_CHOICE,
+    RESPONSES: {"top_logprobs": "0", "stream": "false"},
+    EMBEDDINGS: {"stream": "false"},
+}
 # Each endpoint's way of asking for log probabilities -> vLLM's ``logprobs`` (embeddings: none).
 _LOGPROBS = {CHAT: chat_logprobs, COMPLETIONS: completion_logprobs, RESPONSES: no_logprobs}
 
@@ -83,7 +110,9 @@ def rows_from_openai_batch(lines: Iterable[tuple[int, Any]], source_name: str) -
             row = request_to_row(obj)
             custom_id = row[ROW_ID]
             if custom_id in first_line_of:
-                raise _Problem(f"'custom_id' {custom_id!r} repeats line {first_line_of[custom_id]}; custom_id must be unique")
+                raise _Problem(
+                    f"'custom_id' {custom_id!r} repeats line {first_line_of[custom_id]}; custom_id must be unique"
+                )
         except _Problem as problem:
             problems.append(f"line {line_number}: {problem}")
             continue
@@ -120,7 +149,9 @@ def request_to_row(obj: Any) -> dict[str, Any]:
     if model is not None and not isinstance(model, str):
         raise _Problem(f"body 'model' is {_short(model)}: expected a string")
     if body.get("stream") not in (None, False):
-        raise _Problem(f"body 'stream' is {_short(body['stream'])}: a batch request cannot stream (expected false or absent)")
+        raise _Problem(
+            f"body 'stream' is {_short(body['stream'])}: a batch request cannot stream (expected false or absent)"
+        )
 
     row: dict[str, Any] = {ROW_ID: custom_id}
     if url == EMBEDDINGS:
@@ -167,8 +198,10 @@ def _check_body_fields(url: str, body: dict[str, Any]) -> None:
             # Name only what is honoured; fields taken only at their default value are said so.
             honoured = sorted(BODY_FIELDS[url] - set(AT_DEFAULT_ONLY[url]))
             defaults = ", ".join(f"{field}={value}" for field, value in AT_DEFAULT_ONLY[url].items())
-            raise _Problem(f"body field {key!r} is not supported for {url} (supported: {', '.join(honoured)}; "
-                           f"and only at their defaults: {defaults})")
+            raise _Problem(
+                f"body field {key!r} is not supported for {url} (supported: {', '.join(honoured)}; "
+                f"and only at their defaults: {defaults})"
+            )
 
 
 # --- inputs -------------------------------------------------------------------------------------

@@ -48,7 +48,12 @@ def output_line(row: dict[str, Any], default_model: str, created: int, namespace
 
 # What the engine said -> OpenAI's status, error type and code for a failed request.
 _FAILURES = (
-    (("maximum context length", "longer than the maximum model length"), 400, "invalid_request_error", "context_length_exceeded"),
+    (
+        ("maximum context length", "longer than the maximum model length"),
+        400,
+        "invalid_request_error",
+        "context_length_exceeded",
+    ),
     (("SamplingParams", "sampling_params", "must be"), 400, "invalid_request_error", None),
 )
 # The engine's row errors end with the start of the prompt; an error file never echoes it.
@@ -76,7 +81,11 @@ def _tokens(row: dict[str, Any]) -> tuple[int, int]:
 
 def _usage(row: dict[str, Any]) -> dict[str, int]:
     prompt_tokens, completion_tokens = _tokens(row)
-    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens, "total_tokens": prompt_tokens + completion_tokens}
+    return {
+        "prompt_tokens": prompt_tokens,
+        "completion_tokens": completion_tokens,
+        "total_tokens": prompt_tokens + completion_tokens,
+    }
 
 
 def _chat_completion(row: dict[str, Any], model: str, created: int, body_id: str) -> dict[str, Any]:
@@ -85,12 +94,14 @@ def _chat_completion(row: dict[str, Any], model: str, created: int, body_id: str
         "object": "chat.completion",
         "created": created,
         "model": model,
-        "choices": [{
-            "index": 0,
-            "message": {"role": "assistant", "content": row.get("generated_text") or "", "refusal": None},
-            "logprobs": logprobs.chat_logprobs(row),
-            "finish_reason": row.get("finish_reason") or "stop",
-        }],
+        "choices": [
+            {
+                "index": 0,
+                "message": {"role": "assistant", "content": row.get("generated_text") or "", "refusal": None},
+                "logprobs": logprobs.chat_logprobs(row),
+                "finish_reason": row.get("finish_reason") or "stop",
+            }
+        ],
         "usage": _usage(row),
     }
 
@@ -101,8 +112,14 @@ def _text_completion(row: dict[str, Any], model: str, created: int, body_id: str
         "object": "text_completion",
         "created": created,
         "model": model,
-        "choices": [{"index": 0, "text": row.get("generated_text") or "", "logprobs": logprobs.completion_logprobs(row),
-                     "finish_reason": row.get("finish_reason") or "stop"}],
+        "choices": [
+            {
+                "index": 0,
+                "text": row.get("generated_text") or "",
+                "logprobs": logprobs.completion_logprobs(row),
+                "finish_reason": row.get("finish_reason") or "stop",
+            }
+        ],
         "usage": _usage(row),
     }
 
@@ -120,19 +137,25 @@ def _response(row: dict[str, Any], model: str, created: int, body_id: str) -> di
         "error": None,
         "incomplete_details": {"reason": "max_output_tokens"} if truncated else None,
         "model": model,
-        "output": [{
-            "type": "message",
-            "id": f"msg_{body_id}",
-            "status": status,
-            "role": "assistant",
-            "content": [{"type": "output_text", "text": row.get("generated_text") or "", "annotations": []}],
-        }],
+        "output": [
+            {
+                "type": "message",
+                "id": f"msg_{body_id}",
+                "status": status,
+                "role": "assistant",
+                "content": [{"type": "output_text", "text": row.get("generated_text") or "", "annotations": []}],
+            }
+        ],
         "parallel_tool_calls": True,
         "tool_choice": "auto",
         "tools": [],
-        "usage": {"input_tokens": input_tokens, "input_tokens_details": {"cached_tokens": 0, "cache_write_tokens": 0},
-                  "output_tokens": output_tokens, "output_tokens_details": {"reasoning_tokens": 0},
-                  "total_tokens": input_tokens + output_tokens},
+        "usage": {
+            "input_tokens": input_tokens,
+            "input_tokens_details": {"cached_tokens": 0, "cache_write_tokens": 0},
+            "output_tokens": output_tokens,
+            "output_tokens_details": {"reasoning_tokens": 0},
+            "total_tokens": input_tokens + output_tokens,
+        },
     }
 
 

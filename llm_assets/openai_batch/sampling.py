@@ -104,7 +104,9 @@ def chat_logprobs(body: dict[str, Any]) -> dict[str, Any]:
     if not asked:
         if top:  # as OpenAI and vLLM's server: 0 asks for nothing, more needs logprobs
             state = "absent" if asked is None else "false"
-            raise _Problem(f"body 'top_logprobs' is {top} but 'logprobs' is {state}: set 'logprobs' to true to get them")
+            raise _Problem(
+                f"body 'top_logprobs' is {top} but 'logprobs' is {state}: set 'logprobs' to true to get them"
+            )
         return {}
     return _vllm_logprobs(top or 0)
 
@@ -124,8 +126,10 @@ def no_logprobs(body: dict[str, Any]) -> dict[str, Any]:
     ``top_logprobs`` above 0 would silently get none."""
     top = body.get("top_logprobs")
     if top is not None and not (_is_int(top) and top == 0):
-        raise _Problem(f"body 'top_logprobs' is {_short(top)}: log probabilities of /v1/responses are not returned "
-                       "by this pipeline (expected 0 or absent)")
+        raise _Problem(
+            f"body 'top_logprobs' is {_short(top)}: log probabilities of /v1/responses are not returned "
+            "by this pipeline (expected 0 or absent)"
+        )
     return {}
 
 

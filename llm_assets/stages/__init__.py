@@ -22,6 +22,11 @@ STAGES: dict[str, type] = {
     "postprocess": PostprocessStage,
 }
 # Stage name -> the processor config field that enables and configures it.
-OPTIONAL_STAGES = {"prepare_multimodal": "prepare_multimodal_stage", "chat_template": "chat_template_stage", "tokenize": "tokenize_stage", "detokenize": "detokenize_stage"}
+OPTIONAL_STAGES = {
+    "prepare_multimodal": "prepare_multimodal_stage",
+    "chat_template": "chat_template_stage",
+    "tokenize": "tokenize_stage",
+    "detokenize": "detokenize_stage",
+}
 
 __all__ = ["OPTIONAL_STAGES", "STAGES"]

@@ -36,8 +36,15 @@ ALL_PART_TYPES = ("text", "image_pil", *PART_TYPES)
 DEFAULT_MIME = {"image": "image/png", "audio": "audio/wav", "video": "video/mp4"}
 FETCH_TIMEOUT_S = float(os.environ.get("LLM_ASSETS_MEDIA_FETCH_TIMEOUT_S", "30"))
 
-ITEM_TYPE = pa.struct([("modality", pa.string()), ("uri", pa.string()), ("mime_type", pa.string()),
-                       ("sha256", pa.string()), ("data", pa.binary())])
+ITEM_TYPE = pa.struct(
+    [
+        ("modality", pa.string()),
+        ("uri", pa.string()),
+        ("mime_type", pa.string()),
+        ("sha256", pa.string()),
+        ("data", pa.binary()),
+    ]
+)
 COLUMN = "multimodal_data"
 COLUMN_TYPE = pa.list_(ITEM_TYPE)
 
@@ -76,7 +83,9 @@ def item_bytes(item: dict[str, Any]) -> bytes:
         return item["data"]
     data = read_reference(item["uri"])
     if hashlib.sha256(data).hexdigest() != item["sha256"]:
-        raise MediaError(f"{item['uri']} changed since the prepare_multimodal stage read it (its bytes differ): rerun that stage")
+        raise MediaError(
+            f"{item['uri']} changed since the prepare_multimodal stage read it (its bytes differ): rerun that stage"
+        )
     return data
 
 
@@ -117,8 +126,13 @@ def read_reference(url: str) -> bytes:
 def _item(modality: str, uri: Optional[str], mime: str, data: bytes, keep: bool) -> dict[str, Any]:
     if not data:
         raise MediaError(f"{uri or 'the data URL'} is empty")
-    return {"modality": modality, "uri": uri, "mime_type": mime, "sha256": hashlib.sha256(data).hexdigest(),
-            "data": data if keep else None}
+    return {
+        "modality": modality,
+        "uri": uri,
+        "mime_type": mime,
+        "sha256": hashlib.sha256(data).hexdigest(),
+        "data": data if keep else None,
+    }
 
 
 def _data_url(url: str) -> tuple[str, bytes]:
@@ -146,7 +160,9 @@ def decode(modality: str, mime_type: str, data: bytes, media_io_kwargs: Optional
     try:
         return fetch(data_url(mime_type, data))
     except Exception as exc:  # vLLM's loaders raise whatever their backend raises (PIL, soundfile, OpenCV)
-        raise MediaError(f"the {modality} ({mime_type}, {len(data)} bytes) does not decode: {type(exc).__name__}: {exc}") from None
+        raise MediaError(
+            f"the {modality} ({mime_type}, {len(data)} bytes) does not decode: {type(exc).__name__}: {exc}"
+        ) from None
 
 
 def parse_chat_messages(messages: list[dict[str, Any]], model_config: Any, content_format: str):

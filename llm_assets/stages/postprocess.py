@@ -28,12 +28,18 @@ class PostprocessStage:
     USER_FN = "postprocess"
     PROCESSOR_KWARGS = ("should_continue_on_error",)
 
-    def __init__(self, fn: Optional[Callable[[dict[str, Any]], dict[str, Any]]] = None, should_continue_on_error: bool = False):
+    def __init__(
+        self, fn: Optional[Callable[[dict[str, Any]], dict[str, Any]]] = None, should_continue_on_error: bool = False
+    ):
         self.fn = fn
         self.error_column = should_continue_on_error
 
     def __call__(self, batch: pa.Table) -> pa.Table:
-        if self.fn is None and not self.error_column and not {"sampling_params", "pooling_params"} & set(batch.column_names):
+        if (
+            self.fn is None
+            and not self.error_column
+            and not {"sampling_params", "pooling_params"} & set(batch.column_names)
+        ):
             return batch
         return table_of([self._one(row) for row in rows_of(batch)])
 

@@ -18,8 +18,8 @@ from typing import Any, Optional
 
 import pyarrow as pa
 
-from llm_assets.stages import media
 from llm_assets.rows import ERROR_COLUMN, ROW_ID, RowError, column_or_none, ok_rows, with_column
+from llm_assets.stages import media
 
 STAGE = "prepare_multimodal"
 ERROR_TYPE = "MediaError"  # what a row failed here has in __inference_error__: "MediaError: <field>: <problem>"
@@ -31,9 +31,14 @@ class PrepareMultimodalStage:
     CONFIG_KWARGS = ("model_config_kwargs", "chat_template_content_format", "apply_sys_msg_formatting")
     PROCESSOR_KWARGS = ("should_continue_on_error",)
 
-    def __init__(self, model_source: str, model_config_kwargs: Optional[dict[str, Any]] = None,
-                 chat_template_content_format: str = "string", apply_sys_msg_formatting: bool = False,
-                 should_continue_on_error: bool = False):
+    def __init__(
+        self,
+        model_source: str,
+        model_config_kwargs: Optional[dict[str, Any]] = None,
+        chat_template_content_format: str = "string",
+        apply_sys_msg_formatting: bool = False,
+        should_continue_on_error: bool = False,
+    ):
         from vllm.config import ModelConfig
 
         kwargs = {"model": model_source, **(model_config_kwargs or {})}
@@ -42,7 +47,9 @@ class PrepareMultimodalStage:
         if kwargs.get("dtype") in (None, "auto"):
             kwargs["dtype"] = "float32"
         self.model_config = ModelConfig(**kwargs)
-        self.media_io_kwargs = getattr(self.model_config.multimodal_config, "media_io_kwargs", None)  # None for a text-only model
+        self.media_io_kwargs = getattr(
+            self.model_config.multimodal_config, "media_io_kwargs", None
+        )  # None for a text-only model
         self.content_format = chat_template_content_format
         self.apply_sys_msg_formatting = apply_sys_msg_formatting
         self.should_continue_on_error = should_continue_on_error
@@ -87,7 +94,9 @@ class PrepareMultimodalStage:
         try:
             conversation, _decoded = media.parse_chat_messages(parsed_messages, self.model_config, self.content_format)
         except Exception as exc:  # every part decoded: what is left is the model's refusal (limits, modality)
-            raise RowError(row_id, STAGE, f"vLLM refuses the messages for this model: {type(exc).__name__}: {exc}") from exc
+            raise RowError(
+                row_id, STAGE, f"vLLM refuses the messages for this model: {type(exc).__name__}: {exc}"
+            ) from exc
         return json.dumps(system + [_plain(m) for m in conversation]), items
 
     def _read(self, row_id: Any, field: str, part: dict[str, Any], items: list) -> dict[str, Any]:

@@ -27,8 +27,13 @@ class TokenizeStage:
     ADDS = ("tokenized_prompt", "token_type_ids")
     PROCESSOR_KWARGS = ("max_prompt_tokens", "should_continue_on_error", "pair")
 
-    def __init__(self, model_source: str, max_prompt_tokens: Optional[int] = None, should_continue_on_error: bool = False,
-                 pair: Optional[tuple[str, str]] = None):
+    def __init__(
+        self,
+        model_source: str,
+        max_prompt_tokens: Optional[int] = None,
+        should_continue_on_error: bool = False,
+        pair: Optional[tuple[str, str]] = None,
+    ):
         self.tokenizer = load_tokenizer(model_source)
         self.max_prompt_tokens = max_prompt_tokens
         self.should_continue_on_error = should_continue_on_error
@@ -78,9 +83,15 @@ class TokenizeStage:
         found = False
         for i, token_ids in enumerate(ids):
             if token_ids is not None and len(token_ids) > self.max_prompt_tokens:
-                problem = (f"the prompt has {len(token_ids)} tokens: this model's maximum context length is "
-                           f"{self.max_prompt_tokens} tokens (context_length_exceeded)")
+                problem = (
+                    f"the prompt has {len(token_ids)} tokens: this model's maximum context length is "
+                    f"{self.max_prompt_tokens} tokens (context_length_exceeded)"
+                )
                 if not self.should_continue_on_error:
                     raise RowError(batch.column(ROW_ID)[i].as_py(), STAGE, problem)
                 errors[i], found = f"ValueError: {problem}", True
-        return with_column(batch, ERROR_COLUMN, errors, pa.string()) if found or ERROR_COLUMN in batch.column_names else batch
+        return (
+            with_column(batch, ERROR_COLUMN, errors, pa.string())
+            if found or ERROR_COLUMN in batch.column_names
+            else batch
+        )

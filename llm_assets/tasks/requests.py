@@ -35,8 +35,10 @@ def check_request(row: dict[str, Any], context: RowContext) -> dict[str, Any]:
     has_messages = row.get("messages") is not None
     has_prompt = isinstance(row.get("prompt"), str)
     if not has_messages and not has_prompt:
-        raise ValueError(f"has neither 'messages' nor 'prompt' (columns: {sorted(row)}); expected "
-                         "messages=[{'role': 'user', 'content': '...'}] or prompt='...' (return it from preprocess)")
+        raise ValueError(
+            f"has neither 'messages' nor 'prompt' (columns: {sorted(row)}); expected "
+            "messages=[{'role': 'user', 'content': '...'}] or prompt='...' (return it from preprocess)"
+        )
     if has_messages:
         row["messages"] = check_messages(row["messages"], context.multimodal)
         if context.multimodal:
@@ -65,12 +67,16 @@ def check_messages(messages: Any, multimodal: bool = False) -> list[dict[str, An
         content = message["content"]
         if isinstance(content, (list, tuple)):
             if not multimodal:
-                raise ValueError(f"messages[{index}].content is a list of content parts: expected the message's text "
-                                 "as a string (for image, audio and video parts enable prepare_multimodal_stage)")
+                raise ValueError(
+                    f"messages[{index}].content is a list of content parts: expected the message's text "
+                    "as a string (for image, audio and video parts enable prepare_multimodal_stage)"
+                )
             content = [_check_part(f"messages[{index}].content[{j}]", part) for j, part in enumerate(content)]
         elif not isinstance(content, str):
-            raise ValueError(f"messages[{index}].content is {type(content).__name__} {content!r:.40}: "
-                             "expected the message's text as a string")
+            raise ValueError(
+                f"messages[{index}].content is {type(content).__name__} {content!r:.40}: "
+                "expected the message's text as a string"
+            )
         checked.append({**message, "content": content})
     return checked
 
@@ -128,13 +134,21 @@ def check_sampling_params(params: Any, context: RowContext) -> Optional[str]:
 def check_tokenization_kwargs(kwargs: Any) -> str:
     """The row's tokenizer arguments (JSON text between stages, as sampling_params)."""
     if not isinstance(kwargs, dict):
-        raise ValueError(f"'tokenization_kwargs' is {type(kwargs).__name__}: expected a dict with some of {sorted(TOKENIZATION_KWARGS)}")
+        raise ValueError(
+            f"'tokenization_kwargs' is {type(kwargs).__name__}: "
+            f"expected a dict with some of {sorted(TOKENIZATION_KWARGS)}"
+        )
     for name, value in kwargs.items():
         expected = TOKENIZATION_KWARGS.get(name)
         if expected is None:
-            raise ValueError(f"tokenization_kwargs.{name} is not supported: expected some of {sorted(TOKENIZATION_KWARGS)}")
+            raise ValueError(
+                f"tokenization_kwargs.{name} is not supported: expected some of {sorted(TOKENIZATION_KWARGS)}"
+            )
         if not isinstance(value, expected) or (expected is int and (isinstance(value, bool) or value < 1)):
-            raise ValueError(f"tokenization_kwargs.{name} is {value!r}: expected {'an integer >= 1' if expected is int else 'true or false'}")
+            raise ValueError(
+                f"tokenization_kwargs.{name} is {value!r}: "
+                f"expected {'an integer >= 1' if expected is int else 'true or false'}"
+            )
     return json.dumps(kwargs, sort_keys=True)
 
 

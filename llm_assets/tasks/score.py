@@ -23,8 +23,10 @@ class PairTask(TaskType):
         self.check_openai_url(row)
         for name in PAIR:
             if not isinstance(row.get(name), str) or not row[name]:
-                raise ValueError(f"'{name}' is {row.get(name)!r}: task_type='score' scores a pair of non-empty strings, "
-                                 f"{' and '.join(map(repr, PAIR))} (return them from preprocess)")
+                raise ValueError(
+                    f"'{name}' is {row.get(name)!r}: task_type='score' scores a pair of non-empty strings, "
+                    f"{' and '.join(map(repr, PAIR))} (return them from preprocess)"
+                )
         return check_pooling_params(row)
 
 

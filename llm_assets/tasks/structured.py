@@ -11,7 +11,14 @@ from __future__ import annotations
 
 from typing import Any
 
-CONSTRAINTS = {"json": (dict, str), "regex": (str,), "choice": (list,), "grammar": (str,), "json_object": (bool,), "structural_tag": (str,)}
+CONSTRAINTS = {
+    "json": (dict, str),
+    "regex": (str,),
+    "choice": (list,),
+    "grammar": (str,),
+    "json_object": (bool,),
+    "structural_tag": (str,),
+}
 OPTIONS = {"disable_any_whitespace", "disable_additional_properties", "whitespace_pattern"}
 
 
@@ -22,7 +29,10 @@ def check_structured_outputs(value: Any) -> None:
         raise ValueError(f"{where} is {type(value).__name__}: expected a dict with one of {sorted(CONSTRAINTS)}")
     unknown = sorted(set(value) - set(CONSTRAINTS) - OPTIONS)
     if unknown:
-        raise ValueError(f"{where} has unknown field(s) {unknown}: expected one of {sorted(CONSTRAINTS)} and options {sorted(OPTIONS)}")
+        raise ValueError(
+            f"{where} has unknown field(s) {unknown}: "
+            f"expected one of {sorted(CONSTRAINTS)} and options {sorted(OPTIONS)}"
+        )
     given = [name for name in CONSTRAINTS if value.get(name) is not None]
     if len(given) != 1:
         raise ValueError(f"{where} sets {given or 'no constraint'}: expected exactly one of {sorted(CONSTRAINTS)}")

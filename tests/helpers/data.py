@@ -18,11 +18,15 @@ def questions(n: int, prefix: str = "q") -> list[dict]:
 
 def committed_rows(storage, pipeline: str, stage: str, partition: str, order_by: str = "row_id") -> list[dict]:
     """A stage's committed rows of one partition, as dicts ordered by ``order_by``."""
-    return sorted((row for table in storage.read_committed(pipeline, stage, partition) for row in table.to_pylist()),
-                  key=lambda row: row[order_by])
+    return sorted(
+        (row for table in storage.read_committed(pipeline, stage, partition) for row in table.to_pylist()),
+        key=lambda row: row[order_by],
+    )
 
 
-def write_attempt(storage, pipeline: str, stage: str, partition: str, tables: list, commit: bool = True, info=None) -> str:
+def write_attempt(
+    storage, pipeline: str, stage: str, partition: str, tables: list, commit: bool = True, info=None
+) -> str:
     """Write ``tables`` as one attempt's part files (as a run's tasks do); commit it unless told not to."""
     from llm_assets.atomic import write_parquet
     from resources.storage import new_attempt_name
@@ -34,5 +38,13 @@ def write_attempt(storage, pipeline: str, stage: str, partition: str, tables: li
     for name, table in zip(names, tables):
         write_parquet(storage.filesystem(), f"{base}/{name}", table)
     if commit:
-        storage.commit(pipeline, stage, partition, attempt, names, [t.num_rows for t in tables], {"rows_out": sum(t.num_rows for t in tables)})
+        storage.commit(
+            pipeline,
+            stage,
+            partition,
+            attempt,
+            names,
+            [t.num_rows for t in tables],
+            {"rows_out": sum(t.num_rows for t in tables)},
+        )
     return attempt

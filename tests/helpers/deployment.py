@@ -29,7 +29,9 @@ BIN = Path(sys.executable).parent
 PREFIX = "DEPLOYMENT"
 
 
-def definitions(pipeline: str = "make_pipeline(landing, model)", imports: str = "from tests.helpers.pipelines import make_pipeline") -> str:
+def definitions(
+    pipeline: str = "make_pipeline(landing, model)", imports: str = "from tests.helpers.pipelines import make_pipeline"
+) -> str:
     """A definitions file whose PIPELINES hold ``pipeline`` (a Python expression over ``landing``
     and ``model``), with the deployment's storage."""
     return textwrap.dedent(f"""\
@@ -76,8 +78,14 @@ class Deployment:
     """``files``: landing files to write (name -> rows); ``adjust``: a change to the shipped
     instance settings (a dict, changed in place)."""
 
-    def __init__(self, tmp: Path, model: str, definitions_text: Optional[str] = None, files: Optional[dict[str, int]] = None,
-                 adjust: Callable[[dict], None] = lambda settings: None):
+    def __init__(
+        self,
+        tmp: Path,
+        model: str,
+        definitions_text: Optional[str] = None,
+        files: Optional[dict[str, int]] = None,
+        adjust: Callable[[dict], None] = lambda settings: None,
+    ):
         self.tmp = tmp
         (tmp / "landing").mkdir(parents=True, exist_ok=True)
         for file_name, rows in (files or {}).items():
@@ -94,7 +102,9 @@ class Deployment:
         self.started: list[psutil.Process] = []  # every process seen under a daemon or command, for teardown
 
     def dagster(self, *args: str) -> subprocess.CompletedProcess:
-        result = subprocess.run([str(BIN / "dagster"), *args], cwd=self.tmp, env=self.env, capture_output=True, text=True, timeout=120)
+        result = subprocess.run(
+            [str(BIN / "dagster"), *args], cwd=self.tmp, env=self.env, capture_output=True, text=True, timeout=120
+        )
         assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
         return result
 
@@ -108,7 +118,10 @@ class Deployment:
         n = len(list(self.tmp.glob("execute-*.log")))
         return subprocess.Popen(
             [str(BIN / "dagster"), "job", "execute", "-f", "defs.py", "-j", "tiny_job", "--tags", json.dumps(tags)],
-            cwd=self.tmp, env=self.env, stdout=open(self.tmp / f"execute-{n}.log", "w"), stderr=subprocess.STDOUT,
+            cwd=self.tmp,
+            env=self.env,
+            stdout=open(self.tmp / f"execute-{n}.log", "w"),
+            stderr=subprocess.STDOUT,
             start_new_session=True,
         )
 
@@ -116,14 +129,20 @@ class Deployment:
         n = len(self.daemons)
         daemon = subprocess.Popen(
             [str(BIN / "dagster-daemon"), "run", "-w", "workspace.yaml"],
-            cwd=self.tmp, env=self.env, stdout=open(self.tmp / f"daemon-{n}.log", "w"), stderr=subprocess.STDOUT,
+            cwd=self.tmp,
+            env=self.env,
+            stdout=open(self.tmp / f"daemon-{n}.log", "w"),
+            stderr=subprocess.STDOUT,
             start_new_session=True,
         )
         self.daemons.append(daemon)
         return daemon
 
     def daemon_logs(self) -> str:
-        return "\n".join(f"--- daemon-{n}.log:\n{(self.tmp / f'daemon-{n}.log').read_text()[-3000:]}" for n in range(len(self.daemons)))
+        return "\n".join(
+            f"--- daemon-{n}.log:\n{(self.tmp / f'daemon-{n}.log').read_text()[-3000:]}"
+            for n in range(len(self.daemons))
+        )
 
     def tree(self, pid: int) -> list[psutil.Process]:
         root = psutil.Process(pid)

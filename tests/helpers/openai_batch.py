@@ -9,7 +9,6 @@ import pyarrow.fs as pafs
 
 from llm_assets.openai_batch import export_openai_batch, rows_from_openai_batch
 
-
 CHAT = "/v1/chat/completions"
 
 
@@ -53,8 +52,13 @@ def finished(row_id, text="Hi!", url=CHAT, model="served-model", error=None, fin
 def export(tmp_path, batches, **kwargs):
     output, errors = tmp_path / "out" / "output.jsonl", tmp_path / "out" / "errors.jsonl"
     counts = export_openai_batch(
-        batches, pafs.LocalFileSystem(), str(output), str(errors), kwargs.pop("default_model", "default-model"),
-        created=CREATED, **kwargs,
+        batches,
+        pafs.LocalFileSystem(),
+        str(output),
+        str(errors),
+        kwargs.pop("default_model", "default-model"),
+        created=CREATED,
+        **kwargs,
     )
     return counts, read_lines(output), read_lines(errors)
 

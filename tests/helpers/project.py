@@ -11,7 +11,6 @@ from pathlib import Path
 
 import yaml
 
-
 PROJECT = Path(__file__).resolve().parent.parent.parent
 
 

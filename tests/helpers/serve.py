@@ -37,10 +37,26 @@ def ray_cluster(temp_dir):
     python_path = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
     env = {**os.environ, "PYTHONPATH": python_path, "RAY_AUTH_MODE": os.environ.get("RAY_AUTH_MODE") or "disabled"}
     head = subprocess.Popen(
-        [sys.executable, "-m", "ray.scripts.scripts", "start", "--head", "--block", f"--port={port}", "--num-cpus=4",
-         "--include-dashboard=false", "--disable-usage-stats", f"--ray-client-server-port={free_port()}",
-         f"--temp-dir={temp_dir}"],
-        cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+        [
+            sys.executable,
+            "-m",
+            "ray.scripts.scripts",
+            "start",
+            "--head",
+            "--block",
+            f"--port={port}",
+            "--num-cpus=4",
+            "--include-dashboard=false",
+            "--disable-usage-stats",
+            f"--ray-client-server-port={free_port()}",
+            f"--temp-dir={temp_dir}",
+        ],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
     address = f"127.0.0.1:{port}"
     deadline = time.monotonic() + 60
     while True:
@@ -65,8 +81,11 @@ def timeline(instance, run_id, marks: tuple[str, ...]) -> list[tuple[float, str]
     """Seconds from the run's start to each log line that contains one of ``marks``."""
     events = instance.all_logs(run_id)
     start = events[0].timestamp  # the run's first event (an in-process run records no RUN_START)
-    return [(round(e.timestamp - start, 2), e.user_message[:160]) for e in events
-            if e.user_message and any(mark in e.user_message for mark in marks)]
+    return [
+        (round(e.timestamp - start, 2), e.user_message[:160])
+        for e in events
+        if e.user_message and any(mark in e.user_message for mark in marks)
+    ]
 
 
 def _stop(head, had_session_ray: bool) -> None:

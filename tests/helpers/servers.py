@@ -90,20 +90,30 @@ class FaultServer:
         if fault == "drop":
             request.transport.close()
             return web.Response(status=500)
-        return web.json_response({
-            "model": body["model"],
-            "choices": [{"message": {"role": "assistant", "content": f"answer to {content}"}, "finish_reason": "stop"}],
-            "usage": {"prompt_tokens": 5, "completion_tokens": 3},
-        })
+        return web.json_response(
+            {
+                "model": body["model"],
+                "choices": [
+                    {"message": {"role": "assistant", "content": f"answer to {content}"}, "finish_reason": "stop"}
+                ],
+                "usage": {"prompt_tokens": 5, "completion_tokens": 3},
+            }
+        )
 
 
 def to_payload(row):
     """An HTTP pipeline's preprocess: the question as a chat request body."""
-    return {"question": row["question"],
-            "payload": {"model": "served", "messages": [{"role": "user", "content": row["question"]}], "max_tokens": 4}}
+    return {
+        "question": row["question"],
+        "payload": {"model": "served", "messages": [{"role": "user", "content": row["question"]}], "max_tokens": 4},
+    }
 
 
 def http_answer(row):
     """An HTTP pipeline's postprocess: the answer, its token count and the row's error."""
-    return {"question": row["question"], "answer": row["generated_text"], "tokens": row["num_generated_tokens"],
-            "error": row.get("__inference_error__")}
+    return {
+        "question": row["question"],
+        "answer": row["generated_text"],
+        "tokens": row["num_generated_tokens"],
+        "error": row.get("__inference_error__"),
+    }

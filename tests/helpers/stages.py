@@ -12,6 +12,8 @@ def preprocess_stage(fn: Optional[Callable] = None, config: Any = None, output_s
     """The Preprocess stage of a pipeline on ``config`` (a vLLM pipeline of ``settings`` by
     default: ``task_type="embed"``, ``prepare_multimodal_stage=True``...), with its row checks."""
     config = config if config is not None else {"model_source": "org/any-model", **settings}
-    pipeline = LLMPipeline("stage_test", config, LocalFolderSource("/nowhere"), preprocess=fn, output_schema=output_schema)
+    pipeline = LLMPipeline(
+        "stage_test", config, LocalFolderSource("/nowhere"), preprocess=fn, output_schema=output_schema
+    )
     plan = pipeline.plan("preprocess")
     return plan.udf(**plan.udf_kwargs)

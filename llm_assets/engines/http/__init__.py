@@ -25,13 +25,28 @@ class HttpRequestProcessorConfig(ProcessorConfig):
 
     batch_size: int = Field(default=64, ge=1)
     url: str = Field(description="Where each row's payload is POSTed, e.g. http://host:8000/v1/chat/completions.")
-    headers: Optional[dict[str, Any]] = Field(default=None, description="Sent with every request (never logged or hashed); a "
-                                              "value may be dg.EnvVar('NAME'), read from the run's environment when it starts.")
-    qps: Optional[float] = Field(default=None, gt=0, description="Requests per second to this URL, for every replica of every run "
-                                 "launched from this machine together; None: no limit.")
-    max_retries: int = Field(default=0, ge=0, description="Times a request is sent again after 429, 408, 5xx, a timeout or a dropped connection.")
-    base_retry_wait_time_in_s: float = Field(default=1.0, ge=0, description="First backoff; doubles per retry (with jitter). Retry-After wins.")
-    session_factory: Optional[Any] = Field(default=None, exclude=True, description="() -> aiohttp.ClientSession, made in the replica.")
+    headers: Optional[dict[str, Any]] = Field(
+        default=None,
+        description="Sent with every request (never logged or hashed); a "
+        "value may be dg.EnvVar('NAME'), read from the run's environment when it starts.",
+    )
+    qps: Optional[float] = Field(
+        default=None,
+        gt=0,
+        description="Requests per second to this URL, for every replica of every run "
+        "launched from this machine together; None: no limit.",
+    )
+    max_retries: int = Field(
+        default=0,
+        ge=0,
+        description="Times a request is sent again after 429, 408, 5xx, a timeout or a dropped connection.",
+    )
+    base_retry_wait_time_in_s: float = Field(
+        default=1.0, ge=0, description="First backoff; doubles per retry (with jitter). Retry-After wins."
+    )
+    session_factory: Optional[Any] = Field(
+        default=None, exclude=True, description="() -> aiohttp.ClientSession, made in the replica."
+    )
     request_timeout_s: float = Field(default=300.0, gt=0, description="Per attempt, the answer included.")
     should_continue_on_error: bool = False
     task_type: str = "generate"
@@ -80,11 +95,20 @@ class HttpRequestEngine(Engine):
             # Owned by the run's driver: it ends with the pool's last reference, so with the run. On
             # the driver's node: the endpoint's schedule file is that machine's (pacer.py).
             here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
-            pacer = ray.remote(RequestPacer).options(num_cpus=0, scheduling_strategy=here).remote(config.url, config.qps)
-        return dict(url=config.url, headers=_headers(config), max_retries=config.max_retries,
-                    base_retry_wait_time_in_s=config.base_retry_wait_time_in_s, request_timeout_s=config.request_timeout_s,
-                    session_factory=config.session_factory, pacer=pacer, should_continue_on_error=config.should_continue_on_error,
-                    max_in_flight=config.batch_size)
+            pacer = (
+                ray.remote(RequestPacer).options(num_cpus=0, scheduling_strategy=here).remote(config.url, config.qps)
+            )
+        return dict(
+            url=config.url,
+            headers=_headers(config),
+            max_retries=config.max_retries,
+            base_retry_wait_time_in_s=config.base_retry_wait_time_in_s,
+            request_timeout_s=config.request_timeout_s,
+            session_factory=config.session_factory,
+            pacer=pacer,
+            should_continue_on_error=config.should_continue_on_error,
+            max_in_flight=config.batch_size,
+        )
 
     def output_settings(self) -> dict[str, Any]:
         # The URL and error handling change the output; headers may hold keys and are left out, and
@@ -97,8 +121,10 @@ class HttpRequestEngine(Engine):
         payload = row.get("payload")
         if not isinstance(payload, dict):
             got = "missing" if payload is None else f"{type(payload).__name__}"
-            raise ValueError(f"'payload' is {got} (columns: {sorted(row)}): expected the request's JSON body as a dict, "
-                             "e.g. {'model': ..., 'messages': [...]} (return it from preprocess)")
+            raise ValueError(
+                f"'payload' is {got} (columns: {sorted(row)}): expected the request's JSON body as a dict, "
+                "e.g. {'model': ..., 'messages': [...]} (return it from preprocess)"
+            )
         try:
             row["payload"] = json.dumps(payload)
         except (TypeError, ValueError) as exc:
@@ -116,7 +142,9 @@ def _headers(config: HttpRequestProcessorConfig) -> dict[str, str]:
             resolved = read()
             if resolved is None:
                 variable = getattr(value, "env_var_name", "(unnamed)")
-                raise ValueError(f"headers[{name!r}]: the environment variable {variable!r} is not set in the run's process")
+                raise ValueError(
+                    f"headers[{name!r}]: the environment variable {variable!r} is not set in the run's process"
+                )
             value = resolved
         headers[name] = str(value)
     return headers

@@ -78,10 +78,12 @@ class HttpRequestReplica:
         upstream_ok = ok_rows(batch)
         send_at = await self._send_times(sum(upstream_ok))
         slots = iter(send_at)
-        results = await asyncio.gather(*(
-            self._request(row_ids[i], payloads[i], next(slots)) if upstream_ok[i] else no_result()
-            for i in range(batch.num_rows)
-        ))
+        results = await asyncio.gather(
+            *(
+                self._request(row_ids[i], payloads[i], next(slots)) if upstream_ok[i] else no_result()
+                for i in range(batch.num_rows)
+            )
+        )
         return with_results(batch, results, OUTPUT_COLUMNS, upstream_ok, self.should_continue_on_error)
 
     async def _send_times(self, count: int) -> list[float]:
@@ -111,18 +113,27 @@ class HttpRequestReplica:
             if self.pacer is not None:  # a retry is a request like any other: it takes its own slot
                 (slot,) = await self.pacer.reserve.remote(1)
                 await _sleep_until(slot)
-        return {**completion_columns(answer), "http_response": json.dumps(answer), "http_retries": retries,
-                "time_taken_llm": time.perf_counter() - started}
+        return {
+            **completion_columns(answer),
+            "http_response": json.dumps(answer),
+            "http_retries": retries,
+            "time_taken_llm": time.perf_counter() - started,
+        }
 
     async def _post(self, payload_json: Optional[str]) -> dict[str, Any]:
         import aiohttp
 
         try:
-            async with self._session.post(self.url, data=payload_json or "{}", headers=self.headers, timeout=self.timeout) as response:
+            async with self._session.post(
+                self.url, data=payload_json or "{}", headers=self.headers, timeout=self.timeout
+            ) as response:
                 text = await response.text()
                 if response.status in RETRY_STATUSES:
-                    raise RequestFailed(f"HTTP {response.status} from {self.url}: {text[:ANSWER_SNIPPET_CHARS]}", True,
-                                        _retry_after_s(response.headers.get("Retry-After")))
+                    raise RequestFailed(
+                        f"HTTP {response.status} from {self.url}: {text[:ANSWER_SNIPPET_CHARS]}",
+                        True,
+                        _retry_after_s(response.headers.get("Retry-After")),
+                    )
                 if response.status >= 400:
                     raise RequestFailed(f"HTTP {response.status} from {self.url}: {text[:ANSWER_SNIPPET_CHARS]}", False)
         except (asyncio.TimeoutError, aiohttp.ClientConnectionError, aiohttp.ClientPayloadError) as exc:
@@ -130,9 +141,13 @@ class HttpRequestReplica:
         try:
             answer = json.loads(text)
         except ValueError:
-            raise RequestFailed(f"the answer from {self.url} is not JSON: {text[:ANSWER_SNIPPET_CHARS]!r}", False) from None
+            raise RequestFailed(
+                f"the answer from {self.url} is not JSON: {text[:ANSWER_SNIPPET_CHARS]!r}", False
+            ) from None
         if not isinstance(answer, dict):
-            raise RequestFailed(f"the answer from {self.url} is a JSON {type(answer).__name__}, expected an object", False)
+            raise RequestFailed(
+                f"the answer from {self.url} is a JSON {type(answer).__name__}, expected an object", False
+            )
         return answer
 
     def _wait_s(self, retry: int, retry_after_s: Optional[float]) -> float:
@@ -171,8 +186,12 @@ def completion_columns(answer: dict[str, Any]) -> dict[str, Any]:
     message = first.get("message")
     text = message.get("content") if isinstance(message, dict) else first.get("text")
     usage = answer.get("usage") if isinstance(answer.get("usage"), dict) else {}
-    return {"generated_text": text, "finish_reason": first.get("finish_reason"),
-            "num_input_tokens": usage.get("prompt_tokens"), "num_generated_tokens": usage.get("completion_tokens")}
+    return {
+        "generated_text": text,
+        "finish_reason": first.get("finish_reason"),
+        "num_input_tokens": usage.get("prompt_tokens"),
+        "num_generated_tokens": usage.get("completion_tokens"),
+    }
 
 
 def _retry_after_s(value: Optional[str]) -> Optional[float]:
@@ -193,4 +212,3 @@ async def _sleep_until(wall_time: float) -> None:
     delay = wall_time - time.time()
     if delay > 0:
         await asyncio.sleep(delay)
-

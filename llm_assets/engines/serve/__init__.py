@@ -33,11 +33,21 @@ class ServeDeploymentProcessorConfig(ProcessorConfig):
     ``request_timeout_s``, ``should_continue_on_error``, ``runtime_env`` and
     ``max_concurrent_batches``)."""
 
-    deployment_name: Optional[str] = Field(default=None, description="The deployment to call (the ServeEngine's, with engine=).")
-    app_name: Optional[str] = Field(default=None, description="Its Serve application (ray.data.llm's default: 'default').")
-    dtype_mapping: Optional[dict[str, Any]] = Field(default=None, description="Request class by the name rows give in 'dtype'.")
-    engine: Optional[ServeEngine] = Field(default=None, description="An engine llm_assets deploys and shares (batch calls).")
-    request_timeout_s: Optional[float] = Field(default=None, gt=0, description="Per call (a row, or a batch with engine=); None: no limit.")
+    deployment_name: Optional[str] = Field(
+        default=None, description="The deployment to call (the ServeEngine's, with engine=)."
+    )
+    app_name: Optional[str] = Field(
+        default=None, description="Its Serve application (ray.data.llm's default: 'default')."
+    )
+    dtype_mapping: Optional[dict[str, Any]] = Field(
+        default=None, description="Request class by the name rows give in 'dtype'."
+    )
+    engine: Optional[ServeEngine] = Field(
+        default=None, description="An engine llm_assets deploys and shares (batch calls)."
+    )
+    request_timeout_s: Optional[float] = Field(
+        default=None, gt=0, description="Per call (a row, or a batch with engine=); None: no limit."
+    )
     should_continue_on_error: bool = False
     runtime_env: Optional[dict[str, Any]] = None
     max_concurrent_batches: int = Field(default=8, ge=1)
@@ -48,12 +58,16 @@ class ServeDeploymentProcessorConfig(ProcessorConfig):
             for name in ("app_name", "deployment_name"):
                 given, deployed = getattr(self, name), getattr(self.engine, name)
                 if given is not None and given != deployed:
-                    raise ValueError(f"{name} is {given!r} but the engine is deployed as {deployed!r}: leave {name} out")
+                    raise ValueError(
+                        f"{name} is {given!r} but the engine is deployed as {deployed!r}: leave {name} out"
+                    )
             object.__setattr__(self, "app_name", self.engine.app_name)
             object.__setattr__(self, "deployment_name", self.engine.deployment_name)
         elif self.deployment_name is None:
-            raise ValueError("deployment_name: give the Serve deployment to call (with app_name), or engine=ServeEngine(...) "
-                             "for an engine llm_assets deploys")
+            raise ValueError(
+                "deployment_name: give the Serve deployment to call (with app_name), or engine=ServeEngine(...) "
+                "for an engine llm_assets deploys"
+            )
         elif self.app_name is None:
             object.__setattr__(self, "app_name", "default")
         return self
@@ -77,7 +91,11 @@ class ServeDeploymentEngine(Engine):
     config_class = ServeDeploymentProcessorConfig
     replica = "llm_assets.engines.serve.replica:ServeDeploymentReplica"
     distributions = ("ray",)
-    code_modules = ("llm_assets.engines.base", "llm_assets.engines.serve.replica", "llm_assets.engines.serve.deployment")
+    code_modules = (
+        "llm_assets.engines.base",
+        "llm_assets.engines.serve.replica",
+        "llm_assets.engines.serve.deployment",
+    )
     config: ServeDeploymentProcessorConfig
 
     def served(self) -> Optional[Engine]:
@@ -92,7 +110,9 @@ class ServeDeploymentEngine(Engine):
     def preimport(self, on_gpu: bool) -> None:
         importlib.import_module("ray.serve")
 
-    def provision(self, target: str, on_gpu: bool, engine_detokenizes: bool, log: Callable[[str], None]) -> dict[str, Any]:
+    def provision(
+        self, target: str, on_gpu: bool, engine_detokenizes: bool, log: Callable[[str], None]
+    ) -> dict[str, Any]:
         from llm_assets.engines.serve.deployment import app_status, ensure_deployed, status_name
 
         config = self.config
@@ -103,32 +123,55 @@ class ServeDeploymentEngine(Engine):
             from ray import serve
 
             running = sorted(serve.status().applications)
-            raise RuntimeError(f"no Serve app {config.app_name!r} runs on this Ray cluster (apps: {', '.join(running) or 'none'}): "
-                               "deploy it first, or correct app_name")
+            raise RuntimeError(
+                f"no Serve app {config.app_name!r} runs on this Ray cluster (apps: {', '.join(running) or 'none'}): "
+                "deploy it first, or correct app_name"
+            )
         if config.deployment_name not in status.deployments:
-            raise RuntimeError(f"Serve app {config.app_name!r} has no deployment {config.deployment_name!r} "
-                               f"(its deployments: {', '.join(sorted(status.deployments))})")
-        log(f"Serve app {config.app_name!r}: calling deployment {config.deployment_name!r} ({status_name(status.status)})")
+            raise RuntimeError(
+                f"Serve app {config.app_name!r} has no deployment {config.deployment_name!r} "
+                f"(its deployments: {', '.join(sorted(status.deployments))})"
+            )
+        log(
+            f"Serve app {config.app_name!r}: calling deployment {config.deployment_name!r} "
+            f"({status_name(status.status)})"
+        )
         return {}
 
     def replica_kwargs(self, target: str, on_gpu: bool, engine_detokenizes: bool) -> dict[str, Any]:
         config = self.config
-        return dict(app_name=config.app_name, deployment_name=config.deployment_name, engine=config.engine is not None,
-                    dtype_mapping=config.dtype_mapping, request_timeout_s=config.request_timeout_s,
-                    should_continue_on_error=config.should_continue_on_error, max_in_flight=config.batch_size)
+        return dict(
+            app_name=config.app_name,
+            deployment_name=config.deployment_name,
+            engine=config.engine is not None,
+            dtype_mapping=config.dtype_mapping,
+            request_timeout_s=config.request_timeout_s,
+            should_continue_on_error=config.should_continue_on_error,
+            max_in_flight=config.batch_size,
+        )
 
     def output_settings(self) -> dict[str, Any]:
         config = self.config
-        settings: dict[str, Any] = {"app_name": config.app_name, "deployment_name": config.deployment_name,
-                                    "should_continue_on_error": config.should_continue_on_error}
+        settings: dict[str, Any] = {
+            "app_name": config.app_name,
+            "deployment_name": config.deployment_name,
+            "should_continue_on_error": config.should_continue_on_error,
+        }
         served = self.served()
         if served is None:  # a deployment of the user's: its code is not ours to hash
-            settings["dtype_mapping"] = {name: f"{cls.__module__}.{cls.__qualname__}" for name, cls in (config.dtype_mapping or {}).items()}
+            settings["dtype_mapping"] = {
+                name: f"{cls.__module__}.{cls.__qualname__}" for name, cls in (config.dtype_mapping or {}).items()
+            }
             return settings
         from llm_assets import versions
 
-        return {**settings, "engine": served.label, "library": served.library_version(), "engine_settings": served.output_settings(),
-                "engine_code": [versions.module_code(name) for name in served.code_modules]}
+        return {
+            **settings,
+            "engine": served.label,
+            "library": served.library_version(),
+            "engine_settings": served.output_settings(),
+            "engine_code": [versions.module_code(name) for name in served.code_modules],
+        }
 
     def max_prompt_tokens(self) -> Optional[int]:
         served = self.served()
@@ -144,12 +187,19 @@ class ServeDeploymentEngine(Engine):
         dtype_names = tuple(self.config.dtype_mapping or ())
         method, kwargs, dtype = row.get("method"), row.get("request_kwargs"), row.get("dtype")
         if not isinstance(method, str) or not method:
-            raise ValueError(f"has no 'method' (columns: {sorted(row)}): expected the name of the deployment's method to call")
+            raise ValueError(
+                f"has no 'method' (columns: {sorted(row)}): expected the name of the deployment's method to call"
+            )
         if not isinstance(kwargs, dict):
             got = "missing" if kwargs is None else f"a {type(kwargs).__name__}"
-            raise ValueError(f"'request_kwargs' is {got} (columns: {sorted(row)}): expected the request's fields as a dict")
+            raise ValueError(
+                f"'request_kwargs' is {got} (columns: {sorted(row)}): expected the request's fields as a dict"
+            )
         if dtype is not None and dtype not in dtype_names:
-            raise ValueError(f"'dtype' is {dtype!r}, which the config's dtype_mapping does not name ({', '.join(dtype_names) or 'empty'})")
+            raise ValueError(
+                f"'dtype' is {dtype!r}, which the config's dtype_mapping does not name "
+                f"({', '.join(dtype_names) or 'empty'})"
+            )
         try:
             row["request_kwargs"] = json.dumps(kwargs)
         except (TypeError, ValueError) as exc:

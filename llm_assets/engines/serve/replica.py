@@ -31,14 +31,26 @@ STAGE = "engine"
 REQUEST_SNIPPET_CHARS = 200
 LEASE_RENEW_S, LEASE_HOLD_S = 2.0, 60.0
 RESPONSE_COLUMNS = {"serve_response": pa.string(), "request_id": pa.string(), "time_taken_llm": pa.float64()}
-COMPLETION_COLUMNS = {"generated_text": pa.string(), "num_input_tokens": pa.int32(), "num_generated_tokens": pa.int32(),
-                      "finish_reason": pa.string()}
+COMPLETION_COLUMNS = {
+    "generated_text": pa.string(),
+    "num_input_tokens": pa.int32(),
+    "num_generated_tokens": pa.int32(),
+    "finish_reason": pa.string(),
+}
 
 
 class ServeDeploymentReplica:
-    def __init__(self, app_name: str, deployment_name: str, engine: bool, dtype_mapping: Optional[dict[str, type]] = None,
-                 request_timeout_s: Optional[float] = None, should_continue_on_error: bool = False, max_in_flight: int = 64,
-                 lease: Optional[str] = None):
+    def __init__(
+        self,
+        app_name: str,
+        deployment_name: str,
+        engine: bool,
+        dtype_mapping: Optional[dict[str, type]] = None,
+        request_timeout_s: Optional[float] = None,
+        should_continue_on_error: bool = False,
+        max_in_flight: int = 64,
+        lease: Optional[str] = None,
+    ):
         from ray import serve
 
         self.app_name, self.deployment_name, self.engine = app_name, deployment_name, engine
@@ -60,12 +72,15 @@ class ServeDeploymentReplica:
         while True:
             status = await asyncio.to_thread(app_status, self.app_name)
             if status is None or self.deployment_name not in status.deployments:
-                raise DeploymentUnavailableError(f"Serve app {self.app_name!r} with deployment {self.deployment_name!r} is not "
-                                                 "running on this Ray cluster (deleted?)")
+                raise DeploymentUnavailableError(
+                    f"Serve app {self.app_name!r} with deployment {self.deployment_name!r} is not "
+                    "running on this Ray cluster (deleted?)"
+                )
             if status.status in ("DEPLOY_FAILED", "UNHEALTHY"):
                 deployment = status.deployments[self.deployment_name]
-                raise DeploymentUnavailableError(f"Serve app {self.app_name!r} is {status.status}: "
-                                                 f"{deployment.message or status.message}")
+                raise DeploymentUnavailableError(
+                    f"Serve app {self.app_name!r} is {status.status}: {deployment.message or status.message}"
+                )
             if status.status == "RUNNING":
                 break
             await asyncio.sleep(0.5)
@@ -101,9 +116,12 @@ class ServeDeploymentReplica:
         methods, dtypes = column_or_none(batch, "method"), column_or_none(batch, "dtype")
         kwargs = column_or_none(batch, "request_kwargs")
         upstream_ok = ok_rows(batch)
-        results = await asyncio.gather(*(
-            self._request(i, row_ids[i], methods[i], dtypes[i], kwargs[i]) if upstream_ok[i] else no_result()
-            for i in range(batch.num_rows)))
+        results = await asyncio.gather(
+            *(
+                self._request(i, row_ids[i], methods[i], dtypes[i], kwargs[i]) if upstream_ok[i] else no_result()
+                for i in range(batch.num_rows)
+            )
+        )
         columns = dict(RESPONSE_COLUMNS)
         if any("generated_text" in result for result in results):
             columns.update(COMPLETION_COLUMNS)
@@ -143,8 +161,12 @@ class ServeDeploymentReplica:
         if isinstance(answer, BaseModel):
             answer = answer.model_dump(mode="json")
         fields = completion_columns(answer) if isinstance(answer, dict) else {}
-        return {**fields, "serve_response": json.dumps(answer, default=str), "request_id": request_id,
-                "time_taken_llm": time.perf_counter() - started}
+        return {
+            **fields,
+            "serve_response": json.dumps(answer, default=str),
+            "request_id": request_id,
+            "time_taken_llm": time.perf_counter() - started,
+        }
 
     async def _answer(self, awaitable):
         if self.request_timeout_s is None:

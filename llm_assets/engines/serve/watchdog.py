@@ -52,8 +52,13 @@ class IdleWatchdog:
         if self.deleting:
             return {"deleting": True}
         self.leases[lease] = time.monotonic() + hold_s
-        return {"deleting": False, "digest": self.digest, "summary": self.summary, "deployed_at": self.deployed_at,
-                "idle_timeout_s": self.idle_timeout_s}
+        return {
+            "deleting": False,
+            "digest": self.digest,
+            "summary": self.summary,
+            "deployed_at": self.deployed_at,
+            "idle_timeout_s": self.idle_timeout_s,
+        }
 
     def renew(self, lease: str, hold_s: float) -> bool:
         if not self.deleting:

@@ -32,7 +32,10 @@ class SGLangEngineProcessorConfig(OfflineProcessorConfig):
     @classmethod
     def _generate_only(cls, value: str) -> str:
         if value != "generate":
-            raise ValueError(f"task_type {value!r}: the SGLang engine runs 'generate' only (use vLLMEngineProcessorConfig for {value!r})")
+            raise ValueError(
+                f"task_type {value!r}: the SGLang engine runs 'generate' only "
+                f"(use vLLMEngineProcessorConfig for {value!r})"
+            )
         return value
 
     @field_validator("engine_kwargs")
@@ -47,7 +50,9 @@ class SGLangEngineProcessorConfig(OfflineProcessorConfig):
     def _no_multimodal(self):
         # The SGLang replica sends token ids only; media would be dropped without a word.
         if self.stage("prepare_multimodal_stage").enabled:
-            raise ValueError("prepare_multimodal_stage: multimodal rows run on vLLMEngineProcessorConfig only (not SGLang)")
+            raise ValueError(
+                "prepare_multimodal_stage: multimodal rows run on vLLMEngineProcessorConfig only (not SGLang)"
+            )
         return self
 
     def resolved_engine_kwargs(self) -> dict[str, Any]:
@@ -74,12 +79,18 @@ class SGLangEngine(Engine):
 
     def replica_kwargs(self, target: str, on_gpu: bool, engine_detokenizes: bool) -> dict[str, Any]:
         if not on_gpu:
-            raise RuntimeError("the SGLang engine runs on NVIDIA GPUs only, and this run's Ray cluster has no GPU; "
-                               "use vLLMEngineProcessorConfig to run on CPUs")
+            raise RuntimeError(
+                "the SGLang engine runs on NVIDIA GPUs only, and this run's Ray cluster has no GPU; "
+                "use vLLMEngineProcessorConfig to run on CPUs"
+            )
         config = self.config
-        return dict(model_source=target, engine_kwargs=config.resolved_engine_kwargs(),
-                    should_continue_on_error=config.should_continue_on_error, engine_detokenizes=engine_detokenizes,
-                    max_pending_requests=config.max_pending_requests)
+        return dict(
+            model_source=target,
+            engine_kwargs=config.resolved_engine_kwargs(),
+            should_continue_on_error=config.should_continue_on_error,
+            engine_detokenizes=engine_detokenizes,
+            max_pending_requests=config.max_pending_requests,
+        )
 
     def gpus_per_replica(self, on_gpu: bool) -> float:
         return self.config.gpus_per_replica if on_gpu else 0
@@ -91,7 +102,10 @@ class SGLangEngine(Engine):
             importlib.import_module("sglang.srt.entrypoints.engine")
 
     def output_settings(self) -> dict[str, Any]:
-        return {"engine_kwargs": self.config.resolved_engine_kwargs(), "should_continue_on_error": self.config.should_continue_on_error}
+        return {
+            "engine_kwargs": self.config.resolved_engine_kwargs(),
+            "should_continue_on_error": self.config.should_continue_on_error,
+        }
 
     def max_prompt_tokens(self) -> Optional[int]:
         return engine_kwarg_int(self.config, "context_length")

@@ -15,14 +15,41 @@ import re
 from typing import Any
 
 # vLLM name -> SGLang name.
-RENAMED = {"max_tokens": "max_new_tokens", "min_tokens": "min_new_tokens", "seed": "sampling_seed",
-           "include_stop_str_in_output": "no_stop_trim"}
+RENAMED = {
+    "max_tokens": "max_new_tokens",
+    "min_tokens": "min_new_tokens",
+    "seed": "sampling_seed",
+    "include_stop_str_in_output": "no_stop_trim",
+}
 # The same name and meaning in both.
-SHARED = {"stop", "stop_token_ids", "temperature", "top_p", "top_k", "min_p", "frequency_penalty", "presence_penalty",
-          "repetition_penalty", "ignore_eos", "skip_special_tokens", "spaces_between_special_tokens", "logit_bias", "n"}
+SHARED = {
+    "stop",
+    "stop_token_ids",
+    "temperature",
+    "top_p",
+    "top_k",
+    "min_p",
+    "frequency_penalty",
+    "presence_penalty",
+    "repetition_penalty",
+    "ignore_eos",
+    "skip_special_tokens",
+    "spaces_between_special_tokens",
+    "logit_bias",
+    "n",
+}
 # SGLang's own names, taken as they are.
-SGLANG_ONLY = {"max_new_tokens", "min_new_tokens", "sampling_seed", "json_schema", "regex", "ebnf", "stop_regex", "no_stop_trim",
-               "structural_tag"}
+SGLANG_ONLY = {
+    "max_new_tokens",
+    "min_new_tokens",
+    "sampling_seed",
+    "json_schema",
+    "regex",
+    "ebnf",
+    "stop_regex",
+    "no_stop_trim",
+    "structural_tag",
+}
 # Set by the pipeline for vLLM (the Detokenize stage does it); meaningless here.
 IGNORED = {"detokenize"}
 CONSTRAINT_FIELDS = ("json_schema", "regex", "ebnf", "structural_tag")
@@ -42,10 +69,14 @@ def to_sglang(params: dict[str, Any]) -> dict[str, Any]:
         elif name in SHARED or name in SGLANG_ONLY:
             target, converted = name, value
         else:
-            raise ValueError(f"sampling_params.{name} has no SGLang equivalent (SGLang takes: "
-                             f"{', '.join(sorted(set(RENAMED) | SHARED | SGLANG_ONLY | {'structured_outputs'}))})")
+            raise ValueError(
+                f"sampling_params.{name} has no SGLang equivalent (SGLang takes: "
+                f"{', '.join(sorted(set(RENAMED) | SHARED | SGLANG_ONLY | {'structured_outputs'}))})"
+            )
         if target in out:
-            raise ValueError(f"sampling_params.{name} sets SGLang's {target!r}, which another field of the row sets too")
+            raise ValueError(
+                f"sampling_params.{name} sets SGLang's {target!r}, which another field of the row sets too"
+            )
         out[target] = converted
     constraints = [name for name in CONSTRAINT_FIELDS if name in out]
     if len(constraints) > 1:
@@ -85,5 +116,8 @@ def check_row_params(params: dict[str, Any], text_in_engine: bool) -> None:
         return
     needs_tokenizer = [name for name in ("stop", "stop_regex", *CONSTRAINT_FIELDS) if translated.get(name)]
     if needs_tokenizer:
-        raise ValueError(f"sampling_params sets {needs_tokenizer}, which SGLang handles with its own tokenizer, and the engine runs "
-                         "with skip_tokenizer_init=True here: set engine_kwargs={'skip_tokenizer_init': False} (or use stop_token_ids)")
+        raise ValueError(
+            f"sampling_params sets {needs_tokenizer}, which SGLang handles with its own tokenizer, and the engine runs "
+            "with skip_tokenizer_init=True here: set engine_kwargs={'skip_tokenizer_init': False} "
+            "(or use stop_token_ids)"
+        )

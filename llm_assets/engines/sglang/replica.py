@@ -28,8 +28,14 @@ DEFAULT_RUNNING_REQUESTS = 1024
 
 
 class SGLangEngineReplica:
-    def __init__(self, model_source: str, engine_kwargs: dict[str, Any], should_continue_on_error: bool = False,
-                 engine_detokenizes: bool = False, max_pending_requests: Optional[int] = None):
+    def __init__(
+        self,
+        model_source: str,
+        engine_kwargs: dict[str, Any],
+        should_continue_on_error: bool = False,
+        engine_detokenizes: bool = False,
+        max_pending_requests: Optional[int] = None,
+    ):
         import sglang
 
         started = time.perf_counter()
@@ -55,12 +61,17 @@ class SGLangEngineReplica:
         token_ids, prompts = column_or_none(batch, "tokenized_prompt"), column_or_none(batch, "prompt")
         params = column_or_none(batch, "sampling_params")
         upstream_ok = ok_rows(batch)
-        results = await asyncio.gather(*(
-            self._generate(row_ids[i], token_ids[i], prompts[i], params[i]) if upstream_ok[i] else no_result()
-            for i in range(batch.num_rows)))
+        results = await asyncio.gather(
+            *(
+                self._generate(row_ids[i], token_ids[i], prompts[i], params[i]) if upstream_ok[i] else no_result()
+                for i in range(batch.num_rows)
+            )
+        )
         if "tokenized_prompt" in batch.column_names:
             batch = batch.drop_columns(["tokenized_prompt"])  # persisted by Tokenize already
-        return with_results(batch, results, generation_columns(self.engine_detokenizes), upstream_ok, self.should_continue_on_error)
+        return with_results(
+            batch, results, generation_columns(self.engine_detokenizes), upstream_ok, self.should_continue_on_error
+        )
 
     async def _generate(self, row_id: Any, token_ids: Any, prompt: Optional[str], params_json: Optional[str]) -> dict:
         started = time.perf_counter()
@@ -80,9 +91,15 @@ class SGLangEngineReplica:
                 raise RowError(row_id, STAGE, f"{type(exc).__name__}: {exc}") from exc
             return {"error": f"{type(exc).__name__}: {exc} (prompt: {(prompt or '')[:200]!r})"}
         meta = output["meta_info"]
-        return {"generated_tokens": list(output.get("output_ids") or []), "num_input_tokens": meta.get("prompt_tokens"),
-                "num_generated_tokens": meta.get("completion_tokens"), "time_taken_llm": time.perf_counter() - started,
-                "finish_reason": finish, "generated_text": output.get("text"), "request_id": request["rid"]}
+        return {
+            "generated_tokens": list(output.get("output_ids") or []),
+            "num_input_tokens": meta.get("prompt_tokens"),
+            "num_generated_tokens": meta.get("completion_tokens"),
+            "time_taken_llm": time.perf_counter() - started,
+            "finish_reason": finish,
+            "generated_text": output.get("text"),
+            "request_id": request["rid"],
+        }
 
     def shutdown(self) -> dict[str, Any]:
         self.engine.shutdown()
@@ -97,4 +114,3 @@ def _finish_reason(reason: Any) -> str:
         return kind
     message = reason.get("message") if isinstance(reason, dict) else None
     raise RuntimeError(f"SGLang ended the request: {message or reason}")
-

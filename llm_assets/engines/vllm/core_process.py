@@ -19,6 +19,7 @@ from multiprocessing import context as mp_context
 from multiprocessing import forkserver
 from typing import Iterable
 
+
 def start_server(modules: Iterable[str]) -> None:
     """Start this process's fork server; it imports ``modules`` in the background (returns at once)."""
     multiprocessing.set_forkserver_preload(list(modules))

@@ -37,44 +37,64 @@ def check_lora_settings(dynamic_lora_loading_path: Optional[str], engine_kwargs:
     if dynamic_lora_loading_path is None:
         return
     if dynamic_lora_loading_path.startswith(REMOTE_SCHEMES) and not dynamic_lora_loading_path.startswith("s3://"):
-        raise ValueError(f"dynamic_lora_loading_path {dynamic_lora_loading_path!r}: expected a local folder or an "
-                         "s3://bucket/prefix (other stores are not supported)")
+        raise ValueError(
+            f"dynamic_lora_loading_path {dynamic_lora_loading_path!r}: expected a local folder or an "
+            "s3://bucket/prefix (other stores are not supported)"
+        )
     if dynamic_lora_loading_path.startswith("s3://"):
         from llm_assets.model_store import split_s3_uri
 
         split_s3_uri(dynamic_lora_loading_path)  # a bucket is named
     if not engine_kwargs.get("enable_lora"):
-        raise ValueError("dynamic_lora_loading_path is set and engine_kwargs.enable_lora is not: vLLM serves LoRA "
-                         "adapters only with engine_kwargs={'enable_lora': True, 'max_lora_rank': ..., 'max_loras': ...}")
+        raise ValueError(
+            "dynamic_lora_loading_path is set and engine_kwargs.enable_lora is not: vLLM serves LoRA "
+            "adapters only with engine_kwargs={'enable_lora': True, 'max_lora_rank': ..., 'max_loras': ...}"
+        )
 
 
-def check_row_model(model: Any, *, base_model: str, lora_enabled: bool, dynamic_lora_loading_path: Optional[str]) -> None:
+def check_row_model(
+    model: Any, *, base_model: str, lora_enabled: bool, dynamic_lora_loading_path: Optional[str]
+) -> None:
     """Preprocess's check of a row's ``model`` (``vLLMEngine.check_model``): raises ValueError
     before any engine starts for a LoRA row this pipeline cannot serve."""
     if model is None or model == "" or model == base_model:
         return
     if not isinstance(model, str):
-        raise ValueError(f"'model' is {type(model).__name__} {model!r:.60}: expected a LoRA adapter's name (a string), "
-                         "or the base model's model_source")
+        raise ValueError(
+            f"'model' is {type(model).__name__} {model!r:.60}: expected a LoRA adapter's name (a string), "
+            "or the base model's model_source"
+        )
     if not lora_enabled:
-        raise ValueError(f"asks for LoRA adapter {model!r} (its 'model' is not model_source {base_model!r}), and "
-                         "engine_kwargs.enable_lora is not set: set engine_kwargs={'enable_lora': True, 'max_lora_rank': ...} "
-                         "(and dynamic_lora_loading_path for adapters by name), or drop the row's 'model'")
+        raise ValueError(
+            f"asks for LoRA adapter {model!r} (its 'model' is not model_source {base_model!r}), and "
+            "engine_kwargs.enable_lora is not set: set engine_kwargs={'enable_lora': True, 'max_lora_rank': ...} "
+            "(and dynamic_lora_loading_path for adapters by name), or drop the row's 'model'"
+        )
     if model.startswith(REMOTE_SCHEMES):
-        raise ValueError(f"'model' {model!r}: an adapter's name cannot be a remote path; name it, and set "
-                         "dynamic_lora_loading_path to the folder or s3:// prefix that holds it")
+        raise ValueError(
+            f"'model' {model!r}: an adapter's name cannot be a remote path; name it, and set "
+            "dynamic_lora_loading_path to the folder or s3:// prefix that holds it"
+        )
     if dynamic_lora_loading_path and not dynamic_lora_loading_path.startswith("s3://"):
         folder = Path(dynamic_lora_loading_path).expanduser() / model
         if not (folder / ADAPTER_CONFIG).is_file():  # a local folder: found now, before the engine starts
-            raise ValueError(f"asks for LoRA adapter {model!r}, and {folder} has no {ADAPTER_CONFIG} "
-                             f"(dynamic_lora_loading_path {dynamic_lora_loading_path!r})")
+            raise ValueError(
+                f"asks for LoRA adapter {model!r}, and {folder} has no {ADAPTER_CONFIG} "
+                f"(dynamic_lora_loading_path {dynamic_lora_loading_path!r})"
+            )
 
 
 class LoraAdapters:
     """The adapters one engine has resolved and loaded, by name (see the module's docstring)."""
 
-    def __init__(self, base_models: tuple[str, ...], dynamic_lora_loading_path: Optional[str], s3_access: Any,
-                 load: Callable[[Any], Awaitable[Any]], log: Callable[[str], None] = print):
+    def __init__(
+        self,
+        base_models: tuple[str, ...],
+        dynamic_lora_loading_path: Optional[str],
+        s3_access: Any,
+        load: Callable[[Any], Awaitable[Any]],
+        log: Callable[[str], None] = print,
+    ):
         self.base_models = base_models
         self.path = dynamic_lora_loading_path
         self.s3_access = s3_access
@@ -101,7 +121,9 @@ class LoraAdapters:
         try:
             await self.load(request)
         except Exception as exc:  # vLLM's own words on why (rank, modules...); the engine lives on
-            raise ValueError(f"LoRA adapter {name!r} ({folder}): vLLM did not load it: {type(exc).__name__}: {exc}") from exc
+            raise ValueError(
+                f"LoRA adapter {name!r} ({folder}): vLLM did not load it: {type(exc).__name__}: {exc}"
+            ) from exc
         self.log(f"LoRA adapter {name!r}: loaded from {folder} (id {int_id})")
         return request
 
@@ -116,7 +138,9 @@ class LoraAdapters:
             from vllm.lora.utils import get_adapter_absolute_path
 
             folder = Path(get_adapter_absolute_path(name))  # vLLM's way: a local folder, or a hub repo's snapshot
-            where = "as a local folder or a Hugging Face repo (set dynamic_lora_loading_path to name adapters in a folder)"
+            where = (
+                "as a local folder or a Hugging Face repo (set dynamic_lora_loading_path to name adapters in a folder)"
+            )
         if not (folder / ADAPTER_CONFIG).is_file():
             raise ValueError(f"LoRA adapter {name!r} was not found {where}: {folder} has no {ADAPTER_CONFIG}")
         return str(folder)
@@ -128,5 +152,8 @@ class LoraAdapters:
         adapter = list_folder(uri, self.s3_access, setting="dynamic_lora_loading_path")
         if not any(o.name == ADAPTER_CONFIG for o in adapter.objects):
             found = f"{len(adapter.objects)} objects, none named {ADAPTER_CONFIG}" if adapter.objects else "no objects"
-            raise ValueError(f"LoRA adapter {name!r} was not found under dynamic_lora_loading_path {self.path!r}: {found} under {uri}")
+            raise ValueError(
+                f"LoRA adapter {name!r} was not found under dynamic_lora_loading_path {self.path!r}: "
+                f"{found} under {uri}"
+            )
         return os.fspath(fetch(adapter, self.log))

@@ -26,12 +26,12 @@ from typing import Any, AsyncIterator, Optional
 
 import pyarrow as pa
 
-from llm_assets.engines.vllm import compat as vllm_compat
 from llm_assets.engines.base import generation_columns, no_result, replica_info, with_results
+from llm_assets.engines.vllm import compat as vllm_compat
 from llm_assets.engines.vllm.lora import LoraAdapters
 from llm_assets.engines.vllm.multimodal import multi_modal_data
-from llm_assets.stages.media import COLUMN as MEDIA
 from llm_assets.rows import ROW_ID, RowError, column_or_none, loads_params, ok_rows
+from llm_assets.stages.media import COLUMN as MEDIA
 
 logger = logging.getLogger(__name__)
 STAGE = "engine"
@@ -70,7 +70,9 @@ class vLLMEngineStage:
         self._params = functools.lru_cache(maxsize=1024)(self._build_pooling if self.pools else self._build_sampling)
         # A row's ``model`` other than the config's model_source (or this folder) is a LoRA adapter (lora.py).
         base_models = tuple(str(name) for name in (base_model, model_source) if name)
-        self.adapters = LoraAdapters(base_models, dynamic_lora_loading_path, lora_s3_access, self.engine.add_lora, logger.info)
+        self.adapters = LoraAdapters(
+            base_models, dynamic_lora_loading_path, lora_s3_access, self.engine.add_lora, logger.info
+        )
         self.start_seconds = time.perf_counter() - started
 
     def fatal_errors(self) -> tuple[type[BaseException], ...]:
@@ -93,28 +95,49 @@ class vLLMEngineStage:
         upstream_ok = ok_rows(batch)
         if "tokenized_prompt" not in batch.column_names and any(column_or_none(batch, "tokenization_kwargs")):
             row = next(i for i, kwargs in enumerate(column_or_none(batch, "tokenization_kwargs")) if kwargs)
-            raise RowError(row_ids[row], STAGE, "has tokenization_kwargs, which the Tokenize stage applies, and this pipeline runs "
-                                                "without it (tokenize_stage=False): enable it or drop them")
+            raise RowError(
+                row_ids[row],
+                STAGE,
+                "has tokenization_kwargs, which the Tokenize stage applies, and this pipeline runs "
+                "without it (tokenize_stage=False): enable it or drop them",
+            )
         rows = (row_ids, token_ids, prompts, params, token_types, models)
         if self.pools and not any(media_items) and self.pending_limit is None:
             results = await self._pool_all(rows, upstream_ok)
         else:
             results = await asyncio.gather(
-                *(self._generate(*(column[i] for column in rows), media_items[i]) if upstream_ok[i] else no_result()
-                  for i in range(batch.num_rows))
+                *(
+                    self._generate(*(column[i] for column in rows), media_items[i]) if upstream_ok[i] else no_result()
+                    for i in range(batch.num_rows)
+                )
             )
-        # The ids (and a pair's segments, the media) are persisted by earlier stages; not copying them keeps this output small.
-        batch = batch.drop_columns([name for name in ("tokenized_prompt", "token_type_ids", MEDIA) if name in batch.column_names])
+        # The ids (and a pair's segments, the media) are persisted by earlier stages; not copying them keeps this
+        # output small.
+        batch = batch.drop_columns(
+            [name for name in ("tokenized_prompt", "token_type_ids", MEDIA) if name in batch.column_names]
+        )
         return with_results(batch, results, self._columns(), upstream_ok, self.should_continue_on_error)
 
     def _columns(self) -> dict[str, pa.DataType]:
         if self.pools:
             score = {"score": pa.float64()} if self.task_type == "score" else {}
-            return {**score, "embeddings": pa.list_(pa.float32()), "num_input_tokens": pa.int32(), "time_taken_llm": pa.float64()}
+            return {
+                **score,
+                "embeddings": pa.list_(pa.float32()),
+                "num_input_tokens": pa.int32(),
+                "time_taken_llm": pa.float64(),
+            }
         return generation_columns(self.engine_detokenizes)
 
-    async def _request(self, row_id: Any, token_ids: Any, prompt: Optional[str], params_json: Optional[str],
-                       token_type_ids: Optional[list], model: Optional[str]) -> tuple[str, dict, Any, Any]:
+    async def _request(
+        self,
+        row_id: Any,
+        token_ids: Any,
+        prompt: Optional[str],
+        params_json: Optional[str],
+        token_type_ids: Optional[list],
+        model: Optional[str],
+    ) -> tuple[str, dict, Any, Any]:
         """The row as one engine request: (request id, prompt, params, LoRA request)."""
         lora_request = await self.adapters.request_for(model)
         params = self._params(params_json)
@@ -155,22 +178,41 @@ class vLLMEngineStage:
         for i, output in zip(positions, outputs):
             if isinstance(output, self._fatal):
                 raise output
-            results[i] = self._row_failed(row_ids[i], prompts[i], output) if isinstance(output, Exception) else self._pooled(output, taken)
+            results[i] = (
+                self._row_failed(row_ids[i], prompts[i], output)
+                if isinstance(output, Exception)
+                else self._pooled(output, taken)
+            )
         return results
 
     def _pooled(self, final: Any, taken: float) -> dict:
         vector = final.outputs.data.tolist()
-        return {"embeddings": vector, "num_input_tokens": len(final.prompt_token_ids or []), "time_taken_llm": taken,
-                "score": vector[0] if len(vector) == 1 else None}
+        return {
+            "embeddings": vector,
+            "num_input_tokens": len(final.prompt_token_ids or []),
+            "time_taken_llm": taken,
+            "score": vector[0] if len(vector) == 1 else None,
+        }
 
-    async def _generate(self, row_id: Any, token_ids: Any, prompt: Optional[str], params_json: Optional[str],
-                        token_type_ids: Optional[list] = None, model: Optional[str] = None,
-                        media_items: Optional[list] = None) -> dict:
+    async def _generate(
+        self,
+        row_id: Any,
+        token_ids: Any,
+        prompt: Optional[str],
+        params_json: Optional[str],
+        token_type_ids: Optional[list] = None,
+        model: Optional[str] = None,
+        media_items: Optional[list] = None,
+    ) -> dict:
         started = time.perf_counter()
         try:
-            request_id, request, params, lora_request = await self._request(row_id, token_ids, prompt, params_json, token_type_ids, model)
+            request_id, request, params, lora_request = await self._request(
+                row_id, token_ids, prompt, params_json, token_type_ids, model
+            )
             if media_items:  # decoded off the event loop: other rows' requests keep flowing
-                request["multi_modal_data"] = await asyncio.to_thread(multi_modal_data, media_items, self.engine.vllm_config.model_config)
+                request["multi_modal_data"] = await asyncio.to_thread(
+                    multi_modal_data, media_items, self.engine.vllm_config.model_config
+                )
             async with self.pending_limit or contextlib.nullcontext():
                 final = await self.engine.generate(request, params, request_id=request_id, lora_request=lora_request)
         except self._fatal:
@@ -210,6 +252,12 @@ def _logprobs(positions: Any) -> Optional[list]:
     first prompt token) as lists of LOGPROB structs; None when the row asked for none."""
     if positions is None:
         return None
-    return [[{"token_id": token_id, "logprob": entry.logprob, "rank": entry.rank, "decoded_token": entry.decoded_token}
-             for token_id, entry in position.items()] if position is not None else None for position in positions]
-
+    return [
+        [
+            {"token_id": token_id, "logprob": entry.logprob, "rank": entry.rank, "decoded_token": entry.decoded_token}
+            for token_id, entry in position.items()
+        ]
+        if position is not None
+        else None
+        for position in positions
+    ]
