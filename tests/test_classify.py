@@ -12,6 +12,8 @@ from tests.helpers.data import write_jsonl
 from tests.helpers.models import tiny_bert_classifier
 from tests.helpers.pipelines import make_resources, run_job
 
+pytestmark = pytest.mark.slow
+
 TEXTS = [
     "The film was wonderful.",
     "A dull and tiring evening.",

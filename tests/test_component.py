@@ -30,6 +30,7 @@ def committed_rows(project: Path, pipeline: str, stage: str, partition: str) -> 
     return pq.read_table([str(folder / name) for name in manifest["files"]]).to_pylist()
 
 
+@pytest.mark.slow
 def test_a_scaffolded_yaml_pipeline_is_checked_listed_and_materialized(tmp_path):
     project = code_location_copy(tmp_path)
     components = run([str(BIN / "dg"), "list", "components", "--json"], project)

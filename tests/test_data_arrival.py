@@ -19,6 +19,7 @@ from tests.helpers.pipelines import (
     fake_pipeline,
     log_messages,
     make_resources,
+    run_job,
     tick,
     to_chat,
 )
@@ -113,11 +114,19 @@ def test_a_backfill_of_five_partitions_starts_the_engine_once_and_a_rerun_recomp
     assert {(s, k): storage.manifest("tiny", s, k).attempt for s, k in attempts} == attempts
 
 
-def test_a_partition_added_by_hand_is_run_by_the_sensor_and_a_materialized_one_is_not(arrival):
-    pipeline, instance, resources = arrival["pipeline"], arrival["instance"], arrival["resources"]
-    if not instance.get_materialized_partitions(dg.AssetKey(["tiny", "postprocess"])):
-        pytest.skip("needs the runs of the tests above")
-    write_jsonl(arrival["landing"] / "manual.jsonl", questions(2, "m"))
+def materialized_day(tmp_path, model, instance) -> tuple:
+    """A pipeline, its resources, and its partition day-1.jsonl materialized by one run."""
+    write_jsonl(tmp_path / "landing" / "day-1.jsonl", questions(3, "d1"))
+    pipeline, resources = fake_pipeline(tmp_path / "landing", model), make_resources(tmp_path / "storage")
+    assert run_job(pipeline, resources, instance, {"dagster/partition": "day-1.jsonl"}).success
+    return pipeline, resources
+
+
+def test_a_partition_added_by_hand_is_run_by_the_sensor_and_a_materialized_one_is_not(
+    tmp_path, fake_model, ray_session, instance
+):
+    pipeline, resources = materialized_day(tmp_path, fake_model, instance)
+    write_jsonl(tmp_path / "landing" / "manual.jsonl", questions(2, "m"))
     assert add_partitions_for_new_files(instance, pipeline) == ["manual.jsonl"]  # what the CLI does
     defs = build_definitions([pipeline], resources)
     data = tick(defs, instance)
@@ -127,15 +136,11 @@ def test_a_partition_added_by_hand_is_run_by_the_sensor_and_a_materialized_one_i
     ]
 
 
-def test_code_versions_mark_exactly_the_changed_stage_and_its_downstream_stale(arrival):
-    instance, resources, landing, model = (
-        arrival["instance"],
-        arrival["resources"],
-        arrival["landing"],
-        arrival["model"],
-    )
-    if not instance.get_latest_materialization_event(dg.AssetKey(["tiny", "postprocess"])):
-        pytest.skip("needs the runs of the tests above")
+def test_code_versions_mark_exactly_the_changed_stage_and_its_downstream_stale(
+    tmp_path, fake_model, ray_session, instance
+):
+    _, resources = materialized_day(tmp_path, fake_model, instance)
+    landing, model = tmp_path / "landing", fake_model
 
     def stale(pipeline) -> dict[str, StaleStatus]:
         graph = build_definitions([pipeline], resources).resolve_asset_graph()

@@ -69,6 +69,7 @@ def test_embeddings_match_transformers_and_rank_a_paraphrase_first(tmp_path, ray
     assert check.passed and check.metadata["dimensions"].value == "384"
 
 
+@pytest.mark.slow
 def test_an_openai_batch_embeddings_file_runs_and_exports_embedding_bodies(tmp_path, ray_session, instance, minilm):
     lines = [
         {
@@ -115,6 +116,7 @@ def test_a_chat_request_in_an_embedding_pipeline_fails_preprocess_naming_the_row
         preprocess_stage(task_type="embed")(pa.Table.from_pylist([{**row, "messages": row["messages"]}]))
 
 
+@pytest.mark.slow
 def test_the_example_embedding_pipeline_of_definitions_py(tmp_path, ray_session, instance):
     """definitions.py's `sentences` pipeline on its bundled sentences: each one's nearest
     neighbour is the sentence written to paraphrase it."""

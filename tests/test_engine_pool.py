@@ -8,6 +8,8 @@ from resources import RayDataResource
 from resources.engine_pool import EnginePoolResource
 from tests.helpers.pipelines import make_pipeline
 
+pytestmark = pytest.mark.slow
+
 
 def test_engines_released_by_one_step_are_ended_before_the_next_step_gets_its_own(tmp_path, tiny_model, ray_session):
     """A released pool shuts down without holding up its run; a pool asked for after it (the next

@@ -8,6 +8,8 @@ from llm_assets.engines.vllm import compat as vllm_compat
 from llm_assets.engines.vllm.replica import vLLMEngineStage
 from llm_assets.rows import ERROR_COLUMN
 
+pytestmark = pytest.mark.slow
+
 MAX_MODEL_LEN = 256
 
 

@@ -9,7 +9,7 @@ from llm_assets.demo import DATA_DIR, demo_pipeline, to_answer, to_chat
 from llm_assets.testing import build_llama_model
 from tests.helpers.pipelines import log_messages, make_resources, run_job
 
-pytestmark = pytest.mark.gpu
+pytestmark = [pytest.mark.gpu, pytest.mark.slow]
 
 
 def llama_1b(folder):

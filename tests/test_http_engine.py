@@ -176,6 +176,7 @@ def vllm_server(tiny_model):
         log.close()
 
 
+@pytest.mark.slow
 def test_a_partition_through_vllms_openai_server(tmp_path, ray_session, instance, vllm_server):
     write_jsonl(tmp_path / "landing" / "a.jsonl", questions(6))
 
@@ -327,6 +328,7 @@ defs = build_definitions(PIPELINES, make_resources(PartitionStorage(root=os.envi
 """
 
 
+@pytest.mark.slow
 def test_two_runs_against_one_endpoint_share_its_qps(tmp_path):
     """Two `dagster job execute` processes at once, each with its own Ray and two engine actors,
     against one server: their requests together keep the endpoint's qps."""

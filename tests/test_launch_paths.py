@@ -55,7 +55,7 @@ DEFINITIONS = textwrap.dedent(
     """
 )
 
-pytestmark = pytest.mark.timeout(600)
+pytestmark = [pytest.mark.timeout(600), pytest.mark.slow]
 
 
 @pytest.fixture()

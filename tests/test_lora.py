@@ -25,6 +25,8 @@ from tests.helpers.data import write_jsonl
 from tests.helpers.pipelines import make_resources, run_job
 from tests.helpers.stages import preprocess_stage
 
+pytestmark = pytest.mark.slow
+
 LORA_KWARGS = {"max_model_len": 256, "enable_lora": True, "max_lora_rank": 8, "max_loras": 2}
 PARAMS = {"max_tokens": 6, "temperature": 0, "ignore_eos": True}
 QUESTIONS = ["What is the capital of France?", "Name a color.", "Count to three."]

@@ -17,6 +17,8 @@ from llm_assets.rows import RowError
 from tests.helpers.data import committed_rows, write_jsonl
 from tests.helpers.stages import preprocess_stage
 
+pytestmark = pytest.mark.slow
+
 QUESTION = "What is in the picture?"
 
 

@@ -5,11 +5,14 @@ import json
 from pathlib import Path
 
 import dagster as dg
+import pytest
 
 from llm_assets.defs.factory import build_definitions
 from llm_assets.pipeline import LLMPipeline
 from llm_assets.sources import LocalFolderSource
 from tests.helpers.pipelines import make_resources
+
+pytestmark = pytest.mark.slow
 
 
 def request(custom_id: str, content: str, max_tokens: int, **body) -> dict:

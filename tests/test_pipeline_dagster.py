@@ -19,6 +19,7 @@ from tests.helpers.pipelines import (
     RANGE_START,
     TASK_TIMES,
     assert_failed_before_any_engine,
+    engine_starts,
     log_messages,
     make_pipeline,
     make_resources,
@@ -49,11 +50,12 @@ def two_partition_run(tmp_path_factory, tiny_model, ray_session):
 def test_one_run_over_two_partitions_starts_the_engine_once(two_partition_run):
     result, instance = two_partition_run["result"], two_partition_run["instance"]
     assert result.success
-    messages = log_messages(instance, result.run_id)
-    assert sum("Starting 1 vLLM engine actor(s)" in m for m in messages) == 1
-    assert sum("vLLM engine 0 started in" in m for m in messages) == 1
-    assert any("engine [a.jsonl]: committed 5 rows" in m for m in messages)
-    assert any("engine [b.jsonl]: committed 7 rows" in m for m in messages)
+    assert engine_starts(instance, result.run_id) == 1
+    storage = two_partition_run["resources"]["storage"]
+    assert (
+        storage.manifest("tiny", "engine", "a.jsonl").rows == 5
+        and storage.manifest("tiny", "engine", "b.jsonl").rows == 7
+    )
 
 
 def test_every_row_id_reaches_the_output_exactly_once(two_partition_run):
@@ -125,7 +127,7 @@ def test_the_engine_reports_where_its_loop_spent_its_time_when_it_shuts_down(two
 
 def test_gpu_time_is_priced_where_a_price_is_set():
     results = [PartitionStats("a.jsonl", rows_out=3, seconds=2.0)]
-    usage = {"engine_seconds": 5400.0, "gpu_seconds": 7200.0, "placement": []}
+    usage = {"engine_seconds": 5400.0, "gpu_seconds": 7200.0, "engine_starts": 1, "placement": []}
     assert "estimated_cost" not in metadata(results, usage)
     priced = metadata(results, usage, price_per_gpu_hour=2.5)
     assert priced["gpu_seconds"] == 7200.0 and priced["estimated_cost"] == 5.0

@@ -31,6 +31,8 @@ from tests.helpers.local_ray import init_local_ray
 from tests.helpers.pipelines import log_messages, make_pipeline, run_job
 from tests.helpers.processes import free_port, kill_processes
 
+pytestmark = pytest.mark.slow
+
 ROOT = Path(__file__).resolve().parents[1]
 ROWS = 64
 MAX_TOKENS = 24

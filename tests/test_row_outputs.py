@@ -2,8 +2,12 @@
 ``logprobs`` / ``prompt_logprobs`` columns for the rows that ask, ``request_id``, and each row's
 ``tokenization_kwargs`` applied by Tokenize."""
 
+import pytest
+
 from tests.helpers.data import write_jsonl
 from tests.helpers.pipelines import make_pipeline, make_resources, run_job
+
+pytestmark = pytest.mark.slow
 
 
 def ask(row):

@@ -22,6 +22,8 @@ from llm_assets.versions import folder_fingerprint
 from tests.helpers.data import questions, write_jsonl
 from tests.helpers.pipelines import log_messages, make_pipeline, make_resources, read_output, run_job
 
+pytestmark = pytest.mark.slow
+
 SECRET = "test-secret-key-not-for-logs"  # the s3 fixture's secret key
 
 

@@ -14,6 +14,8 @@ from tests.helpers.data import write_jsonl
 from tests.helpers.models import tiny_bert_classifier
 from tests.helpers.pipelines import log_messages, make_resources, run_job
 
+pytestmark = pytest.mark.slow
+
 PAIRS = [
     ("What is the capital of France?", "Paris is the capital and largest city of France."),
     ("What is the capital of France?", "The Amazon is the largest rainforest on Earth."),

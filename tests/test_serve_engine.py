@@ -27,6 +27,8 @@ from tests.helpers.data import questions, write_jsonl
 from tests.helpers.pipelines import log_messages, run_job, to_chat
 from tests.helpers.serve import ray_cluster, resources_on, timeline
 
+pytestmark = pytest.mark.slow
+
 ROOT = Path(__file__).resolve().parents[1]
 IDLE_TIMEOUT_S = 15.0
 MAX_TOKENS = 8

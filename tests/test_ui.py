@@ -51,6 +51,7 @@ pytestmark = [
         reason=f"{CHROMIUM} is missing: install Debian's chromium and chromium-driver (bash scripts/setup-browser.sh)",
     ),
     pytest.mark.timeout(480),
+    pytest.mark.slow,
 ]
 
 

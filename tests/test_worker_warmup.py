@@ -18,6 +18,8 @@ from tests.helpers.pipelines import (
     run_job,
 )
 
+pytestmark = pytest.mark.slow
+
 CPUS = 16
 
 

@@ -81,6 +81,7 @@ def metadata(
         found["rows_cached"] = sum(r.rows_cached for r in results)
     if usage is not None:
         found["engine_seconds"], found["gpu_seconds"] = usage["engine_seconds"], usage["gpu_seconds"]
+        found["engine_starts"] = usage["engine_starts"]  # engines built by the run, replacements included
         # Where each engine ran: Ray node, host, GPU ids.
         found["engine_placement"] = dg.MetadataValue.json(usage["placement"])
         if price_per_gpu_hour is not None:

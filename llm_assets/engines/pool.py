@@ -106,6 +106,7 @@ class EnginePool:
             0.0,
         )  # what the actors hold is theirs from their creation to the release
         self.window_rows = 0
+        self.engines_started = 0  # engines built, replacements of dead ones included
         self._stopping: Optional[dict] = None  # shutdown refs -> replica, once asked
         # A dead replica's other batches, handed back to be sent again: the run may already hold
         # their (failed) references from the same wait, and settles them as nothing.
@@ -158,6 +159,7 @@ class EnginePool:
             info = {**info, "bundle_nodes": placements.bundle_nodes(replica.group)}
         replica.info, replica.start_ref = info, None
         self.first_ready = self.first_ready or time.monotonic()
+        self.engines_started += 1
         self.log(
             f"{self.engine.label} engine {replica.index} started in {info['start_seconds']} s after importing "
             f"{self.engine.label} in {info['import_seconds']} s (pid {info['pid']} on {info['host']}{_gpus(info)}"
@@ -334,7 +336,8 @@ class EnginePool:
 
     def usage(self) -> dict[str, Any]:
         """What the run's engines held, from the actors' creation to their release: engine-seconds
-        (one per replica per second) and GPU-seconds; and where each engine that started ran."""
+        (one per replica per second) and GPU-seconds; how many engines were built (replacements of
+        dead ones included); and where each engine that started ran."""
         held = (self.held_until or time.monotonic()) - self.held_from
         engines = self.config.engine_pool_size
         placement = [
@@ -351,6 +354,7 @@ class EnginePool:
         return {
             "engine_seconds": round(engines * held, 1),
             "gpu_seconds": round(engines * self.gpus * held, 1),
+            "engine_starts": self.engines_started,
             "placement": placement,
         }
 

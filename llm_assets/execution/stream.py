@@ -46,7 +46,7 @@ LOOKAHEAD_MIN_ROWS = 8192
 LOOKAHEAD_STARTING_ROWS = 32768
 PLANNING_THREADS = 16
 # What a run's engines held when none was started (the response cache answered every row).
-NO_ENGINE_USAGE = {"engine_seconds": 0.0, "gpu_seconds": 0.0, "placement": []}
+NO_ENGINE_USAGE = {"engine_seconds": 0.0, "gpu_seconds": 0.0, "engine_starts": 0, "placement": []}
 
 
 @dataclass

@@ -142,5 +142,5 @@ def tick(defs: dg.Definitions, instance) -> dg.SensorResult | dg.SkipReason:
 
 
 def engine_starts(instance, run_id) -> int:
-    """How often the run started its engines (any engine: vLLM, the fake one)."""
-    return sum(bool(re.match(r"Starting \d+ \w+ engine actor\(s\)", m or "")) for m in log_messages(instance, run_id))
+    """How many engines the run built, from its engine stage's metadata (0 without one)."""
+    return engine_materialization(instance, run_id).get("engine_starts", 0)
