@@ -86,8 +86,8 @@ def run_llm_assets(count: int, partitions: int) -> dict:
     from llm_assets import vLLMEngineProcessorConfig
     from llm_assets.defs.factory import add_partitions_for_new_files, build_definitions
     from llm_assets.pipeline import LLMPipeline
+    from llm_assets.resources import PartitionStorage, make_resources
     from llm_assets.sources import LocalFolderSource
-    from resources import PartitionStorage, make_resources
 
     texts = sentences(count)
     with tempfile.TemporaryDirectory(prefix="llm-assets-embed-") as tmp:

@@ -183,8 +183,8 @@ def run_llm_assets(spec: dict, monitor: Monitor, config) -> dict:
     from llm_assets.defs.factory import add_partitions_for_new_files, build_definitions
     from llm_assets.engines import engine_for
     from llm_assets.pipeline import LLMPipeline
+    from llm_assets.resources import PartitionStorage, make_resources
     from llm_assets.sources import LocalFolderSource
-    from resources import PartitionStorage, make_resources
 
     params = sampling_params(spec["max_tokens"])
     pipeline = LLMPipeline(

@@ -18,7 +18,7 @@ import pyarrow.fs as pafs
 
 from llm_assets import openai_batch
 from llm_assets.pipeline import LLMPipeline
-from resources.s3 import pyarrow_s3, split_s3_uri
+from llm_assets.s3 import pyarrow_s3, split_s3_uri
 
 EXPORT = "openai_batch_output"
 

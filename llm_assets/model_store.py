@@ -45,6 +45,7 @@ from pathlib import Path
 from typing import Any, Callable, Optional
 
 from llm_assets.model_cache import ModelSourceError, model_cache_dir
+from llm_assets.s3 import split_s3_uri as split_uri
 
 Log = Callable[[str], None]
 RECORD = ".llm_assets_s3.json"  # name -> {"etag", "size"} of each complete file
@@ -129,12 +130,11 @@ class S3Model:
 
 
 def split_s3_uri(uri: str) -> tuple[str, str]:
-    """'s3://bucket/some/prefix' -> ('bucket', 'some/prefix'); as resources.s3's, without its
-    imports (engine actors call this, and nothing there imports Dagster)."""
-    bucket, _, prefix = uri.removeprefix("s3://").partition("/")
-    if not uri.startswith("s3://") or not bucket:
-        raise ModelSourceError(f"{uri!r} is not an s3://bucket/prefix URI")
-    return bucket, prefix.strip("/")
+    """'s3://bucket/some/prefix' -> ('bucket', 'some/prefix'), or a ModelSourceError."""
+    try:
+        return split_uri(uri)
+    except ValueError:
+        raise ModelSourceError(f"{uri!r} is not an s3://bucket/prefix URI") from None
 
 
 def list_model(uri: str, access: S3Access) -> S3Model:

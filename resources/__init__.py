@@ -1,25 +1,12 @@
-"""Dagster resources: Ray execution, the engine pool, and partition storage."""
+"""This code location's resources (the repository's own wiring, not part of the installed library):
+the embedded defaults, with environment overrides."""
 
 from __future__ import annotations
 
 import os
 from pathlib import Path
 
-from resources.engine_pool import EnginePoolResource
-from resources.ray_data import RayDataResource
-from resources.storage import PartitionStorage
-
-__all__ = ["EnginePoolResource", "PartitionStorage", "RayDataResource", "default_resources", "make_resources"]
-
-
-def make_resources(storage: PartitionStorage, ray_data: RayDataResource | None = None, **engine_pool_settings) -> dict:
-    """The three resources a pipeline needs, built together (the engine pool depends on Ray's)."""
-    ray_data = ray_data or RayDataResource()
-    return {
-        "ray_data": ray_data,
-        "storage": storage,
-        "engine_pool": EnginePoolResource(ray_data=ray_data, **engine_pool_settings),
-    }
+from llm_assets.resources import PartitionStorage, RayDataResource, make_resources
 
 
 def default_resources(home: Path) -> dict:

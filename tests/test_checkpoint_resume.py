@@ -19,7 +19,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from llm_assets.atomic import write_parquet
-from resources import PartitionStorage, make_resources
+from llm_assets.resources import PartitionStorage, make_resources
+from llm_assets.storage import PartitionStore
 from tests.helpers.data import questions, write_attempt, write_jsonl
 from tests.helpers.pipelines import fake_pipeline, log_messages, run_job
 from tests.helpers.processes import kill_processes
@@ -99,7 +100,7 @@ def test_a_run_killed_mid_engine_resumes_from_its_checkpoints(tmp_path, fake_mod
         f"{rows_kept} of {ROWS} rows already written are kept; the other {ROWS - rows_kept} go to the engine" in m
         for m in messages
     )
-    manifest = resources["storage"].manifest("tiny", "engine", "x.jsonl")
+    manifest = resources["storage"].store().manifest("tiny", "engine", "x.jsonl")
     assert manifest.stats["rows_resumed"] == rows_kept
     # The checkpoint files are part of the output as they were written; the rest is new.
     for name, size in kept.items():
@@ -119,7 +120,7 @@ def test_a_run_killed_mid_engine_resumes_from_its_checkpoints(tmp_path, fake_mod
     assert rows_generated_now == ROWS - rows_kept
     assert sorted(row_ids) == sorted(f"x.jsonl:{i}" for i in range(ROWS))
     assert set(engine.column("num_generated_tokens").to_pylist()) == {48}
-    final = pq.read_table(resources["storage"].committed_files("tiny", "postprocess", "x.jsonl"))
+    final = pq.read_table(resources["storage"].store().committed_files("tiny", "postprocess", "x.jsonl"))
     assert final.num_rows == ROWS
 
 
@@ -130,9 +131,9 @@ def test_an_uncommitted_attempt_is_adopted_only_with_the_same_code_version_and_i
     never once that attempt is committed."""
     if where == "s3":
         resource, buckets = request.getfixturevalue("s3")
-        storage = PartitionStorage(root=f"s3://{buckets['outputs']}/ck", s3=resource)
+        storage = PartitionStore(root=f"s3://{buckets['outputs']}/ck", s3=resource)
     else:
-        storage = PartitionStorage(root=str(tmp_path))
+        storage = PartitionStore(root=str(tmp_path))
     info = {"code_version": "v1", "input": "attempt-a"}
     assert storage.resumable_attempt("p", "engine", "part", info) is None
     tables = [pa.table({"row_id": [f"{chunk}-{i}" for i in range(5)]}) for chunk in range(2)]

@@ -8,9 +8,9 @@ import pyarrow.parquet as pq
 
 from llm_assets.defs import checks
 from llm_assets.execution.stats import PartitionStats
+from llm_assets.resources import PartitionStorage
 from llm_assets.rows import ERROR_COLUMN, ROW_ID
-from resources import PartitionStorage
-from resources.storage import new_attempt_name
+from llm_assets.storage import PartitionStore, new_attempt_name
 from tests.helpers.pipelines import make_pipeline
 
 KEY = dg.AssetKey(["tiny", "x"])
@@ -26,7 +26,7 @@ def commit(storage: PartitionStorage, stage: str, partition: str, columns: dict)
 
 def test_row_id_faults_are_found_per_partition_and_added_up_per_stage(tmp_path, tiny_model):
     pipeline = make_pipeline(tmp_path / "landing", tiny_model)
-    storage = PartitionStorage(root=str(tmp_path / "storage"))
+    storage = PartitionStore(root=str(tmp_path / "storage"))
     for partition in ("good.jsonl", "bad.jsonl"):
         commit(storage, "preprocess", partition, {ROW_ID: [f"{partition}:{i}" for i in range(4)]})
     commit(storage, "chat_template", "good.jsonl", {ROW_ID: [f"good.jsonl:{i}" for i in range(4)]})
@@ -61,7 +61,7 @@ def test_row_id_faults_are_found_per_partition_and_added_up_per_stage(tmp_path, 
 
 def test_an_empty_generation_fails_its_check_unless_the_row_has_an_error(tmp_path, tiny_model):
     pipeline = make_pipeline(tmp_path / "landing", tiny_model)
-    storage = PartitionStorage(root=str(tmp_path / "storage"))
+    storage = PartitionStore(root=str(tmp_path / "storage"))
     commit(
         storage,
         "detokenize",
@@ -94,7 +94,7 @@ def test_text_that_does_not_parse_as_the_output_schema_fails_schema_valid(tmp_pa
     pipeline = dataclasses.replace(make_pipeline(tmp_path / "landing", tiny_model), output_schema=Answer)
     ours = json.dumps({"structured_outputs": {"json": Answer.model_json_schema()}})
     own = json.dumps({"structured_outputs": {"regex": "[a-z]+"}})
-    storage = PartitionStorage(root=str(tmp_path / "storage"))
+    storage = PartitionStore(root=str(tmp_path / "storage"))
     commit(
         storage,
         "detokenize",
@@ -122,7 +122,7 @@ def test_a_missing_nan_or_odd_sized_embedding_fails_embeddings_valid(tmp_path):
     pipeline = LLMPipeline(
         "tiny", vLLMEngineProcessorConfig(model_source="m", task_type="embed"), LocalFolderSource(str(tmp_path))
     )
-    storage = PartitionStorage(root=str(tmp_path / "storage"))
+    storage = PartitionStore(root=str(tmp_path / "storage"))
     commit(
         storage,
         "engine",
@@ -159,7 +159,7 @@ def test_media_that_failed_to_read_fails_media_readable_and_the_media_are_counte
     )
     assert checks.MEDIA in {spec.name for spec in checks.check_specs(pipeline, "prepare_multimodal", KEY)}
     assert checks.MEDIA not in {spec.name for spec in checks.check_specs(pipeline, "chat_template", KEY)}
-    storage = PartitionStorage(root=str(tmp_path / "storage"))
+    storage = PartitionStore(root=str(tmp_path / "storage"))
 
     def item(modality, data=None):
         return {

@@ -54,7 +54,7 @@ def test_class_probabilities_match_transformers(tmp_path, ray_session, instance,
     )
     result = run_job(pipeline, make_resources(tmp_path / "storage"), instance, {"dagster/partition": "t.jsonl"})
     assert result.success
-    storage = make_resources(tmp_path / "storage")["storage"]
+    storage = make_resources(tmp_path / "storage")["storage"].store()
     rows = {r["text"]: r for t in storage.read_committed("cls", "postprocess", "t.jsonl") for r in t.to_pylist()}
     ours = np.array([rows[t]["embeddings"] for t in TEXTS])
     assert ours.shape == (len(TEXTS), LABELS)

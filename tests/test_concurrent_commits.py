@@ -7,7 +7,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from resources import PartitionStorage
+from llm_assets.storage import PartitionStore
 from tests.helpers.data import write_attempt
 
 ROUNDS = 10
@@ -31,9 +31,9 @@ def write_and_commit(storage, writer_name: str, rows: int, barrier: threading.Ba
 def test_two_concurrent_commits_of_one_partition_leave_one_complete_output(where, tmp_path, request):
     if where == "s3":
         resource, buckets = request.getfixturevalue("s3")
-        storage = PartitionStorage(root=f"s3://{buckets['outputs']}/c", s3=resource)
+        storage = PartitionStore(root=f"s3://{buckets['outputs']}/c", s3=resource)
     else:
-        storage = PartitionStorage(root=str(tmp_path))
+        storage = PartitionStore(root=str(tmp_path))
     expected = {"a": 3 * 10, "b": 3 * 7}
     for _ in range(ROUNDS):
         barrier, errors = threading.Barrier(2), []

@@ -82,7 +82,7 @@ def test_a_backfill_of_five_partitions_starts_the_engine_once_and_a_rerun_recomp
     assert (requests[0].tags[RANGE_START], requests[0].tags[RANGE_END]) == ("day-2.jsonl", "day-5.jsonl")
     keys = instance.get_dynamic_partitions("tiny")
     assert keys == [f"day-{d}.jsonl" for d in range(1, 6)]
-    storage = resources["storage"]
+    storage = resources["storage"].store()
     day1_engine = storage.manifest("tiny", "engine", "day-1.jsonl")
 
     job = defs.resolve_job_def("tiny_job")

@@ -27,7 +27,7 @@ DEFINITIONS = textwrap.dedent(
     import os
 
     from llm_assets.defs.factory import build_definitions
-    from resources import PartitionStorage, make_resources
+    from llm_assets.resources import PartitionStorage, make_resources
     from tests.helpers.pipelines import make_pipeline
 
     PIPELINES = [make_pipeline(os.environ["EARLY_LANDING"], os.environ["EARLY_MODEL"])]

@@ -52,7 +52,7 @@ def test_embeddings_match_transformers_and_rank_a_paraphrase_first(tmp_path, ray
     assert pipeline.stage_names() == ["preprocess", "tokenize", "engine", "postprocess"]  # no chat template by default
     result = run_job(pipeline, make_resources(tmp_path / "storage"), instance, {"dagster/partition": "s.jsonl"})
     assert result.success
-    storage = make_resources(tmp_path / "storage")["storage"]
+    storage = make_resources(tmp_path / "storage")["storage"].store()
     rows = {r["sentence"]: r for t in storage.read_committed("emb", "postprocess", "s.jsonl") for r in t.to_pylist()}
     ours = np.array([rows[s]["embeddings"] for s in SENTENCES], dtype=np.float32)
     assert ours.shape == (len(SENTENCES), 384)
@@ -125,7 +125,7 @@ def test_the_example_embedding_pipeline_of_definitions_py(tmp_path, ray_session,
     pipeline = embed_pipeline()
     result = run_job(pipeline, make_resources(tmp_path / "storage"), instance, {"dagster/partition": "sentences.jsonl"})
     assert result.success
-    storage = make_resources(tmp_path / "storage")["storage"]
+    storage = make_resources(tmp_path / "storage")["storage"].store()
     rows = [r for t in storage.read_committed("sentences", "postprocess", "sentences.jsonl") for r in t.to_pylist()]
     vectors = {r["sentence"]: np.array(r["embedding"], dtype=np.float32) for r in rows}
     assert len(vectors) == 12 and all(v.shape == (384,) for v in vectors.values())

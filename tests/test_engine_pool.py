@@ -4,8 +4,7 @@ import pytest
 import ray
 
 from llm_assets.models import resolve_model_source
-from resources import RayDataResource
-from resources.engine_pool import EnginePoolResource
+from llm_assets.resources import EnginePoolResource, RayDataResource
 from tests.helpers.pipelines import make_pipeline
 
 pytestmark = pytest.mark.slow

@@ -80,6 +80,6 @@ def test_a_pipeline_on_the_fake_engine_runs_every_stage_through_dagster(tmp_path
     )
     result = run_job(pipeline, make_resources(tmp_path / "storage"), instance, {"dagster/partition": "a.jsonl"})
     assert result.success
-    rows = read_output(make_resources(tmp_path / "storage")["storage"], "postprocess", "a.jsonl")
+    rows = read_output(make_resources(tmp_path / "storage")["storage"].store(), "postprocess", "a.jsonl")
     assert sorted(r["row_id"] for r in rows) == [f"a.jsonl:{i}" for i in range(6)]
     assert all(r["tokens"] == 8 and isinstance(r["answer"], str) for r in rows)  # to_chat asks for 8 tokens

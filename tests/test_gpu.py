@@ -39,7 +39,7 @@ def run_demo_partition(pipeline, storage_root, capsys, shown: str):
     with capsys.disabled():
         print("\n".join(m for m in messages if shown in m))
         print({k: v.value for k, v in engine.metadata.items()})
-    return messages, engine, resources["storage"]
+    return messages, engine, resources["storage"].store()
 
 
 def test_demo_pipeline_runs_its_engine_on_the_gpu_with_a_dummy_weight_llama(tmp_path, capsys):
@@ -170,7 +170,7 @@ def test_video_and_image_tokens_reach_the_gpu_engine(tmp_path, media):
     resources = make_resources(tmp_path / "storage")
     with dg.instance_for_test() as instance:
         assert run_job(pipeline, resources, instance, {"dagster/partition": "clips.jsonl"}).success
-    storage = resources["storage"]
+    storage = resources["storage"].store()
 
     def rows(stage):
         return committed_rows(storage, "vlm", stage, "clips.jsonl", "kind")

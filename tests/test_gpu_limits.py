@@ -28,7 +28,7 @@ from llm_assets.defs.factory import build_definitions, stage_key
 from llm_assets.engines.http import HttpRequestProcessorConfig
 from llm_assets.pipeline import LLMPipeline
 from llm_assets.sources import LocalFolderSource
-from resources import PartitionStorage
+from llm_assets.storage import PartitionStore
 from tests.helpers.data import questions
 from tests.helpers.deployment import INSTANCE_SETTINGS, Deployment, open_instance
 from tests.helpers.pipelines import make_pipeline, make_resources
@@ -193,7 +193,7 @@ def test_with_a_pool_limit_of_one_the_second_run_builds_its_engine_after_the_fir
         )
 
         # The second run computed its own partition with its own engine: nothing reused from the first.
-        storage = PartitionStorage(root=str(deployment.tmp / "storage"))
+        storage = PartitionStore(root=str(deployment.tmp / "storage"))
         for run, partition in ((first, "a.jsonl"), (second, "b.jsonl")):
             metadata = engine_metadata(instance, run.run_id)
             assert metadata["partitions_recomputed"] == 1 and metadata["rows_out"] == ROWS[partition], metadata

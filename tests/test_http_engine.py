@@ -53,7 +53,7 @@ def test_every_row_once_through_retries_and_a_row_that_exhausts_them_kept_with_i
         result = run_job(pipeline, make_resources(tmp_path / "storage"), instance, {"dagster/partition": "a.jsonl"})
     assert result.success
     # Batches with and without a failed row differ in columns: the storage's reader unifies them.
-    storage = make_resources(tmp_path / "storage")["storage"]
+    storage = make_resources(tmp_path / "storage")["storage"].store()
     rows = [row for table in storage.read_committed("tiny", "postprocess", "a.jsonl") for row in table.to_pylist()]
     assert sorted(r["question"] for r in rows) == sorted(q["question"] for q in questions(10))
     for row in rows:
@@ -201,7 +201,7 @@ def test_a_partition_through_vllms_openai_server(tmp_path, ray_session, instance
     )
     result = run_job(pipeline, make_resources(tmp_path / "storage"), instance, {"dagster/partition": "a.jsonl"})
     assert result.success
-    storage = make_resources(tmp_path / "storage")["storage"]
+    storage = make_resources(tmp_path / "storage")["storage"].store()
     rows = read_output(storage, "postprocess", "a.jsonl")
     assert Counter(r["question"] for r in rows) == Counter(q["question"] for q in questions(6))
     assert all(r["tokens"] == 4 and isinstance(r["answer"], str) and r["error"] is None for r in rows)
@@ -281,7 +281,7 @@ def test_retries_at_a_set_qps_keep_the_rate_honour_retry_after_and_count_exactly
         )
         result = run_job(pipeline, make_resources(tmp_path / "storage"), instance, {"dagster/partition": "a.jsonl"})
     assert result.success
-    storage = make_resources(tmp_path / "storage")["storage"]
+    storage = make_resources(tmp_path / "storage")["storage"].store()
     engine_rows = read_output(storage, "engine", "a.jsonl")
     assert sorted(r["row_id"] for r in engine_rows) == sorted(f"a.jsonl:{i}" for i in range(rows))  # each row once
     faults = Counter(fault for *_, fault in server.log)
@@ -316,7 +316,7 @@ from llm_assets.defs.factory import build_definitions
 from llm_assets.engines.http import HttpRequestProcessorConfig
 from llm_assets.pipeline import LLMPipeline
 from llm_assets.sources import LocalFolderSource
-from resources import PartitionStorage, make_resources
+from llm_assets.resources import PartitionStorage, make_resources
 from tests.helpers.servers import http_answer, to_payload
 
 config = HttpRequestProcessorConfig(

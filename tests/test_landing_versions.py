@@ -76,7 +76,7 @@ def landed(tmp_path_factory, fake_model, ray_session):
         yield {
             "landing": landing,
             "pipeline": pipeline,
-            "storage": resources["storage"],
+            "storage": resources["storage"].store(),
             "defs": defs,
             "instance": instance,
         }

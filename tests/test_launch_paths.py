@@ -30,7 +30,8 @@ import psutil
 import pyarrow.parquet as pq
 import pytest
 
-from resources import PartitionStorage
+from llm_assets.resources import PartitionStorage
+from llm_assets.storage import PartitionStore
 from tests.helpers.data import questions, write_jsonl
 from tests.helpers.deployment import code_location_env
 from tests.helpers.processes import kill_processes, new_descendants
@@ -47,7 +48,7 @@ DEFINITIONS = textwrap.dedent(
     import os
 
     from llm_assets.defs.factory import build_definitions
-    from resources import PartitionStorage, make_resources
+    from llm_assets.resources import PartitionStorage, make_resources
     from tests.helpers.pipelines import make_pipeline
 
     PIPELINES = [make_pipeline(os.environ["LAUNCH_PATHS_LANDING"], os.environ["LAUNCH_PATHS_MODEL"])]
@@ -73,7 +74,7 @@ def setup(tmp_path, tiny_model):
         "defs": defs_file,
         "home": home,
         "env": env,
-        "storage": PartitionStorage(root=str(tmp_path / "storage")),
+        "storage": PartitionStore(root=str(tmp_path / "storage")),
     }
 
 

@@ -103,7 +103,7 @@ def mixed_run(tmp_path_factory, tiny_model, adapters_folder, ray_session):
     resources = make_resources(root / "storage")
     with dg.instance_for_test() as instance:
         assert run_job(pipeline, resources, instance, {"dagster/partition": "mixed.jsonl"}).success
-    storage = resources["storage"]
+    storage = resources["storage"].store()
     tokenized = [r for t in storage.read_committed("tiny", "tokenize", "mixed.jsonl") for r in t.to_pylist()]
     engine = {r["row_id"]: r for t in storage.read_committed("tiny", "engine", "mixed.jsonl") for r in t.to_pylist()}
     return tokenized, engine

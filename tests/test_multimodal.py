@@ -189,7 +189,7 @@ def test_image_tokens_reach_the_engine(tmp_path, vlm, media, ray_session, instan
     resources = make_resources(tmp_path / "storage")
     result = run_job(pipeline, resources, instance, {"dagster/partition": "pictures.jsonl"})
     assert result.success  # a failed check warns; it does not fail the run
-    storage = resources["storage"]
+    storage = resources["storage"].store()
 
     def rows(stage):
         return committed_rows(storage, "vlm", stage, "pictures.jsonl", "row_id")
@@ -261,7 +261,7 @@ def test_audio_tokens_reach_the_engine(tmp_path, alm, media, ray_session, instan
     )
     resources = make_resources(tmp_path / "storage")
     assert run_job(pipeline, resources, instance, {"dagster/partition": "sounds.jsonl"}).success
-    storage = resources["storage"]
+    storage = resources["storage"].store()
 
     def rows(stage):
         return committed_rows(storage, "alm", stage, "sounds.jsonl", "kind")

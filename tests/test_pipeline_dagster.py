@@ -51,7 +51,7 @@ def test_one_run_over_two_partitions_starts_the_engine_once(two_partition_run):
     result, instance = two_partition_run["result"], two_partition_run["instance"]
     assert result.success
     assert engine_starts(instance, result.run_id) == 1
-    storage = two_partition_run["resources"]["storage"]
+    storage = two_partition_run["resources"]["storage"].store()
     assert (
         storage.manifest("tiny", "engine", "a.jsonl").rows == 5
         and storage.manifest("tiny", "engine", "b.jsonl").rows == 7
@@ -59,7 +59,7 @@ def test_one_run_over_two_partitions_starts_the_engine_once(two_partition_run):
 
 
 def test_every_row_id_reaches_the_output_exactly_once(two_partition_run):
-    storage = two_partition_run["resources"]["storage"]
+    storage = two_partition_run["resources"]["storage"].store()
     for partition, n in (("a.jsonl", 5), ("b.jsonl", 7)):
         rows = read_output(storage, "postprocess", partition)
         assert sorted(r["row_id"] for r in rows) == sorted(f"{partition}:{i}" for i in range(n))
@@ -135,7 +135,7 @@ def test_gpu_time_is_priced_where_a_price_is_set():
 
 def test_rerunning_postprocess_reads_persisted_output_and_never_starts_an_engine(two_partition_run):
     root, instance, resources = two_partition_run["root"], two_partition_run["instance"], two_partition_run["resources"]
-    storage = resources["storage"]
+    storage = resources["storage"].store()
     engine_before = storage.manifest("tiny", "engine", "a.jsonl")
 
     def shout(row):

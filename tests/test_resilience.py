@@ -60,7 +60,7 @@ def test_an_engine_killed_mid_partition_is_replaced_and_every_row_comes_out_once
     messages = log_messages(instance, result.run_id)
     assert any(m.startswith("vLLM engine 0 died") for m in messages)
     assert engine_starts(instance, result.run_id) == 2  # the first, and its replacement
-    files = resources["storage"].committed_files("tiny", "engine", "x.jsonl")
+    files = resources["storage"].store().committed_files("tiny", "engine", "x.jsonl")
     engine = pa.concat_tables(pq.read_table(f) for f in files)
     row_ids = engine.column("row_id").to_pylist()
     print(
@@ -84,7 +84,7 @@ def test_an_engine_that_does_not_start_in_time_fails_the_run_saying_so(tmp_path,
     error = failure.step_failure_data.error
     assert "EngineStartError: Fake engines for" in (error.cause or error).message.splitlines()[0]
     assert "did not start within" in error.to_string()
-    assert resources["storage"].manifest("tiny", "tokenize", "x.jsonl").rows == 4  # what was committed stays
+    assert resources["storage"].store().manifest("tiny", "tokenize", "x.jsonl").rows == 4  # what was committed stays
 
 
 @pytest.mark.parametrize(
@@ -123,7 +123,7 @@ def test_a_run_waiting_on_a_busy_cluster_says_what_it_waits_for_and_goes_on_when
     finishes once the CPUs are free."""
     import ray
 
-    from resources import RayDataResource
+    from llm_assets.resources import RayDataResource
 
     @ray.remote(num_cpus=4)
     class OtherJob:
@@ -158,4 +158,4 @@ def test_a_run_waiting_on_a_busy_cluster_says_what_it_waits_for_and_goes_on_when
     assert "Fake engine 0 is not placed by Ray yet: it needs 1 CPU" in report
     assert "preprocess: 1 task(s) in flight (0.5 CPU each)" in report
     assert outcome["result"].success
-    assert resources["storage"].manifest("tiny", "postprocess", "x.jsonl").rows == 3
+    assert resources["storage"].store().manifest("tiny", "postprocess", "x.jsonl").rows == 3

@@ -20,7 +20,7 @@ ENGINE_STARTS = "Starting 1 Fake engine actor(s)"
 
 def engine_output(resources, partition) -> dict[str, dict]:
     """The engine's rows of a partition by question."""
-    return {row["question"]: row for row in read_output(resources["storage"], "engine", partition)}
+    return {row["question"]: row for row in read_output(resources["storage"].store(), "engine", partition)}
 
 
 def engine_metadata(instance, run_id) -> dict:
@@ -82,7 +82,7 @@ def test_overlapping_prompts_of_a_later_file_are_answered_from_the_cache(cached_
     assert all(rows[q]["time_taken_llm"] == 0.0 for q in from_cache)
     assert all(rows[q]["time_taken_llm"] > 0.0 for q in cached_runs["new"])
     # Rows keep the file's order, cached or not.
-    ids = [row["row_id"] for row in read_output(cached_runs["resources"]["storage"], "engine", "b.jsonl")]
+    ids = [row["row_id"] for row in read_output(cached_runs["resources"]["storage"].store(), "engine", "b.jsonl")]
     assert ids == [f"b.jsonl:{i}" for i in range(N)]
     messages = log_messages(instance, run.run_id)
     assert any(f"{N // 2} of them answered from the response cache" in m for m in messages)
@@ -96,8 +96,12 @@ def test_overlapping_prompts_of_a_later_file_are_answered_from_the_cache(cached_
 
 
 def test_cached_output_equals_an_uncached_run(cached_runs):
-    cached = {r["question"]: r for r in read_output(cached_runs["resources"]["storage"], "postprocess", "b.jsonl")}
-    uncached = {r["question"]: r for r in read_output(cached_runs["uncached"]["storage"], "postprocess", "b.jsonl")}
+    cached = {
+        r["question"]: r for r in read_output(cached_runs["resources"]["storage"].store(), "postprocess", "b.jsonl")
+    }
+    uncached = {
+        r["question"]: r for r in read_output(cached_runs["uncached"]["storage"].store(), "postprocess", "b.jsonl")
+    }
     assert cached.keys() == uncached.keys() and len(cached) == N
     assert cached == uncached
     cached_engine, uncached_engine = (
@@ -115,13 +119,13 @@ def test_a_file_landed_twice_costs_no_engine_at_all(cached_runs):
     assert metadata["rows_cached"] == N and metadata["generated_tokens"] == 0 and metadata["engine_seconds"] == 0
     # No engine actor at all: none was created (none would have imported an engine library).
     assert not any(m.startswith(("Loading Fake", ENGINE_STARTS)) for m in log_messages(instance, run.run_id))
-    assert len(read_output(cached_runs["resources"]["storage"], "postprocess", "c.jsonl")) == N
+    assert len(read_output(cached_runs["resources"]["storage"].store(), "postprocess", "c.jsonl")) == N
 
 
 def test_a_run_without_the_cache_reads_and_stores_nothing(cached_runs):
     instance, run = cached_runs["instance"], cached_runs["runs"]["b_uncached"]
     assert rows_cached(instance, run.run_id) == 0
-    assert not list(Path(cached_runs["uncached"]["storage"].root).glob("_response_cache/*/*"))
+    assert not list(Path(cached_runs["uncached"]["storage"].store().root).glob("_response_cache/*/*"))
 
 
 SETTINGS = CacheSettings("scope", "/nowhere", "deterministic", pooling=False, answer_columns=(), per_request_columns=())

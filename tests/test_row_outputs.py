@@ -40,7 +40,7 @@ def test_logprobs_request_ids_and_tokenization_kwargs(tmp_path, tiny_model, ray_
     pipeline = make_pipeline(tmp_path / "landing", tiny_model, preprocess=ask, postprocess=keep)
     resources = make_resources(tmp_path / "storage")
     assert run_job(pipeline, resources, instance, {"dagster/partition": "a.jsonl"}).success
-    storage = resources["storage"]
+    storage = resources["storage"].store()
     rows = sorted(
         (r for t in storage.read_committed("tiny", "postprocess", "a.jsonl") for r in t.to_pylist()),
         key=lambda r: int(r["row_id"].split(":")[1]),

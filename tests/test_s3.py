@@ -11,9 +11,9 @@ import pytest
 from llm_assets.defs.factory import build_definitions
 from llm_assets.engines.fake import FakeEngineProcessorConfig
 from llm_assets.pipeline import LLMPipeline
+from llm_assets.resources import PartitionStorage, make_resources
 from llm_assets.sources import S3PrefixSource, SourceError
-from resources import PartitionStorage, make_resources
-from resources.storage import NotMaterializedError
+from llm_assets.storage import NotMaterializedError, PartitionStore
 from tests.helpers.data import questions, write_attempt
 from tests.helpers.pipelines import RANGE_END, RANGE_START, engine_starts, tick, to_answer, to_chat
 
@@ -38,7 +38,7 @@ def s3_definitions(resource, buckets, model, **pipeline_options):
         **pipeline_options,
     )
     storage = PartitionStorage(root=f"s3://{buckets['outputs']}/runs", s3=resource)
-    return build_definitions([pipeline], make_resources(storage)), storage
+    return build_definitions([pipeline], make_resources(storage)), storage.store()
 
 
 def test_files_landing_on_s3_run_through_every_stage_into_s3_storage(s3, fake_model, ray_session, instance):
@@ -86,7 +86,7 @@ def test_a_malformed_line_on_s3_names_the_object_and_the_line(s3):
 
 def test_an_s3_commit_is_one_manifest_object_and_a_failed_attempt_keeps_the_last_commit(s3):
     resource, buckets = s3
-    storage = PartitionStorage(root=f"s3://{buckets['outputs']}/o", s3=resource)
+    storage = PartitionStore(root=f"s3://{buckets['outputs']}/o", s3=resource)
     first_attempt = write_attempt(storage, "p", "stage", "part", [pa.table({"row_id": ["a", "b"]})], commit=False)
     with pytest.raises(NotMaterializedError):
         storage.committed("p", "stage", "part")  # written, not committed: invisible

@@ -87,11 +87,11 @@ def test_a_model_uploaded_to_s3_answers_as_the_local_folder_and_downloads_once(
 
     answers = {
         r["row_id"]: r["answer"]
-        for r in read_output(make_resources(tmp_path / "s3-run")["storage"], "postprocess", "a.jsonl")
+        for r in read_output(make_resources(tmp_path / "s3-run")["storage"].store(), "postprocess", "a.jsonl")
     }
     expected = {
         r["row_id"]: r["answer"]
-        for r in read_output(make_resources(tmp_path / "local-run")["storage"], "postprocess", "a.jsonl")
+        for r in read_output(make_resources(tmp_path / "local-run")["storage"].store(), "postprocess", "a.jsonl")
     }
     assert answers == expected and len(answers) == 4  # greedy: the same model gives the same answers
     logged = log_messages(instance, first.run_id)

@@ -60,7 +60,7 @@ def test_pair_scores_match_transformers(tmp_path, ray_session, instance, cross_e
     assert pipeline.stage_names() == ["preprocess", "tokenize", "engine", "postprocess"]
     result = run_job(pipeline, make_resources(tmp_path / "storage"), instance, {"dagster/partition": "pairs.jsonl"})
     assert result.success
-    storage = make_resources(tmp_path / "storage")["storage"]
+    storage = make_resources(tmp_path / "storage")["storage"].store()
     rows = [r for t in storage.read_committed("rank", "postprocess", "pairs.jsonl") for r in t.to_pylist()]
     assert [(r["query"], r["document"]) for r in rows] == PAIRS
     ours = np.array([r["score"] for r in rows])

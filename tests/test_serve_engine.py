@@ -22,7 +22,7 @@ from llm_assets import ServeDeploymentProcessorConfig, vLLMEngineProcessorConfig
 from llm_assets.engines.serve import ServeEngine
 from llm_assets.pipeline import LLMPipeline
 from llm_assets.sources import LocalFolderSource
-from resources import PartitionStorage
+from llm_assets.storage import PartitionStore
 from tests.helpers.data import questions, write_jsonl
 from tests.helpers.pipelines import log_messages, run_job, to_chat
 from tests.helpers.serve import ray_cluster, resources_on, timeline
@@ -104,7 +104,7 @@ def two_turns(cluster, tiny_model, tmp_path_factory):
         postprocess=answer,
     )
     resources = resources_on(cluster, root / "storage")
-    storage = resources["storage"]
+    storage = resources["storage"].store()
     write_jsonl(root / "turn1" / "chat.jsonl", questions(6))
     with dg.instance_for_test() as instance:
         first = run_job(turn1, resources, instance, {"dagster/partition": "chat.jsonl"})
@@ -276,7 +276,7 @@ def test_rows_call_the_method_with_their_dtype_and_a_failing_request_is_kept_wit
     pipeline = echo_pipeline(tmp_path / "landing", should_continue_on_error=True)
     result = run_job(pipeline, resources_on(cluster, tmp_path / "storage"), instance, {"dagster/partition": "x.jsonl"})
     assert result.success
-    storage = PartitionStorage(root=str(tmp_path / "storage"))
+    storage = PartitionStore(root=str(tmp_path / "storage"))
     rows = {
         r["question"]: r
         for table in storage.read_committed("echo", "postprocess", "x.jsonl")

@@ -5,7 +5,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from llm_assets.sources import LocalFolderSource, SourceError
-from resources.storage import NotMaterializedError, PartitionStorage
+from llm_assets.storage import NotMaterializedError, PartitionStore
 from tests.helpers.data import write_attempt, write_jsonl
 
 
@@ -63,7 +63,7 @@ def _read(storage, partition="p/1"):
 
 
 def test_output_is_visible_only_once_committed_and_a_failed_attempt_keeps_the_last_commit(tmp_path):
-    storage = PartitionStorage(root=str(tmp_path))
+    storage = PartitionStore(root=str(tmp_path))
     with pytest.raises(NotMaterializedError, match="materialize pipe/stage"):
         storage.committed_files("pipe", "stage", "p/1")
 

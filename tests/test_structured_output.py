@@ -46,7 +46,7 @@ def test_output_schema_and_per_row_constraints(tmp_path, ray_session, instance):
     )
     result = run_job(pipeline, make_resources(tmp_path / "storage"), instance, {"dagster/partition": "a.jsonl"})
     assert result.success
-    storage = make_resources(tmp_path / "storage")["storage"]
+    storage = make_resources(tmp_path / "storage")["storage"].store()
     out = [r for t in storage.read_committed("tiny", "postprocess", "a.jsonl") for r in t.to_pylist()]
     assert len(out) == 6
     for row in out:

@@ -13,12 +13,12 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, Iterator, Optional, Union
 
 import dagster as dg
-from dagster._core.definitions.data_version import CODE_VERSION_TAG
 
 from llm_assets.defs import checks, dead_runs
 from llm_assets.execution.stats import SAMPLES_KEPT, PartitionStats
 from llm_assets.execution.stream import PartitionCommitted, StageDone, StreamingRun
 from llm_assets.pipeline import LLMPipeline
+from llm_assets.private_apis import dagster_data_version_tags
 from llm_assets.tasks import ENGINE
 
 # Run tag: recompute partitions even when their committed output is current.
@@ -178,7 +178,7 @@ class _Checking:
                     key,
                     partition=result.partition,
                     metadata=metadata([result]),
-                    tags={CODE_VERSION_TAG: self.pipeline.code_version(done.stage)},
+                    tags={dagster_data_version_tags()[0]: self.pipeline.code_version(done.stage)},
                 )
             if done.results:
                 yield from checked
@@ -236,14 +236,18 @@ def stages_asset(pipeline: LLMPipeline, partitions_def: dg.PartitionsDefinition)
             f"{pipeline.name}: stages {', '.join(selected)} over {len(partitions)} partition(s): "
             f"{', '.join(partitions[:10])}"
         )
-        ray_data = context.resources.ray_data
+        ray_data, store, engines = (
+            context.resources.ray_data,
+            context.resources.storage.store(),
+            context.resources.engine_pool.engines(),
+        )
         run = StreamingRun(
             pipeline,
             selected,
             partitions,
-            context.resources.storage,
-            context.resources.engine_pool,
-            lambda: ray_data.start(context.log.info),
+            store,
+            engines,
+            lambda: ray_data.session().start(context.log.info),
             log=context.log.info,
             recompute=context.run.tags.get(RECOMPUTE_TAG, "").lower() in ("1", "true", "yes"),
             stall_report_s=ray_data.stall_report_s,
@@ -253,10 +257,10 @@ def stages_asset(pipeline: LLMPipeline, partitions_def: dg.PartitionsDefinition)
         with ThreadPoolExecutor(max_workers=2, thread_name_prefix="asset-checks") as threads:
             checking = _Checking(
                 pipeline,
-                context.resources.storage,
+                store,
                 set(context.selected_asset_check_keys),
                 threads,
-                context.resources.engine_pool.price_per_gpu_hour,
+                engines.price_per_gpu_hour,
             )
             failure = None
             try:

@@ -22,6 +22,7 @@ from llm_assets.config import one_line
 from llm_assets.defs.factory import build_pipeline
 from llm_assets.engines import ENGINES
 from llm_assets.pipeline import LLMPipeline, ModelPathError
+from llm_assets.private_apis import component_tree_exception
 from llm_assets.sources import LocalFolderSource, S3PrefixSource
 
 __all__ = ["LLMPipelineComponent", "LLMPipelineScaffolder", "PipelineSource"]
@@ -308,12 +309,10 @@ def load_yaml_pipelines(project_dir: Path) -> tuple[dg.ComponentTree, list[LLMPi
     """The project's YAML pipelines (``pipelines/*/defs.yaml``), loaded and checked. A mistake in
     one is raised as its own ``file:line: field: problem`` error, not inside Dagster's
     "Error while loading component" tree, so that it is the first line a user reads."""
-    from dagster.components.core.component_tree import ComponentTreeException
-
     tree = dg.ComponentTree.for_project(project_dir)
     try:
         return tree, [component.pipeline for component in tree.get_all_components(of_type=LLMPipelineComponent)]
-    except ComponentTreeException as exc:
+    except component_tree_exception() as exc:
         cause = exc.__cause__
         while cause is not None and not isinstance(cause, PipelineYamlError):
             cause = cause.__cause__

@@ -39,7 +39,7 @@ def _export_asset(pipeline: LLMPipeline, partitions_def: dg.PartitionsDefinition
     )
     def _asset(context: dg.AssetExecutionContext) -> dg.MaterializeResult:
         results = export.export_partitions(
-            pipeline, list(context.partition_keys), context.resources.storage, context.log.info
+            pipeline, list(context.partition_keys), context.resources.storage.store(), context.log.info
         )
         metadata: dict[str, Any] = {key: sum(r[key] for r in results) for key in ("total", "completed", "failed")}
         if len(results) == 1:

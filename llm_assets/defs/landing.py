@@ -20,14 +20,12 @@ import warnings
 from typing import Mapping
 
 import dagster as dg
-from dagster._core.definitions.data_version import (
-    DATA_VERSION_TAG,
-    extract_data_provenance_from_entry,
-    extract_data_version_from_entry,
-)
 
 from llm_assets.defs.assets import landing_key, stage_key
 from llm_assets.pipeline import LLMPipeline
+from llm_assets.private_apis import dagster_data_provenance, dagster_data_version, dagster_data_version_tags
+
+_, DATA_VERSION_TAG = dagster_data_version_tags()
 
 # The only Dagster API that observes versions per partition (multi_observable_source_asset cannot:
 # dagster-io/dagster#32653); Dagster flags it beta.
@@ -99,14 +97,14 @@ def stale_partitions(instance: dg.DagsterInstance, pipeline: LLMPipeline, observ
         if newest_observation.get(partition, 0) <= materialized:
             continue
         record = instance.get_latest_data_version_record(first_stage, False, partition)
-        provenance = extract_data_provenance_from_entry(record.event_log_entry) if record is not None else None
+        provenance = dagster_data_provenance(record.event_log_entry) if record is not None else None
         # The newest landing observation (of any partition) when that run's step started; None:
         # there was none, and Dagster then compares nothing either.
         pointer = provenance.input_storage_ids.get(landing) if provenance is not None else None
         if pointer is None:
             continue
         then = instance.get_latest_data_version_record(landing, True, partition, before_cursor=pointer + 1)
-        version_then = extract_data_version_from_entry(then.event_log_entry) if then is not None else None
+        version_then = dagster_data_version(then.event_log_entry) if then is not None else None
         if (version_then.value if version_then else None) != observed.get(partition):
             stale.add(partition)
     return stale

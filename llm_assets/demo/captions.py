@@ -64,8 +64,8 @@ def main() -> None:
     from PIL import Image
 
     from llm_assets.defs.factory import add_partitions_for_new_files, build_definitions
+    from llm_assets.resources import PartitionStorage, make_resources
     from llm_assets.testing import build_idefics3_model
-    from resources import PartitionStorage, make_resources
 
     root = Path(sys.argv[1] if len(sys.argv) > 1 else tempfile.mkdtemp(prefix="llm-assets-captions-"))
     model = build_idefics3_model(root / "tiny-idefics3")
@@ -81,7 +81,7 @@ def main() -> None:
         add_partitions_for_new_files(instance, pipeline)
         job = build_definitions([pipeline], resources).resolve_job_def("captions_job")
         job.execute_in_process(instance=instance, tags={"dagster/partition": "images.jsonl"})
-    for table in resources["storage"].read_committed("captions", "postprocess", "images.jsonl"):
+    for table in resources["storage"].store().read_committed("captions", "postprocess", "images.jsonl"):
         for row in table.to_pylist():
             print(f"{Path(row['image']).name}: {row['prompt_tokens']} prompt tokens -> {row['caption']!r}")
 

@@ -14,8 +14,8 @@ from typing import Callable, Optional
 
 from llm_assets.execution.inputs import Entry, Unit, input_identity
 from llm_assets.execution.stats import PartitionStats
+from llm_assets.storage import new_attempt_name
 from llm_assets.tasks import ENGINE
-from resources.storage import new_attempt_name
 
 
 @dataclass

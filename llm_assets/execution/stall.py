@@ -14,6 +14,7 @@ import re
 from typing import Optional
 
 from llm_assets.engines.pool import first_line
+from llm_assets.private_apis import ray_object_store_summary
 
 
 def stall_report(name: str, silent_s: float, steps: list, pool, queued_rows: int) -> str:
@@ -48,10 +49,9 @@ def _free(free: dict, total: dict) -> str:
 def _object_store() -> Optional[str]:
     """Ray's own object store summary (what ``ray memory --stats-only`` prints): no public API gives it."""
     import ray
-    from ray._private.internal_api import memory_summary
 
     try:
-        text = memory_summary(address=ray.get_runtime_context().gcs_address, stats_only=True)
+        text = ray_object_store_summary(ray.get_runtime_context().gcs_address)
     except Exception as exc:  # a Ray without this private helper: say so instead of the figure
         return f"object store usage unknown ({first_line(exc)})"
     used = re.search(r"Plasma memory usage (\d+) MiB, (\d+) objects, ([\d.]+)% full", text)

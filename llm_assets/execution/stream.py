@@ -174,7 +174,7 @@ class _ChainRun:
         self.steps = build_steps(self.pipeline, self.chain, cluster_cpus)
         self.warmup = Warmup(self.steps, cluster_cpus, self.log, self.pipeline.name)
         if todo:
-            model_s3 = getattr(self.run_.engines, "model_s3", None)  # for s3:// models (model_store.py)
+            model_s3 = self.run_.engines.model_s3  # for s3:// models (model_store.py)
             self.calls = StageCalls(self.pipeline, self.chain, self.commits, model_s3, self.log)
             runs_engine = ENGINE in self.chain and any(e.index <= self.chain.index(ENGINE) for e in todo)
             reservation = self.run_.engines.reservation(self.pipeline) if runs_engine else None

@@ -29,7 +29,7 @@ def write_attempt(
 ) -> str:
     """Write ``tables`` as one attempt's part files (as a run's tasks do); commit it unless told not to."""
     from llm_assets.atomic import write_parquet
-    from resources.storage import new_attempt_name
+    from llm_assets.storage import new_attempt_name
 
     attempt = new_attempt_name()
     storage.create_attempt(pipeline, stage, partition, attempt, info)

@@ -38,7 +38,7 @@ def definitions(
         import os
 
         from llm_assets.defs.factory import build_definitions
-        from resources import PartitionStorage, make_resources
+        from llm_assets.resources import PartitionStorage, make_resources
         {imports}
 
         landing, model = os.environ["{PREFIX}_LANDING"], os.environ["{PREFIX}_MODEL"]

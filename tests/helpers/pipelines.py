@@ -12,9 +12,9 @@ import pyarrow.parquet as pq
 from llm_assets.defs.factory import add_partitions_for_new_files, build_definitions, stage_key
 from llm_assets.engines.fake import FakeEngineProcessorConfig
 from llm_assets.pipeline import LLMPipeline
+from llm_assets.resources import PartitionStorage
+from llm_assets.resources import make_resources as build_resources
 from llm_assets.sources import LocalFolderSource
-from resources import PartitionStorage
-from resources import make_resources as build_resources
 
 RANGE_START = "dagster/asset_partition_range_start"
 RANGE_END = "dagster/asset_partition_range_end"

@@ -1,5 +1,5 @@
 """A copy of this repository's code location (definitions.py, pyproject.toml with its [tool.dg],
-workspace.yaml, pipelines/) for tests that scaffold YAML pipelines and run `dg` and `dagster` on it."""
+workspace.yaml, pipelines/, resources/) for tests that scaffold YAML pipelines and run `dg` and `dagster` on it."""
 
 from __future__ import annotations
 
@@ -22,7 +22,8 @@ def code_location_copy(tmp_path: Path) -> Path:
     project.mkdir()
     for name in ("definitions.py", "pyproject.toml", "workspace.yaml"):
         shutil.copy(PROJECT / name, project / name)
-    shutil.copytree(PROJECT / "pipelines", project / "pipelines", ignore=shutil.ignore_patterns("__pycache__"))
+    for folder in ("pipelines", "resources"):  # the code location's YAML pipelines and its own resources module
+        shutil.copytree(PROJECT / folder, project / folder, ignore=shutil.ignore_patterns("__pycache__"))
     return project
 
 

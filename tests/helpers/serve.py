@@ -10,7 +10,7 @@ import sys
 import time
 from pathlib import Path
 
-from resources import PartitionStorage, RayDataResource
+from llm_assets.resources import PartitionStorage, RayDataResource
 from tests.helpers.local_ray import init_local_ray
 from tests.helpers.pipelines import make_resources
 from tests.helpers.processes import free_port

@@ -25,6 +25,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from llm_assets.config import OfflineProcessorConfig
 from llm_assets.engines.serve.watchdog import NAMESPACE, IdleWatchdog, find_watchdog, watchdog_name
+from llm_assets.private_apis import ray_started_by_this_process, serve_run_without_blocking
 
 # Batches one Serve replica takes at once (Serve's default is 5): every run's engine clients
 # keep their whole window in flight, as they would on an engine actor of their own.
@@ -144,15 +145,6 @@ def status_name(status: Any) -> str:
     return getattr(status, "value", str(status))  # Serve's status enums
 
 
-def started_by_this_process() -> bool:
-    """Whether this process started the Ray cluster it is connected to (a run's local Ray, which
-    ends with the run), rather than connecting to one that outlives it."""
-    from ray._private import worker  # no public API says it
-
-    node = getattr(worker, "_global_node", None)
-    return bool(node is not None and node.is_head())
-
-
 def ensure_deployed(
     app: ServeEngine, target: str, on_gpu: bool, engine_detokenizes: bool, log: Callable[[str], None]
 ) -> str:
@@ -238,18 +230,15 @@ def _deploy(app: ServeEngine, target: str, on_gpu: bool, engine_detokenizes: boo
     )
     # No HTTP proxy where Serve is not running yet: runs call the app through handles only.
     serve.start(proxy_location="Disabled")
-    serve._run(
-        deployment.bind(engine, replica_kwargs, on_gpu, secret_env, app.app_name, app.num_replicas),
-        name=app.app_name,
-        route_prefix=None,
-        _blocking=False,
+    serve_run_without_blocking(
+        deployment.bind(engine, replica_kwargs, on_gpu, secret_env, app.app_name, app.num_replicas), app.app_name
     )  # the run goes on; its engine clients wait for the replicas
     lifetime = (
         (
             "this run's process started its Ray, so the app ends with the run (give RayDataResource an address "
             "to keep it across runs)"
         )
-        if started_by_this_process()
+        if ray_started_by_this_process()
         else (f"it outlives this run on the Ray cluster, deleted after {app.idle_timeout_s} s without runs or requests")
     )
     log(f"Serve app {app.app_name!r}: deploying {app.num_replicas} {engine.label} replica(s) for {target}; {lifetime}")

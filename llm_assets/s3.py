@@ -1,5 +1,6 @@
-"""S3 through dagster-aws: one ``S3Resource`` configures both boto3 (listing, small objects) and
-the pyarrow filesystem that Ray Data tasks read and write Parquet with.
+"""S3 settings for pyarrow: one dagster-aws ``S3Resource`` (or any object with its fields:
+``endpoint_url``, ``region_name``, the keys) configures both boto3 (listing, small objects) and the
+pyarrow filesystem that Ray tasks read and write Parquet with. Imports no Dagster.
 
 Credentials come from the resource when it sets them, else from the usual AWS chain (environment,
 profile, instance role), for boto3 and pyarrow alike. They are never logged or put in metadata.
@@ -7,16 +8,15 @@ profile, instance role), for boto3 and pyarrow alike. They are never logged or p
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Any, Optional
 from urllib.parse import urlparse
 
 import pyarrow.fs as pafs
-from dagster_aws.s3 import S3Resource
 
-__all__ = ["S3Resource", "pyarrow_s3", "split_s3_uri"]
+__all__ = ["pyarrow_s3", "split_s3_uri"]
 
 
-def pyarrow_s3(s3: Optional[S3Resource]) -> pafs.S3FileSystem:
+def pyarrow_s3(s3: Optional[Any]) -> pafs.S3FileSystem:
     """A pyarrow S3 filesystem with the same endpoint, region and credentials as ``s3``."""
     kwargs: dict = {}
     if s3 is not None:

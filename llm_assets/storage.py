@@ -29,14 +29,12 @@ from dataclasses import dataclass, field
 from typing import Any, Iterator, Optional
 from urllib.parse import quote
 
-import dagster as dg
 import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
-from pydantic import Field
 
 from llm_assets.atomic import write_atomically
-from resources.s3 import S3Resource, pyarrow_s3, split_s3_uri
+from llm_assets.s3 import pyarrow_s3, split_s3_uri
 
 MANIFEST = "_manifest.json"
 ATTEMPT_INFO = "_attempt.json"
@@ -86,20 +84,30 @@ def new_attempt_name() -> str:
     return f"attempt-{time.strftime('%Y%m%dT%H%M%S')}-{uuid.uuid4().hex[:8]}"
 
 
-class PartitionStorage(dg.ConfigurableResource):
-    """Stage outputs as Parquet, per pipeline, stage and partition, under ``root``."""
+class PartitionStore:
+    """Stage outputs as Parquet, per pipeline, stage and partition, under ``root`` (a local
+    folder, or ``s3://bucket/prefix`` read with ``s3``'s endpoint and credentials: a dagster-aws
+    ``S3Resource``, or None for the AWS environment). Picklable: Ray tasks get it. Imports no
+    Dagster (``llm_assets.resources.PartitionStorage`` is its Dagster resource)."""
 
-    root: str = Field(description="A local folder, or s3://bucket/prefix, for stage outputs.")
-    s3: Optional[S3Resource] = Field(
-        default=None, description="Endpoint, region and credentials for an s3:// root (default: the AWS environment)."
-    )
+    def __init__(self, root: str, s3: Optional[Any] = None):
+        self.root, self.s3 = root, s3
+        self._cached: Optional[tuple[pafs.FileSystem, str]] = None
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {"root": self.root, "s3": self.s3}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__init__(**state)
 
     def _fs(self) -> tuple[pafs.FileSystem, str]:
-        if self.root.startswith("s3://"):
-            bucket, prefix = split_s3_uri(self.root)
-            return pyarrow_s3(self.s3), f"{bucket}/{prefix}".rstrip("/")
-        root = os.path.abspath(os.path.expanduser(self.root))
-        return pafs.LocalFileSystem(), root
+        if self._cached is None:
+            if self.root.startswith("s3://"):
+                bucket, prefix = split_s3_uri(self.root)
+                self._cached = pyarrow_s3(self.s3), f"{bucket}/{prefix}".rstrip("/")
+            else:
+                self._cached = pafs.LocalFileSystem(), os.path.abspath(os.path.expanduser(self.root))
+        return self._cached
 
     def uri(self, path: str) -> str:
         """A path of this storage as users write it (s3://... on S3)."""

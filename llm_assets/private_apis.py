@@ -1,0 +1,75 @@
+"""Every private Dagster and Ray API the library uses, one function each, with why no public API
+does it. Imports happen inside each function, so this module imports neither library itself.
+(vLLM's private names are in ``engines/vllm/compat.py``, the one module that knows vLLM's builds.)
+If a release moves one of these, this is the one place to look."""
+
+from __future__ import annotations
+
+from typing import Any
+
+# --- Dagster ----------------------------------------------------------------------------------------
+
+
+def dagster_data_version_tags() -> tuple[str, str]:
+    """The tags Dagster writes a materialization's code version and an observation's data version
+    under (``dagster/code_version``, ``dagster/data_version``): a stage whose partitions failed is
+    recorded per partition with AssetMaterialization, which Dagster gives no code version of its
+    own; the landing files' observations carry their fingerprint as the data version. No public
+    constant names them."""
+    from dagster._core.definitions.data_version import CODE_VERSION_TAG, DATA_VERSION_TAG
+
+    return CODE_VERSION_TAG, DATA_VERSION_TAG
+
+
+def dagster_data_provenance(entry: Any) -> Any:
+    """The input data versions a materialization recorded (``DataProvenance``): which landing
+    observation a stage ran after, to tell a stale partition as Dagster's UI does. No public API
+    reads it from an event log entry."""
+    from dagster._core.definitions.data_version import extract_data_provenance_from_entry
+
+    return extract_data_provenance_from_entry(entry)
+
+
+def dagster_data_version(entry: Any) -> Any:
+    """The data version an observation or materialization recorded (from its event log entry)."""
+    from dagster._core.definitions.data_version import extract_data_version_from_entry
+
+    return extract_data_version_from_entry(entry)
+
+
+def component_tree_exception() -> type[BaseException]:
+    """The error Dagster wraps a component's load error in (``ComponentTreeException``): a YAML
+    pipeline's located mistake is unwrapped from it so that its ``file:line`` is the first line a
+    user reads. Dagster's components package does not export it."""
+    from dagster.components.core.component_tree import ComponentTreeException
+
+    return ComponentTreeException
+
+
+# --- Ray ----------------------------------------------------------------------------------------------
+
+
+def ray_object_store_summary(gcs_address: str) -> str:
+    """What ``ray memory --stats-only`` prints (the object store's use and spills), for a stalled
+    run's report: no public API gives it."""
+    from ray._private.internal_api import memory_summary
+
+    return memory_summary(address=gcs_address, stats_only=True)
+
+
+def ray_started_by_this_process() -> bool:
+    """Whether this process started the Ray cluster it is connected to (a run's local Ray, which
+    ends with the run), rather than connecting to one that outlives it: no public API says it."""
+    from ray._private import worker
+
+    node = getattr(worker, "_global_node", None)
+    return bool(node is not None and node.is_head())
+
+
+def serve_run_without_blocking(app: Any, name: str) -> None:
+    """Deploy a Serve application and return at once (``serve._run(..., _blocking=False)``): the
+    run goes on and its engine clients wait for the replicas. ``serve.run`` waits until every
+    replica is up, minutes for an engine that compiles."""
+    from ray import serve
+
+    serve._run(app, name=name, route_prefix=None, _blocking=False)
