@@ -15,6 +15,11 @@ from typing import Any, Callable, Optional
 # bookkeeping, not threads: four of them on two cores is safe.
 MIN_LOCAL_CPUS = 4
 
+# Called before a Ray this process started is shut down (the engine pools stop their engines
+# cleanly first). One list for the process, as Ray is one per process: Dagster may hand the run's
+# resources separate instances of the Ray resource, and the one that started Ray shuts it down.
+_BEFORE_SHUTDOWN: list[Callable[[], None]] = []
+
 
 class RaySession:
     def __init__(
@@ -24,16 +29,16 @@ class RaySession:
         num_gpus: Optional[int] = None,
         namespace: str = "llm_assets",
         runtime_env: Optional[dict[str, Any]] = None,
+        log_to_driver: bool = True,
     ):
         self.address, self.num_cpus, self.num_gpus = address, num_cpus, num_gpus
-        self.namespace, self.runtime_env = namespace, runtime_env
+        self.namespace, self.runtime_env, self.log_to_driver = namespace, runtime_env, log_to_driver
         self.started_here = False
-        # Called before a Ray this session started is shut down (engine pools stop their engines cleanly first).
-        self._before_shutdown: list[Callable[[], None]] = []
 
-    def before_shutdown(self, callback: Callable[[], None]) -> None:
-        if callback not in self._before_shutdown:
-            self._before_shutdown.append(callback)
+    @staticmethod
+    def before_shutdown(callback: Callable[[], None]) -> None:
+        if callback not in _BEFORE_SHUTDOWN:
+            _BEFORE_SHUTDOWN.append(callback)
 
     def ensure_started(self, log: Optional[Callable[[str], None]] = None) -> None:
         """Start (or connect to) Ray on first use; ``log`` gets one line saying what Ray has (its
@@ -47,6 +52,7 @@ class RaySession:
             "runtime_env": self.runtime_env,
             "ignore_reinit_error": True,
             "include_dashboard": False,
+            "log_to_driver": self.log_to_driver,
         }
         if self.address:
             kwargs["address"] = self.address
@@ -96,7 +102,7 @@ class RaySession:
         import ray
 
         if self.started_here and ray.is_initialized():
-            while self._before_shutdown:
-                self._before_shutdown.pop(0)()
+            while _BEFORE_SHUTDOWN:
+                _BEFORE_SHUTDOWN.pop(0)()
             ray.shutdown()
         self.started_here = False

@@ -11,8 +11,12 @@ from llm_assets.resources import PartitionStorage, RayDataResource, make_resourc
 
 def default_resources(home: Path) -> dict:
     """Embedded defaults: local Ray, outputs under ``home/storage``. Environment overrides:
-    LLM_ASSETS_STORAGE (output root), LLM_ASSETS_RAY_ADDRESS (an existing Ray cluster)."""
+    LLM_ASSETS_STORAGE (output root), LLM_ASSETS_RAY_ADDRESS (an existing Ray cluster),
+    LLM_ASSETS_RAY_LOG_TO_DRIVER=0 (the Ray workers' own output, vLLM's log, stays in Ray's logs)."""
     return make_resources(
         PartitionStorage(root=os.environ.get("LLM_ASSETS_STORAGE") or str(home / "storage")),
-        RayDataResource(address=os.environ.get("LLM_ASSETS_RAY_ADDRESS") or None),
+        RayDataResource(
+            address=os.environ.get("LLM_ASSETS_RAY_ADDRESS") or None,
+            log_to_driver=os.environ.get("LLM_ASSETS_RAY_LOG_TO_DRIVER", "1") != "0",
+        ),
     )

@@ -21,7 +21,11 @@ touch "$DAGSTER_HOME/dagster.yaml"
 export HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 
 python -m llm_assets.cli add-partitions -f definitions.py --pipeline demo
-dagster job execute -f definitions.py -j demo_job --tags '{"dagster/partition": "prompts.jsonl"}'
+# The run's progress lines, not Dagster's DEBUG events or vLLM's own log (both stay in their logs).
+# `dagster job execute -f definitions.py -j demo_job --tags '{"dagster/partition": "prompts.jsonl"}'`
+# runs the same (Dagster 1.13 prints a deprecation for it).
+LLM_ASSETS_RAY_LOG_TO_DRIVER=0 dg launch --job demo_job --partition prompts.jsonl \
+  --config-json '{"loggers": {"console": {"config": {"log_level": "INFO"}}}}'
 python - <<'PY'
 import json, os, pyarrow.parquet as pq
 root = os.environ.get("LLM_ASSETS_STORAGE", ".llm_assets/storage")

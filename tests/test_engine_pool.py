@@ -14,7 +14,7 @@ def test_engines_released_by_one_step_are_ended_before_the_next_step_gets_its_ow
     """A released pool shuts down without holding up its run; a pool asked for after it (the next
     step of an in-process run, say) waits until those engines are gone, so they never hold the
     GPUs the new engines claim."""
-    resource = EnginePoolResource(ray_data=RayDataResource())
+    resource = EnginePoolResource(ray_data=RayDataResource()).engines()
     pipeline = make_pipeline(tmp_path / "landing", tiny_model)
     model = resolve_model_source(tiny_model)
     first = resource.pool_for(pipeline, model, print)
@@ -43,7 +43,7 @@ def test_an_engine_core_in_its_own_process_is_forked_from_the_actors_server_and_
     import psutil
     import pyarrow as pa
 
-    resource = EnginePoolResource(ray_data=RayDataResource())
+    resource = EnginePoolResource(ray_data=RayDataResource()).engines()
     pipeline = make_pipeline(
         tmp_path / "landing", tiny_model, runtime_env={"env_vars": {"VLLM_ENABLE_V1_MULTIPROCESSING": "1"}}
     )
@@ -109,7 +109,7 @@ def test_an_engine_with_two_workers_reserves_one_placement_group_and_generates_a
     tokens equal one worker's, and the group is freed with the engine."""
     from ray.util.placement_group import placement_group_table
 
-    resource = EnginePoolResource(ray_data=RayDataResource())
+    resource = EnginePoolResource(ray_data=RayDataResource()).engines()
     model = resolve_model_source(tiny_model)
     prompts = ["Hello", "Count: one two", "The sky is"]
     single = resource.pool_for(make_pipeline(tmp_path / "landing", tiny_model), model, print)
@@ -139,7 +139,7 @@ def test_an_engine_with_two_workers_reserves_one_placement_group_and_generates_a
 
 def test_a_placement_the_cluster_cannot_hold_fails_before_any_engine_starts(tmp_path, tiny_model, ray_session):
     """Ray would leave such a group pending for ever; the run is told what is missing instead."""
-    resource = EnginePoolResource(ray_data=RayDataResource())
+    resource = EnginePoolResource(ray_data=RayDataResource()).engines()
     pipeline = make_pipeline(
         tmp_path / "landing",
         tiny_model,
@@ -161,7 +161,7 @@ def test_an_engine_that_runs_in_its_first_bundle_needs_its_gpu_there():
 
 def test_pipeline_parallel_on_the_cpu_build_is_refused_before_any_engine_starts(tmp_path, tiny_model, ray_session):
     """vLLM's CPU build fails PP=2 in its own LLM class (measured with 0.32): the run is told at once."""
-    resource = EnginePoolResource(ray_data=RayDataResource())
+    resource = EnginePoolResource(ray_data=RayDataResource()).engines()
     pipeline = make_pipeline(
         tmp_path / "landing", tiny_model, engine_kwargs={"max_model_len": 512, "pipeline_parallel_size": 2}
     )
@@ -180,7 +180,7 @@ def test_a_dead_engines_batches_are_handed_back_once_however_many_of_their_refer
 
     import pyarrow as pa
 
-    resource = EnginePoolResource(ray_data=RayDataResource(), max_engine_restarts=1)
+    resource = EnginePoolResource(ray_data=RayDataResource(), max_engine_restarts=1).engines()
     pipeline = make_pipeline(tmp_path / "landing", tiny_model)
     pool = resource.pool_for(pipeline, resolve_model_source(tiny_model), print)
     pool.build()
@@ -217,7 +217,7 @@ def test_an_engine_ready_before_the_others_takes_only_what_it_runs_at_once(tmp_p
 
     import pyarrow as pa
 
-    resource = EnginePoolResource(ray_data=RayDataResource())
+    resource = EnginePoolResource(ray_data=RayDataResource()).engines()
     pipeline = make_pipeline(
         tmp_path / "landing",
         tiny_model,

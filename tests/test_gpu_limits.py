@@ -169,10 +169,10 @@ def test_with_a_pool_limit_of_one_the_second_run_builds_its_engine_after_the_fir
         )
         assert limits == {1}
         # Held by the pool, as the daemon's log says (not by max_concurrent_runs: there was room for two).
-        assert f'Run {second.run_id} is blocked by global concurrency limits: {{"{POOL}"' in deployment.daemon_logs(), (
-            explain()
-        )
-        assert f"Run {first.run_id} is blocked" not in deployment.daemon_logs()
+        assert f'Run {second.run_id} is blocked by global concurrency limits: {{"{POOL}"' in deployment.daemon_logs(
+            tail=None
+        ), explain()
+        assert f"Run {first.run_id} is blocked" not in deployment.daemon_logs(tail=None)
 
         # The engines never overlapped: the second run's step, and so its engine, started after the first
         # run had ended, its stages step and its engine's shutdown (at the run's resource teardown,

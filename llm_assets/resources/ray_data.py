@@ -25,13 +25,20 @@ class RayDataResource(dg.ConfigurableResource):
         description="A run that finishes no batch for this long logs what it waits for (engines, tasks, free "
         "resources, object store), and again as long as that lasts; 0: never.",
     )
+    log_to_driver: bool = Field(
+        default=True,
+        description="Print the Ray workers' own output (vLLM's log, say) in the run's process; it stays in Ray's "
+        "session logs either way.",
+    )
     _session: Optional[RaySession] = PrivateAttr(default=None)
 
     def session(self) -> RaySession:
         """The run's Ray session; Ray itself starts on first use, not when Dagster builds the
         resource (Dagster also builds resources for bookkeeping after a run ends)."""
         if self._session is None:
-            self._session = RaySession(self.address, self.num_cpus, self.num_gpus, self.namespace, self.runtime_env)
+            self._session = RaySession(
+                self.address, self.num_cpus, self.num_gpus, self.namespace, self.runtime_env, self.log_to_driver
+            )
         return self._session
 
     def teardown_after_execution(self, context: dg.InitResourceContext) -> None:

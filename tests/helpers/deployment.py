@@ -138,9 +138,10 @@ class Deployment:
         self.daemons.append(daemon)
         return daemon
 
-    def daemon_logs(self) -> str:
+    def daemon_logs(self, tail: Optional[int] = 3000) -> str:
+        """The daemons' logs: the last ``tail`` characters of each (None: all of it)."""
         return "\n".join(
-            f"--- daemon-{n}.log:\n{(self.tmp / f'daemon-{n}.log').read_text()[-3000:]}"
+            f"--- daemon-{n}.log:\n{(self.tmp / f'daemon-{n}.log').read_text()[-(tail or 0) :]}"
             for n in range(len(self.daemons))
         )
 
