@@ -121,18 +121,10 @@ def test_dagster_asset_materialize_runs_the_stages_in_one_step_with_one_engine(s
     with dg.instance_for_test(temp_dir=str(setup["home"])) as instance:
         instance.add_dynamic_partitions("tiny", sorted(ROWS))
     dagster = Path(sys.executable).parent / "dagster"
+    materialize = [str(dagster), "asset", "materialize", "-f", str(setup["defs"])]
+    materialize += ["--select", "group:tiny", "--partition", "a.jsonl"]
     process = subprocess.Popen(
-        [
-            str(dagster),
-            "asset",
-            "materialize",
-            "-f",
-            str(setup["defs"]),
-            "--select",
-            "group:tiny",
-            "--partition",
-            "a.jsonl",
-        ],
+        materialize,
         cwd=setup["tmp"],
         env=env,
         stdout=subprocess.PIPE,
@@ -169,17 +161,7 @@ def test_dagster_asset_materialize_runs_the_stages_in_one_step_with_one_engine(s
 
     # The same command again: every stage is up to date, so the run starts no Ray at all.
     again = subprocess.run(
-        [
-            str(dagster),
-            "asset",
-            "materialize",
-            "-f",
-            str(setup["defs"]),
-            "--select",
-            "group:tiny",
-            "--partition",
-            "a.jsonl",
-        ],
+        materialize,
         cwd=setup["tmp"],
         env=env,
         capture_output=True,
