@@ -73,3 +73,33 @@ def serve_run_without_blocking(app: Any, name: str) -> None:
     from ray import serve
 
     serve._run(app, name=name, route_prefix=None, _blocking=False)
+
+
+def ray_data_execution_callback(on_step: Any, key: str) -> type:
+    """A Ray Data ``ExecutionCallback`` class whose every scheduling-loop step calls
+    ``on_step(key, executor)``: the run keeps the executor (for its operators' state) and ends the
+    execution by raising there. Ray Data instantiates the classes of
+    ``DataContext.custom_execution_callback_classes`` itself, and ships the context to its workers:
+    the class holds only ``key`` (``on_step`` is a module-level function). The interface is not
+    exported."""
+    from ray.data._internal.execution.execution_callback import ExecutionCallback
+
+    class _OnStep(ExecutionCallback):
+        def on_execution_step(self, executor: Any) -> None:
+            on_step(key, executor)
+
+    return _OnStep
+
+
+def ray_data_operator_states(executor: Any) -> list[str]:
+    """One line per operator of a running Ray Data execution (tasks running, blocks queued, the
+    actor pool's actors), for a stalled run's report: Ray Data shows it only on its progress bars."""
+    lines = []
+    for op, state in executor._topology.items():
+        line = f"Ray Data {op.name}: {op.num_active_tasks()} task(s) running, "
+        line += f"{state.total_enqueued_input_blocks()} block(s) queued"
+        info = op.get_actor_info() if hasattr(op, "get_actor_info") else None
+        if info is not None and (info.running or info.pending or info.restarting):
+            line += f", actors {info.running} running, {info.pending} pending, {info.restarting} restarting"
+        lines.append(line)
+    return lines

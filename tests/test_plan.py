@@ -7,7 +7,9 @@ import pytest
 from llm_assets import versions
 from llm_assets.config import ProcessorConfig
 from llm_assets.engines import ENGINES, engine_for
-from llm_assets.execution.steps import build_steps, chains, step_of
+from llm_assets.execution.dataset import cpu_pool, operators
+from llm_assets.execution.run import chains
+from llm_assets.execution.schedulable import stage_cpus, unschedulable
 from llm_assets.pipeline import LLMPipeline
 from llm_assets.sources import LocalFolderSource
 from llm_assets.stages import STAGES
@@ -76,23 +78,40 @@ def test_engines_are_registered_by_processor_config_class():
     ]
 
 
-def test_a_run_groups_cpu_stages_by_resources_and_the_engine_output_is_written_after_it():
+def test_a_run_groups_cpu_stages_by_settings_and_the_engine_output_is_written_after_it():
     p = pipeline()
     chain = p.stage_names()
-    steps = build_steps(p, chain, cluster_cpus=4)
-    assert [s.stages if s else ENGINE for s in steps] == [
-        ["preprocess"],
-        ["chat_template", "tokenize"],
-        ENGINE,
-        [ENGINE, "detokenize", "postprocess"],
+    ops = operators(p, chain, {0})
+    assert [(op.kind, op.stages) for op in ops] == [
+        ("cpu", ["preprocess", "chat_template", "tokenize"]),
+        ("engine", [ENGINE]),
+        ("cpu", [ENGINE, "detokenize", "postprocess"]),
     ]
-    assert step_of(steps, chain, chain.index("tokenize")) == 1 and step_of(steps, chain, chain.index(ENGINE)) == 2
-    assert step_of(steps, chain, chain.index("detokenize")) == 3
-    assert steps[1].max_in_flight == 2 and build_steps(p, chain, cluster_cpus=16)[1].max_in_flight == 4
-    heavy = pipeline(tokenize_stage={"num_cpus": 2, "concurrency": 3})
-    steps = build_steps(heavy, heavy.stage_names(), cluster_cpus=4)
-    assert [s.stages if s else ENGINE for s in steps][:3] == [["preprocess"], ["chat_template"], ["tokenize"]]
-    assert steps[2].max_in_flight == 3 and steps[2].options["num_cpus"] == 2
+    assert ops[0].looks_up and not ops[2].looks_up  # the group before the engine looks rows up in the cache
+    # ray.data.llm's per-stage settings: a stage whose settings differ is an operator of its own.
+    seed = pipeline(
+        chat_template_stage={"enabled": True, "batch_size": 256, "concurrency": 4},
+        tokenize_stage={"enabled": True, "batch_size": 512, "num_cpus": 0.5},
+        detokenize_stage={"enabled": True, "concurrency": (2, 8)},
+    )
+    assert [op.stages for op in operators(seed, seed.stage_names(), {0})] == [
+        ["preprocess"],
+        ["chat_template"],
+        ["tokenize"],
+        [ENGINE],
+        [ENGINE, "detokenize"],
+        ["postprocess"],
+    ]
+    # Partitions entering later cut the groups where they join.
+    at_tokenize = operators(p, chain, {0, chain.index("tokenize")})
+    assert [op.stages for op in at_tokenize][:2] == [["preprocess", "chat_template"], ["tokenize"]]
+    assert at_tokenize[1].start == chain.index("tokenize") and at_tokenize[1].looks_up
+    at_engine = operators(p, chain, {0, chain.index(ENGINE)})
+    assert not at_engine[0].looks_up  # rows join before the engine: the lookup is an operator of its own
+    at_detokenize = operators(p, chain, {chain.index("detokenize")})
+    assert [op.stages for op in at_detokenize][-2:] == [[ENGINE], ["detokenize", "postprocess"]]
+    assert cpu_pool(None, 3) == {"min_size": 1, "max_size": 3} and cpu_pool(4, 9) == {"min_size": 1, "max_size": 4}
+    assert cpu_pool((2, 8), 9) == {"min_size": 2, "max_size": 8}
     assert chains(p, ["preprocess", "tokenize", ENGINE, "postprocess"]) == [
         ["preprocess"],
         ["tokenize", ENGINE],
@@ -118,14 +137,12 @@ def test_the_engine_version_follows_its_settings_and_library_not_batching():
 
 
 def test_a_run_the_cluster_could_never_schedule_is_named_before_it_starts():
-    from llm_assets.execution.steps import unschedulable
-
     p = pipeline(tokenize_stage={"num_cpus": 3})
-    steps = build_steps(p, p.stage_names(), cluster_cpus=4)
+    steps = stage_cpus(p, p.stage_names())
     one_engine = {"CPU": 1, "GPU": 0, "CPU_each": 1, "GPU_each": 0}
     assert unschedulable(steps, [{"CPU": 4}], one_engine) is None
     assert unschedulable(steps, [{"CPU": 3}], one_engine) == (
-        "stage(s) tokenize ask for 3 logical CPU(s) per task; the largest node of the Ray cluster has 3, "
+        "stage(s) tokenize ask for 3 logical CPU(s) per worker; the largest node of the Ray cluster has 3, "
         "1 of them held by the engines for the whole run"
     )
     assert unschedulable(steps, [{"CPU": 3}, {"CPU": 3}], one_engine) is None  # the engine may sit on the other node

@@ -92,7 +92,7 @@ def test_an_engine_that_does_not_start_in_time_fails_the_run_saying_so(tmp_path,
     [
         (
             {"tokenize_stage": {"num_cpus": 4}},
-            "stage(s) tokenize ask for 4 logical CPU(s) per task; the largest node of the Ray cluster has 4, "
+            "stage(s) tokenize ask for 4 logical CPU(s) per worker; the largest node of the Ray cluster has 4, "
             "1 of them held by the engines",
         ),
         ({"concurrency": 5}, "the engines ask for 5 logical CPU(s) in all; the Ray cluster has 4"),

@@ -3,7 +3,7 @@
 Each stage keeps its own asset key, code version, checks, metadata and committed Parquet per
 partition (the asset graph shows one asset per stage), but whatever launches the run — the job,
 "Materialize" in the UI, an asset backfill, a sensor — the selected stages execute in one step:
-one process, one Ray, one engine pool, one streaming run (``execution/stream.py``). With the
+one process, one Ray, one engine pool, one Ray Data run (``execution/run.py``). With the
 single-run backfill policy a backfill is one run too, so the model loads once.
 """
 
@@ -15,8 +15,8 @@ from typing import Any, Iterator, Optional, Union
 import dagster as dg
 
 from llm_assets.defs import checks, dead_runs
+from llm_assets.execution.run import PartitionCommitted, Run, StageDone
 from llm_assets.execution.stats import SAMPLES_KEPT, PartitionStats
-from llm_assets.execution.stream import PartitionCommitted, StageDone, StreamingRun
 from llm_assets.pipeline import LLMPipeline
 from llm_assets.private_apis import dagster_data_version_tags
 from llm_assets.tasks import ENGINE
@@ -241,7 +241,7 @@ def stages_asset(pipeline: LLMPipeline, partitions_def: dg.PartitionsDefinition)
             context.resources.storage.store(),
             context.resources.engine_pool.engines(),
         )
-        run = StreamingRun(
+        run = Run(
             pipeline,
             selected,
             partitions,

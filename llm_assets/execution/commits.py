@@ -1,9 +1,10 @@
-"""What a streaming run has written, per stage and partition, and the commits that make it visible.
+"""The commits that make a run's output visible, per stage and partition.
 
-Each (stage, partition) the run computes gets an attempt folder (created when its first unit is
-sent, so a run that fails early writes nothing), collects the files its units' tasks wrote, and
-is committed (manifest last) as soon as the partition's input is fully read and every unit it
-expects is written. Stages commit in chain order, so a stage never commits before its upstream.
+Each (stage, partition) the run computes gets an attempt folder, created just before the run's
+dataset starts (a run that fails on its checks writes nothing). Ray Data's tasks write their
+files into it and tell the run's ledger; once every row of a partition has come out of the chain,
+each of its stages is committed (manifest last), in chain order, so a stage never commits before
+its upstream.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import time
 from dataclasses import dataclass
 from typing import Callable, Optional
 
-from llm_assets.execution.inputs import Entry, Unit, input_identity
+from llm_assets.execution.plan import Entry, input_identity
 from llm_assets.execution.stats import PartitionStats
 from llm_assets.storage import new_attempt_name
 from llm_assets.tasks import ENGINE
@@ -24,10 +25,8 @@ class Commit:
 
     attempt: str
     stats: PartitionStats
-    files: dict  # unit seq -> (file name, rows)
-    expected: int = 0
+    kept: list  # (file name, rows, first row id) of a resumed attempt's files
     info: Optional[dict] = None  # recorded in the attempt folder (the engine's, for resuming)
-    created: bool = False  # its folder exists
 
 
 class Commits:
@@ -50,7 +49,6 @@ class Commits:
         )
         self.open_commits: dict[tuple[str, str], Commit] = {}
         self.results: dict[str, dict[str, PartitionStats]] = {stage: {} for stage in chain}
-        self.fed: set[str] = set()  # partitions whose input is fully read
         self.reported: set[str] = set()
         self.just_committed: list[tuple[str, PartitionStats]] = []  # since the last drain
         self.to_commit = dict.fromkeys(chain, 0)  # partitions each stage computes in this run
@@ -78,9 +76,10 @@ class Commits:
             for stage in self.chain[entry.index :]:
                 self.to_commit[stage] += 1
 
-    def open(self, entry: Entry) -> None:
-        """Name the partition's attempts for every stage it computes (the engine's may be adopted)."""
-        upstream_attempt = None
+    def open(self, entry: Entry) -> dict[tuple[str, str], str]:
+        """Name and create the partition's attempt folders for every stage it computes (the
+        engine's may be adopted); returns each one's full path."""
+        upstream_attempt, folders = None, {}
         for stage in self.chain[entry.index :]:
             # The entry stage's input was found when the partition was planned; a source file that
             # could not be read then is read again here, failing with its own message.
@@ -88,9 +87,11 @@ class Commits:
                 upstream_attempt or entry.input or input_identity(self.pipeline, stage, entry.partition, self.storage)
             )
             stats = PartitionStats(entry.partition, code_version=self.versions[stage], input=identity)
+            info = {"code_version": self.versions[stage], "input": identity} if stage == ENGINE else None
+            kept: list = []
             if stage == ENGINE and entry.resumed is not None:
                 attempt, names, rows = entry.resumed
-                files, created = dict(enumerate(zip(names, rows))), True
+                kept = [(name, count, None) for name, count in zip(names, rows)]
                 total = entry.upstream.rows
                 self.log(
                     f"engine [{entry.partition}]: resuming an interrupted attempt ({attempt}): "
@@ -98,76 +99,56 @@ class Commits:
                     f"already written are kept; the other {total - sum(rows)} go to the engine"
                 )
             else:
-                attempt, files, created = new_attempt_name(), {}, False
-            info = {"code_version": self.versions[stage], "input": identity} if stage == ENGINE else None
-            self.open_commits[(stage, entry.partition)] = Commit(attempt, stats, files, len(files), info, created)
+                attempt = new_attempt_name()
+                self.storage.create_attempt(self.pipeline.name, stage, entry.partition, attempt, info)
+            self.open_commits[(stage, entry.partition)] = Commit(attempt, stats, kept, info)
+            folders[(stage, entry.partition)] = (
+                f"{self.storage.partition_dir(self.pipeline.name, stage, entry.partition)}/{attempt}"
+            )
             upstream_attempt = attempt
+        return folders
 
-    def target(self, stage: str, partition: str) -> tuple[str, str]:
-        """Where a unit's output of ``stage`` goes: the partition folder and the attempt."""
-        commit = self.open_commits[(stage, partition)]
-        if not commit.created:
-            self.storage.create_attempt(self.pipeline.name, stage, partition, commit.attempt, commit.info)
-            commit.created = True
-        return self.storage.partition_dir(self.pipeline.name, stage, partition), commit.attempt
+    def commit(self, entry: Entry, stage: str, records: list[dict]) -> None:
+        """The partition's output of one stage, from the records of the files its tasks wrote."""
+        partition = entry.partition
+        commit = self.open_commits.pop((stage, partition))
+        stats = commit.stats
+        stats.rows_in = entry.rows
+        for record in records:
+            stats.add(record)
+            stats.rows_cached += record.get("cached", 0)
+            stats.generated_tokens -= record.get("cached_tokens", 0)
+        if commit.kept:
+            stats.add(entry.resumed_stats)
+            stats.rows_resumed = entry.resumed_stats["rows"]
+        written = sorted(((r["file"], r["rows"], r["first"]) for r in records), key=lambda f: row_order(f[2]))
+        files = commit.kept + written
+        stats.seconds = round(time.monotonic() - stats.started, 3)
+        stats.path = self.storage.uri(self.storage.partition_dir(self.pipeline.name, stage, partition))
+        self.storage.commit(
+            self.pipeline.name,
+            stage,
+            partition,
+            commit.attempt,
+            [name for name, _, _ in files],
+            [rows for _, rows, _ in files],
+            stats.as_dict(),
+        )
+        self.results[stage][partition] = stats
+        self.committed[stage] += 1
+        self.just_committed.append((stage, stats))
+        done, total = self.counts(stage)
+        cached = f", {stats.rows_cached} of them answered from the response cache" if stats.rows_cached else ""
+        self.log(
+            f"{stage} [{partition}]: committed {stats.rows_out} rows in {stats.seconds:.1f} s{cached} "
+            f"({done}/{total} partitions) -> {stats.path}"
+        )
 
-    def expect(self, unit: Unit) -> None:
-        for stage in self.chain[unit.entry :]:
-            if not (stage == ENGINE and unit.after_engine):
-                self.open_commits[(stage, unit.partition)].expected += 1
-
-    def written(self, unit: Unit, items: list[dict]) -> None:
-        for item in items:
-            commit = self.open_commits[(item["stage"], unit.partition)]
-            commit.files[unit.seq] = (item["file"], item["rows"])
-            commit.stats.add(item)
-
-    def add_cached(self, partition: str, rows: int, tokens: int) -> None:
-        """Rows the response cache answered: counted apart, and their tokens are not this run's
-        generated tokens (the engine stage's output holds them all)."""
-        stats = self.open_commits[(ENGINE, partition)].stats
-        stats.rows_cached += rows
-        stats.generated_tokens -= tokens
-
-    def input_read(self, entry: Entry) -> None:
-        for stage in self.chain[entry.index :]:
-            self.open_commits[(stage, entry.partition)].stats.rows_in = entry.rows
-        if entry.resumed is not None:
-            engine = self.open_commits[(ENGINE, entry.partition)].stats
-            engine.add(entry.resumed_stats)
-            engine.rows_resumed = entry.resumed_stats["rows"]
-        self.fed.add(entry.partition)
-        self.commit_ready(entry.partition)
-
-    def commit_ready(self, partition: str) -> None:
-        if partition not in self.fed or partition in self.failed:
-            return
-        for stage in self.chain:
-            commit = self.open_commits.get((stage, partition))
-            if commit is None or partition in self.results[stage] or len(commit.files) < commit.expected:
-                continue
-            names = [commit.files[seq] for seq in sorted(commit.files)]
-            stats = commit.stats
-            stats.seconds = round(time.monotonic() - stats.started, 3)
-            stats.path = self.storage.uri(self.storage.partition_dir(self.pipeline.name, stage, partition))
-            self.storage.commit(
-                self.pipeline.name,
-                stage,
-                partition,
-                commit.attempt,
-                [n for n, _ in names],
-                [r for _, r in names],
-                stats.as_dict(),
-            )
-            self.results[stage][partition] = stats
-            self.committed[stage] += 1
-            self.just_committed.append((stage, stats))
-            done, total = self.counts(stage)
-            cached = f", {stats.rows_cached} of them answered from the response cache" if stats.rows_cached else ""
-            self.log(
-                f"{stage} [{partition}]: committed {stats.rows_out} rows in {stats.seconds:.1f} s{cached} "
-                f"({done}/{total} partitions) -> {stats.path}"
-            )
+    def expected_rows(self, entry: Entry) -> dict[str, int]:
+        """The rows each stage the partition computes will write, in chain order (a resumed
+        engine attempt's kept rows are written already)."""
+        kept = entry.resumed_stats.get("rows", 0) if entry.resumed is not None else 0
+        return {stage: entry.rows - (kept if stage == ENGINE else 0) for stage in self.chain[entry.index :]}
 
     def counts(self, stage: str) -> tuple[int, int]:
         """Partitions of the stage committed by this run, and to commit in all."""
@@ -190,3 +171,9 @@ class Commits:
 
     def summary(self) -> str:
         return ", ".join("{} {}/{}".format(stage, *self.counts(stage)) for stage in self.chain)
+
+
+def row_order(row_id) -> tuple:
+    """Where a row id falls in its partition: ``{file}:{index}`` ids by their index."""
+    head, _, tail = str(row_id).rpartition(":")
+    return (head, int(tail)) if tail.isdigit() else (str(row_id), -1)

@@ -1,21 +1,43 @@
-"""A run's engine pools: started once per run and shared by every partition it streams (a
-single-run backfill loads the model once).
+"""A run's engines: the engine stage's Ray Data operator (a fixed pool of engine actors, one
+replica each), and what they held when the run is over. Imports no Dagster
+(``llm_assets.resources.EnginePoolResource`` is its Dagster resource).
 
-vLLM takes minutes to start on a GPU (~140 s for a 1B model on an H100: compile + CUDA graphs), so
-the pools belong to the run, not to one stage: the streaming run asks for one when it starts (the
-actors then import the engine library while the CPU stages run), builds it when the first unit is
-ready for it, and releases it as soon as the engine stage has committed (the engines begin to shut
-down; the run does not wait). The run's end collects the engines' shutdown reports and ends their
-actors, before Ray is shut down. Imports no Dagster (``llm_assets.resources.EnginePoolResource``
-is its Dagster resource).
+vLLM takes a minute or more to start on a GPU (compile, CUDA graphs), so the engines belong to
+the run, not to one partition: a single-run backfill loads the model once. Ray Data creates the
+actors when the run's dataset starts executing (they import the engine library and build at
+once, while the CPU stages read and tokenize) and ends them when it is done. An engine whose
+workers span several GPUs reserves a placement group per actor (``engines/placement.py``), made
+when Ray Data creates the actor and removed when the run ends.
 """
 
 from __future__ import annotations
 
+import time
 from typing import Any, Callable, Optional
 
-from llm_assets.engines.pool import EnginePool
+from llm_assets.engines import placement as placements
+from llm_assets.engines.host import engine_actor_options
+from llm_assets.execution.dataset import EngineOp
 from llm_assets.ray_session import RaySession
+
+
+class PlacementGroups:
+    """Ray Data's ``ray_remote_args_fn`` for the engine actors: a new placement group for each
+    actor it creates (a restarted one included), its actor in the first bundle."""
+
+    def __init__(self, placement, num_cpus: float):
+        self.placement, self.num_cpus = placement, num_cpus
+        self.groups: list = []
+
+    def __call__(self) -> dict[str, Any]:
+        group, options = placements.reserve(self.placement, self.num_cpus)
+        self.groups.append(group)
+        return {key: value for key, value in options.items() if key == "scheduling_strategy"}
+
+    def release(self, log: Callable[[str], None]) -> None:
+        groups, self.groups = self.groups, []
+        for group in groups:
+            placements.release(group, log)
 
 
 class RunEngines:
@@ -30,38 +52,50 @@ class RunEngines:
     ):
         self.session = session
         self.num_cpus_per_engine, self.start_timeout_s = num_cpus_per_engine, start_timeout_s
-        self.max_engine_restarts, self.model_s3, self.price_per_gpu_hour = (
-            max_engine_restarts,
-            model_s3,
-            price_per_gpu_hour,
-        )
-        self._pools: list[EnginePool] = []
+        self.max_engine_restarts, self.model_s3 = max_engine_restarts, model_s3
+        self.price_per_gpu_hour = price_per_gpu_hour
 
-    def pool_for(self, pipeline, target: str, log: Callable[[str], None]) -> EnginePool:
-        """New engine actors for the pipeline (they import the engine library now; ``build()``
-        starts the engines)."""
+    def on_gpu(self) -> bool:
         self.session.ensure_started()
-        self.session.before_shutdown(self.shutdown_engines)
-        # Engines released by an earlier step of this run must be gone before new ones claim their GPUs.
-        for released in [p for p in self._pools if p.shutting_down]:
-            self._pools.remove(released)
-            released.shutdown()
-        pool = EnginePool(
-            pipeline.engine,
-            target,
-            pipeline.engine_detokenizes(),
-            self.session.cluster_gpus() > 0,
-            self.num_cpus_per_engine,
-            self.max_engine_restarts,
-            log,
+        return self.session.cluster_gpus() > 0
+
+    def operator(self, pipeline, target: str, log: Callable[[str], None]) -> tuple[EngineOp, Optional[PlacementGroups]]:
+        """The engine stage's operator for the pipeline (``target``: the resolved model)."""
+        engine, config = pipeline.engine, pipeline.engine.config
+        on_gpu, detokenizes = self.on_gpu(), pipeline.engine_detokenizes()
+        replica_kwargs = engine.replica_kwargs(target, on_gpu, detokenizes)
+        # What the replicas connect to, outside the run (a Serve app).
+        replica_kwargs.update(engine.provision(target, on_gpu, detokenizes, log))
+        gpus, size = engine.gpus_per_replica(on_gpu), config.engine_pool_size
+        options, secret_env = engine_actor_options(engine, config, on_gpu, self.num_cpus_per_engine, gpus, size)
+        options["max_restarts"] = self.max_engine_restarts
+        placement, groups = engine.placement(on_gpu), None
+        if placement is not None:
+            placement = placements.with_accelerator(placement, config.accelerator_type)
+            placements.check_fits(placement, size, f"{engine.label} for {target}")
+            groups = PlacementGroups(placement, self.num_cpus_per_engine)
+            options.pop("accelerator_type", None)  # the group's first bundle carries it
+            options["num_cpus"] = min(self.num_cpus_per_engine, placement.bundles[0].get("CPU", 0))
+            options["num_gpus"] = placement.actor_gpus
+        log(
+            f"{engine.label} for {target}: {size} engine actor(s) ({gpus:g} GPU(s) each, "
+            f"{'GPU' if on_gpu else 'CPU'} build"
+            + (f"; each reserves a placement group of {placement.describe()})" if placement else ")")
         )
-        self._pools.append(pool)
-        return pool
+        op = EngineOp(
+            kwargs={"engine": engine, "replica_kwargs": replica_kwargs, "on_gpu": on_gpu, "secret_env": secret_env},
+            options=options,
+            size=size,
+            batch_size=config.batch_size,
+            max_concurrency=getattr(config, "max_concurrent_batches", 1),
+            max_tasks_in_flight=getattr(config, "max_tasks_in_flight_per_actor", None),
+            remote_args_fn=groups,
+        )
+        return op, groups
 
     def reservation(self, pipeline) -> dict[str, float]:
-        """What the pipeline's engine pool holds for the whole run: CPUs and GPUs, in all and each."""
-        self.session.ensure_started()
-        gpus = float(pipeline.engine.gpus_per_replica(self.session.cluster_gpus() > 0))
+        """What the pipeline's engines hold for the whole run: CPUs and GPUs, in all and each."""
+        gpus = float(pipeline.engine.gpus_per_replica(self.on_gpu()))
         replicas = pipeline.config.engine_pool_size
         return {
             "CPU": self.num_cpus_per_engine * replicas,
@@ -70,18 +104,25 @@ class RunEngines:
             "GPU_each": gpus,
         }
 
-    def release(self, pool: EnginePool) -> None:
-        """The run is done with the pool: its engines begin to shut down now, and the run goes on
-        without waiting (vLLM waits seconds for its engine-core process); ``shutdown_engines``
-        collects their reports and ends the actors."""
-        if pool in self._pools:
-            pool.begin_shutdown()
 
-    def shutdown_engines(self) -> None:
-        """Stop every engine started for the run (idempotent; a no-op once Ray is gone)."""
-        import ray
-
-        pools, self._pools = self._pools, []
-        if ray.is_initialized():
-            for pool in pools:
-                pool.shutdown()
+def usage(engines: dict[str, dict[str, Any]], builds: int, gpus_each: float) -> dict[str, Any]:
+    """What the run's engines held, from each actor's start to its end (or now): engine-seconds
+    and GPU-seconds; how many engines were built (a restarted actor's included); where each ran."""
+    now = time.time()
+    held = sum((state.get("ended") or now) - state["created"] for state in engines.values() if state.get("created"))
+    placement = [
+        {
+            "engine": number,
+            "host": state.get("host"),
+            "node_id": state.get("node_id"),
+            "gpu_ids": state.get("gpu_ids", []),
+        }
+        for number, state in enumerate(engines.values())
+        if state.get("node_id")
+    ]
+    return {
+        "engine_seconds": round(held, 1),
+        "gpu_seconds": round(held * gpus_each, 1),
+        "engine_starts": builds,
+        "placement": placement,
+    }

@@ -1,5 +1,6 @@
-"""The run's engine pools, as a Dagster resource: a thin wrapper over
-``llm_assets.execution.engines.RunEngines`` (the engines' settings; the pools are per run)."""
+"""The run's engines, as a Dagster resource: a thin wrapper over
+``llm_assets.execution.engines.RunEngines`` (the engines' settings; the engine actors are the
+run's, started and ended by Ray Data)."""
 
 from __future__ import annotations
 
@@ -21,7 +22,7 @@ class EnginePoolResource(dg.ConfigurableResource):
     num_cpus_per_engine: float = Field(default=1.0, description="Logical CPUs each engine actor reserves.")
     start_timeout_s: float = Field(default=1800.0, description="How long an engine may take to start.")
     max_engine_restarts: int = Field(
-        default=3, ge=0, description="Engines that die mid-run are rebuilt this many times per run, at most."
+        default=3, ge=0, description="An engine actor that dies mid-run is restarted by Ray this many times, at most."
     )
     model_s3: Optional[S3Resource] = Field(
         default=None,
@@ -45,7 +46,3 @@ class EnginePoolResource(dg.ConfigurableResource):
                 self.price_per_gpu_hour,
             )
         return self._engines
-
-    def teardown_after_execution(self, context: dg.InitResourceContext) -> None:
-        if self._engines is not None:
-            self._engines.shutdown_engines()

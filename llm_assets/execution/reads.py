@@ -1,0 +1,102 @@
+"""The run's inputs as a Ray Data datasource: one read task per file, each row tagged with its partition.
+
+A partition enters the run's chain at its first stage that is not up to date (``plan.py``): from
+its source file (read by the source's own reader, so JSONL errors keep their line numbers and rows
+their ``{file}:{index}`` ids), or from the committed Parquet files of the stage before (their
+manifest's files). A resumed engine attempt's complete files come in after the engine, marked
+``__kept__``: they are the engine's output already, and are neither sent to the engine nor written
+again. A file that cannot be read now (a source file changed since the check before the run) fails
+its partition in the ledger and yields nothing.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, Iterator, Optional
+
+import pyarrow as pa
+
+from llm_assets.errors import SourceError
+
+PARTITION = "__partition__"
+KEPT = "__kept__"  # a row of a resumed engine attempt's complete file
+READ_CPUS = 0.25
+SOURCE_CHUNK_ROWS = 1024
+
+
+@dataclass(frozen=True)
+class ReadItem:
+    """One file of one partition: its source file (``source`` set), or a committed Parquet file."""
+
+    partition: str
+    rows: Optional[int] = None  # as far as known before reading (the manifest's count)
+    source: Any = None  # the pipeline's source: read its partition's file
+    path: Optional[str] = None  # a committed Parquet file
+    filesystem: Any = None
+    exclude: tuple = field(default=())  # row ids to leave out (rows a resumed attempt has already)
+    kept: bool = False  # rows of a resumed engine attempt, past the engine
+    copies: Optional[str] = None  # where the run keeps its S3 input objects (downloaded once)
+
+
+def _read(item: ReadItem, ledger) -> Iterator[pa.Table]:
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+    import ray
+
+    from llm_assets.rows import ROW_ID
+
+    try:
+        if item.source is not None:
+            tables = item.source.read(item.partition, chunk_rows=SOURCE_CHUNK_ROWS, copies=item.copies)
+        else:
+            tables = pq.ParquetFile(item.path, filesystem=item.filesystem).iter_batches()
+        for table in tables:
+            table = table if isinstance(table, pa.Table) else pa.Table.from_batches([table])
+            if item.exclude:
+                table = table.filter(pc.invert(pc.is_in(table.column(ROW_ID), value_set=pa.array(item.exclude))))
+            if table.num_rows:
+                table = table.append_column(PARTITION, pa.array([item.partition] * table.num_rows, pa.string()))
+                if item.kept:
+                    table = table.append_column(KEPT, pa.array([True] * table.num_rows, pa.bool_()))
+                yield table
+    except SourceError as exc:  # changed since the check before the run: its partition fails, not the run
+        ray.get(ledger.fail.remote(item.partition, exc))
+
+
+def read_dataset(items: list[ReadItem], ledger):
+    """A Ray Data dataset of the items' rows."""
+    import ray
+
+    # One block stream per file: Ray Data would otherwise split a small file's rows into up to 200 blocks.
+    return ray.data.read_datasource(_Reads(items, ledger), num_cpus=READ_CPUS, override_num_blocks=len(items))
+
+
+class _Reads:
+    """A Ray Data ``Datasource`` (made one in ``__new__``: Ray Data is imported only where a run runs)."""
+
+    def __new__(cls, items: list[ReadItem], ledger):
+        from ray.data import Datasource, ReadTask
+
+        class Reads(Datasource):
+            def estimate_inmemory_data_size(self) -> Optional[int]:
+                return None
+
+            def get_read_tasks(self, parallelism: int, **_: Any) -> list:
+                return [ReadTask(lambda item=item: _read(item, ledger), _metadata(item)) for item in items]
+
+        return Reads()
+
+
+def _metadata(item: ReadItem):
+    """Ray Data's block metadata for a read task (its fields differ between Ray releases)."""
+    from ray.data.block import BlockMetadata
+
+    known = {
+        "num_rows": item.rows,
+        "size_bytes": None,
+        "input_files": [item.path] if item.path else None,
+        "exec_stats": None,
+        "schema": None,
+    }
+    return BlockMetadata(**{f.name: known[f.name] for f in dataclasses.fields(BlockMetadata) if f.name in known})
