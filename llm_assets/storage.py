@@ -165,12 +165,7 @@ class PartitionStore:
     ) -> None:
         """Create the attempt folder (named by ``new_attempt_name()``) for the partition's output;
         ``info`` (what it computes from) is recorded in it so that a later run may adopt it."""
-        fs = self.filesystem()
-        base = self.partition_dir(pipeline, stage, partition)
-        fs.create_dir(f"{base}/{attempt}", recursive=True)
-        if info is not None:
-            body = json.dumps(info).encode()
-            write_atomically(fs, f"{base}/{attempt}/{ATTEMPT_INFO}", lambda out: out.write(body))
+        create_attempt_folder(self.filesystem(), f"{self.partition_dir(pipeline, stage, partition)}/{attempt}", info)
 
     def commit(
         self,
@@ -234,6 +229,16 @@ class PartitionStore:
                 for e in files
                 if e.base_name.startswith("part-") and e.base_name.endswith(".parquet")
             )
+            if not names:  # nothing written yet (a run that ended early): an older attempt may have files
+                continue
             rows = [pq.ParquetFile(f"{base}/{name}", filesystem=fs).metadata.num_rows for name in names]
             return attempt, names, rows
         return None
+
+
+def create_attempt_folder(fs: pafs.FileSystem, folder: str, info: Optional[dict[str, Any]] = None) -> None:
+    """An attempt folder (full path), with ``info`` recorded in it (what it computes from)."""
+    fs.create_dir(folder, recursive=True)
+    if info is not None:
+        body = json.dumps(info).encode()
+        write_atomically(fs, f"{folder}/{ATTEMPT_INFO}", lambda out: out.write(body))

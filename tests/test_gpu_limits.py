@@ -36,8 +36,8 @@ from tests.helpers.pipelines import make_pipeline, make_resources
 POOL = "llm_assets/gpu"
 STEP = "tiny_stages"
 ROWS = {"a.jsonl": 3, "b.jsonl": 4}
-ENGINE_LOAD = "Loading vLLM into 1 engine actor(s)"
-ENGINE_START = "Starting 1 vLLM engine actor(s)"
+ENGINE_LOAD = ": 1 engine actor(s) ("
+ENGINE_START = "vLLM engine 0 started in"
 ENGINE_DOWN = "vLLM engine 0 shut down"
 
 pytestmark = [pytest.mark.timeout(300), pytest.mark.slow]

@@ -388,9 +388,7 @@ def test_two_runs_against_one_endpoint_share_its_qps(tmp_path):
     # started (logged to the second) while requests were still being sent.
     last_request = max(server.arrivals)
     for _, folder in running:
-        line = next(
-            line for line in (folder / "run.log").read_text().splitlines() if "Starting 2 HTTP engine actor(s)" in line
-        )
+        line = next(line for line in (folder / "run.log").read_text().splitlines() if ": 2 engine actor(s) (" in line)
         started = time.mktime(time.strptime(line[:19], "%Y-%m-%d %H:%M:%S")) - time.timezone
         assert started < last_request - 5, (
             f"{folder.name}'s engines started {last_request - started:.1f} s before the last request"

@@ -39,8 +39,8 @@ from tests.helpers.processes import kill_processes, new_descendants
 PROJECT = Path(__file__).resolve().parent.parent
 STAGES = ["preprocess", "chat_template", "tokenize", "engine", "detokenize", "postprocess"]
 ROWS = {"a.jsonl": 3, "b.jsonl": 4}
-ENGINE_START = "Starting 1 vLLM engine actor(s)"
-ENGINE_LOAD = "Loading vLLM into 1 engine actor(s)"
+ENGINE_START = "vLLM engine 0 started in"
+ENGINE_LOAD = ": 1 engine actor(s) ("
 RUN_WAIT_S = 420
 
 DEFINITIONS = textwrap.dedent(

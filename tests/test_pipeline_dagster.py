@@ -15,9 +15,9 @@ from tests.helpers.data import questions, write_jsonl
 from tests.helpers.models import model_without_chat_template
 from tests.helpers.pipelines import (
     MAX_TOKENS,
+    OPERATOR_TIMES,
     RANGE_END,
     RANGE_START,
-    TASK_TIMES,
     assert_failed_before_any_engine,
     engine_starts,
     log_messages,
@@ -98,20 +98,26 @@ def detokenize_metadata(instance) -> dict:
     return instance.get_latest_materialization_event(dg.AssetKey(["tiny", "detokenize"])).asset_materialization.metadata
 
 
-def test_the_run_log_tells_how_each_group_of_cpu_tasks_spent_its_time(two_partition_run):
-    """Once the stages are done, one line per group of CPU tasks: how many tasks ran (one per
-    batch of 4 rows: 2 for a's 5 rows, 2 for b's 7) and, per task, how long it waited to start,
-    ran, used the CPU and spent building its stages: what tells a starved task from a cold one."""
+def test_the_run_is_a_ray_data_dataset_whose_operators_report_their_tasks(two_partition_run):
+    """The run's stages are Ray Data operators: Ray's own state lists the run's dataset with them
+    (what Ray's dashboard shows), and once they are done the run logs one line per operator from
+    Ray Data's stats: its tasks (one file each at least: two partitions) and how long each ran, and
+    on CPU."""
+    import ray
+    from ray.data._internal.stats import get_or_create_stats_actor
+
     instance, result = two_partition_run["instance"], two_partition_run["result"]
-    found = {m.group(1): m for m in map(TASK_TIMES.search, log_messages(instance, result.run_id)) if m}
-    assert set(found) == {"preprocess", "chat_template, tokenize", "detokenize, postprocess"}
-    for match in found.values():
-        tasks, waited, longest_wait, ran, longest_run, _, built, longest_build, cold = (
-            float(g) for g in match.groups()[1:]
-        )
-        assert tasks == 4 and cold <= tasks
-        assert waited <= longest_wait + 0.05 and ran <= longest_run + 0.05 and built <= longest_build + 0.05
-        assert 0 < ran < 60 and built <= ran
+    found = {m.group(1): m for m in map(OPERATOR_TIMES.search, log_messages(instance, result.run_id)) if m}
+    groups = ["MapBatches(preprocess+chat_template+tokenize)", "MapBatches(engine_output+detokenize+postprocess)"]
+    assert set(found) == {"ReadReads", *groups, "MapBatches(EngineStage)"}
+    for name in [*groups, "MapBatches(EngineStage)"]:
+        tasks, ran, longest, on_cpu = (float(found[name].group(i)) for i in (2, 3, 4, 5))
+        assert tasks >= 2 and 0 < ran <= longest + 0.05 and on_cpu <= ran + 0.05, found[name].group(0)
+    assert int(found["MapBatches(EngineStage)"].group(6)) == 12
+    datasets = ray.get(get_or_create_stats_actor().get_datasets.remote())
+    operators = {op["name"]: op for dataset in datasets.values() for op in dataset["operators"].values()}
+    assert operators["MapBatches(EngineStage)"]["state"] == "FINISHED"
+    assert operators["MapBatches(preprocess+chat_template+tokenize)"]["total_rows"] >= 12
 
 
 def test_the_engine_reports_where_its_loop_spent_its_time_when_it_shuts_down(two_partition_run):

@@ -155,7 +155,9 @@ def test_a_run_waiting_on_a_busy_cluster_says_what_it_waits_for_and_goes_on_when
     assert report is not None, "no stall report within 120 s"
     print(report)
     assert "free in the Ray cluster: 0 of 4 CPU(s)" in report
-    assert "Fake engine 0 is not placed by Ray yet: it needs 1 CPU" in report
-    assert "preprocess: 1 task(s) in flight (0.5 CPU each)" in report
+    assert "1 Fake engine actor(s) not placed by Ray yet: each needs 1 CPU" in report
+    # Ray Data's own state of each operator: the first group's actor waits for a CPU too.
+    assert "Ray Data MapBatches(preprocess+chat_template+tokenize): 0 task(s) running" in report
+    assert "actors 0 running, 1 pending" in report
     assert outcome["result"].success
     assert resources["storage"].store().manifest("tiny", "postprocess", "x.jsonl").rows == 3

@@ -12,10 +12,17 @@ import pytest
 from llm_assets.execution.cache import CacheSettings, request_keys
 from llm_assets.rows import ERROR_COLUMN
 from tests.helpers.data import questions, write_jsonl
-from tests.helpers.pipelines import MAX_TOKENS, fake_pipeline, log_messages, make_resources, read_output, run_job
+from tests.helpers.pipelines import (
+    MAX_TOKENS,
+    engine_starts,
+    fake_pipeline,
+    log_messages,
+    make_resources,
+    read_output,
+    run_job,
+)
 
 N = 16
-ENGINE_STARTS = "Starting 1 Fake engine actor(s)"
 
 
 def engine_output(resources, partition) -> dict[str, dict]:
@@ -69,7 +76,7 @@ def cached_runs(tmp_path_factory, fake_model, ray_session):
 def test_the_first_run_answers_everything_with_the_engine(cached_runs):
     instance, run = cached_runs["instance"], cached_runs["runs"]["a"]
     assert rows_cached(instance, run.run_id) == 0
-    assert any(ENGINE_STARTS in m for m in log_messages(instance, run.run_id))
+    assert engine_starts(instance, run.run_id) == 1
 
 
 def test_overlapping_prompts_of_a_later_file_are_answered_from_the_cache(cached_runs):
@@ -88,7 +95,7 @@ def test_overlapping_prompts_of_a_later_file_are_answered_from_the_cache(cached_
     assert any(f"{N // 2} of them answered from the response cache" in m for m in messages)
     # The file starts with rows the cache answers, and has rows to generate: the engine actors
     # start with the run, before the first batch's lookup.
-    loading = next(i for i, m in enumerate(messages) if m.startswith("Loading Fake into 1 engine actor(s)"))
+    loading = next(i for i, m in enumerate(messages) if m.startswith("Fake for ") and ": 1 engine actor(s) (" in m)
     looked_up = next(i for i, m in enumerate(messages) if m.startswith("Response cache (deterministic requests):"))
     assert loading < looked_up
     # Generated tokens count the generated rows only.
@@ -118,7 +125,11 @@ def test_a_file_landed_twice_costs_no_engine_at_all(cached_runs):
     metadata = engine_metadata(instance, run.run_id)
     assert metadata["rows_cached"] == N and metadata["generated_tokens"] == 0 and metadata["engine_seconds"] == 0
     # No engine actor at all: none was created (none would have imported an engine library).
-    assert not any(m.startswith(("Loading Fake", ENGINE_STARTS)) for m in log_messages(instance, run.run_id))
+    messages = log_messages(instance, run.run_id)
+    assert not any(m.startswith("Fake for ") for m in messages) and engine_starts(instance, run.run_id) == 0
+    assert any(
+        "the response cache answers a sample of this run's rows: the run starts no engine" in m for m in messages
+    )
     assert len(read_output(cached_runs["resources"]["storage"].store(), "postprocess", "c.jsonl")) == N
 
 
@@ -198,7 +209,7 @@ def test_rows_with_the_same_tokens_and_other_images_get_other_keys():
 def test_an_unreadable_answer_file_fails_naming_it(tmp_path):
     import pyarrow.fs as pafs
 
-    from llm_assets.execution.cache import KEY, lookup
+    from llm_assets.execution.cache import KEY, CacheLookup
 
     table = pa.table({"row_id": ["x:0"], "tokenized_prompt": [[1, 2, 3]], "sampling_params": ['{"temperature": 0}']})
     key = request_keys(table, SETTINGS)[0].as_py()
@@ -206,4 +217,4 @@ def test_an_unreadable_answer_file_fails_naming_it(tmp_path):
     broken.write_bytes(b"not parquet")
     index = pa.table({KEY: pa.array([key], pa.binary(16)), "segment": [str(broken)]})
     with pytest.raises(RuntimeError, match=f"response cache's file {broken} cannot be read.*response_cache='off'"):
-        lookup(table, index, SETTINGS, pafs.LocalFileSystem())
+        CacheLookup(index, SETTINGS, pafs.LocalFileSystem())(table)

@@ -135,7 +135,9 @@ class CacheLookup:
     def __init__(self, index, settings: CacheSettings, filesystem):
         import ray
 
-        self.index = ray.get(index[0])  # the stored keys, put once by the run (a list: Ray keeps a nested ref)
+        # The stored keys: put once by the run (in a list, so that Ray hands the reference over),
+        # or the table itself.
+        self.index = ray.get(index[0]) if isinstance(index, list) else index
         self.settings, self.filesystem = settings, filesystem
 
     def __call__(self, table: pa.Table) -> pa.Table:

@@ -1,7 +1,7 @@
 """The commits that make a run's output visible, per stage and partition.
 
-Each (stage, partition) the run computes gets an attempt folder, created just before the run's
-dataset starts (a run that fails on its checks writes nothing). Ray Data's tasks write their
+Each (stage, partition) the run computes gets an attempt folder, created by the worker that
+writes its first file (a run that fails on its checks writes nothing). Ray Data's tasks write their
 files into it and tell the run's ledger; once every row of a partition has come out of the chain,
 each of its stages is committed (manifest last), in chain order, so a stage never commits before
 its upstream.
@@ -76,10 +76,11 @@ class Commits:
             for stage in self.chain[entry.index :]:
                 self.to_commit[stage] += 1
 
-    def open(self, entry: Entry) -> dict[tuple[str, str], str]:
-        """Name and create the partition's attempt folders for every stage it computes (the
-        engine's may be adopted); returns each one's full path."""
-        upstream_attempt, folders = None, {}
+    def open(self, entry: Entry) -> tuple[dict[tuple[str, str], str], dict[str, dict]]:
+        """Name the partition's attempt folders for every stage it computes (the engine's may be
+        adopted): returns each one's full path, and what the new engine attempt records (the
+        workers create a folder with its first file: a run that fails first writes nothing)."""
+        upstream_attempt, folders, infos = None, {}, {}
         for stage in self.chain[entry.index :]:
             # The entry stage's input was found when the partition was planned; a source file that
             # could not be read then is read again here, failing with its own message.
@@ -100,13 +101,13 @@ class Commits:
                 )
             else:
                 attempt = new_attempt_name()
-                self.storage.create_attempt(self.pipeline.name, stage, entry.partition, attempt, info)
             self.open_commits[(stage, entry.partition)] = Commit(attempt, stats, kept, info)
-            folders[(stage, entry.partition)] = (
-                f"{self.storage.partition_dir(self.pipeline.name, stage, entry.partition)}/{attempt}"
-            )
+            folder = f"{self.storage.partition_dir(self.pipeline.name, stage, entry.partition)}/{attempt}"
+            folders[(stage, entry.partition)] = folder
+            if info is not None and not kept:
+                infos[folder] = info
             upstream_attempt = attempt
-        return folders
+        return folders, infos
 
     def commit(self, entry: Entry, stage: str, records: list[dict]) -> None:
         """The partition's output of one stage, from the records of the files its tasks wrote."""

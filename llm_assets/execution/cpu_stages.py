@@ -25,12 +25,14 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from llm_assets.atomic import write_parquet
-from llm_assets.execution.cache import KEY, CacheSettings, store_answers
+from llm_assets.execution.cache import KEY, NOT_IN_ENGINE_OUTPUT, CacheSettings, store_answers
+from llm_assets.execution.commits import row_order
 from llm_assets.execution.engine_stage import CACHED
 from llm_assets.execution.reads import KEPT, PARTITION
 from llm_assets.execution.stats import batch_counts, batch_summary
 from llm_assets.rows import ROW_ID, RowError
 from llm_assets.secret_env import applied as secret_env_applied
+from llm_assets.storage import create_attempt_folder
 
 # The run's own columns, never written and never shown to a stage.
 RUN_COLUMNS = (PARTITION, KEPT, KEY, CACHED)
@@ -51,6 +53,7 @@ class Targets:
 
     filesystem: Any
     folders: dict[tuple[str, str], str]
+    infos: dict[str, dict] = field(default_factory=dict)  # folder -> what it records (a new engine attempt)
 
 
 class CpuStages:
@@ -68,6 +71,8 @@ class CpuStages:
     ):
         size_tokenizer_threads()
         self.targets, self.ledger, self.secret_env, self.last, self.cache = targets, ledger, secret_env, last, cache
+        self.failed: set[str] = set()  # partitions failed so far (the ledger says, with each batch's records)
+        self.created: set[str] = set()  # attempt folders this worker made sure exist
         with secret_env_applied(secret_env):
             self.stages = [(spec, spec.udf(**spec.kwargs) if spec.udf is not None else None) for spec in stages]
 
@@ -75,6 +80,7 @@ class CpuStages:
         import ray
 
         records: list[dict[str, Any]] = []
+        batch = _without_partitions(batch, self.failed)
         with secret_env_applied(self.secret_env):
             for spec, udf in self.stages:
                 if udf is None:
@@ -84,7 +90,7 @@ class CpuStages:
                     batch = self._apply(spec, udf, batch)
                     if spec.write:
                         records.extend(self._write(spec, batch))
-        ray.get(self.ledger.wrote.remote(records))
+        self.failed = ray.get(self.ledger.wrote.remote(records))
         # The chain's last group hands nothing on: its files are the output (the ledger counts them).
         return batch.select([PARTITION]).slice(0, 0) if self.last else batch
 
@@ -119,6 +125,11 @@ class CpuStages:
         counted apart: their tokens are not this run's generated tokens."""
         if self.cache is not None and KEY in batch.column_names:
             store_answers(_without(batch, CACHED), self.cache, self.targets.filesystem)
+        if spec.kwargs.get("cache_only"):
+            batch = self._defer_misses(batch)
+        # What the engines leave out of their output (earlier stages keep it): rows that passed
+        # them by leave it out too.
+        batch = batch.drop_columns([c for c in NOT_IN_ENGINE_OUTPUT if c in batch.column_names])
         records = self._write(spec, _without(batch, KEPT))
         if CACHED in batch.column_names:
             for record in records:
@@ -128,6 +139,20 @@ class CpuStages:
                 record["cached"] = cached.num_rows
                 record["cached_tokens"] = batch_counts(cached)["generated_tokens"]
         return records
+
+    def _defer_misses(self, batch: pa.Table) -> pa.Table:
+        """In a run without engines: the partitions of rows the cache did not answer leave the
+        batch, and the run takes them again with engines (rows of a resumed attempt count as answered)."""
+        import ray
+
+        answered = (
+            pc.or_(_flag(batch, CACHED), _flag(batch, KEPT)) if KEPT in batch.column_names else _flag(batch, CACHED)
+        )
+        missed = pc.unique(batch.filter(pc.invert(answered)).column(PARTITION)).to_pylist()
+        if not missed:
+            return batch
+        ray.get(self.ledger.defer.remote(missed))
+        return _without_partitions(batch, missed)
 
     def _write(self, spec: StageSpec, batch: pa.Table) -> list[dict[str, Any]]:
         """The stage's output of each partition in the batch, one file each; their records."""
@@ -139,14 +164,20 @@ class CpuStages:
             # Named by its rows: a retried task writes the same rows under the same name.
             digest = hashlib.sha256("\n".join(map(str, rows.column(ROW_ID).to_pylist())).encode()).hexdigest()[:24]
             folder = self.targets.folders[(spec.name, partition)]
-            name = f"part-{digest}.parquet"
+            if folder not in self.created:
+                create_attempt_folder(self.targets.filesystem, folder, self.targets.infos.get(folder))
+                self.created.add(folder)
+            first = rows.column(ROW_ID)[0].as_py()
+            order = row_order(first)[1]
+            # Ordered by their first row where row ids are a file's {file}:{index}.
+            name = f"part-{order:010d}-{digest}.parquet" if order >= 0 else f"part-{digest}.parquet"
             write_parquet(self.targets.filesystem, f"{folder}/{name}", rows)
             records.append(
                 {
                     "stage": spec.name,
                     "partition": partition,
                     "file": f"{folder.rsplit('/', 1)[1]}/{name}",
-                    "first": rows.column(ROW_ID)[0].as_py(),
+                    "first": first,
                     **batch_counts(rows, spec.count_columns),
                     **batch_summary(rows),
                 }
@@ -161,6 +192,12 @@ def _flag(batch: pa.Table, name: str) -> pa.ChunkedArray:
 def _without(batch: pa.Table, flag: str) -> pa.Table:
     """The batch's rows not marked ``flag``."""
     return batch.filter(pc.invert(_flag(batch, flag))) if flag in batch.column_names else batch
+
+
+def _without_partitions(batch: pa.Table, partitions) -> pa.Table:
+    if not partitions or not batch.num_rows:
+        return batch
+    return batch.filter(pc.invert(pc.is_in(batch.column(PARTITION), value_set=pa.array(list(partitions), pa.string()))))
 
 
 def _partition_of(batch: pa.Table, row_id: Any) -> Optional[str]:

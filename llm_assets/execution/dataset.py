@@ -39,6 +39,7 @@ class EngineOp:
 
     kwargs: dict[str, Any]
     options: dict[str, Any]  # num_cpus, num_gpus, runtime_env, accelerator_type, max_restarts
+    target: str  # what the engines serve (a model, a URL), for log lines
     size: int
     batch_size: int
     max_concurrency: int
@@ -144,7 +145,8 @@ def _cpu_group(ds, data: ChainData, op: Op, last: bool):
     specs = []
     for stage in group:
         if stage == ENGINE:
-            specs.append(StageSpec(ENGINE, None, {}, dict(pipeline.engine.count_columns)))
+            cache_only = {"cache_only": True} if data.engine is None else {}
+            specs.append(StageSpec(ENGINE, None, cache_only, dict(pipeline.engine.count_columns)))
         else:
             specs.append(StageSpec(stage, pipeline.plan(stage).udf, data.stage_kwargs[stage]))
     if op.looks_up and data.cache is not None:
@@ -158,8 +160,11 @@ def _cpu_group(ds, data: ChainData, op: Op, last: bool):
     engines = data.engine.size if data.engine else 1
     pool = cpu_pool(settings.concurrency if settings else None, max(engines, int(data.cluster_cpus) // 4))
     batch_size = (settings.batch_size if settings else None) or pipeline.config.batch_size
+    # A class per group, named by its stages: Ray Data names the operator after it (its log, stats,
+    # dashboard): MapBatches(chat_template+tokenize).
+    named = type("+".join("engine_output" if s == ENGINE else s for s in group), (CpuStages,), {})
     return ds.map_batches(
-        CpuStages,
+        named,
         fn_constructor_kwargs={
             "stages": specs,
             "targets": data.targets,
@@ -184,17 +189,19 @@ def _lookup_kwargs(data: ChainData) -> dict[str, Any]:
 def _engine(ds, data: ChainData, looked_up: bool):
     from ray.data import ActorPoolStrategy
 
-    op = data.engine
+    op, config = data.engine, data.pipeline.config
     if data.cache is not None and not looked_up:  # partitions join just before the engine: a lookup of its own
         ds = ds.map_batches(
             CacheLookup,
             fn_constructor_kwargs=_lookup_kwargs(data),
-            batch_size=op.batch_size,
+            batch_size=config.batch_size,
             batch_format="pyarrow",
             zero_copy_batch=True,
-            compute=ActorPoolStrategy(min_size=1, max_size=max(1, op.size)),
+            compute=ActorPoolStrategy(min_size=1, max_size=config.engine_pool_size),
             num_cpus=0.25,
         )
+    if op is None:  # the response cache answers the run (a sample of its rows said so): no engine
+        return ds
     kwargs = {**op.kwargs, "ledger": data.ledger, "answer_columns": data.cache[1].answer_columns if data.cache else ()}
     named = {key: value for key, value in op.options.items() if key != "max_restarts"}
     if op.remote_args_fn is not None:

@@ -17,6 +17,7 @@ resource's ``max_engine_restarts``) and Ray Data sends its batches again.
 from __future__ import annotations
 
 import asyncio
+import atexit
 import logging
 import os
 import time
@@ -67,6 +68,7 @@ class EngineStage:
 
         os.environ.update(secret_env)  # this process is the engine's alone (see secret_env.py)
         self.ledger, self.answer_columns = ledger, answer_columns
+        self.failed: set[str] = set()  # partitions failed so far (the ledger says, with each batch done)
         self.id = ray.get_runtime_context().get_actor_id()
         self._report({"state": "importing", "pid": os.getpid()})
         started = time.perf_counter()
@@ -85,6 +87,7 @@ class EngineStage:
             self._report({"state": "failed", "error": first_line(exc)})
             raise
         self.fatal = (*self.replica.fatal_errors(), *_engine_dead_errors())
+        atexit.register(self.shutdown)
         self._report({"state": "ready", **self.replica.info(), "import_seconds": round(import_seconds, 2)})
 
     def _report(self, state: dict[str, Any]) -> None:
@@ -93,6 +96,10 @@ class EngineStage:
         ray.get(self.ledger.engine.remote(self.id, {**state, "since": time.time()}))
 
     async def __call__(self, batch: pa.Table) -> AsyncIterator[pa.Table]:
+        if self.failed and batch.num_rows:  # rows of a partition failed meanwhile: no engine time for them
+            batch = batch.filter(
+                pc.invert(pc.is_in(batch.column(PARTITION), value_set=pa.array(list(self.failed), pa.string())))
+            )
         passed = _mask(batch, PASSED)
         if passed is not None and pc.all(passed).as_py():
             yield batch
@@ -100,7 +107,7 @@ class EngineStage:
         todo = batch if passed is None else batch.filter(pc.invert(passed))
         started = time.monotonic()
         output = await self._generate(todo)
-        await self.ledger.batch.remote(self.id, output.num_rows, time.monotonic() - started)
+        self.failed = await self.ledger.batch.remote(self.id, output.num_rows, time.monotonic() - started)
         if passed is not None and pc.any(passed).as_py():
             kept = batch.filter(passed)
             # A partition the engine failed (its rows left the batch) loses its passed rows too.
@@ -132,17 +139,21 @@ class EngineStage:
                 os._exit(1)
         return batch
 
+    def shutdown(self) -> None:
+        """Shut the engine down and tell the ledger its report (idempotent). Ray Data ends its
+        actors when the run's dataset is done; the process then exits, and this runs at its exit
+        (``atexit``: before Python tears its modules down, which ``__del__`` may be too late for)."""
+        replica, self.replica = getattr(self, "replica", None), None
+        if replica is None:
+            return
+        report = replica.shutdown() or {}
+        try:
+            self._report({"state": "shut down", "report": report})
+        except Exception as exc:  # the run's ledger is gone (the run ended first): nobody to tell
+            logger.warning("engine shut down (%s); the run's ledger is gone: %s", report, first_line(exc))
+
     def __del__(self):
-        # Ray Data ends its actors when the run's dataset is done: the engine's own report goes to
-        # the ledger, and what it holds (GPU memory, an engine-core process) is freed now.
-        replica = getattr(self, "replica", None)
-        if replica is not None:
-            self.replica = None
-            report = replica.shutdown() or {}
-            try:
-                self._report({"state": "shut down", "report": report})
-            except Exception as exc:  # the run's ledger is gone (the run ended first): nobody to tell
-                logger.warning("engine shut down (%s); the run's ledger is gone: %s", report, first_line(exc))
+        self.shutdown()
 
 
 def _engine_dead_errors() -> tuple[type[BaseException], ...]:

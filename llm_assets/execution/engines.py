@@ -85,6 +85,7 @@ class RunEngines:
         op = EngineOp(
             kwargs={"engine": engine, "replica_kwargs": replica_kwargs, "on_gpu": on_gpu, "secret_env": secret_env},
             options=options,
+            target=target,
             size=size,
             batch_size=config.batch_size,
             max_concurrency=getattr(config, "max_concurrent_batches", 1),

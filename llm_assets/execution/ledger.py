@@ -15,6 +15,8 @@ from __future__ import annotations
 import time
 from typing import Any
 
+ENGINE = "engine"  # as llm_assets.tasks names it (this module imports nothing of the library)
+
 
 class RunLedger:
     """A Ray actor (``num_cpus=0``): every call is short and the run's tasks wait for its answer."""
@@ -28,6 +30,9 @@ class RunLedger:
         self.handed: set[tuple[str, str]] = set()
         self.failed: dict[str, BaseException] = {}  # partition -> the first error that failed it
         self.failed_order: list[str] = []
+        # Partitions with a row the response cache did not answer, in a run started without
+        # engines (the cache answered a sample of every row): the run takes them again with engines.
+        self.deferred: set[str] = set()
         self.engines: dict[str, dict[str, Any]] = {}  # engine actor id -> its latest state
         self.engine_rows = 0
         self.engine_builds = 0  # engines that became ready (a restarted actor builds again)
@@ -36,8 +41,9 @@ class RunLedger:
     def expect(self, expected: dict[str, dict[str, int]]) -> None:
         self.expected.update(expected)
 
-    def wrote(self, records: list[dict[str, Any]]) -> None:
-        """Files a task wrote (a retried task writes the same names again: kept once)."""
+    def wrote(self, records: list[dict[str, Any]]) -> set[str]:
+        """Files a task wrote (a retried task writes the same names again: kept once); returns
+        the partitions failed so far, whose rows the task's worker drops from then on."""
         for record in records:
             key = (record["stage"], record["partition"])
             files = self.files.setdefault(key, {})
@@ -45,15 +51,19 @@ class RunLedger:
             self.rows[key] = self.rows.get(key, 0) + record["rows"] - (previous["rows"] if previous else 0)
             files[record["file"]] = record
         self.last_progress = time.time()
+        return set(self.failed)
 
     def complete(self) -> list[tuple[str, str, list[dict[str, Any]]]]:
         """(partition, stage, its files' records) of each stage whose files now hold every row it
         expects, in chain order per partition; each is handed once (forgotten here)."""
         handed = []
         for partition, stages in self.expected.items():
+            stop = ENGINE if partition in self.deferred else None
             if partition in self.failed:
-                continue
+                stop = getattr(self.failed[partition], "stage", None) or "*"  # "*": no stage (an unreadable file)
             for stage, rows in stages.items():
+                if stop == "*" or stage == stop:
+                    break
                 key = (stage, partition)
                 if key in self.handed:
                     continue
@@ -64,17 +74,27 @@ class RunLedger:
         return handed
 
     def unfinished(self) -> list[str]:
-        """Partitions with a stage not handed yet (and not failed)."""
+        """Partitions with a stage not handed yet (not failed, not deferred)."""
         return [
             partition
             for partition, stages in self.expected.items()
-            if partition not in self.failed and any((stage, partition) not in self.handed for stage in stages)
+            if partition not in self.failed
+            and partition not in self.deferred
+            and any((stage, partition) not in self.handed for stage in stages)
         ]
 
     def fail(self, partition: str, error: BaseException) -> None:
+        """Fail a partition: the stages before the one that failed it still commit once complete
+        (their files hold every row), nothing from that stage on."""
         if partition not in self.failed:
             self.failed[partition] = error
             self.failed_order.append(partition)
+
+    def defer(self, partitions: list[str]) -> None:
+        self.deferred.update(partitions)
+
+    def deferrals(self) -> list[str]:
+        return sorted(self.deferred)
 
     def failures(self, since: int = 0) -> list[tuple[str, BaseException]]:
         """Partitions failed since the first ``since`` ones, in order, with their error."""
@@ -91,12 +111,13 @@ class RunLedger:
         self.engines[actor_id] = {**previous, **state}
         self.last_progress = time.time()
 
-    def batch(self, actor_id: str, rows: int, seconds: float) -> None:
+    def batch(self, actor_id: str, rows: int, seconds: float) -> set[str]:
         engine = self.engines.setdefault(actor_id, {})
         engine["rows"] = engine.get("rows", 0) + rows
         engine["batches"] = engine.get("batches", 0) + 1
         self.engine_rows += rows
         self.last_progress = time.time()
+        return set(self.failed)
 
     def snapshot(self) -> dict[str, Any]:
         """What the run's process shows: the engines, the rows they finished, the last progress."""

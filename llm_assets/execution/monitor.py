@@ -45,12 +45,13 @@ class Monitor:
         self,
         pipeline,
         ledger,
-        engines: Optional[tuple[int, str]],
+        engines: Optional[tuple[int, str, str]],
         start_timeout_s: float,
         stall_report_s: float,
         log: Callable[[str], None],
     ):
-        """``engines``: how many engine actors the run has, and what each needs (None: no engine)."""
+        """``engines``: how many engine actors the run has, what each needs from Ray, and what they
+        serve (None: the run has no engine)."""
         self.name, self.label = pipeline.name, pipeline.engine.label
         self.ledger, self.start_timeout_s, self.stall_report_s, self.log = ledger, start_timeout_s, stall_report_s, log
         self.engines, self.has_engine = engines, engines is not None
@@ -108,6 +109,11 @@ class Monitor:
 
         return ray.get(self.ledger.complete.remote())
 
+    def deferrals(self) -> list[str]:
+        import ray
+
+        return ray.get(self.ledger.deferrals.remote())
+
     def unfinished(self) -> list[str]:
         import ray
 
@@ -135,7 +141,11 @@ class Monitor:
         if self.has_engine and ready and self.first_ready is None:
             self.first_ready = now
         if self.has_engine and not ready and now - self.started > self.start_timeout_s:
-            self.abort(EngineStartError(f"{self.label} engines did not start within {self.start_timeout_s:.0f} s"))
+            self.abort(
+                EngineStartError(
+                    f"{self.label} engines for {self.engines[2]} did not start within {self.start_timeout_s:g} s"
+                )
+            )
         self._progress(now, summary, snapshot)
         silent = time.time() - snapshot.get("last_progress", time.time())
         every = self.stall_report_s
@@ -147,10 +157,14 @@ class Monitor:
         """A line for each engine that became ready, died or failed to start since the last look."""
         for number, (actor, engine) in enumerate(engines.items()):
             news = (engine.get("state"), engine.get("restarts", 0))
-            if self.engine_states.get(actor) == news:
+            before = self.engine_states.get(actor)
+            if before == news:
                 continue
             self.engine_states[actor] = news
             name = f"{self.label} engine {number}"
+            restarted = news[1] > (before or ("", 0))[1] and (before or ("",))[0] != "dead"
+            if restarted:  # Ray restarted its actor: the process had ended (killed, out of memory)
+                self.log(f"{name} died (its actor process ended); Ray restarts it and Ray Data sends its batches again")
             if news[0] == "ready":
                 gpus = f", GPU {', '.join(engine['gpu_ids'])}" if engine.get("gpu_ids") else ""
                 self.log(
@@ -214,6 +228,35 @@ class Monitor:
                 self.log(f"{self.label} engine {number} shut down: {engine['report']}")
             elif engine.get("state") == "ready":
                 self.log(f"({self.label} engine {number} did not report its shutdown within {wait_s:.0f} s)")
+
+
+def operator_times(dataset) -> list[str]:
+    """One line per Ray Data operator of a finished execution, from Ray Data's own stats: its
+    tasks and how long each ran, on CPU and in the stage code: what tells a starved operator (far
+    more wall time than CPU) from a busy one."""
+    lines: list[str] = []
+    for summary in _parents_first(dataset.get_stats_summary()):
+        for op in summary.operators_stats:
+            wall, cpu = op.wall_time, op.cpu_time
+            if wall is None or not wall.count:
+                continue
+            line = (
+                f"Ray Data {op.operator_name}: {wall.count} task(s); per task on average (longest): ran "
+                f"{wall.mean:.3f} s ({wall.max:.1f} s)"
+            )
+            if cpu is not None:
+                line += f", {cpu.mean:.3f} s of it on CPU"
+            if op.output_num_rows is not None:
+                line += f"; {op.output_num_rows.sum} rows out"
+            lines.append(line)
+    return lines
+
+
+def _parents_first(summary) -> list:
+    found = []
+    for parent in summary.parents:
+        found.extend(_parents_first(parent))
+    return found + [summary]
 
 
 def _engine_state(engine: dict[str, Any]) -> str:

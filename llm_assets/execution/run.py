@@ -31,12 +31,13 @@ from llm_assets.execution.commits import Commits
 from llm_assets.execution.cpu_stages import Targets
 from llm_assets.execution.engine_stage import EngineStartError, first_line
 from llm_assets.execution.ledger import start_ledger
-from llm_assets.execution.monitor import Monitor
+from llm_assets.execution.monitor import Monitor, operator_times
 from llm_assets.execution.plan import Entry, plan_entry, read_items
 from llm_assets.execution.preflight import check_sources
 from llm_assets.execution.schedulable import check_schedulable
 from llm_assets.execution.stats import PartitionStats
 from llm_assets.models import resolve_model_source
+from llm_assets.rows import RowError
 from llm_assets.tasks import ENGINE
 
 Log = Callable[[str], None]
@@ -133,6 +134,7 @@ class _ChainRun:
         self.versions = {stage: self.pipeline.code_version(stage) for stage in chain}
         self.commits = Commits(self.pipeline, chain, self.storage, self.versions, run.partitions, self.log)
         self.monitor: Optional[Monitor] = None
+        self.models: dict[str, str] = {}
         self.engine_op: Optional[datasets.EngineOp] = None
 
     def run(self) -> Iterator[Event]:
@@ -159,16 +161,29 @@ class _ChainRun:
             for entry in todo:
                 entry.rows = checked.rows.get(entry.partition, entry.rows)
             todo = [e for e in todo if e.partition not in checked.problems]
+        sample = checked.sample if todo and reads_source and todo[0].index == 0 else None
         yield from self._finished()
         if todo:  # a run with nothing left to compute starts no Ray
-            yield from self._execute(todo)
+            deferred = yield from self._execute(todo, sample)
+            if deferred:  # rows the cache did not answer after all: their partitions again, with engines
+                self.log(
+                    f"{self.pipeline.name}: {len(deferred)} partition(s) had rows the response cache did not "
+                    f"answer ({', '.join(deferred[:5])}); running their engine stage and the stages after it"
+                )
+                again = [
+                    plan_entry(self.pipeline, self.chain, p, self.storage, self.versions, False, self.log)
+                    for p in deferred
+                ]
+                yield from self._execute([e for e in again if e.index is not None], None, cache_only=False)
         yield from self._finished()
         if self.commits.failed:  # raised once the other partitions are committed
             raise self._failure()
 
-    def _execute(self, todo: list[Entry]) -> Iterator[Event]:
+    def _execute(self, todo: list[Entry], sample, cache_only: Optional[bool] = None) -> Iterator[Event]:
+        """One Ray Data execution over these partitions; returns the partitions deferred to a run
+        with engines (a run the response cache was to answer whole, with rows it did not)."""
         cluster_cpus = self.run_.start_ray()
-        models = self._models()
+        models = self.models = self._models()
         stage_kwargs = {stage: self._udf_kwargs(stage, models) for stage in self.chain if stage != ENGINE}
         for stage, kwargs in stage_kwargs.items():  # each stage's own check (a chat template, say)
             check = getattr(self.pipeline.plan(stage).udf, "check_before_run", None)
@@ -176,20 +191,31 @@ class _ChainRun:
                 check(**kwargs)
         runs_engine = ENGINE in self.chain and any(e.index <= self.chain.index(ENGINE) for e in todo)
         engines = self.run_.engines
-        check_schedulable(self.pipeline, self.chain, engines.reservation(self.pipeline) if runs_engine else None)
         engine_op, groups, cache = None, None, None
         if runs_engine:
             model = self.pipeline.plan(ENGINE).model_source
-            target = models[model] if model else self.pipeline.engine.target()
-            engine_op, groups = engines.operator(self.pipeline, target, self.log)
             cache = RunCache.start(
                 self.pipeline, models.get(model) if model else None, self.storage, self.run_.recompute, self.log
             )
+            if cache_only is None:
+                cache_only = cache is not None and sample is not None and not self._sample_misses(sample, cache)
+            if cache_only:
+                self.log(
+                    f"{self.pipeline.name}: the response cache answers a sample of this run's rows: the run starts "
+                    "no engine (partitions with a row it does not answer are taken again with engines)"
+                )
+            else:
+                target = models[model] if model else self.pipeline.engine.target()
+                engine_op, groups = engines.operator(self.pipeline, target, self.log)
+        check_schedulable(self.pipeline, self.chain, engines.reservation(self.pipeline) if engine_op else None)
         ledger = start_ledger()
         folders: dict[tuple[str, str], str] = {}
+        infos: dict[str, dict] = {}
         reads: dict[int, list] = {}
         for entry in todo:
-            folders.update(self.commits.open(entry))
+            opened, recorded = self.commits.open(entry)
+            folders.update(opened)
+            infos.update(recorded)
             reads.setdefault(entry.index, []).extend(
                 read_items(self.pipeline, self.chain, entry, self.storage, self.copies)
             )
@@ -198,14 +224,14 @@ class _ChainRun:
             self.pipeline,
             self.chain,
             reads,
-            Targets(self.storage.filesystem(), folders),
+            Targets(self.storage.filesystem(), folders, infos),
             ledger,
             stage_kwargs,
             cluster_cpus,
             engine_op,
             (cache.index_ref(), cache.settings) if cache is not None else None,
         )
-        needs = (engine_op.size, _needs(engine_op, groups)) if engine_op is not None else None
+        needs = (engine_op.size, _needs(engine_op, groups), engine_op.target) if engine_op is not None else None
         self.monitor = Monitor(
             self.pipeline, ledger, needs, engines.start_timeout_s, self.run_.stall_report_s, self.log
         )
@@ -216,6 +242,7 @@ class _ChainRun:
             self.monitor.detach()
             if groups is not None:
                 groups.release(self.log)
+        return self.monitor.deferrals()
 
     def _stream(self, dataset, entries: dict[str, Entry], monitor: Monitor) -> Iterator[Event]:
         """Execute the dataset; commit each stage of a partition once its files hold all its rows."""
@@ -241,6 +268,8 @@ class _ChainRun:
             monitor.abort()
             reader.join(timeout=30)
             raise
+        for line in operator_times(dataset):
+            self.log(f"{self.pipeline.name}: {line}")
         unfinished = monitor.unfinished()
         if unfinished:
             raise RuntimeError(
@@ -254,6 +283,22 @@ class _ChainRun:
             self.commits.fail(partition, problem)
         for partition, stage, records in monitor.complete():
             self.commits.commit(entries[partition], stage, records)
+
+    def _sample_misses(self, sample, cache: RunCache) -> bool:
+        """Whether rows spread over the run's files, taken through the stages before the engine
+        here in the run's process, ask what the response cache lacks. Stages too heavy to run
+        here (media, a runtime_env of their own) cannot tell: assume so."""
+        before_engine = self.chain[: self.chain.index(ENGINE)]
+        plans = [self.pipeline.plan(stage) for stage in before_engine]
+        if "prepare_multimodal" in before_engine or any(plan.settings.runtime_env for plan in plans):
+            return True
+        try:
+            for plan in plans:
+                sample = plan.udf(**self._udf_kwargs(plan.name, self.models))(sample)
+        except (RowError, ValueError, OSError) as exc:
+            self.log(f"Response cache: a sample of the run's rows could not be looked up ({first_line(exc)})")
+            return True
+        return cache.misses(sample)
 
     def _models(self) -> dict[str, str]:
         sources = {self.pipeline.plan(stage).model_source for stage in self.chain} - {None}

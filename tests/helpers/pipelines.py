@@ -81,11 +81,10 @@ def read_output(storage, stage, partition, pipeline: str = "tiny") -> list[dict]
     return pq.read_table(storage.committed_files(pipeline, stage, partition)).to_pylist()
 
 
-# The line a run logs per group of CPU tasks once its stages are done.
-TASK_TIMES = re.compile(
-    r"tiny: tasks of (.+?): (\d+); per task on average \(longest\): waited ([\d.]+) s \(([\d.]+) s\) to start, "
-    r"ran ([\d.]+) s \(([\d.]+) s\), ([\d.]+) s of it on CPU, ([\d.]+) s \(([\d.]+) s\) building its stages; "
-    r"(\d+) spent over 0.5 s building them"
+# The line a run logs per Ray Data operator once its execution is done.
+OPERATOR_TIMES = re.compile(
+    r"tiny: Ray Data (.+?): (\d+) task\(s\); per task on average \(longest\): ran ([\d.]+) s \(([\d.]+) s\), "
+    r"([\d.]+) s of it on CPU; (\d+) rows out"
 )
 
 
@@ -101,12 +100,8 @@ def assert_failed_before_any_engine(
     assert expected in headline, headline
     if not engine_may_build:
         messages = log_messages(instance, result.run_id)
-        assert not any("Starting 1 vLLM engine" in m or "vLLM engine 0 started" in m for m in messages)
-        if any(m.startswith("Loading vLLM into 1 engine actor(s)") for m in messages):  # the actor was created
-            # It ends at once, not after importing vLLM (a shutdown would wait for that import).
-            assert "Ended 1 vLLM engine actor(s) before their engine was built" in messages
-            assert not any("shut down" in m for m in messages)
-    assert not (storage_root / "tiny" / "engine").exists()
+        assert not any("engine actor(s) (" in m or "vLLM engine 0 started" in m for m in messages)
+    assert not (storage_root / "tiny" / "engine").exists()  # no engine output, not even an attempt folder
 
 
 def step_failure(result):
