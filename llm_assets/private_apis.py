@@ -5,7 +5,9 @@ If a release moves one of these, this is the one place to look."""
 
 from __future__ import annotations
 
-from typing import Any
+import threading
+from contextlib import contextmanager
+from typing import Any, Iterator
 
 # --- Dagster ----------------------------------------------------------------------------------------
 
@@ -103,3 +105,36 @@ def ray_data_operator_states(executor: Any) -> list[str]:
             line += f", actors {info.running} running, {info.pending} pending, {info.restarting} restarting"
         lines.append(line)
     return lines
+
+
+class RayNeededBeforeItStarted(BaseException):
+    """A function the driver runs before Ray starts called a Ray API. A BaseException, so that a
+    row function's ``except Exception`` does not turn it into a row error."""
+
+
+_refusing = threading.Lock()
+
+
+@contextmanager
+def ray_auto_init_refused() -> Iterator[None]:
+    """While the driver runs a user's function before Ray starts (the input checks), a Ray API
+    the function calls raises RayNeededBeforeItStarted instead of starting Ray: Ray's automatic
+    ``ray.init()`` would start a Ray without the run's settings, and, called from a checking
+    thread, one whose GCS and raylet Linux kills when that thread ends (Ray ties them to the
+    starting thread), taking the run down a minute later. No public API turns auto-init off once
+    Ray is imported (``RAY_ENABLE_AUTO_CONNECT`` is read at import)."""
+    from ray._private import auto_init_hook
+
+    def refuse() -> None:
+        import ray
+
+        if not ray.is_initialized():
+            raise RayNeededBeforeItStarted()
+
+    with _refusing:
+        started = auto_init_hook.auto_init_ray
+        auto_init_hook.auto_init_ray = refuse
+        try:
+            yield
+        finally:
+            auto_init_hook.auto_init_ray = started

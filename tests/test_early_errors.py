@@ -153,3 +153,45 @@ def test_a_landing_folder_that_does_not_exist_is_named_by_the_cli_and_the_sensor
         context = dg.build_sensor_context(instance=instance, definitions=defs)
         result = defs.get_sensor_def("tiny_new_files").evaluate_tick(context)
     assert result.skip_message.startswith(f"the landing folder {tmp_path / 'typo'} does not exist"), result.skip_message
+
+
+RAY_IN_PREPROCESS = textwrap.dedent(
+    """\
+    import sys
+
+    import ray
+
+    from llm_assets.execution.preflight import check_sources
+    from tests.helpers.pipelines import make_pipeline
+
+    def ask_with_node(row):
+        node = ray.get_runtime_context().get_node_id()
+        return {"node": node, "messages": [{"role": "user", "content": row["question"]}]}
+
+    pipeline = make_pipeline(sys.argv[1], sys.argv[2], preprocess=ask_with_node)
+    found = check_sources(pipeline, ["x.jsonl", "y.jsonl"], None)
+    print(sorted(found.rows.items()), sorted(found.problems.items()), ray.is_initialized())
+    """
+)
+
+
+def test_a_preprocess_function_that_calls_ray_is_not_run_before_ray_starts_and_starts_no_ray(tmp_path, tiny_model):
+    # Ray's automatic init from a checking thread would start a Ray whose GCS dies with that
+    # thread, ending the run a minute later ("Failed to connect to GCS within 60 seconds").
+    landing = tmp_path / "landing"
+    landing.mkdir()
+    (landing / "x.jsonl").write_text(json.dumps({"question": "fine"}) + "\n")
+    (landing / "y.jsonl").write_text("")
+    script = tmp_path / "check.py"
+    script.write_text(RAY_IN_PREPROCESS)
+    done = subprocess.run(
+        [sys.executable, str(script), str(landing), tiny_model],
+        cwd=Path(__file__).resolve().parents[1],
+        env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    empty = f"{landing}/y.jsonl has no rows: an input file needs at least one row"
+    assert done.stdout.strip() == f"[('x.jsonl', 1), ('y.jsonl', 0)] [('y.jsonl', '{empty}')] False"

@@ -65,12 +65,12 @@ def process_tag(pipeline_name: str) -> str:
 
 def record_process(context, pipeline_name: str) -> None:
     """Called as the stages' step starts: the run's process, for the sensor."""
-    context.instance.add_run_tags(context.run_id, {process_tag(pipeline_name): this_process()})
+    context.instance.add_run_tags(context.run.run_id, {process_tag(pipeline_name): this_process()})
 
 
 def clear_process(context, pipeline_name: str) -> None:
     """Called as the step ends, however: the run's process may go on (other steps), or end normally."""
-    context.instance.add_run_tags(context.run_id, {process_tag(pipeline_name): ENDED})
+    context.instance.add_run_tags(context.run.run_id, {process_tag(pipeline_name): ENDED})
 
 
 def dead_runs_sensor(pipeline_name: str) -> dg.SensorDefinition:

@@ -7,7 +7,8 @@ rows of each file. The bad files are left out of the run with their first proble
 ones go on. The row counts found are each partition's total, for the commits.
 
 Preprocess runs here only when its stage has no ``runtime_env`` of its own: what it needs may
-exist only in the Ray workers that env builds.
+exist only in the Ray workers that env builds. A preprocess function that calls Ray (its node id,
+an actor) is not checked here: Ray has not started yet, and is not started for it.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from typing import Optional
 import pyarrow as pa
 
 from llm_assets.errors import SourceError
+from llm_assets.private_apis import RayNeededBeforeItStarted, ray_auto_init_refused
 from llm_assets.rows import RowError
 
 # Rows of each file that Preprocess runs on here: enough for a missing column, few enough that a
@@ -52,7 +54,7 @@ def check_sources(pipeline, partitions: list[str], copies: Optional[str]) -> Inp
     plan = pipeline.plan(pipeline.stage_names()[0])
     preprocess = plan.udf(**plan.udf_kwargs) if plan.udf is not None and not plan.settings.runtime_env else None
     found = InputCheck()
-    with ThreadPoolExecutor(max_workers=THREADS, thread_name_prefix="input-check") as threads:
+    with ray_auto_init_refused(), ThreadPoolExecutor(max_workers=THREADS, thread_name_prefix="input-check") as threads:
         for partition, rows, problem, sample in threads.map(
             lambda p: _check(pipeline, p, copies, preprocess), partitions
         ):
@@ -82,6 +84,8 @@ def _check(
             rows += chunk.num_rows
         if preprocess is not None and first is not None:
             preprocess(first)
+    except RayNeededBeforeItStarted:
+        pass  # a preprocess function that uses Ray is checked where it runs, in Ray
     except (SourceError, RowError) as exc:
         return partition, rows, str(exc), None
     return partition, rows, None, pa.concat_tables(kept, promote_options="permissive")
