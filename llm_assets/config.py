@@ -179,6 +179,12 @@ class OfflineProcessorConfig(ProcessorConfig):
     runtime_env: Optional[dict[str, Any]] = None
     max_pending_requests: Optional[int] = Field(default=None, ge=1)
     max_concurrent_batches: int = Field(default=8, ge=1)
+    max_tasks_in_flight_per_actor: Optional[int] = Field(
+        default=None,
+        ge=1,
+        description="Batches Ray Data hands each engine actor at once (ray.data.llm's field, passed to "
+        "ActorPoolStrategy). Unset: Ray Data's default, twice max_concurrent_batches.",
+    )
     should_continue_on_error: bool = False
     chat_template_stage: StageValue = True
     tokenize_stage: StageValue = True

@@ -3,7 +3,7 @@
 Why it works this way:
 
 - **Where the download happens.** The run's driver resolves every model before any stage starts
-  (``execution/stream.py``): it lists the prefix once (names, sizes, ETags) and downloads the
+  (``execution/run.py``): it lists the prefix once (names, sizes, ETags) and downloads the
   files on its node before any engine builds, with progress in the run's log. The tokenizer stages
   and engine actors get an ``S3ModelPath``: a ``str`` holding the driver's folder (every check and
   log line taking a model path works unchanged) that also carries the listing and the S3 settings.

@@ -4,7 +4,8 @@ Two kinds: a local folder, and an S3 prefix read through dagster-aws's ``S3Resou
 ``endpoint_url`` for S3-compatible stores). The partition key is the file's path relative to the
 folder or prefix, so it is stable: the same file is one partition however often it is seen.
 
-Formats by extension: Parquet, CSV, JSON Lines; a JSONL file whose lines are OpenAI Batch API
+Formats by extension: Parquet, CSV, JSON Lines, text (``.txt``: one row per non-empty line, in a
+``text`` column, as Ray Data's ``read_text``); a JSONL file whose lines are OpenAI Batch API
 requests (``custom_id``, ``method``, ``url``, ``body``) is mapped to rows with ``custom_id`` as the
 row id. Rows are read in streaming chunks and get a stable ``row_id``: the file's own ``row_id``
 column when it has one (it must be unique), else ``"{partition}:{index}"``, the row's position.
@@ -29,7 +30,7 @@ from llm_assets import openai_batch
 from llm_assets.errors import SourceError  # also importable from here, as before
 from llm_assets.rows import ROW_ID, table_of
 
-FORMATS = {".jsonl": "jsonl", ".json": "jsonl", ".parquet": "parquet", ".csv": "csv"}
+FORMATS = {".jsonl": "jsonl", ".json": "jsonl", ".parquet": "parquet", ".csv": "csv", ".txt": "text"}
 
 
 @dataclass(frozen=True)
@@ -223,8 +224,26 @@ def _read_chunks(path: Path, display: str, chunk_rows: int, partition_key: str) 
                     yield pa.Table.from_batches([batch])
         except pa.ArrowInvalid as exc:
             raise SourceError(f"{display}: not a readable CSV file: {exc}") from exc
+    elif kind == "text":
+        yield from _read_text(path, display, chunk_rows)
     else:
         yield from _read_jsonl(path, display, chunk_rows, partition_key)
+
+
+def _read_text(path: Path, display: str, chunk_rows: int) -> Iterator[pa.Table]:
+    lines: list[str] = []
+    try:
+        with open(path, encoding="utf-8") as text:
+            for line in text:
+                if line.strip():
+                    lines.append(line.rstrip("\r\n"))
+                if len(lines) == chunk_rows:
+                    yield pa.table({"text": lines})
+                    lines = []
+    except UnicodeDecodeError as exc:
+        raise SourceError(f"{display}: not UTF-8 text: {exc}") from exc
+    if lines:
+        yield pa.table({"text": lines})
 
 
 def _read_jsonl(path: Path, display: str, chunk_rows: int, partition_key: str) -> Iterator[pa.Table]:

@@ -16,7 +16,7 @@ attempt is never seen, and a failed attempt leaves the last committed output unt
 
 Resume: an uncommitted attempt whose ``_attempt.json`` (code version and input) matches what a
 later run would compute is adopted by it: its complete files stay, only the rows they lack are
-computed again (the engine stage does this; see ``execution/inputs.py``).
+computed again (the engine stage does this; see ``execution/plan.py``).
 """
 
 from __future__ import annotations

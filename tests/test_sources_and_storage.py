@@ -12,11 +12,27 @@ from tests.helpers.data import write_attempt, write_jsonl
 def test_each_file_is_a_partition_and_rows_get_stable_ids(tmp_path):
     write_jsonl(tmp_path / "b.jsonl", [{"q": "x"}, {"q": "y", "extra": 1}])
     write_jsonl(tmp_path / "a.jsonl", [{"q": "z"}])
-    (tmp_path / "notes.txt").write_text("ignored")
+    (tmp_path / "notes.md").write_text("ignored")
     source = LocalFolderSource(str(tmp_path))
     assert source.partition_keys() == ["a.jsonl", "b.jsonl"]
     rows = pa.concat_tables(source.read("b.jsonl", chunk_rows=1), promote_options="default").to_pylist()
     assert rows == [{"q": "x", "extra": None, "row_id": "b.jsonl:0"}, {"q": "y", "extra": 1, "row_id": "b.jsonl:1"}]
+
+
+def test_every_format_gives_the_same_rows_and_ids_and_text_files_a_row_per_line(tmp_path):
+    rows = [{"q": "a, b"}, {"q": "c"}, {"q": "d"}]
+    write_jsonl(tmp_path / "in.jsonl", rows)
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "in.parquet")
+    (tmp_path / "in.csv").write_text('q\n"a, b"\nc\nd\n')
+    (tmp_path / "in.txt").write_text("a, b\n\nc\r\nd")  # empty lines are no rows, as Ray Data's read_text
+    for name in ("in.jsonl", "in.parquet", "in.csv", "in.txt"):
+        source = LocalFolderSource(str(tmp_path), pattern=f"*{name[2:]}")
+        read = pa.concat_tables(source.read(name, chunk_rows=2)).to_pylist()
+        column = "text" if name.endswith(".txt") else "q"
+        assert read == [{column: r["q"], "row_id": f"{name}:{i}"} for i, r in enumerate(rows)], name
+    (tmp_path / "empty.txt").write_text("\n\n")
+    with pytest.raises(SourceError, match="empty.txt has no rows"):
+        list(LocalFolderSource(str(tmp_path), pattern="*.txt").read("empty.txt"))
 
 
 def test_a_row_id_column_in_the_file_is_kept_and_must_be_unique(tmp_path):

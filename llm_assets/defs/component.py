@@ -49,7 +49,7 @@ class PipelineSource(dg.Resolvable, dg.Model):
     )
     bucket: Optional[str] = Field(None, description="An S3 bucket (any S3-compatible store).")
     prefix: str = Field("", description="The key prefix within the bucket.")
-    pattern: str = Field("*.jsonl", description="Which files are input: *.jsonl, *.parquet, *.csv.")
+    pattern: str = Field("*.jsonl", description="Which files are input: *.jsonl, *.json, *.parquet, *.csv, *.txt.")
     s3: Optional[dict[str, Any]] = Field(
         None,
         description="dagster-aws S3Resource fields (endpoint_url, region_name, ...); "

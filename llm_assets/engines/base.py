@@ -8,7 +8,7 @@ its replicas are built; every method has a default but ``replica_kwargs``. Nothi
 package names an engine.
 
 An engine replica is one engine (one vLLM engine, one SGLang engine, one HTTP client...) hosted in
-a long-lived Ray actor by the engine pool (``engines/pool.py``). It implements ``EngineReplica``:
+an actor of the run's Ray Data engine pool (``execution/engine_stage.py``). It implements ``EngineReplica``:
 
 - built by ``__init__(**replica_kwargs)`` (the engine start: load the model, compile...);
 - ``await process(batch)``: a ``pyarrow.Table`` in, the same rows (same order, same row ids) out

@@ -17,7 +17,6 @@ resource's ``max_engine_restarts``) and Ray Data sends its batches again.
 from __future__ import annotations
 
 import asyncio
-import atexit
 import logging
 import os
 import time
@@ -87,7 +86,6 @@ class EngineStage:
             self._report({"state": "failed", "error": first_line(exc)})
             raise
         self.fatal = (*self.replica.fatal_errors(), *_engine_dead_errors())
-        atexit.register(self.shutdown)
         self._report({"state": "ready", **self.replica.info(), "import_seconds": round(import_seconds, 2)})
 
     def _report(self, state: dict[str, Any]) -> None:
@@ -141,8 +139,9 @@ class EngineStage:
 
     def shutdown(self) -> None:
         """Shut the engine down and tell the ledger its report (idempotent). Ray Data ends its
-        actors when the run's dataset is done; the process then exits, and this runs at its exit
-        (``atexit``: before Python tears its modules down, which ``__del__`` may be too late for)."""
+        actors when the run's dataset is done by dropping its handles: the actor's graceful exit
+        drops this object (Ray Data's ``__ray_shutdown__``), while Ray can still send the report.
+        (Not ``atexit``: it holds the object, and runs after Ray's worker has shut down.)"""
         replica, self.replica = getattr(self, "replica", None), None
         if replica is None:
             return

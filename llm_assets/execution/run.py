@@ -16,6 +16,7 @@ engine start timeout (a hook in Ray Data's scheduling loop ends the execution).
 
 from __future__ import annotations
 
+import gc
 import queue
 import tempfile
 import threading
@@ -276,6 +277,12 @@ class _ChainRun:
                 f"{self.pipeline.name}: the run ended with rows of {len(unfinished)} partition(s) missing "
                 f"({', '.join(unfinished[:5])}): their stages past the last complete one were not committed"
             )
+        # Ray Data ends its actors by dropping its handles to them (ref counting, not ray.kill):
+        # the engines shut down, and report it, once the run lets go of the dataset and its
+        # executor too.
+        monitor.executor = None
+        del dataset
+        gc.collect()
         monitor.log_engine_reports(ENGINE_SHUTDOWN_WAIT_S)
 
     def _commit_complete(self, monitor: Monitor, entries: dict[str, Entry]) -> None:

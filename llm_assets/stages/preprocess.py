@@ -19,7 +19,7 @@ RowFn = Callable[[dict[str, Any]], dict[str, Any]]
 
 
 class PreprocessStage:
-    """Apply ``fn(row) -> row``, then ``check_row(row) -> row as stored`` (raising ValueError
+    """Apply ``fn(row) -> row`` over the input row (its other columns are kept), then ``check_row(row) -> row as stored`` (raising ValueError
     naming the field)."""
 
     NEEDS: tuple[str, ...] = ()  # whatever the input file has; the user function maps it
@@ -37,7 +37,9 @@ class PreprocessStage:
     def _one(self, row: dict[str, Any]) -> dict[str, Any]:
         row_id = row[ROW_ID]
         if self.fn is not None:
-            row = apply_row_fn(self.fn, row, STAGE)
+            # As ray.data.llm 2.60: the input row, updated with what the function returns (a
+            # column the function does not return is carried through, to postprocess).
+            row = {**row, **apply_row_fn(self.fn, row, STAGE)}
         if self.check_row is None:
             return row
         try:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from typing import Any, Optional
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from llm_assets.config import OfflineProcessorConfig
 from llm_assets.engines.base import Engine, engine_kwarg_int
@@ -27,13 +27,33 @@ class vLLMEngineProcessorConfig(OfflineProcessorConfig):
         description="A local folder or s3://bucket/prefix holding one folder per LoRA adapter: a row whose "
         "'model' names one runs with it (needs engine_kwargs.enable_lora).",
     )
-    placement_group_config: Optional[PlacementGroupConfig] = Field(
+    placement_group_config: Optional[dict[str, Any]] = Field(
         default=None,
         description="The Ray placement group each engine reserves: {'bundle_per_worker': {...}} (one per "
         "tensor x pipeline parallel worker) or {'bundles': [...]}, and 'strategy' (PACK, "
         "STRICT_PACK, SPREAD, STRICT_SPREAD). Default on a GPU with several workers: one "
-        "{'GPU': 1, 'CPU': 1} bundle per worker, PACK.",
+        "{'GPU': 1, 'CPU': 1} bundle per worker, PACK. Kept as a dict, as ray.data.llm keeps it.",
     )
+    log_engine_metrics: bool = Field(
+        default=False,
+        description="vLLM's engine metrics exported to Ray's Prometheus endpoint, as ray.data.llm does, and "
+        "each engine's summary (prefix cache hit rate, preemptions, peak KV cache use, mean time to first "
+        "token) in the run's log and the engine stage's metadata. Off by default (ray.data.llm: on): "
+        "keeping the stats costs the engine's step loop time.",
+    )
+
+    @field_validator("placement_group_config", mode="before")
+    @classmethod
+    def _placement_as_dict(cls, value):
+        """Checked, then kept as the dict ray.data.llm keeps (``cfg.placement_group_config["strategy"]``)."""
+        if value is None:
+            return None
+        checked = value if isinstance(value, PlacementGroupConfig) else PlacementGroupConfig(**value)
+        return checked.model_dump()
+
+    @property
+    def placement_group(self) -> Optional[PlacementGroupConfig]:
+        return None if self.placement_group_config is None else PlacementGroupConfig(**self.placement_group_config)
 
     @model_validator(mode="after")
     def _no_streaming_from_s3(self):
@@ -53,7 +73,7 @@ class vLLMEngineProcessorConfig(OfflineProcessorConfig):
     def _placement_fits_workers(self):
         if self.placement_group_config is None:
             return self
-        bundles = self.placement_group_config.bundles_for(self.workers)
+        bundles = self.placement_group.bundles_for(self.workers)
         gpu_bundles = [b for b in bundles if b.get("GPU")]
         if any(b["GPU"] > 1 for b in gpu_bundles):
             raise ValueError(
@@ -116,6 +136,7 @@ class vLLMEngine(Engine):
             dynamic_lora_loading_path=config.dynamic_lora_loading_path,
             # Adapters on S3 are read with the settings an S3 base model travels with (model_store.py).
             lora_s3_access=target.model.access if isinstance(target, S3ModelPath) else None,
+            log_engine_metrics=config.log_engine_metrics,
         )
 
     def gpus_per_replica(self, on_gpu: bool) -> float:
@@ -132,11 +153,8 @@ class vLLMEngine(Engine):
         Where vLLM's Ray executor runs the workers, they take the bundles' GPUs and the engine actor
         none; otherwise the model runs in the actor (or the processes it starts), which takes them."""
         config, ray_workers = self.config, self._ray_workers(on_gpu)
-        if config.placement_group_config is not None:
-            bundles, strategy = (
-                config.placement_group_config.bundles_for(config.workers),
-                config.placement_group_config.strategy,
-            )
+        if config.placement_group is not None:
+            bundles, strategy = config.placement_group.bundles_for(config.workers), config.placement_group.strategy
         elif ray_workers:
             bundles, strategy = [{"GPU": 1, "CPU": 1} for _ in range(config.workers)], "PACK"
         else:

@@ -12,7 +12,7 @@ import contextlib
 import logging
 import os
 import socket
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, Optional
 
 logger = logging.getLogger(__name__)
 
@@ -33,21 +33,21 @@ CPU_ENGINE_ENV = {
 CPU_ENGINE_KWARGS = {"dtype": "float32", "enforce_eager": True, "distributed_executor_backend": "uni"}
 
 
-def start_engine(**kwargs: Any):
+def start_engine(stat_loggers: Optional[list] = None, **kwargs: Any):
     """An engine with the defaults of vLLM's offline ``LLM`` class, not the server's.
 
     vLLM sizes its scheduler by "usage context": the offline LLM class gets up to 1024 running
     sequences and 16384 batched tokens on an H100, while an engine built with the default context
     gets the bare scheduler defaults (128 sequences, 2048 tokens), which leaves a batch workload's
     GPU mostly idle. Batch inference is the offline case; like the LLM class, no periodic stats
-    logging (it costs the step loop time) unless asked for.
+    logging (it costs the step loop time) unless asked for (``stat_loggers``: metrics.py).
     """
     from vllm import EngineArgs
     from vllm.usage.usage_lib import UsageContext
 
     from llm_assets.engines.vllm.engine_loop import EngineLoop
 
-    kwargs.setdefault("disable_log_stats", True)
+    kwargs.setdefault("disable_log_stats", stat_loggers is None)
     if kwargs.get("distributed_executor_backend") == "ray":
         share_ray_cluster_with_core()
         own_tcpstore_port()
@@ -55,7 +55,7 @@ def start_engine(**kwargs: Any):
         correct_cpu_lora_ops()
     core_launch = forked_core() if core_from_fork_server() else contextlib.nullcontext()
     with inspect_models_in_process(), core_launch:
-        return EngineLoop(EngineArgs(**kwargs), usage_context=UsageContext.LLM_CLASS)
+        return EngineLoop(EngineArgs(**kwargs), usage_context=UsageContext.LLM_CLASS, stat_loggers=stat_loggers)
 
 
 def share_ray_cluster_with_core() -> None:

@@ -25,10 +25,10 @@ from typing import Any, Optional
 
 
 class EngineLoop:
-    def __init__(self, engine_args: Any, usage_context: Any):
+    def __init__(self, engine_args: Any, usage_context: Any, stat_loggers: Optional[list] = None):
         from vllm.v1.engine.llm_engine import LLMEngine
 
-        self._engine = LLMEngine.from_engine_args(engine_args, usage_context=usage_context)
+        self._engine = LLMEngine.from_engine_args(engine_args, usage_context=usage_context, stat_loggers=stat_loggers)
         self.vllm_config = self._engine.vllm_config
         # (request_id, prompt, params, lora_request, loop, future), a _Group, an abort (a request
         # id), or an _EngineCall

@@ -10,8 +10,8 @@ than the engine's own admission did (20 000 sentences on an H200: 0.81x raw vLLM
 row, 1.12x per batch).
 
 Usable as a Ray Data UDF on its own (``ds.map_batches(vLLMEngineStage, fn_constructor_kwargs=...,
-compute=ActorPoolStrategy(size=N), batch_format="pyarrow")``); inside llm_assets the engine pool
-(``engines/pool.py``) hosts it in a long-lived actor and calls :meth:`process`.
+compute=ActorPoolStrategy(size=N), batch_format="pyarrow")``); inside llm_assets the run's engine
+stage (``execution/engine_stage.py``) hosts it in a Ray Data actor and calls :meth:`process`.
 """
 
 from __future__ import annotations
@@ -29,6 +29,7 @@ import pyarrow as pa
 from llm_assets.engines.base import generation_columns, no_result, replica_info, with_results
 from llm_assets.engines.vllm import compat as vllm_compat
 from llm_assets.engines.vllm.lora import LoraAdapters
+from llm_assets.engines.vllm.metrics import EngineMetrics, stat_loggers
 from llm_assets.engines.vllm.multimodal import multi_modal_data
 from llm_assets.rows import ROW_ID, RowError, column_or_none, loads_params, ok_rows
 from llm_assets.stages.media import COLUMN as MEDIA
@@ -50,6 +51,7 @@ class vLLMEngineStage:
         base_model: Optional[str] = None,
         dynamic_lora_loading_path: Optional[str] = None,
         lora_s3_access: Any = None,
+        log_engine_metrics: bool = False,
     ):
         started = time.perf_counter()
         self.task_type = task_type
@@ -57,7 +59,9 @@ class vLLMEngineStage:
         # When a Detokenize stage follows, the engine skips detokenizing (less CPU in the engine
         # process); rows with stop strings still need it, vLLM matches stops on text.
         self.engine_detokenizes = engine_detokenizes
-        self.engine = vllm_compat.start_engine(model=model_source, **(engine_kwargs or {}))
+        self.metrics = EngineMetrics() if log_engine_metrics else None
+        loggers = stat_loggers(self.metrics) if self.metrics is not None else None
+        self.engine = vllm_compat.start_engine(loggers, model=model_source, **(engine_kwargs or {}))
         self.max_num_seqs = vllm_compat.max_num_seqs(self.engine)
         # With max_pending_requests set, every row waits for its own turn (so pooling rows skip the group path).
         self.pending_limit = asyncio.Semaphore(max_pending_requests) if max_pending_requests else None
@@ -244,7 +248,8 @@ class vLLMEngineStage:
         return vllm_compat.pooling_params(self.task_type, **loads_params(params_json))
 
     def shutdown(self) -> dict[str, float]:
-        return self.engine.shutdown()
+        report = self.engine.shutdown()
+        return report if self.metrics is None else {**report, **self.metrics.summary()}
 
 
 def _logprobs(positions: Any) -> Optional[list]:
