@@ -19,8 +19,8 @@ RowFn = Callable[[dict[str, Any]], dict[str, Any]]
 
 
 class PreprocessStage:
-    """Apply ``fn(row) -> row`` over the input row (its other columns are kept), then ``check_row(row) -> row as stored`` (raising ValueError
-    naming the field)."""
+    """Apply ``fn(row) -> row`` over the input row (its other columns are kept), then
+    ``check_row(row) -> row as stored`` (raising ValueError naming the field)."""
 
     NEEDS: tuple[str, ...] = ()  # whatever the input file has; the user function maps it
     ADDS = ("row_id", "messages|prompt|payload", "sampling_params")
