@@ -141,7 +141,7 @@ def ray_data_llm(spec: dict, monitor: Monitor) -> dict:
 
 
 # Log lines kept in llm_assets' result: its timeline from process start to the run's end.
-STAGE_LOG_KEYS = ("committed", "vLLM", "execution of", "partition(s):", "partitions committed", "tasks of")
+STAGE_LOG_KEYS = ("committed", "vLLM", "execution of", "partition(s):", "partitions committed", "Ray Data ")
 
 
 def llm_assets(spec: dict, monitor: Monitor, engines: int = 1) -> dict:
@@ -214,10 +214,13 @@ def run_llm_assets(spec: dict, monitor: Monitor, config) -> dict:
     stamp = lambda text, last=False: [t for t, m in logs if text in m][-1 if last else 0]  # noqa: E731
     run_start = stamp("Started execution of run")
     run_end = stamp("Finished execution of run")
-    launched = stamp(f"Loading {label} into")
+    # Ray Data creates the engine actors as the run's dataset starts executing: they import the
+    # engine library and build at once; each says when it has started.
+    launched = stamp(f"{label} for ")
     engines = pipeline.config.engine_pool_size
-    build = stamp(f"Starting {engines} {label} engine actor(s)")
-    ready = stamp(f"{label} engine(s) ready")
+    build = launched
+    started = [t for t, m in logs if m.startswith(f"{label} engine ") and " started in " in m]
+    ready = started[min(engines, len(started)) - 1]
     generated = stamp("engine [", last=True)
     tokens = engine.metadata["generated_tokens"].value
     return {
@@ -230,7 +233,7 @@ def run_llm_assets(spec: dict, monitor: Monitor, config) -> dict:
         "engine_build_after_run_start_s": build - run_start,
         "generate_s": generated - ready,
         "wall_s": run_end - PROCESS_START,
-        "engine_starts": sum(f"Starting {engines} {label} engine" in m for _, m in logs),
+        "engine_starts": len(started),
         "engines": engines,
         "engine_placement": engine.metadata["engine_placement"].value
         if "engine_placement" in engine.metadata

@@ -45,6 +45,7 @@ from pathlib import Path
 from typing import Any, Callable, Optional
 
 from llm_assets.model_cache import ModelSourceError, model_cache_dir
+from llm_assets.s3 import S3Access
 from llm_assets.s3 import split_s3_uri as split_uri
 
 Log = Callable[[str], None]
@@ -52,47 +53,6 @@ RECORD = ".llm_assets_s3.json"  # name -> {"etag", "size"} of each complete file
 PART_SUFFIX = ".llm_assets_part"  # a file being written
 PROGRESS_EVERY_S = 5.0
 MB = 1_000_000
-
-
-@dataclass(frozen=True)
-class S3Access:
-    """Endpoint, region and credentials for boto3; None fields: the node's AWS configuration."""
-
-    endpoint_url: Optional[str] = None
-    region_name: Optional[str] = None
-    access_key_id: Optional[str] = field(default=None, repr=False)
-    secret_access_key: Optional[str] = field(default=None, repr=False)
-    session_token: Optional[str] = field(default=None, repr=False)
-    unsigned: bool = False
-
-    @classmethod
-    def of(cls, s3: Any) -> "S3Access":
-        """From a dagster-aws ``S3Resource`` (or None: the AWS configuration of each node)."""
-        if s3 is None:
-            return cls()
-        return cls(
-            s3.endpoint_url,
-            s3.region_name,
-            s3.aws_access_key_id,
-            s3.aws_secret_access_key,
-            s3.aws_session_token,
-            bool(s3.use_unsigned_session),
-        )
-
-    def client(self):
-        import boto3
-        from botocore import UNSIGNED
-        from botocore.config import Config
-
-        kwargs = {
-            "endpoint_url": self.endpoint_url,
-            "region_name": self.region_name,
-            "aws_access_key_id": self.access_key_id,
-            "aws_secret_access_key": self.secret_access_key,
-            "aws_session_token": self.session_token,
-        }
-        config = Config(signature_version=UNSIGNED) if self.unsigned else None
-        return boto3.client("s3", config=config, **{k: v for k, v in kwargs.items() if v})
 
 
 @dataclass(frozen=True)

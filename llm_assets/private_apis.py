@@ -107,6 +107,15 @@ def ray_data_operator_states(executor: Any) -> list[str]:
     return lines
 
 
+def ray_actor_states(actor_ids: list[str]) -> dict[str, str]:
+    """Each actor's state in Ray's GCS (ALIVE, RESTARTING, DEAD...), by hex id: whether the engine
+    actors Ray Data let go of have ended. The public state API needs Ray's dashboard, which a run's
+    local Ray does not start."""
+    from ray._private import state
+
+    return {actor_id: (state.actors(actor_id) or {}).get("State", "DEAD") for actor_id in actor_ids}
+
+
 class RayNeededBeforeItStarted(BaseException):
     """A function the driver runs before Ray starts called a Ray API. A BaseException, so that a
     row function's ``except Exception`` does not turn it into a row error."""

@@ -8,12 +8,13 @@ profile, instance role), for boto3 and pyarrow alike. They are never logged or p
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from typing import Any, Optional
 from urllib.parse import urlparse
 
 import pyarrow.fs as pafs
 
-__all__ = ["pyarrow_s3", "split_s3_uri"]
+__all__ = ["S3Access", "pyarrow_s3", "split_s3_uri"]
 
 
 def pyarrow_s3(s3: Optional[Any]) -> pafs.S3FileSystem:
@@ -44,3 +45,44 @@ def split_s3_uri(uri: str) -> tuple[str, str]:
     if not bucket:
         raise ValueError(f"{uri!r} names no bucket")
     return bucket, prefix.strip("/")
+
+
+@dataclass(frozen=True)
+class S3Access:
+    """Endpoint, region and credentials for boto3; None fields: the node's AWS configuration."""
+
+    endpoint_url: Optional[str] = None
+    region_name: Optional[str] = None
+    access_key_id: Optional[str] = field(default=None, repr=False)
+    secret_access_key: Optional[str] = field(default=None, repr=False)
+    session_token: Optional[str] = field(default=None, repr=False)
+    unsigned: bool = False
+
+    @classmethod
+    def of(cls, s3: Any) -> "S3Access":
+        """From a dagster-aws ``S3Resource`` (or None: the AWS configuration of each node)."""
+        if s3 is None:
+            return cls()
+        return cls(
+            s3.endpoint_url,
+            s3.region_name,
+            s3.aws_access_key_id,
+            s3.aws_secret_access_key,
+            s3.aws_session_token,
+            bool(s3.use_unsigned_session),
+        )
+
+    def client(self):
+        import boto3
+        from botocore import UNSIGNED
+        from botocore.config import Config
+
+        kwargs = {
+            "endpoint_url": self.endpoint_url,
+            "region_name": self.region_name,
+            "aws_access_key_id": self.access_key_id,
+            "aws_secret_access_key": self.secret_access_key,
+            "aws_session_token": self.session_token,
+        }
+        config = Config(signature_version=UNSIGNED) if self.unsigned else None
+        return boto3.client("s3", config=config, **{k: v for k, v in kwargs.items() if v})

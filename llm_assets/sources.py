@@ -29,6 +29,7 @@ import pyarrow.parquet as pq
 from llm_assets import openai_batch
 from llm_assets.errors import SourceError  # also importable from here, as before
 from llm_assets.rows import ROW_ID, table_of
+from llm_assets.s3 import S3Access
 
 FORMATS = {".jsonl": "jsonl", ".json": "jsonl", ".parquet": "parquet", ".csv": "csv", ".txt": "text"}
 
@@ -105,7 +106,15 @@ class S3PrefixSource:
         prefix = self.prefix.strip("/")
         return f"{prefix}/" if prefix else ""
 
+    def __reduce__(self):
+        # Ray ships the source to the read tasks of a run: a dagster-aws resource does not unpickle
+        # there (its config schema), its settings do.
+        s3 = self.s3 if self.s3 is None or isinstance(self.s3, S3Access) else S3Access.of(self.s3)
+        return (type(self), (self.bucket, self.prefix, self.pattern, s3))
+
     def _client(self):
+        if isinstance(self.s3, S3Access):
+            return self.s3.client()
         if self.s3 is not None:
             return self.s3.get_client()
         import boto3

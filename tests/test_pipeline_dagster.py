@@ -124,7 +124,10 @@ def test_the_engine_reports_where_its_loop_spent_its_time_when_it_shuts_down(two
     """The engine's shutdown line: its loop's steps and seconds stepping, admitting, handing back
     and idle, and the window from its first request to its last output that the steps fall in."""
     instance, result = two_partition_run["instance"], two_partition_run["result"]
-    [line] = [m for m in log_messages(instance, result.run_id) if m.startswith("vLLM engine 0 shut down: ")]
+    messages = log_messages(instance, result.run_id)
+    lines = [m for m in messages if m.startswith("vLLM engine 0 ended: ")]
+    assert len(lines) == 1, "\n".join(m for m in messages if "engine" in m)
+    line = lines[0]
     report = ast.literal_eval(line.split(": ", 1)[1])
     assert report["steps"] >= MAX_TOKENS  # one token per sequence a step, at most
     assert 0 < report["stepping_s"] <= report["working_s"], report

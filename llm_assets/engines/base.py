@@ -14,10 +14,12 @@ an actor of the run's Ray Data engine pool (``execution/engine_stage.py``). It i
 - ``await process(batch)``: a ``pyarrow.Table`` in, the same rows (same order, same row ids) out
   with the engine's output columns added; a row the engine refuses raises ``RowError`` or, with
   ``should_continue_on_error``, comes back with ``__inference_error__`` set;
-- ``fatal_errors()``: the exception types meaning the engine itself is gone (the pool then
-  replaces the replica and resends its batches), never one row's problem;
+- ``fatal_errors()``: the exception types meaning the engine itself is gone (Ray then restarts
+  the actor and Ray Data resends its batches), never one row's problem;
 - ``info()``: pid, host, start seconds, and ``max_num_seqs`` (how many requests it runs at once);
 - ``shutdown()``, returning what the run's log should show about the engine (a dict, may be empty);
+- optionally ``report()``: that dict so far, sent with every batch (the run logs the last one when
+  its engines have ended: an actor's own last words may come too late to be heard);
 - optionally ``async ready()``, awaited after ``__init__`` by a replica whose engine runs elsewhere
   and may still be starting (a Ray Serve app).
 

@@ -105,7 +105,8 @@ class EngineStage:
         todo = batch if passed is None else batch.filter(pc.invert(passed))
         started = time.monotonic()
         output = await self._generate(todo)
-        self.failed = await self.ledger.batch.remote(self.id, output.num_rows, time.monotonic() - started)
+        report = self.replica.report() if hasattr(self.replica, "report") else None
+        self.failed = await self.ledger.batch.remote(self.id, output.num_rows, time.monotonic() - started, report)
         if passed is not None and pc.any(passed).as_py():
             kept = batch.filter(passed)
             # A partition the engine failed (its rows left the batch) loses its passed rows too.
@@ -138,18 +139,11 @@ class EngineStage:
         return batch
 
     def shutdown(self) -> None:
-        """Shut the engine down and tell the ledger its report (idempotent). Ray Data ends its
-        actors when the run's dataset is done by dropping its handles: the actor's graceful exit
-        drops this object (Ray Data's ``__ray_shutdown__``), while Ray can still send the report.
-        (Not ``atexit``: it holds the object, and runs after Ray's worker has shut down.)"""
+        """Shut the engine down (idempotent): when Ray Data lets the actor go (its graceful exit
+        drops this object) or the process ends. Its report went to the ledger with each batch."""
         replica, self.replica = getattr(self, "replica", None), None
-        if replica is None:
-            return
-        report = replica.shutdown() or {}
-        try:
-            self._report({"state": "shut down", "report": report})
-        except Exception as exc:  # the run's ledger is gone (the run ended first): nobody to tell
-            logger.warning("engine shut down (%s); the run's ledger is gone: %s", report, first_line(exc))
+        if replica is not None:
+            replica.shutdown()
 
     def __del__(self):
         self.shutdown()

@@ -13,7 +13,7 @@ batches, which the run's progress lines and stall reports show.
 from __future__ import annotations
 
 import time
-from typing import Any
+from typing import Any, Optional
 
 ENGINE = "engine"  # as llm_assets.tasks names it (this module imports nothing of the library)
 
@@ -111,8 +111,10 @@ class RunLedger:
         self.engines[actor_id] = {**previous, **state}
         self.last_progress = time.time()
 
-    def batch(self, actor_id: str, rows: int, seconds: float) -> set[str]:
+    def batch(self, actor_id: str, rows: int, seconds: float, report: Optional[dict] = None) -> set[str]:
         engine = self.engines.setdefault(actor_id, {})
+        if report is not None:
+            engine["report"] = report
         engine["rows"] = engine.get("rows", 0) + rows
         engine["batches"] = engine.get("batches", 0) + 1
         self.engine_rows += rows

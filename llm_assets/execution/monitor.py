@@ -20,7 +20,12 @@ import uuid
 from typing import Any, Callable, Optional
 
 from llm_assets.execution.engine_stage import EngineStartError, first_line
-from llm_assets.private_apis import ray_data_execution_callback, ray_data_operator_states, ray_object_store_summary
+from llm_assets.private_apis import (
+    ray_actor_states,
+    ray_data_execution_callback,
+    ray_data_operator_states,
+    ray_object_store_summary,
+)
 
 PROGRESS_EVERY_S = 10.0
 UNCHANGED_PROGRESS_EVERY_S = 60.0
@@ -215,19 +220,22 @@ class Monitor:
         return f"{self.name}: no batch finished for {silent_s:.0f} s; " + "; ".join(parts)
 
     def log_engine_reports(self, wait_s: float) -> None:
-        """The engines' shutdown reports (Ray Data ends its actors as the execution ends)."""
+        """Once the run's engine actors have ended (Ray Data lets them go as the execution ends;
+        a run that ends has freed its GPUs), each engine's last report."""
+        engines = self.snapshot().get("engines", {})
         deadline = time.monotonic() + wait_s
-        while True:
-            engines = self.snapshot().get("engines", {})
-            built = [e for e in engines.values() if e.get("state") in ("ready", "shut down")]
-            if all(e.get("state") == "shut down" for e in built) or time.monotonic() > deadline:
-                break
-            time.sleep(0.25)
-        for number, engine in enumerate(engines.values()):
-            if engine.get("state") == "shut down" and engine.get("report"):
-                self.log(f"{self.label} engine {number} shut down: {engine['report']}")
-            elif engine.get("state") == "ready":
-                self.log(f"({self.label} engine {number} did not report its shutdown within {wait_s:.0f} s)")
+        alive = set(engines)
+        while alive and time.monotonic() < deadline:
+            alive = {actor for actor, state in ray_actor_states(list(alive)).items() if state != "DEAD"}
+            if alive:
+                time.sleep(0.25)
+        for number, (actor, engine) in enumerate(engines.items()):
+            if actor in alive:
+                self.log(
+                    f"({self.label} engine {number} had not ended {wait_s:.0f} s after the execution: Ray ends it)"
+                )
+            elif engine.get("report"):
+                self.log(f"{self.label} engine {number} ended: {engine['report']}")
 
 
 def operator_times(dataset) -> list[str]:

@@ -46,7 +46,8 @@ PLANNING_THREADS = 16
 # What a run's engines held when none was started.
 NO_ENGINE_USAGE = {"engine_seconds": 0.0, "gpu_seconds": 0.0, "engine_starts": 0, "placement": []}
 TICK_S = 1.0
-ENGINE_SHUTDOWN_WAIT_S = 15.0
+# How long a run waits, once its execution is done, for its engine actors to end (their GPUs freed).
+ENGINE_END_WAIT_S = 30.0
 
 
 @dataclass
@@ -278,12 +279,11 @@ class _ChainRun:
                 f"({', '.join(unfinished[:5])}): their stages past the last complete one were not committed"
             )
         # Ray Data ends its actors by dropping its handles to them (ref counting, not ray.kill):
-        # the engines shut down, and report it, once the run lets go of the dataset and its
-        # executor too.
+        # the engines end once the run lets go of the dataset and its executor too.
         monitor.executor = None
         del dataset
         gc.collect()
-        monitor.log_engine_reports(ENGINE_SHUTDOWN_WAIT_S)
+        monitor.log_engine_reports(ENGINE_END_WAIT_S)
 
     def _commit_complete(self, monitor: Monitor, entries: dict[str, Entry]) -> None:
         for partition, problem in monitor.new_failures():

@@ -97,15 +97,20 @@ class EngineLoop:
             raise RuntimeError("the vLLM engine was shut down")
         return asyncio.get_running_loop().create_future()
 
+    def report(self) -> dict[str, float]:
+        """Where the loop's time went so far."""
+        timings = dict(self.timings)
+        if self._first_request_at is not None and self._last_output_at is not None:
+            timings["working_s"] = self._last_output_at - self._first_request_at
+        return {key: round(value, 2) for key, value in timings.items()}
+
     def shutdown(self) -> dict[str, float]:
         """Stop the loop and the engine; returns where the loop's time went."""
         self._stopping = True
         self._wake.set()
         self._thread.join(timeout=60)
         self._engine.engine_core.shutdown()
-        if self._first_request_at is not None and self._last_output_at is not None:
-            self.timings["working_s"] = self._last_output_at - self._first_request_at
-        return {key: round(value, 2) for key, value in self.timings.items()}
+        return self.report()
 
     def _run(self) -> None:
         timings, clock = self.timings, time.perf_counter

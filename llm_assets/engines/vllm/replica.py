@@ -247,9 +247,14 @@ class vLLMEngineStage:
     def _build_pooling(self, params_json: Optional[str]):
         return vllm_compat.pooling_params(self.task_type, **loads_params(params_json))
 
-    def shutdown(self) -> dict[str, float]:
-        report = self.engine.shutdown()
+    def report(self) -> dict[str, float]:
+        """Where the engine's loop spent its time so far, and its metrics with log_engine_metrics."""
+        report = self.engine.report()
         return report if self.metrics is None else {**report, **self.metrics.summary()}
+
+    def shutdown(self) -> dict[str, float]:
+        self.engine.shutdown()
+        return self.report()
 
 
 def _logprobs(positions: Any) -> Optional[list]:
