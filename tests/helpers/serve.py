@@ -10,9 +10,8 @@ import sys
 import time
 from pathlib import Path
 
-from llm_assets.resources import PartitionStorage, RayDataResource
+from llm_assets.resources import PartitionStorage, RayDataResource, make_resources
 from tests.helpers.local_ray import init_local_ray
-from tests.helpers.pipelines import make_resources
 from tests.helpers.processes import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
