@@ -97,7 +97,7 @@ def test_an_engine_with_two_workers_reserves_one_placement_group_and_generates_a
     resources = make_resources(tmp_path / "two")
     result = run_job(pipeline, resources, instance, {"dagster/partition": "x.jsonl"})
     assert read_output(resources["storage"].store(), "postprocess", "x.jsonl") == expected
-    [where] = engine_materialization(instance, result.run_id)["placement"]
+    [where] = engine_materialization(instance, result.run_id)["engine_placement"]
     assert where["node_id"] == ray.get_runtime_context().get_node_id()
     messages = log_messages(instance, result.run_id)
     assert any("placement group of 2 x {'CPU': 1.0} (STRICT_PACK)" in m for m in messages), messages

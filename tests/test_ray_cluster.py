@@ -87,14 +87,16 @@ def answer(row):
 
 
 def pipeline(landing: Path, model: str, preprocess=ask, batch_size: int = 4, max_num_seqs: int = 4):
-    # Few sequences at a time: rows finish in small waves, so the first checkpoint comes while
-    # most rows are still to do.
+    # Few sequences at a time and one batch at a time: rows finish in small waves, so the first
+    # checkpoint comes while most rows are still to do.
     return make_pipeline(
         landing,
         model,
         preprocess=preprocess,
         postprocess=answer,
         batch_size=batch_size,
+        max_concurrent_batches=1,
+        max_tasks_in_flight_per_actor=1,
         engine_kwargs={"max_model_len": 512, "max_num_seqs": max_num_seqs},
     )
 

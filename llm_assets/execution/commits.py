@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from typing import Callable, Optional
 
 from llm_assets.execution.plan import Entry, input_identity
+from llm_assets.execution.reads import file_position
 from llm_assets.execution.stats import PartitionStats
 from llm_assets.storage import new_attempt_name
 from llm_assets.tasks import ENGINE
@@ -122,8 +123,10 @@ class Commits:
         if commit.kept:
             stats.add(entry.resumed_stats)
             stats.rows_resumed = entry.resumed_stats["rows"]
-        written = sorted(((r["file"], r["rows"], r["first"]) for r in records), key=lambda f: row_order(f[2]))
-        files = commit.kept + written
+        # In the input's order (files are named by their first row's position), kept files included.
+        files = sorted(
+            commit.kept + [(r["file"], r["rows"], r["first"]) for r in records], key=lambda f: file_position(f[0])
+        )
         stats.seconds = round(time.monotonic() - stats.started, 3)
         stats.path = self.storage.uri(self.storage.partition_dir(self.pipeline.name, stage, partition))
         self.storage.commit(
@@ -172,9 +175,3 @@ class Commits:
 
     def summary(self) -> str:
         return ", ".join("{} {}/{}".format(stage, *self.counts(stage)) for stage in self.chain)
-
-
-def row_order(row_id) -> tuple:
-    """Where a row id falls in its partition: ``{file}:{index}`` ids by their index."""
-    head, _, tail = str(row_id).rpartition(":")
-    return (head, int(tail)) if tail.isdigit() else (str(row_id), -1)

@@ -26,16 +26,15 @@ import pyarrow.compute as pc
 
 from llm_assets.atomic import write_parquet
 from llm_assets.execution.cache import KEY, NOT_IN_ENGINE_OUTPUT, CacheSettings, store_answers
-from llm_assets.execution.commits import row_order
 from llm_assets.execution.engine_stage import CACHED
-from llm_assets.execution.reads import KEPT, PARTITION
+from llm_assets.execution.reads import KEPT, PARTITION, POSITION
 from llm_assets.execution.stats import batch_counts, batch_summary
 from llm_assets.rows import ROW_ID, RowError
 from llm_assets.secret_env import applied as secret_env_applied
 from llm_assets.storage import create_attempt_folder
 
 # The run's own columns, never written and never shown to a stage.
-RUN_COLUMNS = (PARTITION, KEPT, KEY, CACHED)
+RUN_COLUMNS = (PARTITION, POSITION, KEPT, KEY, CACHED)
 
 
 @dataclass(frozen=True)
@@ -160,6 +159,7 @@ class CpuStages:
         partitions = batch.column(PARTITION)
         for partition in pc.unique(partitions).to_pylist():
             rows = batch.filter(pc.equal(partitions, partition))
+            position = pc.min(rows.column(POSITION)).as_py() if POSITION in rows.column_names else 0
             rows = rows.drop_columns([name for name in RUN_COLUMNS if name in rows.column_names])
             # Named by its rows: a retried task writes the same rows under the same name.
             digest = hashlib.sha256("\n".join(map(str, rows.column(ROW_ID).to_pylist())).encode()).hexdigest()[:24]
@@ -168,9 +168,8 @@ class CpuStages:
                 create_attempt_folder(self.targets.filesystem, folder, self.targets.infos.get(folder))
                 self.created.add(folder)
             first = rows.column(ROW_ID)[0].as_py()
-            order = row_order(first)[1]
-            # Ordered by their first row where row ids are a file's {file}:{index}.
-            name = f"part-{order:010d}-{digest}.parquet" if order >= 0 else f"part-{digest}.parquet"
+            # Named by its first row's place in the input: a partition's files sort in its order.
+            name = f"part-{position:010d}-{digest}.parquet"
             write_parquet(self.targets.filesystem, f"{folder}/{name}", rows)
             records.append(
                 {
@@ -178,6 +177,7 @@ class CpuStages:
                     "partition": partition,
                     "file": f"{folder.rsplit('/', 1)[1]}/{name}",
                     "first": first,
+                    "position": position,
                     **batch_counts(rows, spec.count_columns),
                     **batch_summary(rows),
                 }

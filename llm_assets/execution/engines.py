@@ -22,17 +22,25 @@ from llm_assets.ray_session import RaySession
 
 
 class PlacementGroups:
-    """Ray Data's ``ray_remote_args_fn`` for the engine actors: a new placement group for each
-    actor it creates (a restarted one included), its actor in the first bundle."""
+    """Ray Data's ``ray_remote_args_fn`` for the engine actors: one placement group per engine of
+    the pool, its actor in the first bundle. An actor Ray Data starts in place of another (one that
+    died) gets a group already made: Ray reschedules a group whose node is lost, and a group made
+    for every actor start would hold its resources for nothing once its actor is gone."""
 
-    def __init__(self, placement, num_cpus: float):
-        self.placement, self.num_cpus = placement, num_cpus
+    def __init__(self, placement, num_cpus: float, size: int):
+        self.placement, self.num_cpus, self.size = placement, num_cpus, size
         self.groups: list = []
+        self.options: list[dict[str, Any]] = []
+        self.starts = 0
 
     def __call__(self) -> dict[str, Any]:
-        group, options = placements.reserve(self.placement, self.num_cpus)
-        self.groups.append(group)
-        return {key: value for key, value in options.items() if key == "scheduling_strategy"}
+        if len(self.groups) < self.size:
+            group, options = placements.reserve(self.placement, self.num_cpus)
+            self.groups.append(group)
+            self.options.append({key: value for key, value in options.items() if key == "scheduling_strategy"})
+        chosen = self.options[self.starts % len(self.options)]
+        self.starts += 1
+        return chosen
 
     def release(self, log: Callable[[str], None]) -> None:
         groups, self.groups = self.groups, []
@@ -73,7 +81,7 @@ class RunEngines:
         if placement is not None:
             placement = placements.with_accelerator(placement, config.accelerator_type)
             placements.check_fits(placement, size, f"{engine.label} for {target}")
-            groups = PlacementGroups(placement, self.num_cpus_per_engine)
+            groups = PlacementGroups(placement, self.num_cpus_per_engine, size)
             options.pop("accelerator_type", None)  # the group's first bundle carries it
             options["num_cpus"] = min(self.num_cpus_per_engine, placement.bundles[0].get("CPU", 0))
             options["num_gpus"] = placement.actor_gpus

@@ -132,7 +132,10 @@ class RunLedger:
 
 
 def start_ledger():
-    """A new ledger actor for one run (owned by the run's process: it ends with it)."""
+    """A new ledger actor for one run (owned by the run's process: it ends with it), on the run's
+    own node: a worker node lost mid-run must not take the run's bookkeeping with it."""
     import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-    return ray.remote(RunLedger).options(num_cpus=0).remote()
+    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+    return ray.remote(RunLedger).options(num_cpus=0, scheduling_strategy=here).remote()

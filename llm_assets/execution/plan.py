@@ -16,7 +16,7 @@ from typing import Any, Optional
 
 import pyarrow.parquet as pq
 
-from llm_assets.execution.reads import ReadItem
+from llm_assets.execution.reads import ReadItem, file_position
 from llm_assets.execution.stats import PartitionStats, batch_counts
 from llm_assets.rows import ROW_ID
 from llm_assets.tasks import ENGINE
@@ -107,13 +107,27 @@ def read_items(pipeline, chain: list[str], entry: Entry, storage, copies: Option
             for counted, value in found.get("extra", {}).items():
                 counts["extra"][counted] = counts["extra"].get(counted, 0) + value
             kept.append(
-                ReadItem(entry.partition, rows=table.num_rows, path=f"{base}/{name}", filesystem=filesystem, kept=True)
+                ReadItem(
+                    entry.partition,
+                    rows=table.num_rows,
+                    path=f"{base}/{name}",
+                    filesystem=filesystem,
+                    kept=True,
+                    start=file_position(name),
+                )
             )
         entry.resumed_stats = counts
         exclude = tuple(ids)
     file_rows = manifest.file_rows or [None] * len(files)
     upstream_items = [
-        ReadItem(entry.partition, rows=None if exclude else rows, path=path, filesystem=filesystem, exclude=exclude)
+        ReadItem(
+            entry.partition,
+            rows=None if exclude else rows,
+            path=path,
+            filesystem=filesystem,
+            exclude=exclude,
+            start=file_position(path),
+        )
         for path, rows in zip(files, file_rows)
     ]
     return upstream_items + kept

@@ -21,6 +21,10 @@ from llm_assets.errors import SourceError
 
 PARTITION = "__partition__"
 KEPT = "__kept__"  # a row of a resumed engine attempt's complete file
+# A row's place in its partition (its input file's order): stage files are named by their first
+# row's, so that a partition's files, and what is read back from them, keep the input's order
+# whatever the row ids (an OpenAI Batch file's custom_ids, say).
+POSITION = "__position__"
 READ_CPUS = 0.25
 SOURCE_CHUNK_ROWS = 1024
 
@@ -37,6 +41,7 @@ class ReadItem:
     exclude: tuple = field(default=())  # row ids to leave out (rows a resumed attempt has already)
     kept: bool = False  # rows of a resumed engine attempt, past the engine
     copies: Optional[str] = None  # where the run keeps its S3 input objects (downloaded once)
+    start: int = 0  # the position of the item's first row in its partition
 
 
 def _read(item: ReadItem, ledger) -> Iterator[pa.Table]:
@@ -51,8 +56,11 @@ def _read(item: ReadItem, ledger) -> Iterator[pa.Table]:
             tables = item.source.read(item.partition, chunk_rows=SOURCE_CHUNK_ROWS, copies=item.copies)
         else:
             tables = pq.ParquetFile(item.path, filesystem=item.filesystem).iter_batches()
+        position = item.start
         for table in tables:
             table = table if isinstance(table, pa.Table) else pa.Table.from_batches([table])
+            table = table.append_column(POSITION, pa.array(range(position, position + table.num_rows), pa.int64()))
+            position += table.num_rows
             if item.exclude:
                 table = table.filter(pc.invert(pc.is_in(table.column(ROW_ID), value_set=pa.array(item.exclude))))
             if table.num_rows:
@@ -62,6 +70,12 @@ def _read(item: ReadItem, ledger) -> Iterator[pa.Table]:
                 yield table
     except SourceError as exc:  # changed since the check before the run: its partition fails, not the run
         ray.get(ledger.fail.remote(item.partition, exc))
+
+
+def file_position(name: str) -> int:
+    """The position of a stage file's first row, from its name (``part-{position:010d}-...``)."""
+    head = name.rsplit("/", 1)[-1].split("-")
+    return int(head[1]) if len(head) > 2 and head[1].isdigit() else 0
 
 
 def read_dataset(items: list[ReadItem], ledger):
