@@ -107,13 +107,18 @@ def ray_data_operator_states(executor: Any) -> list[str]:
     return lines
 
 
-def ray_actor_states(actor_ids: list[str]) -> dict[str, str]:
-    """Each actor's state in Ray's GCS (ALIVE, RESTARTING, DEAD...), by hex id: whether the engine
-    actors Ray Data let go of have ended. The public state API needs Ray's dashboard, which a run's
-    local Ray does not start."""
-    from ray._private import state
-
-    return {actor_id: (state.actors(actor_id) or {}).get("State", "DEAD") for actor_id in actor_ids}
+def ray_data_actors(executor: Any, operator_name: str) -> list:
+    """The actor handles of a running Ray Data execution's actor pool operator: the run holds its
+    engine actors' handles so that they outlive the execution until their engines have shut
+    down (Ray Data lets its actors go by dropping its handles as the execution ends). Ray Data
+    exposes no handle of its actors."""
+    handles: list = []
+    for op in executor._topology:
+        pool = getattr(op, "_actor_pool", None)
+        if op.name == operator_name and pool is not None:
+            handles.extend(pool._running_actors)
+            handles.extend(pool._pending_actors.values())
+    return handles
 
 
 class RayNeededBeforeItStarted(BaseException):

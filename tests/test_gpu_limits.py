@@ -38,7 +38,7 @@ STEP = "tiny_stages"
 ROWS = {"a.jsonl": 3, "b.jsonl": 4}
 ENGINE_LOAD = ": 1 engine actor(s) ("
 ENGINE_START = "vLLM engine 0 started in"
-ENGINE_DOWN = "vLLM engine 0 ended"
+ENGINE_DOWN = "vLLM engine 0 shut down"
 
 pytestmark = [pytest.mark.timeout(300), pytest.mark.slow]
 

@@ -125,7 +125,7 @@ def test_the_engine_reports_where_its_loop_spent_its_time_when_it_shuts_down(two
     and idle, and the window from its first request to its last output that the steps fall in."""
     instance, result = two_partition_run["instance"], two_partition_run["result"]
     messages = log_messages(instance, result.run_id)
-    lines = [m for m in messages if m.startswith("vLLM engine 0 ended: ")]
+    lines = [m for m in messages if m.startswith("vLLM engine 0 shut down: ")]
     assert len(lines) == 1, "\n".join(m for m in messages if "engine" in m)
     line = lines[0]
     report = ast.literal_eval(line.split(": ", 1)[1])

@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import threading
 import time
 from typing import Any, AsyncIterator, Optional
 
@@ -31,6 +32,7 @@ from llm_assets.model_store import model_on_this_node
 from llm_assets.rows import ROW_ID, RowError
 
 logger = logging.getLogger(__name__)
+END_POLL_S = 0.5  # how often an engine asks whether the run's execution is over
 CACHED = "__cached__"  # a row the response cache answered (execution/cache.py)
 PASSED = (KEPT, CACHED)  # rows that already have the engine's answer
 
@@ -87,6 +89,27 @@ class EngineStage:
             raise
         self.fatal = (*self.replica.fatal_errors(), *_engine_dead_errors())
         self._report({"state": "ready", **self.replica.info(), "import_seconds": round(import_seconds, 2)})
+        threading.Thread(target=self._shut_down_when_done, name="engine-end", daemon=True).start()
+
+    def _shut_down_when_done(self) -> None:
+        """Shut the engine down (its GPU memory freed, its core process ended) once the run says
+        its execution is over, and report it: the run waits for that before it ends. Ray Data
+        lets its actors go by dropping its handles; what runs in the actor then (this object's
+        ``__del__``, ``atexit``) comes too late to be heard, or never."""
+        import ray
+
+        while True:
+            time.sleep(END_POLL_S)
+            try:
+                if not ray.get(self.ledger.done.remote()):
+                    continue
+            except ray.exceptions.RayError:  # the run's ledger is gone: so is the run
+                self.shutdown()
+                return
+            replica, self.replica = self.replica, None
+            report = replica.shutdown() if replica is not None else {}
+            self._report({"state": "shut down", "report": report or {}})
+            return
 
     def _report(self, state: dict[str, Any]) -> None:
         import ray

@@ -35,6 +35,7 @@ class RunLedger:
         self.deferred: set[str] = set()
         self.engines: dict[str, dict[str, Any]] = {}  # engine actor id -> its latest state
         self.engine_rows = 0
+        self.execution_done = False  # the run's Ray Data execution is over: engines shut down
         self.engine_builds = 0  # engines that became ready (a restarted actor builds again)
         self.last_progress = time.time()
 
@@ -110,6 +111,12 @@ class RunLedger:
             state = {**state, "restarts": previous.get("restarts", 0) + 1}  # Ray restarted the actor
         self.engines[actor_id] = {**previous, **state}
         self.last_progress = time.time()
+
+    def finish(self) -> None:
+        self.execution_done = True
+
+    def done(self) -> bool:
+        return self.execution_done
 
     def batch(self, actor_id: str, rows: int, seconds: float, report: Optional[dict] = None) -> set[str]:
         engine = self.engines.setdefault(actor_id, {})

@@ -21,13 +21,14 @@ from typing import Any, Callable, Optional
 
 from llm_assets.execution.engine_stage import EngineStartError, first_line
 from llm_assets.private_apis import (
-    ray_actor_states,
+    ray_data_actors,
     ray_data_execution_callback,
     ray_data_operator_states,
     ray_object_store_summary,
 )
 
 PROGRESS_EVERY_S = 10.0
+ENGINE_OPERATOR = "MapBatches(EngineStage)"  # Ray Data's name of the engine stage's operator
 UNCHANGED_PROGRESS_EVERY_S = 60.0
 LEDGER_EVERY_S = 1.0
 
@@ -41,6 +42,9 @@ def _on_step(key: str, executor: Any) -> None:
     monitor = _ATTACHED.get(key)
     if monitor is not None:
         monitor.executor = executor
+        if monitor.has_engine:
+            for handle in ray_data_actors(executor, ENGINE_OPERATOR):
+                monitor.engine_actors[handle._actor_id.hex()] = handle
         if monitor.stop_reason is not None:
             raise monitor.stop_reason
 
@@ -61,6 +65,7 @@ class Monitor:
         self.ledger, self.start_timeout_s, self.stall_report_s, self.log = ledger, start_timeout_s, stall_report_s, log
         self.engines, self.has_engine = engines, engines is not None
         self.executor: Any = None
+        self.engine_actors: dict[str, Any] = {}  # held until their engines have shut down
         self.stop_reason: Optional[BaseException] = None
         self.key = uuid.uuid4().hex
         self.started = time.monotonic()
@@ -220,22 +225,25 @@ class Monitor:
         return f"{self.name}: no batch finished for {silent_s:.0f} s; " + "; ".join(parts)
 
     def log_engine_reports(self, wait_s: float) -> None:
-        """Once the run's engine actors have ended (Ray Data lets them go as the execution ends;
-        a run that ends has freed its GPUs), each engine's last report."""
-        engines = self.snapshot().get("engines", {})
+        """Tell the engines the execution is over, wait until each has shut down (its GPU memory
+        free: a run that ends leaves its GPUs to the next), and log each one's report."""
+        import ray
+
+        self._engine_news(self.snapshot().get("engines", {}))  # a start the last report missed
+        ray.get(self.ledger.finish.remote())
         deadline = time.monotonic() + wait_s
-        alive = set(engines)
-        while alive and time.monotonic() < deadline:
-            alive = {actor for actor, state in ray_actor_states(list(alive)).items() if state != "DEAD"}
-            if alive:
-                time.sleep(0.25)
-        for number, (actor, engine) in enumerate(engines.items()):
-            if actor in alive:
-                self.log(
-                    f"({self.label} engine {number} had not ended {wait_s:.0f} s after the execution: Ray ends it)"
-                )
-            elif engine.get("report"):
-                self.log(f"{self.label} engine {number} ended: {engine['report']}")
+        while True:
+            engines = self.snapshot().get("engines", {})
+            running = [e for e in engines.values() if e.get("state") in ("importing", "building", "ready")]
+            if not running or time.monotonic() > deadline:
+                break
+            time.sleep(0.25)
+        self.engine_actors.clear()  # Ray Data has let the actors go: they end now
+        for number, engine in enumerate(engines.values()):
+            if engine.get("state") == "shut down":
+                self.log(f"{self.label} engine {number} shut down: {engine.get('report') or {}}")
+            elif engine in running:
+                self.log(f"({self.label} engine {number} did not shut down within {wait_s:.0f} s: Ray ends it)")
 
 
 def operator_times(dataset) -> list[str]:

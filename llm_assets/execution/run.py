@@ -278,12 +278,13 @@ class _ChainRun:
                 f"{self.pipeline.name}: the run ended with rows of {len(unfinished)} partition(s) missing "
                 f"({', '.join(unfinished[:5])}): their stages past the last complete one were not committed"
             )
-        # Ray Data ends its actors by dropping its handles to them (ref counting, not ray.kill):
-        # the engines end once the run lets go of the dataset and its executor too.
+        # The engines shut down when the ledger says the execution is over, and the run waits
+        # for them; Ray Data ends its actors by dropping its handles to them, once the run lets go
+        # of the dataset and its executor too.
+        monitor.log_engine_reports(ENGINE_END_WAIT_S)
         monitor.executor = None
         del dataset
         gc.collect()
-        monitor.log_engine_reports(ENGINE_END_WAIT_S)
 
     def _commit_complete(self, monitor: Monitor, entries: dict[str, Entry]) -> None:
         for partition, problem in monitor.new_failures():
