@@ -94,7 +94,11 @@ class Monitor:
         ]
 
     def detach(self) -> None:
+        """The execution is over, however it ended: its engine actors are let go (a run that
+        failed ends its engines with it) and so is its executor."""
         _ATTACHED.pop(self.key, None)
+        self.engine_actors.clear()
+        self.executor = None
 
     def abort(self, reason: Optional[BaseException] = None) -> None:
         """End the execution at Ray Data's next scheduling step."""
