@@ -154,7 +154,7 @@ def test_two_pipelines_share_one_engine_deployed_once(two_turns):
     assert started[0][0].split("(pid ")[1] == started[1][0].split("(pid ")[1]
     # The runs' pools hold clients only: no vLLM engine actor started in either run.
     assert not any("vLLM engine" in m and "started in" in m for run_logs in logs for m in run_logs)
-    assert any("Loading Serve into 1 engine actor(s)" in m and "(0 GPU(s) each" in m for m in logs[0])
+    assert any(m.startswith("Serve for ") and ": 1 engine actor(s) (0 GPU(s) each" in m for m in logs[0])
     assert [state for state, count in two_turns["replicas_after_runs"].items() if count] == ["RUNNING"]
     assert two_turns["replicas_after_runs"]["RUNNING"] == 1
 

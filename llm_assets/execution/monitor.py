@@ -177,8 +177,8 @@ class Monitor:
             self.engine_states[actor] = news
             name = f"{self.label} engine {number}"
             restarted = news[1] > (before or ("", 0))[1] and (before or ("",))[0] != "dead"
-            if restarted:  # Ray restarted its actor: the process had ended (killed, out of memory)
-                self.log(f"{name} died (its actor process ended); Ray restarts it and Ray Data sends its batches again")
+            if restarted:  # Ray restarted its actor: the process had ended (killed, out of memory, node lost)
+                self.log(f"{name} died {_where_it_died(engine)}; Ray restarts it and Ray Data sends its batches again")
             if news[0] == "ready":
                 gpus = f", GPU {', '.join(engine['gpu_ids'])}" if engine.get("gpu_ids") else ""
                 self.log(
@@ -248,6 +248,18 @@ class Monitor:
                 self.log(f"{self.label} engine {number} shut down: {engine.get('report') or {}}")
             elif engine in running:
                 self.log(f"({self.label} engine {number} did not shut down within {wait_s:.0f} s: Ray ends it)")
+
+
+def _where_it_died(engine: dict[str, Any]) -> str:
+    """Where an engine whose actor Ray restarted had run, and whether its node is gone."""
+    import ray
+
+    node = engine.get("node_id")
+    if not node:
+        return "(its actor process ended)"
+    alive = {n["NodeID"] for n in ray.nodes() if n.get("Alive")}
+    cause = "its actor process ended" if node in alive else "the node was lost by the Ray cluster"
+    return f"on Ray node {node} ({cause})"
 
 
 def operator_times(dataset) -> list[str]:
