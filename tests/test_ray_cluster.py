@@ -41,6 +41,9 @@ MAX_TOKENS = 24
 # committed: with long answers and four large batches, Tokenize commits while the engine has most
 # of its work to do (the CPU stages, not this tiny engine, are the slow part on 2 busy cores).
 LONG_MAX_TOKENS = 256
+# One sequence at a time (in the local run too, for the same tokens): the tiny engine otherwise
+# answers all rows before the worker node can be killed mid-partition.
+ONE_AT_A_TIME = 1
 LONG_BATCH = 16
 PARTITION = "x.jsonl"
 # Ray notices a lost node by its health checks (GCS defaults: about 30 s); checked every half
@@ -368,7 +371,11 @@ def test_a_lost_worker_node_costs_its_engine_which_is_rebuilt_on_the_head(
     write_jsonl(tmp_path / "landing" / PARTITION, questions(ROWS, "c"))
     resources = on_cluster(cluster, tmp_path / "storage", max_engine_restarts=1)
     result, seen = run_losing_the_worker(
-        pipeline(tmp_path / "landing", tiny_model), resources, instance, cluster, tmp_path / "storage"
+        pipeline(tmp_path / "landing", tiny_model, max_num_seqs=ONE_AT_A_TIME),
+        resources,
+        instance,
+        cluster,
+        tmp_path / "storage",
     )
     print(
         f"engine started on the worker node (pid {seen['pid']}); {seen['killed']} processes of the worker node killed "
@@ -467,7 +474,7 @@ if __name__ == "__main__":  # the local run of local_answers, in a process of it
     landing_arg, model_arg, storage_arg = sys.argv[1:4]
     with dg.instance_for_test() as local_instance:
         run_job(
-            pipeline(Path(landing_arg), model_arg),
+            pipeline(Path(landing_arg), model_arg, max_num_seqs=ONE_AT_A_TIME),
             make_resources(PartitionStorage(root=storage_arg)),
             local_instance,
             {"dagster/partition": PARTITION},
