@@ -107,6 +107,28 @@ def ray_data_operator_states(executor: Any) -> list[str]:
     return lines
 
 
+def ray_actor_death(actor_id: str) -> Any:
+    """Why Ray's GCS says an actor died (its death cause's message), or None while it is not dead:
+    a task's error can say only that the actor is unavailable, before Ray has marked its node
+    lost. No public API reads one actor's record without the dashboard's state API."""
+    import ray
+
+    record = ray._private.state.actors(actor_id=actor_id) or {}
+    if record.get("State") != "DEAD":
+        return None
+    return record["DeathCause"].actor_died_error_context.error_message or "no cause recorded"
+
+
+def ray_data_rebatched(dataset: Any, rows: int, num_cpus: float) -> Any:
+    """``dataset.repartition(target_num_rows_per_block=rows)`` whose tasks ask ``num_cpus``: Ray
+    Data gives this operator no remote arguments and its tasks take a whole CPU, which a cluster
+    whose CPUs the stage actors already hold never frees (the run waits forever). The tasks only
+    slice Arrow tables."""
+    rebatched = dataset.repartition(target_num_rows_per_block=rows)
+    rebatched._logical_plan.dag.ray_remote_args["num_cpus"] = num_cpus
+    return rebatched
+
+
 def ray_data_actors(executor: Any, operator_name: str) -> list:
     """The actor handles of a running Ray Data execution's actor pool operator: the run holds its
     engine actors' handles so that they outlive the execution until their engines have shut

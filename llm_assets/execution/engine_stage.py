@@ -126,6 +126,7 @@ class EngineStage:
             yield batch
             return
         todo = batch if passed is None else batch.filter(pc.invert(passed))
+        self.ledger.started.remote(self.id)  # what a lost engine had in flight, for its log line
         started = time.monotonic()
         output = await self._generate(todo)
         report = self.replica.report() if hasattr(self.replica, "report") else None

@@ -18,7 +18,10 @@ from typing import Any, Callable, Optional
 from llm_assets.engines import placement as placements
 from llm_assets.engines.host import engine_actor_options
 from llm_assets.execution.dataset import EngineOp
+from llm_assets.private_apis import ray_actor_death
 from llm_assets.ray_session import RaySession
+
+DEATH_SETTLES_S = 60.0  # Ray's default health checks mark a lost node dead within about 30 s
 
 
 class PlacementGroups:
@@ -135,3 +138,42 @@ def usage(engines: dict[str, dict[str, Any]], builds: int, gpus_each: float) -> 
         "engine_starts": builds,
         "placement": placement,
     }
+
+
+class EngineDiedError(RuntimeError):
+    pass
+
+
+def where_it_died(engine: dict[str, Any]) -> str:
+    """Where an engine whose actor died had run, and whether its node is gone."""
+    import ray
+
+    node = engine.get("node_id")
+    if not node:
+        return "(its actor process ended)"
+    alive = {n["NodeID"] for n in ray.nodes() if n.get("Alive")}
+    cause = "its actor process ended" if node in alive else "lost by the Ray cluster"
+    return f"on Ray node {node} (host {engine.get('host')}, {cause})"
+
+
+def actor_died(error: Optional[BaseException]):
+    """The Ray actor death in an error's chain, if any."""
+    import ray
+
+    while error is not None:
+        if isinstance(error, ray.exceptions.RayActorError) and error.actor_id:
+            return error
+        error = error.__cause__ or error.__context__
+    return None
+
+
+def settled_death(died) -> str:
+    """Why an engine's actor died, once Ray has settled it: a task's error may only say the actor
+    is unavailable, before Ray's health checks have marked its node lost (seconds to a minute)."""
+    deadline = time.monotonic() + DEATH_SETTLES_S
+    while time.monotonic() < deadline:
+        cause = ray_actor_death(died.actor_id)
+        if cause is not None:
+            return " ".join(line.strip() for line in cause.splitlines() if line.strip())[:400]
+        time.sleep(0.5)
+    return [line.strip() for line in str(died).splitlines() if line.strip()][-1]

@@ -108,7 +108,10 @@ class RunLedger:
         if state.get("state") == "ready":
             self.engine_builds += 1
         if state.get("state") == "importing" and previous.get("state") in ("dead", "ready"):
-            state = {**state, "restarts": previous.get("restarts", 0) + 1}  # Ray restarted the actor
+            # Ray restarted the actor: the batches its last process had begun, Ray Data sends again.
+            lost = previous.get("started", 0) - previous.get("batches", 0)
+            state = {**state, "restarts": previous.get("restarts", 0) + 1, "lost_batches": lost}
+            state["started"] = previous.get("batches", 0)
         self.engines[actor_id] = {**previous, **state}
         self.last_progress = time.time()
 
@@ -117,6 +120,10 @@ class RunLedger:
 
     def done(self) -> bool:
         return self.execution_done
+
+    def started(self, actor_id: str) -> None:
+        engine = self.engines.setdefault(actor_id, {})
+        engine["started"] = engine.get("started", 0) + 1
 
     def batch(self, actor_id: str, rows: int, seconds: float, report: Optional[dict] = None) -> set[str]:
         engine = self.engines.setdefault(actor_id, {})

@@ -20,6 +20,7 @@ import uuid
 from typing import Any, Callable, Optional
 
 from llm_assets.execution.engine_stage import EngineStartError, first_line
+from llm_assets.execution.engines import EngineDiedError, actor_died, settled_death, where_it_died
 from llm_assets.private_apis import (
     ray_data_actors,
     ray_data_execution_callback,
@@ -105,9 +106,22 @@ class Monitor:
         if self.stop_reason is None:
             self.stop_reason = reason or RuntimeError(f"{self.name}: the run was stopped")
 
-    def reason(self) -> Optional[BaseException]:
-        """Why the run ended the execution itself (an engine start timeout), if it did."""
-        return self.stop_reason if isinstance(self.stop_reason, EngineStartError) else None
+    def reason(self, error: Optional[BaseException] = None) -> Optional[BaseException]:
+        """Why the execution ended, in the run's words: a start timeout the run imposed, or an
+        engine whose actor died with no restart left (Ray Data's error names only an actor id)."""
+        if isinstance(self.stop_reason, EngineStartError):
+            return self.stop_reason
+        died = actor_died(error)
+        engines = self.snapshot().get("engines", {}) if died is not None else {}
+        if died is None or died.actor_id not in engines:
+            return None
+        cause = settled_death(died)
+        return EngineDiedError(
+            f"{self.label} engine {list(engines).index(died.actor_id)} died ({cause}) "
+            f"{where_it_died(engines[died.actor_id])} and no restart is left (RayDataResource's "
+            "max_engine_restarts): the partitions committed so far stay, and a re-run keeps the rows "
+            "the engine wrote"
+        )
 
     # --- the ledger -------------------------------------------------------------------------
     def new_failures(self) -> list[tuple[str, BaseException]]:
@@ -178,7 +192,10 @@ class Monitor:
             name = f"{self.label} engine {number}"
             restarted = news[1] > (before or ("", 0))[1] and (before or ("",))[0] != "dead"
             if restarted:  # Ray restarted its actor: the process had ended (killed, out of memory, node lost)
-                self.log(f"{name} died {_where_it_died(engine)}; Ray restarts it and Ray Data sends its batches again")
+                self.log(
+                    f"{name} died {where_it_died(engine)} with its {engine.get('lost_batches', 0)} batch(es) in "
+                    "flight; Ray restarts it and Ray Data sends them again"
+                )
             if news[0] == "ready":
                 gpus = f", GPU {', '.join(engine['gpu_ids'])}" if engine.get("gpu_ids") else ""
                 self.log(
@@ -248,47 +265,6 @@ class Monitor:
                 self.log(f"{self.label} engine {number} shut down: {engine.get('report') or {}}")
             elif engine in running:
                 self.log(f"({self.label} engine {number} did not shut down within {wait_s:.0f} s: Ray ends it)")
-
-
-def _where_it_died(engine: dict[str, Any]) -> str:
-    """Where an engine whose actor Ray restarted had run, and whether its node is gone."""
-    import ray
-
-    node = engine.get("node_id")
-    if not node:
-        return "(its actor process ended)"
-    alive = {n["NodeID"] for n in ray.nodes() if n.get("Alive")}
-    cause = "its actor process ended" if node in alive else "the node was lost by the Ray cluster"
-    return f"on Ray node {node} ({cause})"
-
-
-def operator_times(dataset) -> list[str]:
-    """One line per Ray Data operator of a finished execution, from Ray Data's own stats: its
-    tasks and how long each ran, on CPU and in the stage code: what tells a starved operator (far
-    more wall time than CPU) from a busy one."""
-    lines: list[str] = []
-    for summary in _parents_first(dataset.get_stats_summary()):
-        for op in summary.operators_stats:
-            wall, cpu = op.wall_time, op.cpu_time
-            if wall is None or not wall.count:
-                continue
-            line = (
-                f"Ray Data {op.operator_name}: {wall.count} task(s); per task on average (longest): ran "
-                f"{wall.mean:.3f} s ({wall.max:.1f} s)"
-            )
-            if cpu is not None:
-                line += f", {cpu.mean:.3f} s of it on CPU"
-            if op.output_num_rows is not None:
-                line += f"; {op.output_num_rows.sum} rows out"
-            lines.append(line)
-    return lines
-
-
-def _parents_first(summary) -> list:
-    found = []
-    for parent in summary.parents:
-        found.extend(_parents_first(parent))
-    return found + [summary]
 
 
 def _engine_state(engine: dict[str, Any]) -> str:

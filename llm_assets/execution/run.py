@@ -32,11 +32,11 @@ from llm_assets.execution.commits import Commits
 from llm_assets.execution.cpu_stages import Targets
 from llm_assets.execution.engine_stage import EngineStartError, first_line
 from llm_assets.execution.ledger import start_ledger
-from llm_assets.execution.monitor import Monitor, operator_times
+from llm_assets.execution.monitor import Monitor
 from llm_assets.execution.plan import Entry, plan_entry, read_items
 from llm_assets.execution.preflight import check_sources
 from llm_assets.execution.schedulable import check_schedulable
-from llm_assets.execution.stats import PartitionStats
+from llm_assets.execution.stats import PartitionStats, operator_times
 from llm_assets.models import resolve_model_source
 from llm_assets.rows import RowError
 from llm_assets.tasks import ENGINE
@@ -260,7 +260,7 @@ class _ChainRun:
                     item = None
                 self._commit_complete(monitor, entries)
                 if isinstance(item, BaseException):
-                    raise monitor.reason() or item
+                    raise monitor.reason(item) or item
                 yield from self._finished()
                 if item is _DONE:
                     break

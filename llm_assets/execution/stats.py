@@ -107,3 +107,32 @@ class PartitionStats:
     def from_manifest(cls, stats: dict[str, Any]) -> "PartitionStats":
         known = {k: v for k, v in stats.items() if k in cls.__dataclass_fields__}
         return cls(**known, skipped=True)
+
+
+def operator_times(dataset) -> list[str]:
+    """One line per Ray Data operator of a finished execution, from Ray Data's own stats: its
+    tasks and how long each ran, on CPU and in the stage code: what tells a starved operator (far
+    more wall time than CPU) from a busy one."""
+    lines: list[str] = []
+    for summary in _parents_first(dataset.get_stats_summary()):
+        for op in summary.operators_stats:
+            wall, cpu = op.wall_time, op.cpu_time
+            if wall is None or not wall.count:
+                continue
+            line = (
+                f"Ray Data {op.operator_name}: {wall.count} task(s); per task on average (longest): ran "
+                f"{wall.mean:.3f} s ({wall.max:.1f} s)"
+            )
+            if cpu is not None:
+                line += f", {cpu.mean:.3f} s of it on CPU"
+            if op.output_num_rows is not None:
+                line += f"; {op.output_num_rows.sum} rows out"
+            lines.append(line)
+    return lines
+
+
+def _parents_first(summary) -> list:
+    found = []
+    for parent in summary.parents:
+        found.extend(_parents_first(parent))
+    return found + [summary]
