@@ -119,6 +119,16 @@ def ray_actor_death(actor_id: str) -> Any:
     return record["DeathCause"].actor_died_error_context.error_message or "no cause recorded"
 
 
+def ray_data_async_batches_per_task() -> int:
+    """How many batches of one task Ray Data runs at once in an async UDF (4 unless
+    RAY_DATA_DEFAULT_ASYNC_BATCH_UDF_MAX_CONCURRENCY says otherwise): the engine stage's blocks
+    are that many batches, so each of its tasks keeps the engine as busy as a whole file's would.
+    Ray Data exports no name for it."""
+    from ray.data._internal.planner.plan_udf_map_op import DEFAULT_ASYNC_BATCH_UDF_MAX_CONCURRENCY
+
+    return DEFAULT_ASYNC_BATCH_UDF_MAX_CONCURRENCY
+
+
 def ray_data_rebatched(dataset: Any, rows: int, num_cpus: float) -> Any:
     """``dataset.repartition(target_num_rows_per_block=rows)`` whose tasks ask ``num_cpus``: Ray
     Data gives this operator no remote arguments and its tasks take a whole CPU, which a cluster

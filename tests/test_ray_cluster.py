@@ -38,13 +38,15 @@ ROOT = Path(__file__).resolve().parents[1]
 ROWS = 64
 MAX_TOKENS = 24
 # A re-run keeps the engine's checkpoint files only if their input, Tokenize's output, was
-# committed: with long answers and four large batches, Tokenize commits while the engine has most
-# of its work to do (the CPU stages, not this tiny engine, are the slow part on 2 busy cores).
+# committed: with long answers, Tokenize commits while the engine has most of its work to do (the
+# CPU stages, not this tiny engine, are the slow part on 2 busy cores).
 LONG_MAX_TOKENS = 256
 # One sequence at a time (in the local run too, for the same tokens): the tiny engine otherwise
 # answers all rows before the worker node can be killed mid-partition.
 ONE_AT_A_TIME = 1
-LONG_BATCH = 16
+# The engine's rows are written a block at a time, a block being four batches (Ray Data runs four
+# batches of a task at once): four blocks here.
+LONG_BATCH = 4
 PARTITION = "x.jsonl"
 # Ray notices a lost node by its health checks (GCS defaults: about 30 s); checked every half
 # second here, so a run sees its engine's node die within seconds: a killed raylet refuses the
@@ -424,8 +426,8 @@ def test_with_no_restart_left_the_run_fails_naming_the_node_and_a_rerun_resumes(
     worker_id = cluster.add_worker()
     storage_root = tmp_path / "storage"
     write_jsonl(tmp_path / "landing" / PARTITION, questions(ROWS, "c"))
-    # Two sequences at a time: all four batches are tokenized before the engine is ready, and the
-    # first checkpoint must still come well before the last row (in a loaded suite, the task that
+    # Two sequences at a time: every row is tokenized before the engine is ready, and the first
+    # checkpoint must still come well before the last row (in a loaded suite, the task that
     # writes it waits seconds for a new worker).
     tiny = pipeline(tmp_path / "landing", tiny_model, preprocess=ask_at_length, batch_size=LONG_BATCH, max_num_seqs=2)
     with dg.instance_for_test() as instance:

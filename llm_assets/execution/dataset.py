@@ -29,7 +29,7 @@ from llm_assets.execution.cache import CacheLookup, CacheSettings
 from llm_assets.execution.cpu_stages import CpuStages, StageSpec, Targets
 from llm_assets.execution.engine_stage import EngineStage
 from llm_assets.execution.reads import ReadItem, read_dataset
-from llm_assets.private_apis import ray_data_rebatched
+from llm_assets.private_apis import ray_data_async_batches_per_task, ray_data_rebatched
 from llm_assets.secret_env import split_runtime_env
 from llm_assets.tasks import ENGINE
 
@@ -203,11 +203,12 @@ def _engine(ds, data: ChainData, looked_up: bool):
         )
     if op is None:  # the response cache answers the run (a sample of its rows said so): no engine
         return ds
-    # One engine batch per block: a map task's outputs join into one block until 128 MiB, so a
-    # file read as one block would reach the engine as one task and leave it, and be written,
-    # only when its last row is answered. Batch-sized blocks make each batch its own task:
-    # written (and resumable) as it is answered, and counted by max_tasks_in_flight_per_actor.
-    ds = ray_data_rebatched(ds, op.batch_size, num_cpus=0)
+    # Blocks of a few batches: a map task's outputs join into one block until 128 MiB, so a file
+    # read as one block would reach the engine as one task, and its answers would be written (and
+    # resumable) only once its last row was answered. A block of as many batches as Ray Data runs
+    # at once in one task keeps each engine as busy as whole files would (max_concurrent_batches
+    # tasks, each running that many batches), and its answers are written as each block is done.
+    ds = ray_data_rebatched(ds, op.batch_size * ray_data_async_batches_per_task(), num_cpus=0)
     kwargs = {**op.kwargs, "ledger": data.ledger, "answer_columns": data.cache[1].answer_columns if data.cache else ()}
     named = {key: value for key, value in op.options.items() if key != "max_restarts"}
     if op.remote_args_fn is not None:
