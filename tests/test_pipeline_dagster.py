@@ -109,7 +109,9 @@ def test_the_run_is_a_ray_data_dataset_whose_operators_report_their_tasks(two_pa
     instance, result = two_partition_run["instance"], two_partition_run["result"]
     found = {m.group(1): m for m in map(OPERATOR_TIMES.search, log_messages(instance, result.run_id)) if m}
     groups = ["MapBatches(preprocess+chat_template+tokenize)", "MapBatches(engine_output+detokenize+postprocess)"]
-    assert set(found) == {"ReadReads", *groups, "MapBatches(EngineStage)"}
+    # The engine's input in blocks of at most four batches (batch_size 4).
+    rebatch = "StreamingRepartition[num_rows_per_block=16,strict=False]"
+    assert set(found) == {"ReadReads", *groups, rebatch, "MapBatches(EngineStage)"}
     for name in [*groups, "MapBatches(EngineStage)"]:
         tasks, ran, longest, on_cpu = (float(found[name].group(i)) for i in (2, 3, 4, 5))
         assert tasks >= 2 and 0 < ran <= longest + 0.05 and on_cpu <= ran + 0.05, found[name].group(0)

@@ -225,17 +225,16 @@ def with_results(
     results: list[dict[str, Any]],
     columns: dict[str, pa.DataType],
     upstream_ok: list[bool],
-    keep_errors: bool,
 ) -> pa.Table:
-    """A replica's per-row results (dicts) added to ``batch`` as ``columns``. Each row's ``error``
-    goes to ``__inference_error__`` where errors are kept (``should_continue_on_error``) or an
-    earlier stage set the column; a row an earlier stage failed keeps that stage's error."""
+    """A replica's per-row results (dicts) added to ``batch`` as ``columns``, and each row's
+    ``error`` as ``__inference_error__`` ('' for a good row, as ray.data.llm 2.60's engine stages
+    write it whatever ``should_continue_on_error`` says: a postprocess may read it); a row an
+    earlier stage failed keeps that stage's error."""
     from llm_assets.rows import ERROR_COLUMN, column_or_none, with_column
 
     for name, type_ in columns.items():
         batch = with_column(batch, name, [r.get(name) for r in results], type_)
-    if keep_errors or ERROR_COLUMN in batch.column_names:
-        upstream_errors = column_or_none(batch, ERROR_COLUMN)
-        errors = [upstream_errors[i] if not upstream_ok[i] else r.get("error") for i, r in enumerate(results)]
-        batch = with_column(batch, ERROR_COLUMN, errors, pa.string())
+    upstream_errors = column_or_none(batch, ERROR_COLUMN)
+    errors = [upstream_errors[i] if not upstream_ok[i] else (r.get("error") or "") for i, r in enumerate(results)]
+    batch = with_column(batch, ERROR_COLUMN, errors, pa.string())
     return batch

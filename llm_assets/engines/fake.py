@@ -127,7 +127,7 @@ class FakeEngineReplica:
         batch = batch.drop_columns(
             [name for name in ("tokenized_prompt", "token_type_ids") if name in batch.column_names]
         )
-        return with_results(batch, results, self._columns(), upstream_ok, self.should_continue_on_error)
+        return with_results(batch, results, self._columns(), upstream_ok)
 
     def _columns(self) -> dict[str, pa.DataType]:
         if self.task_type == "generate":

@@ -84,7 +84,7 @@ class HttpRequestReplica:
                 for i in range(batch.num_rows)
             )
         )
-        return with_results(batch, results, OUTPUT_COLUMNS, upstream_ok, self.should_continue_on_error)
+        return with_results(batch, results, OUTPUT_COLUMNS, upstream_ok)
 
     async def _send_times(self, count: int) -> list[float]:
         """When each of ``count`` requests may first be sent (wall clock): now, or ``qps`` apart

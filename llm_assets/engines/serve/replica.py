@@ -125,7 +125,7 @@ class ServeDeploymentReplica:
         columns = dict(RESPONSE_COLUMNS)
         if any("generated_text" in result for result in results):
             columns.update(COMPLETION_COLUMNS)
-        return with_results(batch, results, columns, upstream_ok, self.should_continue_on_error)
+        return with_results(batch, results, columns, upstream_ok)
 
     async def _process_batch(self, batch: pa.Table) -> pa.Table:
         output = await self._answer(self.handle.process.remote(batch))
@@ -137,8 +137,6 @@ class ServeDeploymentReplica:
             failed = next((i for i, error in enumerate(errors) if error and not upstream[i]), None)
             if failed is not None:
                 raise RowError(output.column(ROW_ID)[failed].as_py(), STAGE, errors[failed])
-            if ERROR_COLUMN not in batch.column_names and ERROR_COLUMN in output.column_names:
-                output = output.drop_columns([ERROR_COLUMN])
         return output
 
     async def _request(self, index: int, row_id: Any, method: str, dtype_name: Optional[str], kwargs_json: str) -> dict:

@@ -69,9 +69,7 @@ class SGLangEngineReplica:
         )
         if "tokenized_prompt" in batch.column_names:
             batch = batch.drop_columns(["tokenized_prompt"])  # persisted by Tokenize already
-        return with_results(
-            batch, results, generation_columns(self.engine_detokenizes), upstream_ok, self.should_continue_on_error
-        )
+        return with_results(batch, results, generation_columns(self.engine_detokenizes), upstream_ok)
 
     async def _generate(self, row_id: Any, token_ids: Any, prompt: Optional[str], params_json: Optional[str]) -> dict:
         started = time.perf_counter()
