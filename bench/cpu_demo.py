@@ -1,12 +1,14 @@
 """The CPU demo as a user runs it, measured: wall time and peak memory summed over every process.
 
-    .venv/bin/python bench/cpu_demo.py [--runs 2]
+    .venv/bin/python bench/cpu_demo.py [--runs 2] [--systems llm_assets raw_vllm ray_data_llm]
 
 Runs `dagster job execute -f definitions.py -j demo_job` (every stage, the real SmolLM2 on vLLM's
 CPU build) with fresh storage and a fresh Dagster home each time, and samples every 0.25 s the
 proportional set size (PSS: shared pages split between the processes that map them, so the sum
 is what the run really holds) of the command's whole process tree: Dagster, the step process,
-Ray's own processes, the engine actor, the task workers. Prints one JSON line per run.
+Ray's own processes, the engine actor, the task workers. Prints one JSON line per run. The peers
+(``bench/cpu_demo_peers.py``: raw vLLM, ray.data.llm) do the same work on the same model and
+prompts and are measured the same way; ``--systems`` runs them in turn, one pair after another.
 """
 
 from __future__ import annotations
@@ -42,7 +44,21 @@ def tree_pss(root: psutil.Process) -> dict[str, int]:
     return found
 
 
-def run_once() -> dict:
+def demo_command(env: dict) -> list[str]:
+    """The demo job as a user runs it (its partition registered first)."""
+    subprocess.run(
+        [sys.executable, "-m", "llm_assets.cli", "add-partitions", "-f", "definitions.py"],
+        cwd=PROJECT,
+        env=env,
+        check=True,
+        capture_output=True,
+    )
+    dagster = str(Path(sys.executable).parent / "dagster")
+    partition = json.dumps({"dagster/partition": "prompts.jsonl"})
+    return [dagster, "job", "execute", "-f", "definitions.py", "-j", "demo_job", "--tags", partition]
+
+
+def run_once(system: str = "llm_assets") -> dict:
     with tempfile.TemporaryDirectory(prefix="llm-assets-demo-") as tmp:
         env = {
             **os.environ,
@@ -53,27 +69,13 @@ def run_once() -> dict:
             "TOKENIZERS_PARALLELISM": "false",
         }
         Path(env["DAGSTER_HOME"]).mkdir()
-        bin_dir = Path(sys.executable).parent
-        subprocess.run(
-            [sys.executable, "-m", "llm_assets.cli", "add-partitions", "-f", "definitions.py"],
-            cwd=PROJECT,
-            env=env,
-            check=True,
-            capture_output=True,
-        )
+        if system == "llm_assets":
+            argv = demo_command(env)
+        else:
+            argv = [sys.executable, str(PROJECT / "bench" / "cpu_demo_peers.py"), system]
         started = time.monotonic()
         command = subprocess.Popen(
-            [
-                str(bin_dir / "dagster"),
-                "job",
-                "execute",
-                "-f",
-                "definitions.py",
-                "-j",
-                "demo_job",
-                "--tags",
-                json.dumps({"dagster/partition": "prompts.jsonl"}),
-            ],
+            argv,
             cwd=PROJECT,
             env=env,
             stdout=subprocess.PIPE,
@@ -96,7 +98,8 @@ def run_once() -> dict:
         wall = time.monotonic() - started
         sampler.join(timeout=5)
         return {
-            "success": command.returncode == 0 and "RUN_SUCCESS" in log,
+            "system": system,
+            "success": command.returncode == 0 and ("RUN_SUCCESS" in log or '"answers": 20' in log),
             "wall_s": round(wall, 1),
             "peak_pss_gib": round(peak["pss"] / 2**30, 2),
             "processes_at_peak": len(peak["processes"]),
@@ -110,5 +113,9 @@ def run_once() -> dict:
 if __name__ == "__main__":
     parser = argparse.ArgumentParser()
     parser.add_argument("--runs", type=int, default=1)
-    for _ in range(parser.parse_args().runs):
-        print(json.dumps(run_once()), flush=True)
+    systems = ["llm_assets", "raw_vllm", "ray_data_llm"]
+    parser.add_argument("--systems", nargs="+", default=["llm_assets"], choices=systems)
+    args = parser.parse_args()
+    for _ in range(args.runs):
+        for system in args.systems:
+            print(json.dumps(run_once(system)), flush=True)

@@ -56,7 +56,7 @@ def test_every_row_comes_back_once_with_ray_data_llm_columns(engine_outputs):
     assert row["time_taken_llm"] > 0
     assert isinstance(row["generated_text"], str)
     assert row["finish_reason"] == "length"
-    assert row[ERROR_COLUMN] is None
+    assert row[ERROR_COLUMN] == ""
     assert "tokenized_prompt" not in row  # persisted by Tokenize; not copied again
 
 
@@ -111,7 +111,7 @@ def test_a_dead_engine_is_never_reported_as_row_errors(tiny_model, ray_session):
 
     batch = pa.table({"row_id": ["a", "b"], "tokenized_prompt": [[5, 6], [7, 8]], "sampling_params": [None, None]})
     host = engine_host(tiny_model)
-    assert [row[ERROR_COLUMN] for row in ray.get(host.process.remote(batch))] == [None, None]  # a healthy engine first
+    assert [row[ERROR_COLUMN] for row in ray.get(host.process.remote(batch))] == ["", ""]  # a healthy engine first
     broken = ray.get(host.process.remote(batch, True))
     assert broken.startswith("EngineDeadError") and "illegal memory access" in broken
     assert ray.get(host.process.remote(batch)).startswith("EngineDeadError")  # it stays dead

@@ -164,7 +164,7 @@ def test_every_row_once_and_the_same_tokens_as_raw_vllm(two_turns):
     for name, reference in zip(("turn1", "turn2"), two_turns["reference"]):
         engine = [row for table in storage.read_committed(name, "engine", "chat.jsonl") for row in table.to_pylist()]
         assert sorted(r["row_id"] for r in engine) == [f"chat.jsonl:{i}" for i in range(6)]
-        assert "__inference_error__" not in engine[0] and "generated_text" not in engine[0]  # the vLLM engine's columns
+        assert engine[0]["__inference_error__"] == "" and "generated_text" not in engine[0]  # the vLLM engine's columns
         assert [r["generated_tokens"] for r in sorted(engine, key=lambda r: r["row_id"])] == reference
         output = [
             row for table in storage.read_committed(name, "postprocess", "chat.jsonl") for row in table.to_pylist()

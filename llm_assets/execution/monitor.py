@@ -118,7 +118,7 @@ class Monitor:
         cause = settled_death(died)
         return EngineDiedError(
             f"{self.label} engine {list(engines).index(died.actor_id)} died ({cause}) "
-            f"{where_it_died(engines[died.actor_id])} and no restart is left (RayDataResource's "
+            f"{where_it_died(engines[died.actor_id])} and no restart is left (EnginePoolResource's "
             "max_engine_restarts): the partitions committed so far stay, and a re-run keeps the rows "
             "the engine wrote"
         )
