@@ -1,4 +1,5 @@
-"""Samples GPU utilization (nvidia-smi) and host memory in the background while a system runs."""
+"""Samples GPU utilization (nvidia-smi) and host memory in the background while a system runs,
+and which processes held the memory when its use was highest."""
 
 from __future__ import annotations
 
@@ -14,6 +15,8 @@ class Monitor:
         self.every_s = every_s
         self.samples: list[tuple[float, float, float]] = []  # (time, gpu util %, host used GiB)
         self.baseline_gib = psutil.virtual_memory().used / 2**30
+        self.peak_processes: list[tuple[str, float]] = []  # (process, RSS GiB) at the highest use seen
+        self._peak_used, self._peak_taken_at = 0.0, 0.0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
@@ -38,7 +41,12 @@ class Monitor:
                 util = sum(per_gpu) / len(per_gpu)  # the mean over the machine's GPUs
             except Exception:
                 util = float("nan")
-            self.samples.append((time.time(), util, psutil.virtual_memory().used / 2**30))
+            used = psutil.virtual_memory().used / 2**30
+            self.samples.append((time.time(), util, used))
+            # A new high, and at most every 2 s (listing the processes takes tens of ms).
+            if used > self._peak_used and time.time() - self._peak_taken_at > 2:
+                self._peak_used, self._peak_taken_at = used, time.time()
+                self.peak_processes = processes_by_memory()
             self._stop.wait(self.every_s)
 
     def gpu_busy_fraction(self, start: float, end: float) -> float:
@@ -51,3 +59,16 @@ class Monitor:
 
     def host_peak_gib(self) -> float:
         return round(max((m for _, _, m in self.samples), default=0) - self.baseline_gib, 2)
+
+
+def processes_by_memory(top: int = 15) -> list[tuple[str, float]]:
+    """The largest processes by resident memory (GiB), named as ``ps`` shows them (a Ray worker by
+    its task or actor)."""
+    rows = []
+    for process in psutil.process_iter(["pid", "cmdline", "memory_info"]):
+        info = process.info
+        if info["memory_info"] is None or info["memory_info"].rss < 2**26:  # kernel threads, helpers under 64 MiB
+            continue
+        name = " ".join(info["cmdline"] or [])[:90] or str(info["pid"])
+        rows.append((f"{info['pid']} {name}", round(info["memory_info"].rss / 2**30, 2)))
+    return sorted(rows, key=lambda row: -row[1])[:top]

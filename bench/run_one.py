@@ -89,11 +89,15 @@ def raw_vllm(spec: dict, monitor: Monitor) -> dict:
         }
         for row in read_rows(spec)
     ]
+    steps = count_steps(llm.llm_engine)
     generating = time.time()
     outputs = llm.generate(prompts, SamplingParams(**sampling_params(spec["max_tokens"])), use_tqdm=False)
     done = time.time()
     tokens = sum(len(o.outputs[0].token_ids) for o in outputs)
     return {
+        # As llm_assets' engine reports its loop: steps, and the seconds spent in them.
+        "engine_steps": steps["steps"],
+        "engine_stepping_s": round(steps["stepping_s"], 2),
         # Engine start from the process's start: import vllm, then LLM(...).
         "rows": len(outputs),
         "output_tokens": tokens,
@@ -103,6 +107,23 @@ def raw_vllm(spec: dict, monitor: Monitor) -> dict:
         "gpu_busy": monitor.gpu_busy_fraction(generating, done),
         "gpu_util_mean": monitor.mean_gpu_util(generating, done),
     }
+
+
+def count_steps(engine) -> dict:
+    """Count the engine's ``step()`` calls and the time in them (LLM.generate steps until done)."""
+    counts = {"steps": 0, "stepping_s": 0.0}
+    step = engine.step
+
+    def counted(*args, **kwargs):
+        started = time.perf_counter()
+        try:
+            return step(*args, **kwargs)
+        finally:
+            counts["steps"] += 1
+            counts["stepping_s"] += time.perf_counter() - started
+
+    engine.step = counted
+    return counts
 
 
 def ray_data_llm(spec: dict, monitor: Monitor) -> dict:
@@ -312,6 +333,7 @@ if __name__ == "__main__":
     result.update(
         system=args.system,
         host_peak_gib=monitor.host_peak_gib(),
+        host_peak_processes=monitor.peak_processes,
         model=spec["size"],
         tensor_parallel_size=model_parallel().get("tensor_parallel_size", 1),
         pipeline_parallel_size=model_parallel().get("pipeline_parallel_size", 1),

@@ -121,3 +121,24 @@ def test_the_cli_reports_a_bad_config_in_one_line(tmp_path):
         "error: definitions.py failed to load: ValueError: pipeline 'mine': vLLMEngineProcessorConfig has no field "
         "'batchsize' (did you mean 'batch_size'?) (--verbose for the traceback)"
     ]
+
+
+def test_an_engine_left_at_the_default_concurrency_gets_rows_for_three_times_its_batch():
+    """Unset max_concurrent_batches: enough Ray Data tasks (4 batches each) at once to keep three
+    times the engine's max_num_seqs in flight, never fewer than the default 8; set, as asked."""
+    from llm_assets import HttpRequestProcessorConfig
+    from llm_assets.engines import engine_for
+    from llm_assets.execution.engines import concurrent_batches
+
+    def calls(config, on_gpu):
+        return concurrent_batches(config, engine_for(config).sequences_at_once(on_gpu))
+
+    unset = vLLMEngineProcessorConfig(model_source="/m")
+    assert calls(unset, on_gpu=True) == 24  # 3 x 1024 sequences / (4 x 32 rows)
+    assert calls(unset, on_gpu=False) == 8  # 3 x 256 / 128 = 6, below the default
+    assert calls(vLLMEngineProcessorConfig(model_source="/m", batch_size=256), on_gpu=True) == 8
+    piped = {"max_num_seqs": 512, "pipeline_parallel_size": 2}
+    assert calls(vLLMEngineProcessorConfig(model_source="/m", engine_kwargs=piped), on_gpu=True) == 24
+    assert calls(vLLMEngineProcessorConfig(model_source="/m", max_concurrent_batches=8), on_gpu=True) == 8
+    assert calls(vLLMEngineProcessorConfig(model_source="/m", max_concurrent_batches=2), on_gpu=True) == 2
+    assert calls(HttpRequestProcessorConfig(url="http://127.0.0.1:9/v1/chat/completions"), on_gpu=True) == 8

@@ -95,6 +95,12 @@ class Engine(abc.ABC):
         """Environment variables an engine actor needs (the user's runtime_env wins)."""
         return {}
 
+    def sequences_at_once(self, on_gpu: bool) -> Optional[int]:
+        """How many rows one replica runs at once, as its config says before it starts (vLLM's
+        max_num_seqs); None where the engine does not say (an HTTP endpoint, a Serve app): then
+        max_concurrent_batches alone sizes the rows it is handed at once."""
+        return None
+
     def preimport(self, on_gpu: bool) -> None:
         """Import what an engine start needs, in the engine actor while CPU stages run."""
 

@@ -12,15 +12,21 @@ when Ray Data creates the actor and removed when the run ends.
 
 from __future__ import annotations
 
+import math
 import time
 from typing import Any, Callable, Optional
 
 from llm_assets.engines import placement as placements
 from llm_assets.engines.host import engine_actor_options
 from llm_assets.execution.dataset import EngineOp
-from llm_assets.private_apis import ray_actor_death
+from llm_assets.private_apis import ray_actor_death, ray_data_async_batches_per_task
 from llm_assets.ray_session import RaySession
 
+# Rows handed to an engine at once, per sequence it runs at once, when the user left
+# max_concurrent_batches unset: rows of equal length finish in waves, and the engine's scheduler
+# needs rows queued to refill its batch at once (ray.data.llm's 8 batches of 4 x 32 rows keep
+# 1 024 in flight, as many as vLLM runs at once on an H100).
+IN_FLIGHT_PER_SEQUENCE = 3
 DEATH_SETTLES_S = 60.0  # Ray's default health checks mark a lost node dead within about 30 s
 
 
@@ -88,10 +94,13 @@ class RunEngines:
             options.pop("accelerator_type", None)  # the group's first bundle carries it
             options["num_cpus"] = min(self.num_cpus_per_engine, placement.bundles[0].get("CPU", 0))
             options["num_gpus"] = placement.actor_gpus
+        calls = concurrent_batches(config, engine.sequences_at_once(on_gpu))
+        in_flight = calls * ray_data_async_batches_per_task() * config.batch_size
         log(
             f"{engine.label} for {target}: {size} engine actor(s) ({gpus:g} GPU(s) each, "
             f"{'GPU' if on_gpu else 'CPU'} build"
-            + (f"; each reserves a placement group of {placement.describe()})" if placement else ")")
+            + (f"; each reserves a placement group of {placement.describe()}" if placement else "")
+            + f"; up to {in_flight} rows in flight each: {calls} tasks at once)"
         )
         op = EngineOp(
             kwargs={"engine": engine, "replica_kwargs": replica_kwargs, "on_gpu": on_gpu, "secret_env": secret_env},
@@ -99,7 +108,7 @@ class RunEngines:
             target=target,
             size=size,
             batch_size=config.batch_size,
-            max_concurrency=getattr(config, "max_concurrent_batches", 1),
+            max_concurrency=calls,
             max_tasks_in_flight=getattr(config, "max_tasks_in_flight_per_actor", None),
             remote_args_fn=groups,
         )
@@ -115,6 +124,17 @@ class RunEngines:
             "CPU_each": self.num_cpus_per_engine,
             "GPU_each": gpus,
         }
+
+
+def concurrent_batches(config: Any, sequences: Optional[int]) -> int:
+    """The engine actor's concurrent Ray Data tasks: max_concurrent_batches as the user set it;
+    unset, at least its default and enough to keep IN_FLIGHT_PER_SEQUENCE x the engine's sequences
+    at once in flight (each task runs ray_data_async_batches_per_task() batches at once)."""
+    asked = getattr(config, "max_concurrent_batches", 1)
+    if sequences is None or "max_concurrent_batches" in config.model_fields_set:
+        return asked
+    rows_per_task = config.batch_size * ray_data_async_batches_per_task()
+    return max(asked, math.ceil(IN_FLIGHT_PER_SEQUENCE * sequences / rows_per_task))
 
 
 def usage(engines: dict[str, dict[str, Any]], builds: int, gpus_each: float) -> dict[str, Any]:

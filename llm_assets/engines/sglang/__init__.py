@@ -77,6 +77,11 @@ class SGLangEngine(Engine):
     code_modules = ("llm_assets.engines.base", "llm_assets.engines.sglang.replica", "llm_assets.engines.sglang.params")
     config: SGLangEngineProcessorConfig
 
+    def sequences_at_once(self, on_gpu: bool) -> Optional[int]:
+        from llm_assets.engines.sglang.replica import DEFAULT_RUNNING_REQUESTS
+
+        return int(self.config.engine_kwargs.get("max_running_requests") or DEFAULT_RUNNING_REQUESTS)
+
     def replica_kwargs(self, target: str, on_gpu: bool, engine_detokenizes: bool) -> dict[str, Any]:
         if not on_gpu:
             raise RuntimeError(

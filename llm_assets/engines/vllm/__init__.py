@@ -115,6 +115,13 @@ class vLLMEngine(Engine):
     )
     config: vLLMEngineProcessorConfig
 
+    def sequences_at_once(self, on_gpu: bool) -> Optional[int]:
+        # vLLM's offline default when engine_kwargs set none: 1024 on an H100/H200-class GPU, 256
+        # on smaller GPUs and on CPU (arg_utils); 1024 on any GPU errs towards rows queued in
+        # the engine, which cost only their memory. Pipeline stages each run a batch at once.
+        seqs = self.config.engine_kwargs.get("max_num_seqs") or (1024 if on_gpu else 256)
+        return int(seqs) * self.config.pipeline_parallel_size
+
     def replica_kwargs(self, target: str, on_gpu: bool, engine_detokenizes: bool) -> dict[str, Any]:
         from llm_assets.engines.vllm import compat
         from llm_assets.model_store import S3ModelPath
