@@ -178,7 +178,12 @@ class OfflineProcessorConfig(ProcessorConfig):
     task_type: str = "generate"
     runtime_env: Optional[dict[str, Any]] = None
     max_pending_requests: Optional[int] = Field(default=None, ge=1)
-    max_concurrent_batches: int = Field(default=8, ge=1)
+    max_concurrent_batches: int = Field(
+        default=8,
+        ge=1,
+        description="Ray Data tasks an engine actor runs at once (each runs 4 batches). Unset: at least 8, "
+        "and enough to keep three times the engine's max_num_seqs rows in flight.",
+    )
     max_tasks_in_flight_per_actor: Optional[int] = Field(
         default=None,
         ge=1,
