@@ -16,29 +16,11 @@ from typing import Any, Callable, Optional
 
 from llm_assets.engines import placement as placements
 from llm_assets.engines.base import Engine
+from llm_assets.engines.errors import BatchFailed, EngineStartError, first_line, unwrap
 from llm_assets.engines.host import EngineHost, engine_actor_options
 from llm_assets.rows import RowError
 
 IN_FLIGHT_PER_SEQUENCE_SLOT = 3
-
-
-class EngineStartError(RuntimeError):
-    pass
-
-
-class BatchFailed(Exception):
-    """A batch the engine refused because of one of its rows (``error``: the RowError); ``tag``
-    says which batch. The run fails that batch's partition, not the run."""
-
-    def __init__(self, tag: Any, error: BaseException):
-        super().__init__(str(error))
-        self.tag, self.error = tag, error
-
-
-def unwrap(exc: BaseException) -> BaseException:
-    """The user-facing error inside a Ray error (a RowError raised in a worker, say)."""
-    cause = getattr(exc, "cause", None)
-    return cause if isinstance(cause, BaseException) else exc
 
 
 # How long a dead engine's report waits for Ray to say whether its node is lost.
@@ -48,11 +30,6 @@ NODE_VERDICT_WAIT_S = 2.0
 def _gpus(info: dict[str, Any]) -> str:
     gpu_ids = info.get("gpu_ids")
     return f", GPU {', '.join(gpu_ids)}" if gpu_ids else ""
-
-
-def first_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return f"{type(exc).__name__}: {text[0] if text else ''}"[:300]
 
 
 @dataclass

@@ -20,18 +20,17 @@ import time
 import uuid
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator, Optional, Union
+from typing import Any, Callable, Iterator, Optional
 
 from llm_assets.engines.pool import BatchFailed, first_line, unwrap
 from llm_assets.errors import SourceError
 from llm_assets.execution.cache import RunCache
 from llm_assets.execution.calls import StageCalls
 from llm_assets.execution.commits import Commits
+from llm_assets.execution.events import Event, PartitionCommitted, PartitionsFailed, StageDone
 from llm_assets.execution.inputs import Entry, Unit, plan_entry, units
 from llm_assets.execution.preflight import check_sources
 from llm_assets.execution.progress import Progress
-from llm_assets.execution.stats import PartitionStats
 from llm_assets.execution.steps import build_steps, chains, check_schedulable, step_of
 from llm_assets.execution.units import run_unit
 from llm_assets.execution.warmup import Warmup
@@ -47,38 +46,6 @@ LOOKAHEAD_STARTING_ROWS = 32768
 PLANNING_THREADS = 16
 # What a run's engines held when none was started (the response cache answered every row).
 NO_ENGINE_USAGE = {"engine_seconds": 0.0, "gpu_seconds": 0.0, "engine_starts": 0, "placement": []}
-
-
-@dataclass
-class StageDone:
-    stage: str
-    results: list[PartitionStats]  # of the partitions committed (or up to date), in the run's order
-    usage: Optional[dict[str, Any]] = None  # the engine stage's: what its engines held, and where (EnginePool.usage)
-    failed: list[str] = field(default_factory=list)  # partitions that failed before this stage committed them
-
-
-class PartitionsFailed(RuntimeError):
-    """Some partitions of a run failed (bad input files, rows a stage refused); every stage of the
-    others is committed."""
-
-    def __init__(self, failed: dict[str, Exception], total: int):
-        self.failed = failed
-        problems = "; ".join(f"[{partition}] {problem}" for partition, problem in failed.items())
-        good = total - len(failed)
-        super().__init__(
-            f"{len(failed)} of {total} partition(s) failed"
-            + (f" (the other {good} committed every stage)" if good else "")
-            + f": {problems}"
-        )
-
-
-@dataclass
-class PartitionCommitted:
-    stage: str
-    stats: PartitionStats
-
-
-Event = Optional[Union[PartitionCommitted, StageDone]]
 
 
 class StreamingRun:
