@@ -64,7 +64,7 @@ def test_every_row_id_reaches_the_output_exactly_once(two_partition_run):
         rows = read_output(storage, "postprocess", partition)
         assert sorted(r["row_id"] for r in rows) == sorted(f"{partition}:{i}" for i in range(n))
         assert all(r["tokens"] == MAX_TOKENS and isinstance(r["answer"], str) for r in rows)
-        # The CPU stages ran at a lower priority than the engines (niceness 0, test_engine_pool.py).
+        # The CPU stages ran at a lower priority than the engines (niceness 0, test_engine_actors.py).
         assert all(r["worker_nice"] > 0 for r in rows)
         prompts = read_output(storage, "chat_template", partition)
         assert all(r["prompt"].endswith("<|im_start|>assistant\n") for r in prompts)

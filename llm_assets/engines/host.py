@@ -1,6 +1,7 @@
 """The Ray actor that hosts one engine replica, and the Ray options of such a process.
 
-Used by the engine pool (``pool.py``) and by a Serve deployment's replicas (``serve/``).
+Used by a Serve deployment's replicas (``serve/``); the run's own engine actors are Ray Data's
+(``execution/engine_stage.py``), with the same Ray options.
 Nothing here imports Dagster.
 """
 

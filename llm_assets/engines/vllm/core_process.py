@@ -8,7 +8,7 @@ server first thing, which imports the core's modules while the actor imports its
 engine is built vLLM's core process is forked from that server, a plain process with no Ray
 threads. The core still starts as a spawned one would, with the actor's environment at that
 moment; the server ends with the actor, and Ray ends the core with the actor's other descendants
-(tests/test_engine_pool.py kills an actor and watches its core go).
+(tests/test_engine_actors.py kills an actor and watches its core go).
 """
 
 from __future__ import annotations
