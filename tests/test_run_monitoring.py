@@ -34,9 +34,8 @@ from llm_assets.defs.dead_runs import process_tag
 from tests.helpers.deployment import INSTANCE_SETTINGS, Deployment, messages, open_instance
 from tests.helpers.processes import alive, describe, kill_processes, name, wait_for
 
-# The second run's limit: longer than the wait for the killed run's Ray processes to exit (up to
-# 30 s on 2 busy cores, a run's Ray Data actors included), which comes before the test looks for
-# the second run STARTED; a shorter limit cancelled it unseen.
+# The second run's limit: longer than the test takes to see it STARTED once the first is killed; a
+# shorter limit cancelled it unseen.
 MAX_RUNTIME_S = 45
 # Ray's dashboard and runtime-env agents outlive their raylet by about 75 s on this machine (they
 # block reporting its death to the GCS, which died with it) and then exit; measured, not waited for.
@@ -126,11 +125,12 @@ def test_killed_runs_end_failed_saying_why(deployment):
             -10:
         ]
 
-        # Everything the run started goes with it: its Ray (gcs_server, raylet, workers) and the engine.
+        # Everything the run started goes with it: its Ray (gcs_server, raylet, workers) and the
+        # engine. Checked at the end: a Ray worker still starting when its raylet died (a Ray Data
+        # actor's, importing on 2 busy cores) took over 30 s to notice, and waiting here would
+        # hold up the second run past its maximum runtime.
         def survivors():
             return [p for p in alive(run_processes) if name(p) not in RAY_AGENTS]
-
-        wait_for(lambda: not survivors(), 30, "the killed run's processes exit", lambda: describe(survivors()))
 
         # 2. The second run, dequeued now that the slot is free, is lost with the whole deployment.
         wait_for(
@@ -164,6 +164,8 @@ def test_killed_runs_end_failed_saying_why(deployment):
         else:  # the pipeline's dead-runs sensor finds the recorded process gone, at its first tick
             pid = recorded.split("/")[1]
             assert any(m.startswith(f"The process that ran this run (pid {pid} on ") for m in log), log[-10:]
+        wait_for(lambda: not survivors(), 30, "the killed run's processes exit", lambda: describe(survivors()))
+        mark("killed run's processes gone")
 
     print(
         f"timeline (s): {marks}; killed worker -> FAILURE in {detected_s:.1f} s; "

@@ -50,6 +50,11 @@ class PipelineSource(dg.Resolvable, dg.Model):
     bucket: Optional[str] = Field(None, description="An S3 bucket (any S3-compatible store).")
     prefix: str = Field("", description="The key prefix within the bucket.")
     pattern: str = Field("*.jsonl", description="Which files are input: *.jsonl, *.json, *.parquet, *.csv, *.txt.")
+    partition_by: Literal["file", "folder"] = Field(
+        "file",
+        description="'file': one partition per file; 'folder': one per folder of files (a Hive-style "
+        "date=2026-12-01/ folder of a Parquet dataset), its key the folder's path.",
+    )
     s3: Optional[dict[str, Any]] = Field(
         None,
         description="dagster-aws S3Resource fields (endpoint_url, region_name, ...); "
@@ -64,11 +69,13 @@ class PipelineSource(dg.Resolvable, dg.Model):
         if self.folder is not None and (self.prefix or self.s3):
             raise ValueError("prefix and s3 apply to an S3 bucket, not to a local folder")
         if self.folder is not None:
-            return LocalFolderSource(self.folder, pattern=self.pattern)
+            return LocalFolderSource(self.folder, pattern=self.pattern, partition_by=self.partition_by)
         from dagster_aws.s3 import S3Resource
 
         s3 = S3Resource(**self.s3) if self.s3 is not None else None
-        return S3PrefixSource(self.bucket, prefix=self.prefix, pattern=self.pattern, s3=s3)
+        return S3PrefixSource(
+            self.bucket, prefix=self.prefix, pattern=self.pattern, s3=s3, partition_by=self.partition_by
+        )
 
 
 DEFS_TEMPLATE = """\

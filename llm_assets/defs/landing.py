@@ -35,14 +35,15 @@ warnings.filterwarnings(
 
 
 def landing_asset(pipeline: LLMPipeline, partitions_def: dg.DynamicPartitionsDefinition) -> dg.SourceAsset:
+    unit = "folder of files" if getattr(pipeline.source, "partition_by", "file") == "folder" else "file"
+
     @dg.observable_source_asset(
         key=landing_key(pipeline),
         partitions_def=partitions_def,
         group_name=pipeline.name,
         description=f"Input files matching {pipeline.source.pattern!r} in {pipeline.source.location}; "
-        "one partition per file. "
-        "Data version: the file's fingerprint, so a file rewritten under the same name makes its partition's "
-        "stages stale.",
+        f"one partition per {unit}. Data version: the {unit}'s fingerprint, so a {unit} rewritten under the "
+        "same name makes its partition's stages stale.",
     )
     def _observe(context) -> dg.DataVersionsByPartition:
         # Files that are not partitions yet are the sensor's to add (and observe).
