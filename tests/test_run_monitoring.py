@@ -126,9 +126,9 @@ def test_killed_runs_end_failed_saying_why(deployment):
         ]
 
         # Everything the run started goes with it: its Ray (gcs_server, raylet, workers) and the
-        # engine. Checked at the end: a Ray worker still starting when its raylet died (a Ray Data
-        # actor's, importing on 2 busy cores) took over 30 s to notice, and waiting here would
-        # hold up the second run past its maximum runtime.
+        # engine. Checked at the end: in a full suite an idle Ray worker (ray::IDLE) was still alive
+        # 30 s after the kill, and waiting longer here would hold up the second run past its
+        # maximum runtime.
         def survivors():
             return [p for p in alive(run_processes) if name(p) not in RAY_AGENTS]
 
