@@ -155,3 +155,43 @@ def test_postprocess_gives_sampling_params_back_as_the_dict_they_were():
     assert seen == [] and PostprocessStage(keep)(batch).to_pylist() == [{"params": params, "row_id": "r0"}]
     assert seen == [params]
     assert PostprocessStage()(batch).column("sampling_params").to_pylist() == [params]
+
+
+def test_the_tokenizer_stages_run_without_torch_and_tokenize_as_auto_tokenizer(tiny_model):
+    """A tokenizer-stage worker loads the class the model's tokenizer_config.json names: the same
+    class AutoTokenizer picks, without the model configurations (and torch) it imports, about 340 MB
+    of each worker's memory. Run in a fresh interpreter, where nothing imported torch before."""
+    import subprocess
+    import sys
+
+    script = f"""
+import json, sys
+import pyarrow as pa
+from llm_assets.rows import table_of
+from llm_assets.stages.chat_template import ChatTemplateStage
+from llm_assets.stages.detokenize import DetokenizeStage
+from llm_assets.stages.tokenize import TokenizeStage
+model = {tiny_model!r}
+batch = table_of([{{"row_id": "t", "messages": [{{"role": "user", "content": "Hello, wörld 😀"}}]}},
+                  {{"row_id": "p", "messages": None, "prompt": "a raw prompt"}}])
+prompts = ChatTemplateStage(model)(batch.drop_columns(["prompt"]).slice(0, 1)).column("prompt").to_pylist()
+tokenized = TokenizeStage(model)(batch.set_column(2, "prompt", pa.array([prompts[0], "a raw prompt"])))
+ids = tokenized.column("tokenized_prompt").to_pylist()
+texts = DetokenizeStage(model)(tokenized.append_column("generated_tokens", pa.array(ids))).column("generated_text")
+print(json.dumps({{"torch": "torch" in sys.modules, "prompt": prompts[0], "ids": ids, "texts": texts.to_pylist()}}))
+"""
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    assert result["torch"] is False
+
+    from transformers import AutoTokenizer
+
+    auto = AutoTokenizer.from_pretrained(tiny_model)
+    messages = [{"role": "user", "content": "Hello, wörld 😀"}]
+    assert result["prompt"] == auto.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    assert result["ids"] == [
+        auto(result["prompt"], add_special_tokens=False)["input_ids"],
+        auto("a raw prompt")["input_ids"],
+    ]
+    assert result["texts"] == [auto.decode(ids, skip_special_tokens=True) for ids in result["ids"]]
