@@ -37,6 +37,11 @@ def check_partition_by(value: str) -> None:
         )
 
 
+def partition_unit(source) -> str:
+    """What one partition of the source is, in words (descriptions in the UI)."""
+    return "folder of files" if getattr(source, "partition_by", "file") == "folder" else "file"
+
+
 def hidden(relative_path: str) -> bool:
     """A name a dataset's readers skip: ``_SUCCESS``, ``_common_metadata``, ``.part-0.crc``."""
     return any(part.startswith(("_", ".")) for part in relative_path.split("/"))

@@ -22,6 +22,7 @@ from typing import Mapping
 import dagster as dg
 
 from llm_assets.defs.assets import landing_key, stage_key
+from llm_assets.folder_partitions import partition_unit
 from llm_assets.pipeline import LLMPipeline
 from llm_assets.private_apis import dagster_data_provenance, dagster_data_version, dagster_data_version_tags
 
@@ -35,7 +36,7 @@ warnings.filterwarnings(
 
 
 def landing_asset(pipeline: LLMPipeline, partitions_def: dg.DynamicPartitionsDefinition) -> dg.SourceAsset:
-    unit = "folder of files" if getattr(pipeline.source, "partition_by", "file") == "folder" else "file"
+    unit = partition_unit(pipeline.source)
 
     @dg.observable_source_asset(
         key=landing_key(pipeline),

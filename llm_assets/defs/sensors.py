@@ -26,6 +26,7 @@ import dagster as dg
 
 from llm_assets.defs.assets import stage_key
 from llm_assets.defs.landing import observations, observed_versions, stale_partitions, unobserved
+from llm_assets.folder_partitions import partition_unit
 from llm_assets.pipeline import LLMPipeline
 
 # New partitions, and rewritten ones, requested per tick at most: a burst of files becomes several
@@ -67,6 +68,7 @@ def _run_key(pipeline: LLMPipeline, keys: list[str], fingerprints: dict[str, str
 
 def new_files_sensor(pipeline: LLMPipeline, job, partitions_def: dg.DynamicPartitionsDefinition) -> dg.SensorDefinition:
     last_stage = stage_key(pipeline, pipeline.stage_names()[-1])
+    unit = partition_unit(pipeline.source)
 
     @dg.sensor(
         name=f"{pipeline.name}_new_files",
@@ -75,10 +77,9 @@ def new_files_sensor(pipeline: LLMPipeline, job, partitions_def: dg.DynamicParti
         default_status=dg.DefaultSensorStatus.RUNNING
         if pipeline.sensor_running_by_default
         else dg.DefaultSensorStatus.STOPPED,
-        description=f"Adds a partition for each new file in {pipeline.source.location} "
-        f"(pattern {pipeline.source.pattern!r}), "
-        "records each file's fingerprint as its partition's data version, and requests one run over every partition "
-        "never materialized or whose file was rewritten.",
+        description=f"Adds a partition for each new {unit} in {pipeline.source.location} "
+        f"(pattern {pipeline.source.pattern!r}), records each {unit}'s fingerprint as its partition's data "
+        f"version, and requests one run over every partition never materialized or whose {unit} was rewritten.",
     )
     def _sensor(context: dg.SensorEvaluationContext):
         instance = context.instance
