@@ -78,8 +78,6 @@ def read_folder(
 ) -> Iterator[pa.Table]:
     """The folder's rows, file after file, with the Hive columns of its path. ``read_file(path,
     seen)`` reads one file (relative path) as ``file_rows.read_rows`` does, sharing ``seen`` row ids."""
-    if not files:
-        raise SourceError(f"no input files in the folder {folder!r} of {location}")
     columns = hive_columns(folder)
     seen: set = set()
     rows = 0

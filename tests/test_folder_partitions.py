@@ -149,3 +149,21 @@ def test_folders_of_objects_on_s3(s3):
     client.put_object(Bucket=buckets["landing"], Key="in/date=2026-12-01/part-0.jsonl", Body=b'{"question": "new"}\n')
     assert source.fingerprint("date=2026-12-01") != before["date=2026-12-01"]
     assert source.fingerprint("date=2026-12-02") == before["date=2026-12-02"]
+
+
+def test_a_folder_partition_on_s3_runs_through_every_stage_into_s3_storage(s3, fake_model, ray_session, instance):
+    """Folder partitions and S3 together: keys with '=' land in S3 storage, rows keep their column."""
+    resource, buckets = s3
+    client = resource.get_client()
+    for index, question in enumerate(["a", "b", "c"]):
+        body = json.dumps({"question": question}) + "\n"
+        client.put_object(Bucket=buckets["landing"], Key=f"in/date=2026-12-01/part-{index}.jsonl", Body=body.encode())
+    source = S3PrefixSource(buckets["landing"], prefix="in", s3=resource, partition_by="folder")
+    storage = PartitionStorage(root=f"s3://{buckets['outputs']}/runs", s3=resource)
+    defs = build_definitions([folder_pipeline(source, fake_model)], make_resources(storage))
+    [request] = tick(defs, instance).run_requests
+    assert defs.resolve_job_def("tiny_job").execute_in_process(instance=instance, tags=request.tags).success
+    store = storage.store()
+    _, files = store.committed("tiny", "postprocess", "date=2026-12-01")
+    rows = pa.concat_tables(pq.read_table(f, filesystem=store.filesystem()) for f in files).to_pylist()
+    assert sorted((r["question"], r["date"]) for r in rows) == [(q, "2026-12-01") for q in ("a", "b", "c")]
