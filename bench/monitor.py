@@ -3,15 +3,21 @@ and which processes held the memory when its use was highest."""
 
 from __future__ import annotations
 
+import os
 import subprocess
 import threading
 import time
+from pathlib import Path
 
 import psutil
+from host_profile import profile_generation
 
 
 class Monitor:
-    def __init__(self, every_s: float = 0.25):
+    """With ``profile_dir``, also profiles the host once the GPU has been busy for 30 s (host_profile.py);
+    ``PROFILE_AT_S`` profiles that many seconds after the start instead (a run on CPU)."""
+
+    def __init__(self, every_s: float = 0.25, profile_dir: Path | None = None):
         self.every_s = every_s
         self.samples: list[tuple[float, float, float]] = []  # (time, gpu util %, host used GiB)
         self.baseline_gib = psutil.virtual_memory().used / 2**30
@@ -19,6 +25,8 @@ class Monitor:
         self._peak_used, self._peak_taken_at = 0.0, 0.0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
+        self.profile_dir, self.profile, self._profiler = profile_dir, None, None
+        self._started = time.time()
 
     def __enter__(self) -> "Monitor":
         self._thread.start()
@@ -27,6 +35,23 @@ class Monitor:
     def __exit__(self, *exc) -> None:
         self._stop.set()
         self._thread.join()
+        if self._profiler is not None:
+            self._profiler.join()
+
+    def _profile_due(self) -> bool:
+        if self.profile_dir is None or self._profiler is not None:
+            return False
+        if "PROFILE_AT_S" in os.environ:
+            return time.time() - self._started >= float(os.environ["PROFILE_AT_S"])
+        recent = [u for t, u, _ in self.samples if t >= time.time() - 30]
+        return time.time() - self._started > 30 and len(recent) > 20 and min(recent) >= 20
+
+    def _start_profile(self) -> None:
+        def run() -> None:
+            self.profile = profile_generation(self.profile_dir)
+
+        self._profiler = threading.Thread(target=run, daemon=True)
+        self._profiler.start()
 
     def _run(self) -> None:
         while not self._stop.is_set():
@@ -47,6 +72,8 @@ class Monitor:
             if used > self._peak_used and time.time() - self._peak_taken_at > 2:
                 self._peak_used, self._peak_taken_at = used, time.time()
                 self.peak_processes = processes_by_memory()
+            if self._profile_due():
+                self._start_profile()
             self._stop.wait(self.every_s)
 
     def gpu_busy_fraction(self, start: float, end: float) -> float:

@@ -9,6 +9,9 @@
 #   PARTITIONS=10 ROWS=1000 MAX_TOKENS=128    the workload's shape (the scale workload: 100, 500, 32)
 #   COLD=1                                    start every system with empty kernel caches
 #   ENGINE_ENV="KEY=VALUE,..."                environment of llm_assets' engine actors
+#   PROFILE=1                                 once the GPU is busy: CPU by process and thread, py-spy stacks (OUT/SYSTEM.profile/)
+#   WARM_CACHE=DIR                            one compile cache for every system, kept: warm starts
+#   CONFIG='{"max_concurrent_batches": 8}'    fields added to llm_assets' vLLM processor config
 #   TP=2, PP=2                                every vLLM engine spans TP x PP GPUs (tensor / pipeline parallel; use its own OUT)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -17,7 +20,7 @@ size=${2:-1b}
 mkdir -p "$out"
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
 # Every system compiles from scratch: a compile cache left by the one before would flatter the next.
-export VLLM_DISABLE_COMPILE_CACHE=1
+[ -n "${WARM_CACHE:-}" ] || export VLLM_DISABLE_COMPILE_CACHE=1
 [ -f "$out/workload.json" ] || python3 bench/workload.py --out "$out" --size "$size" \
   --partitions "${PARTITIONS:-10}" --rows "${ROWS:-1000}" --max-tokens "${MAX_TOKENS:-128}" | tee "$out/workload.log"
 # TP on the test machines: vLLM's all-reduce paths that need NVLink multicast off (see run_one.py).
@@ -26,7 +29,7 @@ for system in ${SYSTEMS:-raw_vllm ray_data_llm llm_assets}; do
   echo "== $system"
   # Fresh compile caches per system (vLLM's, inductor's, Triton's): a cache warmed by the system
   # before would shorten the next one's engine start.
-  cache=$(mktemp -d)
+  cache=${WARM_CACHE:-$(mktemp -d)}
   export VLLM_CACHE_ROOT=$cache/vllm TORCHINDUCTOR_CACHE_DIR=$cache/inductor TRITON_CACHE_DIR=$cache/triton
   # COLD=1 also wipes the per-user kernel caches (FlashInfer, torch, Triton) that the variables
   # above do not cover: every system then starts as on a fresh machine. Off by default: it

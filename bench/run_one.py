@@ -174,6 +174,7 @@ def llm_assets(spec: dict, monitor: Monitor, engines: int = 1) -> dict:
             "engine_kwargs": {"load_format": "dummy", "max_model_len": 2048, **model_parallel()},
             "runtime_env": {"env_vars": {**engine_env(), **(TP_SAFE_ENV if model_parallel() else {})}},
             "concurrency": engines,
+            **json.loads(os.environ.get("CONFIG", "{}")),
         },
     )
 
@@ -328,12 +329,14 @@ if __name__ == "__main__":
 
     # A smoke run without a GPU: vLLM's CPU build needs its environment (nothing on a GPU).
     os.environ.update(vllm_compat.platform_env(has_gpu()))
-    with Monitor() as monitor:
+    profile_dir = args.out.with_suffix(".profile") if os.environ.get("PROFILE") == "1" else None
+    with Monitor(profile_dir=profile_dir) as monitor:
         result = SYSTEMS[args.system](spec, monitor)
     result.update(
         system=args.system,
         host_peak_gib=monitor.host_peak_gib(),
         host_peak_processes=monitor.peak_processes,
+        host_profile=monitor.profile,
         model=spec["size"],
         tensor_parallel_size=model_parallel().get("tensor_parallel_size", 1),
         pipeline_parallel_size=model_parallel().get("pipeline_parallel_size", 1),
