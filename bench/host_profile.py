@@ -7,6 +7,7 @@ itself spends its time, is what separates two systems generating the same steps.
 
 from __future__ import annotations
 
+import json
 import shutil
 import subprocess
 import sys
@@ -121,6 +122,17 @@ def summarize(path: Path, top: int = 15) -> str:
     return "\n".join(lines)
 
 
-if __name__ == "__main__":  # python bench/host_profile.py OUT/SYSTEM.profile/*.txt
+def cpu_table(result: dict) -> str:
+    """A result's CPU picture (``host_profile`` in OUT/SYSTEM.json), one line per process."""
+    rows = (result.get("host_profile") or {}).get("cpu_by_process", [])
+    return "\n".join(
+        f"{row['cpu_pct']:6.1f}% {row['pid']} {row['process'].strip()[:70]} | "
+        + ", ".join(f"{t['name']} {t['cpu_pct']}" for t in row["threads"])
+        for row in rows
+    )
+
+
+if __name__ == "__main__":  # python bench/host_profile.py OUT/SYSTEM.json OUT/SYSTEM.profile/*.txt
     for name in sys.argv[1:]:
-        print(summarize(Path(name)))
+        path = Path(name)
+        print(cpu_table(json.loads(path.read_text())) if path.suffix == ".json" else summarize(path))
