@@ -105,7 +105,7 @@ def run_once(system: str = "llm_assets") -> dict:
             "processes_at_peak": len(peak["processes"]),
             # The largest processes at the peak, MiB: where the memory is.
             "largest_mib": {
-                name: round(pss / 2**20) for name, pss in sorted(peak["processes"].items(), key=lambda kv: -kv[1])[:8]
+                name: round(pss / 2**20) for name, pss in sorted(peak["processes"].items(), key=lambda kv: -kv[1])[:16]
             },
         }
 

@@ -9,7 +9,9 @@
 #   PARTITIONS=10 ROWS=1000 MAX_TOKENS=128    the workload's shape (the scale workload: 100, 500, 32)
 #   COLD=1                                    start every system with empty kernel caches
 #   ENGINE_ENV="KEY=VALUE,..."                environment of llm_assets' engine actors
-#   PROFILE=1                                 once the GPU is busy: CPU by process and thread, py-spy stacks (OUT/SYSTEM.profile/)
+#   PROFILE=1                                 once the GPU is busy: CPU by process and thread, py-spy stacks (OUT/SYSTEM.profile/;
+#                                             py-spy on PATH: pip install its wheel with --upgrade into an existing --target)
+#   PROFILE_AT_S=N                            profile N s after the system starts instead
 #   WARM_CACHE=DIR                            one compile cache for every system, kept: warm starts
 #   CONFIG='{"max_concurrent_batches": 8}'    fields added to llm_assets' vLLM processor config
 #   TP=2, PP=2                                every vLLM engine spans TP x PP GPUs (tensor / pipeline parallel; use its own OUT)

@@ -142,3 +142,29 @@ def test_an_engine_left_at_the_default_concurrency_gets_rows_for_three_times_its
     assert calls(vLLMEngineProcessorConfig(model_source="/m", max_concurrent_batches=8), on_gpu=True) == 8
     assert calls(vLLMEngineProcessorConfig(model_source="/m", max_concurrent_batches=2), on_gpu=True) == 2
     assert calls(HttpRequestProcessorConfig(url="http://127.0.0.1:9/v1/chat/completions"), on_gpu=True) == 8
+
+
+def test_a_gpu_engine_gets_cuda_graphs_for_its_whole_decode_batch_unless_the_user_settled_them():
+    """vLLM graphs batches of up to 512 tokens; a batch job decodes max_num_seqs (1024) at once.
+    The engine kwargs a GPU replica is built with cover the decode batch; the CPU build (eager),
+    speculative decoding, pooling and any graph setting of the user's are left alone."""
+    from llm_assets.engines import engine_for
+
+    def built(on_gpu=True, task_type="generate", **engine_kwargs):
+        config = vLLMEngineProcessorConfig(model_source="/m", task_type=task_type, engine_kwargs=engine_kwargs)
+        kwargs = engine_for(config).replica_kwargs("/m", on_gpu=on_gpu, engine_detokenizes=False)["engine_kwargs"]
+        return kwargs.get("compilation_config")
+
+    assert built() == {"max_cudagraph_capture_size": 1024}
+    assert built(max_num_seqs=2048) == {"max_cudagraph_capture_size": 2048}
+    assert built(max_num_seqs=2048, max_num_batched_tokens=1536) == {"max_cudagraph_capture_size": 1536}
+    assert built(compilation_config={"pass_config": {}}) == {"pass_config": {}, "max_cudagraph_capture_size": 1024}
+    assert built(max_num_seqs=256) is None  # vLLM's own 512 covers it
+    assert built(on_gpu=False) is None  # the CPU build runs eager
+    assert built(enforce_eager=True) is None
+    assert built(speculative_config={"method": "ngram", "num_speculative_tokens": 2}) is None
+    assert built(task_type="embed") is None
+    assert built(compilation_config={"cudagraph_mode": "NONE"}) == {"cudagraph_mode": "NONE"}
+    assert built(compilation_config={"cudagraph_capture_sizes": [1, 8]}) == {"cudagraph_capture_sizes": [1, 8]}
+    assert built(compilation_config={"max_cudagraph_capture_size": 256}) == {"max_cudagraph_capture_size": 256}
+    assert built(compilation_config=3) == 3

@@ -111,6 +111,7 @@ class vLLMEngine(Engine):
         "llm_assets.engines.vllm.replica",
         "llm_assets.engines.vllm.engine_loop",
         "llm_assets.engines.vllm.compat",
+        "llm_assets.engines.vllm.batch_defaults",
         "llm_assets.engines.vllm.lora",
     )
     config: vLLMEngineProcessorConfig
@@ -119,11 +120,14 @@ class vLLMEngine(Engine):
         # vLLM's offline default when engine_kwargs set none: 1024 on an H100/H200-class GPU, 256
         # on smaller GPUs and on CPU (arg_utils); 1024 on any GPU errs towards rows queued in
         # the engine, which cost only their memory. Pipeline stages each run a batch at once.
-        seqs = self.config.engine_kwargs.get("max_num_seqs") or (1024 if on_gpu else 256)
+        from llm_assets.engines.vllm.batch_defaults import GPU_MAX_NUM_SEQS
+
+        seqs = self.config.engine_kwargs.get("max_num_seqs") or (GPU_MAX_NUM_SEQS if on_gpu else 256)
         return int(seqs) * self.config.pipeline_parallel_size
 
     def replica_kwargs(self, target: str, on_gpu: bool, engine_detokenizes: bool) -> dict[str, Any]:
         from llm_assets.engines.vllm import compat
+        from llm_assets.engines.vllm.batch_defaults import with_decode_batch_graphs
         from llm_assets.model_store import S3ModelPath
 
         config = self.config
@@ -132,6 +136,8 @@ class vLLMEngine(Engine):
             engine_kwargs.setdefault("distributed_executor_backend", "ray")
         if config.task_type in compat.POOLING_TASKS:
             engine_kwargs.setdefault("runner", "pooling")  # the model's pooler, not its LM head
+        if on_gpu:
+            engine_kwargs = with_decode_batch_graphs(engine_kwargs)
         return dict(
             model_source=target,
             engine_kwargs=compat.platform_engine_kwargs(engine_kwargs, on_gpu),
