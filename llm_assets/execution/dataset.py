@@ -123,7 +123,7 @@ def build(data: ChainData):
     ds = None
     for number, op in enumerate(data.operators):
         if op.start in reads:
-            read = read_dataset(reads.pop(op.start), data.ledger)
+            read = read_dataset(reads.pop(op.start), data.ledger, data.cluster_cpus)
             ds = read if ds is None else ds.union(read)
         if ds is None:
             continue  # every partition enters at a later stage
