@@ -345,7 +345,10 @@ def test_vllm_processor_stages_and_engine_settings():
     ]
     kwargs = engine_for(config).replica_kwargs("/models/m", on_gpu=True, engine_detokenizes=False)
     assert kwargs["model_source"] == "/models/m"
-    assert kwargs["engine_kwargs"] == {"max_model_len": 8192}  # as given: no task_type written in (Ray does)
+    # As given (no task_type written in, as Ray does), plus CUDA graphs for the whole decode batch
+    # on a GPU (engines/vllm/batch_defaults.py), where Ray passes vLLM's server default on.
+    graphs = {"compilation_config": {"max_cudagraph_capture_size": 1024}}
+    assert kwargs["engine_kwargs"] == {"max_model_len": 8192, **graphs}
     assert kwargs["task_type"] == "generate"
     assert kwargs["max_pending_requests"] == 111
     assert kwargs["should_continue_on_error"] is False

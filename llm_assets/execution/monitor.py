@@ -32,6 +32,11 @@ PROGRESS_EVERY_S = 10.0
 ENGINE_OPERATOR = "MapBatches(EngineStage)"  # Ray Data's name of the engine stage's operator
 UNCHANGED_PROGRESS_EVERY_S = 60.0
 LEDGER_EVERY_S = 1.0
+# What an engine start did with its node's compile cache (engines/compile_cache.py), in its log line.
+COMPILE_CACHE_NOTES = {
+    "compiled": "; compiled its model, kept in {} for the next run",
+    "reused": "; loaded its compiled model from {}, compiled by a run before",
+}
 
 
 # The monitors of the executions running in this process, by key: Ray Data's hook finds its run's
@@ -201,6 +206,7 @@ class Monitor:
                 self.log(
                     f"{name} started in {engine.get('start_seconds')} s after importing {self.label} in "
                     f"{engine.get('import_seconds')} s (pid {engine.get('pid')} on {engine.get('host')}{gpus})"
+                    + COMPILE_CACHE_NOTES.get(engine.get("compile_cache"), "").format(engine.get("compile_cache_dir"))
                 )
             elif news[0] == "dead":
                 self.log(

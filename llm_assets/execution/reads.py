@@ -91,12 +91,9 @@ def read_dataset(items: list[ReadItem], ledger, cluster_cpus: float):
         _Reads(items, ledger),
         num_cpus=READ_CPUS,
         override_num_blocks=len(items),
-        concurrency=read_concurrency(cluster_cpus),
+        # (no more than the files: Ray Data warns of a limit it cannot reach)
+        concurrency=max(1, min(len(items), max(2, int(cluster_cpus) // 4))),
     )
-
-
-def read_concurrency(cluster_cpus: float) -> int:
-    return max(2, int(cluster_cpus) // 4)
 
 
 class _Reads:

@@ -18,6 +18,7 @@ from typing import Any, Optional
 import pyarrow as pa
 
 from llm_assets.engines.base import generation_columns, no_result, replica_info, with_results
+from llm_assets.engines.compile_cache import use_compile_cache
 from llm_assets.engines.sglang.params import to_sglang
 from llm_assets.rows import ROW_ID, RowError, column_or_none, loads_params, ok_rows
 
@@ -40,6 +41,7 @@ class SGLangEngineReplica:
 
         started = time.perf_counter()
         self.should_continue_on_error, self.engine_detokenizes = should_continue_on_error, engine_detokenizes
+        use_compile_cache()  # SGLang's Triton kernels and torch.compile graphs (with enable_torch_compile)
         self.engine = sglang.Engine(model_path=model_source, **engine_kwargs)
         self.max_num_seqs = int(engine_kwargs.get("max_running_requests") or DEFAULT_RUNNING_REQUESTS)
         self.request_ids = itertools.count()

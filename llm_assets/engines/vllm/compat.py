@@ -293,6 +293,12 @@ def engine_actor_env(on_gpu: bool) -> dict[str, str]:
     return platform_env(on_gpu)
 
 
+def compiles_nothing(engine: Any) -> bool:
+    """Whether the engine runs its model eagerly: no graph compiled, none loaded from a cache."""
+    config = engine.vllm_config
+    return bool(config.model_config.enforce_eager) or not int(getattr(config.compilation_config, "mode", 0) or 0)
+
+
 def max_num_seqs(engine: Any) -> int:
     """How many sequences the engine's scheduler runs at once (to size the in-flight window)."""
     for path in ("vllm_config.scheduler_config.max_num_seqs", "scheduler_config.max_num_seqs"):

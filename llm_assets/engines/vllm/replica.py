@@ -27,6 +27,7 @@ from typing import Any, AsyncIterator, Optional
 import pyarrow as pa
 
 from llm_assets.engines.base import generation_columns, no_result, replica_info, with_results
+from llm_assets.engines.compile_cache import CompileCacheWatch, use_compile_cache
 from llm_assets.engines.vllm import compat as vllm_compat
 from llm_assets.engines.vllm.lora import LoraAdapters
 from llm_assets.engines.vllm.metrics import EngineMetrics, stat_loggers
@@ -61,7 +62,10 @@ class vLLMEngineStage:
         self.engine_detokenizes = engine_detokenizes
         self.metrics = EngineMetrics() if log_engine_metrics else None
         loggers = stat_loggers(self.metrics) if self.metrics is not None else None
+        use_compile_cache()
+        compile_cache = CompileCacheWatch()
         self.engine = vllm_compat.start_engine(loggers, model=model_source, **(engine_kwargs or {}))
+        self.compile_cache = compile_cache.outcome(eager=vllm_compat.compiles_nothing(self.engine))
         self.max_num_seqs = vllm_compat.max_num_seqs(self.engine)
         # With max_pending_requests set, every row waits for its own turn (so pooling rows skip the group path).
         self.pending_limit = asyncio.Semaphore(max_pending_requests) if max_pending_requests else None
@@ -83,7 +87,7 @@ class vLLMEngineStage:
         return self._fatal
 
     def info(self) -> dict[str, Any]:
-        return replica_info(self.start_seconds, self.max_num_seqs)
+        return {**replica_info(self.start_seconds, self.max_num_seqs), **self.compile_cache}
 
     async def __call__(self, batch: pa.Table) -> AsyncIterator[pa.Table]:
         yield await self.process(batch)
