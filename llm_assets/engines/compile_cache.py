@@ -35,9 +35,9 @@ def use_compile_cache() -> dict[str, str]:
 
 
 class CompileCacheWatch:
-    """What an engine start did with vLLM's compiled graphs: ``compiled`` (and kept for the next
-    run), ``reused`` (wrote nothing: loaded what a run before compiled), or ``eager`` (compiles
-    nothing)."""
+    """What an engine start did with vLLM's compiled graphs: ``compiled`` (a new entry, kept for
+    the next run), ``reused`` (no new entry: it loaded what a run before compiled), or ``eager``
+    (compiles nothing)."""
 
     def __init__(self) -> None:
         self.folder = Path(os.environ.get("VLLM_CACHE_ROOT", "~/.cache/vllm")).expanduser() / COMPILED_GRAPHS
