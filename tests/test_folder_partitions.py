@@ -15,7 +15,7 @@ from llm_assets.engines.fake import FakeEngineProcessorConfig
 from llm_assets.pipeline import LLMPipeline
 from llm_assets.resources import PartitionStorage, make_resources
 from llm_assets.sources import LocalFolderSource, S3PrefixSource, SourceError
-from tests.helpers.pipelines import read_output, tick, to_chat
+from tests.helpers.pipelines import MAX_TOKENS, engine_materialization, read_output, tick, to_chat
 
 DAYS = {"2026-12-01": ["a", "b", "c"], "2026-12-02": ["d", "e"]}
 
@@ -123,8 +123,20 @@ def test_a_dataset_folder_per_day_is_sensed_run_and_run_again_when_a_file_lands_
     pq.write_table(pa.table({"question": ["late"]}), landing / "date=2026-12-02" / "late.parquet")
     [again] = tick(defs, instance).run_requests
     assert "date=2026-12-02" in json.dumps(again.tags) and "date=2026-12-01" not in json.dumps(again.tags)
-    assert defs.resolve_job_def("tiny_job").execute_in_process(instance=instance, tags=again.tags).success
-    assert [r["question"] for r in read_output(store, "postprocess", "date=2026-12-02")] == ["d", "e", "late"]
+    rerun = defs.resolve_job_def("tiny_job").execute_in_process(instance=instance, tags=again.tags)
+    assert rerun.success
+    rows = read_output(store, "postprocess", "date=2026-12-02")
+    assert [(r["question"], r["date"]) for r in rows] == [
+        ("d", "2026-12-02"),
+        ("e", "2026-12-02"),
+        ("late", "2026-12-02"),
+    ]
+    # The folder's rows answered before come from the response cache (on by default for greedy
+    # requests); only the late file's row reaches the engine.
+    engine = engine_materialization(instance, rerun.run_id)
+    assert engine["rows_cached"] == 2 and engine["generated_tokens"] == MAX_TOKENS
+    answered = {r["question"]: r["request_id"] for r in read_output(store, "engine", "date=2026-12-02")}
+    assert [q for q, request in answered.items() if request.endswith("#cached")] == ["d", "e"]
 
 
 def test_folders_of_objects_on_s3(s3):
