@@ -44,6 +44,7 @@ def test_a_run_loads_what_a_run_before_compiled_and_a_changed_setting_compiles_a
         [started] = [m for m in log_messages(instance, result.run_id) if "vLLM engine 0 started" in m]
         output = read_output(resources["storage"].store(), "postprocess", f"{partition}.jsonl")
         print(started)  # how long each start took, for the reader of the test's output
+        assert "cuda_graph_max_tokens" not in engine  # the CPU build runs no CUDA graphs
         return engine["compile_cache"], started, [row["answer"] for row in output]
 
     outcome, started, first_answers = run("first")

@@ -44,7 +44,11 @@ def run_demo_partition(pipeline, storage_root, capsys, shown: str):
 
 def test_demo_pipeline_runs_its_engine_on_the_gpu_with_a_dummy_weight_llama(tmp_path, capsys):
     model = llama_1b(tmp_path / "llama-1b")
-    pipeline = demo_pipeline(model_source=str(model), engine_kwargs={"load_format": "dummy", "max_model_len": 2048})
+    pipeline = demo_pipeline(
+        model_source=str(model),
+        engine_kwargs={"load_format": "dummy", "max_model_len": 2048},
+        runtime_env={"env_vars": {"LLM_ASSETS_COMPILE_CACHE": str(tmp_path / "compile-cache")}},
+    )
     messages, engine, _ = run_demo_partition(pipeline, tmp_path / "storage", capsys, shown="engine")
     assert any("1 GPU(s) each, GPU build" in m for m in messages)
     assert sum("vLLM engine 0 started in" in m for m in messages) == 1
@@ -54,6 +58,11 @@ def test_demo_pipeline_runs_its_engine_on_the_gpu_with_a_dummy_weight_llama(tmp_
     assert engine.metadata["gpu_seconds"].value == engine.metadata["engine_seconds"].value > 0
     [placement] = engine.metadata["engine_placement"].value
     assert len(placement["gpu_ids"]) == 1 and any(f"GPU {placement['gpu_ids'][0]})" in m for m in messages)
+    # CUDA graphs for the whole decode batch (vLLM's 1 024 sequences on an H100-class card), and
+    # the compiled model kept in the node's (here the test's) compile cache for the next run.
+    assert placement["cuda_graph_max_tokens"] == 1024
+    assert placement["compile_cache"] == "compiled"
+    assert list((tmp_path / "compile-cache" / "vllm" / "torch_compile_cache").iterdir())
 
 
 @pytest.mark.skipif(

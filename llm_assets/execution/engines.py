@@ -149,8 +149,9 @@ def usage(engines: dict[str, dict[str, Any]], builds: int, gpus_each: float) -> 
             "node_id": state.get("node_id"),
             "gpu_ids": state.get("gpu_ids", []),
             "start_seconds": state.get("start_seconds"),
-            # What the start did with the node's compile cache (engines/compile_cache.py), where the engine tells.
-            **({"compile_cache": state["compile_cache"]} if state.get("compile_cache") else {}),
+            # Where the engine tells: what its start did with the node's compile cache
+            # (engines/compile_cache.py), the largest batch its CUDA graphs cover.
+            **{key: state[key] for key in ("compile_cache", "cuda_graph_max_tokens") if state.get(key) is not None},
         }
         for number, state in enumerate(engines.values())
         if state.get("node_id")

@@ -299,6 +299,15 @@ def compiles_nothing(engine: Any) -> bool:
     return bool(config.model_config.enforce_eager) or not int(getattr(config.compilation_config, "mode", 0) or 0)
 
 
+def cuda_graph_max_tokens(engine: Any) -> Optional[int]:
+    """The largest batch, in tokens, that the engine's CUDA graphs cover (None without graphs)."""
+    config = engine.vllm_config.compilation_config
+    mode = getattr(config, "cudagraph_mode", None)
+    if compiles_nothing(engine) or mode is None or getattr(mode, "name", str(mode)) == "NONE":
+        return None  # eager, or no CUDA graphs (vLLM's CPU build)
+    return getattr(config, "max_cudagraph_capture_size", None) or None
+
+
 def max_num_seqs(engine: Any) -> int:
     """How many sequences the engine's scheduler runs at once (to size the in-flight window)."""
     for path in ("vllm_config.scheduler_config.max_num_seqs", "scheduler_config.max_num_seqs"):

@@ -87,7 +87,12 @@ class vLLMEngineStage:
         return self._fatal
 
     def info(self) -> dict[str, Any]:
-        return {**replica_info(self.start_seconds, self.max_num_seqs), **self.compile_cache}
+        graphs = vllm_compat.cuda_graph_max_tokens(self.engine)
+        return {
+            **replica_info(self.start_seconds, self.max_num_seqs),
+            **self.compile_cache,
+            "cuda_graph_max_tokens": graphs,
+        }
 
     async def __call__(self, batch: pa.Table) -> AsyncIterator[pa.Table]:
         yield await self.process(batch)
