@@ -111,9 +111,8 @@ class vLLMEngine(Engine):
         "llm_assets.engines.vllm.replica",
         "llm_assets.engines.vllm.engine_loop",
         "llm_assets.engines.vllm.compat",
-        "llm_assets.engines.vllm.batch_defaults",
         "llm_assets.engines.vllm.lora",
-    )
+    )  # not batch_defaults.py: its settings change how fast the engine runs, not what it computes
     config: vLLMEngineProcessorConfig
 
     def sequences_at_once(self, on_gpu: bool) -> Optional[int]:
