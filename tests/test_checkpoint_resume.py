@@ -124,37 +124,42 @@ def test_a_run_killed_mid_engine_resumes_from_its_checkpoints(tmp_path, fake_mod
     assert final.num_rows == ROWS
 
 
+@pytest.mark.parametrize("partition", ["part", "year=2026/month=12"])  # a file's key, a nested folder's
 @pytest.mark.parametrize("where", ["local", "s3"])
-def test_an_uncommitted_attempt_is_adopted_only_with_the_same_code_version_and_input(where, tmp_path, request):
-    """Storage level, locally and on S3: the complete files of an attempt that never committed are
-    found by a later run with the same code version and input, not by one with another input, and
-    never once that attempt is committed."""
+def test_an_uncommitted_attempt_is_adopted_only_with_the_same_code_version_and_input(
+    where, partition, tmp_path, request
+):
+    """Storage level, locally and on S3, for a file's partition and a Hive folder's: the complete
+    files of an attempt that never committed are found by a later run with the same code version
+    and input, not by one with another input, and never once that attempt is committed."""
     if where == "s3":
         resource, buckets = request.getfixturevalue("s3")
         storage = PartitionStore(root=f"s3://{buckets['outputs']}/ck", s3=resource)
     else:
         storage = PartitionStore(root=str(tmp_path))
     info = {"code_version": "v1", "input": "attempt-a"}
-    assert storage.resumable_attempt("p", "engine", "part", info) is None
+    assert storage.resumable_attempt("p", "engine", partition, info) is None
     tables = [pa.table({"row_id": [f"{chunk}-{i}" for i in range(5)]}) for chunk in range(2)]
-    interrupted = write_attempt(storage, "p", "engine", "part", tables, commit=False, info=info)
+    interrupted = write_attempt(storage, "p", "engine", partition, tables, commit=False, info=info)
     # The process dies here, before the third batch's file and the commit.
 
-    assert storage.resumable_attempt("p", "engine", "part", {**info, "input": "attempt-b"}) is None
-    attempt, names, rows = storage.resumable_attempt("p", "engine", "part", info)
+    assert storage.resumable_attempt("p", "engine", partition, {**info, "input": "attempt-b"}) is None
+    attempt, names, rows = storage.resumable_attempt("p", "engine", partition, info)
     assert attempt == interrupted and rows == [5, 5] and len(names) == 2
     third = f"{attempt}/part-00002-rerun.parquet"
     write_parquet(
         storage.filesystem(),
-        f"{storage.partition_dir('p', 'engine', 'part')}/{third}",
+        f"{storage.partition_dir('p', 'engine', partition)}/{third}",
         pa.table({"row_id": [f"2-{i}" for i in range(5)]}),
     )
-    manifest = storage.commit("p", "engine", "part", attempt, [*names, third], [*rows, 5], {})
-    _, files = storage.committed("p", "engine", "part")
+    manifest = storage.commit("p", "engine", partition, attempt, [*names, third], [*rows, 5], {})
+    _, files = storage.committed("p", "engine", partition)
     table = pa.concat_tables(pq.read_table(f, filesystem=storage.filesystem()) for f in files)
     assert manifest.rows == table.num_rows == 15
     assert sorted(table.column("row_id").to_pylist()) == sorted(f"{c}-{i}" for c in range(3) for i in range(5))
-    assert storage.resumable_attempt("p", "engine", "part", info) is None  # a committed attempt is never adopted again
+    assert (
+        storage.resumable_attempt("p", "engine", partition, info) is None
+    )  # a committed attempt is never adopted again
 
 
 if __name__ == "__main__":  # the first run, in a process of its own
