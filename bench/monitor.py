@@ -14,7 +14,7 @@ from host_profile import profile_generation
 
 
 class Monitor:
-    """With ``profile_dir``, also profiles the host once the GPU has been busy for 30 s (host_profile.py);
+    """With ``profile_dir``, also profiles the host once the GPU has been busy for 30 s on average (host_profile.py);
     ``PROFILE_AT_S`` profiles that many seconds after the start instead (a run on CPU)."""
 
     def __init__(self, every_s: float = 0.25, profile_dir: Path | None = None):

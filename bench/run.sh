@@ -10,7 +10,8 @@
 #   COLD=1                                    start every system with empty kernel caches
 #   ENGINE_ENV="KEY=VALUE,..."                environment of llm_assets' engine actors
 #   PROFILE=1                                 once the GPU is busy: CPU by process and thread, py-spy stacks (OUT/SYSTEM.profile/;
-#                                             py-spy on PATH: pip install its wheel with --upgrade into an existing --target)
+#                                             py-spy on PATH: pip install its wheel with --upgrade into an existing --target;
+#                                             it samples without pausing, yet compare timings only of runs profiled alike)
 #   PROFILE_AT_S=N                            profile N s after the system starts instead
 #   WARM_CACHE=DIR                            one compile cache for every system, kept: warm starts
 #   CONFIG='{"max_concurrent_batches": 8}'    fields added to llm_assets' vLLM processor config
