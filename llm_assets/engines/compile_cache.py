@@ -25,13 +25,12 @@ def compile_cache_dir() -> Path:
     return Path(os.environ.get("LLM_ASSETS_COMPILE_CACHE", "~/.cache/llm_assets/compile")).expanduser()
 
 
-def use_compile_cache() -> dict[str, str]:
+def use_compile_cache() -> None:
     """Point this process's engine libraries at the node's compile cache (before the engine is
-    built; its core process inherits this environment); returns the variables as they now are."""
+    built; its core process inherits this environment)."""
     root = compile_cache_dir()
     for variable, folder in CACHE_VARIABLES.items():
         os.environ.setdefault(variable, str(root / folder))
-    return {variable: os.environ[variable] for variable in CACHE_VARIABLES}
 
 
 class CompileCacheWatch:
