@@ -154,7 +154,7 @@ def ray_data_actors(executor: Any, operator_name: str) -> list:
 
 
 class RayNeededBeforeItStarted(BaseException):
-    """A function the driver runs before Ray starts called a Ray API. A BaseException, so that a
+    """A function the driver runs before Ray is up called a Ray API. A BaseException, so that a
     row function's ``except Exception`` does not turn it into a row error."""
 
 
@@ -163,7 +163,7 @@ _refusing = threading.Lock()
 
 @contextmanager
 def ray_auto_init_refused() -> Iterator[None]:
-    """While the driver runs a user's function before Ray starts (the input checks), a Ray API
+    """While the driver runs a user's function before Ray is up (the input checks), a Ray API
     the function calls raises RayNeededBeforeItStarted instead of starting Ray: Ray's automatic
     ``ray.init()`` would start a Ray without the run's settings, and, called from a checking
     thread, one whose GCS and raylet Linux kills when that thread ends (Ray ties them to the

@@ -1,19 +1,21 @@
-"""Before Ray starts: each input file the run reads, read whole by the run's own process.
+"""Before any stage runs: each input file the run reads, read whole by the run's own process.
 
 A bad file (not JSON, empty, a field whose type changes, a repeated row id, bad OpenAI Batch lines)
-is found here, seconds after the run starts, before Ray or any engine does; so is a preprocess
+is found here, seconds after the run starts, before any engine does (Ray starts meanwhile, once
+one file has passed: a run whose every file is bad starts no Ray); so is a preprocess
 function that cannot take the file's rows (a missing column), by running Preprocess on the first
 rows of each file. The bad files are left out of the run with their first problem, the good
 ones go on. The row counts found are each partition's total, for the commits.
 
 Preprocess runs here only when its stage has no ``runtime_env`` of its own: what it needs may
 exist only in the Ray workers that env builds. A preprocess function that calls Ray (its node id,
-an actor) is not checked here: Ray has not started yet, and is not started for it.
+an actor) is not checked here: Ray may not be up yet, and is not started for it.
 """
 
 from __future__ import annotations
 
 import random
+import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Optional
@@ -48,16 +50,24 @@ class InputCheck:
         return pa.concat_tables(picked, promote_options="permissive") if picked else None
 
 
-def check_sources(pipeline, partitions: list[str], copies: Optional[str]) -> InputCheck:
+def check_sources(
+    pipeline, partitions: list[str], copies: Optional[str], passed: Optional[threading.Event] = None
+) -> InputCheck:
     """Read each partition's source file whole (``copies``: where S3 objects are kept for the
-    run's own read) and run Preprocess on its first rows."""
+    run's own read) and run Preprocess on its first rows. ``passed`` is set as soon as one file
+    passes: the run has work for Ray then."""
     plan = pipeline.plan(pipeline.stage_names()[0])
     preprocess = plan.udf(**plan.udf_kwargs) if plan.udf is not None and not plan.settings.runtime_env else None
+
+    def check(partition: str) -> tuple[str, int, Optional[str], Optional[pa.Table]]:
+        checked = _check(pipeline, partition, copies, preprocess)
+        if checked[2] is None and passed is not None:
+            passed.set()
+        return checked
+
     found = InputCheck()
     with ray_auto_init_refused(), ThreadPoolExecutor(max_workers=THREADS, thread_name_prefix="input-check") as threads:
-        for partition, rows, problem, sample in threads.map(
-            lambda p: _check(pipeline, p, copies, preprocess), partitions
-        ):
+        for partition, rows, problem, sample in threads.map(check, partitions):
             found.rows[partition] = rows
             if problem is not None:
                 found.problems[partition] = problem

@@ -155,9 +155,19 @@ class _ChainRun:
         todo = [e for e in entries if e.index is not None]
         reads_source = self.pipeline.plan(self.chain[0]).upstream is None
         if todo and reads_source:
-            # Every input file this run reads, read whole here before Ray starts: a bad one fails
-            # its partition within seconds, and only it.
-            checked = check_sources(self.pipeline, [e.partition for e in todo if e.index == 0], self.copies)
+            # Every input file this run reads, read whole before any stage runs: a bad one fails its
+            # partition within seconds, and only it. Once one file has passed, Ray starts meanwhile
+            # (seconds of its processes starting, overlapping the reads), in this thread: Ray ties its
+            # head processes to the thread that starts them, and this one lives as long as the run.
+            passed = threading.Event()  # also set when the check ends: the run goes on as before then
+            with ThreadPoolExecutor(max_workers=1, thread_name_prefix="input-check-run") as checker:
+                checking = checker.submit(
+                    check_sources, self.pipeline, [e.partition for e in todo if e.index == 0], self.copies, passed
+                )
+                checking.add_done_callback(lambda _: passed.set())
+                if passed.wait() and not checking.done():
+                    self.run_.start_ray()
+                checked = checking.result()
             for partition, problem in checked.problems.items():
                 self.commits.fail(partition, SourceError(problem))
             for entry in todo:
