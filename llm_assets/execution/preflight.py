@@ -18,7 +18,7 @@ import random
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Any, Callable, Optional
 
 import pyarrow as pa
 
@@ -74,6 +74,22 @@ def check_sources(
             else:
                 found.samples.append(sample)
     return found
+
+
+def check_sources_while_ray_starts(
+    pipeline, partitions: list[str], copies: Optional[str], start_ray: Callable[[], Any]
+) -> InputCheck:
+    """check_sources in a thread; once one file has passed, ``start_ray`` here meanwhile (seconds of
+    Ray's processes starting, overlapping the reads). Here, not in a thread: Ray ties its head
+    processes to the thread that starts them, and the caller's lives as long as the run. A run
+    whose every file is bad starts no Ray."""
+    passed = threading.Event()  # also set when the check ends: the run goes on as before then
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="input-check-run") as checker:
+        checking = checker.submit(check_sources, pipeline, partitions, copies, passed)
+        checking.add_done_callback(lambda _: passed.set())
+        if passed.wait() and not checking.done():
+            start_ray()
+        return checking.result()
 
 
 def _check(

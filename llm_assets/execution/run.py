@@ -34,7 +34,7 @@ from llm_assets.execution.engine_stage import EngineStartError, first_line
 from llm_assets.execution.ledger import start_ledger
 from llm_assets.execution.monitor import Monitor
 from llm_assets.execution.plan import Entry, plan_entry, read_items
-from llm_assets.execution.preflight import check_sources
+from llm_assets.execution.preflight import check_sources_while_ray_starts
 from llm_assets.execution.schedulable import check_schedulable
 from llm_assets.execution.stats import PartitionStats, operator_times
 from llm_assets.models import resolve_model_source
@@ -156,18 +156,10 @@ class _ChainRun:
         reads_source = self.pipeline.plan(self.chain[0]).upstream is None
         if todo and reads_source:
             # Every input file this run reads, read whole before any stage runs: a bad one fails its
-            # partition within seconds, and only it. Once one file has passed, Ray starts meanwhile
-            # (seconds of its processes starting, overlapping the reads), in this thread: Ray ties its
-            # head processes to the thread that starts them, and this one lives as long as the run.
-            passed = threading.Event()  # also set when the check ends: the run goes on as before then
-            with ThreadPoolExecutor(max_workers=1, thread_name_prefix="input-check-run") as checker:
-                checking = checker.submit(
-                    check_sources, self.pipeline, [e.partition for e in todo if e.index == 0], self.copies, passed
-                )
-                checking.add_done_callback(lambda _: passed.set())
-                if passed.wait() and not checking.done():
-                    self.run_.start_ray()
-                checked = checking.result()
+            # partition within seconds, and only it (Ray starts meanwhile once one file has passed).
+            checked = check_sources_while_ray_starts(
+                self.pipeline, [e.partition for e in todo if e.index == 0], self.copies, self.run_.start_ray
+            )
             for partition, problem in checked.problems.items():
                 self.commits.fail(partition, SourceError(problem))
             for entry in todo:
