@@ -33,14 +33,17 @@ for system in ${SYSTEMS:-raw_vllm ray_data_llm llm_assets}; do
   # Fresh compile caches per system (vLLM's, inductor's, Triton's): a cache warmed by the system
   # before would shorten the next one's engine start.
   cache=${WARM_CACHE:-$(mktemp -d)}
-  export VLLM_CACHE_ROOT=$cache/vllm TORCHINDUCTOR_CACHE_DIR=$cache/inductor TRITON_CACHE_DIR=$cache/triton
+  # The layout of llm_assets' compile cache (engines/compile_cache.py), so that every system keeps
+  # (or starts without) the same caches.
+  export LLM_ASSETS_COMPILE_CACHE=$cache VLLM_CACHE_ROOT=$cache/vllm TORCHINDUCTOR_CACHE_DIR=$cache/inductor \
+    TRITON_CACHE_DIR=$cache/triton FLASHINFER_WORKSPACE_BASE=$cache/flashinfer
   # COLD=1 also wipes the per-user kernel caches (FlashInfer, torch, Triton) that the variables
   # above do not cover: every system then starts as on a fresh machine. Off by default: it
   # deletes folders under ~/.cache.
   # It also drops the page cache (root only), so no system reads its imports from memory that the
   # one before warmed.
   if [ "${COLD:-0}" = 1 ]; then
-    rm -rf ~/.cache/vllm ~/.cache/flashinfer ~/.cache/torch ~/.triton
+    rm -rf ~/.cache/vllm ~/.cache/flashinfer ~/.cache/torch ~/.triton ~/.cache/llm_assets
     sync; echo 3 > /proc/sys/vm/drop_caches 2>/dev/null || echo "(could not drop the page cache)"
   fi
   python3 bench/run_one.py "$system" --workload "$out/workload.json" --out "$out/$system.json" > "$out/$system.log" 2>&1 \

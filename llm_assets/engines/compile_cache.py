@@ -3,7 +3,8 @@
 One folder per node, ``LLM_ASSETS_COMPILE_CACHE`` (default ``~/.cache/llm_assets/compile``; a
 folder on a shared filesystem shares it between nodes), holds the engine libraries' own caches:
 vLLM's compiled graphs (``vllm/``), torch inductor's (``inductor/``: its default is under ``/tmp``,
-which a reboot empties) and Triton's kernels (``triton/``). A variable the user set wins.
+which a reboot empties), Triton's kernels (``triton/``) and FlashInfer's JIT-compiled kernels
+(``flashinfer/``). A variable the user set wins.
 
 vLLM keys its compiled graphs by everything they depend on: the model's config, the engine's
 settings, vLLM's and torch's versions and the source it traced. A changed setting compiles anew
@@ -17,7 +18,13 @@ import os
 from pathlib import Path
 from typing import Optional
 
-CACHE_VARIABLES = {"VLLM_CACHE_ROOT": "vllm", "TORCHINDUCTOR_CACHE_DIR": "inductor", "TRITON_CACHE_DIR": "triton"}
+CACHE_VARIABLES = {
+    "VLLM_CACHE_ROOT": "vllm",
+    "TORCHINDUCTOR_CACHE_DIR": "inductor",
+    "TRITON_CACHE_DIR": "triton",
+    # FlashInfer's JIT-compiled CUDA kernels (nvcc at a cold start on a GPU): under <base>/.cache/flashinfer.
+    "FLASHINFER_WORKSPACE_BASE": "flashinfer",
+}
 COMPILED_GRAPHS = "torch_compile_cache"  # vLLM's folder of compiled graphs, under VLLM_CACHE_ROOT
 
 
