@@ -8,7 +8,7 @@ from llm_assets import versions
 from llm_assets.config import ProcessorConfig
 from llm_assets.engines import ENGINES, engine_for
 from llm_assets.execution.dataset import cpu_pool, operators
-from llm_assets.execution.run import chains
+from llm_assets.execution.plan import chains
 from llm_assets.execution.schedulable import stage_cpus, unschedulable
 from llm_assets.pipeline import LLMPipeline
 from llm_assets.sources import LocalFolderSource

@@ -15,7 +15,8 @@ from typing import Any, Iterator, Optional, Union
 import dagster as dg
 
 from llm_assets.defs import checks, dead_runs
-from llm_assets.execution.run import PartitionCommitted, Run, StageDone
+from llm_assets.execution.events import PartitionCommitted, StageDone
+from llm_assets.execution.run import Run
 from llm_assets.execution.stats import SAMPLES_KEPT, PartitionStats
 from llm_assets.pipeline import LLMPipeline
 from llm_assets.private_apis import dagster_data_version_tags

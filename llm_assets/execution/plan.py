@@ -131,3 +131,17 @@ def read_items(pipeline, chain: list[str], entry: Entry, storage, copies: Option
         for path, rows in zip(files, file_rows)
     ]
     return upstream_items + kept
+
+
+def chains(pipeline, selected: list[str]) -> list[list[str]]:
+    """The selected stages as runs of consecutive stages, in pipeline order."""
+    names = pipeline.stage_names()
+    runs: list[list[str]] = []
+    for name in names:
+        if name not in selected:
+            continue
+        if runs and names.index(runs[-1][-1]) == names.index(name) - 1:
+            runs[-1].append(name)
+        else:
+            runs.append([name])
+    return runs

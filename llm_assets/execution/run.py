@@ -21,8 +21,7 @@ import queue
 import tempfile
 import threading
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator, Optional, Union
+from typing import Any, Callable, Iterator, Optional
 
 from llm_assets.errors import SourceError
 from llm_assets.execution import dataset as datasets
@@ -31,12 +30,13 @@ from llm_assets.execution.cache import RunCache
 from llm_assets.execution.commits import Commits
 from llm_assets.execution.cpu_stages import Targets
 from llm_assets.execution.engine_stage import EngineStartError, first_line
+from llm_assets.execution.events import Event, PartitionCommitted, PartitionsFailed, StageDone
 from llm_assets.execution.ledger import start_ledger
 from llm_assets.execution.monitor import Monitor
-from llm_assets.execution.plan import Entry, plan_entry, read_items
+from llm_assets.execution.plan import Entry, chains, plan_entry, read_items
 from llm_assets.execution.preflight import check_sources_while_ray_starts
 from llm_assets.execution.schedulable import check_schedulable
-from llm_assets.execution.stats import PartitionStats, operator_times
+from llm_assets.execution.stats import operator_times
 from llm_assets.models import resolve_model_source
 from llm_assets.rows import RowError
 from llm_assets.tasks import ENGINE
@@ -48,52 +48,6 @@ NO_ENGINE_USAGE = {"engine_seconds": 0.0, "gpu_seconds": 0.0, "engine_starts": 0
 TICK_S = 1.0
 # How long a run waits, once its execution is done, for its engine actors to end (their GPUs freed).
 ENGINE_END_WAIT_S = 30.0
-
-
-@dataclass
-class StageDone:
-    stage: str
-    results: list[PartitionStats]  # of the partitions committed (or up to date), in the run's order
-    usage: Optional[dict[str, Any]] = None  # the engine stage's: what its engines held, and where
-    failed: list[str] = field(default_factory=list)  # partitions that failed before this stage committed them
-
-
-@dataclass
-class PartitionCommitted:
-    stage: str
-    stats: PartitionStats
-
-
-Event = Optional[Union[PartitionCommitted, StageDone]]
-
-
-class PartitionsFailed(RuntimeError):
-    """Some partitions of a run failed (bad input files, rows a stage refused); every stage of the
-    others is committed."""
-
-    def __init__(self, failed: dict[str, Exception], total: int):
-        self.failed = failed
-        problems = "; ".join(f"[{partition}] {problem}" for partition, problem in failed.items())
-        good = total - len(failed)
-        super().__init__(
-            f"{len(failed)} of {total} partition(s) failed"
-            + (f" (the other {good} committed every stage)" if good else "")
-            + f": {problems}"
-        )
-
-
-def chains(pipeline, selected: list[str]) -> list[list[str]]:
-    """The selected stages as runs of consecutive stages, in pipeline order."""
-    names = pipeline.stage_names()
-    runs: list[list[str]] = []
-    for name in names:
-        if name not in selected:
-            continue
-        if runs and names.index(runs[-1][-1]) == names.index(name) - 1:
-            runs[-1].append(name)
-        else:
-            runs.append([name])
-    return runs
 
 
 class Run:
