@@ -1,5 +1,5 @@
 """Mistakes a user makes are named early, as the first thing they read: a bad input file before
-Ray starts, a local model path that does not exist when definitions load (with the YAML file and
+any stage runs (and Ray only where a file passed), a local model path that does not exist when definitions load (with the YAML file and
 line for a YAML pipeline), a landing folder that does not exist."""
 
 from __future__ import annotations
@@ -17,8 +17,9 @@ import pytest
 
 from llm_assets.defs.factory import build_definitions
 from llm_assets.pipeline import ModelPathError
+from llm_assets.storage import NotMaterializedError
 from tests.helpers.deployment import code_location_env
-from tests.helpers.pipelines import make_pipeline, make_resources
+from tests.helpers.pipelines import make_pipeline, make_resources, read_output
 from tests.helpers.project import code_location_copy, run, scaffold, set_attributes
 
 BIN = Path(sys.executable).parent
@@ -195,3 +196,70 @@ def test_a_preprocess_function_that_calls_ray_is_not_run_before_ray_starts_and_s
     assert done.returncode == 0, done.stderr[-3000:]
     empty = f"{landing}/y.jsonl has no rows: an input file needs at least one row"
     assert done.stdout.strip() == f"[('x.jsonl', 1), ('y.jsonl', 0)] [('y.jsonl', '{empty}')] False"
+
+
+RAY_NODE_DEFINITIONS = textwrap.dedent(
+    """\
+    import os
+
+    import ray
+
+    from llm_assets.defs.factory import build_definitions
+    from llm_assets.resources import PartitionStorage, make_resources
+    from tests.helpers.pipelines import fake_pipeline, to_chat
+
+    def ask_with_node(row):  # asks Ray: in the input check only once Ray is up, in every worker
+        return {**to_chat(row), "node": ray.get_runtime_context().get_node_id()}
+
+    def answer_with_node(row):
+        return {"question": row["question"], "node": row["node"], "answer": row["generated_text"]}
+
+    PIPELINES = [
+        fake_pipeline(os.environ["EARLY_LANDING"], os.environ["EARLY_MODEL"], answer_with_node, ask_with_node)
+    ]
+    defs = build_definitions(PIPELINES, make_resources(PartitionStorage(root=os.environ["EARLY_STORAGE"])))
+    """
+)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("files,rows", [(3, 20), (12, 400)])
+def test_ray_starts_beside_the_input_check_and_a_preprocess_that_asks_ray_runs_everywhere(
+    files, rows, tmp_path, fake_model
+):
+    # Ray starts in the run's thread once one file has passed, while the check reads the rest and
+    # runs Preprocess (here asking Ray for its node) on their first rows; one bad file among them.
+    landing = tmp_path / "landing"
+    landing.mkdir()
+    for number in range(files):
+        lines = [json.dumps({"question": f"q{number}-{row}"}) for row in range(rows)]
+        (landing / f"part-{number:03}.jsonl").write_text("\n".join(lines) + "\n")
+    (landing / "part-bad.jsonl").write_text(json.dumps({"question": "fine"}) + "\n{not json\n")
+    (tmp_path / "defs.py").write_text(RAY_NODE_DEFINITIONS)
+    (tmp_path / "home").mkdir()
+    env = {**os.environ, **code_location_env(tmp_path / "home", "EARLY", landing, tmp_path / "storage", fake_model)}
+    command = [sys.executable, "-m", "llm_assets.cli", "add-partitions", "-f", "defs.py"]
+    subprocess.run(command, cwd=tmp_path, env=env, check=True, capture_output=True)
+    keys = sorted(p.name for p in landing.iterdir())
+    tags = {"dagster/asset_partition_range_start": keys[0], "dagster/asset_partition_range_end": keys[-1]}
+    done = subprocess.run(
+        [str(BIN / "dagster"), "job", "execute", "-f", "defs.py", "-j", "tiny_job", "--tags", json.dumps(tags)],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    output = done.stdout + done.stderr
+    assert done.returncode == 1, output[-3000:]
+    assert "part-bad.jsonl: line 2 (row 'part-bad.jsonl:1'): invalid JSON" in output, output[-3000:]
+    assert output.count("Started a local Ray for this run") == 1, output[-3000:]
+    storage = make_resources(tmp_path / "storage")["storage"].store()
+    nodes = set()
+    for number in range(files):
+        rows_out = read_output(storage, "postprocess", f"part-{number:03}.jsonl")
+        assert sorted(r["question"] for r in rows_out) == sorted(f"q{number}-{row}" for row in range(rows))
+        nodes.update(r["node"] for r in rows_out)
+    assert len(nodes) == 1 and len(nodes.pop()) == 56  # the local Ray's one node id
+    with pytest.raises(NotMaterializedError):
+        storage.committed_files("tiny", "preprocess", "part-bad.jsonl")
