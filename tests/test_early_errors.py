@@ -1,6 +1,7 @@
 """Mistakes a user makes are named early, as the first thing they read: a bad input file before
-any stage runs (and Ray only where a file passed), a local model path that does not exist when definitions load (with the YAML file and
-line for a YAML pipeline), a landing folder that does not exist."""
+any stage runs (Ray starts only once a file has passed), a local model path that does not exist
+when definitions load (with the YAML file and line for a YAML pipeline), a landing folder that
+does not exist."""
 
 from __future__ import annotations
 
