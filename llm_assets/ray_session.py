@@ -62,6 +62,11 @@ class RaySession:
             # means a Ray of the run's own.
             kwargs["address"] = "local"
             kwargs["num_cpus"] = self.num_cpus or max(MIN_LOCAL_CPUS, os.cpu_count() or 1)
+            # Ray starts one idle worker per logical CPU when its first driver connects, and keeps
+            # them (up to that many idle workers are kept): 16 of 0.1-0.3 GiB each on a 16-core GPU
+            # node, starting while the engine actor imports vLLM. The run's actors each start
+            # their own worker anyway; its tasks get workers as they need them.
+            kwargs["_system_config"] = {"prestart_worker_first_driver": False}
             if self.num_gpus is not None:
                 kwargs["num_gpus"] = self.num_gpus
         ray.init(**kwargs)
