@@ -1,10 +1,11 @@
 """A run: the selected stages of a pipeline over the run's partitions, as one Ray Data dataset per
 chain of consecutive stages (``execution/dataset.py``), committed partition by partition.
 
-Before Ray starts, the run plans where each partition enters (``plan.py``) and reads every input
-file it will read (``preflight.py``): a bad file fails its partition only, within seconds. Then
-it resolves models, checks what each stage needs before any work (a chat template, say) and that
-the cluster could ever schedule the run, creates the attempt folders, and executes the dataset.
+Before any stage runs, the run plans where each partition enters (``plan.py``) and reads every
+input file it will read (``preflight.py``; Ray starts meanwhile once one file has passed): a bad
+file fails its partition only, within seconds. Then it resolves models, checks what each stage
+needs before any work (a chat template, say) and that the cluster could ever schedule the run,
+creates the attempt folders, and executes the dataset.
 The rows never come back to the run's process: the tasks write each stage's files themselves and
 tell the run's ledger (``ledger.py``); what comes back is how many rows of each partition left
 the chain, and a partition whose every row has left is committed, every stage of it, at once.
