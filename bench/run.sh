@@ -30,15 +30,15 @@ export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 HF_HUB_OF
 if [ $(( ${TP:-1} * ${PP:-1} )) -gt 1 ]; then export VLLM_ALLREDUCE_USE_SYMM_MEM=0 VLLM_ALLREDUCE_USE_FLASHINFER=0; fi
 for system in ${SYSTEMS:-raw_vllm ray_data_llm llm_assets}; do
   echo "== $system"
-  # Fresh compile caches per system (vLLM's, inductor's, Triton's): a cache warmed by the system
-  # before would shorten the next one's engine start.
+  # Fresh compile caches per system (vLLM's, inductor's, Triton's, FlashInfer's): a cache warmed
+  # by the system before would shorten the next one's engine start.
   cache=${WARM_CACHE:-$(mktemp -d)}
   # The layout of llm_assets' compile cache (engines/compile_cache.py), so that every system keeps
   # (or starts without) the same caches.
   export LLM_ASSETS_COMPILE_CACHE=$cache VLLM_CACHE_ROOT=$cache/vllm TORCHINDUCTOR_CACHE_DIR=$cache/inductor \
     TRITON_CACHE_DIR=$cache/triton FLASHINFER_WORKSPACE_BASE=$cache/flashinfer
-  # COLD=1 also wipes the per-user kernel caches (FlashInfer, torch, Triton) that the variables
-  # above do not cover: every system then starts as on a fresh machine. Off by default: it
+  # COLD=1 also wipes the per-user caches (torch's, Triton's, and those of a run without the
+  # variables above): every system then starts as on a fresh machine. Off by default: it
   # deletes folders under ~/.cache.
   # It also drops the page cache (root only), so no system reads its imports from memory that the
   # one before warmed.

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Warm restarts: what the second run of a model costs. One small llm_assets job three times on one
-# machine, each in a fresh process, all with one compile cache folder (vLLM's, inductor's and
-# Triton's caches, what LLM_ASSETS_COMPILE_CACHE holds):
+# machine, each in a fresh process, all with one compile cache folder (vLLM's, inductor's, Triton's
+# and FlashInfer's caches, what LLM_ASSETS_COMPILE_CACHE holds):
 #   cold        empty caches (COLD=1): the first run of the model on a new node;
 #   same_node   the compile cache the cold run left, the node's other caches as it left them;
 #   fresh_node  the compile cache kept (a shared filesystem's folder), everything else a new node
