@@ -20,7 +20,7 @@ from llm_assets.defs.factory import build_definitions
 from llm_assets.pipeline import ModelPathError
 from llm_assets.storage import NotMaterializedError
 from tests.helpers.deployment import code_location_env
-from tests.helpers.pipelines import make_pipeline, make_resources, read_output
+from tests.helpers.pipelines import RANGE_END, RANGE_START, make_pipeline, make_resources, read_output
 from tests.helpers.project import code_location_copy, run, scaffold, set_attributes
 
 BIN = Path(sys.executable).parent
@@ -242,7 +242,7 @@ def test_ray_starts_beside_the_input_check_and_a_preprocess_that_asks_ray_runs_e
     command = [sys.executable, "-m", "llm_assets.cli", "add-partitions", "-f", "defs.py"]
     subprocess.run(command, cwd=tmp_path, env=env, check=True, capture_output=True)
     keys = sorted(p.name for p in landing.iterdir())
-    tags = {"dagster/asset_partition_range_start": keys[0], "dagster/asset_partition_range_end": keys[-1]}
+    tags = {RANGE_START: keys[0], RANGE_END: keys[-1]}
     done = subprocess.run(
         [str(BIN / "dagster"), "job", "execute", "-f", "defs.py", "-j", "tiny_job", "--tags", json.dumps(tags)],
         cwd=tmp_path,
