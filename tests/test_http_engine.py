@@ -20,9 +20,9 @@ from llm_assets.pipeline import LLMPipeline
 from llm_assets.sources import LocalFolderSource
 from tests.helpers.data import questions, write_jsonl
 from tests.helpers.deployment import code_location_env
-from tests.helpers.pipelines import log_messages, make_resources, read_output, run_job
+from tests.helpers.pipelines import RANGE_END, RANGE_START, log_messages, make_resources, read_output, run_job
 from tests.helpers.processes import free_port
-from tests.helpers.servers import ALWAYS_FAILING, FAULTS, FaultServer, http_answer, to_payload
+from tests.helpers.servers import ALWAYS_FAILING, FAULTS, ODD_ANSWERS, FaultServer, http_answer, to_payload
 
 
 def http_pipeline(folder, **config) -> LLMPipeline:
@@ -84,6 +84,56 @@ def test_every_row_once_through_retries_and_a_row_that_exhausts_them_kept_with_i
     assert metadata["retries"].value == sum(expected.values()) - 10
     assert metadata["errors"].value == 1
     assert not any("Authorization" in m for m in log_messages(instance, result.run_id))
+
+
+def test_odd_answers_are_read_or_fail_their_own_row_only(tmp_path, ray_session, instance):
+    """Answers servers and gateways send beside the usual chat completion (content as a list of
+    parts, counts as floats or strings, an error object with status 200, bytes that are not UTF-8,
+    ``Retry-After: inf``), mixed with good rows in the batches of two partitions: each is read into
+    the engine's columns or fails its own row with what was wrong; the batch's other rows keep
+    their answers."""
+    odd = list(ODD_ANSWERS)  # odd[i]: the answer to partition a's question i (i < len(odd))
+
+    def fault_for(content, attempt):
+        number = int(content.split(":")[0].split()[-1])
+        if not content.startswith("a ") or number >= len(odd):
+            return None
+        if odd[number] in ("infinite retry-after",) and attempt > 1:
+            return None  # answered on the retry
+        return odd[number]
+
+    write_jsonl(tmp_path / "landing" / "a.jsonl", questions(10, prefix="a"))
+    write_jsonl(tmp_path / "landing" / "b.jsonl", questions(6, prefix="b"))
+    with FaultServer(fault_for=fault_for) as server:
+        pipeline = http_pipeline(
+            tmp_path / "landing",
+            url=server.url,
+            max_retries=1,
+            base_retry_wait_time_in_s=0.05,
+            should_continue_on_error=True,
+            batch_size=3,
+            concurrency=2,
+        )
+        tags = {RANGE_START: "a.jsonl", RANGE_END: "b.jsonl"}
+        result = run_job(pipeline, make_resources(tmp_path / "storage"), instance, tags)
+    assert result.success
+    storage = make_resources(tmp_path / "storage")["storage"].store()
+    rows = {row["question"].split(":")[0]: row for row in read_output(storage, "postprocess", "a.jsonl")}
+    rows.update({row["question"].split(":")[0]: row for row in read_output(storage, "postprocess", "b.jsonl")})
+    assert len(rows) == 16
+    by_kind = {kind: rows[f"a number {i}"] for i, kind in enumerate(odd)}
+    assert by_kind["content parts"]["answer"] == "parts" and by_kind["content parts"]["tokens"] == 3
+    assert by_kind["float counts"]["tokens"] == 3 and by_kind["float counts"]["error"] == ""
+    assert by_kind["string counts"]["tokens"] is None and by_kind["string counts"]["answer"].startswith("answer to")
+    assert by_kind["tool call"]["answer"] is None and by_kind["tool call"]["error"] == ""
+    assert by_kind["error object"]["__inference_error__"] == (
+        f"the answer from {server.url} is an error: model overloaded (after 2 attempts)"
+    )
+    assert "is not valid utf-8 text (byte 41" in by_kind["not utf-8"]["__inference_error__"]
+    assert by_kind["infinite retry-after"]["answer"].startswith("answer to")
+    good = [row for key, row in rows.items() if not key.startswith("a number") or int(key.split()[-1]) >= len(odd)]
+    assert len(good) == 9 and all(row["answer"] == f"answer to {row['question']}" for row in good)
+    assert server.attempts[questions(10, prefix="a")[odd.index("error object")]["question"]] == 2
 
 
 def test_qps_is_one_rate_for_every_replica_of_the_run(tmp_path, ray_session, instance, monkeypatch):

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import threading
 import time
 import urllib.request
@@ -15,6 +16,28 @@ from tests.helpers.processes import free_port
 
 FAULTS = {1: "429", 2: "503", 3: "stall", 4: "drop"}  # by row number % 5, first attempt only
 ALWAYS_FAILING = "q number 7"  # 503 on every attempt
+
+
+def _chat_answer(content, **changes) -> bytes:
+    answer = {
+        "choices": [{"message": {"role": "assistant", "content": f"answer to {content}"}, "finish_reason": "stop"}],
+        "usage": {"prompt_tokens": 5, "completion_tokens": 3},
+    }
+    answer["choices"][0]["message"].update(changes.pop("message", {}))
+    answer.update(changes)
+    return json.dumps(answer).encode()
+
+
+# Answers real servers and gateways send that are not the usual chat completion: (status, headers, body).
+ODD_ANSWERS = {
+    "content parts": lambda c: (200, {}, _chat_answer(c, message={"content": [{"type": "text", "text": "parts"}]})),
+    "float counts": lambda c: (200, {}, _chat_answer(c, usage={"prompt_tokens": 5.0, "completion_tokens": 3.0})),
+    "string counts": lambda c: (200, {}, _chat_answer(c, usage={"prompt_tokens": "5", "completion_tokens": "x"})),
+    "tool call": lambda c: (200, {}, _chat_answer(c, message={"content": None, "tool_calls": [{"id": "t"}]})),
+    "error object": lambda c: (200, {}, json.dumps({"error": {"message": "model overloaded", "code": 503}}).encode()),
+    "not utf-8": lambda c: (200, {}, b'{"choices": [{"message": {"content": "caf\xe9"}}]}'),
+    "infinite retry-after": lambda c: (429, {"Retry-After": "inf"}, b"slow down"),
+}
 
 
 def table_fault(content: str, attempt: int):
@@ -30,8 +53,8 @@ class FaultServer:
     retry_after_s = 1
 
     def __init__(self, stall_s: float = 3.0, fault_for=None):
-        """``fault_for(content, attempt) -> "429" | "5xx" | "stall" | "drop" | None``: the fault of
-        one attempt (attempts counted from 1); by default the FAULTS table's."""
+        """``fault_for(content, attempt) -> "429" | "5xx" | "stall" | "drop" | an ODD_ANSWERS name |
+        None``: the fault of one attempt (attempts counted from 1); by default the FAULTS table's."""
         self.stall_s = stall_s
         self.fault_for = fault_for or table_fault
         self.attempts: dict[str, int] = defaultdict(int)
@@ -81,6 +104,9 @@ class FaultServer:
         self.attempts[content] += 1
         fault = self.fault_for(content, self.attempts[content])
         self.log.append((content, self.attempts[content], self.arrivals[-1], fault))
+        if fault in ODD_ANSWERS:
+            status, headers, body = ODD_ANSWERS[fault](content)
+            return web.Response(status=status, headers={"Content-Type": "application/json", **headers}, body=body)
         if fault == "429":
             return web.Response(status=429, text="slow down", headers={"Retry-After": str(self.retry_after_s)})
         if fault in ("500", "502", "503", "504"):

@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import email.utils
 import json
+import math
 import random
 import time
 from typing import Any, Callable, Optional
@@ -127,7 +128,7 @@ class HttpRequestReplica:
             async with self._session.post(
                 self.url, data=payload_json or "{}", headers=self.headers, timeout=self.timeout
             ) as response:
-                text = await response.text()
+                text = _decoded(await response.read(), response.charset, self.url)
                 if response.status in RETRY_STATUSES:
                     raise RequestFailed(
                         f"HTTP {response.status} from {self.url}: {text[:ANSWER_SNIPPET_CHARS]}",
@@ -148,6 +149,9 @@ class HttpRequestReplica:
             raise RequestFailed(
                 f"the answer from {self.url} is a JSON {type(answer).__name__}, expected an object", False
             )
+        if answer.get("error") and "choices" not in answer:
+            # OpenAI's error object, which some gateways send with status 200.
+            raise _error_object(answer["error"], self.url)
         return answer
 
     def _wait_s(self, retry: int, retry_after_s: Optional[float]) -> float:
@@ -178,7 +182,9 @@ OUTPUT_COLUMNS: dict[str, pa.DataType] = {
 
 
 def completion_columns(answer: dict[str, Any]) -> dict[str, Any]:
-    """The vLLM engine's columns, from a chat or text completion answer (empty for others)."""
+    """The vLLM engine's columns, from a chat or text completion answer (empty for others). Servers
+    differ in what they put there (content as a list of parts, counts as floats): each value is
+    taken in the column's type, or left null, never allowed to fail the batch's other rows."""
     choices = answer.get("choices")
     if not isinstance(choices, list) or not choices or not isinstance(choices[0], dict):
         return {}
@@ -186,12 +192,57 @@ def completion_columns(answer: dict[str, Any]) -> dict[str, Any]:
     message = first.get("message")
     text = message.get("content") if isinstance(message, dict) else first.get("text")
     usage = answer.get("usage") if isinstance(answer.get("usage"), dict) else {}
+    finish_reason = first.get("finish_reason")
     return {
-        "generated_text": text,
-        "finish_reason": first.get("finish_reason"),
-        "num_input_tokens": usage.get("prompt_tokens"),
-        "num_generated_tokens": usage.get("completion_tokens"),
+        "generated_text": _text(text),
+        "finish_reason": None if finish_reason is None else str(finish_reason),
+        "num_input_tokens": _token_count(usage.get("prompt_tokens")),
+        "num_generated_tokens": _token_count(usage.get("completion_tokens")),
     }
+
+
+def _text(content: Any) -> Optional[str]:
+    """A message's content as text: a string, or the text parts of a list of content parts
+    (``[{"type": "text", "text": ...}]``, as OpenAI's API allows); other values as JSON."""
+    if content is None or isinstance(content, str):
+        return content
+    if isinstance(content, list) and all(isinstance(part, dict) for part in content):
+        return "".join(part["text"] for part in content if isinstance(part.get("text"), str))
+    return json.dumps(content)
+
+
+def _token_count(value: Any) -> Optional[int]:
+    """A usage count as the int32 column takes it; null where the server sent something else."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        return None
+    if value != int(value):
+        return None
+    return int(value) if 0 <= value < 2**31 else None
+
+
+def _error_object(error: Any, url: str) -> RequestFailed:
+    """A failed request from an answer's ``{"error": ...}`` object; retried where its code is a
+    status that is (429, 5xx)."""
+    message = error.get("message", error) if isinstance(error, dict) else error
+    code = error.get("code") if isinstance(error, dict) else None
+    retryable = str(code) in {str(status) for status in RETRY_STATUSES}
+    return RequestFailed(f"the answer from {url} is an error: {str(message)[:ANSWER_SNIPPET_CHARS]}", retryable)
+
+
+def _decoded(body: bytes, charset: Optional[str], url: str) -> str:
+    """The answer's text in its declared charset (JSON's UTF-8 by default). Bytes that are not
+    that text fail the row, naming them, rather than being replaced: a replacement character would
+    pass into the generated text unnoticed."""
+    encoding = charset or "utf-8"
+    try:
+        return body.decode(encoding)
+    except LookupError:
+        raise RequestFailed(f"the answer from {url} names an unknown charset {encoding!r}", False) from None
+    except UnicodeDecodeError as exc:
+        snippet = body[max(0, exc.start - 40) : exc.end + 40]
+        raise RequestFailed(
+            f"the answer from {url} is not valid {encoding} text (byte {exc.start}: {snippet!r})", False
+        ) from None
 
 
 def _retry_after_s(value: Optional[str]) -> Optional[float]:
@@ -199,9 +250,11 @@ def _retry_after_s(value: Optional[str]) -> Optional[float]:
     if not value:
         return None
     try:
-        return max(0.0, float(value))
+        seconds = float(value)
     except ValueError:
         pass
+    else:  # "inf" or "nan" say nothing usable: the backoff applies
+        return max(0.0, seconds) if math.isfinite(seconds) else None
     try:
         return max(0.0, email.utils.parsedate_to_datetime(value).timestamp() - time.time())
     except (TypeError, ValueError):
