@@ -179,3 +179,38 @@ def test_a_folder_partition_on_s3_runs_through_every_stage_into_s3_storage(s3, f
     _, files = store.committed("tiny", "postprocess", "date=2026-12-01")
     rows = pa.concat_tables(pq.read_table(f, filesystem=store.filesystem()) for f in files).to_pylist()
     assert sorted((r["question"], r["date"]) for r in rows) == [(q, "2026-12-01") for q in ("a", "b", "c")]
+
+
+@pytest.mark.parametrize("partition_by", ["file", "folder"])
+def test_partitions_whose_columns_differ_in_type_run_together(
+    partition_by, tmp_path, fake_model, ray_session, instance
+):
+    """A column holding numbers in one partition's rows, text in the next one's and only nulls in a
+    third (and, within one folder, missing from one of its files) takes each partition's own type
+    through every stage of one run: the partitions are not one table."""
+    landing = tmp_path / "landing"
+    extras = {"a": [1, 2], "b": ["x", "y"], "c": [None, None]}
+    for name, values in extras.items():
+        table = pa.table({"question": [f"{name}{i}" for i in range(2)], "extra": values})
+        if partition_by == "file":
+            (landing / f"{name}.jsonl").parent.mkdir(parents=True, exist_ok=True)
+            (landing / f"{name}.jsonl").write_text("".join(json.dumps(row) + "\n" for row in table.to_pylist()))
+        else:
+            (landing / f"day={name}").mkdir(parents=True)
+            pq.write_table(table, landing / f"day={name}" / "part-0.parquet")
+            pq.write_table(pa.table({"question": [f"{name}-late"]}), landing / f"day={name}" / "part-1.parquet")
+    source = LocalFolderSource(str(landing), pattern="*.parquet", partition_by="folder")
+    if partition_by == "file":
+        source = LocalFolderSource(str(landing))
+    pipeline = folder_pipeline(source, fake_model)
+    pipeline.preprocess = to_chat
+    pipeline.postprocess = lambda row: {"question": row["question"], "extra": row.get("extra")}
+    storage = PartitionStorage(root=str(tmp_path / "out"))
+    defs = build_definitions([pipeline], make_resources(storage))
+    [request] = tick(defs, instance).run_requests
+    assert defs.resolve_job_def("tiny_job").execute_in_process(instance=instance, tags=request.tags).success
+    for name, values in extras.items():
+        partition = f"{name}.jsonl" if partition_by == "file" else f"day={name}"
+        rows = read_output(storage.store(), "postprocess", partition)
+        expected = values + ([None] if partition_by == "folder" else [])
+        assert [row["extra"] for row in rows] == expected, partition

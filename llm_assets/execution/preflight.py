@@ -45,8 +45,20 @@ class InputCheck:
 
     @property
     def sample(self) -> Optional[pa.Table]:
-        """Rows spread over the run's first good files, or None."""
-        picked = self.samples[:SAMPLED_FILES]
+        """Rows spread over the run's first good files whose columns' types agree, or None. Files
+        (partitions) may differ there (a column of numbers in one day's file, of text in the next):
+        each is its own partition, and the sample needs no more than the files that agree."""
+        picked, schema = [], None
+        for table in self.samples:
+            try:
+                schema = (
+                    pa.unify_schemas([schema, table.schema], promote_options="permissive") if picked else table.schema
+                )
+            except (pa.ArrowTypeError, pa.ArrowInvalid):
+                continue
+            picked.append(table)
+            if len(picked) == SAMPLED_FILES:
+                break
         return pa.concat_tables(picked, promote_options="permissive") if picked else None
 
 
