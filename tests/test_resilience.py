@@ -88,6 +88,34 @@ def test_an_engine_that_does_not_start_in_time_fails_the_run_saying_so(tmp_path,
 
 
 @pytest.mark.parametrize(
+    "engine_kwargs, expected",
+    [
+        (
+            {"max_model_lenn": 512},
+            "TypeError: EngineArgs.__init__() got an unexpected keyword argument 'max_model_lenn'",
+        ),
+        ({"max_model_len": 100000}, "User-specified max_model_len (100000) is greater than the derived max_model_len"),
+    ],
+)
+def test_an_engine_setting_vllm_refuses_fails_the_run_with_vllms_reason(
+    tmp_path, tiny_model, ray_session, instance, engine_kwargs, expected
+):
+    """vLLM checks its settings as the engine builds: the run's error is the first thing a user
+    reads, so it carries vLLM's words (the lines after a pydantic error's first name the setting)."""
+    write_jsonl(tmp_path / "landing" / "x.jsonl", questions(4, "e"))
+    pipeline = make_pipeline(tmp_path / "landing", tiny_model, engine_kwargs=engine_kwargs)
+    result = run_job(
+        pipeline, make_resources(tmp_path / "storage"), instance, {"dagster/partition": "x.jsonl"}, raise_on_error=False
+    )
+    assert not result.success
+    error = next(e for e in result.all_events if e.event_type_value == "STEP_FAILURE").step_failure_data.error
+    headline = (error.cause or error).message.splitlines()[0]
+    assert headline.startswith("llm_assets.execution.engine_stage.EngineStartError: vLLM engine 0 failed to start: ")
+    assert expected in headline
+    assert not (tmp_path / "storage" / "tiny" / "engine").exists()
+
+
+@pytest.mark.parametrize(
     "settings, expected",
     [
         (

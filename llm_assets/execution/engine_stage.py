@@ -42,6 +42,13 @@ def first_line(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text[0] if text else ''}"[:300]
 
 
+def start_error(exc: BaseException) -> str:
+    """Why an engine did not start, as its first lines: the engines' own checks (vLLM's pydantic
+    configs) name the setting and what it takes on the lines after their first."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    return f"{type(exc).__name__}: {'; '.join(lines[:8])}"[:800]
+
+
 def unwrap(exc: BaseException) -> BaseException:
     """The user-facing error inside a Ray error (a RowError raised in a worker, say)."""
     while True:
@@ -85,7 +92,7 @@ class EngineStage:
             if ready is not None:  # a replica whose engine runs elsewhere waits for it here (a Serve app)
                 asyncio.run(ready())
         except Exception as exc:
-            self._report({"state": "failed", "error": first_line(exc)})
+            self._report({"state": "failed", "error": start_error(exc)})
             raise
         self.fatal = (*self.replica.fatal_errors(), *_engine_dead_errors())
         self._report({"state": "ready", **self.replica.info(), "import_seconds": round(import_seconds, 2)})

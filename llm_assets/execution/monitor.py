@@ -120,9 +120,12 @@ class Monitor:
         engines = self.snapshot().get("engines", {}) if died is not None else {}
         if died is None or died.actor_id not in engines:
             return None
+        name = f"{self.label} engine {list(engines).index(died.actor_id)}"
+        if engines[died.actor_id].get("state") == "failed":  # its build raised: Ray Data does not try again
+            return EngineStartError(f"{name} failed to start: {engines[died.actor_id].get('error')}")
         cause = settled_death(died)
         return EngineDiedError(
-            f"{self.label} engine {list(engines).index(died.actor_id)} died ({cause}) "
+            f"{name} died ({cause}) "
             f"{where_it_died(engines[died.actor_id])} and no restart is left (EnginePoolResource's "
             "max_engine_restarts): the partitions committed so far stay, and a re-run keeps the rows "
             "the engine wrote"
