@@ -76,11 +76,17 @@ def dumps_params(params: Any) -> str | None:
     schema per partition cannot hold structs that differ from batch to batch."""
     if params is None:
         return None
+    expected = 'expected a dict of sampling settings ({"max_tokens": 64, ...}) or its JSON text'
     if isinstance(params, str):
-        json.loads(params)  # already JSON: validate, keep as is
+        try:
+            decoded = json.loads(params)  # already JSON: validate, keep as is
+        except ValueError:
+            decoded = None
+        if not isinstance(decoded, dict):
+            raise ValueError(f"is the text {params[:80]!r}: {expected}") from None
         return params
     if not isinstance(params, dict):
-        raise TypeError(f"expected a dict, got {type(params).__name__}")
+        raise TypeError(f"is {type(params).__name__} {str(params)[:80]!r}: {expected}")
     return json.dumps(params, sort_keys=True)
 
 

@@ -35,6 +35,12 @@ def test_preprocess_applies_the_function_and_keeps_row_ids():
         ({"prompt": "x", "sampling_params": {"max_tokens": 0}}, "max_tokens is 0: expected an integer >= 1"),
         ({"prompt": ""}, "'prompt' is empty"),
         (
+            {"prompt": "x", "sampling_params": "greedy"},
+            "'sampling_params' is the text 'greedy': expected a dict of sampling settings",
+        ),
+        ({"prompt": "x", "sampling_params": "[1]"}, "'sampling_params' is the text '[1]': expected a dict"),
+        ({"prompt": "x", "sampling_params": [1]}, "'sampling_params' is list '[1]': expected a dict"),
+        (
             {"messages": [{"role": "user", "content": 7}]},
             "messages[0].content is int 7: expected the message's text as a string",
         ),
