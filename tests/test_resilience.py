@@ -124,6 +124,20 @@ def test_an_engine_setting_vllm_refuses_fails_the_run_with_vllms_reason(
             "1 of them held by the engines",
         ),
         ({"concurrency": 5}, "the engines ask for 5 logical CPU(s) in all; the Ray cluster has 4"),
+        # Each setting fits alone; together the actors Ray Data starts at once leave the reads no CPU
+        # (Ray would wait forever).
+        (
+            {"concurrency": 3},
+            "its engines and the smallest pools of its stages' actors hold 4 of the Ray cluster's 4 logical "
+            "CPU(s) for the whole run (engines 3, MapBatches(preprocess+chat_template+tokenize) 0.5, "
+            "MapBatches(engine_output+detokenize+postprocess) 0.5), and reading its input needs 0.25 more",
+        ),
+        (
+            {"concurrency": 2, "tokenize_stage": {"batch_size": 17}, "detokenize_stage": {"concurrency": (2, 3)}},
+            "hold 4.5 of the Ray cluster's 4 logical CPU(s) for the whole run (engines 2, "
+            "MapBatches(preprocess+chat_template) 0.5, MapBatches(tokenize) 0.5, MapBatches(engine_output+detokenize) "
+            "1, MapBatches(postprocess) 0.5)",
+        ),
     ],
 )
 def test_a_run_the_cluster_can_never_schedule_fails_at_once_naming_the_resource(

@@ -24,7 +24,7 @@ import warnings
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
-from llm_assets.config import Concurrency
+from llm_assets.config import DEFAULT_STAGE_NUM_CPUS, Concurrency
 from llm_assets.execution.cache import CacheLookup, CacheSettings
 from llm_assets.execution.cpu_stages import CpuStages, StageSpec, Targets
 from llm_assets.execution.engine_stage import EngineStage
@@ -32,6 +32,8 @@ from llm_assets.execution.reads import ReadItem, read_dataset
 from llm_assets.private_apis import ray_data_async_batches_per_task, ray_data_rebatched
 from llm_assets.secret_env import split_runtime_env
 from llm_assets.tasks import ENGINE
+
+LOOKUP_CPUS = 0.25  # a response cache lookup's actor (of its own where partitions join just before the engine)
 
 
 @dataclass
@@ -95,6 +97,11 @@ def operators(pipeline, chain: list[str], entries: set[int]) -> list[Op]:
     return ops
 
 
+def group_name(stages: list[str]) -> str:
+    """A CPU group's name, which Ray Data gives its operator: ``chat_template+tokenize``."""
+    return "+".join("engine_output" if stage == ENGINE else stage for stage in stages)
+
+
 def _first_cpu(stages: list[str]) -> Optional[str]:
     return next((stage for stage in stages if stage != ENGINE), None)
 
@@ -152,18 +159,13 @@ def _cpu_group(ds, data: ChainData, op: Op, last: bool):
             specs.append(StageSpec(stage, pipeline.plan(stage).udf, data.stage_kwargs[stage]))
     if op.looks_up and data.cache is not None:
         specs.append(StageSpec("response cache lookup", CacheLookup, _lookup_kwargs(data), write=False))
-    runtime_env, secret_env = split_runtime_env(settings.runtime_env if settings else None)
-    options: dict[str, Any] = {"num_cpus": settings.num_cpus if settings else 0.5}
-    if settings is not None and settings.memory:
-        options["memory"] = settings.memory
-    if runtime_env:
-        options["runtime_env"] = runtime_env
-    engines = data.engine.size if data.engine else 1
-    pool = cpu_pool(settings.concurrency if settings else None, max(engines, int(data.cluster_cpus) // 4))
+    options, pool, secret_env = cpu_group_options(
+        pipeline, op, data.engine.size if data.engine else 1, data.cluster_cpus
+    )
     batch_size = (settings.batch_size if settings else None) or pipeline.config.batch_size
     # A class per group, named by its stages: Ray Data names the operator after it (its log, stats,
     # dashboard): MapBatches(chat_template+tokenize).
-    named = type("+".join("engine_output" if s == ENGINE else s for s in group), (CpuStages,), {})
+    named = type(group_name(group), (CpuStages,), {})
     return ds.map_batches(
         named,
         fn_constructor_kwargs={
@@ -180,6 +182,36 @@ def _cpu_group(ds, data: ChainData, op: Op, last: bool):
         compute=ActorPoolStrategy(**pool),
         **options,
     )
+
+
+def cpu_group_options(pipeline, op: Op, engines: int, cluster_cpus: float) -> tuple[dict, dict, dict]:
+    """A CPU group's Ray options (num_cpus, memory, runtime_env), its actor pool and the secret
+    part of its runtime_env, from its first CPU stage's settings."""
+    settings_stage = _first_cpu(op.stages)
+    settings = pipeline.plan(settings_stage).settings if settings_stage else None
+    runtime_env, secret_env = split_runtime_env(settings.runtime_env if settings else None)
+    options: dict[str, Any] = {"num_cpus": settings.num_cpus if settings else DEFAULT_STAGE_NUM_CPUS}
+    if settings is not None and settings.memory:
+        options["memory"] = settings.memory
+    if runtime_env:
+        options["runtime_env"] = runtime_env
+    pool = cpu_pool(settings.concurrency if settings else None, max(engines, int(cluster_cpus) // 4))
+    return options, pool, secret_env
+
+
+def smallest_pools(pipeline, chain: list[str], entries: set[int], engines: int, cluster_cpus: float, cache: bool):
+    """(operator, logical CPUs) that each actor pool of the chain's dataset holds at its smallest,
+    engines aside: Ray Data starts these actors with the execution and keeps them to its end."""
+    held = []
+    ops = operators(pipeline, chain, entries)
+    for number, op in enumerate(ops):
+        if op.kind == "engine":
+            if cache and not (number and ops[number - 1].looks_up):
+                held.append(("MapBatches(CacheLookup)", LOOKUP_CPUS))
+            continue
+        options, pool, _ = cpu_group_options(pipeline, op, engines, cluster_cpus)
+        held.append((f"MapBatches({group_name(op.stages)})", pool["min_size"] * options["num_cpus"]))
+    return held
 
 
 def _lookup_kwargs(data: ChainData) -> dict[str, Any]:
@@ -199,7 +231,7 @@ def _engine(ds, data: ChainData, looked_up: bool):
             batch_format="pyarrow",
             zero_copy_batch=True,
             compute=ActorPoolStrategy(min_size=1, max_size=config.engine_pool_size),
-            num_cpus=0.25,
+            num_cpus=LOOKUP_CPUS,
         )
     if op is None:  # the response cache answers the run (a sample of its rows said so): no engine
         return ds

@@ -36,6 +36,7 @@ from llm_assets.execution.ledger import start_ledger
 from llm_assets.execution.monitor import Monitor
 from llm_assets.execution.plan import Entry, chains, plan_entry, read_items
 from llm_assets.execution.preflight import check_sources_while_ray_starts
+from llm_assets.execution.reads import READ_CPUS
 from llm_assets.execution.schedulable import check_schedulable
 from llm_assets.execution.stats import operator_times
 from llm_assets.models import resolve_model_source
@@ -166,7 +167,16 @@ class _ChainRun:
             else:
                 target = models[model] if model else self.pipeline.engine.target()
                 engine_op, groups = engines.operator(self.pipeline, target, self.log)
-        check_schedulable(self.pipeline, self.chain, engines.reservation(self.pipeline) if engine_op else None)
+        held = datasets.smallest_pools(
+            self.pipeline,
+            self.chain,
+            {e.index for e in todo},
+            engine_op.size if engine_op else 1,
+            cluster_cpus,
+            cache is not None,
+        )
+        reservation = engines.reservation(self.pipeline) if engine_op else None
+        check_schedulable(self.pipeline, self.chain, reservation, held, READ_CPUS)
         ledger = start_ledger()
         folders: dict[tuple[str, str], str] = {}
         infos: dict[str, dict] = {}

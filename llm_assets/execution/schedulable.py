@@ -42,18 +42,45 @@ def unschedulable(
     return None
 
 
+def pools_overcommit(held: list[tuple[str, float]], engines_cpus: float, read_cpus: float, cluster_cpus: float):
+    """Why the actors a run's dataset starts at once (``held``: each CPU operator's smallest pool;
+    the engines) would leave its read tasks no CPU, if they would: Ray Data starts every actor
+    pool with the execution and keeps it to its end, so the reads, and every row after them, would
+    wait forever."""
+    total = engines_cpus + sum(cpus for _, cpus in held)
+    if total + read_cpus <= cluster_cpus + 1e-9:
+        return None
+    parts = ([f"engines {engines_cpus:g}"] if engines_cpus else []) + [f"{name} {cpus:g}" for name, cpus in held]
+    return (
+        f"its engines and the smallest pools of its stages' actors hold {total:g} of the Ray cluster's "
+        f"{cluster_cpus:g} logical CPU(s) for the whole run ({', '.join(parts)}), and reading its input needs "
+        f"{read_cpus:g} more"
+    )
+
+
 def _unit(key: str) -> str:
     return "logical CPU(s)" if key == "CPU" else "GPU(s)"
 
 
-def check_schedulable(pipeline, chain: list[str], engines: Optional[dict[str, float]]) -> None:
-    """Fail at once, naming the resource, when the cluster could never run a stage or hold the engines."""
+def check_schedulable(
+    pipeline, chain: list[str], engines: Optional[dict[str, float]], held: list[tuple[str, float]], read_cpus: float
+) -> None:
+    """Fail at once, naming the resource, when the cluster could never run a stage, hold the
+    engines, or hold the actors the run starts at once (``held``) and still read its input."""
     import ray
 
     nodes = [node["Resources"] for node in ray.nodes() if node.get("Alive")]
     problem = unschedulable(stage_cpus(pipeline, chain), nodes, engines)
+    advice = "Lower the setting"
+    if problem is None:
+        cluster_cpus = sum(node.get("CPU", 0.0) for node in nodes)
+        problem = pools_overcommit(held, engines["CPU"] if engines else 0.0, read_cpus, cluster_cpus)
+        advice = (
+            "Lower a stage's num_cpus or concurrency, give consecutive stages the same settings (one "
+            "operator), run fewer engines (or a lower num_cpus_per_engine)"
+        )
     if problem:
         raise RuntimeError(
-            f"{pipeline.name}: this run cannot be scheduled: {problem}. Lower the setting or add resources (Ray's "
+            f"{pipeline.name}: this run cannot be scheduled: {problem}. {advice} or add resources (Ray's "
             "CPUs are logical: a local Ray has max(4, cores) of them unless RayDataResource(num_cpus=...) says)."
         )
