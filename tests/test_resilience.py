@@ -124,17 +124,12 @@ def test_an_engine_setting_vllm_refuses_fails_the_run_with_vllms_reason(
             "1 of them held by the engines",
         ),
         ({"concurrency": 5}, "the engines ask for 5 logical CPU(s) in all; the Ray cluster has 4"),
-        # Each setting fits alone; together the actors Ray Data starts at once leave the reads no CPU
-        # (Ray would wait forever).
-        (
-            {"concurrency": 3},
-            "its engines and the smallest pools of its stages' actors hold 4 of the Ray cluster's 4 logical "
-            "CPU(s) for the whole run (engines 3, MapBatches(preprocess+chat_template+tokenize) 0.5, "
-            "MapBatches(engine_output+detokenize+postprocess) 0.5), and reading its input needs 0.25 more",
-        ),
+        # Each setting fits alone; together the actors Ray Data starts at once (and keeps to the run's
+        # end) cannot all be placed: the rows would wait forever for the operator left without one.
         (
             {"concurrency": 2, "tokenize_stage": {"batch_size": 17}, "detokenize_stage": {"concurrency": (2, 3)}},
-            "hold 4.5 of the Ray cluster's 4 logical CPU(s) for the whole run (engines 2, "
+            "its engines and the smallest pools of its stages' actors, which Ray Data starts at once and keeps "
+            "for the whole run, need 4.5 of the Ray cluster's 4 logical CPU(s) (engines 2, "
             "MapBatches(preprocess+chat_template) 0.5, MapBatches(tokenize) 0.5, MapBatches(engine_output+detokenize) "
             "1, MapBatches(postprocess) 0.5)",
         ),
@@ -155,6 +150,29 @@ def test_a_run_the_cluster_can_never_schedule_fails_at_once_naming_the_resource(
     assert expected in (error.cause or error).message.splitlines()[0]
     # Ray's CPUs are logical: the message says where the number comes from.
     assert "a local Ray has max(4, cores) of them" in (error.cause or error).message
+
+
+@pytest.mark.parametrize(
+    "settings",
+    [
+        {"concurrency": 3},  # 3 engines + 2 operators of 0.5
+        {"concurrency": 2, "tokenize_stage": {"batch_size": 17}, "detokenize_stage": {"concurrency": (1, 3)}},
+    ],
+)
+def test_engines_and_actor_pools_that_fill_the_cluster_still_read_and_finish(
+    tmp_path, fake_model, ray_session, instance, settings
+):
+    """The engines and the smallest actor pools hold all 4 of the cluster's CPUs for the whole run:
+    the reads, which reserve none, still run, and every row of both partitions comes out."""
+    for name, rows in (("x", 9), ("y", 30)):
+        write_jsonl(tmp_path / "landing" / f"{name}.jsonl", questions(rows, name))
+    pipeline = fake_pipeline(tmp_path / "landing", fake_model, **settings)
+    resources = make_resources(tmp_path / "storage")
+    tags = {"dagster/asset_partition_range_start": "x.jsonl", "dagster/asset_partition_range_end": "y.jsonl"}
+    assert run_job(pipeline, resources, instance, tags).success
+    store = resources["storage"].store()
+    for partition, rows in (("x.jsonl", 9), ("y.jsonl", 30)):
+        assert store.manifest("tiny", "postprocess", partition).rows == rows
 
 
 def test_a_run_waiting_on_a_busy_cluster_says_what_it_waits_for_and_goes_on_when_it_frees(

@@ -25,7 +25,10 @@ KEPT = "__kept__"  # a row of a resumed engine attempt's complete file
 # row's, so that a partition's files, and what is read back from them, keep the input's order
 # whatever the row ids (an OpenAI Batch file's custom_ids, say).
 POSITION = "__position__"
-READ_CPUS = 0.25
+# Read tasks reserve no logical CPU: Ray Data starts every actor pool of the run at once and keeps
+# it to the end, and a read that waited for one of those CPUs would wait forever (two engines and
+# four operators of half a CPU fill a local Ray of 4). Their number is capped below instead.
+READ_CPUS = 0
 SOURCE_CHUNK_ROWS = 1024
 
 
@@ -83,10 +86,10 @@ def read_dataset(items: list[ReadItem], ledger, cluster_cpus: float):
     import ray
 
     # One block stream per file: Ray Data would otherwise split a small file's rows into up to 200
-    # blocks. Read tasks at once: a quarter CPU each would let Ray Data run four per CPU, each in a
-    # worker process of its own that Ray's pool then keeps, idle, for the rest of the run (eight
-    # of 0.2-0.3 GiB at the memory peak on a 16-core GPU machine); a file reads in well under the
-    # time its rows take in the stages after it.
+    # blocks. Read tasks at once: capped here (they reserve no CPU, see READ_CPUS), since each runs
+    # in a worker process of its own that Ray's pool then keeps, idle, for the rest of the run
+    # (eight of 0.2-0.3 GiB at the memory peak on a 16-core GPU machine, when four could run per
+    # CPU); a file reads in well under the time its rows take in the stages after it.
     return ray.data.read_datasource(
         _Reads(items, ledger),
         num_cpus=READ_CPUS,

@@ -36,7 +36,6 @@ from llm_assets.execution.ledger import start_ledger
 from llm_assets.execution.monitor import Monitor
 from llm_assets.execution.plan import Entry, chains, plan_entry, read_items
 from llm_assets.execution.preflight import check_sources_while_ray_starts
-from llm_assets.execution.reads import READ_CPUS
 from llm_assets.execution.schedulable import check_schedulable
 from llm_assets.execution.stats import operator_times
 from llm_assets.models import resolve_model_source
@@ -176,7 +175,7 @@ class _ChainRun:
             cache is not None,
         )
         reservation = engines.reservation(self.pipeline) if engine_op else None
-        check_schedulable(self.pipeline, self.chain, reservation, held, READ_CPUS)
+        check_schedulable(self.pipeline, self.chain, reservation, held)
         ledger = start_ledger()
         folders: dict[tuple[str, str], str] = {}
         infos: dict[str, dict] = {}

@@ -42,19 +42,18 @@ def unschedulable(
     return None
 
 
-def pools_overcommit(held: list[tuple[str, float]], engines_cpus: float, read_cpus: float, cluster_cpus: float):
+def pools_overcommit(held: list[tuple[str, float]], engines_cpus: float, cluster_cpus: float) -> Optional[str]:
     """Why the actors a run's dataset starts at once (``held``: each CPU operator's smallest pool;
-    the engines) would leave its read tasks no CPU, if they would: Ray Data starts every actor
-    pool with the execution and keeps it to its end, so the reads, and every row after them, would
-    wait forever."""
+    the engines) could never all be placed, if they could not: Ray Data starts every actor pool
+    with the execution and keeps it to its end, so an operator whose actor waits for a CPU would
+    hold every row after it forever."""
     total = engines_cpus + sum(cpus for _, cpus in held)
-    if total + read_cpus <= cluster_cpus + 1e-9:
+    if total <= cluster_cpus + 1e-9:
         return None
     parts = ([f"engines {engines_cpus:g}"] if engines_cpus else []) + [f"{name} {cpus:g}" for name, cpus in held]
     return (
-        f"its engines and the smallest pools of its stages' actors hold {total:g} of the Ray cluster's "
-        f"{cluster_cpus:g} logical CPU(s) for the whole run ({', '.join(parts)}), and reading its input needs "
-        f"{read_cpus:g} more"
+        f"its engines and the smallest pools of its stages' actors, which Ray Data starts at once and keeps "
+        f"for the whole run, need {total:g} of the Ray cluster's {cluster_cpus:g} logical CPU(s) ({', '.join(parts)})"
     )
 
 
@@ -63,10 +62,10 @@ def _unit(key: str) -> str:
 
 
 def check_schedulable(
-    pipeline, chain: list[str], engines: Optional[dict[str, float]], held: list[tuple[str, float]], read_cpus: float
+    pipeline, chain: list[str], engines: Optional[dict[str, float]], held: list[tuple[str, float]]
 ) -> None:
     """Fail at once, naming the resource, when the cluster could never run a stage, hold the
-    engines, or hold the actors the run starts at once (``held``) and still read its input."""
+    engines, or hold the actors the run starts at once (``held``)."""
     import ray
 
     nodes = [node["Resources"] for node in ray.nodes() if node.get("Alive")]
@@ -74,7 +73,7 @@ def check_schedulable(
     advice = "Lower the setting"
     if problem is None:
         cluster_cpus = sum(node.get("CPU", 0.0) for node in nodes)
-        problem = pools_overcommit(held, engines["CPU"] if engines else 0.0, read_cpus, cluster_cpus)
+        problem = pools_overcommit(held, engines["CPU"] if engines else 0.0, cluster_cpus)
         advice = (
             "Lower a stage's num_cpus or concurrency, give consecutive stages the same settings (one "
             "operator), run fewer engines (or a lower num_cpus_per_engine)"
