@@ -7,9 +7,9 @@ import pytest
 from llm_assets import versions
 from llm_assets.config import ProcessorConfig
 from llm_assets.engines import ENGINES, engine_for
-from llm_assets.execution.dataset import cpu_pool, operators
+from llm_assets.execution.dataset import cpu_pool, operators, smallest_pools
 from llm_assets.execution.plan import chains
-from llm_assets.execution.schedulable import stage_cpus, unschedulable
+from llm_assets.execution.schedulable import pools_overcommit, stage_cpus, unschedulable
 from llm_assets.pipeline import LLMPipeline
 from llm_assets.sources import LocalFolderSource
 from llm_assets.stages import STAGES
@@ -154,4 +154,36 @@ def test_a_run_the_cluster_could_never_schedule_is_named_before_it_starts():
     assert (
         unschedulable(steps, [{"CPU": 8, "GPU": 2}], two_gpu_engines)
         == "the engines ask for 4 GPU(s) in all; the Ray cluster has 2"
+    )
+
+
+def test_the_actor_pools_a_run_starts_at_once_are_counted_from_where_its_partitions_enter():
+    p = pipeline()
+    chain = p.stage_names()
+    cache = object()  # a run with the response cache
+    assert smallest_pools(p, chain, {0}, None, 4, cache) == [
+        ("MapBatches(preprocess+chat_template+tokenize)", 0.5),  # it looks rows up too: no lookup operator
+        ("MapBatches(engine_output+detokenize+postprocess)", 0.5),
+    ]
+    # Partitions that enter at the engine (their upstream committed): no operator before it; the
+    # cache lookup is an operator of its own there.
+    assert smallest_pools(p, chain, {chain.index(ENGINE)}, None, 4, cache) == [
+        ("MapBatches(CacheLookup)", 0.25),
+        ("MapBatches(engine_output+detokenize+postprocess)", 0.5),
+    ]
+    seed = pipeline(chat_template_stage={"concurrency": (2, 4)}, detokenize_stage={"concurrency": (3, 8)})
+    held = smallest_pools(seed, seed.stage_names(), {0}, None, 4, None)
+    assert held == [
+        ("MapBatches(preprocess)", 0.5),
+        ("MapBatches(chat_template)", 1.0),
+        ("MapBatches(tokenize)", 0.5),
+        ("MapBatches(engine_output+detokenize)", 1.5),
+        ("MapBatches(postprocess)", 0.5),
+    ]
+    assert pools_overcommit(held, 1.0, 5.0) is None  # exactly full: it runs (the reads reserve no CPU)
+    assert pools_overcommit(held, 1.0, 4.0) == (
+        "its engines and the smallest pools of its stages' actors, which Ray Data starts at once and keeps for the "
+        "whole run, need 5 of the Ray cluster's 4 logical CPU(s) (engines 1, MapBatches(preprocess) 0.5, "
+        "MapBatches(chat_template) 1, MapBatches(tokenize) 0.5, MapBatches(engine_output+detokenize) 1.5, "
+        "MapBatches(postprocess) 0.5)"
     )

@@ -199,14 +199,19 @@ def cpu_group_options(pipeline, op: Op, engines: int, cluster_cpus: float) -> tu
     return options, pool, secret_env
 
 
-def smallest_pools(pipeline, chain: list[str], entries: set[int], engines: int, cluster_cpus: float, cache: bool):
+def smallest_pools(pipeline, chain: list[str], entries: set[int], engine: Optional[EngineOp], cluster_cpus, cache):
     """(operator, logical CPUs) that each actor pool of the chain's dataset holds at its smallest,
-    engines aside: Ray Data starts these actors with the execution and keeps them to its end."""
+    engines aside: Ray Data starts these actors with the execution and keeps them to its end.
+    ``cache``: the run's response cache, or None."""
+    engines = engine.size if engine else 1
     held = []
     ops = operators(pipeline, chain, entries)
+    first = next((number for number, op in enumerate(ops) if op.start in entries), len(ops))
     for number, op in enumerate(ops):
+        if number < first:  # before any partition enters: build() makes no operator of it
+            continue
         if op.kind == "engine":
-            if cache and not (number and ops[number - 1].looks_up):
+            if cache is not None and not (number and ops[number - 1].looks_up):
                 held.append(("MapBatches(CacheLookup)", LOOKUP_CPUS))
             continue
         options, pool, _ = cpu_group_options(pipeline, op, engines, cluster_cpus)

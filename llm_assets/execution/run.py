@@ -167,15 +167,9 @@ class _ChainRun:
                 target = models[model] if model else self.pipeline.engine.target()
                 engine_op, groups = engines.operator(self.pipeline, target, self.log)
         held = datasets.smallest_pools(
-            self.pipeline,
-            self.chain,
-            {e.index for e in todo},
-            engine_op.size if engine_op else 1,
-            cluster_cpus,
-            cache is not None,
+            self.pipeline, self.chain, {e.index for e in todo}, engine_op, cluster_cpus, cache
         )
-        reservation = engines.reservation(self.pipeline) if engine_op else None
-        check_schedulable(self.pipeline, self.chain, reservation, held)
+        check_schedulable(self.pipeline, self.chain, engines.reservation(self.pipeline) if engine_op else None, held)
         ledger = start_ledger()
         folders: dict[tuple[str, str], str] = {}
         infos: dict[str, dict] = {}
