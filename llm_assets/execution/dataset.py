@@ -97,6 +97,12 @@ def operators(pipeline, chain: list[str], entries: set[int]) -> list[Op]:
     return ops
 
 
+def lookup_of_its_own(ops: list[Op], engine_number: int) -> bool:
+    """Whether the engine operator at ``engine_number`` needs a response cache lookup operator of
+    its own: partitions join just before it, so the CPU group before it cannot look their rows up."""
+    return not (engine_number and ops[engine_number - 1].looks_up)
+
+
 def group_name(stages: list[str]) -> str:
     """A CPU group's name, which Ray Data gives its operator: ``chat_template+tokenize``."""
     return "+".join("engine_output" if stage == ENGINE else stage for stage in stages)
@@ -135,8 +141,7 @@ def build(data: ChainData):
         if ds is None:
             continue  # every partition enters at a later stage
         if op.kind == "engine":
-            previous = data.operators[number - 1] if number else None
-            ds = _engine(ds, data, looked_up=previous is not None and previous.looks_up)
+            ds = _engine(ds, data, own_lookup=lookup_of_its_own(data.operators, number))
         else:
             ds = _cpu_group(ds, data, op, last=number == len(data.operators) - 1)
     if reads:
@@ -211,7 +216,7 @@ def smallest_pools(pipeline, chain: list[str], entries: set[int], engine: Option
         if number < first:  # before any partition enters: build() makes no operator of it
             continue
         if op.kind == "engine":
-            if cache is not None and not (number and ops[number - 1].looks_up):
+            if cache is not None and lookup_of_its_own(ops, number):
                 held.append(("MapBatches(CacheLookup)", LOOKUP_CPUS))
             continue
         options, pool, _ = cpu_group_options(pipeline, op, engines, cluster_cpus)
@@ -224,11 +229,11 @@ def _lookup_kwargs(data: ChainData) -> dict[str, Any]:
     return {"index": [index_ref], "settings": settings, "filesystem": data.targets.filesystem}
 
 
-def _engine(ds, data: ChainData, looked_up: bool):
+def _engine(ds, data: ChainData, own_lookup: bool):
     from ray.data import ActorPoolStrategy
 
     op, config = data.engine, data.pipeline.config
-    if data.cache is not None and not looked_up:  # partitions join just before the engine: a lookup of its own
+    if data.cache is not None and own_lookup:
         ds = ds.map_batches(
             CacheLookup,
             fn_constructor_kwargs=_lookup_kwargs(data),
