@@ -46,8 +46,12 @@ for system in ${SYSTEMS:-raw_vllm ray_data_llm llm_assets}; do
     rm -rf ~/.cache/vllm ~/.cache/flashinfer ~/.cache/torch ~/.triton ~/.cache/llm_assets
     sync; echo 3 > /proc/sys/vm/drop_caches 2>/dev/null || echo "(could not drop the page cache)"
   fi
+  touch "$out/.$system.start"
   python3 bench/run_one.py "$system" --workload "$out/workload.json" --out "$out/$system.json" > "$out/$system.log" 2>&1 \
     || { echo "$system failed; see $out/$system.log"; tail -20 "$out/$system.log"; }
   tail -1 "$out/$system.log"
+  # What the start compiled just in time (FlashInfer's kernels, by module): a cold start's longest
+  # quiet stretch on an H100, so each sitting records which modules it was.
+  find "$cache/flashinfer" -name '*.so' -newer "$out/.$system.start" 2>/dev/null | sed "s|$cache/||" > "$out/$system.jit.txt" || true
 done
 python3 bench/table.py "$out"/*.json | tee "$out/table.md"

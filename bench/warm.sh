@@ -26,6 +26,7 @@ for start in $starts; do
   COLD=$cold bash bench/run.sh "$out" "$size" > "$out/$start.table" 2>&1 || true
   mv "$out/llm_assets.json" "$out/$start.json"
   mv "$out/llm_assets.log" "$out/$start.log"
+  mv "$out/llm_assets.jit.txt" "$out/$start.jit.txt" 2>/dev/null || true
 done
 python3 - "$out" <<'EOF' | tee "$out/warm.md"
 import json, os, sys
