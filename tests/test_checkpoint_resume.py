@@ -57,6 +57,7 @@ def kill_tree(process: subprocess.Popen) -> None:
     kill_processes([root, *root.children(recursive=True)])
 
 
+@pytest.mark.slow  # a kill test (a run in its own process, killed; about 45 s on 2 cores)
 def test_a_run_killed_mid_engine_resumes_from_its_checkpoints(tmp_path, fake_model, ray_session, instance):
     landing, storage_root = tmp_path / "landing", tmp_path / "storage"
     write_jsonl(landing / "x.jsonl", questions(ROWS, "r"))

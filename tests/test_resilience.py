@@ -44,6 +44,7 @@ def kill_engine_once_generating(instance, killed: dict) -> None:
         time.sleep(0.2)
 
 
+@pytest.mark.slow  # a kill test (about 35 s on 2 cores): the slow tier, with the other kill tests
 def test_an_engine_killed_mid_partition_is_replaced_and_every_row_comes_out_once(
     tmp_path, tiny_model, ray_session, instance
 ):
@@ -94,7 +95,11 @@ def test_an_engine_that_does_not_start_in_time_fails_the_run_saying_so(tmp_path,
             {"max_model_lenn": 512},
             "TypeError: EngineArgs.__init__() got an unexpected keyword argument 'max_model_lenn'",
         ),
-        ({"max_model_len": 100000}, "User-specified max_model_len (100000) is greater than the derived max_model_len"),
+        pytest.param(  # the same path as the first with another refusal: the slow tier keeps it
+            {"max_model_len": 100000},
+            "User-specified max_model_len (100000) is greater than the derived max_model_len",
+            marks=pytest.mark.slow,
+        ),
     ],
 )
 def test_an_engine_setting_vllm_refuses_fails_the_run_with_vllms_reason(
@@ -156,7 +161,10 @@ def test_a_run_the_cluster_can_never_schedule_fails_at_once_naming_the_resource(
     "settings",
     [
         {"concurrency": 3},  # 3 engines + 2 operators of 0.5
-        {"concurrency": 2, "tokenize_stage": {"batch_size": 17}, "detokenize_stage": {"concurrency": (1, 3)}},
+        pytest.param(  # the same fill, of split operators: the slow tier keeps it
+            {"concurrency": 2, "tokenize_stage": {"batch_size": 17}, "detokenize_stage": {"concurrency": (1, 3)}},
+            marks=pytest.mark.slow,
+        ),
     ],
 )
 def test_engines_and_actor_pools_that_fill_the_cluster_still_read_and_finish(
