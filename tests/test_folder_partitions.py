@@ -163,6 +163,7 @@ def test_folders_of_objects_on_s3(s3):
     assert source.fingerprint("date=2026-12-02") == before["date=2026-12-02"]
 
 
+@pytest.mark.slow  # folder partitions on S3 (about 9 s); local folders and S3 files stay in the fast tier
 def test_a_folder_partition_on_s3_runs_through_every_stage_into_s3_storage(s3, fake_model, ray_session, instance):
     """Folder partitions and S3 together: keys with '=' land in S3 storage, rows keep their column."""
     resource, buckets = s3
