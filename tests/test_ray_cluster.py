@@ -227,17 +227,16 @@ BUSY = "another-job"
 
 
 def hold_the_head(cluster: Cluster) -> None:
-    """Another job holds 1.5 of the head's 2 CPUs when the run starts, so Ray places the run's
-    engine on the worker node (the head is the run's own node, which Ray prefers while it is less
-    than half used). The job ends once that engine has started (``release_the_head``)."""
+    """Another job holds all of the head's 2 CPUs when the run starts, so Ray places the run's engine
+    and its first CPU-stage tasks on the worker node (with half a CPU free, the head, the run's own
+    node, took every preprocess task in one CI run). The job ends once that engine has started
+    (``release_the_head``): what runs after the worker's loss runs on the head."""
     import ray
 
     ray.init(address=cluster.address, namespace="llm_assets")
     try:
         busy = (
-            ray.remote(Busy)
-            .options(name=BUSY, lifetime="detached", num_cpus=1.5, resources={"head_node": 0.01})
-            .remote()
+            ray.remote(Busy).options(name=BUSY, lifetime="detached", num_cpus=2, resources={"head_node": 0.01}).remote()
         )
         assert ray.get(busy.ready.remote(), timeout=60)
     finally:
