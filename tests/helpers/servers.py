@@ -9,6 +9,7 @@ import threading
 import time
 import urllib.request
 from collections import defaultdict
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 from aiohttp import web
 
@@ -125,6 +126,48 @@ class FaultServer:
                 "usage": {"prompt_tokens": 5, "completion_tokens": 3},
             }
         )
+
+
+class StdlibChatServer:
+    """A chat-completions endpoint as a user writes one with Python's ``http.server``: a thread per
+    connection, keep-alive, and the standard library's listen queue of 5 connections. It never
+    fails; ``requests`` counts what it answered."""
+
+    def __init__(self):
+        self.requests = 0
+        server = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *args):
+                pass
+
+            def do_POST(self):
+                content = json.loads(self.rfile.read(int(self.headers["Content-Length"])))["messages"][0]["content"]
+                server.requests += 1
+                body = _chat_answer(content)
+                self.send_response(200)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        assert self.httpd.request_queue_size == 5  # the standard library's default, the point here
+        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+
+    def __enter__(self):
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.httpd.server_address[1]}/v1/chat/completions"
 
 
 def to_payload(row):

@@ -22,6 +22,7 @@ from typing import Any, Callable, Optional
 import pyarrow as pa
 
 from llm_assets.engines.base import no_result, replica_info, with_results
+from llm_assets.engines.http.connections import paced_session
 from llm_assets.rows import ROW_ID, RowError, column_or_none, ok_rows
 
 STAGE = "engine"
@@ -59,7 +60,7 @@ class HttpRequestReplica:
         # connections (up to 100 at once), which with hundreds of rows in flight would time out
         # requests never sent. Passed with each request, so a session_factory's session gets it too.
         self.timeout = aiohttp.ClientTimeout(total=None, connect=None, sock_connect=30, sock_read=request_timeout_s)
-        self.session_factory = session_factory or aiohttp.ClientSession
+        self.session_factory = session_factory or paced_session
         self.pacer = pacer
         self.should_continue_on_error = should_continue_on_error
         self.max_in_flight = max_in_flight
