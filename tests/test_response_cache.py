@@ -20,9 +20,16 @@ from tests.helpers.pipelines import (
     make_resources,
     read_output,
     run_job,
+    to_answer,
 )
 
 N = 16
+
+
+def answer_and_error(row):
+    """A postprocess as ray.data.llm's users write one: it reads the engine's error column, '' for a
+    good row, whether the engine or the cache answered it."""
+    return {**to_answer(row), "error": row[ERROR_COLUMN]}
 
 
 def engine_output(resources, partition) -> dict[str, dict]:
@@ -50,7 +57,7 @@ def cached_runs(tmp_path_factory, fake_model, ray_session):
     root = tmp_path_factory.mktemp("cache")
     landing = root / "landing"
     write_jsonl(landing / "a.jsonl", questions(N, "q"))
-    pipeline = fake_pipeline(landing, fake_model)
+    pipeline = fake_pipeline(landing, fake_model, postprocess=answer_and_error)
     resources = make_resources(root / "storage")
     with dg.instance_for_test() as instance:
         runs = {"a": run_job(pipeline, resources, instance, {"dagster/partition": "a.jsonl"})}
@@ -116,6 +123,7 @@ def test_cached_output_equals_an_uncached_run(cached_runs):
         engine_output(cached_runs["uncached"], "b.jsonl"),
     )
     for question, row in cached_engine.items():
+        assert row[ERROR_COLUMN] == uncached_engine[question][ERROR_COLUMN] == "", question
         assert row["generated_tokens"] == uncached_engine[question]["generated_tokens"], question
         assert row["num_input_tokens"] == uncached_engine[question]["num_input_tokens"], question
 
@@ -130,7 +138,8 @@ def test_a_file_landed_twice_costs_no_engine_at_all(cached_runs):
     assert any(
         "the response cache answers a sample of this run's rows: the run starts no engine" in m for m in messages
     )
-    assert len(read_output(cached_runs["resources"]["storage"].store(), "postprocess", "c.jsonl")) == N
+    rows = read_output(cached_runs["resources"]["storage"].store(), "postprocess", "c.jsonl")
+    assert len(rows) == N and all(row["error"] == "" for row in rows)
 
 
 def test_a_run_without_the_cache_reads_and_stores_nothing(cached_runs):

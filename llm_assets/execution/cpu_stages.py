@@ -29,7 +29,7 @@ from llm_assets.execution.cache import KEY, NOT_IN_ENGINE_OUTPUT, CacheSettings,
 from llm_assets.execution.engine_stage import CACHED
 from llm_assets.execution.reads import KEPT, PARTITION, POSITION
 from llm_assets.execution.stats import batch_counts, batch_summary
-from llm_assets.rows import ROW_ID, RowError
+from llm_assets.rows import ERROR_COLUMN, ROW_ID, RowError, column_or_none, with_column
 from llm_assets.secret_env import applied as secret_env_applied
 from llm_assets.storage import create_attempt_folder
 
@@ -83,6 +83,9 @@ class CpuStages:
         with secret_env_applied(self.secret_env):
             for spec, udf in self.stages:
                 if udf is None:
+                    # Rows the cache answered passed the engine by: '' for them, as an engine writes for a good row.
+                    errors = [error or "" for error in column_or_none(batch, ERROR_COLUMN)]
+                    batch = with_column(batch, ERROR_COLUMN, errors, pa.string())
                     records.extend(self._write_engine_output(spec, batch))
                     batch = batch.drop_columns([c for c in (KEY, CACHED) if c in batch.column_names])
                 else:
