@@ -28,8 +28,8 @@ N = 16
 
 def answer_and_error(row):
     """A postprocess as ray.data.llm's users write one: it reads the engine's error column, '' for a
-    good row, whether the engine or the cache answered it."""
-    return {**to_answer(row), "error": row[ERROR_COLUMN]}
+    good row, whether the engine or the cache answered it, and takes the answer to be text."""
+    return {**to_answer(row), "error": row[ERROR_COLUMN], "start": row["generated_text"][:8]}
 
 
 def engine_output(resources, partition) -> dict[str, dict]:
@@ -227,3 +227,39 @@ def test_an_unreadable_answer_file_fails_naming_it(tmp_path):
     index = pa.table({KEY: pa.array([key], pa.binary(16)), "segment": [str(broken)]})
     with pytest.raises(RuntimeError, match=f"response cache's file {broken} cannot be read.*response_cache='off'"):
         CacheLookup(index, SETTINGS, pafs.LocalFileSystem())(table)
+
+
+def test_a_file_with_one_new_row_the_sample_missed_is_finished_with_an_engine(tmp_path, fake_model, ray_session):
+    """A file landed again with one new row at its end: a sample of its rows is all answered, so the
+    run starts without engines, finds the new row unanswered, and takes the partition again with an
+    engine, keeping the rows already written. The row never reaches the stages after the engine
+    unanswered (its partition is not failed on the way), and the second pass finishes it."""
+    import dagster as dg
+
+    landing = tmp_path / "landing"
+    write_jsonl(landing / "a.jsonl", questions(200, "q"))
+    pipeline = fake_pipeline(landing, fake_model, postprocess=answer_and_error)
+    resources = make_resources(tmp_path / "storage")
+    with dg.instance_for_test() as instance:
+        assert run_job(pipeline, resources, instance, {"dagster/partition": "a.jsonl"}).success
+        write_jsonl(landing / "a.jsonl", questions(200, "q") + questions(1, "new"))
+        run = run_job(pipeline, resources, instance, {"dagster/partition": "a.jsonl"}, raise_on_error=False)
+        messages = log_messages(instance, run.run_id)
+        assert any("the run starts no engine" in m for m in messages)  # the case this test is about
+        assert not any(m.startswith("[a.jsonl] failed") for m in messages), [m for m in messages if "failed" in m]
+        assert run.success
+        assert any("1 partition(s) had rows the response cache did not answer (a.jsonl)" in m for m in messages)
+        # The second pass keeps the 200 rows the first wrote; none is counted as answered from the cache
+        # twice, and nothing unanswered was stored as an answer: the cache answers the new row now.
+        metadata = engine_metadata(instance, run.run_id)
+        assert metadata["rows_resumed"] == 200 and metadata.get("rows_cached", 0) == 0, metadata
+        write_jsonl(landing / "b.jsonl", questions(1, "new"))
+        again = run_job(pipeline, resources, instance, {"dagster/partition": "b.jsonl"})
+        assert rows_cached(instance, again.run_id) == 1 and engine_starts(instance, again.run_id) == 0
+    rows = read_output(resources["storage"].store(), "postprocess", "a.jsonl")
+    # Every row once (in the input's order within each file; across files, see limits.md).
+    assert sorted(r["row_id"] for r in rows) == sorted(f"a.jsonl:{i}" for i in range(201))
+    assert all(r["answer"] and r["error"] == "" for r in rows)
+    (new,) = read_output(resources["storage"].store(), "postprocess", "b.jsonl")
+    assert new["answer"] == next(r["answer"] for r in rows if r["row_id"] == "a.jsonl:200")
+    assert new["tokens"] == MAX_TOKENS

@@ -31,6 +31,7 @@ import pyarrow.parquet as pq
 
 from llm_assets import versions
 from llm_assets.atomic import write_parquet
+from llm_assets.execution.reads import KEPT
 from llm_assets.rows import ERROR_COLUMN, ROW_ID, column_or_none, failed_mask, loads_params
 
 CACHE_DIR = "_response_cache"
@@ -144,6 +145,8 @@ class CacheLookup:
         from llm_assets.execution.engine_stage import CACHED
 
         keys = request_keys(table, self.settings)
+        if KEPT in table.column_names:  # rows of a resumed attempt's files: answered already
+            keys = pc.if_else(pc.fill_null(table.column(KEPT), False), pa.scalar(None, KEY_TYPE), keys)
         found = pc.fill_null(pc.is_in(keys, value_set=self.index.column(KEY)), False) if self.index.num_rows else None
         answers = (
             _stored_answers(keys.filter(found), self.index, self.settings, self.filesystem)
@@ -157,16 +160,23 @@ class CacheLookup:
         at = pc.index_in(keys, value_set=answers.column(KEY))
         hit = pc.fill_null(pc.is_valid(at), False)
         for name in answers.column_names[1:]:
-            table = table.append_column(name, answers.column(name).take(at))
+            table = _answered(table, name, answers.column(name).take(at), hit)
         if "time_taken_llm" in self.settings.per_request_columns:
-            table = table.append_column("time_taken_llm", pc.if_else(hit, 0.0, pa.scalar(None, pa.float64())))
+            table = _answered(table, "time_taken_llm", pa.array([0.0] * table.num_rows), hit)
         if "request_id" in self.settings.per_request_columns:
-            ids = pc.cast(table.column(ROW_ID), pa.string())
-            table = table.append_column(
-                "request_id",
-                pc.if_else(hit, pc.binary_join_element_wise(ids, "#cached", ""), pa.scalar(None, pa.string())),
-            )
+            ids = pc.binary_join_element_wise(pc.cast(table.column(ROW_ID), pa.string()), "#cached", "")
+            table = _answered(table, "request_id", ids, hit)
         return table.append_column(CACHED, hit)
+
+
+def _answered(table: pa.Table, name: str, values, hit) -> pa.Table:
+    """The column ``name`` with ``values`` where ``hit``, and what it held before elsewhere: a batch
+    that also holds rows of a resumed attempt's files has the engine's columns already."""
+    if name not in table.column_names:
+        return table.append_column(name, pc.if_else(hit, values, pa.scalar(None, values.type)))
+    before = table.column(name)
+    merged = pc.if_else(hit, values.cast(before.type), before)
+    return table.set_column(table.schema.get_field_index(name), name, merged)
 
 
 def _stored_answers(keys: pa.Array, index: pa.Table, settings: CacheSettings, filesystem) -> Optional[pa.Table]:

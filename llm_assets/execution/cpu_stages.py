@@ -83,6 +83,8 @@ class CpuStages:
         with secret_env_applied(self.secret_env):
             for spec, udf in self.stages:
                 if udf is None:
+                    if spec.kwargs.get("cache_only"):  # before anything is stored or handed on
+                        batch = self._defer_misses(batch)
                     # Rows the cache answered passed the engine by: '' for them, as an engine writes for a good row.
                     errors = [error or "" for error in column_or_none(batch, ERROR_COLUMN)]
                     batch = with_column(batch, ERROR_COLUMN, errors, pa.string())
@@ -127,8 +129,6 @@ class CpuStages:
         counted apart: their tokens are not this run's generated tokens."""
         if self.cache is not None and KEY in batch.column_names:
             store_answers(_without(batch, CACHED), self.cache, self.targets.filesystem)
-        if spec.kwargs.get("cache_only"):
-            batch = self._defer_misses(batch)
         # What the engines leave out of their output (earlier stages keep it): rows that passed
         # them by leave it out too.
         batch = batch.drop_columns([c for c in NOT_IN_ENGINE_OUTPUT if c in batch.column_names])
@@ -144,7 +144,9 @@ class CpuStages:
 
     def _defer_misses(self, batch: pa.Table) -> pa.Table:
         """In a run without engines: the partitions of rows the cache did not answer leave the
-        batch, and the run takes them again with engines (rows of a resumed attempt count as answered)."""
+        batch (their unanswered rows are neither stored as answers nor handed to the stages after
+        the engine), and the run takes them again with engines (rows of a resumed attempt count as
+        answered)."""
         import ray
 
         answered = (
@@ -162,7 +164,10 @@ class CpuStages:
         partitions = batch.column(PARTITION)
         for partition in pc.unique(partitions).to_pylist():
             rows = batch.filter(pc.equal(partitions, partition))
-            position = pc.min(rows.column(POSITION)).as_py() if POSITION in rows.column_names else 0
+            position = 0
+            if POSITION in rows.column_names:  # a batch may join blocks out of order (a resumed attempt's)
+                rows = rows.sort_by(POSITION)
+                position = rows.column(POSITION)[0].as_py()
             rows = rows.drop_columns([name for name in RUN_COLUMNS if name in rows.column_names])
             # Named by its rows: a retried task writes the same rows under the same name.
             digest = hashlib.sha256("\n".join(map(str, rows.column(ROW_ID).to_pylist())).encode()).hexdigest()[:24]

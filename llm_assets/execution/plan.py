@@ -130,7 +130,8 @@ def read_items(pipeline, chain: list[str], entry: Entry, storage, copies: Option
         )
         for path, rows in zip(files, file_rows)
     ]
-    return upstream_items + kept
+    # In the input's order (Ray Data reads them at once, so this is the order they most likely arrive in).
+    return sorted(upstream_items + kept, key=lambda item: item.start)
 
 
 def chains(pipeline, selected: list[str]) -> list[list[str]]:
