@@ -20,6 +20,11 @@ from llm_assets.rows import ROW_ID, table_of
 FORMATS = {".jsonl": "jsonl", ".json": "jsonl", ".parquet": "parquet", ".csv": "csv", ".txt": "text"}
 
 
+# UTF-8, a byte order mark at the file's start skipped (editors and exports on Windows write one;
+# pyarrow's CSV and JSON readers, and so Ray Data's, skip it too).
+TEXT_ENCODING = "utf-8-sig"
+
+
 def read_rows(
     path: Path,
     display: str,
@@ -81,7 +86,7 @@ def _read_chunks(path: Path, display: str, chunk_rows: int, partition_key: str) 
 def _read_text(path: Path, display: str, chunk_rows: int) -> Iterator[pa.Table]:
     lines: list[str] = []
     try:
-        with open(path, encoding="utf-8") as text:
+        with open(path, encoding=TEXT_ENCODING) as text:
             for line in text:
                 if line.strip():
                     lines.append(line.rstrip("\r\n"))
@@ -120,7 +125,7 @@ def _read_jsonl(path: Path, display: str, chunk_rows: int, partition_key: str) -
 
 def _first_object(path: Path) -> Any:
     """The first line that parses as JSON (None if none does): says what kind of file this is."""
-    with open(path, encoding="utf-8") as f:
+    with open(path, encoding=TEXT_ENCODING) as f:
         for line in f:
             if line.strip():
                 try:
@@ -170,7 +175,7 @@ def _jsonl_objects(path: Path, display: str, partition_key: str, keep_going: boo
     """(line number, parsed object) per non-blank line. A bad line raises, or with ``keep_going``
     comes as (line number, ``openai_batch.BadLine``) for the reader to collect."""
     index = 0  # the row's position: what its row id counts
-    with open(path, encoding="utf-8") as f:
+    with open(path, encoding=TEXT_ENCODING) as f:
         for line_number, line in enumerate(f, start=1):
             if not line.strip():
                 continue

@@ -30,6 +30,12 @@ def test_every_format_gives_the_same_rows_and_ids_and_text_files_a_row_per_line(
         read = pa.concat_tables(source.read(name, chunk_rows=2)).to_pylist()
         column = "text" if name.endswith(".txt") else "q"
         assert read == [{column: r["q"], "row_id": f"{name}:{i}"} for i, r in enumerate(rows)], name
+        # The same file as Windows tools save it: a UTF-8 byte order mark first, CRLF line ends.
+        if not name.endswith(".parquet"):
+            text = (tmp_path / name).read_text()
+            (tmp_path / f"bom-{name}").write_bytes(b"\xef\xbb\xbf" + text.replace("\n", "\r\n").encode())
+            read = pa.concat_tables(source.read(f"bom-{name}", chunk_rows=2)).to_pylist()
+            assert read == [{column: r["q"], "row_id": f"bom-{name}:{i}"} for i, r in enumerate(rows)], name
     (tmp_path / "empty.txt").write_text("\n\n")
     with pytest.raises(SourceError, match="empty.txt has no rows"):
         list(LocalFolderSource(str(tmp_path), pattern="*.txt").read("empty.txt"))
