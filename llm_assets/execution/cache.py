@@ -82,10 +82,12 @@ def cache_settings(pipeline, model_path: Optional[str], storage) -> Optional[Cac
 
 
 def request_keys(table: pa.Table, settings: CacheSettings) -> pa.Array:
-    """Each row's key; null where the row is not cached (failed upstream, or not deterministic)."""
+    """Each row's key; null where the row is not looked up: failed upstream, not deterministic, or
+    answered already (a row of a resumed attempt's files)."""
     present = [name for name in REQUEST_COLUMNS if name in table.column_names]
     values = {name: table.column(name).to_pylist() for name in present}
     errors = column_or_none(table, ERROR_COLUMN)
+    kept = column_or_none(table, KEPT)
     keys: list[Optional[bytes]] = []
     for i in range(table.num_rows):
         request = {name: values[name][i] for name in present}
@@ -96,8 +98,10 @@ def request_keys(table: pa.Table, settings: CacheSettings) -> pa.Array:
             "multimodal_data"
         ):  # the prompt's tokens hold one placeholder per image: key the media by content
             request["multimodal_data"] = [(item["modality"], item["sha256"]) for item in request["multimodal_data"]]
-        if errors[i] or not (
-            settings.pooling or settings.mode == "all" or _deterministic(request.get("sampling_params"))
+        if (
+            errors[i]
+            or kept[i]
+            or not (settings.pooling or settings.mode == "all" or _deterministic(request.get("sampling_params")))
         ):
             keys.append(None)
             continue
@@ -145,8 +149,6 @@ class CacheLookup:
         from llm_assets.execution.engine_stage import CACHED
 
         keys = request_keys(table, self.settings)
-        if KEPT in table.column_names:  # rows of a resumed attempt's files: answered already
-            keys = pc.if_else(pc.fill_null(table.column(KEPT), False), pa.scalar(None, KEY_TYPE), keys)
         found = pc.fill_null(pc.is_in(keys, value_set=self.index.column(KEY)), False) if self.index.num_rows else None
         answers = (
             _stored_answers(keys.filter(found), self.index, self.settings, self.filesystem)

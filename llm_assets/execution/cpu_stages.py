@@ -29,7 +29,7 @@ from llm_assets.execution.cache import KEY, NOT_IN_ENGINE_OUTPUT, CacheSettings,
 from llm_assets.execution.engine_stage import CACHED
 from llm_assets.execution.reads import KEPT, PARTITION, POSITION
 from llm_assets.execution.stats import batch_counts, batch_summary
-from llm_assets.rows import ERROR_COLUMN, ROW_ID, RowError, column_or_none, with_column
+from llm_assets.rows import ERROR_COLUMN, ROW_ID, RowError
 from llm_assets.secret_env import applied as secret_env_applied
 from llm_assets.storage import create_attempt_folder
 
@@ -86,8 +86,7 @@ class CpuStages:
                     if spec.kwargs.get("cache_only"):  # before anything is stored or handed on
                         batch = self._defer_misses(batch)
                     # Rows the cache answered passed the engine by: '' for them, as an engine writes for a good row.
-                    errors = [error or "" for error in column_or_none(batch, ERROR_COLUMN)]
-                    batch = with_column(batch, ERROR_COLUMN, errors, pa.string())
+                    batch = _no_error_as_empty(batch)
                     records.extend(self._write_engine_output(spec, batch))
                     batch = batch.drop_columns([c for c in (KEY, CACHED) if c in batch.column_names])
                 else:
@@ -195,6 +194,14 @@ class CpuStages:
 
 def _flag(batch: pa.Table, name: str) -> pa.ChunkedArray:
     return pc.fill_null(batch.column(name), False)
+
+
+def _no_error_as_empty(batch: pa.Table) -> pa.Table:
+    """``__inference_error__`` '' where a row has none (rows the cache answered passed the engine by)."""
+    if ERROR_COLUMN not in batch.column_names:
+        return batch.append_column(ERROR_COLUMN, pa.array([""] * batch.num_rows, pa.string()))
+    index = batch.schema.get_field_index(ERROR_COLUMN)
+    return batch.set_column(index, ERROR_COLUMN, pc.fill_null(batch.column(index).cast(pa.string()), ""))
 
 
 def _without(batch: pa.Table, flag: str) -> pa.Table:
